@@ -1,0 +1,5 @@
+"""`python -m fastbyol ...` is the `fastbyol` command."""
+
+from .cli import main
+
+raise SystemExit(main())
