@@ -1,0 +1,218 @@
+"""BYOL's two augmented views, made by one NVIDIA DALI pipeline on the GPU or, with device_id=None, on the CPU.
+
+`ViewSpec` holds the parameters of one view (official `byol/utils/augmentations.py`; shared DESIGN.md's table),
+`VIEW1` and `VIEW2` are the official pair, and `TwoViewLoader` runs the pipeline over a uint8 NHWC array and yields
+both views as torch tensors (B, 3, S, S), channels_last, normalized, fp16. Every image draws its own random
+parameters (crop, flip, jitter factors, coins): DALI's random ops draw per sample, never one crop per batch.
+
+Order, as the official code: random resized crop (bicubic) -> flip -> color jitter -> grayscale -> blur ->
+solarize -> clip -> normalize. Work stays in uint8, so each op saturates to [0, 255] (the clip).
+
+Deviations that DALI forces, and why:
+- jitter order is fixed (contrast, then additive brightness, in one `brightness_contrast`; then saturation and hue
+  in one `hsv`), where the official code shuffles the four per image: DALI graphs are static.
+- contrast is centred on the mean over all pixels of the image, the official one on each channel's mean: the
+  `contrast_center` argument is one scalar per sample. Identical for gray images such as Fashion-MNIST.
+- grayscale uses BT.601 weights 0.299/0.587/0.114 (DALI's GRAY), the official 0.2989/0.5870/0.1140.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .errors import FastByolError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view's augmentation; probabilities in [0, 1], colour amounts in units of the [0, 1] pixel range."""
+
+    crop_area: tuple[float, float] = (0.08, 1.0)  # fraction of the image area kept by the random crop
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)  # width / height, drawn log-uniformly
+    flip_p: float = 0.5  # horizontal flip
+    jitter_p: float = 0.8  # colour jitter, all four ops together
+    brightness: float = 0.4  # additive delta ~ U[-b, b]
+    contrast: float = 0.4  # factor ~ U[1 - c, 1 + c] around the image mean
+    saturation: float = 0.2  # factor ~ U[1 - s, 1 + s]
+    hue: float = 0.1  # delta ~ U[-h, h] of a full turn
+    gray_p: float = 0.2  # grayscale
+    blur_p: float = 1.0  # Gaussian blur
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # sigma ~ U[lo, hi], in pixels
+    blur_kernel_fraction: float = 0.1  # kernel side = 10% of the output side (radius = side // 10 // 2)
+    solarize_p: float = 0.0  # solarize
+    solarize_threshold: float = 0.5  # pixels >= threshold become 1 - x
+
+    def validate(self, name: str = "view") -> None:
+        for field in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p", "solarize_threshold"):
+            v = getattr(self, field)
+            if not 0.0 <= v <= 1.0:
+                raise FastByolError(f"{name}.{field} must be in [0, 1], got {v}")
+        lo, hi = self.crop_area
+        if not 0.0 < lo <= hi <= 1.0:
+            raise FastByolError(f"{name}.crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise FastByolError(f"{name}.blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
+
+    def blur_window(self, size: int) -> int:
+        """Odd kernel side for an output side `size`: 23 at 224 px, 9 at 96, 3 at 28/32 (as the official code)."""
+        return 2 * (int(size * self.blur_kernel_fraction) // 2) + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+VIEW1 = ViewSpec(blur_p=1.0, solarize_p=0.0)
+VIEW2 = ViewSpec(blur_p=0.1, solarize_p=0.2)
+
+
+def _augment(images, spec: ViewSpec, size: int, mean: tuple, std: tuple, dtype):
+    """DALI graph of one view; `images` are uint8 HWC on the pipeline's device. Runs with conditionals enabled."""
+    from nvidia.dali import fn, types
+
+    u8 = types.UINT8
+    x = fn.random_resized_crop(images, size=(size, size), random_area=list(spec.crop_area),
+                               random_aspect_ratio=list(spec.crop_aspect), interp_type=types.INTERP_CUBIC)
+    x = fn.flip(x, horizontal=fn.random.coin_flip(probability=spec.flip_p, dtype=types.INT32))
+    if fn.random.coin_flip(probability=spec.jitter_p, dtype=types.BOOL):
+        center = fn.reductions.mean(x)  # per-sample scalar: see the module docstring
+        x = fn.brightness_contrast(
+            x,
+            contrast=fn.random.uniform(range=[1.0 - spec.contrast, 1.0 + spec.contrast]),
+            contrast_center=center,
+            brightness_shift=fn.random.uniform(range=[-spec.brightness, spec.brightness]),
+        )
+        x = fn.hsv(x, hue=fn.random.uniform(range=[-360.0 * spec.hue, 360.0 * spec.hue]),
+                   saturation=fn.random.uniform(range=[1.0 - spec.saturation, 1.0 + spec.saturation]))
+    if fn.random.coin_flip(probability=spec.gray_p, dtype=types.BOOL):
+        g = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
+        x = fn.cat(g, g, g, axis=2)
+    if fn.random.coin_flip(probability=spec.blur_p, dtype=types.BOOL):
+        x = fn.gaussian_blur(x, window_size=spec.blur_window(size),
+                             sigma=fn.random.uniform(range=list(spec.blur_sigma)))
+    if fn.random.coin_flip(probability=spec.solarize_p, dtype=types.BOOL):
+        # x >= t -> 255 - x, written as x ^ 255 to stay in uint8 (255 - x would promote to int32)
+        threshold = types.Constant(int(math.ceil(spec.solarize_threshold * 255)), dtype=u8)
+        x = x ^ ((x >= threshold) * types.Constant(255, dtype=u8))
+    return fn.crop_mirror_normalize(x, dtype=dtype, output_layout="HWC", mean=[255.0 * m for m in mean],
+                                    std=[255.0 * s for s in std])
+
+
+class _EpochSource:
+    """DALI external_source callback: one shuffled epoch of `images`, batch by batch, this shard's part only.
+
+    The permutation depends on (seed, epoch) only, so every rank draws the same one and takes a disjoint slice.
+    The last partial batch is dropped (every step sees a full batch; at most batch_size - 1 images a shard skip an
+    epoch, a different subset each epoch).
+    """
+
+    def __init__(self, images: np.ndarray, batch_size: int, seed: int, shard_id: int, num_shards: int,
+                 start_epoch: int = 0):
+        self.images = images
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shard_id = shard_id
+        self.num_shards = num_shards
+        self.start_epoch = start_epoch
+        self.per_shard = len(images) // num_shards
+        self.steps_per_epoch = self.per_shard // batch_size
+        self._perm_epoch = -1
+        self._perm = None
+
+    def __call__(self, info):
+        epoch = self.start_epoch + info.epoch_idx
+        if info.iteration >= self.steps_per_epoch:
+            raise StopIteration
+        if epoch != self._perm_epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+            self._perm = perm[self.shard_id * self.per_shard:(self.shard_id + 1) * self.per_shard]
+            self._perm_epoch = epoch
+        idx = self._perm[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
+        return [self.images[i] for i in idx]
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TwoViewLoader:
+    """Iterate epochs of (view1, view2): each (B, 3, S, S) channels_last, normalized, fp16, on `device`.
+
+    device "cpu" runs DALI with device_id=None; "cuda" runs every augmentation op on the current GPU.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        batch_size: int,
+        image_size: int,
+        seed: int = 0,
+        device: str = "cpu",
+        num_threads: int = 2,
+        view1: ViewSpec = VIEW1,
+        view2: ViewSpec = VIEW2,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        start_epoch: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        if not dali_available():
+            raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
+        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+            raise FastByolError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        view1.validate("view1")
+        view2.validate("view2")
+        self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards, start_epoch)
+        if self.source.steps_per_epoch == 0:
+            raise FastByolError(f"batch size {batch_size} is larger than the {self.source.per_shard} images of "
+                                "this shard: lower --batch-size")
+        self.batch_size = batch_size
+        self.device = device
+        self._pipe = self._build(images, image_size, seed + shard_id, device, num_threads, view1, view2, mean, std)
+        self._epoch = start_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.source.steps_per_epoch
+
+    def _build(self, images, size, seed, device, num_threads, view1, view2, mean, std):
+        from nvidia.dali import fn, pipeline_def, types
+
+        on_gpu = device.startswith("cuda")
+        device_id = torch.cuda.current_device() if on_gpu else None
+
+        @pipeline_def(enable_conditionals=True)
+        def byol_two_views():
+            raw = fn.external_source(source=self.source, batch=True, batch_info=True, layout="HWC",
+                                     dtype=types.UINT8, no_copy=False)
+            x = raw.gpu() if on_gpu else raw
+            return (_augment(x, view1, size, mean, std, types.FLOAT16),
+                    _augment(x, view2, size, mean, std, types.FLOAT16))
+
+        pipe = byol_two_views(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                              prefetch_queue_depth=2)
+        pipe.build()
+        return pipe
+
+    def epoch(self):
+        """Yield this epoch's steps_per_epoch batches of (view1, view2)."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        if not hasattr(self, "_iter"):
+            self._iter = DALIGenericIterator(self._pipe, ["view1", "view2"], size=-1, auto_reset=True)
+        for batch in self._iter:
+            v1, v2 = batch[0]["view1"], batch[0]["view2"]
+            # (B, S, S, 3) NHWC -> (B, 3, S, S): the permuted view is already channels_last, no copy
+            yield v1.permute(0, 3, 1, 2), v2.permute(0, 3, 1, 2)
+        self._epoch += 1

@@ -1,0 +1,105 @@
+"""The `fastbyol` command (also `python -m fastbyol`).
+
+    fastbyol train [--preset NAME] [--data PATH] [--epochs N] [--batch-size N] [--seed S] [--out DIR] ...
+    fastbyol presets
+
+Errors in the user's input print one line (`fastbyol: error: ...`) and exit with status 2, without a traceback
+unless --debug is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import DEFAULT_PRESET, PRESETS, Config, get_preset
+from .errors import FastByolError
+
+# command-line flags generated from the config fields: (section, field) -> help
+_TRAIN_FLAGS = {
+    ("data", "data"): "dataset: 'embedded', 'fashion-mnist' or a dataset folder",
+    ("optim", "epochs"): "passes over the training images",
+    ("data", "batch_size"): "images per step over all ranks (two views each)",
+    ("run", "seed"): "random seed (weights, shuffling, augmentation)",
+    ("run", "out"): "run directory (default: runs/<preset>-<UTC time>)",
+    ("data", "image_size"): "side of each augmented view, px",
+    ("data", "num_threads"): "DALI worker threads",
+    ("model", "arch"): "encoder: resnet18 | resnet34 | resnet50 | resnet-tiny",
+    ("model", "stem"): "auto | imagenet | small | small-s2",
+    ("optim", "base_lr"): "LARS lr = base_lr * batch_size / 256",
+    ("optim", "warmup_epochs"): "epochs of linear lr warmup",
+    ("optim", "weight_decay"): "LARS weight decay (not on biases and BN)",
+    ("optim", "tau_base"): "EMA decay at step 0 (cosine to 1)",
+    ("run", "device"): "auto | cpu | cuda",
+    ("run", "log_every"): "steps between loss reads",
+    ("run", "knn_k"): "kNN neighbours",
+}
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastbyol", description="Fast, correct BYOL pretraining.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    train = sub.add_parser("train", help="BYOL pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           description="BYOL pretraining; preset values are the defaults, any flag overrides them.")
+    train.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
+    defaults = Config()
+    for (section, field), text in _TRAIN_FLAGS.items():
+        value = getattr(getattr(defaults, section), field)
+        train.add_argument(_flag(field), dest=f"{section}.{field}", type=type(value), default=None,
+                           help=f"{text} (preset {DEFAULT_PRESET}: {value!r})")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    presets = sub.add_parser("presets", help="list the presets with their key settings")
+    presets.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = get_preset(args.preset)
+    for (section, field), _ in _TRAIN_FLAGS.items():
+        value = getattr(args, f"{section}.{field}")
+        if value is not None:
+            setattr(getattr(cfg, section), field, value)
+    return cfg
+
+
+def _print_presets() -> None:
+    for name, (cfg, summary) in PRESETS.items():
+        d, m, o = cfg.data, cfg.model, cfg.optim
+        print(f"{name:18s} {summary}")
+        print(f"{'':18s} data={d.data} size={d.image_size}px batch={d.batch_size} arch={m.arch} epochs={o.epochs} "
+              f"base_lr={o.base_lr} tau_base={o.tau_base} wd={o.weight_decay}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "presets":
+            _print_presets()
+            return 0
+        if args.command == "train":
+            from .train import train
+
+            cfg = config_from_args(args)
+            print("config: " + str(dataclasses.asdict(cfg)))
+            train(cfg, progress=not args.no_progress)
+            return 0
+    except FastByolError as e:
+        if args.debug:
+            raise
+        print(f"fastbyol: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastbyol: interrupted", file=sys.stderr)
+        return 130
+    return 0

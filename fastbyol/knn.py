@@ -1,0 +1,57 @@
+"""kNN evaluation of a frozen encoder (InstDisc / Wu et al. 2018): cosine similarity, k = 200, and a
+temperature-0.1 weighted vote, each neighbour voting exp(sim / T) for its label.
+
+Features come from the encoder in eval mode on the un-augmented images, normalized like the training views.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: int = 512,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, D) float32 L2-normalized features, on `device`."""
+    was_training = encoder.training
+    encoder.eval()
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    feats = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start:start + batch_size]).to(device)
+        x = x.permute(0, 3, 1, 2).float()  # (b, 3, H, W), channels_last view of NHWC
+        feats.append(F.normalize(encoder((x - mean) / std).float(), dim=1))
+    encoder.train(was_training)
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
+                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Predicted class of each query; features L2-normalized, so a dot product is the cosine similarity."""
+    k = min(k, len(train_feats))
+    preds = []
+    for start in range(0, len(query_feats), chunk):
+        sim = query_feats[start:start + chunk] @ train_feats.T  # (q, N)
+        top_sim, top_idx = sim.topk(k, dim=1)  # (q, k)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(len(sim), num_classes, device=sim.device, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def knn_top1(encoder: torch.nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+             test_labels: np.ndarray, num_classes: int, k: int = 200, temperature: float = 0.1,
+             device: str | torch.device = "cpu") -> float:
+    """kNN top-1 accuracy in percent on the test split, with the train split as the memory bank."""
+    train_feats = extract_features(encoder, train_images, device=device)
+    test_feats = extract_features(encoder, test_images, device=device)
+    bank_labels = torch.as_tensor(train_labels, device=train_feats.device)
+    pred = knn_predict(train_feats, bank_labels, test_feats, num_classes, k, temperature)
+    return 100.0 * (pred.cpu() == torch.as_tensor(test_labels)).float().mean().item()

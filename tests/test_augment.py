@@ -1,0 +1,61 @@
+"""The DALI two-view pipeline on the CPU (device_id=None): shapes, layout, per-image randomness, the spec."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from fastbyol.augment import VIEW1, VIEW2, TwoViewLoader, ViewSpec  # noqa: E402
+from fastbyol.errors import FastByolError  # noqa: E402
+
+
+def _images(n=64, size=32):
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    return np.repeat(base, n, axis=0)  # the same picture n times: any difference comes from the augmentation
+
+
+def test_official_view_parameters():
+    assert VIEW1.blur_p == 1.0 and VIEW1.solarize_p == 0.0
+    assert VIEW2.blur_p == 0.1 and VIEW2.solarize_p == 0.2
+    for v in (VIEW1, VIEW2):
+        assert v.crop_area == (0.08, 1.0) and v.crop_aspect == (3 / 4, 4 / 3)
+        assert (v.flip_p, v.jitter_p, v.gray_p) == (0.5, 0.8, 0.2)
+        assert (v.brightness, v.contrast, v.saturation, v.hue) == (0.4, 0.4, 0.2, 0.1)
+        assert v.blur_sigma == (0.1, 2.0) and v.solarize_threshold == 0.5
+    assert VIEW1.blur_window(224) == 23 and VIEW1.blur_window(96) == 9 and VIEW1.blur_window(28) == 3
+
+
+def test_two_views_shapes_layout_and_per_image_randomness():
+    loader = TwoViewLoader(_images(), batch_size=32, image_size=24, seed=3, device="cpu", num_threads=1)
+    batches = list(loader.epoch())
+    assert len(batches) == loader.steps_per_epoch == 2
+    v1, v2 = batches[0]
+    assert v1.shape == v2.shape == (32, 3, 24, 24)
+    assert v1.dtype == torch.float16
+    assert v1.is_contiguous(memory_format=torch.channels_last)
+    # the two views of one image differ
+    assert all(not torch.equal(v1[i], v2[i]) for i in range(32))
+    # every image draws its own parameters: no two samples of one view share their pixels
+    flat = v1.reshape(32, -1).float()
+    dist = torch.cdist(flat, flat)
+    assert (dist + torch.eye(32) * 1e9).min() > 0
+    # normalized: roughly centred, not raw 0..255
+    assert v1.float().abs().max() < 10
+
+
+def test_epochs_continue_and_shuffle():
+    loader = TwoViewLoader(_images(40), batch_size=16, image_size=16, seed=0, device="cpu", num_threads=1)
+    e1, e2 = list(loader.epoch()), list(loader.epoch())
+    assert len(e1) == len(e2) == 2  # 40 // 16: the last partial batch is dropped
+    assert not torch.equal(e1[0][0], e2[0][0])
+
+
+def test_bad_settings():
+    with pytest.raises(FastByolError, match="batch size 100"):
+        TwoViewLoader(_images(10), batch_size=100, image_size=16)
+    with pytest.raises(FastByolError, match="view1.flip_p"):
+        TwoViewLoader(_images(10), batch_size=4, image_size=16, view1=ViewSpec(flip_p=2.0))
+    with pytest.raises(FastByolError, match="uint8"):
+        TwoViewLoader(np.zeros((10, 8, 8, 3), np.float32), batch_size=4, image_size=8)

@@ -1,0 +1,124 @@
+"""The training step, the trainer end to end on small data, and the command line's error paths."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastbyol.cli import main
+from fastbyol.config import get_preset
+from fastbyol.models import BYOL, build_encoder
+from fastbyol.optim import LARS
+from fastbyol.train import byol_step
+
+from .test_data import write_idx
+
+
+def _tiny_model():
+    return BYOL(build_encoder("resnet-tiny", stem="small-s2", image_size=16), 64, 32, 64).to(
+        memory_format=torch.channels_last)
+
+
+def test_two_steps_move_every_target_parameter_by_the_ema_formula():
+    model = _tiny_model()
+    opt = LARS(model.online_parameters(), lr=0.0, weight_decay=1e-6)
+    target, online = model.ema_pairs()
+    for step, tau in enumerate((0.99, 0.995)):
+        before = [t.detach().double().clone() for t in target]
+        v1, v2 = torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)
+        loss = byol_step(model, opt, target, online, v1, v2, lr=5.0, tau=tau)
+        assert torch.isfinite(loss)
+        for i, (t, b, o) in enumerate(zip(target, before, online)):
+            expected = tau * b + (1 - tau) * o.detach().double()
+            torch.testing.assert_close(t.detach().double(), expected, rtol=0, atol=1e-6)
+            if step == 1:  # online has moved away from the initial copy: every target parameter changes
+                assert not torch.equal(t.detach().double(), b), f"target parameter {i} did not move"
+
+
+def _small_idx_dataset(folder, n_train=300, n_test=100):
+    from fastbyol.data import load_embedded
+
+    ds = load_embedded()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / "train-images-idx3-ubyte", ds.train_images[:n_train, ..., 0])
+    write_idx(folder / "train-labels-idx1-ubyte", ds.train_labels[:n_train])
+    write_idx(folder / "t10k-images-idx3-ubyte", ds.test_images[:n_test, ..., 0])
+    write_idx(folder / "t10k-labels-idx1-ubyte", ds.test_labels[:n_test])
+    return folder
+
+
+def test_train_end_to_end_small(tmp_path, capsys):
+    data = _small_idx_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(data), "--epochs", "2", "--batch-size", "64", "--out", str(out),
+               "--no-progress", "--log-every", "2"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("knn_top1", "knn_top1_random_init", "img_per_s", "epochs", "steps", "device", "versions",
+                "params_sha256"):
+        assert key in summary
+    assert summary["steps"] == 2 * (300 // 64) and summary["epochs"] == 2
+    assert 0 <= summary["knn_top1"] <= 100 and summary["img_per_s"] > 0
+    assert summary["versions"]["torch"] == torch.__version__
+    config = json.loads((out / "config.json").read_text())
+    assert config["optim"]["epochs"] == 2 and config["data"]["batch_size"] == 64
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == summary["steps"]
+    assert any(k.startswith("target_encoder.") for k in ckpt["model"])
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 4 and all(np.isfinite(json.loads(x)["loss"]) for x in lines)
+    printed = capsys.readouterr().out
+    assert "kNN top-1: trained" in printed and str(out / "summary.json") in printed
+
+
+def test_same_seed_same_parameters(tmp_path):
+    data = _small_idx_dataset(tmp_path / "data", 160, 40)
+    hashes = []
+    for name in ("a", "b"):
+        assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "32", "--out",
+                     str(tmp_path / name), "--no-progress"]) == 0
+        hashes.append(json.loads((tmp_path / name / "summary.json").read_text())["params_sha256"])
+    assert hashes[0] == hashes[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--batch-size", "-3"], "--batch-size must be > 0"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--data", "/does/not/exist"], "/does/not/exist"),
+    (["--batch-size", "9000"], "larger than the 8000 training images"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    rc = main(["train", "--out", str(out), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2
+    assert "empty" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_module_entry_point_and_presets():
+    res = subprocess.run([sys.executable, "-m", "fastbyol", "presets"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0
+    for name in ("fmnist-tiny", "stl10-resnet18", "cifar10-resnet18", "imagenet-resnet50"):
+        assert name in res.stdout
+    res = subprocess.run([sys.executable, "-m", "fastbyol", "train", "--epochs", "0"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "--epochs must be > 0" in res.stderr
+
+
+def test_official_preset_values():
+    cfg = get_preset("imagenet-resnet50")
+    assert (cfg.data.batch_size, cfg.optim.epochs, cfg.optim.base_lr, cfg.optim.tau_base) == (4096, 1000, 0.2, 0.996)
+    assert cfg.optim.weight_decay == 1.5e-6 and cfg.model.proj_hidden == 4096 and cfg.data.image_size == 224
+    cfg.data.batch_size = 1
+    assert get_preset("imagenet-resnet50").data.batch_size == 4096  # presets are copied, not shared
