@@ -1,0 +1,201 @@
+"""In-place multi-tensor EMA, one Triton launch for a whole parameter list:
+
+    target_k <- tau * target_k + (1 - tau) * online_k = target_k + (1 - tau) (online_k - target_k)   for every k
+
+Memory traffic: each element is read twice (target, online) and written once; ResNet-50 + BYOL heads is ~35M fp32
+parameters, so ~0.42 GB, ~0.14 ms at 3 TB/s. A per-parameter loop does the same bytes in ~320 launches (two
+tensors per module, ~5-10 us each): milliseconds of launch overhead. `torch._foreach_lerp_` groups launches but
+still issues several.
+
+Why a pointer table, not a flat buffer: a flat buffer needs the parameters to be views into one allocation, which
+the user's model (any trainer) does not guarantee; the table works on the tensors as they are. It is built once per
+distinct parameter list (cached by data pointers and sizes) and maps each program to (tensor, block start), so one
+launch covers every tensor. Tensors must be dense (contiguous or channels_last) with target and online strides equal.
+
+tau is a Python float (a kernel scalar) or a 0-D tensor on the device (read inside the kernel): no host sync, and
+under torch.compile a tensor tau changes without a recompile.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from fastbyol.reference import ema_update_reference_
+
+from ._dispatch import interpreter_on, kernel_path, triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ema_kernel(
+        T_ptrs,  # (N,) int64 data pointers of the target tensors (T_DTYPE elements)
+        O_ptrs,  # (N,) int64 data pointers of the online tensors (O_DTYPE elements)
+        Numels,  # (N,) int64 element counts
+        Block_tensor,  # (num_programs,) int32: which tensor program pid updates
+        Block_start,  # (num_programs,) int64: the first element of its block
+        Tau_ptr,  # () fp32 tau on the device, read when TAU_FROM_PTR
+        tau_value,  # fp32 tau as a scalar argument otherwise
+        T_DTYPE: tl.constexpr,
+        O_DTYPE: tl.constexpr,
+        TAU_FROM_PTR: tl.constexpr,
+        BLOCK: tl.constexpr,  # elements per program
+    ):
+        pid = tl.program_id(0)
+        k = tl.load(Block_tensor + pid)
+        start = tl.load(Block_start + pid)
+        n = tl.load(Numels + k)
+        t_ptr = tl.load(T_ptrs + k).to(tl.pointer_type(T_DTYPE))
+        o_ptr = tl.load(O_ptrs + k).to(tl.pointer_type(O_DTYPE))
+        if TAU_FROM_PTR:
+            tau = tl.load(Tau_ptr).to(tl.float32)
+        else:
+            tau = tau_value
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        t = tl.load(t_ptr + offs, mask=mask).to(tl.float32)
+        o = tl.load(o_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(t_ptr + offs, (t + (1.0 - tau) * (o - t)).to(T_DTYPE), mask=mask)
+
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                  torch.float64: tl.float64}
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """No gaps and no overlap: the storage from data_ptr holds exactly numel elements (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _validate(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor]):
+    """The floating (target, online) pairs, or a ValueError naming the first bad pair."""
+    if len(target) != len(online):
+        raise ValueError(f"ema_update_: {len(target)} target tensors but {len(online)} online tensors")
+    pairs = []
+    for i, (t, o) in enumerate(zip(target, online)):
+        if t.shape != o.shape:
+            raise ValueError(f"ema_update_: tensor {i}: target shape {tuple(t.shape)} != online {tuple(o.shape)}")
+        if t.device != o.device:
+            raise ValueError(f"ema_update_: tensor {i}: target on {t.device}, online on {o.device}")
+        if t.is_floating_point() != o.is_floating_point():
+            raise ValueError(f"ema_update_: tensor {i}: target {t.dtype} and online {o.dtype} mix float and integer")
+        if not t.is_floating_point():
+            continue  # integer tensors (e.g. num_batches_tracked) are left alone
+        pairs.append((t, o))
+    if pairs:
+        device = pairs[0][0].device
+        for i, (t, _) in enumerate(pairs):
+            if t.device != device:
+                raise ValueError(f"ema_update_: tensors on several devices ({device} and {t.device})")
+    return pairs
+
+
+class _Table:
+    """Device-side pointer table and program map for one list of (target, online) tensors of one dtype pair."""
+
+    def __init__(self, pairs, block: int, device: torch.device):
+        numels = [t.numel() for t, _ in pairs]
+        blocks = [triton.cdiv(n, block) for n in numels]
+        tensor_of_block, start_of_block = [], []
+        for k, nb in enumerate(blocks):
+            tensor_of_block += [k] * nb
+            start_of_block += [j * block for j in range(nb)]
+        host = dict(
+            t_ptrs=torch.tensor([t.data_ptr() for t, _ in pairs], dtype=torch.int64),
+            o_ptrs=torch.tensor([o.data_ptr() for _, o in pairs], dtype=torch.int64),
+            numels=torch.tensor(numels, dtype=torch.int64),
+            block_tensor=torch.tensor(tensor_of_block, dtype=torch.int32),
+            block_start=torch.tensor(start_of_block, dtype=torch.int64),
+        )
+        for name, value in host.items():
+            setattr(self, name, value.to(device))
+        self.num_programs = len(tensor_of_block)
+
+
+_TABLES: OrderedDict[tuple, _Table] = OrderedDict()
+_MAX_TABLES = 16
+
+
+def _table(pairs, block: int, device: torch.device) -> _Table:
+    key = (device, block, tuple((t.data_ptr(), o.data_ptr(), t.numel()) for t, o in pairs))
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = _Table(pairs, block, device)
+        if len(_TABLES) > _MAX_TABLES:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
+
+
+def _triton_ema(pairs, tau: float | torch.Tensor) -> None:
+    device = pairs[0][0].device
+    interpret = interpreter_on() and device.type != "cuda"
+    block = 1 << 16 if interpret else 4096
+    groups: dict[tuple[torch.dtype, torch.dtype], list] = {}
+    for i, (t, o) in enumerate(pairs):
+        if not (_is_dense(t) and t.stride() == o.stride()):
+            raise ValueError(f"ema_update_: tensor {i}: target strides {t.stride()} and online strides {o.stride()} "
+                             "must be equal and dense (contiguous or channels_last)")
+        if t.dtype not in _TL_DTYPES or o.dtype not in _TL_DTYPES:
+            raise ValueError(f"ema_update_: tensor {i}: dtypes {t.dtype}/{o.dtype} are not supported")
+        groups.setdefault((t.dtype, o.dtype), []).append((t, o))
+    tau_is_tensor = torch.is_tensor(tau)
+    if tau_is_tensor and (tau.device != device or tau.ndim != 0):
+        raise ValueError(f"ema_update_: tau must be a float or a 0-D tensor on {device}, got {tuple(tau.shape)} "
+                         f"on {tau.device}")
+    tau_ptr = tau.to(torch.float32) if tau_is_tensor else pairs[0][0]  # unused pointer when TAU_FROM_PTR is False
+    # one launch per (target dtype, online dtype): one launch in all for a model of one dtype
+    for (t_dtype, o_dtype), group in groups.items():
+        table = _table(group, block, device)
+        _ema_kernel[(table.num_programs,)](
+            table.t_ptrs, table.o_ptrs, table.numels, table.block_tensor, table.block_start,
+            tau_ptr, 0.0 if tau_is_tensor else float(tau),
+            T_DTYPE=_TL_DTYPES[t_dtype], O_DTYPE=_TL_DTYPES[o_dtype], TAU_FROM_PTR=tau_is_tensor, BLOCK=block,
+            num_warps=8,
+        )
+
+
+def _ema_dispatch(target: list[torch.Tensor], online: list[torch.Tensor], tau: float | torch.Tensor) -> None:
+    pairs = _validate(target, online)
+    if not pairs:
+        return
+    if kernel_path(pairs[0][0].device) == "triton":
+        _triton_ema(pairs, tau)
+    else:
+        ema_update_reference_([t for t, _ in pairs], [o for _, o in pairs], tau)
+
+
+@torch.library.custom_op("fastbyol::ema_update_", mutates_args=("target",))
+def _ema_update_op(target: list[torch.Tensor], online: list[torch.Tensor], tau: torch.Tensor) -> None:
+    _ema_dispatch(target, online, tau)
+
+
+@_ema_update_op.register_fake
+def _(target, online, tau):
+    return None
+
+
+@torch.no_grad()
+def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], tau: float | torch.Tensor) -> None:
+    """target <- tau * target + (1 - tau) * online, in place, for every floating tensor of two equal-length lists.
+
+    tau: a Python float, or a 0-D tensor on the tensors' device (use a tensor inside torch.compile: it changes
+    without a recompile). Integer tensors are skipped; length, shape or device mismatches raise ValueError.
+    """
+    target, online = list(target), list(online)
+    if torch.is_tensor(tau):
+        torch.ops.fastbyol.ema_update_(target, online, tau)
+    elif torch.compiler.is_compiling():
+        device = target[0].device if target else torch.device("cpu")
+        torch.ops.fastbyol.ema_update_(target, online, torch.full((), tau, device=device))
+    else:
+        _ema_dispatch(target, online, float(tau))

@@ -1,0 +1,267 @@
+"""Fused BYOL regression loss, forward and backward in one Triton launch.
+
+Math, per row i of p, z in R^{B x D} (z constant), with n_p = max(|p_i|, eps), n_z = max(|z_i|, eps):
+
+    c_i  = <p_i, z_i> / (n_p n_z)
+    L    = (1 / B) sum_i (2 - 2 c_i)                                   (byol_loss)
+    dL/dp_i = -(2 / B) (z_i / (n_p n_z) - c_i p_i / n_p^2 [|p_i| > eps])
+
+and byol_loss_symmetric(p1, p2, z1, z2) = L(p1, z2) + L(p2, z1), both pairs in the same launch.
+
+Memory traffic (B x D, s bytes per element). Eager `F.normalize(p) , F.normalize(z)`, `(pn * zn).sum`, `2 - 2x`,
+`.mean()` and autograd's backward read p and z ~3 times each, write and re-read two normalized (B, D) copies and
+their products: ~14 B D s bytes and ~15 launches for one pair. The fused kernel reads p and z once and writes the
+gradient once: 3 B D s bytes, one launch; the backward is a single scale of the saved gradient by the incoming
+scalar (2 B D s bytes, one launch, no host sync).
+
+The forward's scalar is reduced inside the launch: each program writes its partial sum, and the program that
+takes the last ticket of a self-resetting counter adds the partials in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastbyol.reference import NORM_EPS, byol_loss_reference
+
+from ._dispatch import kernel_path, triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rows_loss_and_grad(
+        p_base, z_base, g_base,  # (B, D) prediction, target, gradient out (contiguous, P's dtype)
+        spr, spc, szr, szc,  # row and column strides of p and z, in elements
+        rows, row_mask, D, inv_B, eps,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+    ):
+        """Loss and gradient of BLOCK_M rows of one pair; returns the rows' loss sum over B."""
+        rows64 = rows.to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        if SINGLE_CHUNK:  # D <= BLOCK_D: rows stay in registers between the two passes
+            mask = row_mask[:, None] & (cols < D)[None, :]
+            p = tl.load(p_base + rows64[:, None] * spr + cols[None, :] * spc, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_base + rows64[:, None] * szr + cols[None, :] * szc, mask=mask, other=0.0).to(tl.float32)
+            pp = tl.sum(p * p, axis=1)
+            zz = tl.sum(z * z, axis=1)
+            pz = tl.sum(p * z, axis=1)
+        else:  # pass 1 over D in chunks
+            pp = tl.zeros([BLOCK_M], dtype=tl.float32)
+            zz = tl.zeros([BLOCK_M], dtype=tl.float32)
+            pz = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                c = d0 + cols
+                m = row_mask[:, None] & (c < D)[None, :]
+                pc = tl.load(p_base + rows64[:, None] * spr + c[None, :] * spc, mask=m, other=0.0).to(tl.float32)
+                zc = tl.load(z_base + rows64[:, None] * szr + c[None, :] * szc, mask=m, other=0.0).to(tl.float32)
+                pp += tl.sum(pc * pc, axis=1)
+                zz += tl.sum(zc * zc, axis=1)
+                pz += tl.sum(pc * zc, axis=1)
+        p_norm = tl.sqrt(pp)
+        n_p = tl.maximum(p_norm, eps)
+        n_z = tl.maximum(tl.sqrt(zz), eps)
+        cos = pz / (n_p * n_z)
+        coef_z = -2.0 * inv_B / (n_p * n_z)
+        coef_p = tl.where(p_norm > eps, 2.0 * inv_B * cos / (n_p * n_p), 0.0)
+        if SINGLE_CHUNK:
+            g = coef_z[:, None] * z + coef_p[:, None] * p
+            tl.store(g_base + rows64[:, None] * D + cols[None, :], g.to(g_base.dtype.element_ty), mask=mask)
+        else:  # pass 2: re-read the rows, write the gradient once
+            for d0 in range(0, D, BLOCK_D):
+                c = d0 + cols
+                m = row_mask[:, None] & (c < D)[None, :]
+                pc = tl.load(p_base + rows64[:, None] * spr + c[None, :] * spc, mask=m, other=0.0).to(tl.float32)
+                zc = tl.load(z_base + rows64[:, None] * szr + c[None, :] * szc, mask=m, other=0.0).to(tl.float32)
+                g = coef_z[:, None] * zc + coef_p[:, None] * pc
+                tl.store(g_base + rows64[:, None] * D + c[None, :], g.to(g_base.dtype.element_ty), mask=m)
+        return tl.sum(tl.where(row_mask, 2.0 - 2.0 * cos, 0.0), axis=0) * inv_B
+
+    @triton.jit
+    def _byol_loss_fwd_kernel(
+        P1_ptr,  # (B, D) predictions of pair 0, strides (stride_p1r, stride_p1c)
+        Z1_ptr,  # (B, D) targets of pair 0, strides (stride_z1r, stride_z1c)
+        G1_ptr,  # (B, D) out: dL/dP1, contiguous, P1's dtype
+        P2_ptr,  # pair 1, read only when NUM_PAIRS == 2
+        Z2_ptr,
+        G2_ptr,
+        stride_p1r, stride_p1c, stride_z1r, stride_z1c,
+        stride_p2r, stride_p2c, stride_z2r, stride_z2c,
+        Partial_ptr,  # (num_programs,) fp32 scratch: each program's share of the loss
+        Counter_ptr,  # (1,) int32 ticket counter: 0 before and after every launch
+        Out_ptr,  # () fp32 out: the loss
+        B, D,  # rows, width
+        inv_B, eps,  # 1 / B; the norm floor
+        NUM_PAIRS: tl.constexpr,  # 1: byol_loss; 2: byol_loss_symmetric (same rows of both pairs per program)
+        BLOCK_M: tl.constexpr,  # rows per program
+        BLOCK_D: tl.constexpr,  # columns per chunk (power of two)
+        SINGLE_CHUNK: tl.constexpr,  # D <= BLOCK_D
+        RED_BLOCK: tl.constexpr,  # partials added per step by the last program
+    ):
+        pid = tl.program_id(0)
+        num_programs = tl.num_programs(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < B
+        partial = _rows_loss_and_grad(P1_ptr, Z1_ptr, G1_ptr, stride_p1r, stride_p1c, stride_z1r, stride_z1c,
+                                      rows, row_mask, D, inv_B, eps, BLOCK_M, BLOCK_D, SINGLE_CHUNK)
+        if NUM_PAIRS == 2:
+            partial += _rows_loss_and_grad(P2_ptr, Z2_ptr, G2_ptr, stride_p2r, stride_p2c, stride_z2r, stride_z2c,
+                                           rows, row_mask, D, inv_B, eps, BLOCK_M, BLOCK_D, SINGLE_CHUNK)
+        # the scalar: every program writes its partial; the one holding the last ticket adds them in pid order
+        tl.store(Partial_ptr + pid, partial)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(Counter_ptr, 1, sem="acq_rel")
+        if ticket == num_programs - 1:
+            offs = tl.arange(0, RED_BLOCK)
+            acc = tl.zeros([RED_BLOCK], dtype=tl.float32)
+            for r0 in range(0, num_programs, RED_BLOCK):
+                acc += tl.load(Partial_ptr + r0 + offs, mask=(r0 + offs) < num_programs, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(Out_ptr, tl.sum(acc, axis=0))
+            tl.store(Counter_ptr, 0)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    """One self-resetting ticket counter per device (the kernel sets it back to 0 when it is done)."""
+    c = _COUNTERS.get(device)
+    if c is None:
+        c = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return c
+
+
+def _block_shape(B: int, D: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D): ~4K elements a program on a GPU; large blocks under the (slow per program) interpreter."""
+    max_d, elems = (16384, 1 << 17) if interpret else (2048, 4096)
+    block_d = min(triton.next_power_of_2(max(D, 1)), max_d)
+    block_m = max(1, min(elems // block_d, triton.next_power_of_2(B), 64 if not interpret else 4096))
+    return block_m, block_d
+
+
+def _check_pair(p: torch.Tensor, z: torch.Tensor, name: str) -> None:
+    if p.ndim != 2 or p.shape != z.shape:
+        raise ValueError(f"{name}: expected two (B, D) tensors of one shape, got {tuple(p.shape)} and "
+                         f"{tuple(z.shape)}")
+    if p.device != z.device:
+        raise ValueError(f"{name}: p is on {p.device} but z on {z.device}")
+    if p.shape[0] == 0:
+        raise ValueError(f"{name}: the batch is empty")
+
+
+def _triton_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    from ._dispatch import interpreter_on
+
+    B, D = pairs[0][0].shape
+    device = pairs[0][0].device
+    interpret = interpreter_on() and device.type != "cuda"
+    block_m, block_d = _block_shape(B, D, interpret)
+    num_programs = triton.cdiv(B, block_m)
+    grads = [torch.empty((B, D), dtype=p.dtype, device=device) for p, _ in pairs]
+    partial = torch.empty(num_programs, dtype=torch.float32, device=device)
+    out = torch.empty((), dtype=torch.float32, device=device)
+    (p1, z1), (p2, z2) = pairs[0], pairs[-1]
+    g1, g2 = grads[0], grads[-1]
+    _byol_loss_fwd_kernel[(num_programs,)](
+        p1, z1, g1, p2, z2, g2,
+        p1.stride(0), p1.stride(1), z1.stride(0), z1.stride(1),
+        p2.stride(0), p2.stride(1), z2.stride(0), z2.stride(1),
+        partial, _counter(device), out,
+        B, D, 1.0 / B, NORM_EPS,
+        NUM_PAIRS=len(pairs), BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_CHUNK=D <= block_d, RED_BLOCK=1024,
+        num_warps=4 if block_m * block_d <= 4096 else 8,
+    )
+    return out, grads
+
+
+def _reference_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same (loss, dL/dp) from fastbyol.reference, differentiated by torch.func: the CPU path and the oracle.
+
+    (torch.func, not torch.autograd.grad: a custom op's body runs below the autograd dispatch key.)
+    """
+    ps = [p.detach() for p, _ in pairs]
+    zs = [z.detach() for _, z in pairs]
+
+    def total(*ps_):
+        return sum(byol_loss_reference(p, z) for p, z in zip(ps_, zs))
+
+    grads, loss = torch.func.grad_and_value(total, argnums=tuple(range(len(ps))))(*ps)
+    return loss, [g.contiguous() for g in grads]
+
+
+def _forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    p = pairs[0][0]
+    if kernel_path(p.device) == "triton" and p.dtype != torch.float64:
+        return _triton_forward(pairs)
+    return _reference_forward(pairs)
+
+
+# ------------------------------------------------------------------------------------- torch.library custom ops
+@torch.library.custom_op("fastbyol::byol_loss_fwd", mutates_args=())
+def _byol_loss_fwd(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, (g,) = _forward([(p, z)])
+    return loss, g
+
+
+@torch.library.custom_op("fastbyol::byol_loss_symmetric_fwd", mutates_args=())
+def _byol_loss_symmetric_fwd(
+    p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, (g1, g2) = _forward([(p1, z2), (p2, z1)])
+    return loss, g1, g2
+
+
+def _loss_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+@_byol_loss_fwd.register_fake
+def _(p, z):
+    return p.new_empty((), dtype=_loss_dtype(p)), torch.empty_like(p, memory_format=torch.contiguous_format)
+
+
+@_byol_loss_symmetric_fwd.register_fake
+def _(p1, p2, z1, z2):
+    return (p1.new_empty((), dtype=_loss_dtype(p1)), torch.empty_like(p1, memory_format=torch.contiguous_format),
+            torch.empty_like(p2, memory_format=torch.contiguous_format))
+
+
+def _setup_one(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward_one(ctx, grad_loss, _grad_g):
+    (g,) = ctx.saved_tensors
+    return g * grad_loss.to(g.dtype), None  # z gets no gradient
+
+
+def _setup_sym(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward_sym(ctx, grad_loss, _g1, _g2):
+    g1, g2 = ctx.saved_tensors
+    return g1 * grad_loss.to(g1.dtype), g2 * grad_loss.to(g2.dtype), None, None
+
+
+_byol_loss_fwd.register_autograd(_backward_one, setup_context=_setup_one)
+_byol_loss_symmetric_fwd.register_autograd(_backward_sym, setup_context=_setup_sym)
+
+
+# ------------------------------------------------------------------------------------------------ public functions
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """mean_i (2 - 2 cos(p_i, z_i)) for (B, D) p and z; z gets no gradient. fp32/fp16/bf16 (fp64: reference)."""
+    _check_pair(p, z, "byol_loss")
+    return torch.ops.fastbyol.byol_loss_fwd(p, z)[0]
+
+
+def byol_loss_symmetric(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """byol_loss(p1, z2) + byol_loss(p2, z1) in one launch: the BYOL objective for two views."""
+    _check_pair(p1, z2, "byol_loss_symmetric(p1, z2)")
+    _check_pair(p2, z1, "byol_loss_symmetric(p2, z1)")
+    if p1.shape != p2.shape or p1.dtype != p2.dtype:
+        raise ValueError(f"byol_loss_symmetric: p1 {tuple(p1.shape)} {p1.dtype} and p2 {tuple(p2.shape)} {p2.dtype} "
+                         "must match")
+    return torch.ops.fastbyol.byol_loss_symmetric_fwd(p1, p2, z1, z2)[0]

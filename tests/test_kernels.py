@@ -1,0 +1,262 @@
+"""fastbyol.kernels against the plain-PyTorch references of fastbyol.reference.
+
+On a machine without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors,
+with FASTBYOL_KERNELS=triton; on a GPU the same tests run the compiled kernels on CUDA tensors.
+Tolerances: fp32 tight; fp16 and bf16 loose, bf16 looser still because the interpreter truncates fp32 -> bf16
+stores instead of rounding.
+"""
+
+import pytest
+import torch
+
+from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, kernel_path
+from fastbyol.models import BYOL, build_encoder
+from fastbyol.reference import byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (dtype, loss atol, gradient tolerance relative to the largest gradient element)
+DTYPES = [(torch.float32, 1e-5, 1e-4), (torch.float16, 2e-3, 5e-3), (torch.bfloat16, 2e-2, 3e-2)]
+
+
+@pytest.fixture(autouse=True)
+def _triton_path(kernels_path):
+    kernels_path("triton")
+
+
+def _reference_f64(p, z):
+    pr = p.detach().double().requires_grad_(True)
+    loss = byol_loss_reference(pr, z.detach().double())
+    loss.backward()
+    return loss.detach(), pr.grad
+
+
+def _assert_grad_close(got, ref, tol):
+    # gradient entries are of order 2 / (B sqrt(D)) for unit-variance rows; at D = 1 the exact gradient is 0
+    B, D = ref.shape
+    scale = max(ref.abs().max().item(), 2.0 / (B * D**0.5))
+    err = (got.double() - ref).abs().max().item()
+    assert err <= tol * scale, f"gradient error {err:.3g} over {tol} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("B", [1, 7, 61])
+@pytest.mark.parametrize("D", [1, 255, 256, 2049, 4096])
+@pytest.mark.parametrize("dtype,atol,gtol", DTYPES)
+def test_loss_forward_and_gradient_against_float64(B, D, dtype, atol, gtol):
+    if B == 61 and D == 4096 and DEVICE == "cpu" and dtype != torch.float32:
+        pytest.skip("covered by fp32 at this size; the interpreter is slow")
+    p = torch.randn(B, D, device=DEVICE, dtype=torch.float64).to(dtype).requires_grad_(True)
+    z = torch.randn(B, D, device=DEVICE, dtype=torch.float64).to(dtype).requires_grad_(True)
+    assert kernel_path(p.device) == "triton"
+    loss = byol_loss(p, z)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    loss.backward()
+    ref_loss, ref_grad = _reference_f64(p, z)
+    assert abs(loss.item() - ref_loss.item()) <= atol
+    assert p.grad.dtype == dtype and z.grad is None
+    _assert_grad_close(p.grad, ref_grad, gtol)
+
+
+def test_loss_row_strided_inputs():
+    big_p = torch.randn(13, 300, device=DEVICE)
+    big_z = torch.randn(300, 13, device=DEVICE)
+    p = big_p[:, 20:275].detach().requires_grad_(True)  # row stride 300
+    z = big_z[20:275].T  # column-major: row stride 1, column stride 13
+    loss = byol_loss(p, z)
+    loss.backward()
+    ref_loss, ref_grad = _reference_f64(p, z)
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    _assert_grad_close(p.grad, ref_grad, 1e-4)
+
+
+def test_symmetric_equals_two_calls_and_scales_with_upstream_gradient():
+    p1, p2, z1, z2 = (torch.randn(37, 256, device=DEVICE, requires_grad=True) for _ in range(4))
+    sym = byol_loss_symmetric(p1, p2, z1, z2)
+    two = byol_loss(p1, z2) + byol_loss(p2, z1)
+    ref = byol_loss_symmetric_reference(p1, p2, z1, z2)
+    assert abs(sym.item() - two.item()) < 1e-5 and abs(sym.item() - ref.item()) < 1e-5
+    (3.0 * sym).backward()
+    g1, g2 = p1.grad.clone(), p2.grad.clone()
+    p1.grad = p2.grad = None
+    (3.0 * ref).backward()
+    torch.testing.assert_close(g1, p1.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g2, p2.grad, rtol=1e-4, atol=1e-7)
+    assert z1.grad is None and z2.grad is None
+
+
+def test_loss_zero_rows_use_the_epsilon():
+    p = torch.randn(5, 64, device=DEVICE)
+    p[2] = 0.0
+    p.requires_grad_(True)
+    z = torch.randn(5, 64, device=DEVICE)
+    loss = byol_loss(p, z)
+    loss.backward()
+    ref_loss, ref_grad = _reference_f64(p, z)
+    assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < 1e-5
+    _assert_grad_close(p.grad, ref_grad, 1e-4)
+
+
+def test_loss_public_equals_reference_path(kernels_path):
+    p = torch.randn(17, 100, device=DEVICE, requires_grad=True)
+    z = torch.randn(17, 100, device=DEVICE)
+    fast = byol_loss(p, z)
+    fast.backward()
+    g_fast = p.grad.clone()
+    p.grad = None
+    kernels_path("reference")
+    slow = byol_loss(p, z)
+    slow.backward()
+    assert abs(fast.item() - slow.item()) < 1e-5
+    torch.testing.assert_close(g_fast, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_bad_input():
+    with pytest.raises(ValueError, match="one shape"):
+        byol_loss(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="empty"):
+        byol_loss(torch.randn(0, 4), torch.randn(0, 4))
+
+
+def _resnet50_byol_pairs():
+    model = BYOL(build_encoder("resnet50", image_size=224)).to(DEVICE)
+    target, online = model.ema_pairs()
+    with torch.no_grad():
+        for t, o in zip(target, online):  # distinct target and online values everywhere
+            t.copy_(torch.randn_like(t))
+            o.copy_(torch.randn_like(o))
+    return target, online
+
+
+def test_ema_equals_foreach_lerp_on_resnet50_with_heads():
+    target, online = _resnet50_byol_pairs()
+    assert len(target) > 150 and sum(t.numel() for t in target) > 30_000_000
+    for tau in (0.996, 0.5):
+        expected = [t.detach().clone() for t in target]
+        torch._foreach_lerp_(expected, [o.detach() for o in online], 1.0 - tau)
+        before = [t.detach().clone() for t in target]
+        ema_update_(target, online, tau)
+        for i, (t, e, b) in enumerate(zip(target, expected, before)):
+            torch.testing.assert_close(t, e, rtol=1e-6, atol=1e-6, msg=f"tensor {i}, tau {tau}")
+            if tau == 0.5:  # the old values work as poison: each element must move by |online - target| / 2
+                assert ((t != b) | (e == b)).all(), f"tensor {i}: some elements were not written"
+                assert (e != b).float().mean() > 0.999
+
+
+def test_ema_tensor_tau_mixed_dtypes_and_layouts():
+    t = [torch.randn(5, 7, device=DEVICE), torch.randn(4, 3, 5, 5, device=DEVICE).to(
+        memory_format=torch.channels_last), torch.randn(33, device=DEVICE)]
+    o = [torch.randn(5, 7, device=DEVICE).to(torch.bfloat16),
+         torch.randn(4, 3, 5, 5, device=DEVICE).to(memory_format=torch.channels_last), torch.randn(33, device=DEVICE)]
+    ref = [x.clone() for x in t]
+    tau = torch.tensor(0.75, device=DEVICE)
+    ema_update_(t, o, tau)
+    ema_update_reference_(ref, o, 0.75)
+    for a, b in zip(t, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert t[1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ema_integer_tensors_left_alone_and_errors():
+    t = [torch.randn(8, device=DEVICE), torch.tensor([3], device=DEVICE)]
+    o = [torch.randn(8, device=DEVICE), torch.tensor([9], device=DEVICE)]
+    ema_update_(t, o, 0.5)
+    assert t[1].item() == 3
+    with pytest.raises(ValueError, match="2 target tensors but 1"):
+        ema_update_(t, o[:1], 0.5)
+    with pytest.raises(ValueError, match="tensor 0: target shape"):
+        ema_update_([torch.randn(3, device=DEVICE)], [torch.randn(4, device=DEVICE)], 0.5)
+    with pytest.raises(ValueError, match="mix float and integer"):
+        ema_update_([torch.randn(3, device=DEVICE)], [torch.ones(3, dtype=torch.int64, device=DEVICE)], 0.5)
+    with pytest.raises(ValueError, match="strides"):
+        ema_update_([torch.randn(4, 4, device=DEVICE)], [torch.randn(4, 4, device=DEVICE).T], 0.5)
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="target on"):
+            ema_update_([torch.randn(3, device="cuda")], [torch.randn(3)], 0.5)
+
+
+def test_opcheck_all_ops():
+    p, z = torch.randn(9, 33, device=DEVICE, requires_grad=True), torch.randn(9, 33, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastbyol.byol_loss_fwd.default, (p, z))
+    args = tuple(torch.randn(9, 33, device=DEVICE, requires_grad=i < 2) for i in range(4))
+    torch.library.opcheck(torch.ops.fastbyol.byol_loss_symmetric_fwd.default, args)
+    t = [torch.randn(10, device=DEVICE), torch.randn(3, 4, device=DEVICE)]
+    o = [torch.randn(10, device=DEVICE), torch.randn(3, 4, device=DEVICE)]
+    torch.library.opcheck(torch.ops.fastbyol.ema_update_.default, (t, o, torch.tensor(0.9, device=DEVICE)))
+
+
+def test_tensor_tau_does_not_recompile():
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    t, o = [torch.randn(16, device=DEVICE)], [torch.randn(16, device=DEVICE)]
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def update(tau):
+        ema_update_(t, o, tau)
+
+    ref = [t[0].clone()]
+    for tau in (0.9, 0.95, 0.99):
+        update(torch.tensor(tau, device=DEVICE))
+        ema_update_reference_(ref, o, tau)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(t[0], ref[0], rtol=1e-6, atol=1e-6)
+
+
+def _tiny_byol(seed=0):
+    torch.manual_seed(seed)
+    return BYOL(build_encoder("resnet-tiny", stem="small-s2", image_size=16), 64, 32, 64).to(DEVICE)
+
+
+def test_twenty_steps_fast_ops_match_references(kernels_path):
+    from fastbyol.optim import LARS
+    from fastbyol.train import byol_step
+
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randn(16, 3, 16, 16, generator=gen)) for _ in range(20)]
+    results = {}
+    for mode in ("triton", "reference"):
+        kernels_path(mode)
+        model = _tiny_byol()
+        opt = LARS(model.online_parameters(), lr=0.0)
+        target, online = model.ema_pairs()
+        losses = [byol_step(model, opt, target, online, v1.to(DEVICE), v2.to(DEVICE), lr=0.2, tau=0.99).item()
+                  for v1, v2 in data]
+        results[mode] = (losses, [t.detach().clone() for t in target])
+    (l_fast, t_fast), (l_ref, t_ref) = results["triton"], results["reference"]
+    # fp32 rounding differences grow through BN and LARS's trust ratio (measured here: 1e-7 for 10 steps,
+    # then ~1e-4 after 20), so: tight over the first steps, looser at the end; a wrong kernel is off by ~1e-1
+    assert max(abs(a - b) for a, b in zip(l_fast[:8], l_ref[:8])) < 1e-5
+    assert max(abs(a - b) for a, b in zip(l_fast, l_ref)) < 1e-3
+    assert l_fast[0] != l_fast[-1]
+    for a, b in zip(t_fast, t_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_step_fullgraph_no_graph_break(kernels_path):
+    """A whole BYOL step (forward, fused loss, backward) and the EMA compile with fullgraph=True on this device
+    (on CPU: Inductor's C++ backend around the ops' reference kernels)."""
+    kernels_path("auto")
+    model = _tiny_byol()
+    target, online = model.ema_pairs()
+
+    @torch.compile(fullgraph=True)
+    def loss_fn(v1, v2):
+        p1, p2, z1, z2 = model(v1, v2)
+        return byol_loss_symmetric(p1, p2, z1, z2)
+
+    @torch.compile(fullgraph=True)
+    def ema(tau):
+        ema_update_(target, online, tau)
+
+    v1, v2 = torch.randn(8, 3, 16, 16, device=DEVICE), torch.randn(8, 3, 16, 16, device=DEVICE)
+    loss = loss_fn(v1, v2)
+    loss.backward()
+    assert all(p.grad is not None for p in model.online_parameters())
+    eager = byol_loss_symmetric_reference(*model(v1, v2))
+    assert abs(loss.item() - eager.item()) < 1e-3  # BN batch statistics: the same batch gives the same loss
+    before = [t.clone() for t in target]
+    ema(torch.tensor(0.5, device=DEVICE))
+    for t, b, o in zip(target, before, online):
+        torch.testing.assert_close(t, 0.5 * b + 0.5 * o.detach(), rtol=1e-5, atol=1e-6)
