@@ -43,6 +43,25 @@ def byol_loss_symmetric_reference(
     return byol_loss_reference(p1, z2, eps) + byol_loss_reference(p2, z1, eps)
 
 
+def byol_loss_and_grad_reference(p: torch.Tensor, z: torch.Tensor, eps: float = NORM_EPS):
+    """(loss, dloss/dp) of byol_loss_reference in closed form: what the fused kernel computes in one pass.
+
+    dL/dp_i = -(2 / B) (z_i / (n_p n_z) - c_i p_i / n_p^2 [|p_i| > eps]),  n = max(|.|, eps), c_i = cos(p_i, z_i).
+    Needs no autograd, so it can serve as a custom op's CPU kernel; tests check it against autograd of
+    byol_loss_reference in float64.
+    """
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    pf, zf = p.detach().to(compute), z.detach().to(compute)
+    B = pf.shape[0]
+    p_norm = pf.norm(dim=1, keepdim=True)
+    n_p, n_z = p_norm.clamp_min(eps), zf.norm(dim=1, keepdim=True).clamp_min(eps)
+    cos = (pf * zf).sum(dim=1, keepdim=True) / (n_p * n_z)
+    loss = (2.0 - 2.0 * cos).mean()
+    coef_p = torch.where(p_norm > eps, cos / (n_p * n_p), torch.zeros_like(cos))
+    grad = (-2.0 / B) * (zf / (n_p * n_z) - coef_p * pf)
+    return loss, grad.to(p.dtype)
+
+
 # ------------------------------------------------------------------------------------------------------------ EMA
 @torch.no_grad()
 def ema_update_reference_(

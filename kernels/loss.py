@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from fastbyol.reference import NORM_EPS, byol_loss_reference
+from fastbyol.reference import NORM_EPS, byol_loss_and_grad_reference
 
 from ._dispatch import kernel_path, triton_available
 
@@ -177,18 +177,13 @@ def _triton_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
 
 
 def _reference_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The same (loss, dL/dp) from fastbyol.reference, differentiated by torch.func: the CPU path and the oracle.
+    """The same (loss, dL/dp) from fastbyol.reference in closed form: the CPU kernel of the custom ops.
 
-    (torch.func, not torch.autograd.grad: a custom op's body runs below the autograd dispatch key.)
+    (Not autograd: a custom op's body runs below the autograd dispatch key, and torch.func inside it breaks
+    under torch.compile's runtime wrappers.)
     """
-    ps = [p.detach() for p, _ in pairs]
-    zs = [z.detach() for _, z in pairs]
-
-    def total(*ps_):
-        return sum(byol_loss_reference(p, z) for p, z in zip(ps_, zs))
-
-    grads, loss = torch.func.grad_and_value(total, argnums=tuple(range(len(ps))))(*ps)
-    return loss, [g.contiguous() for g in grads]
+    losses, grads = zip(*(byol_loss_and_grad_reference(p, z) for p, z in pairs))
+    return sum(losses), list(grads)
 
 
 def _forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:

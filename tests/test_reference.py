@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastbyol.reference import (byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_,
+from fastbyol.reference import (byol_loss_and_grad_reference, byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_,
                                 lars_update_, lr_at, scaled_lr, tau_at)
 
 
@@ -90,3 +90,17 @@ def test_lars_zero_gradient_keeps_trust_one():
     w, g, m = torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2)
     lars_update_([w], [g], [m], lr=1.0, weight_decay=0.0)
     assert torch.isfinite(w).all() and torch.isfinite(m).all()
+
+
+@pytest.mark.parametrize("B,D", [(1, 1), (7, 255), (64, 256)])
+def test_closed_form_gradient_matches_autograd_float64(B, D):
+    p = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(B, D, dtype=torch.float64)
+    if B > 1:
+        with torch.no_grad():
+            p[1] = 0.0  # a zero row: the norm floor applies
+    loss = byol_loss_reference(p, z)
+    loss.backward()
+    loss_cf, grad_cf = byol_loss_and_grad_reference(p, z)
+    assert abs(loss.item() - loss_cf.item()) < 1e-12
+    torch.testing.assert_close(grad_cf, p.grad, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,198 @@
+"""One-command performance report of the fastbyol ops: ceilings, the fused loss, the single-launch EMA.
+
+    python benchmarks/gpu_report.py --out DIR            # on a GPU: full sizes, compiled Triton kernels
+    python benchmarks/gpu_report.py --out DIR --tiny     # anywhere: tiny sizes (CPU: reference / interpreter)
+
+Writes DIR/report.json and DIR/report.md (device, versions, sizes, git commit, every figure). Timings are medians:
+triton.testing.do_bench (CUDA events) on a GPU, perf_counter around synchronized calls on a CPU. Sections:
+- ceilings: device-to-device copy GB/s (bytes read + written), bf16 matmul TFLOP/s;
+- loss: fused forward+backward against the eager and the torch.compile'd reference, B in {256, 4096}, D = 256;
+- EMA over the ResNet-50 + BYOL heads parameter list: per-parameter loop, torch._foreach_lerp_, one lerp_ over a
+  flat buffer, and ema_update_ (float tau and 0-D tensor tau), as GB/s against the copy ceiling.
+Results of real GPU runs are committed under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, kernel_path
+from fastbyol.models import BYOL, build_encoder
+from fastbyol.reference import byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_
+
+
+def bench_ms(fn, device: torch.device, reps: int = 50) -> float:
+    """Median milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name, mod in (("triton", "triton"), ("dali", "nvidia.dali")):
+        try:
+            out[name] = __import__(mod, fromlist=["__version__"]).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str:
+    if os.environ.get("FASTBYOL_COMMIT"):
+        return os.environ["FASTBYOL_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def ceilings(device, tiny: bool) -> dict:
+    n = (1 << 16) if tiny else (1 << 28)  # fp32 elements: 1 GiB on a GPU
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    ms = bench_ms(lambda: b.copy_(a), device)
+    copy_gbs = 2 * a.numel() * 4 / ms / 1e6
+    m = 256 if tiny else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x, y = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
+    ms_mm = bench_ms(lambda: x @ y, device, reps=10)
+    return {"copy_bytes": 2 * n * 4, "copy_ms": ms, "copy_GBps": copy_gbs, "matmul_n": m, "matmul_dtype": str(dtype),
+            "matmul_ms": ms_mm, "matmul_TFLOPs": 2 * m**3 / ms_mm / 1e9}
+
+
+def loss_section(device, tiny: bool) -> list[dict]:
+    rows = []
+    dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+    compiled_ref = torch.compile(byol_loss_reference)
+    compiled_sym = torch.compile(byol_loss_symmetric_reference)
+    for B in ((64, 256) if tiny else (256, 4096)):
+        D = 256
+        for dtype in dtypes:
+            p1, p2, z1, z2 = (torch.randn(B, D, device=device, dtype=dtype, requires_grad=i < 2) for i in range(4))
+
+            def run(f, sym):
+                def go():
+                    p1.grad = p2.grad = None
+                    loss = f(p1, p2, z1, z2) if sym else f(p1, z1)
+                    loss.backward()
+                return go
+
+            variants = {
+                "eager reference": (byol_loss_reference, False),
+                "compiled reference": (compiled_ref, False),
+                "fastbyol byol_loss": (byol_loss, False),
+                "eager reference, symmetric": (byol_loss_symmetric_reference, True),
+                "compiled reference, symmetric": (compiled_sym, True),
+                "fastbyol byol_loss_symmetric": (byol_loss_symmetric, True),
+            }
+            times = {name: bench_ms(run(f, sym), device) for name, (f, sym) in variants.items()}
+            s = p1.element_size()
+            for name, ms in times.items():
+                pairs = 2 if "symmetric" in name else 1
+                # fewest bytes of fwd+bwd: read p, z; write dL/dp; backward reads it and writes the scaled copy
+                rows.append({"B": B, "D": D, "dtype": str(dtype).replace("torch.", ""), "variant": name, "ms": ms,
+                             "min_bytes": 5 * pairs * B * D * s,
+                             "speedup_vs_eager": times["eager reference" + (", symmetric" if pairs == 2 else "")] / ms,
+                             "speedup_vs_compiled": times["compiled reference" + (", symmetric" if pairs == 2 else "")]
+                             / ms})
+    return rows
+
+
+def ema_section(device, tiny: bool, copy_gbps: float) -> list[dict]:
+    if tiny:
+        model = BYOL(build_encoder("resnet-tiny", stem="small-s2", image_size=28), 256, 64, 256)
+    else:
+        model = BYOL(build_encoder("resnet50", image_size=224))
+    model = model.to(device)
+    target, online = model.ema_pairs()
+    n = sum(t.numel() for t in target)
+    flat_t = torch.cat([t.detach().flatten() for t in target])
+    flat_o = torch.cat([o.detach().flatten() for o in online])
+    tau_t = torch.tensor(0.996, device=device)
+    variants = {
+        "per-parameter loop (reference)": lambda: ema_update_reference_(target, online, 0.996),
+        "torch._foreach_lerp_": lambda: torch._foreach_lerp_(target, online, 0.004),
+        "flat buffer lerp_ (1 launch)": lambda: flat_t.lerp_(flat_o, 0.004),
+        "fastbyol ema_update_ (float tau)": lambda: ema_update_(target, online, 0.996),
+        "fastbyol ema_update_ (tensor tau)": lambda: ema_update_(target, online, tau_t),
+    }
+    rows = []
+    with torch.no_grad():
+        times = {name: bench_ms(f, device) for name, f in variants.items()}
+    for name, ms in times.items():
+        gbps = 3 * n * 4 / ms / 1e6
+        rows.append({"tensors": len(target), "elements": n, "variant": name, "ms": ms, "GBps": gbps,
+                     "fraction_of_copy": gbps / copy_gbps,
+                     "speedup_vs_loop": times["per-parameter loop (reference)"] / ms})
+    return rows
+
+
+def markdown(report: dict) -> str:
+    c = report["ceilings"]
+    lines = [f"# fastbyol ops report: {report['device']}", "",
+             f"commit `{report['commit']}`, {report['date']}, versions {report['versions']}, "
+             f"kernel path `{report['kernel_path']}`", "",
+             f"Ceilings: copy {c['copy_GBps']:.0f} GB/s ({c['copy_bytes'] / 1e9:.2f} GB moved), "
+             f"{c['matmul_dtype']} matmul {c['matmul_n']}^3 {c['matmul_TFLOPs']:.1f} TFLOP/s", "",
+             "## Loss, forward + backward (median ms)", "",
+             "| B | D | dtype | variant | ms | x eager | x compiled |", "|---|---|---|---|---|---|---|"]
+    for r in report["loss"]:
+        lines.append(f"| {r['B']} | {r['D']} | {r['dtype']} | {r['variant']} | {r['ms']:.4f} | "
+                     f"{r['speedup_vs_eager']:.2f} | {r['speedup_vs_compiled']:.2f} |")
+    e0 = report["ema"][0]
+    lines += ["", f"## EMA over {e0['tensors']} tensors, {e0['elements'] / 1e6:.1f}M fp32 elements (median ms)", "",
+              "| variant | ms | GB/s | of copy | x loop |", "|---|---|---|---|---|"]
+    for r in report["ema"]:
+        lines.append(f"| {r['variant']} | {r['ms']:.4f} | {r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | "
+                     f"{r['speedup_vs_loop']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output folder for report.json and report.md")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke run)")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = args.tiny or device.type != "cuda"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": git_commit(), "versions": versions(), "tiny": tiny, "kernel_path": kernel_path(device),
+    }
+    print(f"device {report['device']}; kernels {report['kernel_path']}; tiny={tiny}", flush=True)
+    report["ceilings"] = ceilings(device, tiny)
+    print("ceilings", report["ceilings"], flush=True)
+    report["loss"] = loss_section(device, tiny)
+    report["ema"] = ema_section(device, tiny, report["ceilings"]["copy_GBps"])
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = markdown(report)
+    (out / "report.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The prepared GPU session (device tool): install, the kernel tests on CUDA, the ops report.
+#   OUT=DIR bash benchmarks/gpu_run.sh        # CPU mode too: tests on the interpreter, tiny report
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+$PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
+(nvidia-smi || true) >"$OUT/nvidia-smi.txt" 2>&1
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+echo "== kernel tests"
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py --durations=5 2>&1 \
+  | tee "$OUT/pytest-kernels.log" | tail -25
+echo "== ops report"
+timeout "${REPORT_TIMEOUT:-240}" $PY benchmarks/gpu_report.py --out "$OUT/report" 2>&1 | tee "$OUT/report.log" | tail -45
