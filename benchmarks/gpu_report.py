@@ -46,6 +46,22 @@ def bench_ms(fn, device: torch.device, reps: int = 50) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, device: torch.device) -> float | None:
+    """Median ms of fn captured in a CUDA graph and replayed: device time without host launch overhead."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay, device)
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name, mod in (("triton", "triton"), ("dali", "nvidia.dali")):
@@ -139,11 +155,14 @@ def ema_section(device, tiny: bool, copy_gbps: float) -> list[dict]:
     rows = []
     with torch.no_grad():
         times = {name: bench_ms(f, device) for name, f in variants.items()}
+        graph_times = {name: graph_ms(f, device) for name, f in variants.items()}
     for name, ms in times.items():
         gbps = 3 * n * 4 / ms / 1e6
+        g_ms = graph_times[name]
         rows.append({"tensors": len(target), "elements": n, "variant": name, "ms": ms, "GBps": gbps,
                      "fraction_of_copy": gbps / copy_gbps,
-                     "speedup_vs_loop": times["per-parameter loop (reference)"] / ms})
+                     "speedup_vs_loop": times["per-parameter loop (reference)"] / ms,
+                     "graph_ms": g_ms, "graph_GBps": None if g_ms is None else 3 * n * 4 / g_ms / 1e6})
     return rows
 
 
@@ -161,10 +180,11 @@ def markdown(report: dict) -> str:
                      f"{r['speedup_vs_eager']:.2f} | {r['speedup_vs_compiled']:.2f} |")
     e0 = report["ema"][0]
     lines += ["", f"## EMA over {e0['tensors']} tensors, {e0['elements'] / 1e6:.1f}M fp32 elements (median ms)", "",
-              "| variant | ms | GB/s | of copy | x loop |", "|---|---|---|---|---|"]
+              "| variant | ms | GB/s | of copy | x loop | CUDA graph ms | graph GB/s |", "|---|---|---|---|---|---|---|"]
     for r in report["ema"]:
+        g = "n/a | n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} | {r['graph_GBps']:.0f}"
         lines.append(f"| {r['variant']} | {r['ms']:.4f} | {r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | "
-                     f"{r['speedup_vs_loop']:.1f} |")
+                     f"{r['speedup_vs_loop']:.1f} | {g} |")
     return "\n".join(lines) + "\n"
 
 

@@ -209,6 +209,17 @@ def _tiny_byol(seed=0):
 
 
 def test_twenty_steps_fast_ops_match_references(kernels_path):
+    # on CUDA: deterministic cuDNN and no TF32, so only the ops under test differ between the two runs
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            _twenty_steps(kernels_path)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _twenty_steps(kernels_path):
     from fastbyol.optim import LARS
     from fastbyol.train import byol_step
 
