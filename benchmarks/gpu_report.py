@@ -180,7 +180,8 @@ def markdown(report: dict) -> str:
                      f"{r['speedup_vs_eager']:.2f} | {r['speedup_vs_compiled']:.2f} |")
     e0 = report["ema"][0]
     lines += ["", f"## EMA over {e0['tensors']} tensors, {e0['elements'] / 1e6:.1f}M fp32 elements (median ms)", "",
-              "| variant | ms | GB/s | of copy | x loop | CUDA graph ms | graph GB/s |", "|---|---|---|---|---|---|---|"]
+              "| variant | ms | GB/s | of copy | x loop | CUDA graph ms | graph GB/s |",
+              "|---|---|---|---|---|---|---|"]
     for r in report["ema"]:
         g = "n/a | n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} | {r['graph_GBps']:.0f}"
         lines.append(f"| {r['variant']} | {r['ms']:.4f} | {r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | "

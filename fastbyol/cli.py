@@ -25,6 +25,7 @@ _TRAIN_FLAGS = {
     ("run", "out"): "run directory (default: runs/<preset>-<UTC time>)",
     ("data", "image_size"): "side of each augmented view, px",
     ("data", "num_threads"): "DALI worker threads",
+    ("data", "crop_min_area"): "smallest random-resized-crop area, fraction of the image (official 0.08)",
     ("model", "arch"): "encoder: resnet18 | resnet34 | resnet50 | resnet-tiny",
     ("model", "stem"): "auto | imagenet | small | small-s2",
     ("optim", "base_lr"): "LARS lr = base_lr * batch_size / 256",
@@ -50,7 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="BYOL pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            description="BYOL pretraining; preset values are the defaults, any flag overrides them.")
     train.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
-    defaults = Config()
+    defaults = get_preset(DEFAULT_PRESET)
     for (section, field), text in _TRAIN_FLAGS.items():
         value = getattr(getattr(defaults, section), field)
         train.add_argument(_flag(field), dest=f"{section}.{field}", type=type(value), default=None,

@@ -18,6 +18,7 @@ class DataConfig:
     image_size: int = 28  # px, side of each augmented view
     batch_size: int = 128  # images a step over all ranks; each image gives two views
     num_threads: int = 2  # DALI worker threads
+    crop_min_area: float = 0.08  # smallest random-resized-crop area, fraction of the image (official 0.08)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 16  # passes over the training images
-    base_lr: float = 2.0  # LARS lr = base_lr * batch_size / 256
+    base_lr: float = 4.0  # LARS lr = base_lr * batch_size / 256
     warmup_epochs: float = 1.0  # linear warmup from 0, then cosine to 0
     weight_decay: float = 1e-6  # applied before the trust ratio; not to biases and BN
     momentum: float = 0.9
@@ -68,6 +69,7 @@ class Config:
             (self.optim.epochs > 0, f"--epochs must be > 0, got {self.optim.epochs}"),
             (self.data.image_size >= 8, f"--image-size must be >= 8, got {self.data.image_size}"),
             (self.data.num_threads > 0, f"--num-threads must be > 0, got {self.data.num_threads}"),
+            (0.0 < self.data.crop_min_area <= 1.0, f"--crop-min-area must be in (0, 1], got {self.data.crop_min_area}"),
             (self.optim.base_lr > 0, f"--base-lr must be > 0, got {self.optim.base_lr}"),
             (self.optim.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.optim.warmup_epochs}"),
             (0.0 <= self.optim.tau_base <= 1.0, f"--tau-base must be in [0, 1], got {self.optim.tau_base}"),
@@ -87,7 +89,7 @@ def _preset(name: str, data: dict, model: dict, optim: dict, summary: str) -> tu
 
 PRESETS: dict[str, tuple[Config, str]] = dict(
     [
-        ("fmnist-tiny", _preset("fmnist-tiny", {}, {}, {},
+        ("fmnist-tiny", _preset("fmnist-tiny", dict(crop_min_area=0.2), {}, {},
                                 "default: embedded Fashion-MNIST, tiny ResNet, 28 px, batch 128, 16 epochs; "
                                 "~4 min on 2 CPU cores")),
         ("stl10-resnet18", _preset(

@@ -27,7 +27,8 @@ NORM_EPS = 1e-12  # the floor of a row norm, as F.normalize uses: x / max(|x|, e
 def byol_loss_reference(p: torch.Tensor, z: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """Mean over rows of 2 - 2 cos(p_i, z_i); (B, D) inputs, z gets no gradient; fp32 (or fp64) math."""
     if p.ndim != 2 or p.shape != z.shape:
-        raise ValueError(f"byol_loss expects two (B, D) tensors of one shape, got {tuple(p.shape)} and {tuple(z.shape)}")
+        raise ValueError(f"byol_loss expects two (B, D) tensors of one shape, got {tuple(p.shape)} and "
+                         f"{tuple(z.shape)}")
     compute = torch.float64 if p.dtype == torch.float64 else torch.float32
     pf = p.to(compute)
     zf = z.detach().to(compute)

@@ -11,6 +11,7 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .augment import TwoViewLoader
+from .augment import VIEW1, VIEW2, TwoViewLoader
 from .checkpoint import atomic_write_json, save_checkpoint
 from .config import Config
 from .data import ImageDataset, resolve_dataset
@@ -101,8 +102,11 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     model = build_model(cfg, device)
+    crop = (cfg.data.crop_min_area, 1.0)
     loader = TwoViewLoader(dataset.train_images, cfg.data.batch_size, cfg.data.image_size, seed=cfg.run.seed,
-                           device="cuda" if device.type == "cuda" else "cpu", num_threads=cfg.data.num_threads)
+                           device="cuda" if device.type == "cuda" else "cpu", num_threads=cfg.data.num_threads,
+                           view1=dataclasses.replace(VIEW1, crop_area=crop),
+                           view2=dataclasses.replace(VIEW2, crop_area=crop))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fastbyol.reference import (byol_loss_and_grad_reference, byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_,
-                                lars_update_, lr_at, scaled_lr, tau_at)
+from fastbyol.reference import (byol_loss_and_grad_reference, byol_loss_reference, byol_loss_symmetric_reference,
+                                ema_update_reference_, lars_update_, lr_at, scaled_lr, tau_at)
 
 
 def test_loss_hand_values():
