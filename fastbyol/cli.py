@@ -18,7 +18,8 @@ from .errors import FastByolError
 
 # command-line flags generated from the config fields: (section, field) -> help
 _TRAIN_FLAGS = {
-    ("data", "data"): "dataset: 'embedded', 'fashion-mnist' or a dataset folder",
+    ("data", "data"): "dataset: 'embedded', 'fashion-mnist', a dataset folder or a .npy/.npz file",
+    ("data", "data_format"): "auto | idx | stl10 | cifar | numpy (auto: recognised from the files)",
     ("optim", "epochs"): "passes over the training images",
     ("data", "batch_size"): "images per step over all ranks (two views each)",
     ("run", "seed"): "random seed (weights, shuffling, augmentation)",

@@ -14,7 +14,8 @@ from .errors import FastByolError
 
 @dataclass
 class DataConfig:
-    data: str = "embedded"  # 'embedded', 'fashion-mnist' or a dataset folder
+    data: str = "embedded"  # 'embedded', 'fashion-mnist', a dataset folder or a .npy/.npz file
+    data_format: str = "auto"  # auto | idx | stl10 | cifar | numpy
     image_size: int = 28  # px, side of each augmented view
     batch_size: int = 128  # images a step over all ranks; each image gives two views
     num_threads: int = 2  # DALI worker threads

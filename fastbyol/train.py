@@ -90,10 +90,10 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
     """Run BYOL pretraining as `cfg` says; returns (run directory, summary). Bad settings raise FastByolError
     before anything is written."""
     cfg.validate()
-    dataset = resolve_dataset(cfg.data.data)
+    dataset = resolve_dataset(cfg.data.data, cfg.data.data_format)
     device = pick_device(cfg.run.device)
-    if cfg.data.batch_size > len(dataset.train_images):
-        raise FastByolError(f"--batch-size {cfg.data.batch_size} is larger than the {len(dataset.train_images)} "
+    if cfg.data.batch_size > len(dataset.pretraining_set):
+        raise FastByolError(f"--batch-size {cfg.data.batch_size} is larger than the {len(dataset.pretraining_set)} "
                             f"training images of {dataset.name}")
     run_dir = Path(cfg.run.out) if cfg.run.out else _default_run_dir(cfg)
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -103,7 +103,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
     np.random.seed(cfg.run.seed)
     model = build_model(cfg, device)
     crop = (cfg.data.crop_min_area, 1.0)
-    loader = TwoViewLoader(dataset.train_images, cfg.data.batch_size, cfg.data.image_size, seed=cfg.run.seed,
+    loader = TwoViewLoader(dataset.pretraining_set, cfg.data.batch_size, cfg.data.image_size, seed=cfg.run.seed,
                            device="cuda" if device.type == "cuda" else "cpu", num_threads=cfg.data.num_threads,
                            view1=dataclasses.replace(VIEW1, crop_area=crop),
                            view2=dataclasses.replace(VIEW2, crop_area=crop))

@@ -33,6 +33,11 @@ class ImageDataset:
     test_labels: np.ndarray | None  # (M,) int64
     num_classes: int
     origin: str  # where it was read from, for the logs
+    pretrain_images: np.ndarray | None = None  # when pretraining uses more than the labeled train split (STL10)
+
+    @property
+    def pretraining_set(self) -> np.ndarray:
+        return self.train_images if self.pretrain_images is None else self.pretrain_images
 
     @property
     def image_size(self) -> int:
@@ -41,7 +46,9 @@ class ImageDataset:
     def describe(self) -> str:
         n_test = 0 if self.test_images is None else len(self.test_images)
         h, w = self.train_images.shape[1:3]
-        return f"{self.name}: {len(self.train_images)} train / {n_test} test images, {h}x{w}, from {self.origin}"
+        extra = "" if self.pretrain_images is None else f" ({len(self.pretrain_images)} for pretraining)"
+        return (f"{self.name}: {len(self.train_images)} train{extra} / {n_test} test images, {h}x{w}, "
+                f"from {self.origin}")
 
 
 def embedded_dir() -> Path:
@@ -100,8 +107,36 @@ def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
                         str(folder))
 
 
-def resolve_dataset(spec: str) -> ImageDataset:
-    """Turn `--data` into a dataset, or raise FastByolError naming what is wrong."""
+FORMATS = ("auto", "idx", "stl10", "cifar", "numpy")
+
+
+def detect_format(path: Path) -> str:
+    """The dataset format of a path, from the files it holds; FastByolError when none fits."""
+    if path.is_file():
+        if path.suffix in (".npy", ".npz"):
+            return "numpy"
+        raise FastByolError(f"--data {path}: a single file must be .npy or .npz")
+    if not any(path.iterdir()):
+        raise FastByolError(f"--data {path}: the folder is empty")
+    if (path / "stl10_binary").is_dir() or (path / "train_X.bin").is_file():
+        return "stl10"
+    if (path / "data_batch_1").is_file() or ((path / "train").is_file() and (path / "test").is_file()):
+        return "cifar"
+    if any(path.glob("*-idx3-ubyte*")):
+        return "idx"
+    for sub in ("cifar-10-batches-py", "cifar-100-python"):
+        if (path / sub).is_dir():
+            raise FastByolError(f"--data {path}: point --data at {path / sub}")
+    raise FastByolError(f"--data {path}: no dataset format recognised (idx, STL10 binary, CIFAR pickles, "
+                        ".npy/.npz); --data-format names one")
+
+
+def resolve_dataset(spec: str, data_format: str = "auto") -> ImageDataset:
+    """Turn `--data` (and `--data-format`) into a dataset, or raise FastByolError naming what is wrong."""
+    from .readers import load_cifar, load_numpy, load_stl10
+
+    if data_format not in FORMATS:
+        raise FastByolError(f"--data-format {data_format!r} is not one of {FORMATS}")
     if spec == "embedded":
         return load_embedded()
     if spec == "fashion-mnist":
@@ -111,11 +146,7 @@ def resolve_dataset(spec: str) -> ImageDataset:
     path = Path(spec).expanduser()
     if not path.exists():
         raise FastByolError(f"--data {spec}: no such file or folder (or use 'embedded' or 'fashion-mnist')")
-    if path.is_dir():
-        if not any(path.iterdir()):
-            raise FastByolError(f"--data {spec}: the folder is empty")
-        if any(path.glob("*-idx3-ubyte*")):
-            return load_idx_folder(path, name=path.name or "idx")
-        raise FastByolError(f"--data {spec}: no dataset format recognised (expected the four idx files of "
-                            "Fashion-MNIST/MNIST)")
-    raise FastByolError(f"--data {spec}: a single file is not a dataset this version reads (give its folder)")
+    fmt = detect_format(path) if data_format == "auto" else data_format
+    loaders = {"idx": lambda: load_idx_folder(path, name=path.name or "idx"), "stl10": lambda: load_stl10(path),
+               "cifar": lambda: load_cifar(path), "numpy": lambda: load_numpy(path)}
+    return loaders[fmt]()

@@ -1,0 +1,167 @@
+"""Readers of the binary dataset formats that decode to uint8 arrays: STL10, CIFAR-10/100 pickles, numpy.
+
+Each returns an ImageDataset (uint8 NHWC RGB, labels int64) or raises FastByolError naming the bad file.
+- STL10 (`stl10_binary/`): `*_X.bin` = N x 3 x 96 x 96 uint8, each channel stored column-major; `*_y.bin` = N uint8
+  labels 1..10. Pretraining uses unlabeled + train (105,000 images); kNN uses train (bank) and test (queries).
+- CIFAR-10 (`cifar-10-batches-py/`: data_batch_1..5, test_batch) and CIFAR-100 (`cifar-100-python/`: train, test):
+  python pickles with b"data" (N x 3072, R then G then B planes of 32 x 32) and b"labels" / b"fine_labels".
+- numpy: `.npy` (N, H, W, 3) uint8, unlabeled; `.npz` with train_images[, train_labels, test_images, test_labels]
+  (or images[, labels]); or arrays in memory through `dataset_from_arrays`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FastByolError
+
+STL10_SIDE = 96
+STL10_BYTES = 3 * STL10_SIDE * STL10_SIDE
+
+
+def _dataset(*args, **kwargs):
+    from . import ImageDataset
+
+    return ImageDataset(*args, **kwargs)
+
+
+def _check_images(images: np.ndarray, where: str) -> np.ndarray:
+    if images.ndim == 3:  # (N, H, W) gray
+        images = np.repeat(images[..., None], 3, axis=3)
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise FastByolError(f"{where}: expected (N, H, W, 3) images, got shape {images.shape}")
+    if images.shape[3] == 1:
+        images = np.repeat(images, 3, axis=3)
+    if images.dtype != np.uint8:
+        raise FastByolError(f"{where}: expected uint8 pixels, got {images.dtype}")
+    if len(images) == 0:
+        raise FastByolError(f"{where}: holds no images")
+    return np.ascontiguousarray(images)
+
+
+def _check_labels(labels, n: int, where: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != n or not np.issubdtype(labels.dtype, np.integer):
+        raise FastByolError(f"{where}: expected {n} integer labels, got {labels.dtype} {labels.shape}")
+    if labels.min() < 0:
+        raise FastByolError(f"{where}: labels must be >= 0")
+    return labels.astype(np.int64)
+
+
+def dataset_from_arrays(train_images: np.ndarray, train_labels=None, test_images=None, test_labels=None,
+                        name: str = "arrays", origin: str = "memory"):
+    """An ImageDataset from in-memory arrays: (N, H, W[, 3]) uint8 images, optional labels and test split."""
+    train_images = _check_images(np.asarray(train_images), f"{origin}: train images")
+    if train_labels is not None:
+        train_labels = _check_labels(train_labels, len(train_images), f"{origin}: train labels")
+    if test_images is not None:
+        test_images = _check_images(np.asarray(test_images), f"{origin}: test images")
+        if test_images.shape[1:] != train_images.shape[1:]:
+            raise FastByolError(f"{origin}: test images {test_images.shape[1:]} differ from train "
+                                f"{train_images.shape[1:]}")
+    if test_labels is not None:
+        if test_images is None:
+            raise FastByolError(f"{origin}: test labels without test images")
+        test_labels = _check_labels(test_labels, len(test_images), f"{origin}: test labels")
+    labeled = train_labels is not None and test_labels is not None
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if labeled else 0
+    return _dataset(name, train_images, train_labels, test_images, test_labels, num_classes, origin)
+
+
+# ------------------------------------------------------------------------------------------------------------ STL10
+def _stl10_images(path: Path) -> np.ndarray:
+    size = path.stat().st_size
+    if size == 0 or size % STL10_BYTES:
+        raise FastByolError(f"{path}: {size} bytes is not a whole number of 96x96x3 STL10 images "
+                            f"({STL10_BYTES} bytes each)")
+    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, 3, STL10_SIDE, STL10_SIDE)
+    return np.ascontiguousarray(raw.transpose(0, 3, 2, 1))  # column-major planes -> (N, H, W, 3)
+
+
+def _stl10_labels(path: Path, n: int) -> np.ndarray:
+    labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
+    if len(labels) != n:
+        raise FastByolError(f"{path}: {len(labels)} labels for {n} images")
+    if labels.min() < 1 or labels.max() > 10:
+        raise FastByolError(f"{path}: STL10 labels must be 1..10")
+    return labels - 1
+
+
+def load_stl10(folder: Path):
+    folder = folder / "stl10_binary" if (folder / "stl10_binary").is_dir() else folder
+    need = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
+    missing = [n for n in need if not (folder / n).is_file()]
+    if missing:
+        raise FastByolError(f"{folder}: STL10 needs {', '.join(missing)}")
+    train_x, test_x = _stl10_images(folder / "train_X.bin"), _stl10_images(folder / "test_X.bin")
+    train_y = _stl10_labels(folder / "train_y.bin", len(train_x))
+    test_y = _stl10_labels(folder / "test_y.bin", len(test_x))
+    pretrain = train_x
+    if (folder / "unlabeled_X.bin").is_file():
+        pretrain = np.concatenate([_stl10_images(folder / "unlabeled_X.bin"), train_x])
+    ds = _dataset("stl10", train_x, train_y, test_x, test_y, 10, str(folder))
+    ds.pretrain_images = pretrain
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------------------ CIFAR
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except Exception as e:  # truncated or not a pickle
+        raise FastByolError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or b"data" not in obj:
+        raise FastByolError(f"{path}: not a CIFAR batch (no b'data' entry)")
+    return obj
+
+
+def _cifar_arrays(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path)
+    data = np.asarray(batch[b"data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise FastByolError(f"{path}: CIFAR data must be N x 3072 uint8, got {data.dtype} {data.shape}")
+    if label_key not in batch or len(batch[label_key]) != len(data):
+        raise FastByolError(f"{path}: {label_key.decode()} missing or not one per image")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), np.asarray(batch[label_key], dtype=np.int64)
+
+
+def load_cifar(folder: Path):
+    """CIFAR-10 (data_batch_*, test_batch) or CIFAR-100 (train, test) pickles in `folder`."""
+    if (folder / "data_batch_1").is_file():
+        batches = sorted(folder.glob("data_batch_*"))
+        parts = [_cifar_arrays(p, b"labels") for p in batches]
+        if not (folder / "test_batch").is_file():
+            raise FastByolError(f"{folder}: CIFAR-10 needs test_batch")
+        test_x, test_y = _cifar_arrays(folder / "test_batch", b"labels")
+        train_x = np.concatenate([p[0] for p in parts])
+        train_y = np.concatenate([p[1] for p in parts])
+        return _dataset("cifar10", train_x, train_y, test_x, test_y, 10, str(folder))
+    if (folder / "train").is_file() and (folder / "test").is_file():
+        train_x, train_y = _cifar_arrays(folder / "train", b"fine_labels")
+        test_x, test_y = _cifar_arrays(folder / "test", b"fine_labels")
+        return _dataset("cifar100", train_x, train_y, test_x, test_y, 100, str(folder))
+    raise FastByolError(f"{folder}: no CIFAR-10 (data_batch_1, test_batch) or CIFAR-100 (train, test) files")
+
+
+# ------------------------------------------------------------------------------------------------------------ numpy
+def load_numpy(path: Path):
+    try:
+        obj = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise FastByolError(f"{path}: not a readable numpy file ({type(e).__name__}: {e})") from None
+    if isinstance(obj, np.ndarray):
+        return dataset_from_arrays(obj, name=path.stem, origin=str(path))
+    keys = set(obj.files)
+    if "train_images" in keys:
+        get = lambda k: obj[k] if k in keys else None  # noqa: E731
+        return dataset_from_arrays(obj["train_images"], get("train_labels"), get("test_images"), get("test_labels"),
+                                   name=path.stem, origin=str(path))
+    if "images" in keys:
+        return dataset_from_arrays(obj["images"], obj["labels"] if "labels" in keys else None, name=path.stem,
+                                   origin=str(path))
+    raise FastByolError(f"{path}: an .npz needs 'train_images' (or 'images'); it has {sorted(keys)}")
