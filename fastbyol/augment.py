@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,13 +73,18 @@ VIEW1 = ViewSpec(blur_p=1.0, solarize_p=0.0)
 VIEW2 = ViewSpec(blur_p=0.1, solarize_p=0.2)
 
 
-def _augment(images, spec: ViewSpec, size: int, mean: tuple, std: tuple, dtype):
-    """DALI graph of one view; `images` are uint8 HWC on the pipeline's device. Runs with conditionals enabled."""
+def _augment(images, spec: ViewSpec, size: int, mean: tuple, std: tuple, dtype, cropped: bool = False):
+    """DALI graph of one view; `images` are uint8 HWC on the pipeline's device. Runs with conditionals enabled.
+
+    cropped: the random crop was already taken while decoding (GPU path): only resize to size x size."""
     from nvidia.dali import fn, types
 
     u8 = types.UINT8
-    x = fn.random_resized_crop(images, size=(size, size), random_area=list(spec.crop_area),
-                               random_aspect_ratio=list(spec.crop_aspect), interp_type=types.INTERP_CUBIC)
+    if cropped:
+        x = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC)
+    else:
+        x = fn.random_resized_crop(images, size=(size, size), random_area=list(spec.crop_area),
+                                   random_aspect_ratio=list(spec.crop_aspect), interp_type=types.INTERP_CUBIC)
     x = fn.flip(x, horizontal=fn.random.coin_flip(probability=spec.flip_p, dtype=types.INT32))
     if fn.random.coin_flip(probability=spec.jitter_p, dtype=types.BOOL):
         center = fn.reductions.mean(x)  # per-sample scalar: see the module docstring
@@ -148,12 +154,15 @@ def dali_available() -> bool:
 class TwoViewLoader:
     """Iterate epochs of (view1, view2): each (B, 3, S, S) channels_last, normalized, fp16, on `device`.
 
-    device "cpu" runs DALI with device_id=None; "cuda" runs every augmentation op on the current GPU.
+    source: a uint8 (N, H, W, 3) array (fed by external_source), or a FileList of JPEG/PNG files (read by
+    readers.file, reshuffled every epoch). device "cpu" runs DALI with device_id=None; "cuda" decodes on the GPU
+    (the "mixed" decoder, taking each view's random crop during the decode: only the crop's pixels are decoded)
+    and runs every augmentation op there.
     """
 
     def __init__(
         self,
-        images: np.ndarray,
+        images,
         batch_size: int,
         image_size: int,
         seed: int = 0,
@@ -169,14 +178,22 @@ class TwoViewLoader:
     ):
         if not dali_available():
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
-        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-            raise FastByolError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
         view1.validate("view1")
         view2.validate("view2")
-        self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards, start_epoch)
-        if self.source.steps_per_epoch == 0:
-            raise FastByolError(f"batch size {batch_size} is larger than the {self.source.per_shard} images of "
+        self.files = getattr(images, "files", None)
+        if self.files is not None:
+            self.source = None
+            per_shard = len(self.files) // num_shards
+            self._steps = per_shard // batch_size
+        else:
+            if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+                raise FastByolError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+            self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards, start_epoch)
+            per_shard, self._steps = self.source.per_shard, self.source.steps_per_epoch
+        if self._steps == 0:
+            raise FastByolError(f"batch size {batch_size} is larger than the {per_shard} images of "
                                 "this shard: lower --batch-size")
+        self.shard_id, self.num_shards = shard_id, num_shards
         self.batch_size = batch_size
         self.device = device
         self._pipe = self._build(images, image_size, seed + shard_id, device, num_threads, view1, view2, mean, std)
@@ -184,7 +201,7 @@ class TwoViewLoader:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.source.steps_per_epoch
+        return self._steps
 
     def _build(self, images, size, seed, device, num_threads, view1, view2, mean, std):
         from nvidia.dali import fn, pipeline_def, types
@@ -192,11 +209,26 @@ class TwoViewLoader:
         on_gpu = device.startswith("cuda")
         device_id = torch.cuda.current_device() if on_gpu else None
 
+        files = self.files
+
         @pipeline_def(enable_conditionals=True)
         def byol_two_views():
-            raw = fn.external_source(source=self.source, batch=True, batch_info=True, layout="HWC",
-                                     dtype=types.UINT8, no_copy=False)
-            x = raw.gpu() if on_gpu else raw
+            if files is not None:
+                encoded, _ = fn.readers.file(files=files, shard_id=self.shard_id, num_shards=self.num_shards,
+                                             shuffle_after_epoch=True, name="reader")
+                if on_gpu:  # each view decodes only its own random crop
+                    views = []
+                    for spec in (view1, view2):
+                        x = fn.decoders.image_random_crop(encoded, device="mixed", output_type=types.RGB,
+                                                          random_area=list(spec.crop_area),
+                                                          random_aspect_ratio=list(spec.crop_aspect))
+                        views.append(_augment(x, spec, size, mean, std, types.FLOAT16, cropped=True))
+                    return tuple(views)
+                x = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+            else:
+                raw = fn.external_source(source=self.source, batch=True, batch_info=True, layout="HWC",
+                                         dtype=types.UINT8, no_copy=False)
+                x = raw.gpu() if on_gpu else raw
             return (_augment(x, view1, size, mean, std, types.FLOAT16),
                     _augment(x, view2, size, mean, std, types.FLOAT16))
 
@@ -207,12 +239,21 @@ class TwoViewLoader:
 
     def epoch(self):
         """Yield this epoch's steps_per_epoch batches of (view1, view2)."""
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         if not hasattr(self, "_iter"):
-            self._iter = DALIGenericIterator(self._pipe, ["view1", "view2"], size=-1, auto_reset=True)
-        for batch in self._iter:
-            v1, v2 = batch[0]["view1"], batch[0]["view2"]
-            # (B, S, S, 3) NHWC -> (B, 3, S, S): the permuted view is already channels_last, no copy
-            yield v1.permute(0, 3, 1, 2), v2.permute(0, 3, 1, 2)
+            if self.files is not None:  # the reader knows the epoch: the last partial batch is dropped
+                self._iter = DALIGenericIterator(self._pipe, ["view1", "view2"], reader_name="reader",
+                                                 last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+            else:
+                self._iter = DALIGenericIterator(self._pipe, ["view1", "view2"], size=-1, auto_reset=True)
+        try:
+            for batch in self._iter:
+                v1, v2 = batch[0]["view1"], batch[0]["view2"]
+                # (B, S, S, 3) NHWC -> (B, 3, S, S): the permuted view is already channels_last, no copy
+                yield v1.permute(0, 3, 1, 2), v2.permute(0, 3, 1, 2)
+        except RuntimeError as e:  # a file that passed the header checks but does not decode
+            where = f" of {len(self.files)} files under {Path(self.files[0]).parent.parent}" if self.files else ""
+            raise FastByolError(f"DALI failed on a batch{where}: {str(e).splitlines()[0]}") from None
         self._epoch += 1

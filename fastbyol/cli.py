@@ -19,13 +19,14 @@ from .errors import FastByolError
 # command-line flags generated from the config fields: (section, field) -> help
 _TRAIN_FLAGS = {
     ("data", "data"): "dataset: 'embedded', 'fashion-mnist', a dataset folder or a .npy/.npz file",
-    ("data", "data_format"): "auto | idx | stl10 | cifar | numpy (auto: recognised from the files)",
+    ("data", "data_format"): "auto | idx | stl10 | cifar | numpy | folder (auto: recognised from the files)",
     ("optim", "epochs"): "passes over the training images",
     ("data", "batch_size"): "images per step over all ranks (two views each)",
     ("run", "seed"): "random seed (weights, shuffling, augmentation)",
     ("run", "out"): "run directory (default: runs/<preset>-<UTC time>)",
     ("data", "image_size"): "side of each augmented view, px",
     ("data", "num_threads"): "DALI worker threads",
+    ("data", "skip_bad_files"): "leave out and count truncated or non-image files instead of stopping",
     ("data", "crop_min_area"): "smallest random-resized-crop area, fraction of the image (official 0.08)",
     ("model", "arch"): "encoder: resnet18 | resnet34 | resnet50 | resnet-tiny",
     ("model", "stem"): "auto | imagenet | small | small-s2",
@@ -55,6 +56,10 @@ def _build_parser() -> argparse.ArgumentParser:
     defaults = get_preset(DEFAULT_PRESET)
     for (section, field), text in _TRAIN_FLAGS.items():
         value = getattr(getattr(defaults, section), field)
+        if isinstance(value, bool):
+            train.add_argument(_flag(field), dest=f"{section}.{field}", action="store_true", default=None,
+                               help=text)
+            continue
         train.add_argument(_flag(field), dest=f"{section}.{field}", type=type(value), default=None,
                            help=f"{text} (preset {DEFAULT_PRESET}: {value!r})")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -15,10 +15,11 @@ from .errors import FastByolError
 @dataclass
 class DataConfig:
     data: str = "embedded"  # 'embedded', 'fashion-mnist', a dataset folder or a .npy/.npz file
-    data_format: str = "auto"  # auto | idx | stl10 | cifar | numpy
+    data_format: str = "auto"  # auto | idx | stl10 | cifar | numpy | folder
     image_size: int = 28  # px, side of each augmented view
     batch_size: int = 128  # images a step over all ranks; each image gives two views
     num_threads: int = 2  # DALI worker threads
+    skip_bad_files: bool = False  # leave out (and count) truncated or non-image files instead of stopping
     crop_min_area: float = 0.08  # smallest random-resized-crop area, fraction of the image (official 0.08)
 
 

@@ -90,10 +90,11 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
     """Run BYOL pretraining as `cfg` says; returns (run directory, summary). Bad settings raise FastByolError
     before anything is written."""
     cfg.validate()
-    dataset = resolve_dataset(cfg.data.data, cfg.data.data_format)
+    dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
+                              cfg.run.seed)
     device = pick_device(cfg.run.device)
-    if cfg.data.batch_size > len(dataset.pretraining_set):
-        raise FastByolError(f"--batch-size {cfg.data.batch_size} is larger than the {len(dataset.pretraining_set)} "
+    if cfg.data.batch_size > dataset.num_pretraining:
+        raise FastByolError(f"--batch-size {cfg.data.batch_size} is larger than the {dataset.num_pretraining} "
                             f"training images of {dataset.name}")
     run_dir = Path(cfg.run.out) if cfg.run.out else _default_run_dir(cfg)
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -103,7 +104,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
     np.random.seed(cfg.run.seed)
     model = build_model(cfg, device)
     crop = (cfg.data.crop_min_area, 1.0)
-    loader = TwoViewLoader(dataset.pretraining_set, cfg.data.batch_size, cfg.data.image_size, seed=cfg.run.seed,
+    loader = TwoViewLoader(dataset.pretraining_source, cfg.data.batch_size, cfg.data.image_size, seed=cfg.run.seed,
                            device="cuda" if device.type == "cuda" else "cpu", num_threads=cfg.data.num_threads,
                            view1=dataclasses.replace(VIEW1, crop_area=crop),
                            view2=dataclasses.replace(VIEW2, crop_area=crop))
@@ -111,6 +112,8 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
     log(f"fastbyol {__version__}: {dataset.describe()}")
+    if dataset.skipped_files:
+        log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
     log(f"run directory {run_dir}; device {device}; kernels {kernel_path(device)}; "
         f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters")
 
@@ -180,6 +183,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
         steps=step,
         batch_size=cfg.data.batch_size,
         dataset=dataset.describe(),
+        skipped_files=dataset.skipped_files,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
                                                                                   "threads)",
         kernels=kernel_path(device),

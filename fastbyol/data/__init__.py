@@ -34,6 +34,17 @@ class ImageDataset:
     num_classes: int
     origin: str  # where it was read from, for the logs
     pretrain_images: np.ndarray | None = None  # when pretraining uses more than the labeled train split (STL10)
+    pretrain_files: object = None  # folders.FileList: encoded files the training pipeline decodes
+    skipped_files: int = 0  # bad files left out under --skip-bad-files
+
+    @property
+    def pretraining_source(self):
+        """What the two-view loader reads: a FileList of encoded images, or a uint8 NHWC array."""
+        return self.pretrain_files if self.pretrain_files is not None else self.pretraining_set
+
+    @property
+    def num_pretraining(self) -> int:
+        return len(self.pretrain_files.files) if self.pretrain_files is not None else len(self.pretraining_set)
 
     @property
     def pretraining_set(self) -> np.ndarray:
@@ -107,7 +118,7 @@ def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
                         str(folder))
 
 
-FORMATS = ("auto", "idx", "stl10", "cifar", "numpy")
+FORMATS = ("auto", "idx", "stl10", "cifar", "numpy", "folder")
 
 
 def detect_format(path: Path) -> str:
@@ -124,21 +135,31 @@ def detect_format(path: Path) -> str:
         return "cifar"
     if any(path.glob("*-idx3-ubyte*")):
         return "idx"
+    from .folders import is_image_folder
+
+    if is_image_folder(path):
+        return "folder"
     for sub in ("cifar-10-batches-py", "cifar-100-python"):
         if (path / sub).is_dir():
             raise FastByolError(f"--data {path}: point --data at {path / sub}")
     raise FastByolError(f"--data {path}: no dataset format recognised (idx, STL10 binary, CIFAR pickles, "
-                        ".npy/.npz); --data-format names one")
+                        ".npy/.npz, JPEG/PNG folders); --data-format names one")
 
 
-def resolve_dataset(spec: str, data_format: str = "auto") -> ImageDataset:
-    """Turn `--data` (and `--data-format`) into a dataset, or raise FastByolError naming what is wrong."""
+def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, skip_bad_files: bool = False,
+                    seed: int = 0) -> ImageDataset:
+    """Turn `--data` (and `--data-format`) into a dataset, or raise FastByolError naming what is wrong.
+
+    image_size is the side at which image folders are decoded for the kNN monitor."""
+    from .folders import load_image_folder, synthetic_folder
     from .readers import load_cifar, load_numpy, load_stl10
 
     if data_format not in FORMATS:
         raise FastByolError(f"--data-format {data_format!r} is not one of {FORMATS}")
     if spec == "embedded":
         return load_embedded()
+    if spec == "synthetic":  # random JPEGs in a temporary folder: benchmarks and smoke runs
+        return load_image_folder(synthetic_folder(), image_size, seed=seed)
     if spec == "fashion-mnist":
         if _find_idx(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte") is not None:
             return load_idx_folder(DEBIAN_FASHION_MNIST)
@@ -148,5 +169,6 @@ def resolve_dataset(spec: str, data_format: str = "auto") -> ImageDataset:
         raise FastByolError(f"--data {spec}: no such file or folder (or use 'embedded' or 'fashion-mnist')")
     fmt = detect_format(path) if data_format == "auto" else data_format
     loaders = {"idx": lambda: load_idx_folder(path, name=path.name or "idx"), "stl10": lambda: load_stl10(path),
-               "cifar": lambda: load_cifar(path), "numpy": lambda: load_numpy(path)}
+               "cifar": lambda: load_cifar(path), "numpy": lambda: load_numpy(path),
+               "folder": lambda: load_image_folder(path, image_size, skip_bad_files, seed=seed)}
     return loaders[fmt]()
