@@ -107,7 +107,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
     loader = TwoViewLoader(dataset.pretraining_source, cfg.data.batch_size, cfg.data.image_size, seed=cfg.run.seed,
                            device="cuda" if device.type == "cuda" else "cpu", num_threads=cfg.data.num_threads,
                            view1=dataclasses.replace(VIEW1, crop_area=crop),
-                           view2=dataclasses.replace(VIEW2, crop_area=crop))
+                           view2=dataclasses.replace(VIEW2, crop_area=crop), gray_input=dataset.gray)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())

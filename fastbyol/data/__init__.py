@@ -36,6 +36,7 @@ class ImageDataset:
     pretrain_images: np.ndarray | None = None  # when pretraining uses more than the labeled train split (STL10)
     pretrain_files: object = None  # folders.FileList: encoded files the training pipeline decodes
     skipped_files: int = 0  # bad files left out under --skip-bad-files
+    gray: bool = False  # every image has R = G = B (Fashion-MNIST, MNIST)
 
     @property
     def pretraining_source(self):
@@ -95,7 +96,7 @@ def load_embedded() -> ImageDataset:
     test_mask = np.arange(len(images)) % 5 == 0  # every 5th image held out: 8,000 / 2,000, classes balanced
     rgb = _gray_to_rgb(images)
     return ImageDataset("fashion-mnist-embedded", rgb[~test_mask], labels[~test_mask], rgb[test_mask],
-                        labels[test_mask], 10, f"{folder} (Fashion-MNIST test split, MIT licence)")
+                        labels[test_mask], 10, f"{folder} (Fashion-MNIST test split, MIT licence)", gray=True)
 
 
 def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
@@ -115,7 +116,7 @@ def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
         out[split] = (_gray_to_rgb(images), labels)
     num_classes = int(max(out["train"][1].max(), out["t10k"][1].max())) + 1
     return ImageDataset(name, out["train"][0], out["train"][1], out["t10k"][0], out["t10k"][1], num_classes,
-                        str(folder))
+                        str(folder), gray=True)
 
 
 FORMATS = ("auto", "idx", "stl10", "cifar", "numpy", "folder")
