@@ -20,7 +20,6 @@ Deviations left, and why:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
