@@ -366,27 +366,36 @@ class TwoViewLoader:
             return (_augment(x, view1, size, mean, std, types.FLOAT16, gray_input=self.gray_input),
                     _augment(x, view2, size, mean, std, types.FLOAT16, gray_input=self.gray_input))
 
+        # exec_dynamic: outputs are reference-counted, so torch can hold DLPack views of them (no copy)
         pipe = byol_two_views(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                              prefetch_queue_depth=2)
+                              prefetch_queue_depth=2, exec_dynamic=True)
         pipe.build()
         return pipe
 
-    def epoch(self):
-        """Yield this epoch's steps_per_epoch batches of (view1, view2)."""
-        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    def _views(self, outputs):
+        """DALI outputs -> two torch tensors without a copy: DLPack views of (B, S, S, 3), seen as (B, 3, S, S)."""
+        self.last_outputs = outputs  # kept for tests that check the data pointers
+        v1, v2 = (torch.from_dlpack(o.as_tensor()) for o in outputs)
+        # (B, S, S, 3) NHWC -> (B, 3, S, S): the permuted view is already channels_last
+        return v1.permute(0, 3, 1, 2), v2.permute(0, 3, 1, 2)
 
-        if not hasattr(self, "_iter"):
-            if self.files is not None:  # the reader knows the epoch: the last partial batch is dropped
-                self._iter = DALIGenericIterator(self._pipe, ["view1", "view2"], reader_name="reader",
-                                                 last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
-            else:
-                self._iter = DALIGenericIterator(self._pipe, ["view1", "view2"], size=-1, auto_reset=True)
+    def epoch(self):
+        """Yield this epoch's steps_per_epoch batches of (view1, view2).
+
+        Arrays: one shuffled pass, the last partial batch dropped. Files: steps_per_epoch batches of the reader's
+        stream, which reshuffles after each of its own passes, so every image is read once per N images."""
         try:
-            for batch in self._iter:
-                v1, v2 = batch[0]["view1"], batch[0]["view2"]
-                # (B, S, S, 3) NHWC -> (B, 3, S, S): the permuted view is already channels_last, no copy
-                yield v1.permute(0, 3, 1, 2), v2.permute(0, 3, 1, 2)
+            if self.files is not None:
+                for _ in range(self._steps):
+                    yield self._views(self._pipe.run())
+            else:
+                while True:
+                    try:
+                        outputs = self._pipe.run()
+                    except StopIteration:  # the external source ended the epoch
+                        self._pipe.reset()
+                        break
+                    yield self._views(outputs)
         except RuntimeError as e:  # a file that passed the header checks but does not decode
             where = f" of {len(self.files)} files under {Path(self.files[0]).parent.parent}" if self.files else ""
             raise FastByolError(f"DALI failed on a batch{where}: {str(e).splitlines()[0]}") from None

@@ -65,6 +65,21 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    bench = sub.add_parser("bench", help="measure one part of the system")
+    bench_sub = bench.add_subparsers(dest="bench_target", metavar="TARGET")
+    bench_sub.required = True
+    aug = bench_sub.add_parser("augment", help="two-view samples/s of the DALI augmentation pipeline",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    aug.add_argument("--size", type=int, default=224, help="view side, px")
+    aug.add_argument("--batch", type=int, default=256, help="images per batch")
+    aug.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="where DALI runs")
+    aug.add_argument("--source", default="arrays", choices=["arrays", "jpeg"],
+                     help="uint8 arrays in memory, or synthetic JPEG files decoded by DALI")
+    aug.add_argument("--steps", type=int, default=20, help="timed batches (after 3 warm-up batches)")
+    aug.add_argument("--threads", type=int, default=None, help="DALI threads (default: min(8, cores))")
+    aug.add_argument("--json", action="store_true", help="print one JSON object")
+    aug.add_argument("--debug", action="store_true", help="show tracebacks")
+
     presets = sub.add_parser("presets", help="list the presets with their key settings")
     presets.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -93,6 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "presets":
             _print_presets()
+            return 0
+        if args.command == "bench":
+            import json
+
+            from .bench import bench_augment
+
+            r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads)
+            if args.json:
+                print(json.dumps(r))
+            else:
+                print(f"augment {r['source']} -> {r['size']} px, batch {r['batch']}, {r['device']} "
+                      f"({r['threads']} threads): {r['samples_per_s']:.0f} two-view samples/s")
             return 0
         if args.command == "train":
             from .train import train

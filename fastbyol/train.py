@@ -11,10 +11,12 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -73,6 +75,16 @@ def evaluate_knn(model: BYOL, dataset: ImageDataset, cfg: Config, device: torch.
                     dataset.test_labels, dataset.num_classes, cfg.run.knn_k, cfg.run.knn_temperature, device)
 
 
+@contextlib.contextmanager
+def _removed_on_error(run_dir: Path):
+    """Remove the run directory (new or empty when the run began) if the run stops on a FastByolError."""
+    try:
+        yield
+    except FastByolError:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def byol_step(model: BYOL, optimizer: LARS, target_params: list, online_params: list, v1: torch.Tensor,
               v2: torch.Tensor, lr: float, tau: float) -> torch.Tensor:
     """One BYOL step; returns the loss as a device tensor (no host sync)."""
@@ -109,92 +121,93 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
                            view1=dataclasses.replace(VIEW1, crop_area=crop),
                            view2=dataclasses.replace(VIEW2, crop_area=crop), gray_input=dataset.gray)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    log(f"fastbyol {__version__}: {dataset.describe()}")
-    if dataset.skipped_files:
-        log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
-    log(f"run directory {run_dir}; device {device}; kernels {kernel_path(device)}; "
-        f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters")
+    with _removed_on_error(run_dir):  # bad data found mid-run: no half-written run directory is left
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+        log(f"fastbyol {__version__}: {dataset.describe()}")
+        if dataset.skipped_files:
+            log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
+        log(f"run directory {run_dir}; device {device}; kernels {kernel_path(device)}; "
+            f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters")
 
-    knn_random = evaluate_knn(model, dataset, cfg, device)
-    if knn_random is not None:
-        log(f"kNN top-1 of the random-init encoder: {knn_random:.2f}%")
+        knn_random = evaluate_knn(model, dataset, cfg, device)
+        if knn_random is not None:
+            log(f"kNN top-1 of the random-init encoder: {knn_random:.2f}%")
 
-    steps_per_epoch = loader.steps_per_epoch
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    peak_lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size)
-    optimizer = LARS(model.online_parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
-                     momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
-    target_params, online_params = model.ema_pairs()
-    input_dtype = torch.float32  # CPU math in fp32; the throughput issue adds bf16 autocast on CUDA
+        steps_per_epoch = loader.steps_per_epoch
+        total_steps = cfg.optim.epochs * steps_per_epoch
+        warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+        peak_lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size)
+        optimizer = LARS(model.online_parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
+                         momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
+        target_params, online_params = model.ema_pairs()
+        input_dtype = torch.float32  # CPU math in fp32; the throughput issue adds bf16 autocast on CUDA
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while running
-    from tqdm import tqdm
+        metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while running
+        from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0,
-               file=sys.stderr)
-    step, images_seen, train_seconds = 0, 0, 0.0
-    loss_sum = torch.zeros((), device=device)
-    last_loss = float("nan")
-    t_log, images_at_log = time.perf_counter(), 0
-    for epoch in range(cfg.optim.epochs):
-        t_epoch = time.perf_counter()
-        for v1, v2 in loader.epoch():
-            # (B, 3, S, S) channels_last views, one per augmentation spec
-            v1 = v1.to(device=device, dtype=input_dtype, non_blocking=True)
-            v2 = v2.to(device=device, dtype=input_dtype, non_blocking=True)
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr)
-            tau = tau_at(step, total_steps, cfg.optim.tau_base)
-            loss_sum += byol_step(model, optimizer, target_params, online_params, v1, v2, lr, tau)
-            step += 1
-            images_seen += v1.shape[0]
-            bar.update(1)
-            if step % cfg.run.log_every == 0 or step == total_steps:
-                # sync: the mean loss since the last log point to the host, every log_every steps
-                n = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
-                last_loss = loss_sum.item() / n
-                loss_sum.zero_()
-                now = time.perf_counter()
-                img_s = (images_seen - images_at_log) / max(now - t_log, 1e-9)
-                t_log, images_at_log = now, images_seen
-                if not math.isfinite(last_loss):
-                    raise FastByolError(f"loss became {last_loss} at step {step}: lower --base-lr")
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{img_s:.0f}")
-                metrics_file.write(json.dumps(dict(step=step, epoch=epoch, loss=last_loss, lr=lr, tau=tau,
-                                                   img_per_s=img_s)) + "\n")
-        train_seconds += time.perf_counter() - t_epoch
-    bar.close()
-    metrics_file.close()
+        bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0,
+                   file=sys.stderr)
+        step, images_seen, train_seconds = 0, 0, 0.0
+        loss_sum = torch.zeros((), device=device)
+        last_loss = float("nan")
+        t_log, images_at_log = time.perf_counter(), 0
+        for epoch in range(cfg.optim.epochs):
+            t_epoch = time.perf_counter()
+            for v1, v2 in loader.epoch():
+                # (B, 3, S, S) channels_last views, one per augmentation spec
+                v1 = v1.to(device=device, dtype=input_dtype, non_blocking=True)
+                v2 = v2.to(device=device, dtype=input_dtype, non_blocking=True)
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+                tau = tau_at(step, total_steps, cfg.optim.tau_base)
+                loss_sum += byol_step(model, optimizer, target_params, online_params, v1, v2, lr, tau)
+                step += 1
+                images_seen += v1.shape[0]
+                bar.update(1)
+                if step % cfg.run.log_every == 0 or step == total_steps:
+                    # sync: the mean loss since the last log point to the host, every log_every steps
+                    n = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
+                    last_loss = loss_sum.item() / n
+                    loss_sum.zero_()
+                    now = time.perf_counter()
+                    img_s = (images_seen - images_at_log) / max(now - t_log, 1e-9)
+                    t_log, images_at_log = now, images_seen
+                    if not math.isfinite(last_loss):
+                        raise FastByolError(f"loss became {last_loss} at step {step}: lower --base-lr")
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{img_s:.0f}")
+                    metrics_file.write(json.dumps(dict(step=step, epoch=epoch, loss=last_loss, lr=lr, tau=tau,
+                                                       img_per_s=img_s)) + "\n")
+            train_seconds += time.perf_counter() - t_epoch
+        bar.close()
+        metrics_file.close()
 
-    knn_trained = evaluate_knn(model, dataset, cfg, device)
-    save_checkpoint(run_dir / "checkpoint.pt", dict(
-        model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, epoch=cfg.optim.epochs,
-        config=cfg.to_dict(), torch_rng=torch.get_rng_state(), fastbyol_version=__version__))
-    summary = dict(
-        knn_top1=knn_trained,
-        knn_top1_random_init=knn_random,
-        knn_gain=None if knn_trained is None or knn_random is None else knn_trained - knn_random,
-        img_per_s=images_seen / max(train_seconds, 1e-9),
-        train_seconds=train_seconds,
-        final_loss=last_loss,
-        epochs=cfg.optim.epochs,
-        steps=step,
-        batch_size=cfg.data.batch_size,
-        dataset=dataset.describe(),
-        skipped_files=dataset.skipped_files,
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
-                                                                                  "threads)",
-        kernels=kernel_path(device),
-        versions=library_versions(),
-        params_sha256=params_sha256(model),
-        preset=cfg.preset,
-        seed=cfg.run.seed,
-    )
-    atomic_write_json(run_dir / "summary.json", summary)
-    if knn_trained is not None and knn_random is not None:
-        log(f"kNN top-1: trained {knn_trained:.2f}% vs random-init {knn_random:.2f}% "
-            f"({knn_trained - knn_random:+.2f} points); {summary['img_per_s']:.0f} img/s over {step} steps")
-    log(f"summary: {run_dir / 'summary.json'}")
+        knn_trained = evaluate_knn(model, dataset, cfg, device)
+        save_checkpoint(run_dir / "checkpoint.pt", dict(
+            model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, epoch=cfg.optim.epochs,
+            config=cfg.to_dict(), torch_rng=torch.get_rng_state(), fastbyol_version=__version__))
+        summary = dict(
+            knn_top1=knn_trained,
+            knn_top1_random_init=knn_random,
+            knn_gain=None if knn_trained is None or knn_random is None else knn_trained - knn_random,
+            img_per_s=images_seen / max(train_seconds, 1e-9),
+            train_seconds=train_seconds,
+            final_loss=last_loss,
+            epochs=cfg.optim.epochs,
+            steps=step,
+            batch_size=cfg.data.batch_size,
+            dataset=dataset.describe(),
+            skipped_files=dataset.skipped_files,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
+                                                                                      "threads)",
+            kernels=kernel_path(device),
+            versions=library_versions(),
+            params_sha256=params_sha256(model),
+            preset=cfg.preset,
+            seed=cfg.run.seed,
+        )
+        atomic_write_json(run_dir / "summary.json", summary)
+        if knn_trained is not None and knn_random is not None:
+            log(f"kNN top-1: trained {knn_trained:.2f}% vs random-init {knn_random:.2f}% "
+                f"({knn_trained - knn_random:+.2f} points); {summary['img_per_s']:.0f} img/s over {step} steps")
+        log(f"summary: {run_dir / 'summary.json'}")
     return run_dir, summary

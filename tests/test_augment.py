@@ -59,3 +59,24 @@ def test_bad_settings():
         TwoViewLoader(_images(10), batch_size=4, image_size=16, view1=ViewSpec(flip_p=2.0))
     with pytest.raises(FastByolError, match="uint8"):
         TwoViewLoader(np.zeros((10, 8, 8, 3), np.float32), batch_size=4, image_size=8)
+
+
+def test_views_reach_torch_without_a_copy():
+    loader = TwoViewLoader(_images(32), batch_size=16, image_size=20, seed=0, device="cpu", num_threads=1)
+    v1, v2 = next(iter(loader.epoch()))
+    dali_v1, dali_v2 = (o.as_tensor() for o in loader.last_outputs)
+    assert v1.data_ptr() == dali_v1.data_ptr() and v2.data_ptr() == dali_v2.data_ptr()  # DLPack views
+    assert v1.stride() == (20 * 20 * 3, 1, 20 * 3, 3)  # NHWC memory seen as NCHW: channels_last strides
+    held = v1.clone()
+    list(loader.epoch())  # later batches do not overwrite a view still held
+    assert torch.equal(v1, held)
+
+
+def test_same_seed_same_views_and_shards_differ():
+    a = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=5, num_threads=1)
+    b = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=5, num_threads=1)
+    torch.testing.assert_close(next(iter(a.epoch()))[0], next(iter(b.epoch()))[0], rtol=0, atol=0)
+    s0 = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=5, num_threads=1, shard_id=0, num_shards=2)
+    s1 = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=5, num_threads=1, shard_id=1, num_shards=2)
+    assert s0.steps_per_epoch == s1.steps_per_epoch == 2
+    assert not torch.equal(next(iter(s0.epoch()))[0], next(iter(s1.epoch()))[0])  # seed + rank

@@ -1,6 +1,8 @@
 """Image folders (JPEG, PNG), the synthetic JPEG source, and bad files."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -71,8 +73,19 @@ def test_empty_folder_and_cli(tmp_path, folder, capsys):
                  "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 25 // 8 and summary["knn_top1"] is not None
-    (folder / "train" / "class0" / "bad.jpg").write_bytes(b"\xff\xd8\xff" + bytes(50) + b"\xff\xd9")
-    capsys.readouterr()
-    assert main(["train", "--data", str(folder), "--out", str(tmp_path / "run2"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "fastbyol: error:" in err and "Traceback" not in err and not (tmp_path / "run2").exists()
+
+
+
+def test_corrupt_file_inside_stops_cleanly(tmp_path):
+    """A file with valid JPEG markers but garbage inside: DALI fails, the CLI prints one error line, exits 2 and
+    leaves no run directory. (A subprocess: the real command line, and DALI's executors in a fresh process.)"""
+    root = write_synthetic_jpegs(tmp_path / "flat", n_train=80, n_test=0, size=32, classes=1)
+    (root / "train" / "class0" / "zz_bad.jpg").write_bytes(b"\xff\xd8\xff" + bytes(50) + b"\xff\xd9")
+    flat = root / "train" / "class0"  # an unlabeled folder: the bad file is met by the training pipeline
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "fastbyol", "train", "--data", str(flat), "--epochs", "2",
+                          "--batch-size", "16", "--image-size", "16", "--out", str(out), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "fastbyol: error: DALI failed" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
