@@ -308,6 +308,7 @@ class TwoViewLoader:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         gray_input: bool = False,
+        checkpoint: str | None = None,
     ):
         if not dali_available():
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
@@ -330,6 +331,7 @@ class TwoViewLoader:
         self.batch_size = batch_size
         self.device = device
         self.gray_input = gray_input
+        self._checkpoint = checkpoint
         self._pipe = self._build(images, image_size, seed + shard_id, device, num_threads, view1, view2, mean, std)
         self._epoch = start_epoch
 
@@ -367,10 +369,17 @@ class TwoViewLoader:
                     _augment(x, view2, size, mean, std, types.FLOAT16, gray_input=self.gray_input))
 
         # exec_dynamic: outputs are reference-counted, so torch can hold DLPack views of them (no copy)
+        # checkpointing: DALI serialises its RNG states and reader/source positions (see state())
         pipe = byol_two_views(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                              prefetch_queue_depth=2, exec_dynamic=True)
+                              prefetch_queue_depth=2, exec_dynamic=True, enable_checkpointing=True,
+                              checkpoint=self._checkpoint)
         pipe.build()
         return pipe
+
+    def state(self) -> str:
+        """The pipeline's position (epoch, iteration) and every random state, as DALI's checkpoint string: a loader
+        built with checkpoint=state() yields exactly the batches this one would have yielded next."""
+        return self._pipe.checkpoint()
 
     def _views(self, outputs):
         """DALI outputs -> two torch tensors without a copy: DLPack views of (B, S, S, 3), seen as (B, 3, S, S)."""

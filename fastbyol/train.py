@@ -184,6 +184,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
         knn_trained = evaluate_knn(model, dataset, cfg, device)
         save_checkpoint(run_dir / "checkpoint.pt", dict(
             model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, epoch=cfg.optim.epochs,
+            data_state=loader.state(),
             config=cfg.to_dict(), torch_rng=torch.get_rng_state(), fastbyol_version=__version__))
         summary = dict(
             knn_top1=knn_trained,

@@ -80,3 +80,25 @@ def test_same_seed_same_views_and_shards_differ():
     s1 = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=5, num_threads=1, shard_id=1, num_shards=2)
     assert s0.steps_per_epoch == s1.steps_per_epoch == 2
     assert not torch.equal(next(iter(s0.epoch()))[0], next(iter(s1.epoch()))[0])  # seed + rank
+
+
+@pytest.mark.parametrize("taken", [1, 3])  # 3: the saved position sits at an epoch boundary (64 // 16 = 4 steps)
+def test_position_saved_and_restored_exactly(taken):
+    def batches(loader, n):
+        out = []
+        while len(out) < n:
+            for v1, v2 in loader.epoch():
+                out.append((v1.clone(), v2.clone()))
+                if len(out) == n:
+                    break
+        return out
+
+    a = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=9, num_threads=1)
+    first = batches(a, taken)
+    state = a.state()
+    expected = batches(a, 3)
+    b = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=9, num_threads=1, checkpoint=state)
+    resumed = batches(b, 3)
+    for (e1, e2), (r1, r2) in zip(expected, resumed):
+        assert torch.equal(e1, r1) and torch.equal(e2, r2)
+    assert not torch.equal(first[0][0], expected[0][0])
