@@ -308,7 +308,7 @@ class TwoViewLoader:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         gray_input: bool = False,
-        checkpoint: str | None = None,
+        checkpoint: bytes | str | None = None,
     ):
         if not dali_available():
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
@@ -376,7 +376,7 @@ class TwoViewLoader:
         pipe.build()
         return pipe
 
-    def state(self) -> str:
+    def state(self) -> bytes | str:
         """The pipeline's position (epoch, iteration) and every random state, as DALI's checkpoint string: a loader
         built with checkpoint=state() yields exactly the batches this one would have yielded next."""
         return self._pipe.checkpoint()
