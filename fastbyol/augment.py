@@ -251,8 +251,9 @@ class _EpochSource:
     """
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, shard_id: int, num_shards: int,
-                 start_epoch: int = 0):
+                 start_epoch: int = 0, labels: np.ndarray | None = None):
         self.images = images
+        self.labels = labels
         self.batch_size = batch_size
         self.seed = seed
         self.shard_id = shard_id
@@ -272,7 +273,9 @@ class _EpochSource:
             self._perm = perm[self.shard_id * self.per_shard:(self.shard_id + 1) * self.per_shard]
             self._perm_epoch = epoch
         idx = self._perm[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
-        return [self.images[i] for i in idx]
+        if self.labels is None:
+            return [self.images[i] for i in idx]
+        return [self.images[i] for i in idx], [self.labels[i:i + 1] for i in idx]
 
 
 def dali_available() -> bool:
@@ -284,7 +287,8 @@ def dali_available() -> bool:
 
 
 class TwoViewLoader:
-    """Iterate epochs of (view1, view2): each (B, 3, S, S) channels_last, normalized, fp16, on `device`.
+    """Iterate epochs of (view1, view2): each (B, 3, S, S) channels_last, normalized, fp16, on `device`; with
+    labels (an array for array sources, or a FileList's labels) each batch is (view1, view2, labels (B,) int64).
 
     source: a uint8 (N, H, W, 3) array (fed by external_source), or a FileList of JPEG/PNG files (read by
     readers.file, reshuffled every epoch). device "cpu" runs DALI with device_id=None; "cuda" decodes on the GPU
@@ -309,12 +313,16 @@ class TwoViewLoader:
         std: tuple[float, float, float] = IMAGENET_STD,
         gray_input: bool = False,
         checkpoint: bytes | str | None = None,
+        labels: np.ndarray | None = None,
     ):
         if not dali_available():
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
         view1.validate("view1")
         view2.validate("view2")
         self.files = getattr(images, "files", None)
+        file_labels = getattr(images, "labels", None)
+        self.with_labels = labels is not None or file_labels is not None
+        self.file_labels = file_labels if labels is None else labels
         if self.files is not None:
             self.source = None
             per_shard = len(self.files) // num_shards
@@ -322,7 +330,8 @@ class TwoViewLoader:
         else:
             if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
                 raise FastByolError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-            self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards, start_epoch)
+            self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards, start_epoch,
+                                       None if labels is None else np.asarray(labels, dtype=np.int64))
             per_shard, self._steps = self.source.per_shard, self.source.steps_per_epoch
         if self._steps == 0:
             raise FastByolError(f"batch size {batch_size} is larger than the {per_shard} images of "
@@ -350,8 +359,9 @@ class TwoViewLoader:
         @pipeline_def(enable_conditionals=True)
         def byol_two_views():
             if files is not None:
-                encoded, _ = fn.readers.file(files=files, shard_id=self.shard_id, num_shards=self.num_shards,
-                                             shuffle_after_epoch=True, name="reader")
+                file_labels = None if self.file_labels is None else [int(v) for v in self.file_labels]
+                encoded, label = fn.readers.file(files=files, labels=file_labels, shard_id=self.shard_id,
+                                                 num_shards=self.num_shards, shuffle_after_epoch=True, name="reader")
                 if on_gpu:  # each view decodes only its own random crop
                     views = []
                     for spec in (view1, view2):
@@ -359,14 +369,19 @@ class TwoViewLoader:
                                                           random_area=list(spec.crop_area),
                                                           random_aspect_ratio=list(spec.crop_aspect))
                         views.append(_augment(x, spec, size, mean, std, types.FLOAT16, cropped=True))
-                    return tuple(views)
+                    return (*views, label) if self.with_labels else tuple(views)
                 x = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
             else:
-                raw = fn.external_source(source=self.source, batch=True, batch_info=True, layout="HWC",
-                                         dtype=types.UINT8, no_copy=False)
+                if self.with_labels:
+                    raw, label = fn.external_source(source=self.source, num_outputs=2, batch=True, batch_info=True,
+                                                    layout=["HWC", ""], dtype=[types.UINT8, types.INT64])
+                else:
+                    raw = fn.external_source(source=self.source, batch=True, batch_info=True, layout="HWC",
+                                             dtype=types.UINT8, no_copy=False)
                 x = raw.gpu() if on_gpu else raw
-            return (_augment(x, view1, size, mean, std, types.FLOAT16, gray_input=self.gray_input),
-                    _augment(x, view2, size, mean, std, types.FLOAT16, gray_input=self.gray_input))
+            views = (_augment(x, view1, size, mean, std, types.FLOAT16, gray_input=self.gray_input),
+                     _augment(x, view2, size, mean, std, types.FLOAT16, gray_input=self.gray_input))
+            return (*views, label) if self.with_labels else views
 
         # exec_dynamic: outputs are reference-counted, so torch can hold DLPack views of them (no copy)
         # checkpointing: DALI serialises its RNG states and reader/source positions (see state())
@@ -384,9 +399,13 @@ class TwoViewLoader:
     def _views(self, outputs):
         """DALI outputs -> two torch tensors without a copy: DLPack views of (B, S, S, 3), seen as (B, 3, S, S)."""
         self.last_outputs = outputs  # kept for tests that check the data pointers
-        v1, v2 = (torch.from_dlpack(o.as_tensor()) for o in outputs)
+        v1, v2 = (torch.from_dlpack(o.as_tensor()) for o in outputs[:2])
         # (B, S, S, 3) NHWC -> (B, 3, S, S): the permuted view is already channels_last
-        return v1.permute(0, 3, 1, 2), v2.permute(0, 3, 1, 2)
+        views = (v1.permute(0, 3, 1, 2), v2.permute(0, 3, 1, 2))
+        if not self.with_labels:
+            return views
+        labels = torch.from_dlpack(outputs[2].as_tensor()).reshape(-1).to(torch.int64)  # (B,)
+        return (*views, labels)
 
     def epoch(self):
         """Yield this epoch's steps_per_epoch batches of (view1, view2).

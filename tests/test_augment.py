@@ -102,3 +102,19 @@ def test_position_saved_and_restored_exactly(taken):
     for (e1, e2), (r1, r2) in zip(expected, resumed):
         assert torch.equal(e1, r1) and torch.equal(e2, r2)
     assert not torch.equal(first[0][0], expected[0][0])
+
+
+def test_labels_travel_with_their_images():
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(48) % 7
+    images[..., 0] = (labels * 30)[:, None, None]  # the label is written in the red channel
+    loader = TwoViewLoader(images, batch_size=16, image_size=16, seed=2, num_threads=1, labels=labels,
+                           view1=ViewSpec(crop_area=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0))
+    seen = []
+    for v1, v2, y in loader.epoch():
+        assert y.dtype == torch.int64 and y.shape == (16,)
+        red = v1[:, 0].float() * 0.229 + 0.485  # undo the normalization of the red channel
+        torch.testing.assert_close(red.mean(dim=(1, 2)), y.float() * 30 / 255, atol=0.01, rtol=0)
+        seen += y.tolist()
+    assert sorted(seen) == sorted(labels.tolist())
