@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, kernel_path
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.reference import byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_
+from fastbyol.train import library_versions
 
 
 def bench_ms(fn, device: torch.device, reps: int = 50) -> float:
@@ -60,16 +60,6 @@ def graph_ms(fn, device: torch.device) -> float | None:
     with torch.cuda.graph(graph):
         fn()
     return bench_ms(graph.replay, device)
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name, mod in (("triton", "triton"), ("dali", "nvidia.dali")):
-        try:
-            out[name] = __import__(mod, fromlist=["__version__"]).__version__
-        except ImportError:
-            out[name] = None
-    return out
 
 
 def git_commit() -> str:
@@ -201,7 +191,7 @@ def main(argv=None) -> int:
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": git_commit(), "versions": versions(), "tiny": tiny, "kernel_path": kernel_path(device),
+        "commit": git_commit(), "versions": library_versions(), "tiny": tiny, "kernel_path": kernel_path(device),
     }
     print(f"device {report['device']}; kernels {report['kernel_path']}; tiny={tiny}", flush=True)
     report["ceilings"] = ceilings(device, tiny)
