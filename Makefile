@@ -28,8 +28,10 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# pytest-benchmark JSON goes to runs/ (ignored); GPU reports worth keeping go to benchmarks/results/ by hand
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/bench-latest.json
+	@mkdir -p runs
+	$(PY) -m pytest benchmarks -q --benchmark-json=runs/bench-latest.json --benchmark-columns=median,rounds
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
