@@ -37,6 +37,8 @@ _TRAIN_FLAGS = {
     ("run", "device"): "auto | cpu | cuda",
     ("run", "log_every"): "steps between loss reads",
     ("run", "knn_k"): "kNN neighbours",
+    ("run", "knn_every"): "epochs between online kNN checks on a subset (0: none)",
+    ("run", "knn_subset"): "memory-bank images of the online kNN check",
 }
 
 
@@ -80,6 +82,29 @@ def _build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--json", action="store_true", help="print one JSON object")
     aug.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    ev = sub.add_parser("eval", help="kNN and linear probe of a run's encoder on the labeled splits",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("run_dir", help="a run directory written by fastbyol train")
+    ev.add_argument("--data", default=None, help="dataset to evaluate on (default: the run's own)")
+    ev.add_argument("--init", default="trained", choices=["trained", "random"],
+                    help="the run's trained encoder, or a random-init one of the same architecture (the baseline)")
+    ev.add_argument("--probe-epochs", type=int, default=100, help="epochs of the linear probe")
+    ev.add_argument("--probe-lr", type=float, default=0.2, help="peak lr of the linear probe (cosine to 0)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    ex = sub.add_parser("export", help="write the encoder as a torchvision-compatible state_dict",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("run_dir", help="a run directory written by fastbyol train")
+    ex.add_argument("--out", required=True, help="FILE.pt, FILE.pth, or FILE.safetensors (needs safetensors)")
+    ex.add_argument("--which", default="online", choices=["online", "target"], help="which encoder")
+    ex.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    pl = sub.add_parser("plot", help="PNG curves of loss, lr, tau, kNN and img/s (needs matplotlib)")
+    pl.add_argument("run_dir", help="a run directory written by fastbyol train")
+    pl.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/curves.png)")
+    pl.add_argument("--debug", action="store_true", help="show tracebacks")
+
     presets = sub.add_parser("presets", help="list the presets with their key settings")
     presets.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -108,6 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "presets":
             _print_presets()
+            return 0
+        if args.command == "eval":
+            from .evaluate import evaluate
+
+            evaluate(args.run_dir, args.data, args.init, args.probe_epochs, args.probe_lr,
+                     progress=not args.no_progress)
+            return 0
+        if args.command == "export":
+            from .evaluate import export_encoder
+
+            print(f"encoder: {export_encoder(args.run_dir, args.out, args.which)}")
+            return 0
+        if args.command == "plot":
+            from .evaluate import plot_run
+
+            print(f"curves: {plot_run(args.run_dir, args.out)}")
             return 0
         if args.command == "bench":
             import json

@@ -15,14 +15,16 @@ from .augment import IMAGENET_MEAN, IMAGENET_STD
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: int = 512,
-                     device: str | torch.device = "cpu") -> torch.Tensor:
+                     device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, D) float32 L2-normalized features, on `device`."""
+    from tqdm import tqdm
+
     was_training = encoder.training
     encoder.eval()
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
     feats = []
-    for start in range(0, len(images), batch_size):
+    for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
         x = torch.from_numpy(images[start:start + batch_size]).to(device)
         x = x.permute(0, 3, 1, 2).float()  # (b, 3, H, W), channels_last view of NHWC
         feats.append(F.normalize(encoder((x - mean) / std).float(), dim=1))

@@ -67,12 +67,22 @@ def build_model(cfg: Config, device: torch.device) -> BYOL:
     return model.to(device=device, memory_format=torch.channels_last)
 
 
-def evaluate_knn(model: BYOL, dataset: ImageDataset, cfg: Config, device: torch.device) -> float | None:
-    """kNN top-1 (%) of the online encoder on the dataset's labeled splits; None when it has none."""
+def evaluate_knn(model: BYOL, dataset: ImageDataset, cfg: Config, device: torch.device,
+                 subset: int | None = None) -> float | None:
+    """kNN top-1 (%) of the online encoder on the dataset's labeled splits; None when it has none.
+
+    subset: at most this many bank images and a quarter as many queries (fixed, evenly spaced): the cheap online
+    monitor; None: the full splits."""
     if dataset.train_labels is None or dataset.test_images is None or dataset.test_labels is None:
         return None
-    return knn_top1(model.online_encoder, dataset.train_images, dataset.train_labels, dataset.test_images,
-                    dataset.test_labels, dataset.num_classes, cfg.run.knn_k, cfg.run.knn_temperature, device)
+    bank, queries = slice(None), slice(None)
+    if subset is not None:
+        bank = np.linspace(0, len(dataset.train_images) - 1, min(subset, len(dataset.train_images))).astype(int)
+        n_q = max(1, min(subset // 4, len(dataset.test_images)))
+        queries = np.linspace(0, len(dataset.test_images) - 1, n_q).astype(int)
+    return knn_top1(model.online_encoder, dataset.train_images[bank], dataset.train_labels[bank],
+                    dataset.test_images[queries], dataset.test_labels[queries], dataset.num_classes, cfg.run.knn_k,
+                    cfg.run.knn_temperature, device)
 
 
 @contextlib.contextmanager
@@ -144,6 +154,8 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
         input_dtype = torch.float32  # CPU math in fp32; the throughput issue adds bf16 autocast on CUDA
 
         metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while running
+        if knn_random is not None:
+            metrics_file.write(json.dumps(dict(step=0, epoch=-1, knn_top1=knn_random, init="random")) + "\n")
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0,
@@ -178,10 +190,19 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
                     metrics_file.write(json.dumps(dict(step=step, epoch=epoch, loss=last_loss, lr=lr, tau=tau,
                                                        img_per_s=img_s)) + "\n")
             train_seconds += time.perf_counter() - t_epoch
+            if cfg.run.knn_every and (epoch + 1) % cfg.run.knn_every == 0 and epoch + 1 < cfg.optim.epochs:
+                # the online monitor, outside the timed region: kNN on a fixed subset of the labeled splits
+                knn_now = evaluate_knn(model, dataset, cfg, device, subset=cfg.run.knn_subset)
+                if knn_now is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", knn=f"{knn_now:.1f}")
+                    metrics_file.write(json.dumps(dict(step=step, epoch=epoch, knn_top1=knn_now,
+                                                       knn_subset=cfg.run.knn_subset)) + "\n")
         bar.close()
-        metrics_file.close()
 
         knn_trained = evaluate_knn(model, dataset, cfg, device)
+        if knn_trained is not None:
+            metrics_file.write(json.dumps(dict(step=step, epoch=cfg.optim.epochs - 1, knn_top1=knn_trained)) + "\n")
+        metrics_file.close()
         save_checkpoint(run_dir / "checkpoint.pt", dict(
             model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, epoch=cfg.optim.epochs,
             data_state=loader.state(),

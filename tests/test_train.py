@@ -69,8 +69,11 @@ def test_train_end_to_end_small(tmp_path, capsys):
     assert ckpt["step"] == summary["steps"]
     assert any(k.startswith("target_encoder.") for k in ckpt["model"])
     assert isinstance(ckpt["data_state"], (str, bytes)) and ckpt["data_state"]  # the DALI position
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) >= 4 and all(np.isfinite(json.loads(x)["loss"]) for x in lines)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) >= 4 and all(np.isfinite(r["loss"]) for r in steps)
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    assert knn_rows[0]["init"] == "random" and knn_rows[-1]["knn_top1"] == summary["knn_top1"]
     printed = capsys.readouterr().out
     assert "kNN top-1: trained" in printed and str(out / "summary.json") in printed
 

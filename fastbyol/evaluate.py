@@ -1,0 +1,187 @@
+"""After pretraining: evaluate a run (kNN and a linear probe on frozen features), export its encoder, plot its curves.
+
+    fastbyol eval RUN_DIR [--data PATH] [--init trained|random]     # table + RUN_DIR/eval.json (or eval-random.json)
+    fastbyol export RUN_DIR --out FILE.pt|FILE.safetensors           # torchvision-compatible encoder state_dict
+    fastbyol plot RUN_DIR                                            # RUN_DIR/curves.png (needs matplotlib)
+
+The linear probe follows the official linear evaluation where it can on frozen, precomputed features: SGD with
+Nesterov momentum 0.9, a cosine schedule, no weight decay; features are standardised with the train split's mean
+and std (no augmentation: features are extracted once).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_json, load_checkpoint
+from .config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
+from .errors import FastByolError
+from .knn import extract_features, knn_predict
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, dict]:
+    """The resolved config and the checkpoint of a run directory, or FastByolError naming what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FastByolError(f"run directory not found: {run_dir}")
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FastByolError(f"{run_dir}: no config.json (not a fastbyol run directory)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        cfg = Config(preset=raw["preset"], data=DataConfig(**raw["data"]), model=ModelConfig(**raw["model"]),
+                     optim=OptimConfig(**raw["optim"]), run=RunConfig(**raw["run"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise FastByolError(f"{cfg_path}: unreadable config ({type(e).__name__}: {e})") from None
+    ckpt_path = run_dir / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        raise FastByolError(f"{run_dir}: no checkpoint.pt (the run did not finish)")
+    return cfg, load_checkpoint(ckpt_path)
+
+
+def encoder_state(ckpt: dict, which: str = "online") -> dict:
+    """The encoder's state_dict with torchvision's names (no prefix), from a checkpoint's BYOL state."""
+    prefix = f"{which}_encoder."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise FastByolError(f"the checkpoint holds no {which} encoder")
+    return state
+
+
+def _build_encoder(cfg: Config, state: dict | None):
+    from .models import build_encoder
+
+    encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
+    if state is not None:
+        encoder.load_state_dict(state)
+    return encoder
+
+
+@torch.enable_grad()
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, epochs: int = 100, lr: float = 0.2, batch_size: int = 256, seed: int = 0,
+                 progress: bool = False) -> float:
+    """Top-1 (%) of a linear classifier on frozen features: SGD, Nesterov momentum 0.9, cosine lr, no weight decay."""
+    from tqdm import tqdm
+
+    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress):
+        order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            loss = torch.nn.functional.cross_entropy(head(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return 100.0 * (head(test_x).argmax(1) == test_y).float().mean().item()
+
+
+def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained", probe_epochs: int = 100,
+             probe_lr: float = 0.2, progress: bool = True, log=print) -> dict:
+    """kNN and linear-probe top-1 of a run's online encoder (or a random-init one) on the labeled splits."""
+    from .data import resolve_dataset
+
+    if init not in ("trained", "random"):
+        raise FastByolError(f"--init must be trained or random, got {init!r}")
+    if probe_epochs <= 0:
+        raise FastByolError(f"--probe-epochs must be > 0, got {probe_epochs}")
+    cfg, ckpt = load_run(run_dir)
+    dataset = resolve_dataset(data or cfg.data.data, "auto" if data else cfg.data.data_format, cfg.data.image_size,
+                              seed=cfg.run.seed)
+    if dataset.train_labels is None or dataset.test_images is None or dataset.test_labels is None:
+        raise FastByolError(f"{dataset.name}: evaluation needs labeled train and test splits")
+    torch.manual_seed(cfg.run.seed)
+    encoder = _build_encoder(cfg, encoder_state(ckpt) if init == "trained" else None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = encoder.to(device=device, memory_format=torch.channels_last)
+    train_f = extract_features(encoder, dataset.train_images, device=device, progress=progress)
+    test_f = extract_features(encoder, dataset.test_images, device=device, progress=progress)
+    train_y = torch.as_tensor(dataset.train_labels, device=device)
+    test_y = torch.as_tensor(dataset.test_labels, device=device)
+    knn = knn_predict(train_f, train_y, test_f, dataset.num_classes, cfg.run.knn_k, cfg.run.knn_temperature)
+    knn_top1 = 100.0 * (knn == test_y).float().mean().item()
+    probe = linear_probe(train_f, train_y, test_f, test_y, dataset.num_classes, probe_epochs, probe_lr,
+                         seed=cfg.run.seed, progress=progress)
+    result = dict(run_dir=str(run_dir), init=init, dataset=dataset.describe(), arch=cfg.model.arch,
+                  knn_top1=knn_top1, knn_k=cfg.run.knn_k, linear_top1=probe, probe_epochs=probe_epochs,
+                  probe_lr=probe_lr, step=ckpt.get("step"))
+    out = Path(run_dir) / ("eval.json" if init == "trained" else "eval-random.json")
+    atomic_write_json(out, result)
+    log(f"{'encoder':<12}{'kNN top-1':>12}{'linear top-1':>15}")
+    log(f"{init:<12}{knn_top1:>11.2f}%{probe:>14.2f}%")
+    log(f"eval: {out}")
+    return result
+
+
+def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") -> Path:
+    """Write the encoder as a torchvision-compatible state_dict: .pt (torch.save) or .safetensors."""
+    _, ckpt = load_run(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder_state(ckpt, which).items()}
+    out = Path(out)
+    if out.parent and not out.parent.exists():
+        raise FastByolError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise FastByolError("--out *.safetensors needs the safetensors package: pip install safetensors") from None
+        save_file(state, str(out))
+    elif out.suffix in (".pt", ".pth"):
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(out, lambda f: torch.save(state, f))
+    else:
+        raise FastByolError(f"--out {out}: use a .pt, .pth or .safetensors file name")
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """PNG curves of loss, lr, tau, kNN top-1 and img/s over steps, from RUN_DIR/metrics.jsonl."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FastByolError("fastbyol plot needs matplotlib: pip install 'fastbyol[plot]'") from None
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FastByolError(f"{run_dir}: no metrics.jsonl")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "loss" in r]
+    knn = [r for r in rows if "knn_top1" in r]
+    if not steps:
+        raise FastByolError(f"{metrics}: no logged steps")
+    panels = [("loss", "BYOL loss"), ("lr", "learning rate"), ("tau", "EMA tau"), ("img_per_s", "images / s")]
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6), constrained_layout=True)
+    x = np.array([r["step"] for r in steps])
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(x, [r[key] for r in steps], lw=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax = axes[4]
+    if knn:
+        ax.plot([r["step"] for r in knn], [r["knn_top1"] for r in knn], "o-", lw=1.2)
+    ax.set_title("kNN top-1 (%)")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"fastbyol run {run_dir.name}")
+    out = Path(out) if out else run_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
