@@ -407,22 +407,28 @@ class TwoViewLoader:
         labels = torch.from_dlpack(outputs[2].as_tensor()).reshape(-1).to(torch.int64)  # (B,)
         return (*views, labels)
 
-    def epoch(self):
-        """Yield this epoch's steps_per_epoch batches of (view1, view2).
+    def epoch(self, first_step: int = 0):
+        """Yield this epoch's batches of (view1, view2), from batch `first_step` on (after a resume).
 
-        Arrays: one shuffled pass, the last partial batch dropped. Files: steps_per_epoch batches of the reader's
-        stream, which reshuffles after each of its own passes, so every image is read once per N images."""
+        Arrays: one shuffled pass, the last partial batch dropped; a restored position continues the epoch it was
+        saved in. Files: steps_per_epoch batches of the reader's stream, which reshuffles after each of its own
+        passes, so every image is read once per N images."""
         try:
             if self.files is not None:
-                for _ in range(self._steps):
+                for _ in range(first_step, self._steps):
                     yield self._views(self._pipe.run())
             else:
+                yielded, retried = 0, False
                 while True:
                     try:
                         outputs = self._pipe.run()
                     except StopIteration:  # the external source ended the epoch
                         self._pipe.reset()
+                        if yielded == 0 and not retried:  # restored exactly at an epoch's end: start the next
+                            retried = True
+                            continue
                         break
+                    yielded += 1
                     yield self._views(outputs)
         except RuntimeError as e:  # a file that passed the header checks but does not decode
             where = f" of {len(self.files)} files under {Path(self.files[0]).parent.parent}" if self.files else ""

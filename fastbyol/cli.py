@@ -36,6 +36,7 @@ _TRAIN_FLAGS = {
     ("optim", "tau_base"): "EMA decay at step 0 (cosine to 1)",
     ("run", "device"): "auto | cpu | cuda",
     ("run", "log_every"): "steps between loss reads",
+    ("run", "ckpt_every_steps"): "steps between checkpoints for --resume (0: only the final one)",
     ("run", "knn_k"): "kNN neighbours",
     ("run", "knn_every"): "epochs between online kNN checks on a subset (0: none)",
     ("run", "knn_subset"): "memory-bank images of the online kNN check",
@@ -64,6 +65,8 @@ def _build_parser() -> argparse.ArgumentParser:
             continue
         train.add_argument(_flag(field), dest=f"{section}.{field}", type=type(value), default=None,
                            help=f"{text} (preset {DEFAULT_PRESET}: {value!r})")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="continue an interrupted run exactly from its last checkpoint (its own config is used)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -166,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train
 
             cfg = config_from_args(args)
-            print("config: " + str(dataclasses.asdict(cfg)))
-            train(cfg, progress=not args.no_progress)
+            if args.resume is None:
+                print("config: " + str(dataclasses.asdict(cfg)))
+            train(cfg, progress=not args.no_progress, resume=args.resume)
             return 0
     except FastByolError as e:
         if args.debug:

@@ -49,6 +49,7 @@ class RunConfig:
     out: str = ""  # run directory; default runs/<preset>-<UTC time>
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps between loss reads (host syncs)
+    ckpt_every_steps: int = 0  # steps between checkpoints for --resume (0: only the final one)
     knn_every: int = 4  # epochs between online kNN checks on a subset (0: only the final full evaluation)
     knn_subset: int = 4000  # images of the memory bank in the online check (queries: a quarter as many)
     knn_k: int = 200  # neighbours of the kNN monitor
@@ -78,6 +79,7 @@ class Config:
             (self.optim.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.optim.warmup_epochs}"),
             (0.0 <= self.optim.tau_base <= 1.0, f"--tau-base must be in [0, 1], got {self.optim.tau_base}"),
             (self.run.log_every > 0, f"--log-every must be > 0, got {self.run.log_every}"),
+            (self.run.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0, got {self.run.ckpt_every_steps}"),
             (self.run.knn_k > 0, f"--knn-k must be > 0, got {self.run.knn_k}"),
             (self.run.knn_every >= 0, f"--knn-every must be >= 0, got {self.run.knn_every}"),
             (self.run.knn_subset > 0, f"--knn-subset must be > 0, got {self.run.knn_subset}"),

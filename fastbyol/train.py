@@ -85,13 +85,20 @@ def evaluate_knn(model: BYOL, dataset: ImageDataset, cfg: Config, device: torch.
                     cfg.run.knn_temperature, device)
 
 
+class TrainingStopped(FastByolError):
+    """The run stopped on purpose (NaN or Inf loss): its directory and last good checkpoint stay."""
+
+
 @contextlib.contextmanager
-def _removed_on_error(run_dir: Path):
-    """Remove the run directory (new or empty when the run began) if the run stops on a FastByolError."""
+def _removed_on_error(run_dir: Path, enabled: bool):
+    """Remove a new run's directory if bad data stops it before its first checkpoint: nothing half-written."""
     try:
         yield
+    except TrainingStopped:
+        raise
     except FastByolError:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if enabled and not (run_dir / "checkpoint.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
@@ -108,9 +115,19 @@ def byol_step(model: BYOL, optimizer: LARS, target_params: list, online_params: 
     return loss.detach()
 
 
-def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
+def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None) -> tuple[Path, dict]:
     """Run BYOL pretraining as `cfg` says; returns (run directory, summary). Bad settings raise FastByolError
-    before anything is written."""
+    before anything is written.
+
+    resume: a run directory with a checkpoint.pt; its own config.json is used and training continues exactly where
+    the checkpoint was taken (model, optimizer, step, data position and random states)."""
+    state = None
+    if resume is not None:
+        from .evaluate import load_run
+
+        cfg, state = load_run(resume)
+        if state.get("finished"):
+            raise FastByolError(f"{resume}: the run already finished ({state['step']} steps)")
     cfg.validate()
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
                               cfg.run.seed)
@@ -118,9 +135,12 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
     if cfg.data.batch_size > dataset.num_pretraining:
         raise FastByolError(f"--batch-size {cfg.data.batch_size} is larger than the {dataset.num_pretraining} "
                             f"training images of {dataset.name}")
-    run_dir = Path(cfg.run.out) if cfg.run.out else _default_run_dir(cfg)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FastByolError(f"--out {run_dir} exists and is not empty: choose another folder")
+    if resume is not None:
+        run_dir = Path(resume)
+    else:
+        run_dir = Path(cfg.run.out) if cfg.run.out else _default_run_dir(cfg)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FastByolError(f"--out {run_dir} exists and is not empty: choose another folder")
 
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
@@ -129,44 +149,61 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
     loader = TwoViewLoader(dataset.pretraining_source, cfg.data.batch_size, cfg.data.image_size, seed=cfg.run.seed,
                            device="cuda" if device.type == "cuda" else "cpu", num_threads=cfg.data.num_threads,
                            view1=dataclasses.replace(VIEW1, crop_area=crop),
-                           view2=dataclasses.replace(VIEW2, crop_area=crop), gray_input=dataset.gray)
+                           view2=dataclasses.replace(VIEW2, crop_area=crop), gray_input=dataset.gray,
+                           checkpoint=None if state is None else state["data_state"])
+    optimizer = LARS(model.online_parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
+                     momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
+    step, train_seconds, images_seen = 0, 0.0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, train_seconds, images_seen = state["step"], state["train_seconds"], state["images_seen"]
+        torch.set_rng_state(state["torch_rng"])
 
-    with _removed_on_error(run_dir):  # bad data found mid-run: no half-written run directory is left
+    with _removed_on_error(run_dir, enabled=resume is None):
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+        if resume is None:
+            atomic_write_json(run_dir / "config.json", cfg.to_dict())
         log(f"fastbyol {__version__}: {dataset.describe()}")
         if dataset.skipped_files:
             log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
         log(f"run directory {run_dir}; device {device}; kernels {kernel_path(device)}; "
-            f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters")
+            f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters"
+            + ("" if state is None else f"; resumed at step {step}"))
 
-        knn_random = evaluate_knn(model, dataset, cfg, device)
-        if knn_random is not None:
-            log(f"kNN top-1 of the random-init encoder: {knn_random:.2f}%")
+        metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while running
+        if state is None:
+            knn_random = evaluate_knn(model, dataset, cfg, device)
+            if knn_random is not None:
+                log(f"kNN top-1 of the random-init encoder: {knn_random:.2f}%")
+                metrics_file.write(json.dumps(dict(step=0, epoch=-1, knn_top1=knn_random, init="random")) + "\n")
+        else:
+            knn_random = state.get("knn_top1_random_init")
 
         steps_per_epoch = loader.steps_per_epoch
         total_steps = cfg.optim.epochs * steps_per_epoch
         warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
         peak_lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size)
-        optimizer = LARS(model.online_parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
-                         momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
         target_params, online_params = model.ema_pairs()
         input_dtype = torch.float32  # CPU math in fp32; the throughput issue adds bf16 autocast on CUDA
 
-        metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable while running
-        if knn_random is not None:
-            metrics_file.write(json.dumps(dict(step=0, epoch=-1, knn_top1=knn_random, init="random")) + "\n")
+        def checkpoint_state(finished: bool) -> dict:
+            return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                        data_state=loader.state(), train_seconds=train_seconds, images_seen=images_seen,
+                        knn_top1_random_init=knn_random, finished=finished, config=cfg.to_dict(),
+                        torch_rng=torch.get_rng_state(), fastbyol_version=__version__)
+
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0,
-                   file=sys.stderr)
-        step, images_seen, train_seconds = 0, 0, 0.0
+        bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True,
+                   mininterval=1.0, file=sys.stderr)
         loss_sum = torch.zeros((), device=device)
-        last_loss = float("nan")
-        t_log, images_at_log = time.perf_counter(), 0
-        for epoch in range(cfg.optim.epochs):
+        steps_since_log, last_loss = 0, float("nan")
+        t_log, images_at_log = time.perf_counter(), images_seen
+        start_epoch, first_step = divmod(step, steps_per_epoch)
+        for epoch in range(start_epoch, cfg.optim.epochs):
             t_epoch = time.perf_counter()
-            for v1, v2 in loader.epoch():
+            for v1, v2 in loader.epoch(first_step if epoch == start_epoch else 0):
                 # (B, 3, S, S) channels_last views, one per augmentation spec
                 v1 = v1.to(device=device, dtype=input_dtype, non_blocking=True)
                 v2 = v2.to(device=device, dtype=input_dtype, non_blocking=True)
@@ -174,21 +211,31 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
                 tau = tau_at(step, total_steps, cfg.optim.tau_base)
                 loss_sum += byol_step(model, optimizer, target_params, online_params, v1, v2, lr, tau)
                 step += 1
+                steps_since_log += 1
                 images_seen += v1.shape[0]
                 bar.update(1)
                 if step % cfg.run.log_every == 0 or step == total_steps:
                     # sync: the mean loss since the last log point to the host, every log_every steps
-                    n = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
-                    last_loss = loss_sum.item() / n
+                    last_loss = loss_sum.item() / steps_since_log
                     loss_sum.zero_()
+                    steps_since_log = 0
                     now = time.perf_counter()
                     img_s = (images_seen - images_at_log) / max(now - t_log, 1e-9)
                     t_log, images_at_log = now, images_seen
                     if not math.isfinite(last_loss):
-                        raise FastByolError(f"loss became {last_loss} at step {step}: lower --base-lr")
+                        raise TrainingStopped(f"the loss became {last_loss} by step {step}; the last good checkpoint "
+                                              f"is kept in {run_dir} (lower --base-lr?)")
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{img_s:.0f}")
                     metrics_file.write(json.dumps(dict(step=step, epoch=epoch, loss=last_loss, lr=lr, tau=tau,
                                                        img_per_s=img_s)) + "\n")
+                if cfg.run.ckpt_every_steps and step % cfg.run.ckpt_every_steps == 0 and step < total_steps:
+                    # sync: the parameters to the host, every ckpt_every_steps
+                    if not math.isfinite(loss_sum.item()):
+                        raise TrainingStopped(f"the loss became non-finite by step {step}; the last good "
+                                              f"checkpoint is kept in {run_dir}")
+                    train_seconds += time.perf_counter() - t_epoch
+                    save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(finished=False))
+                    t_epoch = time.perf_counter()  # the checkpoint's own time stays out of img/s
             train_seconds += time.perf_counter() - t_epoch
             if cfg.run.knn_every and (epoch + 1) % cfg.run.knn_every == 0 and epoch + 1 < cfg.optim.epochs:
                 # the online monitor, outside the timed region: kNN on a fixed subset of the labeled splits
@@ -203,10 +250,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
         if knn_trained is not None:
             metrics_file.write(json.dumps(dict(step=step, epoch=cfg.optim.epochs - 1, knn_top1=knn_trained)) + "\n")
         metrics_file.close()
-        save_checkpoint(run_dir / "checkpoint.pt", dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, epoch=cfg.optim.epochs,
-            data_state=loader.state(),
-            config=cfg.to_dict(), torch_rng=torch.get_rng_state(), fastbyol_version=__version__))
+        save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(finished=True))
         summary = dict(
             knn_top1=knn_trained,
             knn_top1_random_init=knn_random,
@@ -226,6 +270,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> tuple[Path, dict]:
             params_sha256=params_sha256(model),
             preset=cfg.preset,
             seed=cfg.run.seed,
+            resumed=state is not None,
         )
         atomic_write_json(run_dir / "summary.json", summary)
         if knn_trained is not None and knn_random is not None:

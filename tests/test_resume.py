@@ -1,0 +1,99 @@
+"""Exact resume after SIGKILL, and a NaN loss stopping the run with the last good checkpoint kept."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fastbyol.train as train_module
+from fastbyol.checkpoint import load_checkpoint
+from fastbyol.cli import main
+
+from .test_train import _small_idx_dataset
+
+ARGS = ["--epochs", "4", "--batch-size", "64", "--ckpt-every-steps", "2", "--log-every", "3", "--no-progress",
+        "--seed", "3"]
+
+
+def _cli(*argv):
+    return [sys.executable, "-m", "fastbyol", "train", *argv]
+
+
+def test_sigkill_then_resume_gives_the_same_parameters(tmp_path):
+    data = _small_idx_dataset(tmp_path / "data", 640, 100)
+    full = tmp_path / "full"
+    res = subprocess.run(_cli("--data", str(data), "--out", str(full), *ARGS), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    expected = json.loads((full / "summary.json").read_text())
+    assert expected["steps"] == 40
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("--data", str(data), "--out", str(killed), *ARGS), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.Random().uniform(0.0, 0.8))  # a random step after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (killed / "summary.json").exists():
+        pytest.skip("the run finished before the kill; nothing to resume (machine too fast for this test)")
+    step_at_kill = load_checkpoint(killed / "checkpoint.pt")["step"]
+    assert 0 < step_at_kill < 40
+    res = subprocess.run(_cli("--resume", str(killed), "--no-progress"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed at step {step_at_kill}" in res.stdout
+    resumed = json.loads((killed / "summary.json").read_text())
+    assert resumed["steps"] == 40 and resumed["resumed"]
+    assert resumed["params_sha256"] == expected["params_sha256"]
+    # a finished run is not resumed again
+    res = subprocess.run(_cli("--resume", str(killed)), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "already finished" in res.stderr
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    data = _small_idx_dataset(tmp_path / "data", 320, 80)
+    real_step = train_module.byol_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 7 else loss
+
+    monkeypatch.setattr(train_module, "byol_step", poisoned)
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "32",
+               "--ckpt-every-steps", "3", "--log-every", "5", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and ("non-finite" in err or "nan" in err.lower())
+    assert "Traceback" not in err
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 6 and not ckpt["finished"]  # the last checkpoint before the NaN
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (out / "summary.json").exists()
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"preset": "x"}))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "config.json" in capsys.readouterr().err
+    data = _small_idx_dataset(tmp_path / "data", 160, 40)
+    good = tmp_path / "good"
+    assert main(["train", "--data", str(data), "--out", str(good), "--epochs", "1", "--batch-size", "32",
+                 "--no-progress"]) == 0
+    blob = (good / "checkpoint.pt").read_bytes()
+    (good / "checkpoint.pt").write_bytes(blob[: len(blob) // 2])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(good)]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+    assert os.path.exists(good / "config.json")
