@@ -12,6 +12,7 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -102,12 +103,39 @@ def _removed_on_error(run_dir: Path, enabled: bool):
         raise
 
 
+# dense bf16 peak of the accelerators MFU is quoted against (datasheets), FLOP/s
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_image(model: BYOL, image_size: int, device: torch.device) -> float:
+    """FLOPs of one BYOL image (two views): online forward + backward and target forward, counted by torch on a
+    batch of 2, so the figure follows the real architecture (about 8 encoder forwards)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model).to(device)  # the real model's BN statistics and gradients stay untouched
+    # FLOPs do not depend on the values: no random numbers drawn, the training's RNG stream is untouched
+    x = torch.linspace(-1, 1, 2 * 3 * image_size * image_size, device=device).reshape(2, 3, image_size, image_size)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter:
+        p1, p2, z1, z2 = probe(x, x.flip(0))
+        byol_loss_symmetric(p1, p2, z1, z2).backward()
+    return counter.get_total_flops() / 2
+
+
 def byol_step(model: BYOL, optimizer: LARS, target_params: list, online_params: list, v1: torch.Tensor,
-              v2: torch.Tensor, lr: float, tau: float) -> torch.Tensor:
-    """One BYOL step; returns the loss as a device tensor (no host sync)."""
+              v2: torch.Tensor, lr: float, tau: float, bf16: bool = False) -> torch.Tensor:
+    """One BYOL step; returns the loss as a device tensor (no host sync). bf16: autocast the forward (CUDA)."""
     optimizer.set_lr(lr)
-    p1, p2, z1, z2 = model(v1, v2)
-    loss = byol_loss_symmetric(p1, p2, z1, z2)
+    with torch.autocast(device_type=v1.device.type, dtype=torch.bfloat16, enabled=bf16):
+        p1, p2, z1, z2 = model(v1, v2)
+        loss = byol_loss_symmetric(p1, p2, z1, z2)  # bf16 predictions and targets, fp32 accumulation
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -180,16 +208,21 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         else:
             knn_random = state.get("knn_top1_random_init")
 
+        image_flops = flops_per_image(model, cfg.data.image_size, device)
+        peak = peak_flops(device)
+        wait_seconds = 0.0 if state is None else state.get("wait_seconds", 0.0)
         steps_per_epoch = loader.steps_per_epoch
         total_steps = cfg.optim.epochs * steps_per_epoch
         warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
         peak_lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size)
         target_params, online_params = model.ema_pairs()
-        input_dtype = torch.float32  # CPU math in fp32; the throughput issue adds bf16 autocast on CUDA
+        bf16 = device.type == "cuda"  # CUDA: bf16 autocast, the fp16 views go in as they are; CPU: fp32 math
+        input_dtype = None if bf16 else torch.float32
 
         def checkpoint_state(finished: bool) -> dict:
             return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                         data_state=loader.state(), train_seconds=train_seconds, images_seen=images_seen,
+                        wait_seconds=wait_seconds,
                         knn_top1_random_init=knn_random, finished=finished, config=cfg.to_dict(),
                         torch_rng=torch.get_rng_state(), fastbyol_version=__version__)
 
@@ -202,14 +235,15 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         t_log, images_at_log = time.perf_counter(), images_seen
         start_epoch, first_step = divmod(step, steps_per_epoch)
         for epoch in range(start_epoch, cfg.optim.epochs):
-            t_epoch = time.perf_counter()
+            t_epoch = t_asked = time.perf_counter()
             for v1, v2 in loader.epoch(first_step if epoch == start_epoch else 0):
+                wait_seconds += time.perf_counter() - t_asked  # the host waited this long for the batch
                 # (B, 3, S, S) channels_last views, one per augmentation spec
                 v1 = v1.to(device=device, dtype=input_dtype, non_blocking=True)
                 v2 = v2.to(device=device, dtype=input_dtype, non_blocking=True)
                 lr = lr_at(step, total_steps, warmup_steps, peak_lr)
                 tau = tau_at(step, total_steps, cfg.optim.tau_base)
-                loss_sum += byol_step(model, optimizer, target_params, online_params, v1, v2, lr, tau)
+                loss_sum += byol_step(model, optimizer, target_params, online_params, v1, v2, lr, tau, bf16)
                 step += 1
                 steps_since_log += 1
                 images_seen += v1.shape[0]
@@ -225,9 +259,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
                     if not math.isfinite(last_loss):
                         raise TrainingStopped(f"the loss became {last_loss} by step {step}; the last good checkpoint "
                                               f"is kept in {run_dir} (lower --base-lr?)")
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{img_s:.0f}")
+                    mfu = None if peak is None else img_s * image_flops / peak
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{img_s:.0f}",
+                                    **({} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}))
                     metrics_file.write(json.dumps(dict(step=step, epoch=epoch, loss=last_loss, lr=lr, tau=tau,
-                                                       img_per_s=img_s)) + "\n")
+                                                       img_per_s=img_s, mfu=mfu)) + "\n")
                 if cfg.run.ckpt_every_steps and step % cfg.run.ckpt_every_steps == 0 and step < total_steps:
                     # sync: the parameters to the host, every ckpt_every_steps
                     if not math.isfinite(loss_sum.item()):
@@ -236,6 +272,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
                     train_seconds += time.perf_counter() - t_epoch
                     save_checkpoint(run_dir / "checkpoint.pt", checkpoint_state(finished=False))
                     t_epoch = time.perf_counter()  # the checkpoint's own time stays out of img/s
+                t_asked = time.perf_counter()
             train_seconds += time.perf_counter() - t_epoch
             if cfg.run.knn_every and (epoch + 1) % cfg.run.knn_every == 0 and epoch + 1 < cfg.optim.epochs:
                 # the online monitor, outside the timed region: kNN on a fixed subset of the labeled splits
@@ -257,6 +294,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
             knn_gain=None if knn_trained is None or knn_random is None else knn_trained - knn_random,
             img_per_s=images_seen / max(train_seconds, 1e-9),
             train_seconds=train_seconds,
+            step_ms=1000 * train_seconds / max(step, 1),
+            data_wait_share=wait_seconds / max(train_seconds, 1e-9),  # of the training time, waiting for batches
+            flops_per_image=image_flops,
+            mfu=None if peak is None else images_seen / max(train_seconds, 1e-9) * image_flops / peak,
+            peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             final_loss=last_loss,
             epochs=cfg.optim.epochs,
             steps=step,

@@ -63,6 +63,9 @@ def test_train_end_to_end_small(tmp_path, capsys):
     assert summary["steps"] == 2 * (300 // 64) and summary["epochs"] == 2
     assert 0 <= summary["knn_top1"] <= 100 and summary["img_per_s"] > 0
     assert summary["versions"]["torch"] == torch.__version__
+    assert 0 <= summary["data_wait_share"] < 1 and summary["step_ms"] > 0
+    assert 1e7 < summary["flops_per_image"] < 1e9  # the tiny ResNet at 28 px: ~0.18 GFLOP per BYOL image
+    assert summary["mfu"] is None and summary["peak_memory_gb"] is None  # CPU: no peak to quote against
     config = json.loads((out / "config.json").read_text())
     assert config["optim"]["epochs"] == 2 and config["data"]["batch_size"] == 64
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -126,3 +129,13 @@ def test_official_preset_values():
     assert cfg.optim.weight_decay == 1.5e-6 and cfg.model.proj_hidden == 4096 and cfg.data.image_size == 224
     cfg.data.batch_size = 1
     assert get_preset("imagenet-resnet50").data.batch_size == 4096  # presets are copied, not shared
+
+
+def test_flops_per_image_of_resnet50_matches_the_paper_count():
+    """ResNet-50 at 224 px is 4.11 GMAC = 8.2 GFLOP forward; a BYOL image costs ~8 forwards (online fwd + bwd on two
+    views, target fwd on two) plus the heads: ~66 GFLOP."""
+    from fastbyol.train import flops_per_image
+
+    model = BYOL(build_encoder("resnet50", image_size=224))
+    gflop = flops_per_image(model, 224, torch.device("cpu")) / 1e9
+    assert 62 < gflop < 70
