@@ -8,7 +8,10 @@ triton.testing.do_bench (CUDA events) on a GPU, perf_counter around synchronized
 - ceilings: device-to-device copy GB/s (bytes read + written), bf16 matmul TFLOP/s;
 - loss: fused forward+backward against the eager and the torch.compile'd reference, B in {256, 4096}, D = 256;
 - EMA over the ResNet-50 + BYOL heads parameter list: per-parameter loop, torch._foreach_lerp_, one lerp_ over a
-  flat buffer, and ema_update_ (float tau and 0-D tensor tau), as GB/s against the copy ceiling.
+  flat buffer, and ema_update_ (float tau and 0-D tensor tau), as GB/s against the copy ceiling;
+- step: BYOL img/s, step time and MFU of our training step (channels_last, bf16 autocast, fused ops) beside a plain
+  PyTorch step (NCHW fp32, eager loss, per-parameter EMA loop): ResNet-50 at 224 px batch 256 and ResNet-18 at 32 px
+  batch 512 on a GPU, on synthetic device-resident views (the DALI figures come from `fastbyol bench augment`).
 Results of real GPU runs are committed under benchmarks/results/.
 """
 
@@ -156,6 +159,26 @@ def ema_section(device, tiny: bool, copy_gbps: float) -> list[dict]:
     return rows
 
 
+def step_section(device, tiny: bool) -> list[dict]:
+    """BYOL img/s and MFU of our training step against the plain PyTorch step, same model and batch."""
+    from fastbyol.bench import bench_step
+
+    if tiny:
+        cases = [dict(arch="resnet-tiny", size=28, batch=32, proj_hidden=256, stem="small-s2", steps=3)]
+    else:
+        cases = [dict(arch="resnet50", size=224, batch=256, proj_hidden=4096, stem="auto", steps=10),
+                 dict(arch="resnet18", size=32, batch=512, proj_hidden=4096, stem="auto", steps=20)]
+    rows = []
+    for case in cases:
+        for variant in ("plain", "fastbyol"):
+            rows.append(bench_step(case["arch"], case["size"], case["batch"], variant, steps=case["steps"],
+                                   proj_hidden=case["proj_hidden"], stem=case["stem"], device=str(device)))
+            print("step", rows[-1], flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def markdown(report: dict) -> str:
     c = report["ceilings"]
     lines = [f"# fastbyol ops report: {report['device']}", "",
@@ -176,6 +199,12 @@ def markdown(report: dict) -> str:
         g = "n/a | n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} | {r['graph_GBps']:.0f}"
         lines.append(f"| {r['variant']} | {r['ms']:.4f} | {r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | "
                      f"{r['speedup_vs_loop']:.1f} | {g} |")
+    lines += ["", "## BYOL training step on synthetic device-resident views", "",
+              "| arch | px | batch | step | img/s | step ms | GFLOP/img | MFU |", "|---|---|---|---|---|---|---|---|"]
+    for r in report.get("step", []):
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['arch']} | {r['size']} | {r['batch']} | {r['variant']} | {r['img_per_s']:.0f} | "
+                     f"{r['step_ms']:.1f} | {r['flops_per_image'] / 1e9:.2f} | {mfu} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +227,7 @@ def main(argv=None) -> int:
     print("ceilings", report["ceilings"], flush=True)
     report["loss"] = loss_section(device, tiny)
     report["ema"] = ema_section(device, tiny, report["ceilings"]["copy_GBps"])
+    report["step"] = step_section(device, tiny)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (out / "report.md").write_text(md)

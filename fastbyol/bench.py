@@ -60,3 +60,69 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
     seconds = time.perf_counter() - t0
     return {"samples_per_s": steps * batch / seconds, "size": size, "batch": batch, "device": device,
             "source": source, "threads": threads, "steps": steps, "seconds": seconds}
+
+
+def plain_byol_step(model, optimizer, v1: torch.Tensor, v2: torch.Tensor, tau: float) -> torch.Tensor:
+    """The straightforward PyTorch BYOL step we measure against: eager F.normalize + MSE loss, a per-parameter EMA
+    loop in Python (NCHW inputs and model are the caller's choice)."""
+    import torch.nn.functional as F
+
+    def regression(p, z):
+        return (2 - 2 * (F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(dim=1)).mean()
+
+    p1, p2, z1, z2 = model(v1, v2)
+    loss = regression(p1, z2) + regression(p2, z1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        target, online = model.ema_pairs()
+        for t, o in zip(target, online):
+            t.mul_(tau).add_(o, alpha=1 - tau)
+    return loss.detach()
+
+
+def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", steps: int = 10, warmup: int = 3,
+               device: str | None = None, proj_hidden: int = 4096, stem: str = "auto") -> dict:
+    """BYOL img/s (and MFU on a GPU) of one training step on device-resident synthetic views.
+
+    fastbyol: channels_last model and views, bf16 autocast on CUDA, the fused loss and single-launch EMA, LARS.
+    plain: NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS."""
+    from .models import BYOL, build_encoder
+    from .optim import LARS
+    from .train import byol_step, flops_per_image, peak_flops
+
+    if variant not in ("fastbyol", "plain"):
+        raise FastByolError(f"variant must be fastbyol or plain, got {variant!r}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    model = BYOL(build_encoder(arch, stem, size), proj_hidden, 256, proj_hidden).to(dev)
+    fmt = torch.channels_last if variant == "fastbyol" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    optimizer = LARS(model.online_parameters(), lr=0.1, weight_decay=1e-6)
+    target, online = model.ema_pairs()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    views = [torch.randn(batch, 3, size, size, device=dev, generator=gen).contiguous(memory_format=fmt)
+             for _ in range(2)]
+    bf16 = variant == "fastbyol" and dev.type == "cuda"
+
+    def one_step():
+        if variant == "fastbyol":
+            return byol_step(model, optimizer, target, online, views[0], views[1], 0.1, 0.996, bf16)
+        return plain_byol_step(model, optimizer, views[0], views[1], 0.996)
+
+    for _ in range(warmup):
+        one_step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = one_step()
+    loss.item()  # sync: the last step is done
+    seconds = time.perf_counter() - t0
+    img_s = steps * batch / seconds
+    flops = flops_per_image(model, size, dev)
+    peak = peak_flops(dev)
+    return {"arch": arch, "size": size, "batch": batch, "variant": variant, "device": str(dev), "img_per_s": img_s,
+            "step_ms": 1000 * seconds / steps, "flops_per_image": flops,
+            "mfu": None if peak is None else img_s * flops / peak}

@@ -22,3 +22,6 @@ def test_gpu_report_tiny_on_cpu(tmp_path):
     assert all(r["ms"] > 0 for r in report["loss"] + report["ema"])
     assert {r["variant"] for r in report["ema"]} >= {"torch._foreach_lerp_", "fastbyol ema_update_ (tensor tau)"}
     assert "EMA over" in (tmp_path / "report.md").read_text()
+    steps = {r["variant"]: r for r in report["step"]}
+    assert set(steps) == {"plain", "fastbyol"} and all(r["img_per_s"] > 0 for r in steps.values())
+    assert steps["plain"]["flops_per_image"] == steps["fastbyol"]["flops_per_image"]  # the same network
