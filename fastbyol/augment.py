@@ -251,21 +251,20 @@ class _EpochSource:
     """
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, shard_id: int, num_shards: int,
-                 start_epoch: int = 0, labels: np.ndarray | None = None):
+                 labels: np.ndarray | None = None):
         self.images = images
         self.labels = labels
         self.batch_size = batch_size
         self.seed = seed
         self.shard_id = shard_id
         self.num_shards = num_shards
-        self.start_epoch = start_epoch
         self.per_shard = len(images) // num_shards
         self.steps_per_epoch = self.per_shard // batch_size
         self._perm_epoch = -1
         self._perm = None
 
     def __call__(self, info):
-        epoch = self.start_epoch + info.epoch_idx
+        epoch = info.epoch_idx  # restored by DALI checkpointing on resume
         if info.iteration >= self.steps_per_epoch:
             raise StopIteration
         if epoch != self._perm_epoch:
@@ -308,7 +307,6 @@ class TwoViewLoader:
         view2: ViewSpec = VIEW2,
         shard_id: int = 0,
         num_shards: int = 1,
-        start_epoch: int = 0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         gray_input: bool = False,
@@ -330,7 +328,7 @@ class TwoViewLoader:
         else:
             if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
                 raise FastByolError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-            self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards, start_epoch,
+            self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards,
                                        None if labels is None else np.asarray(labels, dtype=np.int64))
             per_shard, self._steps = self.source.per_shard, self.source.steps_per_epoch
         if self._steps == 0:
@@ -342,7 +340,6 @@ class TwoViewLoader:
         self.gray_input = gray_input
         self._checkpoint = checkpoint
         self._pipe = self._build(images, image_size, seed + shard_id, device, num_threads, view1, view2, mean, std)
-        self._epoch = start_epoch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -433,4 +430,3 @@ class TwoViewLoader:
         except RuntimeError as e:  # a file that passed the header checks but does not decode
             where = f" of {len(self.files)} files under {Path(self.files[0]).parent.parent}" if self.files else ""
             raise FastByolError(f"DALI failed on a batch{where}: {str(e).splitlines()[0]}") from None
-        self._epoch += 1
