@@ -1,4 +1,4 @@
-"""One-command performance report of the fastbyol ops: ceilings, the fused loss, the single-launch EMA.
+"""One-command performance report: ceilings, the fused loss, the single-launch EMA, DALI and the BYOL step.
 
     python benchmarks/gpu_report.py --out DIR            # on a GPU: full sizes, compiled Triton kernels
     python benchmarks/gpu_report.py --out DIR --tiny     # anywhere: tiny sizes (CPU: reference / interpreter)
@@ -9,9 +9,12 @@ triton.testing.do_bench (CUDA events) on a GPU, perf_counter around synchronized
 - loss: fused forward+backward against the eager and the torch.compile'd reference, B in {256, 4096}, D = 256;
 - EMA over the ResNet-50 + BYOL heads parameter list: per-parameter loop, torch._foreach_lerp_, one lerp_ over a
   flat buffer, and ema_update_ (float tau and 0-D tensor tau), as GB/s against the copy ceiling;
-- step: BYOL img/s, step time and MFU of our training step (channels_last, bf16 autocast, fused ops) beside a plain
-  PyTorch step (NCHW fp32, eager loss, per-parameter EMA loop): ResNet-50 at 224 px batch 256 and ResNet-18 at 32 px
-  batch 512 on a GPU, on synthetic device-resident views (the DALI figures come from `fastbyol bench augment`).
+- dali: two-view samples/s of the DALI pipeline alone from synthetic JPEGs at 224 px, batch 256, GPU decode (when
+  DALI is importable);
+- step: BYOL img/s, step time, MFU and warm-up (compilation) time of our training step (channels_last, bf16
+  autocast, fused ops; eager, torch.compile default and reduce-overhead = CUDA graphs) beside a plain PyTorch step
+  (NCHW fp32, eager loss, per-parameter EMA loop): ResNet-50 at 224 px batch 256 on device-resident synthetic views
+  and fed by the DALI pipeline, and ResNet-18 at 32 px batch 512.
 Results of real GPU runs are committed under benchmarks/results/.
 """
 
@@ -159,21 +162,61 @@ def ema_section(device, tiny: bool, copy_gbps: float) -> list[dict]:
     return rows
 
 
+def _dali_ok() -> bool:
+    from fastbyol.augment import dali_available
+
+    return dali_available()
+
+
+def dali_section(device, tiny: bool) -> dict | None:
+    """Two-view samples/s of the DALI pipeline alone, from synthetic JPEGs (GPU decode on CUDA); None without DALI."""
+    if not _dali_ok():
+        print("dali: not importable, section skipped", flush=True)
+        return None
+    from fastbyol.bench import bench_augment
+
+    if tiny:
+        r = bench_augment(28, 32, "cpu", "jpeg", steps=3)
+    else:
+        r = bench_augment(224, 256, "gpu", "jpeg", steps=20)
+    print("dali", r, flush=True)
+    return r
+
+
+# (variant, compile mode, input) per case; GPU cases: the compile mode is chosen from these rows
+STEP_RUNS_GPU = [("plain", "off", "synthetic"), ("fastbyol", "off", "synthetic"), ("fastbyol", "default", "synthetic"),
+                 ("fastbyol", "reduce-overhead", "synthetic"), ("fastbyol", "default", "dali")]
+STEP_RUNS_TINY = [("plain", "off", "synthetic"), ("fastbyol", "off", "synthetic"), ("fastbyol", "default", "synthetic"),
+                  ("fastbyol", "off", "dali")]
+
+
 def step_section(device, tiny: bool) -> list[dict]:
-    """BYOL img/s and MFU of our training step against the plain PyTorch step, same model and batch."""
+    """BYOL img/s and MFU of our training step (eager, compiled, fed by DALI) against the plain PyTorch step, same
+    model and batch. A row that fails records its error and the report goes on."""
     from fastbyol.bench import bench_step
 
     if tiny:
-        cases = [dict(arch="resnet-tiny", size=28, batch=32, proj_hidden=256, stem="small-s2", steps=3)]
+        cases = [(dict(arch="resnet-tiny", size=28, batch=32, proj_hidden=256, stem="small-s2", steps=3),
+                  STEP_RUNS_TINY)]
     else:
-        cases = [dict(arch="resnet50", size=224, batch=256, proj_hidden=4096, stem="auto", steps=10),
-                 dict(arch="resnet18", size=32, batch=512, proj_hidden=4096, stem="auto", steps=20)]
+        cases = [(dict(arch="resnet50", size=224, batch=256, proj_hidden=4096, stem="auto", steps=10), STEP_RUNS_GPU),
+                 (dict(arch="resnet18", size=32, batch=512, proj_hidden=4096, stem="auto", steps=20),
+                  [r for r in STEP_RUNS_GPU if r[2] == "synthetic"])]
     rows = []
-    for case in cases:
-        for variant in ("plain", "fastbyol"):
-            rows.append(bench_step(case["arch"], case["size"], case["batch"], variant, steps=case["steps"],
-                                   proj_hidden=case["proj_hidden"], stem=case["stem"], device=str(device)))
-            print("step", rows[-1], flush=True)
+    for case, runs in cases:
+        for variant, mode, source in runs:
+            if source == "dali" and not _dali_ok():
+                continue
+            try:
+                row = bench_step(case["arch"], case["size"], case["batch"], variant, steps=case["steps"],
+                                 proj_hidden=case["proj_hidden"], stem=case["stem"], device=str(device),
+                                 compile=mode, source=source)
+            except Exception as e:  # noqa: BLE001 (one failed row must not lose the rest of the report)
+                row = dict(arch=case["arch"], size=case["size"], batch=case["batch"], variant=variant, compile=mode,
+                           source=source, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            rows.append(row)
+            print("step", row, flush=True)
+            torch._dynamo.reset()  # each compiled row starts from its own compilation
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -199,12 +242,22 @@ def markdown(report: dict) -> str:
         g = "n/a | n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} | {r['graph_GBps']:.0f}"
         lines.append(f"| {r['variant']} | {r['ms']:.4f} | {r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | "
                      f"{r['speedup_vs_loop']:.1f} | {g} |")
-    lines += ["", "## BYOL training step on synthetic device-resident views", "",
-              "| arch | px | batch | step | img/s | step ms | GFLOP/img | MFU |", "|---|---|---|---|---|---|---|---|"]
+    d = report.get("dali")
+    lines += ["", "## DALI two-view augmentation alone", ""]
+    lines.append("DALI not importable: no figures" if d is None else
+                 f"{d['samples_per_s']:.0f} two-view samples/s: {d['source']} -> {d['size']} px, batch {d['batch']}, "
+                 f"DALI on {d['device']} ({d['threads']} threads)")
+    lines += ["", "## BYOL training step", "",
+              "| arch | px | batch | step | compile | input | img/s | step ms | GFLOP/img | MFU | warm-up s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("step", []):
+        head = f"| {r['arch']} | {r['size']} | {r['batch']} | {r['variant']} | {r['compile']} | {r['source']} |"
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error']} | | | | |")
+            continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['arch']} | {r['size']} | {r['batch']} | {r['variant']} | {r['img_per_s']:.0f} | "
-                     f"{r['step_ms']:.1f} | {r['flops_per_image'] / 1e9:.2f} | {mfu} |")
+        lines.append(f"{head} {r['img_per_s']:.0f} | {r['step_ms']:.1f} | {r['flops_per_image'] / 1e9:.2f} | {mfu} | "
+                     f"{r['warmup_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +280,7 @@ def main(argv=None) -> int:
     print("ceilings", report["ceilings"], flush=True)
     report["loss"] = loss_section(device, tiny)
     report["ema"] = ema_section(device, tiny, report["ceilings"]["copy_GBps"])
+    report["dali"] = dali_section(device, tiny)
     report["step"] = step_section(device, tiny)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)

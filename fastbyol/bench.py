@@ -20,6 +20,20 @@ from .augment import TwoViewLoader
 from .errors import FastByolError
 
 
+def synthetic_source(size: int, n_images: int, source: str = "jpeg", seed: int = 0):
+    """Benchmark images 8/7 of the view side: a uint8 (N, S, S, 3) array, or a FileList of JPEGs written to a
+    temporary folder."""
+    side = max(size, int(round(size * 8 / 7)))
+    rng = np.random.default_rng(seed)
+    if source == "arrays":
+        coarse = rng.integers(0, 256, (n_images, 8, 8, 3)).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(np.repeat(coarse, side // 8 + 1, 1), side // 8 + 1, 2)[:, :side, :side])
+    from .data.folders import FileList, synthetic_folder
+
+    root = synthetic_folder(n_train=n_images, n_test=0, size=side)
+    return FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)
+
+
 def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arrays", steps: int = 20,
                   warmup: int = 3, num_threads: int | None = None, seed: int = 0) -> dict:
     if device not in ("cpu", "gpu"):
@@ -31,18 +45,7 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
     if device == "gpu" and not torch.cuda.is_available():
         raise FastByolError("--device gpu, but torch sees no CUDA GPU")
     threads = num_threads or min(8, os.cpu_count() or 1)
-    side = max(size, int(round(size * 8 / 7)))
-    n_images = batch * 4
-    rng = np.random.default_rng(seed)
-    if source == "arrays":
-        coarse = rng.integers(0, 256, (n_images, 8, 8, 3)).astype(np.uint8)
-        images = np.ascontiguousarray(np.repeat(np.repeat(coarse, side // 8 + 1, 1), side // 8 + 1, 2)[:, :side, :side])
-        data = images
-    else:
-        from .data.folders import FileList, synthetic_folder
-
-        root = synthetic_folder(n_train=n_images, n_test=0, size=side)
-        data = FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)
+    data = synthetic_source(size, batch * 4, source, seed)
     loader = TwoViewLoader(data, batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu",
                            num_threads=threads)
     done, t0 = 0, None
@@ -83,46 +86,76 @@ def plain_byol_step(model, optimizer, v1: torch.Tensor, v2: torch.Tensor, tau: f
 
 
 def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", steps: int = 10, warmup: int = 3,
-               device: str | None = None, proj_hidden: int = 4096, stem: str = "auto") -> dict:
-    """BYOL img/s (and MFU on a GPU) of one training step on device-resident synthetic views.
+               device: str | None = None, proj_hidden: int = 4096, stem: str = "auto", compile: str = "off",
+               source: str = "synthetic") -> dict:
+    """BYOL img/s (and MFU on a GPU) of the training step.
 
-    fastbyol: channels_last model and views, bf16 autocast on CUDA, the fused loss and single-launch EMA, LARS.
-    plain: NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS."""
+    fastbyol: channels_last model and views, bf16 autocast on CUDA, the fused loss and single-launch EMA, LARS, and
+    torch.compile of the forward in mode `compile` ('off' or a torch.compile mode), as the trainer runs it.
+    plain: NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS.
+    source: 'synthetic' (views already on the device: the step alone) or 'dali' (the trainer's DALI pipeline over
+    synthetic JPEGs, decoded and augmented on the GPU: the step fed as in training).
+    The warm-up steps (compilation included) are timed apart: warmup_seconds."""
+    from .augment import TwoViewLoader
     from .models import BYOL, build_encoder
     from .optim import LARS
     from .train import byol_step, flops_per_image, peak_flops
 
     if variant not in ("fastbyol", "plain"):
         raise FastByolError(f"variant must be fastbyol or plain, got {variant!r}")
+    if source not in ("synthetic", "dali"):
+        raise FastByolError(f"source must be synthetic or dali, got {source!r}")
+    if variant == "plain" and compile != "off":
+        raise FastByolError("the plain step is never compiled")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     model = BYOL(build_encoder(arch, stem, size), proj_hidden, 256, proj_hidden).to(dev)
     fmt = torch.channels_last if variant == "fastbyol" else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    flops = flops_per_image(model, size, dev)
     optimizer = LARS(model.online_parameters(), lr=0.1, weight_decay=1e-6)
     target, online = model.ema_pairs()
-    gen = torch.Generator(device=dev).manual_seed(0)
-    views = [torch.randn(batch, 3, size, size, device=dev, generator=gen).contiguous(memory_format=fmt)
-             for _ in range(2)]
     bf16 = variant == "fastbyol" and dev.type == "cuda"
+    # the trainer's views: fp16 on CUDA (bf16 autocast takes them as they are), fp32 on CPU
+    view_dtype = torch.float16 if bf16 else torch.float32
+    if source == "synthetic":
+        gen = torch.Generator(device=dev).manual_seed(0)
+        views = [torch.randn(batch, 3, size, size, device=dev, generator=gen).to(view_dtype).contiguous(
+            memory_format=fmt) for _ in range(2)]
 
-    def one_step():
+        def batches():
+            while True:
+                yield views
+    else:
+        loader = TwoViewLoader(synthetic_source(size, batch * 4, "jpeg"), batch, size,
+                               device="cuda" if dev.type == "cuda" else "cpu",
+                               num_threads=min(8, os.cpu_count() or 1))
+
+        def batches():
+            while True:
+                for v1, v2 in loader.epoch():
+                    yield (v1.to(view_dtype).contiguous(memory_format=fmt),
+                           v2.to(view_dtype).contiguous(memory_format=fmt))
+    net = model if compile == "off" else torch.compile(model, mode=None if compile == "default" else compile)
+
+    def one_step(v1, v2):
         if variant == "fastbyol":
-            return byol_step(model, optimizer, target, online, views[0], views[1], 0.1, 0.996, bf16)
-        return plain_byol_step(model, optimizer, views[0], views[1], 0.996)
+            return byol_step(net, optimizer, target, online, v1, v2, 0.1, 0.996, bf16)
+        return plain_byol_step(model, optimizer, v1, v2, 0.996)
 
+    stream = batches()
+    t0 = time.perf_counter()
     for _ in range(warmup):
-        one_step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+        loss = one_step(*next(stream))
+    loss.item()  # sync
+    warmup_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = one_step()
+        loss = one_step(*next(stream))
     loss.item()  # sync: the last step is done
     seconds = time.perf_counter() - t0
     img_s = steps * batch / seconds
-    flops = flops_per_image(model, size, dev)
     peak = peak_flops(dev)
-    return {"arch": arch, "size": size, "batch": batch, "variant": variant, "device": str(dev), "img_per_s": img_s,
-            "step_ms": 1000 * seconds / steps, "flops_per_image": flops,
-            "mfu": None if peak is None else img_s * flops / peak}
+    return {"arch": arch, "size": size, "batch": batch, "variant": variant, "compile": compile, "source": source,
+            "device": str(dev), "img_per_s": img_s, "step_ms": 1000 * seconds / steps, "flops_per_image": flops,
+            "mfu": None if peak is None else img_s * flops / peak, "warmup_seconds": warmup_seconds}

@@ -22,6 +22,16 @@ def test_gpu_report_tiny_on_cpu(tmp_path):
     assert all(r["ms"] > 0 for r in report["loss"] + report["ema"])
     assert {r["variant"] for r in report["ema"]} >= {"torch._foreach_lerp_", "fastbyol ema_update_ (tensor tau)"}
     assert "EMA over" in (tmp_path / "report.md").read_text()
-    steps = {r["variant"]: r for r in report["step"]}
-    assert set(steps) == {"plain", "fastbyol"} and all(r["img_per_s"] > 0 for r in steps.values())
-    assert steps["plain"]["flops_per_image"] == steps["fastbyol"]["flops_per_image"]  # the same network
+    rows = {(r["variant"], r["compile"], r["source"]): r for r in report["step"]}
+    assert set(rows) == {("plain", "off", "synthetic"), ("fastbyol", "off", "synthetic"),
+                         ("fastbyol", "default", "synthetic"), ("fastbyol", "off", "dali")}
+    assert not [r for r in rows.values() if "error" in r], rows
+    assert all(r["img_per_s"] > 0 and r["warmup_seconds"] > 0 for r in rows.values())
+    flops = {r["flops_per_image"] for r in rows.values()}
+    assert len(flops) == 1  # the same network in every row
+    # compilation happens in the warm-up, not in the timed steps
+    assert rows[("fastbyol", "default", "synthetic")]["warmup_seconds"] > rows[("fastbyol", "off", "synthetic")][
+        "warmup_seconds"]
+    assert report["dali"]["samples_per_s"] > 0 and report["dali"]["source"] == "jpeg"
+    md = (tmp_path / "report.md").read_text()
+    assert "two-view samples/s" in md and "| resnet-tiny | 28 | 32 | fastbyol | default | synthetic |" in md
