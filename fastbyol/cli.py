@@ -35,6 +35,8 @@ _TRAIN_FLAGS = {
     ("optim", "weight_decay"): "LARS weight decay (not on biases and BN)",
     ("optim", "tau_base"): "EMA decay at step 0 (cosine to 1)",
     ("run", "device"): "auto | cpu | cuda",
+    ("run", "compile"): "torch.compile of the forward: auto (default on CUDA, off on CPU) | off | default | "
+                        "reduce-overhead | max-autotune | max-autotune-no-cudagraphs",
     ("run", "log_every"): "steps between loss reads",
     ("run", "ckpt_every_steps"): "steps between checkpoints for --resume (0: only the final one)",
     ("run", "knn_k"): "kNN neighbours",

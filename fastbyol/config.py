@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 from .errors import FastByolError
 
 
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class DataConfig:
     data: str = "embedded"  # 'embedded', 'fashion-mnist', a dataset folder or a .npy/.npz file
@@ -48,6 +51,8 @@ class RunConfig:
     seed: int = 0
     out: str = ""  # run directory; default runs/<preset>-<UTC time>
     device: str = "auto"  # auto | cpu | cuda
+    compile: str = "auto"  # torch.compile of the online/target forward: auto (default mode on CUDA, off on CPU) |
+    # off | default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     log_every: int = 10  # steps between loss reads (host syncs)
     ckpt_every_steps: int = 0  # steps between checkpoints for --resume (0: only the final one)
     knn_every: int = 4  # epochs between online kNN checks on a subset (0: only the final full evaluation)
@@ -84,6 +89,8 @@ class Config:
             (self.run.knn_every >= 0, f"--knn-every must be >= 0, got {self.run.knn_every}"),
             (self.run.knn_subset > 0, f"--knn-subset must be > 0, got {self.run.knn_subset}"),
             (self.run.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.run.device}"),
+            (self.run.compile in COMPILE_MODES, f"--compile must be one of {', '.join(COMPILE_MODES)}, "
+                                                f"got {self.run.compile}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -20,14 +20,41 @@ def world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed(device_type: str) -> tuple[int, int]:
-    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); returns (rank, world_size)."""
+_BN_GROUP = None
+
+
+def _bn_group():
+    """A process group of its own for the BN statistics, so their collectives never interleave with DDP's
+    asynchronous gradient all-reduces on the default group."""
+    global _BN_GROUP
+    if _BN_GROUP is None:
+        _BN_GROUP = dist.new_group(backend="gloo")
+    return _BN_GROUP
+
+
+def init_distributed(device_type: str) -> tuple[int, int, bool]:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU).
+
+    Returns (rank, world_size, created): created is True when this call made the group (the caller then destroys
+    it), False when there is one process or the caller's code had already joined a group."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
     rank, local_rank, world_size = world()
-    if world_size > 1 and not dist.is_initialized():
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return rank, world_size
+    if world_size == 1:
+        return rank, world_size, False
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if device_type != "cuda":
+        _bn_group()  # made now, by every rank together, not lazily in the first forward
+    return rank, world_size, True
+
+
+def close_distributed() -> None:
+    global _BN_GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _BN_GROUP = None
 
 
 class GlobalBatchNorm(nn.BatchNorm2d):
@@ -43,6 +70,8 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
+        import warnings
+
         import torch.distributed.nn.functional as dist_fn
 
         dims = [0] if x.ndim == 2 else [0, 2, 3]
@@ -50,7 +79,9 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         xf = x.float()
         count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
         stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = dist_fn.all_reduce(stats)  # sums over ranks; its backward all-reduces the gradients
+        with warnings.catch_warnings():  # its deprecation notice names a replacement without autograd support
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = dist_fn.all_reduce(stats, group=_bn_group())  # sums over ranks; backward all-reduces the grads
         c = x.shape[1]
         n = stats[2 * c]
         mean = stats[:c] / n
@@ -67,13 +98,19 @@ class GlobalBatchNorm(nn.BatchNorm2d):
 
 
 def convert_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
-    """Every BatchNorm1d/2d -> SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere; weights and statistics kept."""
+    """Every BatchNorm1d/2d -> SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere; the parameters and buffers are the
+    same objects, so a frozen (target) BN stays frozen."""
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and not isinstance(module, GlobalBatchNorm):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats)
-        new.load_state_dict(module.state_dict())
+        if module.affine:  # the same Parameter objects: requires_grad (False in the target) and identity kept
+            new.weight, new.bias = module.weight, module.bias
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
         return new
     for name, child in module.named_children():
         module.add_module(name, convert_batchnorm(child, device_type))

@@ -1,22 +1,34 @@
-"""Two gloo processes with half the batch each give what one process gives with the whole batch: losses, online and
-target parameters, and BN running statistics (GlobalBatchNorm, the CPU stand-in for SyncBatchNorm).
+"""Data parallelism on the CPU (gloo), as torchrun runs it.
 
-Gradients are averaged over ranks with an all-reduce after the backward (what DDP does). DDP itself around this
-model crashed with gloo here (a reducer error, then SIGSEGV under TORCH_DISTRIBUTED_DEBUG=DETAIL): its wiring is
-the throughput issue's work."""
+- Two processes with half the global batch each, DDP around the model and GlobalBatchNorm (the CPU stand-in for
+  SyncBatchNorm), stepped by the trainer's own `byol_step`, give what one process gives with the whole batch: losses,
+  online and target parameters and BN running statistics.
+- `fastbyol train` under torchrun with 2 processes: rank 0 alone writes the run directory; killed with SIGKILL and
+  resumed with torchrun, it ends with the same parameters as an uninterrupted 2-process run.
+"""
 
+import json
 import os
+import random
+import signal
 import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
-from fastbyol.dist import GlobalBatchNorm, convert_batchnorm
-from fastbyol.kernels import byol_loss_symmetric, ema_update_
+from fastbyol.checkpoint import load_checkpoint
+from fastbyol.dist import GlobalBatchNorm, close_distributed, convert_batchnorm, init_distributed
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
+from fastbyol.train import byol_step
 
 STEPS, BATCH = 3, 16
 
@@ -24,7 +36,7 @@ STEPS, BATCH = 3, 16
 def _model():
     torch.manual_seed(0)
     model = BYOL(build_encoder("resnet-tiny", stem="small-s2", image_size=16), 64, 32, 64)
-    return convert_batchnorm(model, "cpu").to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last)
 
 
 def _data():
@@ -33,47 +45,54 @@ def _data():
             for _ in range(STEPS)]
 
 
-def _train(model, step_fn, data, rank=0, world=1):
+def _train(model, net, data, rank=0, world=1):
     opt = LARS(model.online_parameters(), lr=0.2, weight_decay=1e-6)
     target, online = model.ema_pairs()
     losses = []
     for v1, v2 in data:
         part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        p1, p2, z1, z2 = step_fn(v1[part].contiguous(memory_format=torch.channels_last),
-                                 v2[part].contiguous(memory_format=torch.channels_last))
-        loss = byol_loss_symmetric(p1, p2, z1, z2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:  # the mean over ranks of each rank's gradient = the gradient of the global-batch mean loss
-            for p in model.online_parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        opt.step()
-        ema_update_(target, online, 0.9)
-        reported = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(reported)
-            reported /= world
-        losses.append(reported.item())
+        loss = byol_step(net, opt, target, online, v1[part].contiguous(memory_format=torch.channels_last),
+                         v2[part].contiguous(memory_format=torch.channels_last), lr=0.2, tau=0.9)
+        if world > 1:  # each rank's loss is its half's mean: the global mean is their average
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
     return losses
 
 
 def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    model = _model()
-    losses = _train(model, model, _data(), rank, world)
+    assert init_distributed("cpu") == (rank, world, True)
+    model = convert_batchnorm(_model(), "cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = DistributedDataParallel(model, broadcast_buffers=False, gradient_as_bucket_view=True)
+        losses = _train(model, net, _data(), rank, world)
+    grads = [(p.grad.stride(), p.stride()) for p in model.online_parameters() if p.ndim == 4]
     if rank == 0:
-        torch.save({"losses": losses, "state": model.state_dict()}, out_path)
+        torch.save({"losses": losses, "state": model.state_dict(), "grad_strides": grads,
+                    "warnings": [str(w.message) for w in caught]}, out_path)
     dist.barrier()
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_convert_batchnorm_keeps_the_parameters():
+    model = _model()
+    before = {n: p for n, p in model.named_parameters()}
+    convert_batchnorm(model, "cpu")
+    after = dict(model.named_parameters())
+    assert isinstance(model.target_encoder.bn1, GlobalBatchNorm) and isinstance(model.predictor[1], GlobalBatchNorm)
+    assert all(after[n] is p for n, p in before.items())  # the same objects: optimizer and EMA lists stay valid
+    assert not any(p.requires_grad for n, p in after.items() if n.startswith("target_"))  # frozen target stays so
+    assert model.target_encoder.bn1.running_var is model.target_encoder.bn1._buffers["running_var"]
 
 
 @pytest.mark.slow
@@ -93,4 +112,90 @@ def test_two_processes_equal_one_process(tmp_path):
         if value.is_floating_point():
             torch.testing.assert_close(two["state"][name], value, rtol=1e-3, atol=2e-4, msg=name)
     assert any("running_var" in k for k in one_state)  # BN statistics compared too
-    assert isinstance(model.online_encoder.bn1, GlobalBatchNorm)
+    # DDP's bucket views take each channels_last parameter's own strides: no copy, no stride warning
+    assert two["grad_strides"] and all(g == p for g, p in two["grad_strides"]), two["grad_strides"]
+    assert not [w for w in two["warnings"] if "stride" in w.lower()], two["warnings"]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _wait_gone(pids: list[int]) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids):
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+ARGS = ["--data", "synthetic", "--epochs", "3", "--batch-size", "64", "--no-progress", "--ckpt-every-steps", "2",
+        "--log-every", "3", "--knn-every", "0", "--seed", "5"]
+
+
+def _torchrun(*argv):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), "-m", "fastbyol", "train", *argv]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_once_and_resume_exactly(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full = tmp_path / "full"
+    res = subprocess.run(_torchrun(*ARGS, "--out", str(full)), capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3 * (512 // 64)  # 512 synthetic training images
+    assert res.stdout.count("summary:") == 1  # rank 0 alone speaks
+    losses = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    log_steps = [r["step"] for r in losses if "loss" in r]
+    assert log_steps == sorted(set(log_steps)) and log_steps[-1] == 24  # one writer: no line twice
+    ckpt = load_checkpoint(full / "checkpoint.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["data_states"]) == 2 and len(ckpt["torch_rngs"]) == 2
+    assert ckpt["data_states"][0] != ckpt["data_states"][1]  # each rank's own shard and random stream
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun(*ARGS, "--out", str(killed)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.Random().uniform(0.0, 1.0))  # a random step after the first checkpoint
+    if sys.platform != "linux":
+        pytest.skip("finds torchrun's workers through /proc")
+    workers = _children(proc.pid)  # torchrun starts its workers in sessions of their own
+    for pid in [*workers, proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert len(workers) == 2
+    _wait_gone(workers)
+    if (killed / "summary.json").exists():
+        pytest.skip("the run finished before the kill; nothing to resume (machine too fast for this test)")
+    step_at_kill = load_checkpoint(killed / "checkpoint.pt")["step"]
+    assert 0 < step_at_kill < 24
+    # the same run resumed by one process is refused: the shards would not match
+    res = subprocess.run([sys.executable, "-m", "fastbyol", "train", "--resume", str(killed)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and "with 2 processes" in res.stderr
+    res = subprocess.run(_torchrun("--resume", str(killed), "--no-progress"), capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed at step {step_at_kill}" in res.stdout
+    resumed = json.loads((killed / "summary.json").read_text())
+    assert resumed["resumed"] and resumed["steps"] == 24
+    assert resumed["params_sha256"] == summary["params_sha256"]
+    assert Path(killed / "config.json").read_text() == Path(full / "config.json").read_text().replace(
+        str(full), str(killed))

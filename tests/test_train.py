@@ -71,12 +71,27 @@ def test_train_end_to_end_small(tmp_path, capsys):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == summary["steps"]
     assert any(k.startswith("target_encoder.") for k in ckpt["model"])
-    assert isinstance(ckpt["data_state"], (str, bytes)) and ckpt["data_state"]  # the DALI position
+    assert ckpt["world_size"] == 1 and len(ckpt["data_states"]) == 1
+    assert isinstance(ckpt["data_states"][0], (str, bytes)) and ckpt["data_states"][0]  # the DALI position
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) >= 4 and all(np.isfinite(r["loss"]) for r in steps)
     knn_rows = [r for r in rows if "knn_top1" in r]
     assert knn_rows[0]["init"] == "random" and knn_rows[-1]["knn_top1"] == summary["knn_top1"]
+    assert summary["warmup_seconds"] > 0 and summary["world_size"] == 1 and summary["compile"] == "off"
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        assert not (out / "tensorboard").exists()  # metrics.jsonl alone
+    else:  # the same numbers in TensorBoard's event file
+        board = EventAccumulator(str(out / "tensorboard"))
+        board.Reload()
+        loss = [(e.step, e.value) for e in board.Scalars("train/loss")]
+        assert [s for s, _ in loss] == [r["step"] for r in steps]
+        np.testing.assert_allclose([v for _, v in loss], [r["loss"] for r in steps], rtol=1e-6)
+        assert {"train/lr", "train/tau", "train/img_per_s", "knn/top1", "knn/top1_random_init"} <= set(
+            board.Tags()["scalars"])
+        assert board.Scalars("knn/top1")[-1].value == pytest.approx(summary["knn_top1"], rel=1e-6)
     printed = capsys.readouterr().out
     assert "kNN top-1: trained" in printed and str(out / "summary.json") in printed
 
@@ -139,3 +154,26 @@ def test_flops_per_image_of_resnet50_matches_the_paper_count():
     model = BYOL(build_encoder("resnet50", image_size=224))
     gflop = flops_per_image(model, 224, torch.device("cpu")) / 1e9
     assert 62 < gflop < 70
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_the_eager_step(tmp_path):
+    """--compile default (Inductor's C++ backend on CPU): the same losses as eager to fp32 reordering, and the first
+    step, where compilation happens, timed apart from the steady state."""
+    args = ["--data", "synthetic", "--epochs", "1", "--batch-size", "64", "--no-progress", "--log-every", "2",
+            "--knn-every", "0", "--seed", "2"]
+    runs = {}
+    for mode in ("off", "default"):
+        res = subprocess.run([sys.executable, "-m", "fastbyol", "train", *args, "--compile", mode, "--out",
+                              str(tmp_path / mode)], capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"first step (compile {mode}" in res.stdout
+        summary = json.loads((tmp_path / mode / "summary.json").read_text())
+        losses = [json.loads(line)["loss"] for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+                  if '"loss"' in line]
+        runs[mode] = summary, losses
+    (eager, eager_losses), (compiled, compiled_losses) = runs["off"], runs["default"]
+    assert compiled["compile"] == "default" and eager["compile"] == "off"
+    assert len(eager_losses) == len(compiled_losses) == 4 and eager_losses[0] != eager_losses[-1]
+    np.testing.assert_allclose(compiled_losses, eager_losses, rtol=2e-4)  # measured: <= 4e-5 apart
+    assert compiled["warmup_seconds"] > compiled["step_ms"] / 1000  # compilation is outside the steady state
