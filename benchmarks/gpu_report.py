@@ -9,6 +9,7 @@ triton.testing.do_bench (CUDA events) on a GPU, perf_counter around synchronized
 - loss: fused forward+backward against the eager and the torch.compile'd reference, B in {256, 4096}, D = 256;
 - EMA over the ResNet-50 + BYOL heads parameter list: per-parameter loop, torch._foreach_lerp_, one lerp_ over a
   flat buffer, and ema_update_ (float tau and 0-D tensor tau), as GB/s against the copy ceiling;
+- lars: one LARS step over the online parameters, foreach ops against the per-parameter loop;
 - dali: two-view samples/s of the DALI pipeline alone from synthetic JPEGs at 224 px, batch 256, GPU decode (when
   DALI is importable);
 - step: BYOL img/s, step time, MFU and warm-up (compilation) time of our training step (channels_last, bf16
@@ -162,6 +163,30 @@ def ema_section(device, tiny: bool, copy_gbps: float) -> list[dict]:
     return rows
 
 
+def lars_section(device, tiny: bool) -> list[dict]:
+    """One LARS step over the online parameters (ResNet-50 + BYOL heads on a GPU): foreach ops against the
+    reference per-parameter loop."""
+    from fastbyol.optim import LARS
+
+    if tiny:
+        model = BYOL(build_encoder("resnet-tiny", stem="small-s2", image_size=28), 256, 64, 256)
+    else:
+        model = BYOL(build_encoder("resnet50", image_size=224))
+    model = model.to(device=device, memory_format=torch.channels_last)
+    rows = []
+    for variant in ("per-parameter loop (reference)", "foreach (fastbyol LARS)"):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in model.online_parameters()]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = LARS(params, lr=0.1, weight_decay=1e-6, foreach=variant.startswith("foreach"))
+        rows.append({"variant": variant, "tensors": len(params), "elements": sum(p.numel() for p in params),
+                     "ms": bench_ms(opt.step, device)})
+    for r in rows:
+        r["speedup_vs_loop"] = rows[0]["ms"] / r["ms"]
+    print("lars", rows, flush=True)
+    return rows
+
+
 def _dali_ok() -> bool:
     from fastbyol.augment import dali_available
 
@@ -242,6 +267,11 @@ def markdown(report: dict) -> str:
         g = "n/a | n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} | {r['graph_GBps']:.0f}"
         lines.append(f"| {r['variant']} | {r['ms']:.4f} | {r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | "
                      f"{r['speedup_vs_loop']:.1f} | {g} |")
+    rows = report.get("lars", [])
+    if rows:
+        lines += ["", f"## LARS step over {rows[0]['tensors']} online tensors, {rows[0]['elements'] / 1e6:.1f}M "
+                      "elements (median ms)", "", "| variant | ms | x loop |", "|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['ms']:.3f} | {r['speedup_vs_loop']:.1f} |" for r in rows]
     d = report.get("dali")
     lines += ["", "## DALI two-view augmentation alone", ""]
     lines.append("DALI not importable: no figures" if d is None else
@@ -280,6 +310,7 @@ def main(argv=None) -> int:
     print("ceilings", report["ceilings"], flush=True)
     report["loss"] = loss_section(device, tiny)
     report["ema"] = ema_section(device, tiny, report["ceilings"]["copy_GBps"])
+    report["lars"] = lars_section(device, tiny)
     report["dali"] = dali_section(device, tiny)
     report["step"] = step_section(device, tiny)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

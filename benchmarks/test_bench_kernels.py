@@ -76,3 +76,17 @@ def test_ema(timed, monkeypatch, ema_lists, variant):
     with torch.no_grad():
         fn()
         timed(fn, tensors=len(target), elements=n, bytes=3 * n * 4)  # GB/s = bytes / median time
+
+
+@pytest.mark.parametrize("variant", ["foreach", "per-parameter loop"])
+def test_lars_step(timed, ema_lists, variant):
+    """One LARS step over the online parameters of the same network: foreach ops against the reference loop."""
+    from fastbyol.optim import LARS
+
+    _, online = ema_lists
+    params = [torch.nn.Parameter(o.clone()) for o in online]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = LARS(params, lr=0.1, weight_decay=1e-6, foreach=variant == "foreach")
+    opt.step()  # momentum buffers allocated outside the timing
+    timed(opt.step, tensors=len(params), elements=sum(p.numel() for p in params))

@@ -22,6 +22,9 @@ def test_gpu_report_tiny_on_cpu(tmp_path):
     assert all(r["ms"] > 0 for r in report["loss"] + report["ema"])
     assert {r["variant"] for r in report["ema"]} >= {"torch._foreach_lerp_", "fastbyol ema_update_ (tensor tau)"}
     assert "EMA over" in (tmp_path / "report.md").read_text()
+    lars = {r["variant"]: r for r in report["lars"]}
+    assert set(lars) == {"per-parameter loop (reference)", "foreach (fastbyol LARS)"}
+    assert all(r["ms"] > 0 and r["tensors"] > 10 for r in lars.values())
     rows = {(r["variant"], r["compile"], r["source"]): r for r in report["step"]}
     assert set(rows) == {("plain", "off", "synthetic"), ("fastbyol", "off", "synthetic"),
                          ("fastbyol", "default", "synthetic"), ("fastbyol", "off", "dali")}
@@ -34,4 +37,5 @@ def test_gpu_report_tiny_on_cpu(tmp_path):
         "warmup_seconds"]
     assert report["dali"]["samples_per_s"] > 0 and report["dali"]["source"] == "jpeg"
     md = (tmp_path / "report.md").read_text()
-    assert "two-view samples/s" in md and "| resnet-tiny | 28 | 32 | fastbyol | default | synthetic |" in md
+    assert "two-view samples/s" in md and "LARS step over" in md
+    assert "| resnet-tiny | 28 | 32 | fastbyol | default | synthetic |" in md
