@@ -38,6 +38,9 @@ from fastbyol.reference import byol_loss_reference, byol_loss_symmetric_referenc
 from fastbyol.train import library_versions
 
 
+SECTIONS = ("loss", "ema", "lars", "dali", "step")
+
+
 def bench_ms(fn, device: torch.device, reps: int = 50) -> float:
     """Median milliseconds of fn()."""
     if device.type == "cuda":
@@ -253,33 +256,37 @@ def markdown(report: dict) -> str:
              f"commit `{report['commit']}`, {report['date']}, versions {report['versions']}, "
              f"kernel path `{report['kernel_path']}`", "",
              f"Ceilings: copy {c['copy_GBps']:.0f} GB/s ({c['copy_bytes'] / 1e9:.2f} GB moved), "
-             f"{c['matmul_dtype']} matmul {c['matmul_n']}^3 {c['matmul_TFLOPs']:.1f} TFLOP/s", "",
-             "## Loss, forward + backward (median ms)", "",
-             "| B | D | dtype | variant | ms | x eager | x compiled |", "|---|---|---|---|---|---|---|"]
-    for r in report["loss"]:
-        lines.append(f"| {r['B']} | {r['D']} | {r['dtype']} | {r['variant']} | {r['ms']:.4f} | "
-                     f"{r['speedup_vs_eager']:.2f} | {r['speedup_vs_compiled']:.2f} |")
-    e0 = report["ema"][0]
-    lines += ["", f"## EMA over {e0['tensors']} tensors, {e0['elements'] / 1e6:.1f}M fp32 elements (median ms)", "",
-              "| variant | ms | GB/s | of copy | x loop | CUDA graph ms | graph GB/s |",
-              "|---|---|---|---|---|---|---|"]
-    for r in report["ema"]:
-        g = "n/a | n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} | {r['graph_GBps']:.0f}"
-        lines.append(f"| {r['variant']} | {r['ms']:.4f} | {r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | "
-                     f"{r['speedup_vs_loop']:.1f} | {g} |")
+             f"{c['matmul_dtype']} matmul {c['matmul_n']}^3 {c['matmul_TFLOPs']:.1f} TFLOP/s"]
+    if report.get("loss"):
+        lines += ["", "## Loss, forward + backward (median ms)", "",
+                  "| B | D | dtype | variant | ms | x eager | x compiled |", "|---|---|---|---|---|---|---|"]
+        for r in report["loss"]:
+            lines.append(f"| {r['B']} | {r['D']} | {r['dtype']} | {r['variant']} | {r['ms']:.4f} | "
+                         f"{r['speedup_vs_eager']:.2f} | {r['speedup_vs_compiled']:.2f} |")
+    if report.get("ema"):
+        e0 = report["ema"][0]
+        lines += ["", f"## EMA over {e0['tensors']} tensors, {e0['elements'] / 1e6:.1f}M fp32 elements (median ms)",
+                  "", "| variant | ms | GB/s | of copy | x loop | CUDA graph ms | graph GB/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["ema"]:
+            g = "n/a | n/a" if r["graph_ms"] is None else f"{r['graph_ms']:.4f} | {r['graph_GBps']:.0f}"
+            lines.append(f"| {r['variant']} | {r['ms']:.4f} | {r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | "
+                         f"{r['speedup_vs_loop']:.1f} | {g} |")
     rows = report.get("lars", [])
     if rows:
         lines += ["", f"## LARS step over {rows[0]['tensors']} online tensors, {rows[0]['elements'] / 1e6:.1f}M "
                       "elements (median ms)", "", "| variant | ms | x loop |", "|---|---|---|"]
         lines += [f"| {r['variant']} | {r['ms']:.3f} | {r['speedup_vs_loop']:.1f} |" for r in rows]
-    d = report.get("dali")
-    lines += ["", "## DALI two-view augmentation alone", ""]
-    lines.append("DALI not importable: no figures" if d is None else
-                 f"{d['samples_per_s']:.0f} two-view samples/s: {d['source']} -> {d['size']} px, batch {d['batch']}, "
-                 f"DALI on {d['device']} ({d['threads']} threads)")
-    lines += ["", "## BYOL training step", "",
-              "| arch | px | batch | step | compile | input | img/s | step ms | GFLOP/img | MFU | warm-up s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if "dali" in report:
+        d = report["dali"]
+        lines += ["", "## DALI two-view augmentation alone", ""]
+        lines.append("DALI not importable: no figures" if d is None else
+                     f"{d['samples_per_s']:.0f} two-view samples/s: {d['source']} -> {d['size']} px, batch "
+                     f"{d['batch']}, DALI on {d['device']} ({d['threads']} threads)")
+    if report.get("step"):
+        lines += ["", "## BYOL training step", "",
+                  "| arch | px | batch | step | compile | input | img/s | step ms | GFLOP/img | MFU | warm-up s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("step", []):
         head = f"| {r['arch']} | {r['size']} | {r['batch']} | {r['variant']} | {r['compile']} | {r['source']} |"
         if "error" in r:
@@ -295,7 +302,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder for report.json and report.md")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke run)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (ceilings always run)")
     args = ap.parse_args(argv)
+    wanted = {x.strip() for x in args.sections.split(",") if x.strip()}
+    if wanted - set(SECTIONS):
+        ap.error(f"--sections: unknown {sorted(wanted - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny or device.type != "cuda"
     out = Path(args.out)
@@ -308,11 +320,17 @@ def main(argv=None) -> int:
     print(f"device {report['device']}; kernels {report['kernel_path']}; tiny={tiny}", flush=True)
     report["ceilings"] = ceilings(device, tiny)
     print("ceilings", report["ceilings"], flush=True)
-    report["loss"] = loss_section(device, tiny)
-    report["ema"] = ema_section(device, tiny, report["ceilings"]["copy_GBps"])
-    report["lars"] = lars_section(device, tiny)
-    report["dali"] = dali_section(device, tiny)
-    report["step"] = step_section(device, tiny)
+    report["sections"] = [x for x in SECTIONS if x in wanted]
+    if "loss" in wanted:
+        report["loss"] = loss_section(device, tiny)
+    if "ema" in wanted:
+        report["ema"] = ema_section(device, tiny, report["ceilings"]["copy_GBps"])
+    if "lars" in wanted:
+        report["lars"] = lars_section(device, tiny)
+    if "dali" in wanted:
+        report["dali"] = dali_section(device, tiny)
+    if "step" in wanted:
+        report["step"] = step_section(device, tiny)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (out / "report.md").write_text(md)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU session (device tool): install, the kernel tests on CUDA, the ops report.
+# The prepared GPU session (device tool): install, the kernel and CUDA-only tests, the report.
 #   OUT=DIR bash benchmarks/gpu_run.sh        # CPU mode too: tests on the interpreter, tiny report
+#   SECTIONS=step OUT=DIR bash benchmarks/gpu_run.sh   # a rerun of some report sections only
+# Worst case within one 10-minute device call: TEST_TIMEOUT (180 s) + REPORT_TIMEOUT (390 s) + install.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -14,8 +16,9 @@ if [ "$(ls .devpack 2>/dev/null | wc -l)" = 4 ]; then
 fi
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 echo "== kernel and CUDA-only tests"
-timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_paths.py \
+timeout "${TEST_TIMEOUT:-180}" $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_paths.py \
   --durations=5 2>&1 \
   | tee "$OUT/pytest-kernels.log" | tail -25
 echo "== ops report"
-timeout "${REPORT_TIMEOUT:-240}" $PY benchmarks/gpu_report.py --out "$OUT/report" 2>&1 | tee "$OUT/report.log" | tail -45
+timeout "${REPORT_TIMEOUT:-390}" $PY benchmarks/gpu_report.py --out "$OUT/report" \
+  --sections "${SECTIONS:-loss,ema,lars,dali,step}" 2>&1 | tee "$OUT/report.log" | tail -60

@@ -419,9 +419,11 @@ def _train(cfg: Config, state: dict | None, resume, device: torch.device, rank: 
                     if not math.isfinite(global_mean(loss_sum)):
                         raise TrainingStopped(f"the loss became non-finite by step {step}; the last good "
                                               f"checkpoint is kept in {run_dir}")
-                    train_seconds += time.perf_counter() - t_epoch
+                    t_save = time.perf_counter()
+                    train_seconds += t_save - t_epoch
                     save(finished=False)
                     t_epoch = time.perf_counter()  # the checkpoint's own time stays out of img/s
+                    t_log += t_epoch - t_save
                 t_asked = time.perf_counter()
             train_seconds += time.perf_counter() - t_epoch
             if cfg.run.knn_every and (epoch + 1) % cfg.run.knn_every == 0 and epoch + 1 < cfg.optim.epochs:
@@ -430,6 +432,7 @@ def _train(cfg: Config, state: dict | None, resume, device: torch.device, rank: 
                 if knn_now is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", knn=f"{knn_now:.1f}")
                     write_metrics(step=step, epoch=epoch, knn_top1=knn_now, knn_subset=cfg.run.knn_subset)
+                t_log, images_at_log = time.perf_counter(), images_seen  # the check's time stays out of img/s
         bar.close()
 
         knn_trained = lead_knn()

@@ -39,3 +39,17 @@ def test_gpu_report_tiny_on_cpu(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "two-view samples/s" in md and "LARS step over" in md
     assert "| resnet-tiny | 28 | 32 | fastbyol | default | synthetic |" in md
+
+
+def test_gpu_report_sections(tmp_path):
+    script = str(ROOT / "benchmarks" / "gpu_report.py")
+    res = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--tiny", "--sections", "lars"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sections"] == ["lars"] and "loss" not in report and "step" not in report
+    md = (tmp_path / "report.md").read_text()
+    assert "LARS step over" in md and "## Loss" not in md
+    res = subprocess.run([sys.executable, script, "--out", str(tmp_path / "x"), "--tiny", "--sections", "lars,nope"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 2 and "nope" in res.stderr and not (tmp_path / "x").exists()
