@@ -6,7 +6,8 @@
 Writes DIR/report.json and DIR/report.md (device, versions, sizes, git commit, every figure). Timings are medians:
 triton.testing.do_bench (CUDA events) on a GPU, perf_counter around synchronized calls on a CPU. Sections:
 - ceilings: device-to-device copy GB/s (bytes read + written), bf16 matmul TFLOP/s;
-- loss: fused forward+backward against the eager and the torch.compile'd reference, B in {256, 4096}, D = 256;
+- loss: fused forward+backward against the eager and the torch.compile'd reference, B in {256, 4096}, D = 256; and
+  ours compiled in each torch.library form (custom_op, and triton_op on CUDA: the FASTBYOL_OP_STYLE choice);
 - EMA over the ResNet-50 + BYOL heads parameter list: per-parameter loop, torch._foreach_lerp_, one lerp_ over a
   flat buffer, and ema_update_ (float tau and 0-D tensor tau), as GB/s against the copy ceiling;
 - lars: one LARS step over the online parameters, foreach ops against the per-parameter loop;
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, kernel_path
+from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, kernel_path, set_op_style
+from fastbyol.kernels.loss import HAS_TRITON_OP
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.reference import byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_
 from fastbyol.train import library_versions
@@ -122,6 +124,15 @@ def loss_section(device, tiny: bool) -> list[dict]:
                 "fastbyol byol_loss_symmetric": (byol_loss_symmetric, True),
             }
             times = {name: bench_ms(run(f, sym), device) for name, (f, sym) in variants.items()}
+            # our op inside a compiled graph, in each torch.library form (triton_op: Triton on CUDA only)
+            for style in ("custom_op", "triton_op") if device.type == "cuda" and HAS_TRITON_OP else ("custom_op",):
+                set_op_style(style)
+                torch._dynamo.reset()
+                compiled_ours = torch.compile(lambda a, b, c, d: byol_loss_symmetric(a, b, c, d))
+                try:
+                    times[f"compiled fastbyol, symmetric ({style})"] = bench_ms(run(compiled_ours, True), device)
+                finally:
+                    set_op_style("custom_op")
             s = p1.element_size()
             for name, ms in times.items():
                 pairs = 2 if "symmetric" in name else 1

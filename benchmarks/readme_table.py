@@ -17,9 +17,11 @@ START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 
 
 def latest_report(results: Path) -> Path:
-    reports = sorted(p for p in results.glob("*-ops.json"))
+    """The newest GPU report: files are named DATE-DEVICE-ops*.json or DATE-DEVICE-report*.json (sorted by name)."""
+    reports = sorted(p for p in results.glob("*.json") if "-ops" in p.stem or "-report" in p.stem)
+    reports = [p for p in reports if "before" not in p.stem]  # kept for the record, not for the README
     if not reports:
-        raise SystemExit(f"no *-ops.json report under {results}")
+        raise SystemExit(f"no *-ops.json or *-report.json under {results}")
     return reports[-1]
 
 
@@ -32,11 +34,15 @@ def table(report: dict, name: str) -> str:
              "|---|---|---|---|---|---|---|"]
     by = {(r["B"], r["dtype"], r["variant"]): r for r in report["loss"]}
     for (B, dtype, variant), r in by.items():
-        if not variant.startswith("fastbyol"):
+        if variant.startswith("fastbyol"):
+            label = f"{variant.split()[-1]} fwd+bwd"
+        elif variant.startswith("compiled fastbyol"):  # our op inside a torch.compile'd graph, in one op form
+            label = f"byol_loss_symmetric fwd+bwd, compiled as {variant.rsplit('(', 1)[-1].rstrip(')')}"
+        else:
             continue
         suffix = ", symmetric" if "symmetric" in variant else ""
         eager, comp = by[(B, dtype, "eager reference" + suffix)], by[(B, dtype, "compiled reference" + suffix)]
-        lines.append(f"| {variant.split()[-1]} fwd+bwd | B={B} D={r['D']} {dtype} | {r['ms']:.3f} ms | "
+        lines.append(f"| {label} | B={B} D={r['D']} {dtype} | {r['ms']:.3f} ms | "
                      f"{eager['ms']:.3f} ms | {comp['ms']:.3f} ms | {r['speedup_vs_eager']:.1f} | "
                      f"{r['speedup_vs_compiled']:.1f} |")
     lines += ["", "| EMA variant | tensors / elements | ms | GB/s | of copy | x per-parameter loop |",
@@ -44,6 +50,24 @@ def table(report: dict, name: str) -> str:
     for r in report["ema"]:
         lines.append(f"| {r['variant']} | {r['tensors']} / {r['elements'] / 1e6:.1f}M | {r['ms']:.3f} | "
                      f"{r['GBps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | {r['speedup_vs_loop']:.1f} |")
+    if report.get("lars"):
+        lines += ["", "| LARS step | tensors / elements | ms | x per-parameter loop |", "|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['tensors']} / {r['elements'] / 1e6:.1f}M | {r['ms']:.3f} | "
+                  f"{r['speedup_vs_loop']:.1f} |" for r in report["lars"]]
+    if report.get("dali"):
+        d = report["dali"]
+        lines += ["", f"DALI alone: {d['samples_per_s']:.0f} two-view samples/s ({d['source']} -> {d['size']} px, "
+                      f"batch {d['batch']}, on {d['device']})."]
+    if report.get("step"):
+        lines += ["", "| BYOL step | px | batch | compile | input | img/s | step ms | MFU |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["step"]:
+            head = f"| {r['arch']} {r['variant']} | {r['size']} | {r['batch']} | {r['compile']} | {r['source']} |"
+            if "error" in r:
+                lines.append(f"{head} failed: {r['error'][:80]} | | |")
+            else:
+                mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+                lines.append(f"{head} {r['img_per_s']:.0f} | {r['step_ms']:.1f} | {mfu} |")
     return "\n".join(lines)
 
 

@@ -3,11 +3,12 @@
     from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_
 
 Installed from the top-level folder `kernels/` as `fastbyol.kernels` (PyPI already has a package named `kernels`).
-FASTBYOL_KERNELS=auto|triton|reference picks the path (see `_dispatch`).
+FASTBYOL_KERNELS=auto|triton|reference picks the path; FASTBYOL_OP_STYLE=custom_op|triton_op (or `set_op_style`)
+the form torch.compile sees (see `_dispatch`).
 """
 
-from ._dispatch import kernel_path
+from ._dispatch import kernel_path, op_style, set_op_style
 from .ema import ema_update_
 from .loss import byol_loss, byol_loss_symmetric
 
-__all__ = ["byol_loss", "byol_loss_symmetric", "ema_update_", "kernel_path"]
+__all__ = ["byol_loss", "byol_loss_symmetric", "ema_update_", "kernel_path", "op_style", "set_op_style"]

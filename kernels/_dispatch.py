@@ -3,6 +3,15 @@
 auto       Triton on CUDA tensors, the plain-PyTorch reference on CPU tensors.
 triton     Triton everywhere; CPU tensors need TRITON_INTERPRET=1 (set before `import triton`), as the tests do.
 reference  the plain-PyTorch reference everywhere (fastbyol.reference).
+
+Under torch.compile the loss goes in as one of two op styles (FASTBYOL_OP_STYLE, read at import, or
+`set_op_style`), for the Triton path:
+
+custom_op  (default) `torch.library.custom_op`: Inductor calls it as an opaque extern kernel through the dispatcher.
+triton_op  `torch.library.triton_op` + `wrap_triton`: Inductor sees the Triton kernel itself and launches it from
+           its own generated code. Which is faster is a GPU measurement (benchmarks/gpu_report.py, loss section).
+The EMA has no triton_op form: its single launch reads a table of data pointers, which a traced graph cannot
+express (the tensors' addresses are not graph values).
 """
 
 from __future__ import annotations
@@ -13,6 +22,23 @@ import os
 import torch
 
 MODES = ("auto", "triton", "reference")
+OP_STYLES = ("custom_op", "triton_op")
+_op_style = os.environ.get("FASTBYOL_OP_STYLE", "custom_op")
+if _op_style not in OP_STYLES:
+    raise ValueError(f"FASTBYOL_OP_STYLE={_op_style!r} is not one of {OP_STYLES}")
+
+
+def op_style() -> str:
+    """The loss's op style under torch.compile (a module global: torch.compile guards on it)."""
+    return _op_style
+
+
+def set_op_style(style: str) -> None:
+    """custom_op or triton_op for graphs compiled from now on (compiled functions recompile on the change)."""
+    global _op_style
+    if style not in OP_STYLES:
+        raise ValueError(f"op style {style!r} is not one of {OP_STYLES}")
+    _op_style = style
 
 
 @functools.cache

@@ -24,7 +24,7 @@ import torch
 
 from fastbyol.reference import NORM_EPS, byol_loss_and_grad_reference
 
-from ._dispatch import kernel_path, triton_available
+from ._dispatch import kernel_path, op_style, triton_available
 
 if triton_available():
     import triton
@@ -151,7 +151,10 @@ def _check_pair(p: torch.Tensor, z: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: the batch is empty")
 
 
-def _triton_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _triton_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                    traceable: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """traceable: launch through wrap_triton with a fresh ticket counter (the body of the triton_op form, which
+    torch.compile traces: no state kept between calls)."""
     from ._dispatch import interpreter_on
 
     B, D = pairs[0][0].shape
@@ -164,11 +167,13 @@ def _triton_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
     out = torch.empty((), dtype=torch.float32, device=device)
     (p1, z1), (p2, z2) = pairs[0], pairs[-1]
     g1, g2 = grads[0], grads[-1]
-    _byol_loss_fwd_kernel[(num_programs,)](
+    kernel = wrap_triton(_byol_loss_fwd_kernel) if traceable else _byol_loss_fwd_kernel
+    counter = torch.zeros(1, dtype=torch.int32, device=device) if traceable else _counter(device)
+    kernel[(num_programs,)](
         p1, z1, g1, p2, z2, g2,
         p1.stride(0), p1.stride(1), z1.stride(0), z1.stride(1),
         p2.stride(0), p2.stride(1), z2.stride(0), z2.stride(1),
-        partial, _counter(device), out,
+        partial, counter, out,
         B, D, 1.0 / B, NORM_EPS,
         NUM_PAIRS=len(pairs), BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_CHUNK=D <= block_d, RED_BLOCK=1024,
         num_warps=4 if block_m * block_d <= 4096 else 8,
@@ -244,6 +249,32 @@ def _backward_sym(ctx, grad_loss, _g1, _g2):
 _byol_loss_fwd.register_autograd(_backward_one, setup_context=_setup_one)
 _byol_loss_symmetric_fwd.register_autograd(_backward_sym, setup_context=_setup_sym)
 
+# the triton_op form (FASTBYOL_OP_STYLE=triton_op): the same kernel, visible to Inductor; Triton path only
+HAS_TRITON_OP = triton_available() and hasattr(torch.library, "triton_op")
+if HAS_TRITON_OP:
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("fastbyol::byol_loss_fwd_traceable", mutates_args=())
+    def _byol_loss_fwd_tt(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, (g,) = _triton_forward([(p, z)], traceable=True)
+        return loss, g
+
+    @triton_op("fastbyol::byol_loss_symmetric_fwd_traceable", mutates_args=())
+    def _byol_loss_symmetric_fwd_tt(
+        p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, (g1, g2) = _triton_forward([(p1, z2), (p2, z1)], traceable=True)
+        return loss, g1, g2
+
+    _byol_loss_fwd_tt.register_autograd(_backward_one, setup_context=_setup_one)
+    _byol_loss_symmetric_fwd_tt.register_autograd(_backward_sym, setup_context=_setup_sym)
+
+
+def _traceable(p: torch.Tensor) -> bool:
+    """Under torch.compile: use the triton_op form for this input (style triton_op, the Triton path, not fp64)."""
+    return (HAS_TRITON_OP and op_style() == "triton_op" and p.dtype != torch.float64
+            and kernel_path(p.device) == "triton")
+
 
 class _FusedLossFn(torch.autograd.Function):
     """The eager path: the same forward and backward as the custom ops, without the dispatcher's Python overhead.
@@ -271,7 +302,9 @@ class _FusedLossFn(torch.autograd.Function):
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """mean_i (2 - 2 cos(p_i, z_i)) for (B, D) p and z; z gets no gradient. fp32/fp16/bf16 (fp64: reference)."""
     _check_pair(p, z, "byol_loss")
-    if torch.compiler.is_compiling():  # the custom op: opaque to Inductor, no graph break
+    if torch.compiler.is_compiling():  # a torch.library op: no graph break
+        if _traceable(p):
+            return torch.ops.fastbyol.byol_loss_fwd_traceable(p, z)[0]
         return torch.ops.fastbyol.byol_loss_fwd(p, z)[0]
     return _FusedLossFn.apply(p, z)
 
@@ -284,5 +317,7 @@ def byol_loss_symmetric(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2
         raise ValueError(f"byol_loss_symmetric: p1 {tuple(p1.shape)} {p1.dtype} and p2 {tuple(p2.shape)} {p2.dtype} "
                          "must match")
     if torch.compiler.is_compiling():
+        if _traceable(p1):
+            return torch.ops.fastbyol.byol_loss_symmetric_fwd_traceable(p1, p2, z1, z2)[0]
         return torch.ops.fastbyol.byol_loss_symmetric_fwd(p1, p2, z1, z2)[0]
     return _FusedLossFn.apply(p1, p2, z1, z2)

@@ -39,6 +39,21 @@ def test_gpu_report_tiny_on_cpu(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "two-view samples/s" in md and "LARS step over" in md
     assert "| resnet-tiny | 28 | 32 | fastbyol | default | synthetic |" in md
+    assert "compiled fastbyol, symmetric (custom_op)" in {r["variant"] for r in report["loss"]}
+    # the README table generator renders every section of a report
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import readme_table
+    finally:
+        sys.path.pop(0)
+    table = readme_table.table(report, "report.json")
+    assert "compiled as custom_op" in table and "| LARS step |" in table and "two-view samples/s" in table
+    assert "| resnet-tiny fastbyol | 28 | 32 | default | synthetic |" in table
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("2026-01-01-h100-ops.json", "2026-02-01-h100-ops-before-x.json", "2026-01-15-h200-report.json"):
+        (results / name).write_text("{}")
+    assert readme_table.latest_report(results).name == "2026-01-15-h200-report.json"
 
 
 def test_gpu_report_sections(tmp_path):

@@ -271,3 +271,70 @@ def test_compiled_step_fullgraph_no_graph_break(kernels_path):
     ema(torch.tensor(0.5, device=DEVICE))
     for t, b, o in zip(target, before, online):
         torch.testing.assert_close(t, 0.5 * b + 0.5 * o.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_triton_op_form_equals_the_reference(symmetric):
+    """The triton_op form of the loss (FASTBYOL_OP_STYLE=triton_op) runs the same kernel: loss and gradient against
+    float64, through its registered autograd. On a CPU it runs eagerly under the interpreter (torch's wrap_triton
+    hands interpreted kernels back unwrapped, so only a GPU can trace it: the next test)."""
+    from fastbyol.kernels.loss import HAS_TRITON_OP
+
+    if not HAS_TRITON_OP:
+        pytest.skip("this torch has no torch.library.triton_op")
+    ps = [torch.randn(13, 255, device=DEVICE, requires_grad=True) for _ in range(2)]
+    zs = [torch.randn(13, 255, device=DEVICE) for _ in range(2)]
+    if symmetric:
+        loss = torch.ops.fastbyol.byol_loss_symmetric_fwd_traceable(ps[0], ps[1], zs[0], zs[1])[0]
+        pairs = [(ps[0], zs[1]), (ps[1], zs[0])]
+    else:
+        loss = torch.ops.fastbyol.byol_loss_fwd_traceable(ps[0], zs[0])[0]
+        pairs = [(ps[0], zs[0])]
+    loss.backward()
+    ref_total = 0.0
+    for p, z in pairs:
+        ref_loss, ref_grad = _reference_f64(p, z)
+        ref_total += ref_loss.item()
+        _assert_grad_close(p.grad, ref_grad, 1e-4)
+    assert abs(loss.item() - ref_total) <= 2e-5
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="tracing a triton_op needs real (not interpreted) Triton kernels")
+def test_triton_op_form_compiles_fullgraph_on_cuda():
+    from fastbyol.kernels import set_op_style
+    from fastbyol.kernels.loss import HAS_TRITON_OP
+
+    if not HAS_TRITON_OP:
+        pytest.skip("this torch has no torch.library.triton_op")
+    args = tuple(torch.randn(64, 256, device=DEVICE, requires_grad=i < 2) for i in range(4))
+    torch.library.opcheck(torch.ops.fastbyol.byol_loss_symmetric_fwd_traceable.default, args)
+    set_op_style("triton_op")
+    try:
+        torch._dynamo.reset()
+        step = torch.compile(lambda a, b, c, d: byol_loss_symmetric(a * 1.0, b, c, d), fullgraph=True)
+        loss = step(*args)
+        loss.backward()
+    finally:
+        set_op_style("custom_op")
+        torch._dynamo.reset()
+    ref = byol_loss_symmetric_reference(*(a.detach().double() for a in args))
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    assert args[0].grad is not None and args[2].grad is None
+
+
+def test_op_style_switch(kernels_path):
+    from fastbyol.kernels import op_style, set_op_style
+
+    with pytest.raises(ValueError, match="op style 'nope'"):
+        set_op_style("nope")
+    assert op_style() == "custom_op"
+    kernels_path("reference")  # the triton_op form is for the Triton path: the reference keeps the custom op
+    set_op_style("triton_op")
+    try:
+        torch._dynamo.reset()
+        args = tuple(torch.randn(8, 16, device=DEVICE, requires_grad=i < 2) for i in range(4))
+        loss = torch.compile(byol_loss_symmetric, fullgraph=True, backend="aot_eager")(*args)
+    finally:
+        set_op_style("custom_op")
+        torch._dynamo.reset()
+    torch.testing.assert_close(loss, byol_loss_symmetric_reference(*args).float(), rtol=1e-5, atol=1e-6)
