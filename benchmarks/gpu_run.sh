@@ -17,6 +17,7 @@ fi
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 echo "== kernel and CUDA-only tests"
 timeout "${TEST_TIMEOUT:-180}" $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_paths.py \
+  "tests/test_train.py::test_steady_state_step_never_syncs_on_cuda" \
   --durations=5 2>&1 \
   | tee "$OUT/pytest-kernels.log" | tail -25
 echo "== ops report"

@@ -177,3 +177,23 @@ def test_compiled_step_trains_like_the_eager_step(tmp_path):
     assert len(eager_losses) == len(compiled_losses) == 4 and eager_losses[0] != eager_losses[-1]
     np.testing.assert_allclose(compiled_losses, eager_losses, rtol=2e-4)  # measured: <= 4e-5 apart
     assert compiled["warmup_seconds"] > compiled["step_ms"] / 1000  # compilation is outside the steady state
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_steady_state_step_never_syncs_on_cuda():
+    """torch's sync debug mode turns any host-device synchronization inside the step into an error."""
+    model = _tiny_model().cuda()
+    opt = LARS(model.online_parameters(), lr=0.0)
+    target, online = model.ema_pairs()
+    v1, v2 = (torch.randn(16, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+              for _ in range(2))
+    byol_step(model, opt, target, online, v1, v2, lr=0.1, tau=0.99, bf16=True)  # warm-up: allocations, autotune
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            loss = byol_step(model, opt, target, online, v1, v2, lr=0.1 + step, tau=0.99, bf16=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
