@@ -112,6 +112,7 @@ def test_same_seed_same_parameters(tmp_path):
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--data", "/does/not/exist"], "/does/not/exist"),
     (["--batch-size", "9000"], "larger than the 8000 training images"),
+    (["--compile", "fast"], "--compile must be one of auto, off, default"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
     out = tmp_path / "run"
