@@ -177,6 +177,15 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(log_dir=str(folder))
 
 
+def _compile_error(e: BaseException) -> bool:
+    """Whether an exception comes from torch.compile's machinery (Dynamo, AOTAutograd, Inductor)."""
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:
+        return False
+    return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
+
+
 def compile_mode(cfg: Config, device: torch.device) -> str:
     """The torch.compile mode the run uses: 'off' or a torch.compile mode name."""
     mode = cfg.run.compile
@@ -281,6 +290,7 @@ def _train(cfg: Config, state: dict | None, resume, device: torch.device, rank: 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       gradient_as_bucket_view=True, **no_buffer_sync)
     mode = compile_mode(cfg, device)
+    eager_net = net
     if mode != "off":
         net = torch.compile(net, mode=None if mode == "default" else mode)
 
@@ -381,7 +391,16 @@ def _train(cfg: Config, state: dict | None, resume, device: torch.device, rank: 
                 v2 = v2.to(device=device, dtype=input_dtype, non_blocking=True)
                 lr = lr_at(step, total_steps, warmup_steps, peak_lr)
                 tau = tau_at(step, total_steps, cfg.optim.tau_base)
-                loss_sum += byol_step(net, optimizer, target_params, online_params, v1, v2, lr, tau, bf16)
+                try:
+                    loss_sum += byol_step(net, optimizer, target_params, online_params, v1, v2, lr, tau, bf16)
+                except Exception as e:  # noqa: BLE001 (only a failed compilation under --compile auto is caught)
+                    if not (first_in_process and mode != "off" and cfg.run.compile == "auto" and _compile_error(e)):
+                        raise
+                    # compilation fails before the forward runs: nothing has changed, the step runs again eagerly
+                    log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "training continues without it (--compile off skips the attempt)")
+                    net, mode = eager_net, "off"
+                    loss_sum += byol_step(net, optimizer, target_params, online_params, v1, v2, lr, tau, bf16)
                 step += 1
                 steps_since_log += 1
                 images_seen += v1.shape[0] * world_size

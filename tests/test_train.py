@@ -198,3 +198,29 @@ def test_steady_state_step_never_syncs_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+def test_failed_compile_under_auto_falls_back_to_eager(tmp_path, monkeypatch, capsys):
+    """--compile auto: a compiler failure at the first step is one warning line and the run goes on eagerly, with
+    the parameters of an eager run; an explicit mode keeps the error."""
+    import fastbyol.train as train_module
+    from torch._dynamo.exc import TorchDynamoException
+
+    def broken_compile(fn, **kwargs):
+        def call(*args, **kw):
+            raise TorchDynamoException("backend exploded")
+        return call
+
+    args = ["train", "--data", "synthetic", "--epochs", "1", "--batch-size", "128", "--no-progress", "--knn-every",
+            "0", "--seed", "4"]
+    assert main([*args, "--compile", "off", "--out", str(tmp_path / "eager")]) == 0
+    monkeypatch.setattr(train_module, "compile_mode", lambda cfg, device: "default")  # auto compiles, as on CUDA
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: torch.compile failed (TorchDynamoException: backend exploded)" in out
+    eager = json.loads((tmp_path / "eager" / "summary.json").read_text())
+    auto = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert auto["compile"] == "off" and auto["params_sha256"] == eager["params_sha256"]
+    with pytest.raises(TorchDynamoException):
+        main([*args, "--compile", "default", "--out", str(tmp_path / "explicit")])
