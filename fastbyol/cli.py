@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .config import DEFAULT_PRESET, PRESETS, Config, get_preset
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train
 
             cfg = config_from_args(args)
-            if args.resume is None:
+            if args.resume is None and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
                 print("config: " + str(dataclasses.asdict(cfg)))
             train(cfg, progress=not args.no_progress, resume=args.resume)
             return 0

@@ -159,7 +159,7 @@ def test_torchrun_two_processes_write_once_and_resume_exactly(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((full / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3 * (512 // 64)  # 512 synthetic training images
-    assert res.stdout.count("summary:") == 1  # rank 0 alone speaks
+    assert res.stdout.count("summary:") == 1 and res.stdout.count("config:") == 1  # rank 0 alone speaks
     losses = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     log_steps = [r["step"] for r in losses if "loss" in r]
     assert log_steps == sorted(set(log_steps)) and log_steps[-1] == 24  # one writer: no line twice
