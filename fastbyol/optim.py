@@ -38,18 +38,22 @@ def lars_foreach_(
     if excluded is None:
         excluded = [lars_excluded(p) for p in params]
     scaled = [i for i, skip in enumerate(excluded) if not skip]
-    us = list(torch._foreach_add(grads, params, alpha=weight_decay)) if weight_decay else [g.clone() for g in grads]
-    for i, skip in enumerate(excluded):
-        if skip:
-            us[i] = grads[i]  # no weight decay, trust 1: read the gradient as it is
+    kept = [i for i, skip in enumerate(excluded) if skip]
+    torch._foreach_mul_(momentum_buffers, momentum)
     if scaled:
-        w_norms = torch.stack(torch._foreach_norm([params[i] for i in scaled]))
-        u_norms = torch.stack(torch._foreach_norm([us[i] for i in scaled]))
+        ws, gs = [params[i] for i in scaled], [grads[i] for i in scaled]
+        us = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay else gs  # u = g + wd * w
+        w_norms = torch.stack(torch._foreach_norm(ws))
+        u_norms = torch.stack(torch._foreach_norm(us))
         trust = torch.where((w_norms > 0) & (u_norms > 0), trust_coefficient * w_norms / u_norms,
                             torch.ones_like(w_norms))
-        torch._foreach_mul_([us[i] for i in scaled], list(trust.unbind(0)))
-    torch._foreach_mul_(momentum_buffers, momentum)
-    torch._foreach_add_(momentum_buffers, us)
+        if weight_decay:  # us are new tensors: scale them in place
+            torch._foreach_mul_(us, list(trust.unbind(0)))
+        else:  # us are the gradients, which are read only
+            us = torch._foreach_mul(us, list(trust.unbind(0)))
+        torch._foreach_add_([momentum_buffers[i] for i in scaled], us)
+    if kept:  # biases and BN: u = g
+        torch._foreach_add_([momentum_buffers[i] for i in kept], [grads[i] for i in kept])
     if isinstance(lr, torch.Tensor):
         torch._foreach_sub_(params, torch._foreach_mul(momentum_buffers, lr))
     else:
