@@ -37,7 +37,7 @@ from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, kernel
 from fastbyol.kernels.loss import HAS_TRITON_OP
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.reference import byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_
-from fastbyol.train import library_versions
+from fastbyol.perf import library_versions
 
 
 SECTIONS = ("loss", "ema", "lars", "dali", "step")
@@ -212,7 +212,7 @@ def dali_section(device, tiny: bool) -> dict | None:
     if not _dali_ok():
         print("dali: not importable, section skipped", flush=True)
         return None
-    from fastbyol.bench import bench_augment
+    from fastbyol.augment_bench import bench_augment
 
     if tiny:
         r = bench_augment(28, 32, "cpu", "jpeg", steps=3)

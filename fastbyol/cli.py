@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             import json
 
-            from .bench import bench_augment
+            from .augment_bench import bench_augment
 
             r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads)
             if args.json:

@@ -12,11 +12,9 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
-import platform
 import shutil
 import sys
 import time
@@ -36,6 +34,7 @@ from .kernels import byol_loss_symmetric, ema_update_, kernel_path
 from .knn import knn_top1
 from .models import BYOL, build_encoder, params_sha256
 from .optim import LARS
+from .perf import flops_per_image, library_versions, peak_flops
 from .reference import lr_at, scaled_lr, tau_at
 
 
@@ -45,17 +44,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise FastByolError("--device cuda, but torch sees no CUDA GPU")
     return torch.device(name)
-
-
-def library_versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                "fastbyol": __version__}
-    for name, module in (("triton", "triton"), ("dali", "nvidia.dali")):
-        try:
-            versions[name] = __import__(module, fromlist=["__version__"]).__version__
-        except ImportError:
-            versions[name] = None
-    return versions
 
 
 def _default_run_dir(cfg: Config) -> Path:
@@ -101,32 +89,6 @@ def _removed_on_error(run_dir: Path, enabled: bool):
         if enabled and not (run_dir / "checkpoint.pt").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-
-
-# dense bf16 peak of the accelerators MFU is quoted against (datasheets), FLOP/s
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def flops_per_image(model: BYOL, image_size: int, device: torch.device) -> float:
-    """FLOPs of one BYOL image (two views): online forward + backward and target forward, counted by torch on a
-    batch of 2, so the figure follows the real architecture (about 8 encoder forwards)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    probe = copy.deepcopy(model).to(device)  # the real model's BN statistics and gradients stay untouched
-    # FLOPs do not depend on the values: no random numbers drawn, the training's RNG stream is untouched
-    x = torch.linspace(-1, 1, 2 * 3 * image_size * image_size, device=device).reshape(2, 3, image_size, image_size)
-    x = x.contiguous(memory_format=torch.channels_last)
-    with FlopCounterMode(display=False) as counter:
-        p1, p2, z1, z2 = probe(x, x.flip(0))
-        byol_loss_symmetric(p1, p2, z1, z2).backward()
-    return counter.get_total_flops() / 2
 
 
 def byol_step(model, optimizer: LARS, target_params: list, online_params: list, v1: torch.Tensor,
