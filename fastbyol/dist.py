@@ -57,6 +57,40 @@ def close_distributed() -> None:
     _BN_GROUP = None
 
 
+def broadcast_object(obj, rank: int, world_size: int):
+    """Rank 0's value of a picklable object, on every rank (collective); `obj` itself with one process."""
+    if world_size == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, world_size: int) -> list:
+    """Every rank's value of a picklable object, in rank order, on every rank (collective); [obj] with one process."""
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world_size: int) -> None:
+    """Wait until every rank gets here (collective); nothing with one process."""
+    if world_size > 1:
+        dist.barrier()
+
+
+def global_mean(t: torch.Tensor, world_size: int) -> float:
+    """sync: a device scalar averaged over the ranks, to the host (collective; call it at log and checkpoint points
+    only). `t` itself is left unchanged."""
+    if world_size > 1:
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        t /= world_size
+    return t.item()
+
+
 class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm over the union of every rank's batch (for 2-D and 4-D inputs), CPU-friendly.
 

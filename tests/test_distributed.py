@@ -25,7 +25,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from fastbyol.checkpoint import load_checkpoint
-from fastbyol.dist import GlobalBatchNorm, close_distributed, convert_batchnorm, init_distributed
+from fastbyol.dist import (GlobalBatchNorm, barrier, broadcast_object, close_distributed, convert_batchnorm,
+                           gather_objects, global_mean, init_distributed)
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
 from fastbyol.train import byol_step
@@ -82,6 +83,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _helpers_worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    got = {"broadcast": broadcast_object({"rank": rank, "name": f"run-{rank}"}, rank, world),
+           "gathered": gather_objects((rank, [rank] * rank), world)}
+    t = torch.tensor(float(rank + 1) ** 2)
+    got["mean"] = global_mean(t, world)
+    got["t_after"] = t.item()  # the caller's tensor is not reduced in place
+    barrier(world)
+    torch.save(got, f"{out_path}.{rank}")
+    close_distributed()
+
+
+def test_dist_helpers_with_one_process_are_identities():
+    obj = {"a": [1, 2]}
+    assert broadcast_object(obj, 0, 1) is obj
+    assert gather_objects(obj, 1) == [obj] and gather_objects(obj, 1)[0] is obj
+    barrier(1)  # no process group: nothing to wait for, no error
+    t = torch.tensor(2.5)
+    assert global_mean(t, 1) == 2.5 and isinstance(global_mean(t, 1), float)
+
+
+@pytest.mark.slow
+def test_dist_helpers_with_two_processes(tmp_path):
+    out = tmp_path / "helpers"
+    mp.spawn(_helpers_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        assert got["broadcast"] == {"rank": 0, "name": "run-0"}  # rank 0's value everywhere
+        assert got["gathered"] == [(0, []), (1, [1])]  # rank order, on every rank
+        assert got["mean"] == 2.5  # (1 + 4) / 2
+        assert got["t_after"] == float(rank + 1) ** 2
 
 
 def test_convert_batchnorm_keeps_the_parameters():
