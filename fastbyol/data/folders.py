@@ -30,8 +30,32 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @dataclass
 class FileList:
+    """Encoded images the training pipeline decodes: one file per sample.
+
+    The encoded-source contract (shared with the tar-shard source): `dali_reader(shard_id, num_shards)` inside a DALI
+    pipeline definition, `len()`, `labels` (int64 or None) and `where` (for error messages)."""
+
     files: list[str]
-    labels: np.ndarray | None  # int64, or None for unlabeled files
+    labels: np.ndarray | None  # (N,) int64, or None for unlabeled files
+    where: str = ""  # the folder the files came from, for error messages
+
+    def __post_init__(self):
+        if not self.where:
+            self.where = str(Path(self.files[0]).parent.parent) if self.files else "(no files)"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def dali_reader(self, shard_id: int, num_shards: int, name: str = "reader"):
+        """(encoded bytes, int64 label node or None): this shard's part, reshuffled after every epoch.
+
+        Call inside a DALI pipeline definition; `name` is the reader's name for epoch_size / checkpointing."""
+        from nvidia.dali import fn, types
+
+        labels = None if self.labels is None else [int(v) for v in self.labels]
+        encoded, label = fn.readers.file(files=self.files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+                                         shuffle_after_epoch=True, name=name)
+        return encoded, (None if self.labels is None else fn.cast(label, dtype=types.INT64))
 
 
 def check_image_file(path: Path) -> str | None:
