@@ -1,66 +1,35 @@
-"""Data sources: each yields uint8 NHWC RGB arrays with labeled train/test splits where the source has them.
+"""Data sources: each gives an ImageDataset (dataset.py): a pretraining source (encoded images DALI decodes, or uint8
+NHWC RGB arrays) and labeled train/test splits for the kNN monitor where the source has them.
 
 `resolve_dataset(spec)` understands:
 - "embedded": the Fashion-MNIST test split shipped inside the package (10,000 images), split deterministically
   into 8,000 images for pretraining and the kNN memory bank and 2,000 held out for the kNN test;
 - "fashion-mnist": the full 60,000/10,000 split from Debian's `dataset-fashion-mnist` when its files are in
   /usr/share/datasets/fashion-mnist, the embedded copy otherwise;
-- a folder holding the four Fashion-MNIST/MNIST idx files (train-/t10k-, images-idx3/labels-idx1, .gz or not).
+- a folder holding the four Fashion-MNIST/MNIST idx files (train-/t10k-, images-idx3/labels-idx1, .gz or not);
+- STL10 binaries, CIFAR-10/100 pickles, .npy/.npz (readers.py);
+- a folder of JPEG/PNG images, labeled (train/<class>/, test/<class>/) or not (folders.py, with a manifest);
+- WebDataset tar shards: 'DIR/train-{000000..000146}.tar', a folder of .tar files, or one .tar (shards.py);
+- "synthetic": a cached folder of synthetic JPEGs (synthetic.py), for benchmarks and smoke runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FastByolError
+from .dataset import ImageDataset
 from .idx import read_idx
+
+__all__ = ["ImageDataset", "FORMATS", "detect_format", "resolve_dataset", "load_embedded", "load_idx_folder"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
-
-
-@dataclass
-class ImageDataset:
-    name: str
-    train_images: np.ndarray  # (N, H, W, 3) uint8: pretraining set and kNN memory bank
-    train_labels: np.ndarray | None  # (N,) int64
-    test_images: np.ndarray | None  # (M, H, W, 3) uint8: kNN queries
-    test_labels: np.ndarray | None  # (M,) int64
-    num_classes: int
-    origin: str  # where it was read from, for the logs
-    pretrain_images: np.ndarray | None = None  # when pretraining uses more than the labeled train split (STL10)
-    pretrain_files: object = None  # folders.FileList: encoded files the training pipeline decodes
-    skipped_files: int = 0  # bad files left out under --skip-bad-files
-    gray: bool = False  # every image has R = G = B (Fashion-MNIST, MNIST)
-
-    @property
-    def pretraining_source(self):
-        """What the two-view loader reads: a FileList of encoded images, or a uint8 NHWC array."""
-        return self.pretrain_files if self.pretrain_files is not None else self.pretraining_set
-
-    @property
-    def num_pretraining(self) -> int:
-        return len(self.pretrain_files.files) if self.pretrain_files is not None else len(self.pretraining_set)
-
-    @property
-    def pretraining_set(self) -> np.ndarray:
-        return self.train_images if self.pretrain_images is None else self.pretrain_images
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train_images.shape[1])
-
-    def describe(self) -> str:
-        n_test = 0 if self.test_images is None else len(self.test_images)
-        h, w = self.train_images.shape[1:3]
-        extra = "" if self.pretrain_images is None else f" ({len(self.pretrain_images)} for pretraining)"
-        return (f"{self.name}: {len(self.train_images)} train{extra} / {n_test} test images, {h}x{w}, "
-                f"from {self.origin}")
 
 
 def embedded_dir() -> Path:
@@ -119,7 +88,7 @@ def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
                         str(folder), gray=True)
 
 
-FORMATS = ("auto", "idx", "stl10", "cifar", "numpy", "folder")
+FORMATS = ("auto", "idx", "stl10", "cifar", "numpy", "folder", "shards")
 
 
 def detect_format(path: Path) -> str:
@@ -127,8 +96,10 @@ def detect_format(path: Path) -> str:
     if path.is_file():
         if path.suffix in (".npy", ".npz"):
             return "numpy"
-        raise FastByolError(f"--data {path}: a single file must be .npy or .npz")
-    if not any(path.iterdir()):
+        if path.suffix == ".tar":
+            return "shards"
+        raise FastByolError(f"--data {path}: a single file must be .npy, .npz or .tar")
+    if not any(e for e in path.iterdir() if not e.name.startswith(".")):
         raise FastByolError(f"--data {path}: the folder is empty")
     if (path / "stl10_binary").is_dir() or (path / "train_X.bin").is_file():
         return "stl10"
@@ -138,38 +109,67 @@ def detect_format(path: Path) -> str:
         return "idx"
     from .folders import is_image_folder
 
+    if any(path.glob("*.tar")) and not (path / "train").is_dir():
+        return "shards"
     if is_image_folder(path):
         return "folder"
     for sub in ("cifar-10-batches-py", "cifar-100-python"):
         if (path / sub).is_dir():
             raise FastByolError(f"--data {path}: point --data at {path / sub}")
     raise FastByolError(f"--data {path}: no dataset format recognised (idx, STL10 binary, CIFAR pickles, "
-                        ".npy/.npz, JPEG/PNG folders); --data-format names one")
+                        ".npy/.npz, JPEG/PNG folders, .tar shards); --data-format names one")
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
 
 
 def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, skip_bad_files: bool = False,
-                    seed: int = 0) -> ImageDataset:
+                    seed: int = 0, *, rank: int | None = None, world_size: int | None = None, barrier=None,
+                    cache_dir: str | os.PathLike | None = None, eval_images: bool | None = None) -> ImageDataset:
     """Turn `--data` (and `--data-format`) into a dataset, or raise FastByolError naming what is wrong.
 
-    image_size is the side at which image folders are decoded for the kNN monitor."""
-    from .folders import load_image_folder, synthetic_folder
+    image_size is the side at which encoded images (folders, shards) are decoded for the kNN monitor.
+    rank, world_size: this process in a torchrun job (default: $RANK, $WORLD_SIZE, else 0 and 1); barrier: a
+    callable all ranks enter (the manifest or shard index is then built by rank 0 before it, read by the others
+    after; without one, processes take a file lock in turn). cache_dir: where derived files go when the data folder
+    is read-only (default $FASTBYOL_CACHE, ~/.cache/fastbyol). eval_images: decode the kNN images in this process
+    (default: on rank 0 only), in the background."""
+    from .folders import load_image_folder
     from .readers import load_cifar, load_numpy, load_stl10
+    from .shards import is_shard_spec, load_shards
 
     if data_format not in FORMATS:
         raise FastByolError(f"--data-format {data_format!r} is not one of {FORMATS}")
+    if not spec or not spec.strip():
+        raise FastByolError("--data is empty: name a dataset folder or file, 'embedded', 'fashion-mnist' or "
+                            "'synthetic'")
+    rank = _env_int("RANK", 0) if rank is None else rank
+    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    eval_images = rank == 0 if eval_images is None else eval_images
+    encoded = dict(rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir, eval_images=eval_images)
     if spec == "embedded":
         return load_embedded()
-    if spec == "synthetic":  # random JPEGs in a temporary folder: benchmarks and smoke runs
-        return load_image_folder(synthetic_folder(), image_size, seed=seed)
+    if spec == "synthetic":  # a cached folder of synthetic JPEGs: benchmarks and smoke runs
+        from .synthetic import synthetic_folder
+
+        return load_image_folder(synthetic_folder(cache_dir=cache_dir), image_size, seed=seed, **encoded)
     if spec == "fashion-mnist":
         if _find_idx(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte") is not None:
             return load_idx_folder(DEBIAN_FASHION_MNIST)
         return load_embedded()
+    if data_format == "shards" or (data_format == "auto" and is_shard_spec(spec)):
+        return load_shards(spec, image_size, skip_bad_files, seed=seed, **encoded)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FastByolError(f"--data {spec}: no such file or folder (or use 'embedded' or 'fashion-mnist')")
     fmt = detect_format(path) if data_format == "auto" else data_format
+    if fmt == "shards":
+        return load_shards(spec, image_size, skip_bad_files, seed=seed, **encoded)
     loaders = {"idx": lambda: load_idx_folder(path, name=path.name or "idx"), "stl10": lambda: load_stl10(path),
                "cifar": lambda: load_cifar(path), "numpy": lambda: load_numpy(path),
-               "folder": lambda: load_image_folder(path, image_size, skip_bad_files, seed=seed)}
+               "folder": lambda: load_image_folder(path, image_size, skip_bad_files, seed=seed, **encoded)}
     return loaders[fmt]()

@@ -4,7 +4,8 @@ Each returns an ImageDataset (uint8 NHWC RGB, labels int64) or raises FastByolEr
 - STL10 (`stl10_binary/`): `*_X.bin` = N x 3 x 96 x 96 uint8, each channel stored column-major; `*_y.bin` = N uint8
   labels 1..10. Pretraining uses unlabeled + train (105,000 images); kNN uses train (bank) and test (queries).
 - CIFAR-10 (`cifar-10-batches-py/`: data_batch_1..5, test_batch) and CIFAR-100 (`cifar-100-python/`: train, test):
-  python pickles with b"data" (N x 3072, R then G then B planes of 32 x 32) and b"labels" / b"fine_labels".
+  python pickles with b"data" (N x 3072, R then G then B planes of 32 x 32) and b"labels" / b"fine_labels", loaded
+  with an unpickler that admits only numpy arrays and plain types (a pickle that would run code is refused).
 - numpy: `.npy` (N, H, W, 3) uint8, unlabeled; `.npz` with train_images[, train_labels, test_images, test_labels]
   (or images[, labels]); or arrays in memory through `dataset_from_arrays`.
 """
@@ -102,16 +103,38 @@ def load_stl10(folder: Path):
     pretrain = train_x
     if (folder / "unlabeled_X.bin").is_file():
         pretrain = np.concatenate([_stl10_images(folder / "unlabeled_X.bin"), train_x])
-    ds = _dataset("stl10", train_x, train_y, test_x, test_y, 10, str(folder))
-    ds.pretrain_images = pretrain
-    return ds
+    return _dataset("stl10", train_x, train_y, test_x, test_y, 10, str(folder), pretrain_images=pretrain)
 
 
 # ------------------------------------------------------------------------------------------------------------ CIFAR
+# What a CIFAR batch may name: numpy's array and scalar reconstructors and types, and the bytes helper of protocol-2
+# pickles.
+# Anything else (os.system, builtins.eval, a class with a __reduce__) is refused before it is looked up.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads only dicts, lists, bytes, numbers and numpy arrays: what the CIFAR format holds."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        if "refused" in str(e):
+            raise FastByolError(f"{path}: not loaded: {e} (a pickle that runs code?)") from None
+        raise FastByolError(f"{path}: not a readable CIFAR pickle (UnpicklingError: {e})") from None
     except Exception as e:  # truncated or not a pickle
         raise FastByolError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or b"data" not in obj:

@@ -1,0 +1,156 @@
+"""Startup on an ImageNet-sized folder: the time from `fastbyol train` to the log line of its first step.
+
+Builds (once) a labeled tree shaped like ImageNet, 1,000 class folders n00000000..n00000999 with 1,281 training
+images each (1,281,000 files) and 50 test images each (50,000), made of hard links to a few dozen photograph-like
+JPEGs of ImageNet sizes (fastbyol.data.synthetic, style "imagenet"; ext4 allows 65,000 links per file, and links
+cost directory entries, not inodes or data). Then measures, each `--repeat` times:
+  1. `dataset`: resolve_dataset() in a fresh process: first scan (no manifest) and with the manifest, its startup
+     seconds (listing, checks, index, eval images) and the peak RSS of the process;
+  2. `train`: `fastbyol train` (tiny model, 32 px, 1 epoch) from launch to its first step's log line: first run
+     (no manifest), with the manifest, and with 2 gloo processes (`torchrun --standalone --nproc_per_node 2`).
+
+Usage:
+    python benchmarks/startup_imagenet.py --root /work/imagenet-links [--repeat 3] [--only dataset|train]
+    python benchmarks/startup_imagenet.py --root /work/imagenet-links --remove   # delete the tree
+
+Goals (issue 17): <= 30 s the first time, <= 5 s with the manifest, 2 processes as fast as 1; <= 500 MB RSS for the
+dataset description. Results of the last run are in the README ("Startup on ImageNet-sized data").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, SOURCES = 1000, 1281, 50, 48
+
+
+def build_tree(root: Path, classes: int = CLASSES, train_per_class: int = TRAIN_PER_CLASS,
+               test_per_class: int = TEST_PER_CLASS, sources: int = SOURCES) -> Path:
+    """The labeled tree of hard links (written once: `root/.complete` marks it whole)."""
+    if (root / ".complete").is_file():
+        return root
+    from fastbyol.data.synthetic import write_synthetic_jpegs
+
+    src = root.parent / f"{root.name}-sources"
+    if not (src / "train" / "class0").is_dir():
+        write_synthetic_jpegs(src, n_train=sources, n_test=0, classes=1, style="imagenet")
+    jpegs = sorted(str(p) for p in (src / "train" / "class0").glob("*.jpg"))
+    t0 = time.perf_counter()
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        for c in range(classes):
+            wnid = f"n{c:08d}"
+            d = root / split / wnid
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                dst = d / f"{wnid}_{i}.JPEG"
+                if not dst.exists():
+                    os.link(jpegs[(c * 7 + i) % len(jpegs)], dst)
+    (root / ".complete").write_text("ok\n")
+    print(f"built {root}: {classes * (train_per_class + test_per_class):,} links in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    return root
+
+
+def drop_manifest(root: Path) -> None:
+    shutil.rmtree(root / ".fastbyol", ignore_errors=True)
+
+
+DATASET_PROBE = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+from fastbyol.data import resolve_dataset
+ds = resolve_dataset(sys.argv[1], image_size=32)
+t1 = time.perf_counter()
+ds.wait_eval_images()
+t2 = time.perf_counter()
+print(json.dumps(dict(resolve_s=t1 - t0, with_eval_s=t2 - t0, startup=ds.startup_seconds, n=ds.num_pretraining,
+                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+"""
+
+
+def probe_dataset(root: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", DATASET_PROBE, str(root)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+FIRST_STEP = re.compile(r"step\s+1\b|\bstep 1/")
+
+
+def time_first_step(cmd: list[str], out: Path, timeout: float = 900) -> float:
+    """Seconds from launching `cmd` to the first line of its output that logs step 1 (the process is then stopped)."""
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if FIRST_STEP.search(line):
+                return time.perf_counter() - t0
+            if time.perf_counter() - t0 > timeout:
+                break
+        raise RuntimeError("no first-step line; the output ended with:\n" + "".join(lines[-20:]))
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def train_cmd(root: Path, out: Path, nproc: int) -> list[str]:
+    args = ["train", "--data", str(root), "--arch", "resnet-tiny", "--stem", "small-s2", "--image-size", "32",
+            "--epochs", "1", "--batch-size", "64", "--log-every", "1", "--out", str(out)]
+    if nproc == 1:
+        return [sys.executable, "-m", "fastbyol", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "fastbyol", *args]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=Path("/work/imagenet-links"))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", choices=["dataset", "train"], default=None)
+    ap.add_argument("--remove", action="store_true", help="delete the tree and its sources")
+    args = ap.parse_args()
+    if args.remove:
+        shutil.rmtree(args.root, ignore_errors=True)
+        shutil.rmtree(args.root.parent / f"{args.root.name}-sources", ignore_errors=True)
+        return 0
+    root = build_tree(args.root)
+    results: dict = {}
+    if args.only in (None, "dataset"):
+        for kind in ("first", "manifest"):
+            runs = []
+            for _ in range(args.repeat):
+                if kind == "first":
+                    drop_manifest(root)
+                runs.append(probe_dataset(root))
+                print(f"dataset {kind}: {runs[-1]}", flush=True)
+            results[f"dataset_{kind}"] = dict(median_resolve_s=statistics.median(r["resolve_s"] for r in runs),
+                                              median_peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in runs),
+                                              runs=runs)
+    if args.only in (None, "train"):
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / "fastbyol-startup-run"
+        for kind, nproc in (("first", 1), ("manifest", 1), ("manifest_2proc", 2)):
+            runs = []
+            for _ in range(args.repeat):
+                if kind == "first":
+                    drop_manifest(root)
+                runs.append(time_first_step(train_cmd(root, out, nproc), out))
+                print(f"train {kind}: {runs[-1]:.1f} s to the first step", flush=True)
+            results[f"train_{kind}"] = dict(median_s=statistics.median(runs), runs=runs)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

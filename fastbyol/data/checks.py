@@ -1,0 +1,152 @@
+"""Structural checks of encoded images, cheap enough for every file of ImageNet, strict enough that DALI never meets a
+file its decoder cannot parse.
+
+Why structural: DALI 2.4's CPU image decoder parses the headers of a batch on its thread pool when the batch holds
+more than 4 x (threads + 1) samples; a header it cannot parse on a worker thread loses the error and the decode
+then runs on the unparsed sample: SIGSEGV (reproduced: a file of FF D8 FF E0 + 2,000 random bytes + FF D9 among
+good JPEGs crashes every run when it lands in a worker's block, and raises cleanly when it lands in the calling
+thread's block or in a batch of <= 4 x (threads + 1)). So every file is walked here first, and one that would not
+parse is named (or skipped under --skip-bad-files) before any DALI pipeline sees it.
+
+- JPEG: SOI, then every marker segment up to the first SOS: each starts with FF, has a length >= 2 that stays
+  inside the file; a frame header (SOF) with width, height > 0, 1-4 components, 8/12/16-bit precision, comes
+  before the SOS, whose length matches its component count; the FF D9 end marker lies in the last 1 KB. Reads the
+  header segments (usually < 1 KB, EXIF/ICC segments are skipped by their length) and the tail: no decode.
+- PNG: the signature, IHDR first (width, height > 0, valid bit depth and colour type), every chunk's length inside
+  the file and its CRC-32 right, an IDAT, IEND last. Reads the whole file (PNG datasets are small; the CRCs catch
+  corruption inside, which libpng would otherwise report in dozens of lines).
+Entropy-coded data is not decoded: a JPEG whose scan data is damaged passes, and DALI reports it per sample
+(a decode status, not a crash: tests/test_decode_safety.py).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HEAD = 4096  # bytes read first: the SOI and the usual header segments
+_TAIL = 1024  # the end marker must lie in the last KB (encoders may pad after it)
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (DHT, JPG and DAC are not)
+_MAX_SEGMENTS = 4096
+
+Reader = Callable[[int, int], bytes]  # read(offset, n): up to n bytes of the object from offset
+
+
+def _jpeg_problem(read: Reader, size: int, head: bytes) -> str | None:
+    # A window of the file: buf holds bytes [base, base + len(buf)); refilled from `read` when a segment leaves it.
+    buf, base = head, 0
+    pos, sof = 2, False
+    for _ in range(_MAX_SEGMENTS):
+        if pos + 10 > base + len(buf):  # the next marker, its length and a frame header's fields
+            buf, base = read(pos, _HEAD), pos
+            if len(buf) < 4:
+                return "truncated JPEG (header runs past the end)"
+        i = pos - base
+        if buf[i] != 0xFF:
+            return f"corrupt JPEG (no marker at byte {pos})"
+        marker = buf[i + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
+            pos += 2
+            continue
+        if marker in (0x00, 0xD8, 0xD9):
+            return f"corrupt JPEG (marker FF {marker:02X} at byte {pos} before the image data)"
+        length = (buf[i + 2] << 8) | buf[i + 3]
+        end = pos + 2 + length
+        if length < 2:
+            return f"corrupt JPEG (segment FF {marker:02X} at byte {pos} has length {length})"
+        if end > size:
+            return f"truncated JPEG (segment FF {marker:02X} at byte {pos} runs past the end)"
+        if marker in _SOF:
+            if len(buf) < i + 10:
+                return "truncated JPEG (frame header)"
+            precision, height, width, ncomp = struct.unpack_from(">BHHB", buf, i + 4)
+            if precision not in (8, 12, 16) or height == 0 or width == 0 or not 1 <= ncomp <= 4 \
+                    or length < 8 + 3 * ncomp:
+                return f"corrupt JPEG (frame header: {width}x{height}, {ncomp} components, {precision} bits)"
+            sof = True
+        elif marker == 0xDA:  # start of scan: entropy-coded data follows
+            ns = buf[i + 4] if len(buf) > i + 4 else 0
+            if not sof:
+                return "corrupt JPEG (image data before any frame header)"
+            if not 1 <= ns <= 4 or length != 6 + 2 * ns:
+                return f"corrupt JPEG (scan header at byte {pos})"
+            if end >= size - 2:
+                return "truncated JPEG (no image data)"
+            start = max(end, size - _TAIL)
+            tail = head[start:] if size <= len(head) else read(start, size - start)
+            return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+        pos = end
+    return "corrupt JPEG (too many header segments)"
+
+
+def _png_problem(data: bytes) -> str | None:
+    pos, first, seen_idat = 8, True, False
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return "truncated PNG (a chunk runs past the end)"
+        if not kind.isalpha():
+            return f"corrupt PNG (chunk type {kind!r} at byte {pos})"
+        body = data[pos + 8:pos + 8 + length]
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
+            return f"corrupt PNG (CRC mismatch in chunk {kind.decode()} at byte {pos})"
+        if first:
+            if kind != b"IHDR" or length != 13:
+                return "corrupt PNG (IHDR is not the first chunk)"
+            width, height, depth, colour = struct.unpack(">IIBB", body[:10])
+            if width == 0 or height == 0 or depth not in (1, 2, 4, 8, 16) or colour not in (0, 2, 3, 4, 6):
+                return f"corrupt PNG (header: {width}x{height}, bit depth {depth}, colour type {colour})"
+            first = False
+        seen_idat |= kind == b"IDAT"
+        if kind == b"IEND":
+            return None if seen_idat else "corrupt PNG (no image data)"
+        pos = end
+    return "truncated PNG (no IEND chunk)"
+
+
+def check_encoded(read: Reader, size: int, suffix: str = "") -> str | None:
+    """None if the object (read through `read`, `size` bytes) is a structurally whole JPEG or PNG, else why not."""
+    if size < 16:
+        return f"{size} bytes: too short to be an image"
+    head = read(0, min(size, _HEAD))
+    if head[:3] == b"\xff\xd8\xff":
+        return _jpeg_problem(read, size, head)
+    if head[:8] == PNG_SIGNATURE:
+        return _png_problem(head if size <= len(head) else head + read(len(head), size - len(head)))
+    suffix = suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return f"not a {suffix[1:].upper()} file (bad signature)"
+    return "not an image file (only JPEG and PNG are read)"
+
+
+def check_bytes(data: bytes, suffix: str = "") -> str | None:
+    """check_encoded on bytes in memory."""
+    return check_encoded(lambda off, n: data[off:off + n], len(data), suffix)
+
+
+def check_fd(fd: int, size: int, suffix: str = "", base: int = 0) -> str | None:
+    """check_encoded on an open file: the whole file (base 0) or a member of `size` bytes at `base` (a tar)."""
+    return check_encoded(lambda off, n: os.pread(fd, max(0, min(n, size - off)), base + off), size, suffix)
+
+
+def check_image_file(path: Path) -> str | None:
+    """None if the file is a structurally whole JPEG or PNG, else the reason it is not."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    try:
+        return check_fd(fd, os.fstat(fd).st_size, Path(path).suffix)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    finally:
+        os.close(fd)

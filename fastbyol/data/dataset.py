@@ -1,0 +1,142 @@
+"""ImageDataset: what a data source gives the trainer, built in one call.
+
+- the pretraining source: `pretraining_source` is an encoded-source (FileList of a folder, ShardSource of tar
+  shards: `dali_reader(shard_id, num_shards)`, `len()`, `labels`, `where`) or a uint8 (N, H, W, 3) array;
+- the kNN monitor's labeled splits: `train_images`/`train_labels` (memory bank) and `test_images`/`test_labels`
+  (queries), uint8 NHWC at `image_size`. For encoded sources they decode in a background thread
+  (decode.BackgroundDecode): reading `train_images`, `test_images` or their labels waits for it; `has_knn`,
+  `describe()`, `num_pretraining` and `eval_images_ready()` never wait; `wait_eval_images()` waits and returns the
+  seconds waited. A file that fails to decode there raises FastByolError naming it when waited on (or is skipped
+  and counted in `skipped_files` under --skip-bad-files).
+- `startup_seconds`: what building it cost, {"listing", "checks", "index", "eval images"} in seconds ("eval images"
+  once the background decode is done, measured in its thread); `manifest` says whether a manifest was read fresh,
+  built or rebuilt (and why).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import FastByolError
+
+
+class ImageDataset:
+    """A dataset, every field given to the constructor (arrays, or a pending decode for the kNN splits)."""
+
+    def __init__(self, name: str, train_images, train_labels: np.ndarray | None, test_images,
+                 test_labels: np.ndarray | None, num_classes: int, origin: str,
+                 pretrain_images: np.ndarray | None = None, pretrain_files=None, skipped_files: int = 0,
+                 gray: bool = False, *, eval_decode=None, image_size: int | None = None,
+                 counts: tuple[int, int] | None = None, startup_seconds: dict | None = None,
+                 manifest: str | None = None, has_labels: bool | None = None):
+        """train_images/test_images: uint8 (N, H, W, 3) arrays, or None when eval_decode (a BackgroundDecode whose
+        result is (train_images, train_labels, test_images, test_labels, skipped)) will provide them.
+        counts: (labeled train, test) sizes of the whole splits, for describe() (default: the arrays' lengths)."""
+        self.name = name
+        self._train_images, self._train_labels = train_images, train_labels
+        self._test_images, self._test_labels = test_images, test_labels
+        self.num_classes = num_classes
+        self.origin = origin  # where it was read from, for the logs
+        self.pretrain_images = pretrain_images  # when pretraining uses more than the labeled split (STL10)
+        self.pretrain_files = pretrain_files  # an encoded source the training pipeline decodes
+        self._skipped = skipped_files  # bad files left out at startup under --skip-bad-files
+        self.gray = gray  # every image has R = G = B (Fashion-MNIST, MNIST)
+        self._eval = eval_decode
+        self._image_size = image_size
+        self._counts = counts
+        self._startup = dict(startup_seconds or {})
+        self.manifest = manifest  # "fresh", "built", "rebuilt (...)" for manifest-backed folders, else None
+        self._has_labels = has_labels
+
+    # -------------------------------------------------------------------------------- the kNN splits (may wait)
+    def _pending(self) -> tuple:
+        if self._eval is None:
+            raise FastByolError(f"{self.name}: no kNN images here (they are decoded on rank 0 only)")
+        return self._eval.result()
+
+    @property
+    def train_images(self) -> np.ndarray:
+        return self._pending()[0] if self._train_images is None and self._eval is not None else self._train_images
+
+    @property
+    def train_labels(self) -> np.ndarray | None:
+        return self._pending()[1] if self._eval is not None else self._train_labels
+
+    @property
+    def test_images(self) -> np.ndarray | None:
+        return self._pending()[2] if self._eval is not None else self._test_images
+
+    @property
+    def test_labels(self) -> np.ndarray | None:
+        return self._pending()[3] if self._eval is not None else self._test_labels
+
+    def eval_images_ready(self) -> bool:
+        """True when the kNN images can be read without waiting."""
+        return self._eval is None or self._eval.ready()
+
+    def wait_eval_images(self) -> float:
+        """Wait for the kNN images (raising the decode's FastByolError, if any); the seconds waited."""
+        t0 = time.perf_counter()
+        if self._eval is not None:
+            self._eval.result()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------- never wait
+    @property
+    def has_knn(self) -> bool:
+        """Whether the kNN monitor can run: labeled train and test splits (known without decoding)."""
+        if self._has_labels is not None:
+            return self._has_labels
+        return self._train_labels is not None and self._test_images is not None and self._test_labels is not None
+
+    @property
+    def skipped_files(self) -> int:
+        extra = len(self._eval.result()[4]) if self._eval is not None and self._eval.ready() and \
+            self._eval._error is None else 0
+        return self._skipped + extra
+
+    @property
+    def startup_seconds(self) -> dict:
+        """{"listing", "checks", "index", "eval images"} seconds (the last once the background decode is done)."""
+        out = dict(self._startup)
+        if self._eval is not None and self._eval.ready():
+            out["eval images"] = self._eval.seconds
+        return out
+
+    @property
+    def pretraining_source(self):
+        """What the two-view loader reads: an encoded source (FileList, ShardSource), or a uint8 NHWC array."""
+        return self.pretrain_files if self.pretrain_files is not None else self.pretraining_set
+
+    @property
+    def num_pretraining(self) -> int:
+        return len(self.pretrain_files) if self.pretrain_files is not None else len(self.pretraining_set)
+
+    @property
+    def pretraining_set(self) -> np.ndarray:
+        return self._train_images if self.pretrain_images is None else self.pretrain_images
+
+    @property
+    def image_size(self) -> int:
+        """Side of the decoded kNN images."""
+        return int(self._image_size if self._image_size is not None else self._train_images.shape[1])
+
+    def describe(self) -> str:
+        if self._counts is not None:
+            n_train, n_test = self._counts
+        else:
+            n_train = len(self._train_images)
+            n_test = 0 if self._test_images is None else len(self._test_images)
+        if self._train_images is not None:
+            h, w = self._train_images.shape[1:3]
+        else:
+            h = w = self.image_size
+        if self.pretrain_files is not None:
+            extra = f" ({len(self.pretrain_files)} encoded images for pretraining)"
+        elif self.pretrain_images is not None:
+            extra = f" ({len(self.pretrain_images)} for pretraining)"
+        else:
+            extra = ""
+        return f"{self.name}: {n_train} train{extra} / {n_test} test images, {h}x{w}, from {self.origin}"

@@ -1,0 +1,187 @@
+"""Decoding the kNN monitor's images, safely and off the critical path.
+
+`decode_encoded(items, size)` turns encoded JPEG/PNG bytes into (N, size, size, 3) uint8 (shorter side resized to
+`size`, bicubic, centre crop; DALI on the CPU), `decode_files` does it for paths, and `BackgroundDecode` runs such
+a job in a thread so training starts while the images decode; the trainer waits on it only when it first needs them.
+
+Safety (issue 18): every item is read here, checked (checks.py) and fed to DALI through external_source, in batches
+of at most 4 x (threads + 1): DALI's decoder then parses headers in the calling thread, where a parse error is
+raised as an exception (on its worker threads, DALI 2.4 loses the error and then segfaults decoding the unparsed
+sample; see checks.py). When a batch fails anyway (data damaged past the headers), each of its items is decoded
+alone to find the culprit, which is named in one FastByolError, or skipped and counted with skip_bad.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ..errors import FastByolError
+from .checks import check_bytes
+
+EncodedItem = tuple[str, Callable[[], bytes]]  # (name for messages, read the bytes)
+
+
+def _pipeline(size: int, batch_size: int, num_threads: int, feed):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def eval_pipe():
+        encoded = fn.external_source(source=feed, batch=True, dtype=types.UINT8, no_copy=False)
+        images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_CUBIC)
+        return fn.crop(images, crop=(size, size), out_of_bounds_policy="pad")
+
+    pipe = eval_pipe(batch_size=batch_size, num_threads=num_threads, device_id=None, seed=0,
+                     prefetch_queue_depth=1, exec_pipelined=False, exec_async=False)
+    pipe.build()
+    return pipe
+
+
+class _Feed:
+    """external_source callback: the next batch set by the caller (so a failed batch can be retried item by item)."""
+
+    def __init__(self):
+        self.batch: list[np.ndarray] = []
+
+    def __call__(self):
+        return self.batch
+
+
+def _decode_one_by_one(pipe_factory, blobs: list[np.ndarray]) -> list[np.ndarray | str]:
+    """Each blob alone in a batch of one: its (size, size, 3) pixels, or DALI's error message."""
+    out = []
+    feed = _Feed()
+    pipe = pipe_factory(1, feed)
+    for b in blobs:
+        feed.batch = [b]
+        try:
+            (res,) = pipe.run()
+            out.append(np.asarray(res[0]))
+        except RuntimeError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip() and "pipeline" not in ln.lower()]
+            out.append(lines[-1] if lines else "DALI could not decode it")
+            feed = _Feed()
+            pipe = pipe_factory(1, feed)  # a pipeline that raised is no longer valid
+    return out
+
+
+def decode_encoded(items: Sequence[EncodedItem], size: int, num_threads: int = 2, skip_bad: bool = False,
+                   cancel: threading.Event | None = None) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """(images (M, size, size, 3) uint8, kept (M,) indices into items, [(name, reason)] skipped).
+
+    Without skip_bad, the first item that cannot be read, checked or decoded raises FastByolError naming it."""
+    batch_size = 4 * (num_threads + 1)  # at most this many: DALI parses the headers in this thread (see above)
+    feed = _Feed()
+
+    def factory(bs, f):
+        return _pipeline(size, bs, num_threads, f)
+
+    pipe = factory(batch_size, feed)
+    images, kept, skipped = [], [], []
+
+    def bad(name: str, why: str):
+        if not skip_bad:
+            raise FastByolError(f"{name}: {why} (--skip-bad-files leaves such files out and counts them)")
+        skipped.append((name, why))
+
+    for lo in range(0, len(items), batch_size):
+        if cancel is not None and cancel.is_set():
+            raise FastByolError("decoding the kNN images was cancelled")
+        blobs, idx = [], []
+        for i in range(lo, min(lo + batch_size, len(items))):
+            name, read = items[i]
+            try:
+                data = read()
+            except OSError as e:
+                bad(name, f"unreadable ({e.strerror})")
+                continue
+            problem = check_bytes(data, os.path.splitext(name)[1])
+            if problem is not None:
+                bad(name, problem)
+                continue
+            blobs.append(np.frombuffer(data, dtype=np.uint8))
+            idx.append(i)
+        if not blobs:
+            continue
+        feed.batch = blobs  # external_source takes batches of any size up to batch_size
+        try:
+            (res,) = pipe.run()
+            decoded = [np.asarray(res[j]) for j in range(len(blobs))]
+        except RuntimeError:
+            feed = _Feed()
+            pipe = factory(batch_size, feed)
+            decoded = _decode_one_by_one(factory, blobs)
+        for i, d in zip(idx, decoded):
+            if isinstance(d, str):
+                bad(items[i][0], f"DALI cannot decode it ({d})")
+            else:
+                images.append(d)
+                kept.append(i)
+    if not images:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), skipped
+    return np.stack(images), np.asarray(kept, np.int64), skipped
+
+
+def file_item(path: str) -> EncodedItem:
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    return path, read
+
+
+def decode_files(files: Sequence[str], size: int, num_threads: int = 2, skip_bad: bool = False) -> np.ndarray:
+    """(N, size, size, 3) uint8 of image files (FastByolError naming the first bad one; skip_bad leaves them out)."""
+    images, _, _ = decode_encoded([file_item(f) for f in files], size, num_threads, skip_bad)
+    return images
+
+
+class BackgroundDecode:
+    """Runs `job(cancel_event)` in a daemon thread; result() waits for it (re-raising its error in the caller).
+
+    The process waits for the job at exit only until the current batch ends (the job checks the event), so DALI's
+    pipeline is never torn down by interpreter shutdown mid-batch."""
+
+    def __init__(self, job: Callable[[threading.Event], object], background: bool = True):
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._result = None
+        self._error: BaseException | None = None
+        self.seconds: float | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(job,), name="fastbyol-eval-decode", daemon=True)
+            self._thread.start()
+            atexit.register(self.cancel)
+        else:
+            self._thread = None
+            self._run(job)
+
+    def _run(self, job):
+        t0 = time.perf_counter()
+        try:
+            self._result = job(self._cancel)
+        except BaseException as e:  # re-raised in the thread that waits
+            self._error = e
+        finally:
+            self.seconds = time.perf_counter() - t0
+            self._done.set()
+
+    def ready(self) -> bool:
+        return self._done.is_set()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=30)
