@@ -1,20 +1,32 @@
-"""A subprocess of the manifest scan: checks its share of the files (manifest.check_files) on its own core.
+"""Subprocesses of the manifest scan and of the shard index: each works on its own core.
 
     python -m fastbyol.data.check_worker ROOT THREADS  < relative paths ("\\n"-separated)
-writes N (int64), N sizes, N mtimes (int64, little-endian) and the problems (JSON [[index, reason], ...]) to stdout.
+        checks its share of a folder's files (manifest.check_files); writes N (int64), N sizes, N mtimes (int64,
+        little-endian) and the problems (JSON [[index, reason], ...]) to stdout.
+    python -m fastbyol.data.check_worker --shards FOLDER  < shard paths ("\\n"-separated)
+        indexes each shard into FOLDER (shards.build_shard_meta).
 """
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from .manifest import _strings, _utf8, check_files
 
+def main(argv: list[str]) -> int:
+    if argv[0] == "--shards":
+        from .shards import build_shard_meta
 
-def main(root: str, threads: int) -> int:
+        folder = Path(argv[1])
+        for line in sys.stdin.buffer.read().decode("utf-8", "surrogateescape").splitlines():
+            if line:
+                build_shard_meta(Path(line), folder)
+        return 0
+    from .manifest import _strings, _utf8, check_files
+
     rels = _strings(np.frombuffer(sys.stdin.buffer.read(), dtype=np.uint8))
-    sizes, mtimes, problems = check_files(root, rels, threads)
+    sizes, mtimes, problems = check_files(argv[0], rels, int(argv[1]))
     out = sys.stdout.buffer
     out.write(np.int64(len(sizes)).tobytes())
     out.write(sizes.astype("<i8").tobytes())
@@ -25,4 +37,4 @@ def main(root: str, threads: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2])))
+    sys.exit(main(sys.argv[1:]))

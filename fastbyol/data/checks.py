@@ -9,9 +9,10 @@ thread's block or in a batch of <= 4 x (threads + 1)). So every file is walked h
 parse is named (or skipped under --skip-bad-files) before any DALI pipeline sees it.
 
 - JPEG: SOI, then every marker segment up to the first SOS: each starts with FF, has a length >= 2 that stays
-  inside the file; a frame header (SOF) with width, height > 0, 1-4 components, 8/12/16-bit precision, comes
-  before the SOS, whose length matches its component count; the FF D9 end marker lies in the last 1 KB. Reads the
-  header segments (usually < 1 KB, EXIF/ICC segments are skipped by their length) and the tail: no decode.
+  inside the file; Huffman tables (DHT: at most 256 codes each) and quantization tables (DQT) exactly fill their
+  segments; a frame header (SOF) with width, height > 0, 1-4 components with sampling factors 1-4, 8/12/16-bit
+  precision, comes before the SOS, whose length matches its component count; the FF D9 end marker lies in the last
+  1 KB. Reads the header segments (usually < 1 KB; EXIF/ICC segments are skipped by their length) and the tail.
 - PNG: the signature, IHDR first (width, height > 0, valid bit depth and colour type), every chunk's length inside
   the file and its CRC-32 right, an IDAT, IEND last. Reads the whole file (PNG datasets are small; the CRCs catch
   corruption inside, which libpng would otherwise report in dozens of lines).
@@ -33,6 +34,7 @@ _HEAD = 4096  # bytes read first: the SOI and the usual header segments
 _TAIL = 1024  # the end marker must lie in the last KB (encoders may pad after it)
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (DHT, JPG and DAC are not)
 _MAX_SEGMENTS = 4096
+_PARSED = _SOF | {0xC4, 0xDB}  # segments whose contents are checked (read whole)
 
 Reader = Callable[[int, int], bytes]  # read(offset, n): up to n bytes of the object from offset
 
@@ -64,13 +66,35 @@ def _jpeg_problem(read: Reader, size: int, head: bytes) -> str | None:
             return f"corrupt JPEG (segment FF {marker:02X} at byte {pos} has length {length})"
         if end > size:
             return f"truncated JPEG (segment FF {marker:02X} at byte {pos} runs past the end)"
-        if marker in _SOF:
-            if len(buf) < i + 10:
-                return "truncated JPEG (frame header)"
+        if marker in _PARSED and end > base + len(buf):  # the whole segment in the window
+            buf, base = read(pos, max(_HEAD, end - pos)), pos
+            i = 0
+            if len(buf) < end - pos:
+                return f"truncated JPEG (segment FF {marker:02X} at byte {pos} runs past the end)"
+        if marker == 0xC4:  # DHT: tables of 1 + 16 + sum(counts) bytes that exactly fill the segment
+            j, stop = i + 4, i + 2 + length
+            while j < stop:
+                total = sum(buf[j + 1:j + 17])
+                if buf[j] & 0xEC or total > 256 or j + 17 + total > stop:
+                    return f"corrupt JPEG (Huffman table at byte {base + j})"
+                j += 17 + total
+        elif marker == 0xDB:  # DQT: tables of 65 (8-bit) or 129 (16-bit) bytes that exactly fill the segment
+            j, stop = i + 4, i + 2 + length
+            while j < stop:
+                if buf[j] >> 4 > 1 or buf[j] & 0x0C:  # precision 0 or 1, table id 0..3
+                    break
+                j += 129 if buf[j] >> 4 else 65
+            if j != stop:
+                return f"corrupt JPEG (quantization table at byte {pos})"
+        elif marker in _SOF:
             precision, height, width, ncomp = struct.unpack_from(">BHHB", buf, i + 4)
             if precision not in (8, 12, 16) or height == 0 or width == 0 or not 1 <= ncomp <= 4 \
-                    or length < 8 + 3 * ncomp:
+                    or length != 8 + 3 * ncomp:
                 return f"corrupt JPEG (frame header: {width}x{height}, {ncomp} components, {precision} bits)"
+            for c in range(ncomp):  # sampling factors 1..4 each
+                hv = buf[i + 11 + 3 * c]
+                if not (1 <= hv >> 4 <= 4 and 1 <= hv & 15 <= 4):
+                    return "corrupt JPEG (frame header: bad sampling factors)"
             sof = True
         elif marker == 0xDA:  # start of scan: entropy-coded data follows
             ns = buf[i + 4] if len(buf) > i + 4 else 0

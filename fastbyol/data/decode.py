@@ -62,7 +62,7 @@ def _decode_one_by_one(pipe_factory, blobs: list[np.ndarray]) -> list[np.ndarray
         feed.batch = [b]
         try:
             (res,) = pipe.run()
-            out.append(np.asarray(res[0]))
+            out.append(np.array(res[0]))  # a copy: DALI reuses its output buffers
         except RuntimeError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip() and "pipeline" not in ln.lower()]
             out.append(lines[-1] if lines else "DALI could not decode it")
@@ -112,7 +112,7 @@ def decode_encoded(items: Sequence[EncodedItem], size: int, num_threads: int = 2
         feed.batch = blobs  # external_source takes batches of any size up to batch_size
         try:
             (res,) = pipe.run()
-            decoded = [np.asarray(res[j]) for j in range(len(blobs))]
+            decoded = [np.array(res[j]) for j in range(len(blobs))]  # copies: DALI reuses its buffers
         except RuntimeError:
             feed = _Feed()
             pipe = factory(batch_size, feed)

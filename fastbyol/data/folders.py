@@ -142,6 +142,11 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
         if test_items is not None:
             tx, tkept, tskipped = decode_encoded(test_items, image_size, num_threads, skip_bad_files, cancel)
             ty, skipped = test_y[tkept], skipped + tskipped
+        if status == "fresh":  # files rewritten in place since the manifest (start-up checked only a sample)
+            now_bad = mf.verify_files(man, root)
+            if now_bad:
+                raise FastByolError(f"{root / now_bad[0][0]}: {now_bad[0][1]} (changed since the manifest was "
+                                    "written; the next run rescans the folder)")
         return x, y, tx, ty, skipped
 
     pending = BackgroundDecode(job, background) if eval_images else None

@@ -195,8 +195,9 @@ class Manifest:
         return m
 
     # -------------------------------------------------------------------------------------------------- freshness
-    def stale_reason(self, root: Path, sample: int = SAMPLE_CHECK) -> str | None:
+    def stale_reason(self, root: Path, sample: int | None = None) -> str | None:
         """None if the tree still matches (directories' mtimes, a sample of files), else what changed."""
+        sample = SAMPLE_CHECK if sample is None else sample
         for rel, mtime in zip(self.dirs, self.dir_mtimes.tolist()):
             try:
                 st = os.stat(root / rel if rel else root)
@@ -207,7 +208,7 @@ class Manifest:
         listing = self.location / LIST_NAME if self.location else None
         if listing is None or not listing.is_file() or listing.stat().st_size != self.list_size:
             return f"{LIST_NAME} is missing or not the one written with the manifest"
-        if len(self):
+        if len(self) and sample:
             idx = np.random.default_rng(0).choice(len(self), min(sample, len(self)), replace=False)
             changed = self.changed_files(root, idx)
             if changed:
@@ -234,6 +235,22 @@ class Manifest:
         chunks = np.array_split(idx, max(1, len(idx) // 4096))
         with ThreadPoolExecutor(threads) as ex:
             return sorted(i for part in ex.map(run, chunks) for i in part)
+
+
+def verify_files(man: Manifest, root: Path) -> list[list[str]]:
+    """Compare every file's size and mtime with the manifest (the check the start-up sample leaves to later).
+
+    When a file changed, the manifest is removed (the next run rescans) and the changed files are checked again;
+    returns [relpath, reason] of those that are now bad."""
+    changed = man.changed_files(root)
+    if not changed:
+        return []
+    if man.location is not None:
+        with file_lock(man.location / "manifest.lock"):
+            (man.location / MANIFEST_NAME).unlink(missing_ok=True)
+    rels = [man.path(i) for i in changed]
+    _, _, problems = check_files(str(root), rels)
+    return [[rels[j], why] for j, why in problems]
 
 
 # ---------------------------------------------------------------------------------------------------- the scan

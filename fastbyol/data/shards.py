@@ -1,11 +1,561 @@
-"""WebDataset tar shards (work in progress)."""
+"""WebDataset tar shards: read by DALI's webdataset reader, indexed once, and written by `fastbyol shards SRC DST`.
+
+Large runs keep their data in a few hundred big tar files (sequential reads, friendly to network filesystems and
+object stores). A sample is the group of consecutive members sharing a key (the name up to the first dot of its
+base name): the image in `jpg`/`jpeg`/`png`, the class index in `cls` (ASCII digits), as WebDataset writes them.
+
+`--data` forms: 'DIR/train-{000000..000146}.tar' (braces: zero-padded numeric ranges `{a..b}` and lists `{x,y}`),
+a folder of .tar files (with `train-*.tar` and `test-*.tar`, those are the two splits; otherwise every .tar
+pretrains), or one .tar file. Shards named train-* get the kNN queries from the `test-*.tar` beside them.
+
+Index, built once per shard (like the manifest of a folder; rank 0 under a lock, or before the barrier): the
+member headers are walked (tar header checksums verified), each sample's image checked structurally (checks.py:
+head and tail reads inside the tar, no decode) and its `cls` parsed; the result is DALI's index file (v1.2,
+listing only the good samples, so DALI never reads a bad one) plus `<shard>.meta.npz` (the shard's size and mtime,
+its bad samples with the reason, and per sample the label and the image's offset and size, which the kNN decode
+reads directly). Both live in DIR/.fastbyol/shards/ when DIR is writable, else in the cache folder (cache.py), and
+are rebuilt when the shard's size or mtime changes. Bad input (a missing shard, a brace pattern matching nothing,
+a truncated tar, a sample without an image, an image that fails the check) is one FastByolError naming the shard
+and sample; with --skip-bad-files a bad sample is left out of the index and counted (a truncated tar keeps its
+whole samples).
+
+Reading (`ShardSource.dali_reader`): every rank opens the shards with the same indexes and reads its own
+contiguous part of the samples (`shard_id`/`num_shards`; DALI moves each rank to the next part every epoch). DALI's
+webdataset reader shuffles through a buffer (`random_shuffle`, `initial_fill` samples) rather than a full
+permutation (its `shuffle_after_epoch` only reorders whole tar files: measured), so `fastbyol shards` writes the
+samples in a seeded random order: each buffer is class-mixed. Resume is exact through DALI's checkpointing
+(tested: the batches after a restored checkpoint equal the uninterrupted ones).
+"""
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FastByolError
+from .cache import TMP_MARK, cache_root, file_lock, path_key, remove_stale_tmp, tmp_name, writable_dir
+from .checks import check_fd
+
+META_VERSION = 1
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+BAD_HINT = "(--skip-bad-files leaves such samples out and counts them)"
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+# ------------------------------------------------------------------------------------------------ --data forms
+def expand_braces(pattern: str) -> list[str]:
+    """'a-{000..002}.tar' -> ['a-000.tar', 'a-001.tar', 'a-002.tar']; '{x,y}' lists; several braces multiply."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    if ".." in body:
+        lo, _, hi = body.partition("..")
+        if not (lo.isdigit() and hi.isdigit()):
+            raise FastByolError(f"--data {pattern}: {{{body}}} is not a numeric range like {{000000..000146}}")
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        items = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
+        if not items:
+            raise FastByolError(f"--data {pattern}: the range {{{body}}} is empty")
+    else:
+        items = body.split(",")
+    return [s for item in items for s in expand_braces(head + item + tail)]
+
 
 def is_shard_spec(spec: str) -> bool:
-    return spec.endswith(".tar") or ("{" in spec and ".." in spec)
+    """Whether --data names tar shards by its form alone (a brace pattern or a .tar path)."""
+    return spec.endswith(".tar") or bool(_BRACE.search(spec))
 
 
-def load_shards(*args, **kwargs):
-    raise NotImplementedError
+def shard_paths(spec: str) -> tuple[list[Path], list[Path]]:
+    """(pretraining shards, kNN test shards) of a --data value; FastByolError naming a missing shard."""
+    if _BRACE.search(spec):
+        paths = [Path(p).expanduser() for p in expand_braces(spec)]
+        present = [p for p in paths if p.is_file()]
+        if not present:
+            raise FastByolError(f"--data {spec}: no shard matches ({len(paths)} names, from {paths[0].name}; "
+                                f"none exists in {paths[0].parent})")
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise FastByolError(f"{missing[0]}: missing shard ({len(missing)} of the {len(paths)} in --data {spec})")
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            tars = sorted(p for p in path.glob("*.tar") if p.is_file())
+            if not tars:
+                raise FastByolError(f"--data {spec}: no .tar shards in the folder")
+            train = [p for p in tars if p.name.startswith("train")]
+            test = [p for p in tars if p.name.startswith("test")]
+            return (train, test) if train else (tars, [])
+        if not path.is_file():
+            raise FastByolError(f"{path}: missing shard")
+        paths = [path]
+    test: list[Path] = []
+    if all(p.name.startswith("train") for p in paths):
+        test = sorted(p for p in paths[0].parent.glob("test*.tar") if p.is_file())
+    return paths, test
+
+
+# ------------------------------------------------------------------------------------------------ the tar index
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    digits = field.strip(b"\0 ")
+    return int(digits, 8) if digits else 0
+
+
+def tar_members(fd: int, size: int, where: str) -> tuple[list[tuple[str, int, int]], str | None]:
+    """([(name, data offset, data size)] of the regular members, problem or None) from the headers alone.
+
+    Handles ustar prefixes, GNU long names (L) and pax path records (x); verifies every header's checksum. A header
+    or member that runs past the end stops the walk with the problem "truncated tar ..."."""
+    out: list[tuple[str, int, int]] = []
+    pos, long_name = 0, None
+    while True:
+        if pos + 512 > size:
+            return out, None if pos == size else f"truncated tar (a header at byte {pos} is cut)"
+        h = os.pread(fd, 512, pos)
+        if h.count(0) == 512:  # end-of-archive block
+            return out, None
+        stored = _octal(h[148:156])
+        if stored != sum(h[:148]) + 256 + sum(h[156:]):
+            return out, f"corrupt tar (bad header checksum at byte {pos})"
+        msize = _octal(h[124:136])
+        kind = h[156:157]
+        data = pos + 512
+        if data + msize > size:
+            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            return out, f"truncated tar (member {name} at byte {pos} runs past the end of the {size}-byte file)"
+        name_b = h[:100].split(b"\0", 1)[0]
+        if h[257:262] == b"ustar" and h[345:500].strip(b"\0"):
+            name_b = h[345:500].split(b"\0", 1)[0] + b"/" + name_b
+        if kind == b"L":
+            long_name = os.pread(fd, msize, data).split(b"\0", 1)[0]
+        elif kind == b"x":
+            for rec in re.finditer(rb"\d+ path=([^\n]*)\n", os.pread(fd, msize, data)):
+                long_name = rec.group(1)
+        elif kind in (b"0", b"\0", b"7"):
+            out.append(((long_name or name_b).decode("utf-8", "surrogateescape"), data, msize))
+            long_name = None
+        pos = data + (msize + 511) // 512 * 512
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(key, extension) as DALI's webdataset reader groups members: up to the first dot of the base name."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+def index_shard(path: Path) -> dict:
+    """Walk and check one shard: {"size", "mtime_ns", "samples": [(key, ext, off, size, label, cls_off,
+    cls_size)], "bad": [[key, reason]], "problem": shard-level problem or None}."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        members, problem = tar_members(fd, st.st_size, str(path))
+        groups: list[tuple[str, list]] = []
+        for name, off, size in members:
+            key, ext = _split_name(name)
+            base = key[key.rfind("/") + 1:]
+            if not base or base.startswith("."):
+                continue
+            if groups and groups[-1][0] == key:
+                groups[-1][1].append((ext, off, size, name))
+            else:
+                groups.append((key, [(ext, off, size, name)]))
+        samples, bad = [], []
+        for key, parts in groups:
+            comps = {ext.lower(): (ext, off, size, name) for ext, off, size, name in parts}
+            image = next((comps[e] for e in IMAGE_EXTS if e in comps), None)
+            if image is None:
+                bad.append([key, "the sample has no image (jpg, jpeg or png)"])
+                continue
+            if any(c.isspace() for c in image[3]):
+                bad.append([key, "its member name holds whitespace (DALI's index cannot list it)"])
+                continue
+            why = check_fd(fd, image[2], "." + image[0], base=image[1])
+            if why is not None:
+                bad.append([key, f"{image[3]}: {why}"])
+                continue
+            label, cls_off, cls_size = -1, -1, -1
+            if "cls" in comps:
+                _, cls_off, cls_size, cls_name = comps["cls"]
+                text = os.pread(fd, min(cls_size, 32), cls_off).strip()
+                if not text.isdigit() or cls_size > 32 or any(c.isspace() for c in cls_name):
+                    bad.append([key, f"{cls_name}: not a class index ({text[:16]!r})"])
+                    continue
+                label = int(text)
+            samples.append((key, image[0], image[1], image[2], label, cls_off, cls_size, image[3],
+                            comps["cls"][3] if "cls" in comps else ""))
+        return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, samples=samples, bad=bad, problem=problem)
+    finally:
+        os.close(fd)
+
+
+def _index_text(samples: list, with_cls: bool) -> bytes:
+    """DALI's webdataset index v1.2: "v1.2 N", then per sample "ext offset size name" for each component."""
+    lines = [f"v1.2 {len(samples)}"]
+    for _key, ext, off, size, label, cls_off, cls_size, name, cls_name in samples:
+        line = f"{ext} {off} {size} {name}"
+        if with_cls and label >= 0:
+            line += f" cls {cls_off} {cls_size} {cls_name}"
+        lines.append(line)
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = tmp_name(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_shard_meta(shard: Path, folder: Path) -> None:
+    """Index one shard into folder/<name>.idx (DALI's index of the good samples) and <name>.meta.npz."""
+    info = index_shard(shard)
+    samples = info["samples"]
+    idx_bytes = _index_text(samples, with_cls=True)
+    _write_atomic(folder / f"{shard.name}.idx", idx_bytes)
+    header = dict(version=META_VERSION, shard=str(shard), size=info["size"], mtime_ns=info["mtime_ns"],
+                  n=len(samples), bad=info["bad"], problem=info["problem"], idx_size=len(idx_bytes))
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
+             labels=np.array([s[4] for s in samples], np.int64),
+             img_off=np.array([s[2] for s in samples], np.int64), img_size=np.array([s[3] for s in samples], np.int64))
+    _write_atomic(folder / f"{shard.name}.meta.npz", buf.getvalue())
+
+
+def _load_meta(shard: Path, folder: Path) -> dict | None:
+    """The shard's cached index, or None when missing, damaged or stale (size, mtime, index file)."""
+    try:
+        with np.load(folder / f"{shard.name}.meta.npz", allow_pickle=False) as z:
+            header = json.loads(z["header"].tobytes())
+            meta = dict(header, labels=z["labels"], img_off=z["img_off"], img_size=z["img_size"])
+        st = shard.stat()
+        if (header["version"] != META_VERSION or header["shard"] != str(shard) or header["size"] != st.st_size
+                or header["mtime_ns"] != st.st_mtime_ns or len(meta["labels"]) != header["n"]
+                or (folder / f"{shard.name}.idx").stat().st_size != header["idx_size"]):
+            return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
+
+
+def index_dir(shards: list[Path], cache_dir=None) -> Path:
+    parent = shards[0].parent.resolve()
+    inside = parent / ".fastbyol" / "shards"
+    if os.access(parent, os.W_OK | os.X_OK) and writable_dir(inside):
+        return inside
+    outside = cache_root(cache_dir) / "shards" / path_key(parent)
+    if not writable_dir(outside):
+        raise FastByolError(f"{parent} is read-only and the cache folder {outside} cannot be written: "
+                            "set FASTBYOL_CACHE to a writable folder")
+    return outside
+
+
+def _build_missing(shards: list[Path], folder: Path, workers: int) -> None:
+    if workers <= 1 or len(shards) < 4:
+        with ThreadPoolExecutor(min(8, len(shards))) as ex:
+            list(ex.map(lambda s: build_shard_meta(s, folder), shards))
+        return
+    parts = [shards[i::workers] for i in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-m", "fastbyol.data.check_worker", "--shards", str(folder)],
+                              stdin=subprocess.PIPE) for part in parts if part]
+    for p, part in zip(procs, [q for q in parts if q]):
+        p.stdin.write("\n".join(str(s) for s in part).encode("utf-8", "surrogateescape"))
+        p.stdin.close()
+    for p in procs:
+        if p.wait() != 0:
+            raise FastByolError(f"{folder}: a shard-index worker failed (exit {p.returncode})")
+
+
+def obtain_index(shards: list[Path], *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
+                 workers: int | None = None) -> tuple[list[dict], Path, float]:
+    """Every shard's meta (built where missing or stale), the index folder, and the seconds spent here."""
+    t0 = time.perf_counter()
+    shards = [s.resolve() for s in shards]
+    folder = index_dir(shards, cache_dir)
+    workers = workers or min(8, len(os.sched_getaffinity(0)))
+
+    def locked() -> list[dict]:
+        with file_lock(folder / "index.lock"):
+            metas = [_load_meta(s, folder) for s in shards]
+            stale = [s for s, m in zip(shards, metas) if m is None]
+            if stale:
+                remove_stale_tmp(folder)
+                _build_missing(stale, folder, workers)
+                metas = [m if m is not None else _load_meta(s, folder) for s, m in zip(shards, metas)]
+            for s, m in zip(shards, metas):
+                if m is None:
+                    raise FastByolError(f"{s}: its index could not be written in {folder}")
+            return metas
+
+    if barrier is not None and world_size > 1:
+        if rank == 0:
+            metas = locked()
+        barrier()
+        if rank != 0:
+            metas = locked()
+    else:
+        metas = locked()
+    return metas, folder, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ the source
+def parse_cls(raw):
+    """DALI graph: ASCII digits of a `cls` component (uint8, variable length) -> int64 scalar per sample.
+
+    value = sum over the n leading digits d_i of d_i * 10^(n - 1 - i) (up to 12 digits; trailing bytes ignored)."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    width = 12
+    x = fn.slice(fn.pad(raw, axes=[0], shape=[width], fill_value=32), 0, width, axes=[0])  # (12,) uint8
+    xi = fn.cast(x, dtype=types.INT64)
+    digit = fn.cast((xi >= 48) & (xi <= 57), dtype=types.INT64)  # (12,) 1 where an ASCII digit
+    n = fn.reductions.sum(digit, axes=[0])  # number of digits (they lead; padding is spaces)
+    expo = n - 1 - types.Constant(np.arange(width, dtype=np.int64))  # (12,) power of ten of each position
+    weight = fn.cast(dmath.pow(10.0, fn.cast(dmath.max(expo, 0), dtype=types.FLOAT64)), dtype=types.INT64)
+    keep = digit * fn.cast(expo >= 0, dtype=types.INT64)
+    return fn.reductions.sum((xi - 48) * keep * weight, axes=[0])
+
+
+class ShardSource:
+    """Tar shards for the training pipeline (the encoded-source contract of folders.FileList)."""
+
+    def __init__(self, paths: list[str], index_paths: list[str], count: int, where: str,
+                 labels: np.ndarray | None = None, initial_fill: int = 1024):
+        self.paths, self.index_paths = paths, index_paths
+        self._count = count
+        self.where = where
+        self.labels = labels  # (N,) int64 in index order when the reader should output labels, else None
+        self.initial_fill = initial_fill
+
+    def __len__(self) -> int:
+        return self._count
+
+    def dali_reader(self, shard_id: int, num_shards: int, name: str = "reader"):
+        """(encoded bytes, int64 label node or None): this rank's part, through a shuffle buffer."""
+        from nvidia.dali import fn
+
+        ext = ["jpg;jpeg;png"] + (["cls"] if self.labels is not None else [])
+        fill = max(1, min(self.initial_fill, self._count // max(num_shards, 1)))
+        out = fn.readers.webdataset(paths=self.paths, index_paths=self.index_paths, ext=ext,
+                                    case_sensitive_extensions=False, missing_component_behavior="error",
+                                    shard_id=shard_id, num_shards=num_shards, random_shuffle=True, initial_fill=fill,
+                                    name=name)
+        if self.labels is None:
+            return (out[0] if isinstance(out, (list, tuple)) else out), None
+        return out[0], parse_cls(out[1])
+
+
+def _shard_item(path: str, off: int, size: int, key: str):
+    def read() -> bytes:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(fd, size, off)
+        finally:
+            os.close(fd)
+
+    return f"{path}:{key}", read
+
+
+def _collect(shards: list[Path], metas: list[dict], skip_bad: bool) -> tuple[int, int]:
+    """(good samples, bad samples); FastByolError naming the first bad one unless skip_bad."""
+    n_bad = 0
+    for s, m in zip(shards, metas):
+        if m["problem"] is not None and not skip_bad:
+            raise FastByolError(f"{s}: {m['problem']} {BAD_HINT}")
+        if m["bad"] and not skip_bad:
+            key, why = m["bad"][0]
+            raise FastByolError(f"{s}: sample {key}: {why} {BAD_HINT}")
+        n_bad += len(m["bad"]) + (m["problem"] is not None)
+        if m["n"] == 0 and not skip_bad:
+            raise FastByolError(f"{s}: the shard holds no samples")
+    return sum(m["n"] for m in metas), n_bad
+
+
+def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_eval_images: int = 10000,
+                seed: int = 0, *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
+                eval_images: bool = True, background: bool = True, num_threads: int = 2, with_labels: bool = False):
+    """An ImageDataset whose pretraining source is a ShardSource; kNN from labeled train/test shards."""
+    from .dataset import ImageDataset
+    from .decode import BackgroundDecode, decode_encoded
+
+    train, test = shard_paths(spec)
+    metas, folder, seconds = obtain_index(train + test, rank=rank, world_size=world_size, barrier=barrier,
+                                          cache_dir=cache_dir)
+    train_m, test_m = metas[:len(train)], metas[len(train):]
+    n_train, bad_train = _collect(train, train_m, skip_bad_files)
+    n_test, bad_test = _collect(test, test_m, skip_bad_files) if test else (0, 0)
+    if n_train == 0:
+        raise FastByolError(f"--data {spec}: the shards hold no usable samples")
+    train_labels = np.concatenate([m["labels"] for m in train_m])
+    labeled = bool(len(train_labels)) and bool((train_labels >= 0).all())
+    resolved = [s.resolve() for s in train]
+    source = ShardSource([str(s) for s in resolved], [str(folder / f"{s.name}.idx") for s in resolved], n_train,
+                         spec, labels=train_labels if (with_labels and labeled) else None)
+    num_classes = 0
+    rng = np.random.default_rng(seed)
+
+    def pick(shards: list[Path], ms: list[dict], limit: int, labeled_only: bool):
+        labels = np.concatenate([m["labels"] for m in ms])
+        owner = np.concatenate([np.full(m["n"], k) for k, m in enumerate(ms)])
+        local = np.concatenate([np.arange(m["n"]) for m in ms])
+        idx = np.flatnonzero(labels >= 0) if labeled_only else np.arange(len(labels))
+        if len(idx) > limit:
+            idx = idx[np.sort(rng.choice(len(idx), limit, replace=False))]
+        items = [_shard_item(str(shards[owner[i]].resolve()), int(ms[owner[i]]["img_off"][local[i]]),
+                             int(ms[owner[i]]["img_size"][local[i]]), str(local[i])) for i in idx]
+        return items, labels[idx]
+
+    has_knn = bool(test) and n_test > 0 and bool((train_labels >= 0).any())
+    if has_knn:
+        test_labels_all = np.concatenate([m["labels"] for m in test_m])
+        num_classes = int(max(train_labels.max(), test_labels_all.max())) + 1
+        train_items, train_y = pick(train, train_m, max_eval_images, True)
+        test_items, test_y = pick(test, test_m, max_eval_images, True)
+    else:
+        train_items, train_y = pick(train, train_m, 64, False)
+        test_items, test_y, train_y = None, None, None
+
+    def job(cancel):
+        x, kept, skipped = decode_encoded(train_items, image_size, num_threads, skip_bad_files, cancel)
+        y = None if train_y is None else train_y[kept]
+        tx = ty = None
+        if test_items is not None:
+            tx, tkept, tskipped = decode_encoded(test_items, image_size, num_threads, skip_bad_files, cancel)
+            ty, skipped = test_y[tkept], skipped + tskipped
+        return x, y, tx, ty, skipped
+
+    pending = BackgroundDecode(job, background) if eval_images else None
+    name = train[0].parent.name or "shards"
+    return ImageDataset(name, None, None, None, None, num_classes, f"{len(train)} tar shards ({spec})",
+                        pretrain_files=source, skipped_files=bad_train + bad_test, eval_decode=pending,
+                        image_size=image_size, counts=(n_train, n_test),
+                        startup_seconds=dict(listing=0.0, checks=0.0, index=seconds), has_labels=has_knn)
+
+
+# ------------------------------------------------------------------------------------------------ fastbyol shards
+def add_shards_command(subparsers) -> argparse.ArgumentParser:
+    """`fastbyol shards SRC DST`: the subcommand's parser."""
+    p = subparsers.add_parser("shards", help="write WebDataset tar shards from an image folder",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description="Convert an image folder (labeled train/<class>/, test/<class>/, "
+                                          "unlabeled/, or a plain folder) into tar shards DST/train-NNNNNN.tar "
+                                          "(and test-NNNNNN.tar): jpg/png + cls, samples in a seeded random order.")
+    p.add_argument("src", help="image folder (read through its manifest)")
+    p.add_argument("dst", help="output folder (created; must hold no .tar files)")
+    p.add_argument("--max-samples", type=int, default=10000, help="samples per shard at most")
+    p.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most (one sample may exceed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    p.add_argument("--skip-bad-files", action="store_true", help="leave bad images out (counted) instead of failing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(src: Path, dst: Path, max_samples: int = 10000, max_bytes: float = 1e9, seed: int = 0,
+                 skip_bad_files: bool = False, progress: bool = True) -> dict:
+    """Write the folder's images into tar shards; {"train": shards, "test": shards, "samples", "bytes", "skipped"}.
+
+    All shards are written into a temporary folder inside dst and moved into place at the end: a failure or an
+    interrupt leaves dst as it was."""
+    from . import manifest as mf
+
+    if max_samples < 1 or not max_bytes > 0:
+        raise FastByolError("--max-samples and --max-bytes must be positive")
+    if not src.is_dir():
+        raise FastByolError(f"{src}: not a folder (shards are written from an image folder)")
+    dst.mkdir(parents=True, exist_ok=True)
+    if any(dst.glob("*.tar")):
+        raise FastByolError(f"{dst}: already holds .tar files; choose an empty folder")
+    man, _, _ = mf.obtain(src)
+    if man.bad and not skip_bad_files:
+        rel, why = man.bad[0][0], man.bad[0][1]
+        raise FastByolError(f"{man.root / rel}: {why} (--skip-bad-files leaves such files out and counts them)")
+    rng = np.random.default_rng(seed)
+    plan = {"train": np.flatnonzero(man.split != mf.TEST), "test": man.indices(mf.TEST)}
+    total = sum(len(v) for v in plan.values())
+    if len(plan["train"]) == 0:
+        raise FastByolError(f"{src}: no images to write")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", desc="shards", file=sys.stderr, dynamic_ncols=True)
+    remove_stale_tmp(dst)
+    tmp = dst / f".partial{TMP_MARK}{os.getpid()}"
+    tmp.mkdir()
+    written = {"train": [], "test": [], "samples": 0, "bytes": 0, "skipped": len(man.bad)}
+    try:
+        for split, idx in plan.items():
+            idx = idx[rng.permutation(len(idx))]
+            shard, tar, count, size = -1, None, 0, 0
+            for i in idx.tolist():
+                rel = man.path(i)
+                data = (man.root / rel).read_bytes()
+                if tar is None or count >= max_samples or size + len(data) > max_bytes and count:
+                    if tar is not None:
+                        tar.close()
+                    shard += 1
+                    name = f"{split}-{shard:06d}.tar"
+                    tar = tarfile.open(tmp / name, "w", format=tarfile.USTAR_FORMAT)
+                    written[split].append(name)
+                    count, size = 0, 0
+                ext = "png" if rel.lower().endswith(".png") else "jpg"
+                key = f"{written['samples']:09d}"
+                _tar_add(tar, f"{key}.{ext}", data)
+                if man.labels[i] >= 0:
+                    _tar_add(tar, f"{key}.cls", str(int(man.labels[i])).encode())
+                count, size = count + 1, size + len(data)
+                written["samples"] += 1
+                written["bytes"] += len(data)
+                if bar is not None:
+                    bar.update(1)
+            if tar is not None:
+                tar.close()
+        if man.classes:
+            (tmp / "classes.txt").write_text("".join(f"{k} {c}\n" for k, c in enumerate(man.classes)))
+        for name in written["train"] + written["test"] + (["classes.txt"] if man.classes else []):
+            os.replace(tmp / name, dst / name)
+    finally:
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def run_shards(args) -> int:
+    """`fastbyol shards SRC DST`: convert, print what was written and the --data value to use; 0."""
+    src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
+    w = write_shards(src, dst, args.max_samples, args.max_bytes, args.seed, args.skip_bad_files,
+                     progress=not args.no_progress)
+    n_train, n_test = len(w["train"]), len(w["test"])
+    pattern = f"{dst}/train-{{000000..{n_train - 1:06d}}}.tar" if n_train > 1 else f"{dst}/train-000000.tar"
+    skipped = f", {w['skipped']} bad files skipped" if w["skipped"] else ""
+    print(f"wrote {n_train} train + {n_test} test shards ({w['samples']} samples, {w['bytes'] / 1e6:.1f} MB"
+          f"{skipped}) to {dst}: --data '{pattern}' (or --data {dst})")
+    return 0
