@@ -89,3 +89,76 @@ def test_corrupt_file_inside_stops_cleanly(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.count("\n") == 1 and "zz_bad.jpg: corrupt JPEG" in res.stderr, res.stderr[-2000:]
     assert not out.exists()
+
+
+def test_test_classes_missing_from_train_are_refused(folder):
+    (folder / "test" / "zebra").mkdir()
+    (folder / "test" / "zebra" / "z.jpg").write_bytes(next((folder / "test" / "class0").glob("*.jpg")).read_bytes())
+    with pytest.raises(FastByolError, match=r"test: class folders zebra have no train/ folder"):
+        resolve_dataset(str(folder), image_size=24)
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_empty_data_is_refused(spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the old behaviour scanned the current directory
+    with pytest.raises(FastByolError, match="--data is empty"):
+        resolve_dataset(spec)
+
+
+def test_synthetic_folder_is_cached_and_killed_writes_are_cleaned(tmp_path):
+    from fastbyol.data.synthetic import synthetic_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    parent = tmp_path / "synthetic"
+    leftover = parent / f"fast-16-4-32-v1.tmp-{dead.stdout.strip()}"  # what a killed run leaves
+    (leftover / "train").mkdir(parents=True)
+    root = synthetic_folder(16, 4, 32, cache_dir=tmp_path)
+    assert root == parent / "fast-16-4-32-v1" and not leftover.exists()
+    assert len(list(root.rglob("*.jpg"))) == 20
+    stamp = (root / "train" / "class0" / "000000.jpg").stat().st_mtime_ns
+    assert synthetic_folder(16, 4, 32, cache_dir=tmp_path) == root  # reused, not rewritten
+    assert (root / "train" / "class0" / "000000.jpg").stat().st_mtime_ns == stamp
+    ds = resolve_dataset("synthetic", image_size=16, cache_dir=tmp_path, eval_images=False)
+    assert ds.num_pretraining == 512 and "fast-512-128-256-v1" in ds.origin
+
+
+def test_imagenet_like_synthetic_jpegs(tmp_path):
+    root = write_synthetic_jpegs(tmp_path / "inet", n_train=8, n_test=0, classes=2, style="imagenet")
+    files = sorted(root.rglob("*.jpg"))
+    sizes = [Image.open(p).size for p in files]
+    kb = np.mean([p.stat().st_size for p in files]) / 1e3
+    assert len(set(sizes)) > 1 and all(280 <= min(s) and max(s) <= 500 for s in sizes)
+    assert 50 < kb < 160, kb  # ~100 KB at quality 90, like ImageNet's photographs
+    x = np.asarray(Image.open(files[0]), dtype=np.float64).mean(axis=2)
+    # natural-image statistics: neighbours correlate strongly, unlike noise
+    assert np.corrcoef(x[:, 1:].ravel(), x[:, :-1].ravel())[0, 1] > 0.8
+    with pytest.raises(FastByolError, match="style"):
+        write_synthetic_jpegs(tmp_path / "x", n_train=1, style="cartoon")
+
+
+def test_describe_and_counts_do_not_wait_for_the_knn_images(folder):
+    import threading
+
+    from fastbyol.data.dataset import ImageDataset
+    from fastbyol.data.decode import BackgroundDecode
+
+    release = threading.Event()
+    x = np.zeros((3, 8, 8, 3), np.uint8)
+    pending = BackgroundDecode(lambda cancel: (release.wait(30), (x, np.arange(3), x, np.arange(3), []))[1])
+    ds = ImageDataset("d", None, None, None, None, 3, "here", pretrain_files=None, eval_decode=pending,
+                      image_size=8, counts=(100, 20), has_labels=True, startup_seconds={"listing": 1.0})
+    assert "100 train / 20 test images, 8x8" in ds.describe() and ds.has_knn and not ds.eval_images_ready()
+    assert "eval images" not in ds.startup_seconds
+    release.set()
+    assert ds.wait_eval_images() >= 0 and ds.train_images.shape == (3, 8, 8, 3)
+    assert ds.eval_images_ready() and ds.startup_seconds["eval images"] >= 0
+
+
+def test_eval_images_equal_the_one_by_one_reference(folder):
+    """The batched background decode gives each file the pixels it gets decoded alone."""
+    from fastbyol.data.decode import decode_files
+
+    ds = resolve_dataset(str(folder), image_size=24)
+    files = sorted(str(p) for p in (folder / "test").rglob("*.jpg"))
+    alone = np.stack([decode_files([f], 24)[0] for f in files])
+    np.testing.assert_array_equal(ds.test_images, alone)

@@ -132,3 +132,26 @@ def test_every_source_trains(tmp_path, source):
                  "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] >= 1 and summary["knn_top1"] is not None
+
+
+class _RunsCode:
+    """What a hostile CIFAR pickle holds: an object whose unpickling calls a function (here: writes a file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path, capsys):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4, b"x": _RunsCode(marker)}, f)
+    with pytest.raises(FastByolError, match=r"data_batch_2: not loaded: refused to load io.open, which a CIFAR batch never holds") as e:
+        resolve_dataset(str(tmp_path))
+    assert "\n" not in str(e.value) and not marker.exists()
+    assert main(["train", "--data", str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data_batch_2" in err and not marker.exists()

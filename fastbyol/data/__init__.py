@@ -23,9 +23,11 @@ import numpy as np
 
 from ..errors import FastByolError
 from .dataset import ImageDataset
+from .decode import failed_sample
 from .idx import read_idx
 
-__all__ = ["ImageDataset", "FORMATS", "detect_format", "resolve_dataset", "load_embedded", "load_idx_folder"]
+__all__ = ["ImageDataset", "FORMATS", "detect_format", "failed_sample", "resolve_dataset", "load_embedded",
+           "load_idx_folder"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

@@ -11,8 +11,9 @@ parse is named (or skipped under --skip-bad-files) before any DALI pipeline sees
 - JPEG: SOI, then every marker segment up to the first SOS: each starts with FF, has a length >= 2 that stays
   inside the file; Huffman tables (DHT: at most 256 codes each) and quantization tables (DQT) exactly fill their
   segments; a frame header (SOF) with width, height > 0, 1-4 components with sampling factors 1-4, 8/12/16-bit
-  precision, comes before the SOS, whose length matches its component count; the FF D9 end marker lies in the last
-  1 KB. Reads the header segments (usually < 1 KB; EXIF/ICC segments are skipped by their length) and the tail.
+  precision, comes before the SOS, whose length matches its component count and whose components and Huffman
+  tables exist; the FF D9 end marker lies in the last 1 KB. Reads the header segments (usually < 1 KB; EXIF/ICC
+  segments are skipped by their length) and the tail.
 - PNG: the signature, IHDR first (width, height > 0, valid bit depth and colour type), every chunk's length inside
   the file and its CRC-32 right, an IDAT, IEND last. Reads the whole file (PNG datasets are small; the CRCs catch
   corruption inside, which libpng would otherwise report in dozens of lines).
@@ -43,6 +44,9 @@ def _jpeg_problem(read: Reader, size: int, head: bytes) -> str | None:
     # A window of the file: buf holds bytes [base, base + len(buf)); refilled from `read` when a segment leaves it.
     buf, base = head, 0
     pos, sof = 2, False
+    components: set[int] = set()  # component ids of the frame
+    tables: set[int] = set()  # Huffman tables defined so far: (class << 4) | id
+    sequential = False
     for _ in range(_MAX_SEGMENTS):
         if pos + 10 > base + len(buf):  # the next marker, its length and a frame header's fields
             buf, base = read(pos, _HEAD), pos
@@ -77,6 +81,7 @@ def _jpeg_problem(read: Reader, size: int, head: bytes) -> str | None:
                 total = sum(buf[j + 1:j + 17])
                 if buf[j] & 0xEC or total > 256 or j + 17 + total > stop:
                     return f"corrupt JPEG (Huffman table at byte {base + j})"
+                tables.add(buf[j])
                 j += 17 + total
         elif marker == 0xDB:  # DQT: tables of 65 (8-bit) or 129 (16-bit) bytes that exactly fill the segment
             j, stop = i + 4, i + 2 + length
@@ -95,13 +100,20 @@ def _jpeg_problem(read: Reader, size: int, head: bytes) -> str | None:
                 hv = buf[i + 11 + 3 * c]
                 if not (1 <= hv >> 4 <= 4 and 1 <= hv & 15 <= 4):
                     return "corrupt JPEG (frame header: bad sampling factors)"
-            sof = True
+                components.add(buf[i + 10 + 3 * c])
+            sof, sequential = True, marker in (0xC0, 0xC1)
         elif marker == 0xDA:  # start of scan: entropy-coded data follows
             ns = buf[i + 4] if len(buf) > i + 4 else 0
             if not sof:
                 return "corrupt JPEG (image data before any frame header)"
             if not 1 <= ns <= 4 or length != 6 + 2 * ns:
                 return f"corrupt JPEG (scan header at byte {pos})"
+            for c in range(ns):  # each scan component is a frame component with defined tables
+                cid, sel = buf[i + 5 + 2 * c], buf[i + 6 + 2 * c]
+                if cid not in components:
+                    return f"corrupt JPEG (scan names component {cid}, which the frame does not have)"
+                if tables and ((sel >> 4) not in tables or sequential and (0x10 | sel & 15) not in tables):
+                    return f"corrupt JPEG (scan uses Huffman table {sel:02X}, which is not defined)"
             if end >= size - 2:
                 return "truncated JPEG (no image data)"
             start = max(end, size - _TAIL)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -185,3 +186,17 @@ class BackgroundDecode:
         self._cancel.set()
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout=30)
+
+
+_FAILED = re.compile(r"Failed to decode sample #\d+ : ([^\n]+)")
+
+
+def failed_sample(source, error_text: str) -> str | None:
+    """The file (or `shard.tar:offset:member`) a DALI decode error names, completed with the source's root; None if
+    the message names none. For the training pipeline's error path: `str(e)` of DALI's RuntimeError."""
+    m = _FAILED.search(error_text)
+    if m is None or not m.group(1).strip():
+        return None
+    info = m.group(1).strip()
+    root = getattr(source, "root", None)
+    return info if os.path.isabs(info) or not root else os.path.join(root, info)

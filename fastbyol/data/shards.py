@@ -121,7 +121,8 @@ def tar_members(fd: int, size: int, where: str) -> tuple[list[tuple[str, int, in
     """([(name, data offset, data size)] of the regular members, problem or None) from the headers alone.
 
     Handles ustar prefixes, GNU long names (L) and pax path records (x); verifies every header's checksum. A header
-    or member that runs past the end stops the walk with the problem "truncated tar ..."."""
+    or member that runs past the end stops the walk with the problem "truncated tar ..." (a member cut short is
+    listed with offset -1, so its sample is dropped)."""
     out: list[tuple[str, int, int]] = []
     pos, long_name = 0, None
     while True:
@@ -137,7 +138,8 @@ def tar_members(fd: int, size: int, where: str) -> tuple[list[tuple[str, int, in
         kind = h[156:157]
         data = pos + 512
         if data + msize > size:
-            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            name = (long_name or h[:100].split(b"\0", 1)[0]).decode("utf-8", "surrogateescape")
+            out.append((name, -1, msize))  # offset -1: the member that was cut (its sample is dropped)
             return out, f"truncated tar (member {name} at byte {pos} runs past the end of the {size}-byte file)"
         name_b = h[:100].split(b"\0", 1)[0]
         if h[257:262] == b"ustar" and h[345:500].strip(b"\0"):
@@ -178,6 +180,8 @@ def index_shard(path: Path) -> dict:
                 groups.append((key, [(ext, off, size, name)]))
         samples, bad = [], []
         for key, parts in groups:
+            if any(off < 0 for _, off, _, _ in parts):  # the sample a truncation cut: counted with the problem
+                continue
             comps = {ext.lower(): (ext, off, size, name) for ext, off, size, name in parts}
             image = next((comps[e] for e in IMAGE_EXTS if e in comps), None)
             if image is None:
