@@ -1,18 +1,37 @@
-"""Checkpoints written atomically: a temporary file in the same folder, fsync, rename, fsync of the folder.
+"""The run directory on disk: atomic writes, the checkpoint written and read in one place each, the run's lock, and the
+free-space check.
 
-A reader never sees a half-written file: either the previous checkpoint or the new one is there.
+- Atomic: a temporary file in the same folder, fsync, rename, fsync of the folder. A reader sees the previous file or
+  the new one, never half of one; a temporary file left by a kill is removed by the next run that takes the lock.
+- Safe to load: checkpoints hold plain types and tensors only and are read with `torch.load(weights_only=True)`, so a
+  run directory from someone else cannot run code. Files are created mode 0600 (owner only).
+- One writer: `RunLock` holds an OS lock (flock) on RUN_DIR/.lock for the run's lifetime; a second run into the same
+  folder is refused with one line, and a crashed run leaves no lock behind (the OS drops it with the process).
+- Disk full: `check_free_space` before training and before each save; ENOSPC during a write keeps the previous
+  checkpoint and becomes one error line naming the path and the bytes needed.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import FastByolError
+
+CHECKPOINT = "checkpoint.pt"
+FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
+# fault injection for the tests: SIGKILL this process inside its N-th checkpoint write, with the temporary file written
+# in full but not yet renamed (tests/test_faults.py)
+_KILL_IN_CHECKPOINT_WRITE = int(os.environ.get("FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE", "0"))
+_checkpoint_writes = 0
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -23,20 +42,32 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file) on a temporary file next to `path`, then move it over `path` in one rename."""
+def _no_space(path: Path, need: int | None) -> FastByolError:
+    free = shutil.disk_usage(path.parent).free
+    wanted = f"{need} bytes needed, " if need else ""
+    return FastByolError(f"{path}: no space left on the device ({wanted}{free} free); the previous file is kept")
+
+
+def atomic_write_bytes(path: Path, write, need: int | None = None, before_rename=None) -> None:
+    """Call write(file) on a temporary file next to `path`, then move it over `path` in one rename (mode 0600)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise _no_space(path, need) from None
+        if isinstance(e, RuntimeError) and "No space left" in str(e):  # torch.save's writer wraps the OSError
+            raise _no_space(path, need) from None
         raise
 
 
@@ -44,15 +75,111 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes (`.NAME.*.tmp`); call it holding the run's lock."""
+    stale = sorted(Path(run_dir).glob(".*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of the tensors in a (nested) state dict: about the size of its checkpoint."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, dict):
+            total += state_bytes(value)
+        elif isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    return total
+
+
+def check_free_space(folder: Path, need: int) -> None:
+    """FastByolError unless `folder`'s filesystem has `need` bytes free (the new file is written beside the old)."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise FastByolError(f"{folder}: {free} bytes free, a checkpoint needs about {need}: free some space or choose "
+                            "another --out")
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """Write a checkpoint atomically, after checking the free space for it."""
+    path = Path(path)
+    need = state_bytes(ckpt) + (1 << 20)  # the tensors plus the pickled plain values (config, states)
+    check_free_space(path.parent, need)
+    atomic_write_bytes(path, lambda f: torch.save(ckpt, f), need=need, before_rename=_fault_point)
+
+
+def _fault_point() -> None:
+    global _checkpoint_writes
+    _checkpoint_writes += 1
+    if _checkpoint_writes == _KILL_IN_CHECKPOINT_WRITE:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A checkpoint dict (plain types and tensors only), or FastByolError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FastByolError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated zip, bad pickle, ...
-        raise FastByolError(f"checkpoint {path} is corrupt or truncated: {type(e).__name__}: {e}") from None
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, or a pickle that asks for anything but plain types and tensors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FastByolError(f"checkpoint {path} is corrupt, truncated or not plain data (refused: "
+                            f"{type(e).__name__}: {first[:200]})") from None
+
+
+def load_run(run_dir: str | Path):
+    """(config, training state, checkpoint dict) of a run directory, or FastByolError naming what is missing."""
+    from .config import Config
+    from .state import TrainState
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FastByolError(f"run directory not found: {run_dir}")
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FastByolError(f"{run_dir}: no config.json (not a fastbyol run directory)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FastByolError(f"{cfg_path}: unreadable config ({type(e).__name__}: {e})") from None
+    cfg = Config.from_dict(raw, where=str(cfg_path))
+    try:
+        cfg.validate()
+    except FastByolError as e:
+        raise FastByolError(f"{cfg_path}: {e}") from None
+    ckpt_path = run_dir / CHECKPOINT
+    if not ckpt_path.is_file():
+        raise FastByolError(f"{run_dir}: no {CHECKPOINT} (the run stopped before its first checkpoint; start it again "
+                            "with a new --out)")
+    ckpt = load_checkpoint(ckpt_path)
+    return cfg, TrainState.from_checkpoint(ckpt, where=str(ckpt_path)), ckpt
+
+
+class RunLock:
+    """An exclusive OS lock on RUN_DIR/.lock, held while the run lives (released by close() or the process's end)."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as e:
+            raise FastByolError(f"{run_dir}: cannot write there ({e.strerror})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise FastByolError(f"{run_dir} is in use by another fastbyol run (pid {holder}); wait for it, or choose "
+                                "another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None

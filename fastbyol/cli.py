@@ -1,10 +1,12 @@
 """The `fastbyol` command (also `python -m fastbyol`).
 
     fastbyol train [--preset NAME] [--data PATH] [--epochs N] [--batch-size N] [--seed S] [--out DIR] ...
-    fastbyol presets
+    fastbyol train --resume RUN_DIR
+    fastbyol eval RUN_DIR | export RUN_DIR --out FILE | plot RUN_DIR | bench augment | presets
 
-Errors in the user's input print one line (`fastbyol: error: ...`) and exit with status 2, without a traceback
-unless --debug is given.
+`train`'s flags are generated from the config dataclasses (`fastbyol.config`): one flag per setting, its help and
+rule written once there. Errors in the user's input print one line (`fastbyol: error: ...`) and exit with status 2,
+without a traceback unless --debug is given.
 """
 
 from __future__ import annotations
@@ -14,69 +16,45 @@ import dataclasses
 import os
 import sys
 
-from .config import DEFAULT_PRESET, PRESETS, Config, get_preset
+from .config import DEFAULT_PRESET, PRESETS, SECTIONS, Config, allowed_values, field_kind, flag_name, get_preset
 from .errors import FastByolError
 
-# command-line flags generated from the config fields: (section, field) -> help
-_TRAIN_FLAGS = {
-    ("data", "data"): "dataset: 'embedded', 'fashion-mnist', a dataset folder or a .npy/.npz file",
-    ("data", "data_format"): "auto | idx | stl10 | cifar | numpy | folder (auto: recognised from the files)",
-    ("optim", "epochs"): "passes over the training images",
-    ("data", "batch_size"): "images per step over all ranks (two views each)",
-    ("run", "seed"): "random seed (weights, shuffling, augmentation)",
-    ("run", "out"): "run directory (default: runs/<preset>-<UTC time>)",
-    ("data", "image_size"): "side of each augmented view, px",
-    ("data", "num_threads"): "DALI worker threads",
-    ("data", "skip_bad_files"): "leave out and count truncated or non-image files instead of stopping",
-    ("data", "crop_min_area"): "smallest random-resized-crop area, fraction of the image (official 0.08)",
-    ("model", "arch"): "encoder: resnet18 | resnet34 | resnet50 | resnet-tiny",
-    ("model", "stem"): "auto | imagenet | small | small-s2",
-    ("optim", "base_lr"): "LARS lr = base_lr * batch_size / 256",
-    ("optim", "warmup_epochs"): "epochs of linear lr warmup",
-    ("optim", "weight_decay"): "LARS weight decay (not on biases and BN)",
-    ("optim", "tau_base"): "EMA decay at step 0 (cosine to 1)",
-    ("run", "device"): "auto | cpu | cuda",
-    ("run", "compile"): "torch.compile of the forward: auto (default on CUDA, off on CPU) | off | default | "
-                        "reduce-overhead | max-autotune | max-autotune-no-cudagraphs",
-    ("run", "log_every"): "steps between loss reads",
-    ("run", "ckpt_every_steps"): "steps between checkpoints for --resume (0: only the final one)",
-    ("run", "knn_k"): "kNN neighbours",
-    ("run", "knn_every"): "epochs between online kNN checks on a subset (0: none)",
-    ("run", "knn_subset"): "memory-bank images of the online kNN check",
-}
+
+def _train_flags() -> list[tuple[str, dataclasses.Field]]:
+    """(section, field) of every setting, in declaration order; flags must be unique across sections."""
+    flags = [(section, f) for section, klass in SECTIONS.items() for f in dataclasses.fields(klass)]
+    names = [f.name for _, f in flags]
+    assert len(names) == len(set(names)), "config field names must be unique: they become the flags"
+    return flags
 
 
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastbyol", description="Fast, correct BYOL pretraining.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    train = sub.add_parser("train", help="BYOL pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def _add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="BYOL pretraining",
                            description="BYOL pretraining; preset values are the defaults, any flag overrides them.")
     train.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
     defaults = get_preset(DEFAULT_PRESET)
-    for (section, field), text in _TRAIN_FLAGS.items():
-        value = getattr(getattr(defaults, section), field)
-        if isinstance(value, bool):
-            train.add_argument(_flag(field), dest=f"{section}.{field}", action="store_true", default=None,
+    for section, f in _train_flags():
+        value = getattr(getattr(defaults, section), f.name)
+        kind, allowed = field_kind(f), allowed_values(f)
+        text = f.metadata["help"] + (f" ({' | '.join(allowed)})" if allowed else "")
+        if kind is bool:
+            train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", action="store_true", default=None,
                                help=text)
             continue
-        train.add_argument(_flag(field), dest=f"{section}.{field}", type=type(value), default=None,
-                           help=f"{text} (preset {DEFAULT_PRESET}: {value!r})")
+        train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", type=kind, default=None,
+                           metavar=f.name.upper(), help=f"{text} [{DEFAULT_PRESET}: {value!r}]")
     train.add_argument("--resume", default=None, metavar="RUN_DIR",
-                       help="continue an interrupted run exactly from its last checkpoint (its own config is used)")
+                       help="continue an interrupted run exactly from its last checkpoint (its own config is used: "
+                            "no settings may be given with it)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
 
+
+def _add_other_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="measure one part of the system")
     bench_sub = bench.add_subparsers(dest="bench_target", metavar="TARGET")
     bench_sub.required = True
-    aug = bench_sub.add_parser("augment", help="two-view samples/s of the DALI augmentation pipeline",
+    aug = bench_sub.add_parser("augment", help="two-view samples/s of the augmentation pipeline",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     aug.add_argument("--size", type=int, default=224, help="view side, px")
     aug.add_argument("--batch", type=int, default=256, help="images per batch")
@@ -111,17 +89,37 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/curves.png)")
     pl.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    try:
+        from .data.shards import add_shards_command
+    except ImportError:
+        pass
+    else:
+        add_shards_command(sub)
+
     presets = sub.add_parser("presets", help="list the presets with their key settings")
     presets.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastbyol", description="Fast, correct BYOL pretraining.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_train_parser(sub)
+    _add_other_parsers(sub)
     return parser
+
+
+def _given_settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
+    """(section, field, value) of every train flag given on the command line."""
+    return [(s, f.name, getattr(args, f"{s}.{f.name}")) for s, f in _train_flags()
+            if getattr(args, f"{s}.{f.name}") is not None]
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = get_preset(args.preset)
-    for (section, field), _ in _TRAIN_FLAGS.items():
-        value = getattr(args, f"{section}.{field}")
-        if value is not None:
-            setattr(getattr(cfg, section), field, value)
+    for section, name, value in _given_settings(args):
+        setattr(getattr(cfg, section), name, value)
     return cfg
 
 
@@ -131,6 +129,41 @@ def _print_presets() -> None:
         print(f"{name:18s} {summary}")
         print(f"{'':18s} data={d.data} size={d.image_size}px batch={d.batch_size} arch={m.arch} epochs={o.epochs} "
               f"base_lr={o.base_lr} tau_base={o.tau_base} wd={o.weight_decay}")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    if args.resume is not None:
+        given = _given_settings(args) + ([("", "preset", args.preset)] if args.preset != DEFAULT_PRESET else [])
+        if given:
+            flags = ", ".join(flag_name(name) for _, name, _ in given)
+            raise FastByolError(f"--resume continues a run with its own config.json; it takes no settings (got "
+                                f"{flags}): start a new run to change them")
+        train(Config(), progress=not args.no_progress, resume=args.resume)
+        return 0
+    cfg = config_from_args(args)
+    cfg.validate()
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
+        print("config: " + str(cfg.to_dict()))
+    train(cfg, progress=not args.no_progress)
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .augment_bench import bench_augment
+
+    if args.threads is not None and args.threads < 1:
+        raise FastByolError(f"--threads must be >= 1, got {args.threads}")
+    r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"augment {r['source']} -> {r['size']} px, batch {r['batch']}, {r['device']} "
+              f"({r['threads']} threads): {r['samples_per_s']:.0f} two-view samples/s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,25 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"curves: {plot_run(args.run_dir, args.out)}")
             return 0
         if args.command == "bench":
-            import json
+            return _run_bench(args)
+        if args.command == "shards":
+            from .data.shards import run_shards
 
-            from .augment_bench import bench_augment
-
-            r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads)
-            if args.json:
-                print(json.dumps(r))
-            else:
-                print(f"augment {r['source']} -> {r['size']} px, batch {r['batch']}, {r['device']} "
-                      f"({r['threads']} threads): {r['samples_per_s']:.0f} two-view samples/s")
-            return 0
+            return run_shards(args)
         if args.command == "train":
-            from .train import train
-
-            cfg = config_from_args(args)
-            if args.resume is None and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
-                print("config: " + str(dataclasses.asdict(cfg)))
-            train(cfg, progress=not args.no_progress, resume=args.resume)
-            return 0
+            return _run_train(args)
     except FastByolError as e:
         if args.debug:
             raise

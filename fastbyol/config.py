@@ -1,64 +1,185 @@
-"""Configuration: one dataclass per concern (units in comments), named presets, resolved config saved per run.
+"""Configuration: one dataclass per concern (units in the help), named presets, one path from flags and files to a
+checked, resolved run description.
 
     fastbyol presets              # list them
     fastbyol train --preset NAME  # any field can then be overridden from the command line
+
+Each setting is declared once, with its help text and its rule (`setting(...)`): the command-line flags and their help
+are generated from these fields (`fastbyol.cli`), `Config.validate()` checks every field against its rule,
+`Config.from_dict` reads a saved config.json back (refusing unknown keys and wrong types), and `Config.resolve()`
+computes the values that follow from the settings and the run (local batch, steps, peak lr, compile mode, dtypes),
+which the trainer logs once and saves beside the config.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
 
 from .errors import FastByolError
 
-
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def setting(default: Any, help: str, rule: str | None = None, check: Callable[[Any], bool] | None = None,
+            choices: tuple | None = None, choices_from: str | None = None):
+    """A config field: its default, its help text (one per setting: the flag's help too) and its rule.
+
+    rule + check: a predicate the value must satisfy and the words that say it ("must be > 0"); choices: the allowed
+    values; choices_from: 'archs', 'stems' or 'formats', the allowed values as the module that owns them lists them."""
+    meta = {"help": help, "rule": rule, "check": check, "choices": choices, "choices_from": choices_from}
+    return field(default=default, metadata=meta)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _finite(v) and v > 0
+
+
+def _nonnegative(v) -> bool:
+    return _finite(v) and v >= 0
+
+
+def allowed_values(f) -> tuple | None:
+    """The values a field may take, or None when it is not a choice; names owned by another module (architectures,
+    stems, data formats) are imported from it, so they are listed in one place."""
+    meta = f.metadata
+    if meta.get("choices"):
+        return meta["choices"]
+    source = meta.get("choices_from")
+    if source is None:
+        return None
+    if source == "archs":
+        from .models import ARCHS
+
+        return tuple(ARCHS)
+    if source == "stems":
+        from .models import STEMS
+
+        return STEMS
+    from .data import FORMATS
+
+    return tuple(FORMATS)
 
 
 @dataclass
 class DataConfig:
-    data: str = "embedded"  # 'embedded', 'fashion-mnist', a dataset folder or a .npy/.npz file
-    data_format: str = "auto"  # auto | idx | stl10 | cifar | numpy | folder
-    image_size: int = 28  # px, side of each augmented view
-    batch_size: int = 128  # images a step over all ranks; each image gives two views
-    num_threads: int = 2  # DALI worker threads
-    skip_bad_files: bool = False  # leave out (and count) truncated or non-image files instead of stopping
-    crop_min_area: float = 0.08  # smallest random-resized-crop area, fraction of the image (official 0.08)
+    data: str = setting("embedded", "dataset: 'embedded', 'fashion-mnist', 'synthetic', a dataset folder, a .npy/.npz "
+                        "file or tar shards", "must not be empty", lambda v: bool(str(v).strip()))
+    data_format: str = setting("auto", "dataset format (auto: recognised from the files)", choices_from="formats")
+    image_size: int = setting(28, "side of each augmented view, px", "must be >= 8", lambda v: v >= 8)
+    batch_size: int = setting(128, "images per step over all processes (two views each)", "must be >= 2 (BatchNorm "
+                              "needs two samples)", lambda v: v >= 2)
+    num_threads: int = setting(2, "DALI worker threads", "must be > 0", lambda v: v > 0)
+    skip_bad_files: bool = setting(False, "leave out and count unreadable images instead of stopping")
+    crop_min_area: float = setting(0.08, "smallest random-resized-crop area, fraction of the image (official 0.08)",
+                                   "must be in (0, 1]", lambda v: _finite(v) and 0.0 < v <= 1.0)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet-tiny"  # resnet18 | resnet34 | resnet50 | resnet-tiny
-    stem: str = "small-s2"  # auto (small if image_size <= 64) | imagenet | small | small-s2
-    proj_hidden: int = 1024  # projector hidden width (official: 4096)
-    proj_dim: int = 256  # projection / prediction width
-    pred_hidden: int = 1024  # predictor hidden width (official: 4096)
+    arch: str = setting("resnet-tiny", "encoder", choices_from="archs")
+    stem: str = setting("small-s2", "encoder stem: auto (small if image_size <= 64), imagenet (7x7/2 + max-pool), small "
+                        "(3x3/1), small-s2 (3x3/2)", choices_from="stems")
+    proj_hidden: int = setting(1024, "projector hidden width (official 4096)", "must be > 0", lambda v: v > 0)
+    proj_dim: int = setting(256, "projection and prediction width", "must be > 0", lambda v: v > 0)
+    pred_hidden: int = setting(1024, "predictor hidden width (official 4096)", "must be > 0", lambda v: v > 0)
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 16  # passes over the training images
-    base_lr: float = 4.0  # LARS lr = base_lr * batch_size / 256
-    warmup_epochs: float = 1.0  # linear warmup from 0, then cosine to 0
-    weight_decay: float = 1e-6  # applied before the trust ratio; not to biases and BN
-    momentum: float = 0.9
-    trust_coefficient: float = 1e-3  # LARS eta
-    tau_base: float = 0.99  # EMA decay at step 0, cosine to 1 at the last step
+    epochs: int = setting(16, "passes over the training images", "must be > 0", lambda v: v > 0)
+    base_lr: float = setting(4.0, "LARS lr = base_lr * batch_size / 256", "must be a finite number > 0", _positive)
+    warmup_epochs: float = setting(1.0, "epochs of linear lr warmup from 0, then cosine to 0",
+                                   "must be a finite number >= 0", _nonnegative)
+    weight_decay: float = setting(1e-6, "LARS weight decay, before the trust ratio; not on biases and BN",
+                                  "must be a finite number >= 0", _nonnegative)
+    momentum: float = setting(0.9, "LARS momentum", "must be in [0, 1)", lambda v: _finite(v) and 0.0 <= v < 1.0)
+    trust_coefficient: float = setting(1e-3, "LARS trust coefficient eta", "must be a finite number > 0", _positive)
+    tau_base: float = setting(0.99, "EMA decay at step 0, cosine to 1 at the last step", "must be in [0, 1]",
+                              lambda v: _finite(v) and 0.0 <= v <= 1.0)
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0
-    out: str = ""  # run directory; default runs/<preset>-<UTC time>
-    device: str = "auto"  # auto | cpu | cuda
-    compile: str = "auto"  # torch.compile of the online/target forward: auto (default mode on CUDA, off on CPU) |
-    # off | default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    log_every: int = 10  # steps between loss reads (host syncs)
-    ckpt_every_steps: int = 0  # steps between checkpoints for --resume (0: only the final one)
-    knn_every: int = 4  # epochs between online kNN checks on a subset (0: only the final full evaluation)
-    knn_subset: int = 4000  # images of the memory bank in the online check (queries: a quarter as many)
-    knn_k: int = 200  # neighbours of the kNN monitor
-    knn_temperature: float = 0.1
+    seed: int = setting(0, "random seed (weights, shuffling, augmentation)", "must be in [0, 2**32)",
+                        lambda v: 0 <= v < 2**32)
+    out: str = setting("", "run directory (default: runs/<preset>-<UTC time>)")
+    device: str = setting("auto", "where to train (auto: cuda when torch sees a GPU)", choices=DEVICES)
+    compile: str = setting("auto", "torch.compile of the online/target forward (auto: default on CUDA, off on the "
+                           "CPU; reduce-overhead = CUDA graphs)", choices=COMPILE_MODES)
+    log_every: int = setting(10, "steps between loss reads (host syncs) and log lines", "must be > 0", lambda v: v > 0)
+    ckpt_every_steps: int = setting(0, "steps between checkpoints for --resume (0: only the final one)",
+                                    "must be >= 0", lambda v: v >= 0)
+    knn_every: int = setting(4, "epochs between online kNN checks on a subset (0: only the final evaluation)",
+                             "must be >= 0", lambda v: v >= 0)
+    knn_subset: int = setting(4000, "memory-bank images of the online kNN check (queries: a quarter as many)",
+                              "must be > 0", lambda v: v > 0)
+    knn_k: int = setting(200, "kNN neighbours", "must be > 0", lambda v: v > 0)
+    knn_temperature: float = setting(0.1, "kNN vote temperature", "must be a finite number > 0", _positive)
+    profile: str = setting("", "START:STOP: record steps START..STOP-1 with torch.profiler into RUN_DIR/profile/",
+                           "must be START:STOP with 0 <= START < STOP", lambda v: v == "" or _profile_steps(v) is not None)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def _profile_steps(text: str) -> tuple[int, int] | None:
+    """'START:STOP' -> (start, stop) with 0 <= start < stop, else None."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        return None
+    start, stop = int(parts[0]), int(parts[1])
+    return (start, stop) if start < stop else None
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def _type_ok(value, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def field_kind(f) -> type:
+    """The Python type of a config field (its annotation is a string under `from __future__ import annotations`)."""
+    return _KINDS[f.type] if isinstance(f.type, str) else f.type
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What follows from the settings and the run: computed once by Config.resolve, logged, saved with the run."""
+
+    device: str  # cpu | cuda
+    world_size: int  # processes (torchrun)
+    local_batch: int  # images per step per process
+    steps_per_epoch: int  # full batches per process per epoch (the last partial batch is dropped)
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float  # base_lr * global batch / 256
+    compile_mode: str  # off or a torch.compile mode
+    autocast_bf16: bool  # the forward under bf16 autocast (CUDA)
+    input_dtype: str  # the views as the network takes them: float16 on CUDA (autocast), float32 on the CPU
+    profile_steps: tuple[int, int] | None  # [start, stop) of the torch.profiler window
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -72,29 +193,72 @@ class Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config") -> Config:
+        """The inverse of to_dict, for a saved config.json: unknown sections or keys and wrong types are refused with
+        a FastByolError naming them (missing keys take the defaults). Extra top-level keys ('resolved') are ignored."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("preset", ""), str):
+            raise FastByolError(f"{where}: not a fastbyol config (expected an object with a string 'preset')")
+        cfg = cls(preset=raw.get("preset", cls.preset))
+        for section, klass in SECTIONS.items():
+            values = raw.get(section, {})
+            if not isinstance(values, dict):
+                raise FastByolError(f"{where}: '{section}' must be an object, got {type(values).__name__}")
+            known = {f.name: f for f in fields(klass)}
+            unknown = sorted(set(values) - set(known))
+            if unknown:
+                raise FastByolError(f"{where}: unknown setting {section}.{unknown[0]}")
+            target = getattr(cfg, section)
+            for name, value in values.items():
+                kind = field_kind(known[name])
+                if not _type_ok(value, kind):
+                    raise FastByolError(f"{where}: {section}.{name} must be {kind.__name__}, got {value!r}")
+                setattr(target, name, float(value) if kind is float else value)
+        return cfg
+
     def validate(self) -> None:
-        """Raise FastByolError naming the first bad setting."""
-        checks = [
-            (self.data.batch_size > 0, f"--batch-size must be > 0, got {self.data.batch_size}"),
-            (self.optim.epochs > 0, f"--epochs must be > 0, got {self.optim.epochs}"),
-            (self.data.image_size >= 8, f"--image-size must be >= 8, got {self.data.image_size}"),
-            (self.data.num_threads > 0, f"--num-threads must be > 0, got {self.data.num_threads}"),
-            (0.0 < self.data.crop_min_area <= 1.0, f"--crop-min-area must be in (0, 1], got {self.data.crop_min_area}"),
-            (self.optim.base_lr > 0, f"--base-lr must be > 0, got {self.optim.base_lr}"),
-            (self.optim.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.optim.warmup_epochs}"),
-            (0.0 <= self.optim.tau_base <= 1.0, f"--tau-base must be in [0, 1], got {self.optim.tau_base}"),
-            (self.run.log_every > 0, f"--log-every must be > 0, got {self.run.log_every}"),
-            (self.run.ckpt_every_steps >= 0, f"--ckpt-every-steps must be >= 0, got {self.run.ckpt_every_steps}"),
-            (self.run.knn_k > 0, f"--knn-k must be > 0, got {self.run.knn_k}"),
-            (self.run.knn_every >= 0, f"--knn-every must be >= 0, got {self.run.knn_every}"),
-            (self.run.knn_subset > 0, f"--knn-subset must be > 0, got {self.run.knn_subset}"),
-            (self.run.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.run.device}"),
-            (self.run.compile in COMPILE_MODES, f"--compile must be one of {', '.join(COMPILE_MODES)}, "
-                                                f"got {self.run.compile}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise FastByolError(message)
+        """Check every field against its rule; raise FastByolError naming the first bad setting (as its flag)."""
+        for section in SECTIONS:
+            values = getattr(self, section)
+            for f in fields(values):
+                value, meta = getattr(values, f.name), f.metadata
+                flag = flag_name(f.name)
+                if not _type_ok(value, field_kind(f)):
+                    raise FastByolError(f"{flag} must be {field_kind(f).__name__}, got {value!r}")
+                allowed = allowed_values(f)
+                if allowed is not None:
+                    if value not in allowed:
+                        raise FastByolError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+                check = meta.get("check")
+                if check is not None and not check(value):
+                    raise FastByolError(f"{flag} {meta['rule']}, got {value!r}")
+
+    def resolve(self, device_type: str, world_size: int, num_images: int, dataset_name: str = "the dataset") -> Resolved:
+        """The derived values of a run on `world_size` processes over `num_images` pretraining images, or a
+        FastByolError when the settings cannot make one (a batch that does not divide, or is larger than a shard)."""
+        self.validate()
+        batch = self.data.batch_size
+        if batch % world_size:
+            raise FastByolError(f"--batch-size {batch} (the global batch) does not divide over {world_size} processes")
+        local_batch = batch // world_size
+        if local_batch < 2:
+            raise FastByolError(f"--batch-size {batch} over {world_size} processes leaves {local_batch} image per "
+                                "process; BatchNorm needs at least 2")
+        if batch > num_images:
+            raise FastByolError(f"--batch-size {batch} is larger than the {num_images} training images of "
+                                f"{dataset_name}")
+        steps_per_epoch = (num_images // world_size) // local_batch
+        mode = self.run.compile
+        if mode == "auto":
+            mode = "default" if device_type == "cuda" else "off"
+        bf16 = device_type == "cuda"
+        return Resolved(
+            device=device_type, world_size=world_size, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
+            total_steps=self.optim.epochs * steps_per_epoch,
+            warmup_steps=int(round(self.optim.warmup_epochs * steps_per_epoch)),
+            peak_lr=self.optim.base_lr * batch / 256.0, compile_mode=mode, autocast_bf16=bf16,
+            input_dtype="float16" if bf16 else "float32",
+            profile_steps=_profile_steps(self.run.profile) if self.run.profile else None)
 
 
 def _preset(name: str, data: dict, model: dict, optim: dict, summary: str) -> tuple[Config, str]:

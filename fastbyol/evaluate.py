@@ -13,43 +13,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_json, load_checkpoint
-from .config import Config, DataConfig, ModelConfig, OptimConfig, RunConfig
+from .checkpoint import atomic_write_json, load_run
+from .config import Config
 from .errors import FastByolError
-from .knn import extract_features, knn_predict
-
-
-def load_run(run_dir: str | Path) -> tuple[Config, dict]:
-    """The resolved config and the checkpoint of a run directory, or FastByolError naming what is missing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FastByolError(f"run directory not found: {run_dir}")
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FastByolError(f"{run_dir}: no config.json (not a fastbyol run directory)")
-    try:
-        raw = json.loads(cfg_path.read_text())
-        cfg = Config(preset=raw["preset"], data=DataConfig(**raw["data"]), model=ModelConfig(**raw["model"]),
-                     optim=OptimConfig(**raw["optim"]), run=RunConfig(**raw["run"]))
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise FastByolError(f"{cfg_path}: unreadable config ({type(e).__name__}: {e})") from None
-    ckpt_path = run_dir / "checkpoint.pt"
-    if not ckpt_path.is_file():
-        raise FastByolError(f"{run_dir}: no checkpoint.pt (the run did not finish)")
-    return cfg, load_checkpoint(ckpt_path)
+from .knn import extract_features, knn_accuracy
+from .state import nonfinite_tensors
 
 
 def encoder_state(ckpt: dict, which: str = "online") -> dict:
-    """The encoder's state_dict with torchvision's names (no prefix), from a checkpoint's BYOL state."""
+    """The encoder's state_dict with torchvision's names (no prefix), from a checkpoint's BYOL state; refused when
+    any of its tensors holds a NaN or an Inf."""
     prefix = f"{which}_encoder."
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     if not state:
         raise FastByolError(f"the checkpoint holds no {which} encoder")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise FastByolError(f"the checkpoint's {which} encoder holds non-finite weights ({bad[0]}"
+                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): refusing to use it")
     return state
 
 
@@ -98,7 +85,9 @@ def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained"
         raise FastByolError(f"--init must be trained or random, got {init!r}")
     if probe_epochs <= 0:
         raise FastByolError(f"--probe-epochs must be > 0, got {probe_epochs}")
-    cfg, ckpt = load_run(run_dir)
+    if not (math.isfinite(probe_lr) and probe_lr > 0):
+        raise FastByolError(f"--probe-lr must be a finite number > 0, got {probe_lr}")
+    cfg, state, ckpt = load_run(run_dir)
     dataset = resolve_dataset(data or cfg.data.data, "auto" if data else cfg.data.data_format, cfg.data.image_size,
                               seed=cfg.run.seed)
     if dataset.train_labels is None or dataset.test_images is None or dataset.test_labels is None:
@@ -111,13 +100,13 @@ def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained"
     test_f = extract_features(encoder, dataset.test_images, device=device, progress=progress)
     train_y = torch.as_tensor(dataset.train_labels, device=device)
     test_y = torch.as_tensor(dataset.test_labels, device=device)
-    knn = knn_predict(train_f, train_y, test_f, dataset.num_classes, cfg.run.knn_k, cfg.run.knn_temperature)
-    knn_top1 = 100.0 * (knn == test_y).float().mean().item()
+    knn_top1 = knn_accuracy(train_f, train_y, test_f, test_y, dataset.num_classes, cfg.run.knn_k,
+                            cfg.run.knn_temperature)
     probe = linear_probe(train_f, train_y, test_f, test_y, dataset.num_classes, probe_epochs, probe_lr,
                          seed=cfg.run.seed, progress=progress)
     result = dict(run_dir=str(run_dir), init=init, dataset=dataset.describe(), arch=cfg.model.arch,
                   knn_top1=knn_top1, knn_k=cfg.run.knn_k, linear_top1=probe, probe_epochs=probe_epochs,
-                  probe_lr=probe_lr, step=ckpt.get("step"))
+                  probe_lr=probe_lr, step=state.step)
     out = Path(run_dir) / ("eval.json" if init == "trained" else "eval-random.json")
     atomic_write_json(out, result)
     log(f"{'encoder':<12}{'kNN top-1':>12}{'linear top-1':>15}")
@@ -128,23 +117,27 @@ def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained"
 
 def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") -> Path:
     """Write the encoder as a torchvision-compatible state_dict: .pt (torch.save) or .safetensors."""
-    _, ckpt = load_run(run_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder_state(ckpt, which).items()}
     out = Path(out)
-    if out.parent and not out.parent.exists():
+    if out.is_dir():
+        raise FastByolError(f"--out {out} is a folder: give a file name")
+    if out.suffix not in (".pt", ".pth", ".safetensors"):
+        raise FastByolError(f"--out {out}: use a .pt, .pth or .safetensors file name")
+    if not out.parent.is_dir():
         raise FastByolError(f"--out {out}: the folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise FastByolError(f"--out {out}: the folder {out.parent} is not writable")
+    _, _, ckpt = load_run(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder_state(ckpt, which).items()}
     if out.suffix == ".safetensors":
         try:
             from safetensors.torch import save_file
         except ImportError:
             raise FastByolError("--out *.safetensors needs the safetensors package: pip install safetensors") from None
         save_file(state, str(out))
-    elif out.suffix in (".pt", ".pth"):
+    else:  # .pt, .pth
         from .checkpoint import atomic_write_bytes
 
         atomic_write_bytes(out, lambda f: torch.save(state, f))
-    else:
-        raise FastByolError(f"--out {out}: use a .pt, .pth or .safetensors file name")
     return out
 
 
@@ -158,15 +151,33 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     except ImportError:
         raise FastByolError("fastbyol plot needs matplotlib: pip install 'fastbyol[plot]'") from None
     run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "curves.png"
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise FastByolError(f"--out {out}: the file name must end in one of "
+                            f"{', '.join('.' + f for f in sorted(formats))}")
+    if not out.parent.is_dir():
+        raise FastByolError(f"--out {out}: the folder {out.parent} does not exist")
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise FastByolError(f"{run_dir}: no metrics.jsonl")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steps = [r for r in rows if "loss" in r]
-    knn = [r for r in rows if "knn_top1" in r]
+    rows = []
+    for n, line in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise FastByolError(f"{metrics}, line {n}: not a JSON record") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise FastByolError(f"{metrics}, line {n}: a record needs an integer 'step'")
+        rows.append(row)
+    panels = [("loss", "BYOL loss"), ("lr", "learning rate"), ("tau", "EMA tau"), ("img_per_s", "images / s")]
+    steps = [r for r in rows if all(isinstance(r.get(key), (int, float)) for key, _ in panels)]
+    knn = [r for r in rows if isinstance(r.get("knn_top1"), (int, float)) and r.get("init") != "random"]
     if not steps:
         raise FastByolError(f"{metrics}: no logged steps")
-    panels = [("loss", "BYOL loss"), ("lr", "learning rate"), ("tau", "EMA tau"), ("img_per_s", "images / s")]
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.6), constrained_layout=True)
     x = np.array([r["step"] for r in steps])
     for ax, (key, title) in zip(axes, panels):
@@ -181,7 +192,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     fig.suptitle(f"fastbyol run {run_dir.name}")
-    out = Path(out) if out else run_dir / "curves.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -48,12 +48,18 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
     return torch.cat(preds)
 
 
+def knn_accuracy(train_feats: torch.Tensor, train_labels, query_feats: torch.Tensor, query_labels, num_classes: int,
+                 k: int = 200, temperature: float = 0.1) -> float:
+    """kNN top-1 accuracy in percent of L2-normalized query features against a labeled bank."""
+    bank_labels = torch.as_tensor(train_labels, device=train_feats.device)
+    pred = knn_predict(train_feats, bank_labels, query_feats, num_classes, k, temperature)
+    return 100.0 * (pred.cpu() == torch.as_tensor(query_labels).cpu()).float().mean().item()
+
+
 def knn_top1(encoder: torch.nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
              test_labels: np.ndarray, num_classes: int, k: int = 200, temperature: float = 0.1,
              device: str | torch.device = "cpu") -> float:
     """kNN top-1 accuracy in percent on the test split, with the train split as the memory bank."""
     train_feats = extract_features(encoder, train_images, device=device)
     test_feats = extract_features(encoder, test_images, device=device)
-    bank_labels = torch.as_tensor(train_labels, device=train_feats.device)
-    pred = knn_predict(train_feats, bank_labels, test_feats, num_classes, k, temperature)
-    return 100.0 * (pred.cpu() == torch.as_tensor(test_labels)).float().mean().item()
+    return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature)

@@ -7,8 +7,8 @@ FASTBYOL_KERNELS=auto|triton|reference picks the path; FASTBYOL_OP_STYLE=custom_
 the form torch.compile sees (see `_dispatch`).
 """
 
-from ._dispatch import kernel_path, op_style, set_op_style
+from ._dispatch import kernel_backend, kernel_path, op_style, set_op_style
 from .ema import ema_update_
 from .loss import byol_loss, byol_loss_symmetric
 
-__all__ = ["byol_loss", "byol_loss_symmetric", "ema_update_", "kernel_path", "op_style", "set_op_style"]
+__all__ = ["byol_loss", "byol_loss_symmetric", "ema_update_", "kernel_backend", "kernel_path", "op_style", "set_op_style"]

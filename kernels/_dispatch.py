@@ -16,6 +16,7 @@ express (the tensors' addresses are not graph values).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -54,7 +55,7 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def kernel_path(device: torch.device) -> str:
+def kernel_backend(device: torch.device) -> str:
     """'triton' or 'reference' for tensors on `device`, or a clear error for an impossible request."""
     mode = os.environ.get("FASTBYOL_KERNELS", "auto")
     if mode not in MODES:
@@ -70,3 +71,11 @@ def kernel_path(device: torch.device) -> str:
                                "(set before triton is imported)")
         return "triton"
     return "triton" if on_cuda and triton_available() else "reference"
+
+
+kernel_path = kernel_backend  # the name before 0.2
+
+
+def profiled(name: str):
+    """The op's name in torch.profiler traces for an eager call; nothing at all while no profiler records."""
+    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()

@@ -25,7 +25,7 @@ import torch
 
 from fastbyol.reference import ema_update_reference_
 
-from ._dispatch import interpreter_on, kernel_path, triton_available
+from ._dispatch import interpreter_on, kernel_backend, profiled, triton_available
 
 if triton_available():
     import triton
@@ -194,7 +194,7 @@ def _ema_dispatch(target: list[torch.Tensor], online: list[torch.Tensor], tau: f
     plan = _plan(target, online)
     if not plan.pairs:
         return
-    if kernel_path(plan.device) == "triton":
+    if kernel_backend(plan.device) == "triton":
         _triton_ema(plan, tau)
     else:
         ema_update_reference_(plan.targets, plan.onlines, tau)
@@ -223,4 +223,5 @@ def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], 
             tau = torch.full((), tau, device=target[0].device if target else "cpu")
         torch.ops.fastbyol.ema_update_(target, online, tau)
     else:  # eager: straight to the kernel, without the dispatcher's Python overhead
-        _ema_dispatch(target, online, tau)
+        with profiled("fastbyol::ema_update_"):
+            _ema_dispatch(target, online, tau)

@@ -24,7 +24,7 @@ import torch
 
 from fastbyol.reference import NORM_EPS, byol_loss_and_grad_reference
 
-from ._dispatch import kernel_path, op_style, triton_available
+from ._dispatch import kernel_backend, op_style, profiled, triton_available
 
 if triton_available():
     import triton
@@ -193,7 +193,7 @@ def _reference_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
 
 def _forward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     p = pairs[0][0]
-    if kernel_path(p.device) == "triton" and p.dtype != torch.float64:
+    if kernel_backend(p.device) == "triton" and p.dtype != torch.float64:
         return _triton_forward(pairs)
     return _reference_forward(pairs)
 
@@ -273,7 +273,7 @@ if HAS_TRITON_OP:
 def _traceable(p: torch.Tensor) -> bool:
     """Under torch.compile: use the triton_op form for this input (style triton_op, the Triton path, not fp64)."""
     return (HAS_TRITON_OP and op_style() == "triton_op" and p.dtype != torch.float64
-            and kernel_path(p.device) == "triton")
+            and kernel_backend(p.device) == "triton")
 
 
 class _FusedLossFn(torch.autograd.Function):
@@ -306,7 +306,8 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if _traceable(p):
             return torch.ops.fastbyol.byol_loss_fwd_traceable(p, z)[0]
         return torch.ops.fastbyol.byol_loss_fwd(p, z)[0]
-    return _FusedLossFn.apply(p, z)
+    with profiled("fastbyol::byol_loss"):
+        return _FusedLossFn.apply(p, z)
 
 
 def byol_loss_symmetric(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -320,4 +321,5 @@ def byol_loss_symmetric(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2
         if _traceable(p1):
             return torch.ops.fastbyol.byol_loss_symmetric_fwd_traceable(p1, p2, z1, z2)[0]
         return torch.ops.fastbyol.byol_loss_symmetric_fwd(p1, p2, z1, z2)[0]
-    return _FusedLossFn.apply(p1, p2, z1, z2)
+    with profiled("fastbyol::byol_loss_symmetric"):
+        return _FusedLossFn.apply(p1, p2, z1, z2)

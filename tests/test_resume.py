@@ -45,7 +45,7 @@ def test_sigkill_then_resume_gives_the_same_parameters(tmp_path):
     proc.wait()
     if (killed / "summary.json").exists():
         pytest.skip("the run finished before the kill; nothing to resume (machine too fast for this test)")
-    step_at_kill = load_checkpoint(killed / "checkpoint.pt")["step"]
+    step_at_kill = load_checkpoint(killed / "checkpoint.pt")["state"]["step"]
     assert 0 < step_at_kill < 40
     res = subprocess.run(_cli("--resume", str(killed), "--no-progress"), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -76,7 +76,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert rc == 2 and ("non-finite" in err or "nan" in err.lower())
     assert "Traceback" not in err
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert ckpt["step"] == 6 and not ckpt["finished"]  # the last checkpoint before the NaN
+    assert ckpt["state"]["step"] == 6 and not ckpt["state"]["finished"]  # the last checkpoint before the NaN
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not (out / "summary.json").exists()
 

@@ -1,5 +1,6 @@
 """The training step, the trainer end to end on small data, and the command line's error paths."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -68,16 +69,22 @@ def test_train_end_to_end_small(tmp_path, capsys):
     assert summary["mfu"] is None and summary["peak_memory_gb"] is None  # CPU: no peak to quote against
     config = json.loads((out / "config.json").read_text())
     assert config["optim"]["epochs"] == 2 and config["data"]["batch_size"] == 64
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == summary["steps"]
+    assert config["resolved"]["local_batch"] == 64 and config["resolved"]["steps_per_epoch"] == 300 // 64
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # plain data: loads without running code
+    state = ckpt["state"]
+    assert state["step"] == summary["steps"] and state["finished"] and state["num_images"] == 300
     assert any(k.startswith("target_encoder.") for k in ckpt["model"])
-    assert ckpt["world_size"] == 1 and len(ckpt["data_states"]) == 1
-    assert isinstance(ckpt["data_states"][0], (str, bytes)) and ckpt["data_states"][0]  # the DALI position
+    assert state["world_size"] == 1 and len(state["data_states"]) == 1
+    assert state["data_states"][0]  # the loader's position
+    assert (out / "checkpoint.pt").stat().st_mode & 0o077 == 0  # owner only
+    assert (out / "metrics.jsonl").stat().st_mode & 0o077 == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) >= 4 and all(np.isfinite(r["loss"]) for r in steps)
     knn_rows = [r for r in rows if "knn_top1" in r]
-    assert knn_rows[0]["init"] == "random" and knn_rows[-1]["knn_top1"] == summary["knn_top1"]
+    trained = [r for r in knn_rows if r.get("init") != "random"]
+    assert trained[-1]["knn_top1"] == summary["knn_top1"]
+    assert [r["knn_top1"] for r in knn_rows if r.get("init") == "random"] == [summary["knn_top1_random_init"]]
     assert summary["warmup_seconds"] > 0 and summary["world_size"] == 1 and summary["compile"] == "off"
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -108,7 +115,7 @@ def test_same_seed_same_parameters(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--epochs", "0"], "--epochs must be > 0"),
-    (["--batch-size", "-3"], "--batch-size must be > 0"),
+    (["--batch-size", "-3"], "--batch-size must be >= 2"),
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--data", "/does/not/exist"], "/does/not/exist"),
     (["--batch-size", "9000"], "larger than the 8000 training images"),
@@ -214,7 +221,13 @@ def test_failed_compile_under_auto_falls_back_to_eager(tmp_path, monkeypatch, ca
     args = ["train", "--data", "synthetic", "--epochs", "1", "--batch-size", "128", "--no-progress", "--knn-every",
             "0", "--seed", "4"]
     assert main([*args, "--compile", "off", "--out", str(tmp_path / "eager")]) == 0
-    monkeypatch.setattr(train_module, "compile_mode", lambda cfg, device: "default")  # auto compiles, as on CUDA
+    real_resolve = train_module.Config.resolve
+
+    def resolve_as_on_cuda(self, *a, **k):  # auto compiles, as on CUDA
+        plan = real_resolve(self, *a, **k)
+        return dataclasses.replace(plan, compile_mode="default") if self.run.compile == "auto" else plan
+
+    monkeypatch.setattr(train_module.Config, "resolve", resolve_as_on_cuda)
     monkeypatch.setattr(torch, "compile", broken_compile)
     assert main([*args, "--out", str(tmp_path / "auto")]) == 0
     out = capsys.readouterr().out
@@ -224,3 +237,19 @@ def test_failed_compile_under_auto_falls_back_to_eager(tmp_path, monkeypatch, ca
     assert auto["compile"] == "off" and auto["params_sha256"] == eager["params_sha256"]
     with pytest.raises(TorchDynamoException):
         main([*args, "--compile", "default", "--out", str(tmp_path / "explicit")])
+
+
+def test_profile_writes_a_trace_naming_the_fused_ops(tmp_path, capsys):
+    """--profile START:STOP: a Chrome trace (Perfetto, TensorBoard) of those steps in RUN_DIR/profile/, the top
+    operators by self time and the data-wait share printed."""
+    data = _small_idx_dataset(tmp_path / "data", 192, 64)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "32", "--out", str(out),
+                 "--no-progress", "--knn-every", "0", "--profile", "2:4"]) == 0
+    traces = list((out / "profile").glob("*.pt.trace.json"))
+    assert [t.name for t in traces] == ["steps_2-4.pt.trace.json"]
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"fastbyol::byol_loss_symmetric", "fastbyol::ema_update_"} <= names
+    printed = capsys.readouterr().out
+    assert "profile of steps 2..3" in printed and "data wait" in printed and "Self CPU" in printed

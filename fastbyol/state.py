@@ -1,0 +1,69 @@
+"""The training state: everything besides the weights that a run needs to continue exactly, in one dataclass, and the
+one place where a checkpoint is written from it and read back.
+
+A checkpoint (format 2) is a dict of plain types and tensors only, so it loads with `torch.load(weights_only=True)`: a
+run directory on a shared filesystem is data, not code. Format 1 (fastbyol 0.1 before this module) still resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from .errors import FastByolError
+
+CHECKPOINT_FORMAT = 2
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken (global: every process takes each one)
+    world_size: int = 1  # processes the run was checkpointed with; resume needs as many
+    num_images: int = 0  # pretraining images of the dataset: a resume over a changed dataset is refused
+    knn_top1_random_init: float | None = None  # the random-init encoder's kNN top-1 (%), once measured
+    data_states: list = field(default_factory=list)  # every rank's loader state (DALI checkpoint), rank order
+    torch_rngs: list = field(default_factory=list)  # every rank's torch CPU RNG state (uint8 tensors), rank order
+    meter: dict = field(default_factory=dict)  # ThroughputMeter.state_dict() of the timed steps so far
+    finished: bool = False  # the final checkpoint: nothing left to resume
+
+    def to_checkpoint(self, model_state: dict, optimizer_state: dict, config: dict, version: str) -> dict:
+        """The checkpoint dict: weights, optimizer, this state, the config it ran with."""
+        return {"format": CHECKPOINT_FORMAT, "model": model_state, "optimizer": optimizer_state, "state": asdict(self),
+                "config": config, "fastbyol_version": version}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, where: str = "checkpoint") -> TrainState:
+        """The state of a checkpoint dict (format 2, or format 1 of fastbyol 0.1), or a FastByolError naming it."""
+        if not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise FastByolError(f"{where}: not a fastbyol checkpoint")
+        fmt = ckpt.get("format", 1)
+        if fmt == CHECKPOINT_FORMAT:
+            raw = ckpt.get("state")
+            known = {f.name for f in fields(cls)}
+            if not isinstance(raw, dict) or set(raw) - known:
+                raise FastByolError(f"{where}: its training state is unreadable")
+            return cls(**raw)
+        if fmt == 1 and "step" in ckpt:  # fastbyol 0.1: the state's fields at the top level
+            timed_images = ckpt.get("timed_images", ckpt.get("images_seen", 0))
+            batch = ckpt.get("config", {}).get("data", {}).get("batch_size", 1) or 1
+            return cls(step=ckpt["step"], world_size=ckpt.get("world_size", 1), num_images=0,
+                       knn_top1_random_init=ckpt.get("knn_top1_random_init"),
+                       data_states=list(ckpt.get("data_states", [])), torch_rngs=list(ckpt.get("torch_rngs", [])),
+                       meter={"steps": timed_images // batch, "seconds": ckpt.get("train_seconds", 0.0),
+                              "wait_seconds": ckpt.get("wait_seconds", 0.0), "warmup_seconds": 0.0},
+                       finished=bool(ckpt.get("finished", False)))
+        raise FastByolError(f"{where}: checkpoint format {fmt!r} is not one this fastbyol reads "
+                            f"(it reads {CHECKPOINT_FORMAT} and 1)")
+
+
+def nonfinite_tensors(state: dict, prefix: str = "") -> list[str]:
+    """Names of the floating tensors in a (nested) state dict that hold a NaN or an Inf."""
+    bad = []
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            bad += nonfinite_tensors(value, f"{name}.")
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad.append(name)
+    return bad

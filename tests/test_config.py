@@ -1,0 +1,130 @@
+"""One config path: flags and help generated from the dataclass fields, every field checked by validate(), saved configs
+read back by from_dict, the derived values computed once by resolve()."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from fastbyol.cli import _build_parser, main
+from fastbyol.config import PRESETS, SECTIONS, Config, allowed_values, field_kind, flag_name, get_preset
+from fastbyol.errors import FastByolError
+
+
+def _all_fields():
+    return [(section, f) for section, klass in SECTIONS.items() for f in dataclasses.fields(klass)]
+
+
+def test_every_setting_has_one_help_string_and_a_flag(capsys):
+    with pytest.raises(SystemExit):
+        _build_parser().parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for _, f in _all_fields():
+        assert f.metadata["help"], f"{f.name} has no help"
+        assert flag_name(f.name) in help_text
+
+
+def test_presets_validate():
+    for name in PRESETS:
+        get_preset(name).validate()
+
+
+# one bad value per rule: every numeric field, nan and inf for every float, every choice
+def _bad_values():
+    cases = []
+    for section, f in _all_fields():
+        kind = field_kind(f)
+        if kind is float:
+            cases += [(section, f.name, math.nan), (section, f.name, math.inf), (section, f.name, -math.inf)]
+        if allowed_values(f) is not None:
+            cases.append((section, f.name, "no-such-value"))
+    cases += [("data", "image_size", 7), ("data", "batch_size", 1), ("data", "num_threads", 0),
+              ("data", "crop_min_area", 0.0), ("data", "crop_min_area", 1.5), ("data", "data", ""),
+              ("data", "data", "  "), ("model", "proj_hidden", 0), ("optim", "epochs", 0), ("optim", "base_lr", -1.0),
+              ("optim", "warmup_epochs", -1.0), ("optim", "weight_decay", -1e-6), ("optim", "momentum", 1.0),
+              ("optim", "tau_base", 1.5), ("run", "seed", -1), ("run", "seed", 2**32), ("run", "log_every", 0),
+              ("run", "ckpt_every_steps", -1), ("run", "knn_k", 0), ("run", "knn_subset", 0),
+              ("run", "profile", "5"), ("run", "profile", "5:5"), ("run", "profile", "a:b"), ("run", "profile", "-1:4"),
+              ("model", "arch", "resnet101"), ("model", "stem", "weird")]
+    return cases
+
+
+@pytest.mark.parametrize("section,name,value", _bad_values())
+def test_validate_names_every_bad_setting(section, name, value):
+    cfg = get_preset("fmnist-tiny")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(FastByolError) as e:
+        cfg.validate()
+    assert flag_name(name) in str(e.value)
+
+
+def test_validate_rejects_wrong_types():
+    cfg = get_preset("fmnist-tiny")
+    cfg.data.batch_size = 12.5
+    with pytest.raises(FastByolError, match="--batch-size must be int"):
+        cfg.validate()
+
+
+def test_from_dict_round_trip_and_refusals():
+    cfg = get_preset("stl10-resnet18")
+    cfg.run.profile = "3:6"
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert Config.from_dict({**cfg.to_dict(), "resolved": {"anything": 1}}) == cfg  # saved beside the config
+    raw = cfg.to_dict()
+    raw["optim"]["epochs"] = "ten"
+    with pytest.raises(FastByolError, match="optim.epochs must be int"):
+        Config.from_dict(raw, where="config.json")
+    raw = cfg.to_dict()
+    raw["model"]["depth"] = 3
+    with pytest.raises(FastByolError, match="unknown setting model.depth"):
+        Config.from_dict(raw)
+    with pytest.raises(FastByolError, match="not a fastbyol config"):
+        Config.from_dict([1, 2])
+    raw = cfg.to_dict()
+    raw["optim"]["base_lr"] = 1  # an int in a float field is fine (JSON writes 1.0 as 1 in some tools)
+    assert Config.from_dict(raw).optim.base_lr == 1.0
+
+
+def test_resolve_derives_the_run_values():
+    cfg = get_preset("fmnist-tiny")
+    plan = cfg.resolve("cpu", 1, 8000)
+    assert (plan.local_batch, plan.steps_per_epoch, plan.total_steps) == (128, 62, 16 * 62)
+    assert plan.warmup_steps == 62 and plan.peak_lr == pytest.approx(4.0 * 128 / 256)
+    assert plan.compile_mode == "off" and not plan.autocast_bf16 and plan.input_dtype == "float32"
+    cuda = cfg.resolve("cuda", 4, 8000)
+    assert (cuda.local_batch, cuda.steps_per_epoch) == (32, 2000 // 32)
+    assert cuda.compile_mode == "default" and cuda.autocast_bf16 and cuda.input_dtype == "float16"
+    cfg.run.profile = "2:5"
+    assert cfg.resolve("cpu", 1, 8000).profile_steps == (2, 5)
+    with pytest.raises(FastByolError, match="does not divide over 3 processes"):
+        cfg.resolve("cpu", 3, 8000)
+    with pytest.raises(FastByolError, match="BatchNorm needs at least 2"):
+        cfg.resolve("cpu", 128, 80000)
+    with pytest.raises(FastByolError, match="larger than the 100 training images"):
+        cfg.resolve("cpu", 1, 100)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "resnet101"], "--arch must be one of"),
+    (["--stem", "weird"], "--stem must be one of"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--base-lr", "inf"], "--base-lr must be a finite number > 0"),
+    (["--data", ""], "--data must not be empty"),
+    (["--profile", "9:3"], "--profile must be START:STOP"),
+])
+def test_bad_settings_are_one_line_exit_2_and_leave_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_resume_refuses_settings(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--epochs", "3", "--base-lr", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--epochs, --base-lr" in err and err.count("\n") == 1

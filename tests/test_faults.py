@@ -1,0 +1,80 @@
+"""Fault injection: one run killed with SIGKILL at 20 random moments (at random times, and inside checkpoint writes
+with the temporary file written but not renamed), resumed after each, ends with the parameters of an uninterrupted
+run and with no stray files in its directory."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastbyol.checkpoint import load_checkpoint
+
+from .test_train import _small_idx_dataset
+
+ARGS = ["--epochs", "3", "--batch-size", "32", "--ckpt-every-steps", "2", "--log-every", "3", "--knn-every", "1",
+        "--no-progress", "--seed", "5"]
+KILLS = 20
+
+
+def _cli(*argv):
+    return [sys.executable, "-m", "fastbyol", "train", *argv]
+
+
+def _step(run):
+    return load_checkpoint(run / "checkpoint.pt")["state"]["step"] if (run / "checkpoint.pt").exists() else 0
+
+
+@pytest.mark.slow
+def test_twenty_kills_then_the_uninterrupted_parameters(tmp_path):
+    data = _small_idx_dataset(tmp_path / "data", 320, 64)  # 10 steps an epoch, 30 in all
+    full = tmp_path / "full"
+    res = subprocess.run(_cli("--data", str(data), "--out", str(full), *ARGS), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    expected = json.loads((full / "summary.json").read_text())
+
+    rng = random.Random(os.environ.get("FASTBYOL_FAULT_SEED", time.time_ns()))
+    run = tmp_path / "run"
+    kills, in_writes, finished = 0, 0, False
+    # the first process writes the first checkpoint unharmed (a kill before it leaves nothing to resume)
+    first = subprocess.Popen(_cli("--data", str(data), "--out", str(run), *ARGS), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    while not (run / "checkpoint.pt").exists() and first.poll() is None:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    kills += 1
+    while kills < KILLS:
+        env = dict(os.environ)
+        in_write = rng.random() < 0.5
+        if in_write:  # SIGKILL inside the n-th checkpoint write of this process
+            env["FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE"] = str(rng.randint(1, 3))
+        proc = subprocess.Popen(_cli("--resume", str(run), "--no-progress"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        if not in_write:  # SIGKILL at a random moment: start-up, a step, a log or kNN point, a checkpoint write
+            time.sleep(rng.uniform(0.0, 6.0))
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode == 0:  # it finished before the kill: start over from a fresh copy of the checkpoint
+            finished = True
+            break
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+        kills += 1
+        in_writes += in_write
+        assert not (run / "summary.json").exists()
+    if not finished:
+        res = subprocess.run(_cli("--resume", str(run), "--no-progress"), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+    print(f"{kills} kills ({in_writes} inside checkpoint writes), then finished")
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["steps"] == expected["steps"] == 30
+    assert resumed["params_sha256"] == expected["params_sha256"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in full.iterdir())  # no stray files
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == [json.loads(x)["step"] for x in (full / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert kills >= KILLS // 2  # the run was really interrupted, many times
