@@ -212,3 +212,22 @@ def test_source_contract(shards):
     src = load_shards(str(shards), 16, eval_images=False).pretraining_source
     assert isinstance(src, ShardSource) and len(src) == 40 and src.labels is None
     assert "wds" in src.where
+
+
+def test_damaged_or_stale_index_is_rebuilt_and_gray_is_detected(folder, tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "g"
+    (d / "train" / "a").mkdir(parents=True)
+    for i, p in enumerate(sorted((folder / "train").rglob("*.jpg"))[:6]):
+        Image.open(p).convert("L").save(d / "train" / "a" / f"{i}.png")  # one grey channel
+    write_shards(d, tmp_path / "gw", progress=False)
+    ds = resolve_dataset(str(tmp_path / "gw"), eval_images=False)
+    assert ds.gray and ds.num_pretraining == 6
+    meta = tmp_path / "gw" / ".fastbyol" / "shards" / "train-000000.tar.meta.npz"
+    data = bytearray(meta.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    meta.write_bytes(bytes(data))
+    assert resolve_dataset(str(tmp_path / "gw"), eval_images=False).num_pretraining == 6
+    assert meta.read_bytes() != bytes(data)  # rewritten
+    assert not resolve_dataset(str(folder), eval_images=False).gray  # colour JPEGs

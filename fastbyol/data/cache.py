@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import shutil
+import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 TMP_MARK = ".tmp-"
 
@@ -104,3 +109,40 @@ def writable_dir(folder: Path) -> bool:
     except OSError:
         return False
     return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _crc(arrays: dict) -> int:
+    crc = 0
+    for k in sorted(arrays):
+        crc = zlib.crc32(k.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(arrays[k]).view(np.uint8).reshape(-1).data, crc)
+    return crc
+
+
+def save_npz_checked(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An uncompressed .npz with a CRC-32 of every array ("_crc"), written atomically (fsync, rename).
+
+    numpy reads a member without reaching its end, so the zip's own CRCs are never checked: this one is."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, _crc=np.array([_crc(arrays)], np.uint32), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_npz_checked(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a save_npz_checked file; ValueError when it is unreadable or its CRC does not match."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation) as e:
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
+    crc = arrays.pop("_crc", None)
+    if crc is None or crc.shape != (1,) or int(crc[0]) != _crc(arrays):
+        raise ValueError("checksum mismatch (damaged)")
+    return arrays

@@ -2,7 +2,7 @@
 
     python -m fastbyol.data.check_worker ROOT THREADS  < relative paths ("\\n"-separated)
         checks its share of a folder's files (manifest.check_files); writes N (int64), N sizes, N mtimes (int64,
-        little-endian) and the problems (JSON [[index, reason], ...]) to stdout.
+        little-endian), N grey flags (uint8) and the problems (JSON [[index, reason], ...]) to stdout.
     python -m fastbyol.data.check_worker --shards FOLDER  < shard paths ("\\n"-separated)
         indexes each shard into FOLDER (shards.build_shard_meta).
 """
@@ -26,11 +26,12 @@ def main(argv: list[str]) -> int:
     from .manifest import _strings, _utf8, check_files
 
     rels = _strings(np.frombuffer(sys.stdin.buffer.read(), dtype=np.uint8))
-    sizes, mtimes, problems = check_files(argv[0], rels, int(argv[1]))
+    sizes, mtimes, gray, problems = check_files(argv[0], rels, int(argv[1]))
     out = sys.stdout.buffer
     out.write(np.int64(len(sizes)).tobytes())
     out.write(sizes.astype("<i8").tobytes())
     out.write(mtimes.astype("<i8").tobytes())
+    out.write(gray.astype(np.uint8).tobytes())
     out.write(_utf8(json.dumps(problems)))
     out.flush()
     return 0

@@ -40,7 +40,7 @@ _PARSED = _SOF | {0xC4, 0xDB}  # segments whose contents are checked (read whole
 Reader = Callable[[int, int], bytes]  # read(offset, n): up to n bytes of the object from offset
 
 
-def _jpeg_problem(read: Reader, size: int, head: bytes) -> str | None:
+def _jpeg_problem(read: Reader, size: int, head: bytes, info: dict | None = None) -> str | None:
     # A window of the file: buf holds bytes [base, base + len(buf)); refilled from `read` when a segment leaves it.
     buf, base = head, 0
     pos, sof = 2, False
@@ -102,6 +102,8 @@ def _jpeg_problem(read: Reader, size: int, head: bytes) -> str | None:
                     return "corrupt JPEG (frame header: bad sampling factors)"
                 components.add(buf[i + 10 + 3 * c])
             sof, sequential = True, marker in (0xC0, 0xC1)
+            if info is not None:
+                info["gray"] = ncomp == 1  # decoded as RGB, one channel gives R = G = B
         elif marker == 0xDA:  # start of scan: entropy-coded data follows
             ns = buf[i + 4] if len(buf) > i + 4 else 0
             if not sof:
@@ -123,7 +125,7 @@ def _jpeg_problem(read: Reader, size: int, head: bytes) -> str | None:
     return "corrupt JPEG (too many header segments)"
 
 
-def _png_problem(data: bytes) -> str | None:
+def _png_problem(data: bytes, info: dict | None = None) -> str | None:
     pos, first, seen_idat = 8, True, False
     while pos + 12 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
@@ -141,6 +143,8 @@ def _png_problem(data: bytes) -> str | None:
             width, height, depth, colour = struct.unpack(">IIBB", body[:10])
             if width == 0 or height == 0 or depth not in (1, 2, 4, 8, 16) or colour not in (0, 2, 3, 4, 6):
                 return f"corrupt PNG (header: {width}x{height}, bit depth {depth}, colour type {colour})"
+            if info is not None:
+                info["gray"] = colour in (0, 4)  # grey, grey + alpha
             first = False
         seen_idat |= kind == b"IDAT"
         if kind == b"IEND":
@@ -149,29 +153,31 @@ def _png_problem(data: bytes) -> str | None:
     return "truncated PNG (no IEND chunk)"
 
 
-def check_encoded(read: Reader, size: int, suffix: str = "") -> str | None:
-    """None if the object (read through `read`, `size` bytes) is a structurally whole JPEG or PNG, else why not."""
+def check_encoded(read: Reader, size: int, suffix: str = "", info: dict | None = None) -> str | None:
+    """None if the object (read through `read`, `size` bytes) is a structurally whole JPEG or PNG, else why not.
+
+    info: a dict that receives "gray" (True when the image is stored with one grey channel)."""
     if size < 16:
         return f"{size} bytes: too short to be an image"
     head = read(0, min(size, _HEAD))
     if head[:3] == b"\xff\xd8\xff":
-        return _jpeg_problem(read, size, head)
+        return _jpeg_problem(read, size, head, info)
     if head[:8] == PNG_SIGNATURE:
-        return _png_problem(head if size <= len(head) else head + read(len(head), size - len(head)))
+        return _png_problem(head if size <= len(head) else head + read(len(head), size - len(head)), info)
     suffix = suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return f"not a {suffix[1:].upper()} file (bad signature)"
     return "not an image file (only JPEG and PNG are read)"
 
 
-def check_bytes(data: bytes, suffix: str = "") -> str | None:
+def check_bytes(data: bytes, suffix: str = "", info: dict | None = None) -> str | None:
     """check_encoded on bytes in memory."""
-    return check_encoded(lambda off, n: data[off:off + n], len(data), suffix)
+    return check_encoded(lambda off, n: data[off:off + n], len(data), suffix, info)
 
 
-def check_fd(fd: int, size: int, suffix: str = "", base: int = 0) -> str | None:
+def check_fd(fd: int, size: int, suffix: str = "", base: int = 0, info: dict | None = None) -> str | None:
     """check_encoded on an open file: the whole file (base 0) or a member of `size` bytes at `base` (a tar)."""
-    return check_encoded(lambda off, n: os.pread(fd, max(0, min(n, size - off)), base + off), size, suffix)
+    return check_encoded(lambda off, n: os.pread(fd, max(0, min(n, size - off)), base + off), size, suffix, info)
 
 
 def check_image_file(path: Path) -> str | None:

@@ -151,6 +151,7 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
 
     pending = BackgroundDecode(job, background) if eval_images else None
     return ImageDataset(root.name, None, None, None, None, len(man.classes) if labeled else 0, str(root),
-                        pretrain_files=pretrain, skipped_files=len(man.bad), eval_decode=pending,
+                        pretrain_files=pretrain, skipped_files=len(man.bad),
+                        gray=bool(man.gray[man.pretrain_mask].all()), eval_decode=pending,
                         image_size=image_size, counts=(n_train, n_test), startup_seconds=seconds, manifest=status,
                         has_labels=labeled and n_test > 0)

@@ -3,15 +3,15 @@
 A folder of 1.28M JPEGs costs minutes to list and check file by file (stat, open, read both ends), so the first run
 does it once, in parallel, and writes the result; every later reader checks only that the tree did not change.
 
-Contents (one `.npz`, uncompressed, written to a temporary name and renamed: whole or absent; zip CRCs make a
-damaged file fail to load, and it is then rebuilt, never trusted):
+Contents (one `.npz`, uncompressed, written to a temporary name and renamed: whole or absent; a CRC-32 of every
+array makes a damaged file fail to load, and it is then rebuilt, never trusted):
   header      JSON: format version, the resolved root, layout ("labeled"/"unlabeled"), class names, test-only class
               names, the bad files with the reason and their size and mtime, the DALI file list's name and size,
               and the seconds the scan took (listing, checks)
   paths       uint8 blob: the good files' paths relative to the root, "\\n"-separated, in sorted order
   split       (N,) uint8: 0 train, 1 test, 2 unlabeled (the unlabeled layout is all 0)
   labels      (N,) int32: class index, -1 where there is none
-  sizes       (N,) int64 bytes;  mtimes (N,) int64 ns
+  sizes       (N,) int64 bytes;  mtimes (N,) int64 ns;  gray (N,) uint8: 1 where the image has one grey channel
   dirs        uint8 blob: every listed directory, relative ("" is the root);  dir_mtimes (D,) int64 ns
 Beside it, `pretrain.list`: the pretraining files (train + unlabeled) as DALI's `file_list` ("relpath label" lines),
 which each rank's DALI reader reads itself: no process holds a Python list of a million paths.
@@ -44,7 +44,6 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +51,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
-from .cache import cache_root, file_lock, path_key, remove_stale_tmp, tmp_name, writable_dir
+from .cache import (cache_root, file_lock, load_npz_checked, path_key, remove_stale_tmp, save_npz_checked,
+                    tmp_name, writable_dir)
 from .checks import check_fd
 
-VERSION = 1
+VERSION = 2
 MANIFEST_NAME = "manifest.npz"
 LIST_NAME = "pretrain.list"
 TRAIN, TEST, UNLABELED = 0, 1, 2
@@ -93,6 +93,7 @@ class Manifest:
     labels: np.ndarray  # (N,) int32, -1 = none
     sizes: np.ndarray  # (N,) int64
     mtimes: np.ndarray  # (N,) int64 ns
+    gray: np.ndarray  # (N,) uint8: 1 where the image is stored with one grey channel
     dirs: list[str]
     dir_mtimes: np.ndarray  # (D,) int64 ns
     bad: list[list] = field(default_factory=list)  # [relpath, reason, size, mtime_ns]
@@ -158,18 +159,9 @@ class Manifest:
         self.list_size = self.write_pretrain_list(folder / LIST_NAME)
         arrays = dict(header=np.frombuffer(_utf8(json.dumps(self.header())), dtype=np.uint8), paths=self.paths,
                       split=self.split, labels=self.labels, sizes=self.sizes, mtimes=self.mtimes,
-                      dirs=_blob(self.dirs), dir_mtimes=self.dir_mtimes)
+                      gray=self.gray, dirs=_blob(self.dirs), dir_mtimes=self.dir_mtimes)
         path = folder / MANIFEST_NAME
-        tmp = tmp_name(path)
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        save_npz_checked(path, arrays)
         self.location = folder
         return path
 
@@ -178,18 +170,18 @@ class Manifest:
         """Read a manifest; ValueError (with the reason) when it is damaged or of another format version."""
         path = folder / MANIFEST_NAME
         try:
-            with np.load(path, allow_pickle=False) as z:
-                header = json.loads(z["header"].tobytes().decode("utf-8", "surrogateescape"))
-                if header.get("version") != VERSION:
-                    raise ValueError(f"format version {header.get('version')}, not {VERSION}")
-                m = cls(Path(header["root"]), header["layout"], list(header["classes"]), z["paths"], z["split"],
-                        z["labels"], z["sizes"], z["mtimes"], _strings(z["dirs"]), z["dir_mtimes"],
-                        bad=header["bad"], test_only_classes=header["test_only_classes"],
-                        seconds=header["seconds"], location=folder, list_size=int(header["list_size"]))
-        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            z = load_npz_checked(path)
+            header = json.loads(z["header"].tobytes().decode("utf-8", "surrogateescape"))
+            if header.get("version") != VERSION:
+                raise ValueError(f"format version {header.get('version')}, not {VERSION}")
+            m = cls(Path(header["root"]), header["layout"], list(header["classes"]), z["paths"], z["split"],
+                    z["labels"], z["sizes"], z["mtimes"], z["gray"], _strings(z["dirs"]), z["dir_mtimes"],
+                    bad=header["bad"], test_only_classes=header["test_only_classes"],
+                    seconds=header["seconds"], location=folder, list_size=int(header["list_size"]))
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
             raise ValueError(f"unreadable manifest ({type(e).__name__}: {e})") from None
         n = int(header["n"])
-        if not (len(m.split) == len(m.labels) == len(m.sizes) == len(m.mtimes) == n
+        if not (len(m.split) == len(m.labels) == len(m.sizes) == len(m.mtimes) == len(m.gray) == n
                 and len(m.dirs) == len(m.dir_mtimes) and (n == 0 or int((m.paths == 10).sum()) == n - 1)):
             raise ValueError("inconsistent array lengths")
         return m
@@ -249,7 +241,7 @@ def verify_files(man: Manifest, root: Path) -> list[list[str]]:
         with file_lock(man.location / "manifest.lock"):
             (man.location / MANIFEST_NAME).unlink(missing_ok=True)
     rels = [man.path(i) for i in changed]
-    _, _, problems = check_files(str(root), rels)
+    _, _, _, problems = check_files(str(root), rels)
     return [[rels[j], why] for j, why in problems]
 
 
@@ -270,10 +262,11 @@ def _walk(root: str, rel: str, files: list[str], dirs: list[tuple[str, int]], ba
             files.append(r)
 
 
-def check_files(root: str, rels: list[str], threads: int = 8) -> tuple[np.ndarray, np.ndarray, list]:
-    """(sizes, mtimes, [(index, reason)]) of files root/rel: stat and the structural check of checks.py."""
+def check_files(root: str, rels: list[str], threads: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """(sizes, mtimes, gray, [(index, reason)]) of files root/rel: stat and the structural check of checks.py."""
     sizes = np.full(len(rels), -1, np.int64)
     mtimes = np.full(len(rels), -1, np.int64)
+    gray = np.zeros(len(rels), np.uint8)
 
     def run(lo: int, hi: int) -> list:
         problems, folder, dfd = [], None, None
@@ -295,7 +288,9 @@ def check_files(root: str, rels: list[str], threads: int = 8) -> tuple[np.ndarra
                 try:
                     st = os.fstat(fd)
                     sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-                    problem = check_fd(fd, st.st_size, os.path.splitext(name)[1])
+                    info: dict = {}
+                    problem = check_fd(fd, st.st_size, os.path.splitext(name)[1], info=info)
+                    gray[i] = info.get("gray", False)
                 except OSError as e:
                     problem = f"unreadable ({e.strerror})"
                 finally:
@@ -311,7 +306,7 @@ def check_files(root: str, rels: list[str], threads: int = 8) -> tuple[np.ndarra
     with ThreadPoolExecutor(max(1, threads)) as ex:
         parts = ex.map(lambda lo: run(lo, min(lo + step, len(rels))), range(0, len(rels), step))
         problems = [p for part in parts for p in part]
-    return sizes, mtimes, problems
+    return sizes, mtimes, gray, problems
 
 
 def _check_parallel(root: str, rels: list[str], workers: int, threads: int):
@@ -327,18 +322,20 @@ def _check_parallel(root: str, rels: list[str], workers: int, threads: int):
     for (lo, p), hi in zip(procs, bounds[1:]):
         p.stdin.write(_utf8("\n".join(rels[lo:hi])))
         p.stdin.close()
-    sizes, mtimes, problems = [], [], []
+    sizes, mtimes, grays, problems = [], [], [], []
     for lo, p in procs:
         n = int(np.frombuffer(p.stdout.read(8), "<i8")[0]) if p.stdout else 0
         s = np.frombuffer(p.stdout.read(8 * n), "<i8").astype(np.int64)
         m = np.frombuffer(p.stdout.read(8 * n), "<i8").astype(np.int64)
+        g = np.frombuffer(p.stdout.read(n), np.uint8).copy()
         probs = json.loads(p.stdout.read().decode("utf-8", "surrogateescape"))
         if p.wait() != 0:
             raise FastByolError(f"{root}: a file-check worker failed (exit {p.returncode})")
         sizes.append(s)
         mtimes.append(m)
+        grays.append(g)
         problems += [(lo + i, why) for i, why in probs]
-    return np.concatenate(sizes), np.concatenate(mtimes), problems
+    return np.concatenate(sizes), np.concatenate(mtimes), np.concatenate(grays), problems
 
 
 def scan(root: Path, workers: int | None = None, threads: int = 8) -> Manifest:
@@ -381,7 +378,7 @@ def scan(root: Path, workers: int | None = None, threads: int = 8) -> Manifest:
     labels = np.concatenate([np.full(n, k, np.int32) for _, k, n in split_counts] or [np.zeros(0, np.int32)])
     t1 = time.perf_counter()
     workers = workers or min(8, len(os.sched_getaffinity(0)))
-    sizes, mtimes, problems = _check_parallel(root_s, files, workers, threads)
+    sizes, mtimes, gray, problems = _check_parallel(root_s, files, workers, threads)
     t2 = time.perf_counter()
     keep = np.ones(len(files), bool)
     for i, why in problems:
@@ -392,7 +389,7 @@ def scan(root: Path, workers: int | None = None, threads: int = 8) -> Manifest:
     paths = _blob(files)
     del files  # ~100 MB of str objects for 1.28M files
     return Manifest(root, layout, classes, paths, split[keep], labels[keep], sizes[keep], mtimes[keep],
-                    [d for d, _ in dirs], np.array([m for _, m in dirs], np.int64), bad=bad,
+                    gray[keep], [d for d, _ in dirs], np.array([m for _, m in dirs], np.int64), bad=bad,
                     test_only_classes=test_only, seconds=dict(listing=t1 - t0, checks=t2 - t1))
 
 

@@ -12,9 +12,10 @@ Index, built once per shard (like the manifest of a folder; rank 0 under a lock,
 member headers are walked (tar header checksums verified), each sample's image checked structurally (checks.py:
 head and tail reads inside the tar, no decode) and its `cls` parsed; the result is DALI's index file (v1.2,
 listing only the good samples, so DALI never reads a bad one) plus `<shard>.meta.npz` (the shard's size and mtime,
-its bad samples with the reason, and per sample the label and the image's offset and size, which the kNN decode
-reads directly). Both live in DIR/.fastbyol/shards/ when DIR is writable, else in the cache folder (cache.py), and
-are rebuilt when the shard's size or mtime changes. Bad input (a missing shard, a brace pattern matching nothing,
+its bad samples with the reason, and per sample the label, whether the image has one grey channel, and the
+image's offset and size, which the kNN decode reads directly). Both live in DIR/.fastbyol/shards/ when DIR is
+writable, else in the cache folder (cache.py), and are rebuilt when the shard's size or mtime changes or the meta
+file fails its CRC. Bad input (a missing shard, a brace pattern matching nothing,
 a truncated tar, a sample without an image, an image that fails the check) is one FastByolError naming the shard
 and sample; with --skip-bad-files a bad sample is left out of the index and counted (a truncated tar keeps its
 whole samples).
@@ -39,17 +40,17 @@ import subprocess
 import sys
 import tarfile
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FastByolError
-from .cache import TMP_MARK, cache_root, file_lock, path_key, remove_stale_tmp, tmp_name, writable_dir
+from .cache import (TMP_MARK, cache_root, file_lock, load_npz_checked, path_key, remove_stale_tmp, save_npz_checked,
+                    tmp_name, writable_dir)
 from .checks import check_fd
 
-META_VERSION = 1
+META_VERSION = 2
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 BAD_HINT = "(--skip-bad-files leaves such samples out and counts them)"
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -190,7 +191,8 @@ def index_shard(path: Path) -> dict:
             if any(c.isspace() for c in image[3]):
                 bad.append([key, "its member name holds whitespace (DALI's index cannot list it)"])
                 continue
-            why = check_fd(fd, image[2], "." + image[0], base=image[1])
+            info: dict = {}
+            why = check_fd(fd, image[2], "." + image[0], base=image[1], info=info)
             if why is not None:
                 bad.append([key, f"{image[3]}: {why}"])
                 continue
@@ -203,7 +205,7 @@ def index_shard(path: Path) -> dict:
                     continue
                 label = int(text)
             samples.append((key, image[0], image[1], image[2], label, cls_off, cls_size, image[3],
-                            comps["cls"][3] if "cls" in comps else ""))
+                            comps["cls"][3] if "cls" in comps else "", info.get("gray", False)))
         return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, samples=samples, bad=bad, problem=problem)
     finally:
         os.close(fd)
@@ -212,7 +214,7 @@ def index_shard(path: Path) -> dict:
 def _index_text(samples: list, with_cls: bool) -> bytes:
     """DALI's webdataset index v1.2: "v1.2 N", then per sample "ext offset size name" for each component."""
     lines = [f"v1.2 {len(samples)}"]
-    for _key, ext, off, size, label, cls_off, cls_size, name, cls_name in samples:
+    for _key, ext, off, size, label, cls_off, cls_size, name, cls_name, _gray in samples:
         line = f"{ext} {off} {size} {name}"
         if with_cls and label >= 0:
             line += f" cls {cls_off} {cls_size} {cls_name}"
@@ -238,26 +240,25 @@ def build_shard_meta(shard: Path, folder: Path) -> None:
     _write_atomic(folder / f"{shard.name}.idx", idx_bytes)
     header = dict(version=META_VERSION, shard=str(shard), size=info["size"], mtime_ns=info["mtime_ns"],
                   n=len(samples), bad=info["bad"], problem=info["problem"], idx_size=len(idx_bytes))
-    buf = io.BytesIO()
-    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), np.uint8),
-             labels=np.array([s[4] for s in samples], np.int64),
-             img_off=np.array([s[2] for s in samples], np.int64), img_size=np.array([s[3] for s in samples], np.int64))
-    _write_atomic(folder / f"{shard.name}.meta.npz", buf.getvalue())
+    save_npz_checked(folder / f"{shard.name}.meta.npz", dict(
+        header=np.frombuffer(json.dumps(header).encode(), np.uint8), labels=np.array([s[4] for s in samples], np.int64),
+        img_off=np.array([s[2] for s in samples], np.int64), img_size=np.array([s[3] for s in samples], np.int64),
+        gray=np.array([s[9] for s in samples], np.uint8)))
 
 
 def _load_meta(shard: Path, folder: Path) -> dict | None:
     """The shard's cached index, or None when missing, damaged or stale (size, mtime, index file)."""
     try:
-        with np.load(folder / f"{shard.name}.meta.npz", allow_pickle=False) as z:
-            header = json.loads(z["header"].tobytes())
-            meta = dict(header, labels=z["labels"], img_off=z["img_off"], img_size=z["img_size"])
+        z = load_npz_checked(folder / f"{shard.name}.meta.npz")
+        header = json.loads(z["header"].tobytes())
+        meta = dict(header, labels=z["labels"], img_off=z["img_off"], img_size=z["img_size"], gray=z["gray"])
         st = shard.stat()
         if (header["version"] != META_VERSION or header["shard"] != str(shard) or header["size"] != st.st_size
                 or header["mtime_ns"] != st.st_mtime_ns or len(meta["labels"]) != header["n"]
                 or (folder / f"{shard.name}.idx").stat().st_size != header["idx_size"]):
             return None
         return meta
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -451,7 +452,8 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
     pending = BackgroundDecode(job, background) if eval_images else None
     name = train[0].parent.name or "shards"
     return ImageDataset(name, None, None, None, None, num_classes, f"{len(train)} tar shards ({spec})",
-                        pretrain_files=source, skipped_files=bad_train + bad_test, eval_decode=pending,
+                        pretrain_files=source, skipped_files=bad_train + bad_test,
+                        gray=all(bool(m["gray"].all()) for m in train_m), eval_decode=pending,
                         image_size=image_size, counts=(n_train, n_test),
                         startup_seconds=dict(listing=0.0, checks=0.0, index=seconds), has_labels=has_knn)
 
