@@ -1,19 +1,22 @@
-"""pytest-benchmark of the two-view DALI pipeline: one batch through both views, from arrays and from JPEG, at 96 and
-224 px. CPU mode here (batch 32, DALI on the CPU); on CUDA batch 256 with the GPU decoder and GPU augmentation."""
+"""pytest-benchmark of the augmentation: one two-view batch of the whole pipeline (DALI crops + the photometric
+chain), from arrays and from JPEG, at 96 and 224 px; and the photometric chain alone per variant. CPU mode here (batch
+32, DALI on the CPU, the torch reference on 2 worker threads); on CUDA batch 256, the GPU decoder, every variant."""
 
 import numpy as np
 import pytest
 import torch
 
-from fastbyol.augment import TwoViewLoader
+from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, TwoViewLoader, sample_params
+from fastbyol.photometric import photometric_variant
 
 from .conftest import DEVICE
 
 BATCH = 256 if DEVICE.type == "cuda" else 32
+VARIANTS = ["reference", "compiled", "triton"] if DEVICE.type == "cuda" else ["reference"]
 
 
 def _loader(size, source):
-    side = int(round(size * 8 / 7))
+    side = round(size * 8 / 7)
     if source == "arrays":
         rng = np.random.default_rng(0)
         data = rng.integers(0, 256, (BATCH * 4, side, side, 3), dtype=np.uint8)
@@ -44,5 +47,21 @@ def test_two_view_batch(benchmark, size, source):
         return v1
 
     next_batch()
-    benchmark.extra_info.update(size=size, source=source, batch=BATCH)
+    benchmark.extra_info.update(size=size, source=source, batch=BATCH, operators=loader.operators)
     benchmark.pedantic(next_batch, rounds=8, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("size", [96, 224])
+def test_photometric_chain(timed, size, variant):
+    """One view (VIEW1: blur on every image) of BATCH random crops."""
+    g = torch.Generator().manual_seed(0)
+    crops = torch.randint(0, 256, (BATCH, size, size, 3), dtype=torch.uint8, generator=g).to(DEVICE)
+    params = sample_params(VIEW1, BATCH, g, DEVICE)
+    chain = photometric_variant(variant)
+    kwargs = dict(blur_window=VIEW1.blur_window(size), solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  out_dtype=torch.float16 if DEVICE.type == "cuda" else torch.float32)
+    if DEVICE.type == "cpu":
+        kwargs["threads"] = 2
+    chain(crops, params, **kwargs)  # warm-up (compilation)
+    timed(lambda: chain(crops, params, **kwargs), size=size, variant=variant, batch=BATCH)

@@ -1,32 +1,43 @@
-"""BYOL's two augmented views, made by one NVIDIA DALI pipeline on the GPU or, with device_id=None, on the CPU.
+"""BYOL's two augmented views: NVIDIA DALI for the geometric half and the random draws, one fused computation over
+the batch for the photometric half.
 
 `ViewSpec` holds the parameters of one view (official `byol/utils/augmentations.py`; shared DESIGN.md's table),
-`VIEW1` and `VIEW2` are the official pair, and `TwoViewLoader` runs the pipeline over a uint8 NHWC array and yields
-both views as torch tensors (B, 3, S, S), channels_last, normalized, fp16. Every image draws its own random
-parameters (crop, flip, jitter factors, coins): DALI's random ops draw per sample, never one crop per batch.
+`VIEW1` and `VIEW2` are the official pair, and `TwoViewLoader` yields both views as torch tensors (B, 3, S, S),
+channels_last, normalized (float32 on the CPU, float16 on CUDA). Every image draws its own random parameters (crop,
+flip, jitter factors and order, coins): DALI's random ops draw per sample, never one crop per batch.
 
-Order, as the official code: random resized crop (bicubic) -> flip -> colour jitter with p 0.8 (brightness,
-contrast, saturation, hue in a random order drawn per image, clipped to [0, 1] after each) -> grayscale -> blur ->
-solarize -> clip -> normalize. The crop runs on uint8 pixels; everything after it on [0, 1] floats, with
-contrast around each channel's mean and saturation and hue in true HSV (tests/test_fidelity.py checks each op
-against a numpy reference of the official op, and each probability and parameter range).
+Where each step runs:
+- DALI (GPU, or CPU with device_id=None): read / decode (the GPU decodes only each view's crop), random resized crop
+  (bicubic), flip, and every random parameter of the chain (`draw_params`), packed per sample as one (N_PARAMS,)
+  float32 output (`pack_params`; columns in fastbyol.photometric.PARAM_NAMES). DALI's checkpoint holds the state of
+  all of them, so `state()` (DALI's checkpoint string) is all a resume needs. The graph has ~40 operators (the
+  colour chain built from DALI arithmetic had ~1,600, each scheduled per batch).
+- the photometric chain (fastbyol.photometric: colour jitter with p 0.8, the four ops in the image's own random
+  order with a clip after each -> grayscale -> blur -> solarize -> clip -> normalize -> channels_last): the torch
+  reference on the CPU (on `num_threads` worker threads); on CUDA the variant CUDA_PHOTOMETRIC names (below).
+Order, as the official code: crop -> flip -> jitter -> grayscale -> blur -> solarize -> clip -> normalize. The crop
+runs on uint8 pixels; everything after it on [0, 1] floats, with contrast around each channel's mean and saturation
+and hue in true HSV (tests/test_fidelity.py checks each op against a numpy port of the official op, the whole chain
+on the loader's own draws, and each probability and parameter range).
 
 Deviations left, and why:
-- the blur pads borders by reflection (DALI's gaussian_blur), the official depthwise convolution with zeros;
 - the crop window is drawn by DALI's random_resized_crop (area and log-aspect drawn until the window fits, then a
   fallback), the official by TF's sample_distorted_bounding_box (the same scheme, 10 attempts); its bicubic filter
   may use another cubic coefficient; and the cropped pixels are rounded to uint8 (<= 0.5/255) before the float ops.
+(The blur now pads with zeros, as the official depthwise convolution: DALI's gaussian_blur reflected the borders.)
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import FastByolError
+from .photometric import ORDERS, PARAM_NAMES, photometric_variant
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,97 +85,11 @@ VIEW1 = ViewSpec(blur_p=1.0, solarize_p=0.0)
 VIEW2 = ViewSpec(blur_p=0.1, solarize_p=0.2)
 
 
-# ------------------------------------------------------------------------------ the official ops, on [0, 1] floats
-# Each takes and returns a DALI float HWC node in [0, 1] (clipped, as the official code clips after every op).
-# They are plain DALI arithmetic, so they run unchanged on the CPU and the GPU, and tests run each one alone with
-# fixed parameters against a numpy reference (tests/test_fidelity.py).
-GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # the official rgb_to_grayscale weights
-
-
-def _clip01(x):
-    import nvidia.dali.math as dmath
-
-    return dmath.clamp(x, 0.0, 1.0)
-
-
-def op_brightness(x, delta):
-    """x + delta (additive, as the official _random_brightness)."""
-    return _clip01(x + delta)
-
-
-def op_contrast(x, factor):
-    """(x - mean) * factor + mean, mean of each channel over the image (tf.image.adjust_contrast)."""
-    from nvidia.dali import fn
-
-    mean = fn.reductions.mean(x, axes=[0, 1], keep_dims=True)  # (1, 1, 3), broadcast over (H, W, 3)
-    return _clip01((x - mean) * factor + mean)
-
-
-def _hsv(x):
-    """(h in [0, 6), s, v) planes of an RGB float image, as colorsys / tf.image.rgb_to_hsv."""
-    import nvidia.dali.math as dmath
-    from nvidia.dali import fn, types
-
-    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
-    v = dmath.max(r, dmath.max(g, b))
-    c = v - dmath.min(r, dmath.min(g, b))
-    s = c / dmath.max(v, 1e-12)
-    safe_c = dmath.max(c, 1e-12)
-    is_r = fn.cast((r >= g) & (r >= b), dtype=types.FLOAT)
-    is_g = fn.cast((g > r) & (g >= b), dtype=types.FLOAT)
-    is_b = 1.0 - is_r - is_g
-    h = is_r * ((g - b) / safe_c) + is_g * ((b - r) / safe_c + 2.0) + is_b * ((r - g) / safe_c + 4.0)
-    return h - 6.0 * dmath.floor(h / 6.0), s, v
-
-
-def _rgb(h, s, v):
-    """Inverse of _hsv: channel n = v - v s max(0, min(k, 4 - k, 1)), k = (n + h) mod 6 for n = 5, 3, 1."""
-    import nvidia.dali.math as dmath
-    from nvidia.dali import fn
-
-    planes = []
-    for n in (5.0, 3.0, 1.0):
-        k = n + h
-        k = k - 6.0 * dmath.floor(k / 6.0)
-        planes.append(v - v * s * dmath.max(0.0, dmath.min(dmath.min(k, 4.0 - k), 1.0)))
-    return fn.reshape(fn.stack(*planes, axis=2), layout="HWC")
-
-
-def op_saturation(x, factor):
-    """HSV saturation * factor, clipped to [0, 1] (tf.image.adjust_saturation)."""
-    import nvidia.dali.math as dmath
-
-    h, s, v = _hsv(x)
-    return _clip01(_rgb(h, dmath.clamp(s * factor, 0.0, 1.0), v))
-
-
-def op_hue(x, delta):
-    """HSV hue + delta turns, modulo one turn (tf.image.adjust_hue)."""
-    h, s, v = _hsv(x)
-    return _clip01(_rgb(h + 6.0 * delta, s, v))
-
-
-def op_grayscale(x):
-    """0.2989 R + 0.5870 G + 0.1140 B, in all three channels."""
-    from nvidia.dali import fn
-
-    wr, wg, wb = GRAY_WEIGHTS
-    gray = wr * x[:, :, 0] + wg * x[:, :, 1] + wb * x[:, :, 2]
-    return fn.reshape(fn.stack(gray, gray, gray, axis=2), layout="HWC")
-
-
-def op_blur(x, sigma, window: int):
-    """Separable Gaussian blur, `window` taps, per-sample sigma (DALI's border: reflect 101)."""
-    from nvidia.dali import fn
-
-    return fn.gaussian_blur(x, window_size=window, sigma=sigma)
-
-
-def op_solarize(x, threshold: float):
-    """x < threshold ? x : 1 - x."""
-    from nvidia.dali import fn, types
-
-    return x + fn.cast(x >= threshold, dtype=types.FLOAT) * (1.0 - 2.0 * x)
+# One switch: the photometric chain the loader runs on CUDA tensors. "triton" (fastbyol.kernels.photometric: 4 launches
+# per view, the per-image order handled inside the kernel) until the GPU plan has timed it against "compiled"
+# (torch.compile of photometric_by_slot) and "reference" (photometric, eager): `fastbyol.augment_bench
+# .bench_photometric` times all three. On the CPU the loader always runs the reference (`photometric`).
+CUDA_PHOTOMETRIC = "triton"
 
 
 def op_random_resized_crop(images, spec: ViewSpec, size: int):
@@ -176,10 +101,14 @@ def op_random_resized_crop(images, spec: ViewSpec, size: int):
 
 
 def draw_params(spec: ViewSpec) -> dict:
-    """Every random number of one view, drawn per sample; returned so tests can check their distributions."""
+    """Every random number of one view, drawn per sample by DALI's random ops (so DALI's checkpoint holds their
+    state); returned so tests can check their distributions. Coins are float 0/1 (flip: int32, as fn.flip wants);
+    `order` is the jitter order, an index into fastbyol.photometric.ORDERS drawn uniformly from the 24."""
     from nvidia.dali import fn, types
 
-    coin = lambda p: fn.random.coin_flip(probability=p, dtype=types.BOOL)  # noqa: E731
+    def coin(p):  # coin_flip draws no floats: 0/1 as uint8, then float for the packed parameters
+        return fn.cast(fn.random.coin_flip(probability=p, dtype=types.UINT8), dtype=types.FLOAT)
+
     return dict(
         flip=fn.random.coin_flip(probability=spec.flip_p, dtype=types.INT32),
         jitter=coin(spec.jitter_p),
@@ -187,8 +116,7 @@ def draw_params(spec: ViewSpec) -> dict:
         contrast=fn.random.uniform(range=[1.0 - spec.contrast, 1.0 + spec.contrast]),
         saturation=fn.random.uniform(range=[1.0 - spec.saturation, 1.0 + spec.saturation]),
         hue=fn.random.uniform(range=[-spec.hue, spec.hue]),
-        # the jitter order: each op's rank among four uniform keys (a uniformly random permutation)
-        order_keys=fn.random.uniform(range=[0.0, 1.0], shape=[4]),
+        order=fn.random.uniform(values=[float(k) for k in range(len(ORDERS))]),
         gray=coin(spec.gray_p),
         blur=coin(spec.blur_p),
         sigma=fn.random.uniform(range=list(spec.blur_sigma)),
@@ -196,50 +124,45 @@ def draw_params(spec: ViewSpec) -> dict:
     )
 
 
-def _augment(images, spec: ViewSpec, size: int, mean: tuple, std: tuple, dtype, cropped: bool = False,
-             params: dict | None = None, gray_input: bool = False):
-    """DALI graph of one view; `images` are uint8 HWC on the pipeline's device. Runs with conditionals enabled.
+def pack_params(q: dict):
+    """The photometric parameters of draw_params as one (N_PARAMS,) float32 per sample, columns in PARAM_NAMES."""
+    from nvidia.dali import fn
 
-    cropped: the random crop was already taken while decoding (GPU path): only resize to size x size.
-    gray_input: every source image has R = G = B. Saturation and hue are then exact identities (s = 0), so only
-    the relative order of brightness and contrast is drawn: the same distribution as the four-op random order,
-    at a tenth of the CPU cost (measured on 2 cores at 28 px, batch 128: 6,150 against 650 two-view samples/s)."""
+    return fn.stack(*(q[name] for name in PARAM_NAMES))
+
+
+def sample_params(spec: ViewSpec, n: int, generator: torch.Generator | None = None,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+    """(n, N_PARAMS) float32 parameters with draw_params' distribution, drawn by torch: for tests and benchmarks of
+    the photometric chain alone (the loader draws them with DALI)."""
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    def coin(p):
+        return (torch.rand(n, generator=generator) < p).float()
+
+    cols = dict(jitter=coin(spec.jitter_p), brightness=u(-spec.brightness, spec.brightness),
+                contrast=u(1 - spec.contrast, 1 + spec.contrast),
+                saturation=u(1 - spec.saturation, 1 + spec.saturation), hue=u(-spec.hue, spec.hue),
+                order=torch.randint(0, len(ORDERS), (n,), generator=generator).float(),
+                gray=coin(spec.gray_p), blur=coin(spec.blur_p), sigma=u(*spec.blur_sigma),
+                solarize=coin(spec.solarize_p))
+    return torch.stack([cols[name] for name in PARAM_NAMES], dim=1).to(device)
+
+
+def _crop_and_params(images, spec: ViewSpec, size: int, cropped: bool = False):
+    """DALI graph of one view's geometric half: (flipped uint8 HWC crop size x size, (N_PARAMS,) float32 params).
+
+    cropped: the random crop was already taken while decoding (GPU JPEG path): only resize to size x size."""
     from nvidia.dali import fn, types
 
-    q = draw_params(spec) if params is None else params
+    q = draw_params(spec)
     if cropped:
         x = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC)
     else:
         x = op_random_resized_crop(images, spec, size)
-    x = fn.flip(x, horizontal=q["flip"])
-    x = fn.cast(x, dtype=types.FLOAT) * (1.0 / 255.0)
-    if q["jitter"]:
-        keys = q["order_keys"]
-        k = [keys[i] for i in range(4)]
-        if gray_input:
-            if k[0] < k[1]:  # brightness before contrast in the drawn order
-                x = op_contrast(op_brightness(x, q["brightness"]), q["contrast"])
-            else:
-                x = op_brightness(op_contrast(x, q["contrast"]), q["brightness"])
-        else:
-            rank = [sum(fn.cast(k[i] > k[j], dtype=types.INT32) for j in range(4) if j != i) for i in range(4)]
-            for slot in range(4):  # apply the op whose rank is this slot: the official random order
-                if rank[0] == slot:
-                    x = op_brightness(x, q["brightness"])
-                if rank[1] == slot:
-                    x = op_contrast(x, q["contrast"])
-                if rank[2] == slot:
-                    x = op_saturation(x, q["saturation"])
-                if rank[3] == slot:
-                    x = op_hue(x, q["hue"])
-    if q["gray"]:
-        x = op_grayscale(x)
-    if q["blur"]:
-        x = op_blur(x, q["sigma"], spec.blur_window(size))
-    if q["solarize"]:
-        x = op_solarize(x, spec.solarize_threshold)
-    x = _clip01(x)
-    return fn.crop_mirror_normalize(x, dtype=dtype, output_layout="HWC", mean=list(mean), std=list(std))
+    return fn.flip(x, horizontal=q["flip"]), pack_params(q)
 
 
 class _EpochSource:
@@ -286,13 +209,17 @@ def dali_available() -> bool:
 
 
 class TwoViewLoader:
-    """Iterate epochs of (view1, view2): each (B, 3, S, S) channels_last, normalized, fp16, on `device`; with
-    labels (an array for array sources, or a FileList's labels) each batch is (view1, view2, labels (B,) int64).
+    """Iterate epochs of (view1, view2): each (B, 3, S, S) channels_last, normalized, on `device`; with labels (an
+    array for array sources, or an encoded source's labels) each batch is (view1, view2, labels (B,) int64).
 
-    source: a uint8 (N, H, W, 3) array (fed by external_source), or a FileList of JPEG/PNG files (read by
-    readers.file, reshuffled every epoch). device "cpu" runs DALI with device_id=None; "cuda" decodes on the GPU
-    (the "mixed" decoder, taking each view's random crop during the decode: only the crop's pixels are decoded)
-    and runs every augmentation op there.
+    Views are float32 on the CPU (the CPU trainer's dtype: no conversion, and the CPU has no fast fp16 arithmetic)
+    and float16 on CUDA. Each is a fresh torch tensor (the chain's output), never a view of DALI's memory.
+
+    source: a uint8 (N, H, W, 3) array (fed by external_source), or an encoded-file source (anything with
+    `dali_reader(shard_id, num_shards, name)`, `len()`, `labels`, `where`: fastbyol.data's FileList or tar shards;
+    a bare object with a `files` list and `labels` is read by readers.file). device "cpu" runs DALI with
+    device_id=None and the chain with torch on the CPU; "cuda" decodes on the GPU (the "mixed" decoder, taking each
+    view's random crop during the decode) and runs the chain as CUDA_PHOTOMETRIC says.
     """
 
     def __init__(
@@ -317,17 +244,21 @@ class TwoViewLoader:
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
         view1.validate("view1")
         view2.validate("view2")
-        self.files = getattr(images, "files", None)
-        file_labels = getattr(images, "labels", None)
-        self.with_labels = labels is not None or file_labels is not None
-        self.file_labels = file_labels if labels is None else labels
-        if self.files is not None:
+        self.encoded = hasattr(images, "dali_reader") or hasattr(images, "files")
+        self.encoded_source = images if self.encoded else None
+        if self.encoded and labels is not None:
+            raise FastByolError("labels= is for image arrays: an encoded source brings its own (source.labels)")
+        self.file_labels = getattr(images, "labels", None) if self.encoded else labels
+        self.with_labels = self.file_labels is not None
+        if self.encoded:
             self.source = None
-            per_shard = len(self.files) // num_shards
+            per_shard = len(images.files if not hasattr(images, "dali_reader") else images) // num_shards
             self._steps = per_shard // batch_size
         else:
-            if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-                raise FastByolError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+            if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[3] != 3 \
+                    or images.dtype != np.uint8:
+                got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+                raise FastByolError(f"images must be uint8 (N, H, W, 3), got {got}")
             self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards,
                                        None if labels is None else np.asarray(labels, dtype=np.int64))
             per_shard, self._steps = self.source.per_shard, self.source.steps_per_epoch
@@ -337,36 +268,64 @@ class TwoViewLoader:
         self.shard_id, self.num_shards = shard_id, num_shards
         self.batch_size = batch_size
         self.device = device
+        self.on_gpu = device.startswith("cuda")
         self.gray_input = gray_input
         self._checkpoint = checkpoint
-        self._pipe = self._build(images, image_size, seed + shard_id, device, num_threads, view1, view2, mean, std)
+        self._in_flight: collections.deque = collections.deque()  # CUDA: (DALI outputs, event after their chain)
+        self.photometric_variant = CUDA_PHOTOMETRIC if self.on_gpu else "reference"
+        self._chains = tuple(self._chain(spec, image_size, mean, std, num_threads) for spec in (view1, view2))
+        self._pipe = self._build(image_size, seed + shard_id, num_threads, view1, view2)
 
     @property
     def steps_per_epoch(self) -> int:
         return self._steps
 
-    def _build(self, images, size, seed, device, num_threads, view1, view2, mean, std):
+    @property
+    def operators(self) -> int:
+        """Operators in the DALI graph (its size: the per-batch scheduling cost grows with it)."""
+        return len(self._pipe._ops)
+
+    def _chain(self, spec: ViewSpec, size: int, mean, std, num_threads: int):
+        """The photometric chain of one view: (crops (B, S, S, 3) uint8, params (B, N_PARAMS)) -> (B, 3, S, S).
+        On the CPU its chunks run on num_threads worker threads (the cores DALI was given: DALI's own work, the
+        crops, is the smaller part and overlaps it)."""
+        kwargs = dict(blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold,
+                      mean=tuple(mean), std=tuple(std), gray_input=self.gray_input,
+                      out_dtype=torch.float16 if self.on_gpu else torch.float32)
+        if not self.on_gpu:
+            kwargs["threads"] = num_threads
+        return functools.partial(photometric_variant(self.photometric_variant), **kwargs)
+
+    def _build(self, size, seed, num_threads, view1, view2):
         from nvidia.dali import fn, pipeline_def, types
 
-        on_gpu = device.startswith("cuda")
-        device_id = torch.cuda.current_device() if on_gpu else None
+        device_id = torch.cuda.current_device() if self.on_gpu else None
+        on_gpu = self.on_gpu
+        source = self.encoded_source
 
-        files = self.files
+        def read():
+            """(encoded bytes, int64 label or None) of this shard, reshuffled every epoch."""
+            if hasattr(source, "dali_reader"):
+                return source.dali_reader(self.shard_id, self.num_shards, name="reader")
+            labels = None if self.file_labels is None else [int(v) for v in self.file_labels]
+            encoded, label = fn.readers.file(files=source.files, labels=labels, shard_id=self.shard_id,
+                                             num_shards=self.num_shards, shuffle_after_epoch=True, name="reader")
+            return encoded, (None if labels is None else fn.cast(label, dtype=types.INT64))
 
-        @pipeline_def(enable_conditionals=True)
+        @pipeline_def(enable_conditionals=False)
         def byol_two_views():
-            if files is not None:
-                file_labels = None if self.file_labels is None else [int(v) for v in self.file_labels]
-                encoded, label = fn.readers.file(files=files, labels=file_labels, shard_id=self.shard_id,
-                                                 num_shards=self.num_shards, shuffle_after_epoch=True, name="reader")
+            label = None
+            if source is not None:
+                encoded, label = read()
                 if on_gpu:  # each view decodes only its own random crop
-                    views = []
+                    outs = []
                     for spec in (view1, view2):
                         x = fn.decoders.image_random_crop(encoded, device="mixed", output_type=types.RGB,
                                                           random_area=list(spec.crop_area),
                                                           random_aspect_ratio=list(spec.crop_aspect))
-                        views.append(_augment(x, spec, size, mean, std, types.FLOAT16, cropped=True))
-                    return (*views, label) if self.with_labels else tuple(views)
+                        crop, params = _crop_and_params(x, spec, size, cropped=True)
+                        outs += [crop, params.gpu()]
+                    return (*outs, label) if label is not None else tuple(outs)
                 x = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
             else:
                 if self.with_labels:
@@ -376,12 +335,15 @@ class TwoViewLoader:
                     raw = fn.external_source(source=self.source, batch=True, batch_info=True, layout="HWC",
                                              dtype=types.UINT8, no_copy=False)
                 x = raw.gpu() if on_gpu else raw
-            views = (_augment(x, view1, size, mean, std, types.FLOAT16, gray_input=self.gray_input),
-                     _augment(x, view2, size, mean, std, types.FLOAT16, gray_input=self.gray_input))
-            return (*views, label) if self.with_labels else views
+            outs = []
+            for spec in (view1, view2):
+                crop, params = _crop_and_params(x, spec, size)
+                outs += [crop, params.gpu() if on_gpu else params]
+            return (*outs, label) if label is not None else tuple(outs)
 
-        # exec_dynamic: outputs are reference-counted, so torch can hold DLPack views of them (no copy)
-        # checkpointing: DALI serialises its RNG states and reader/source positions (see state())
+        # exec_dynamic: outputs are reference-counted, so torch can read them in place (DLPack, no copy) for as long
+        # as it holds them. Checkpointing: DALI serialises its RNG states (the crops' and every photometric
+        # parameter's) and its reader/source positions (see state()).
         pipe = byol_two_views(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                               prefetch_queue_depth=2, exec_dynamic=True, enable_checkpointing=True,
                               checkpoint=self._checkpoint)
@@ -393,40 +355,56 @@ class TwoViewLoader:
         built with checkpoint=state() yields exactly the batches this one would have yielded next."""
         return self._pipe.checkpoint()
 
+    def _run(self):
+        """One batch of DALI outputs. CUDA: bound to torch's current stream (DALI makes them ready there, instead
+        of blocking the host until they are)."""
+        try:
+            return self._pipe.run(torch.cuda.current_stream()) if self.on_gpu else self._pipe.run()
+        except RuntimeError as e:  # a file that passed the header checks but does not decode
+            if not self.encoded:
+                raise
+            where = getattr(self.encoded_source, "where", None) or "the encoded source"
+            raise FastByolError(f"DALI failed on a batch of {where}: {str(e).splitlines()[0]}") from None
+
     def _views(self, outputs):
-        """DALI outputs -> two torch tensors without a copy: DLPack views of (B, S, S, 3), seen as (B, 3, S, S)."""
-        self.last_outputs = outputs  # kept for tests that check the data pointers
-        v1, v2 = (torch.from_dlpack(o.as_tensor()) for o in outputs[:2])
-        # (B, S, S, 3) NHWC -> (B, 3, S, S): the permuted view is already channels_last
-        views = (v1.permute(0, 3, 1, 2), v2.permute(0, 3, 1, 2))
+        """DALI outputs -> (view1, view2[, labels]): the chain reads DALI's buffers in place (DLPack) and writes
+        fresh torch tensors."""
+        self.last_outputs = outputs  # kept for tests that check the chain read DALI's memory
+        t = [torch.from_dlpack(o.as_tensor()) for o in outputs]  # (B, S, S, 3) uint8, (B, N_PARAMS) float32, ...
+        views = (self._chains[0](t[0], t[1]), self._chains[1](t[2], t[3]))
+        if self.on_gpu:
+            # The chain's kernels are queued on torch's stream and read DALI's buffers: hold those buffers until an
+            # event after the chain has passed (polled, no host sync), at most 4 batches (then wait for the oldest).
+            event = torch.cuda.Event()
+            event.record()
+            self._in_flight.append((outputs, event))
+            while self._in_flight and (len(self._in_flight) > 4 or self._in_flight[0][1].query()):
+                self._in_flight[0][1].synchronize()  # sync: only when 4 batches' chains are still queued
+                self._in_flight.popleft()
         if not self.with_labels:
             return views
-        labels = torch.from_dlpack(outputs[2].as_tensor()).reshape(-1).to(torch.int64)  # (B,)
-        return (*views, labels)
+        labels = t[4].reshape(-1).to(torch.int64)  # (B,)
+        return (*views, labels.clone())
 
     def epoch(self, first_step: int = 0):
         """Yield this epoch's batches of (view1, view2), from batch `first_step` on (after a resume).
 
         Arrays: one shuffled pass, the last partial batch dropped; a restored position continues the epoch it was
-        saved in. Files: steps_per_epoch batches of the reader's stream, which reshuffles after each of its own
-        passes, so every image is read once per N images."""
-        try:
-            if self.files is not None:
-                for _ in range(first_step, self._steps):
-                    yield self._views(self._pipe.run())
-            else:
-                yielded, retried = 0, False
-                while True:
-                    try:
-                        outputs = self._pipe.run()
-                    except StopIteration:  # the external source ended the epoch
-                        self._pipe.reset()
-                        if yielded == 0 and not retried:  # restored exactly at an epoch's end: start the next
-                            retried = True
-                            continue
-                        break
-                    yielded += 1
-                    yield self._views(outputs)
-        except RuntimeError as e:  # a file that passed the header checks but does not decode
-            where = f" of {len(self.files)} files under {Path(self.files[0]).parent.parent}" if self.files else ""
-            raise FastByolError(f"DALI failed on a batch{where}: {str(e).splitlines()[0]}") from None
+        saved in. Encoded files: steps_per_epoch batches of the reader's stream, which reshuffles after each of its
+        own passes, so every image is read once per N images."""
+        if self.encoded:
+            for _ in range(first_step, self._steps):
+                yield self._views(self._run())
+            return
+        yielded, retried = 0, False
+        while True:
+            try:
+                outputs = self._run()
+            except StopIteration:  # the external source ended the epoch
+                self._pipe.reset()
+                if yielded == 0 and not retried:  # restored exactly at an epoch's end: start the next
+                    retried = True
+                    continue
+                break
+            yielded += 1
+            yield self._views(outputs)

@@ -1,65 +1,132 @@
-"""`fastbyol bench augment`: two-view samples/s of the DALI augmentation pipeline alone.
+"""`fastbyol bench augment`: two-view samples/s of the whole augmentation pipeline (DALI crops + the photometric
+chain), and `bench_photometric`: the photometric chain alone, per variant (reference, compiled, triton).
 
     fastbyol bench augment --size 224 --batch 256 --device gpu --source jpeg --json
+    python -c "from fastbyol.augment_bench import bench_photometric as b; print(b(224, 256, 'cuda', 'triton'))"
 
-Sources: `arrays` (random colour uint8 images in memory, fed by external_source) or `jpeg` (synthetic JPEGs written
-to a temporary folder, decoded by DALI: on the GPU with the mixed decoder). Source images are 8/7 of the view side
-(256 px for 224), the usual ImageNet ratio. Warm-up batches are not timed; on CUDA the clock stops after a
-synchronize.
+Sources: `arrays` (random colour uint8 images in memory, fed by external_source), `gray` (the same with R = G = B:
+the gray fast path of the Fashion-MNIST preset) or `jpeg` (synthetic JPEGs written to a temporary folder, decoded by
+DALI: on the GPU with the mixed decoder). Source images are 8/7 of the view side (256 px for 224), the usual
+ImageNet ratio.
+
+How the clock runs (the honest steady state): DALI prefetches (2 batches ahead), so a clock started after the
+warm-up would count batches produced before it started. Every batch's arrival time is recorded (on CUDA after a
+synchronize), and samples_per_s is the batch size over the median time between consecutive arrivals: a batch that
+was already waiting shows up as one near-zero interval and does not move the median, and the median is the period
+of the slower of producer and consumer. samples_per_s_mean (timed batches over their total time, the old figure)
+is reported beside it.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import numpy as np
 import torch
 
-from .augment import TwoViewLoader
+from .augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params
 from .errors import FastByolError
+from .photometric import VARIANTS, photometric_variant
 
 
 def synthetic_source(size: int, n_images: int, source: str = "jpeg", seed: int = 0):
-    """Benchmark images 8/7 of the view side: a uint8 (N, S, S, 3) array, or a FileList of JPEGs written to a
-    temporary folder."""
+    """Benchmark images 8/7 of the view side: a uint8 (N, S, S, 3) array (colour, or gray for source="gray"), or a
+    FileList of JPEGs written to a temporary folder."""
     side = max(size, int(round(size * 8 / 7)))
     rng = np.random.default_rng(seed)
-    if source == "arrays":
-        coarse = rng.integers(0, 256, (n_images, 8, 8, 3)).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(np.repeat(coarse, side // 8 + 1, 1), side // 8 + 1, 2)[:, :side, :side])
+    if source in ("arrays", "gray"):
+        coarse = rng.integers(0, 256, (n_images, 8, 8, 1 if source == "gray" else 3)).astype(np.uint8)
+        img = np.repeat(np.repeat(coarse, side // 8 + 1, 1), side // 8 + 1, 2)[:, :side, :side]
+        return np.ascontiguousarray(np.broadcast_to(img, (n_images, side, side, 3)))
     from .data.folders import FileList, synthetic_folder
 
     root = synthetic_folder(n_train=n_images, n_test=0, size=side)
     return FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)
 
 
+def _steady_rate(arrivals: list[float], batch: int) -> tuple[float, float]:
+    """(batch / median interval, batches / total time) over consecutive arrival times."""
+    gaps = np.diff(arrivals)
+    return batch / float(np.median(gaps)), batch * len(gaps) / float(arrivals[-1] - arrivals[0])
+
+
 def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arrays", steps: int = 20,
-                  warmup: int = 3, num_threads: int | None = None, seed: int = 0) -> dict:
+                  warmup: int = 3, num_threads: int | None = None, seed: int = 0, data=None) -> dict:
+    """Two-view samples/s of TwoViewLoader (see the module docstring for the clock). `data` replaces the synthetic
+    images (a uint8 (N, H, W, 3) array or an encoded source), so a benchmark can feed the same images to a peer."""
     if device not in ("cpu", "gpu"):
         raise FastByolError(f"--device must be cpu or gpu, got {device!r}")
-    if source not in ("arrays", "jpeg"):
-        raise FastByolError(f"--source must be arrays or jpeg, got {source!r}")
-    if size < 8 or batch < 1 or steps < 1:
-        raise FastByolError("--size must be >= 8, --batch and --steps >= 1")
+    if source not in ("arrays", "gray", "jpeg"):
+        raise FastByolError(f"--source must be arrays, gray or jpeg, got {source!r}")
+    if size < 8 or batch < 1 or steps < 2:
+        raise FastByolError("--size must be >= 8, --batch >= 1 and --steps >= 2")
     if device == "gpu" and not torch.cuda.is_available():
         raise FastByolError("--device gpu, but torch sees no CUDA GPU")
     threads = num_threads or min(8, os.cpu_count() or 1)
-    data = synthetic_source(size, batch * 4, source, seed)
+    if data is None:
+        data = synthetic_source(size, batch * 4, source, seed)
     loader = TwoViewLoader(data, batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu",
-                           num_threads=threads)
-    done, t0 = 0, None
+                           num_threads=threads, gray_input=source == "gray")
+    arrivals: list[float] = []
+    done = 0
     while done < warmup + steps:
-        for v1, v2 in loader.epoch():
+        for _ in loader.epoch():
             done += 1
-            if done == warmup:
-                if device == "gpu":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
+            if device == "gpu":
+                torch.cuda.synchronize()  # sync: the batch's chain has run, for its arrival time
+            if done >= warmup:  # the last warm-up batch's arrival starts the first timed interval
+                arrivals.append(time.perf_counter())
             if done == warmup + steps:
                 break
-    if device == "gpu":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    return {"samples_per_s": steps * batch / seconds, "size": size, "batch": batch, "device": device,
-            "source": source, "threads": threads, "steps": steps, "seconds": seconds}
+    rate, mean_rate = _steady_rate(arrivals, batch)
+    return {"samples_per_s": rate, "samples_per_s_mean": mean_rate, "size": size, "batch": batch,
+            "device": device, "source": source, "threads": threads, "steps": steps,
+            "seconds": arrivals[-1] - arrivals[0], "operators": loader.operators,
+            "photometric": loader.photometric_variant}
+
+
+def bench_photometric(size: int, batch: int, device: str, variant: str, steps: int = 20, threads: int | None = None,
+                      seed: int = 0) -> dict:
+    """The photometric chain alone on random crops: both views (VIEW1's and VIEW2's parameters) of `batch` images
+    per step. ms_per_batch is the median step; images_per_s = batch / that (two-view samples per second).
+
+    variant: "reference" (eager torch, grouped by jitter order), "compiled" (torch.compile of the per-slot form;
+    compile_s is its first call, not timed) or "triton" (on the CPU only under TRITON_INTERPRET=1, tiny sizes).
+    device: "cpu" or "cuda" (or "gpu"). threads: the reference's CPU worker threads (None: the calling thread)."""
+    if variant not in VARIANTS:
+        raise FastByolError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    device = "cuda" if device in ("cuda", "gpu") else device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FastByolError("device cuda, but torch sees no CUDA GPU")
+    if variant == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise FastByolError("variant triton on the CPU needs TRITON_INTERPRET=1 in the environment before start")
+    if size < 8 or batch < 1 or steps < 1:
+        raise FastByolError("size must be >= 8, batch and steps >= 1")
+    g = torch.Generator().manual_seed(seed)
+    crops = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g).to(device)
+    params = [sample_params(spec, batch, g, device) for spec in (VIEW1, VIEW2)]
+    fn = photometric_variant(variant)
+    out_dtype = torch.float16 if device == "cuda" else torch.float32
+    extra = {"threads": threads} if variant == "reference" and device == "cpu" else {}
+
+    def step():
+        for spec, p in zip((VIEW1, VIEW2), params):
+            fn(crops, p, blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold,
+               mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=out_dtype, **extra)
+        if device == "cuda":
+            torch.cuda.synchronize()  # sync: the step's kernels have run
+
+    t0 = time.perf_counter()
+    step()  # warm-up: compilation (compiled, triton), allocator, caches
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    ms = 1000.0 * statistics.median(times)
+    return {"variant": variant, "size": size, "batch": batch, "device": device, "ms_per_batch": ms,
+            "images_per_s": batch / (ms / 1000.0), "views": 2, "steps": steps, "first_call_s": compile_s,
+            "ms_min": 1000.0 * min(times)}

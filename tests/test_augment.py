@@ -1,4 +1,5 @@
-"""The DALI two-view pipeline on the CPU (device_id=None): shapes, layout, per-image randomness, the spec."""
+"""The two-view loader on the CPU (DALI with device_id=None, the torch chain): shapes, layout, dtype, per-image
+randomness, the spec, the DALI graph's size, exact resume, labels and encoded-file sources."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from fastbyol.augment import VIEW1, VIEW2, TwoViewLoader, ViewSpec  # noqa: E402
+from fastbyol.photometric import PARAM_NAMES  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
 
@@ -33,7 +35,7 @@ def test_two_views_shapes_layout_and_per_image_randomness():
     assert len(batches) == loader.steps_per_epoch == 2
     v1, v2 = batches[0]
     assert v1.shape == v2.shape == (32, 3, 24, 24)
-    assert v1.dtype == torch.float16
+    assert v1.dtype == torch.float32  # the CPU trainer's dtype (fp16 on CUDA)
     assert v1.is_contiguous(memory_format=torch.channels_last)
     # the two views of one image differ
     assert all(not torch.equal(v1[i], v2[i]) for i in range(32))
@@ -61,15 +63,23 @@ def test_bad_settings():
         TwoViewLoader(np.zeros((10, 8, 8, 3), np.float32), batch_size=4, image_size=8)
 
 
-def test_views_reach_torch_without_a_copy():
+def test_views_are_fresh_tensors_that_outlive_later_batches():
     loader = TwoViewLoader(_images(32), batch_size=16, image_size=20, seed=0, device="cpu", num_threads=1)
     v1, v2 = next(iter(loader.epoch()))
-    dali_v1, dali_v2 = (o.as_tensor() for o in loader.last_outputs)
-    assert v1.data_ptr() == dali_v1.data_ptr() and v2.data_ptr() == dali_v2.data_ptr()  # DLPack views
+    dali = [o.as_tensor() for o in loader.last_outputs]  # crops, params of view 1, then of view 2
+    assert tuple(dali[0].shape()) == (16, 20, 20, 3) and tuple(dali[1].shape()) == (16, len(PARAM_NAMES))
+    assert v1.data_ptr() not in {d.data_ptr() for d in dali}  # the chain's output, not a view of DALI's memory
     assert v1.stride() == (20 * 20 * 3, 1, 20 * 3, 3)  # NHWC memory seen as NCHW: channels_last strides
     held = v1.clone()
     list(loader.epoch())  # later batches do not overwrite a view still held
     assert torch.equal(v1, held)
+
+
+def test_the_dali_graph_stays_small():
+    """Only reading, cropping, flipping and drawing parameters remain in DALI (the colour chain built there was
+    ~1,600 operators): a regression that moves per-pixel work back into the graph shows up here."""
+    loader = TwoViewLoader(_images(32), batch_size=16, image_size=20, seed=0, num_threads=1)
+    assert 10 < loader.operators <= 60
 
 
 def test_same_seed_same_views_and_shards_differ():
@@ -118,3 +128,28 @@ def test_labels_travel_with_their_images():
         torch.testing.assert_close(red.mean(dim=(1, 2)), y.float() * 30 / 255, atol=0.01, rtol=0)
         seen += y.tolist()
     assert sorted(seen) == sorted(labels.tolist())
+
+
+def test_encoded_source_with_the_reader_contract(tmp_path):
+    """Anything with dali_reader(shard_id, num_shards, name), len() and labels feeds the loader: here a FileList of
+    JPEGs; its int64 labels travel with the views."""
+    pytest.importorskip("PIL")
+    from fastbyol.data.folders import FileList, write_synthetic_jpegs
+
+    root = write_synthetic_jpegs(tmp_path / "j", n_train=24, n_test=0, size=32, classes=3)
+    files = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
+    labels = np.array([int(f.split("class")[-1].split("/")[0]) for f in files], dtype=np.int64)
+    source = FileList(files, labels)
+    assert hasattr(source, "dali_reader")
+    loader = TwoViewLoader(source, batch_size=8, image_size=16, seed=1, num_threads=1)
+    assert loader.steps_per_epoch == 3
+    seen = []
+    for v1, v2, y in loader.epoch():
+        assert v1.shape == v2.shape == (8, 3, 16, 16) and y.dtype == torch.int64
+        seen += y.tolist()
+    assert sorted(seen) == sorted(labels.tolist())
+
+
+def test_bad_image_array_is_one_clear_error():
+    with pytest.raises(FastByolError, match="uint8"):
+        TwoViewLoader([[0]], batch_size=1, image_size=8)

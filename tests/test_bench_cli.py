@@ -1,4 +1,5 @@
-"""`fastbyol bench augment` prints samples/s (and one JSON object with --json); bad options exit 2."""
+"""`fastbyol bench augment` prints samples/s (and one JSON object with --json, with the DALI graph's operator count);
+bad options exit 2. `bench_photometric` times each variant of the photometric chain (CPU sizes here)."""
 
 import json
 
@@ -13,12 +14,45 @@ pytest.importorskip("nvidia.dali")
 def test_bench_augment_json(capsys, source):
     if source == "jpeg":
         pytest.importorskip("PIL")
-    assert main(["bench", "augment", "--size", "32", "--batch", "8", "--steps", "2", "--threads", "1",
+    assert main(["bench", "augment", "--size", "32", "--batch", "8", "--steps", "3", "--threads", "1",
                  "--source", source, "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["samples_per_s"] > 0 and r["size"] == 32 and r["source"] == source
+    assert r["samples_per_s"] > 0 and r["samples_per_s_mean"] > 0 and r["size"] == 32 and r["source"] == source
+    assert 10 < r["operators"] <= 60 and r["photometric"] == "reference"
+
+
+def test_bench_augment_gray_source():
+    from fastbyol.augment_bench import bench_augment, synthetic_source
+
+    images = synthetic_source(28, 16, "gray")
+    assert (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
+    r = bench_augment(28, 8, source="gray", steps=2, warmup=1, num_threads=1)
+    assert r["samples_per_s"] > 0 and r["source"] == "gray"
 
 
 def test_bench_augment_errors(capsys):
     assert main(["bench", "augment", "--size", "2"]) == 2
     assert "--size must be >= 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant, threads", [("reference", None), ("reference", 2), ("triton", None)])
+def test_bench_photometric_on_the_cpu(variant, threads):
+    if variant == "triton":
+        pytest.importorskip("triton")
+    from fastbyol.augment_bench import bench_photometric
+
+    r = bench_photometric(16, 4, "cpu", variant, steps=2, threads=threads)
+    assert {"variant", "size", "batch", "device", "ms_per_batch", "images_per_s"} <= set(r)
+    assert r["variant"] == variant and r["device"] == "cpu" and r["ms_per_batch"] > 0
+    assert r["images_per_s"] == pytest.approx(4 / (r["ms_per_batch"] / 1000))
+
+
+def test_bench_photometric_errors(monkeypatch):
+    from fastbyol.augment_bench import bench_photometric
+    from fastbyol.errors import FastByolError
+
+    with pytest.raises(FastByolError, match="variant must be one of"):
+        bench_photometric(16, 4, "cpu", "fastest")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(FastByolError, match="TRITON_INTERPRET=1"):
+        bench_photometric(16, 4, "cpu", "triton")

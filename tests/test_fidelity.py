@@ -1,8 +1,13 @@
-"""Fidelity of the DALI augmentation to the official BYOL recipe (shared DESIGN.md's table), on the CPU.
+"""Fidelity of the augmentation to the official BYOL recipe (deepmind-research `byol/utils/augmentations.py`), on the
+path the loader runs: DALI draws the crops and every random parameter, the torch chain (fastbyol.photometric) applies
+the colour ops.
 
-- every per-view probability, over 4,000 samples, within 3 standard errors;
-- every random parameter's range (and the crop's area and aspect, measured off a coordinate image);
-- every op, with one fixed parameter set, against a numpy reference of the official op (colorsys for HSV).
+- every per-view probability drawn by DALI, over 4,000 samples, within 3 standard errors; every parameter's range;
+  the jitter order uniform over the 24 orders;
+- the crop's area and aspect, measured off a coordinate image;
+- every op of the chain, with fixed parameters, against a numpy port of the official op (float64 and float32);
+- the whole chain (random order, coins, blur, solarize, clip, normalize) against the official ops composed per
+  image, and the loader's own views against that composition applied to the loader's own DALI outputs.
 """
 
 import colorsys
@@ -10,18 +15,125 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("nvidia.dali")
 
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
-from fastbyol.augment import (GRAY_WEIGHTS, VIEW1, VIEW2, draw_params, op_blur, op_brightness,  # noqa: E402
-                              op_contrast, op_grayscale, op_hue, op_random_resized_crop, op_saturation,
-                              op_solarize)
+from fastbyol.augment import (IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader,  # noqa: E402
+                              draw_params, op_random_resized_crop, sample_params)
+from fastbyol.photometric import (GRAY_WEIGHTS, ORDERS, PARAM_NAMES, adjust_brightness,  # noqa: E402
+                                  adjust_contrast, adjust_hue, adjust_saturation, blur_taps, gaussian_blur,
+                                  grayscale, photometric, solarize)
 
 N = 4000
 
 
+# ----------------------------------------------------------------------- numpy port of the official ops (HWC, [0, 1])
+def official_rgb_to_hsv(r, g, b):
+    vv = np.maximum(np.maximum(r, g), b)
+    range_ = vv - np.minimum(np.minimum(r, g), b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sat = np.where(vv > 0, range_ / vv, 0.0)
+        norm = np.where(range_ != 0, 1.0 / (6.0 * range_), 1e9)
+    hr = norm * (g - b)
+    hg = norm * (b - r) + 2.0 / 6.0
+    hb = norm * (r - g) + 4.0 / 6.0
+    hue = np.where(r == vv, hr, np.where(g == vv, hg, hb))
+    hue = hue * (range_ > 0)
+    hue = hue + (hue < 0)
+    return hue, sat, vv
+
+
+def official_hsv_to_rgb(h, s, v):
+    c = s * v
+    m = v - c
+    dh = (h % 1.0) * 6.0
+    fmodu = dh % 2.0
+    x = c * (1 - np.abs(fmodu - 1))
+    hcat = np.floor(dh).astype(np.int32)
+    rr = np.where((hcat == 0) | (hcat == 5), c, np.where((hcat == 1) | (hcat == 4), x, 0)) + m
+    gg = np.where((hcat == 1) | (hcat == 2), c, np.where((hcat == 0) | (hcat == 3), x, 0)) + m
+    bb = np.where((hcat == 3) | (hcat == 4), c, np.where((hcat == 2) | (hcat == 5), x, 0)) + m
+    return rr, gg, bb
+
+
+def _hsv_op(img, sat=1.0, hue=0.0):
+    h, s, v = official_rgb_to_hsv(img[..., 0], img[..., 1], img[..., 2])
+    return np.stack(official_hsv_to_rgb((h + hue) % 1.0, np.clip(s * sat, 0.0, 1.0), v), axis=-1)
+
+
+def np_brightness(img, delta):
+    return np.clip(img + delta, 0, 1)
+
+
+def np_contrast(img, factor):
+    mean = img.mean(axis=(0, 1), keepdims=True)
+    return np.clip(factor * (img - mean) + mean, 0, 1)
+
+
+def np_saturation(img, factor):
+    return np.clip(_hsv_op(img, sat=factor), 0, 1)
+
+
+def np_hue(img, delta):
+    return np.clip(_hsv_op(img, hue=delta), 0, 1)
+
+
+def np_grayscale(img):
+    return np.repeat(np.tensordot(img, np.array(GRAY_WEIGHTS), axes=(-1, -1))[..., None], 3, axis=-1)
+
+
+def np_blur(img, sigma, window):
+    """Separable, normalized taps, zero padding ('SAME' depthwise convolution), horizontal then vertical."""
+    r = window // 2
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-(x**2) / (2.0 * sigma**2))
+    k /= k.sum()
+    pad = np.pad(img, ((0, 0), (r, r), (0, 0)))
+    rows = sum(k[i] * pad[:, i:i + img.shape[1]] for i in range(window))
+    pad = np.pad(rows, ((r, r), (0, 0), (0, 0)))
+    return sum(k[i] * pad[i:i + img.shape[0]] for i in range(window))
+
+
+def np_solarize(img, threshold):
+    return np.where(img < threshold, img, 1.0 - img)
+
+
+NP_JITTER = (np_brightness, np_contrast, np_saturation, np_hue)
+
+
+def np_chain(crop_u8, p, window, threshold, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The official postprocess of one crop (HWC uint8) with parameters p (N_PARAMS,), then normalize: (H, W, 3)."""
+    q = dict(zip(PARAM_NAMES, np.asarray(p, dtype=np.float64)))
+    img = crop_u8.astype(np.float64) / 255.0
+    if q["jitter"] > 0.5:
+        for op in ORDERS[int(q["order"])]:
+            img = NP_JITTER[op](img, q[PARAM_NAMES[1 + op]])
+    if q["gray"] > 0.5:
+        img = np_grayscale(img)
+    img = np.clip(img, 0, 1)
+    if q["blur"] > 0.5:
+        img = np_blur(img, q["sigma"], window)
+    if q["solarize"] > 0.5:
+        img = np_solarize(img, threshold)
+    img = np.clip(img, 0, 1)
+    return (img - np.array(mean)) / np.array(std)
+
+
+def test_numpy_port_of_the_official_hsv_matches_colorsys():
+    rng = np.random.default_rng(3)
+    px = rng.uniform(0, 1, (200, 3))
+    px[:4] = [[0.5, 0.5, 0.5], [0.7, 0.7, 0.2], [0.2, 0.7, 0.7], [0.0, 0.0, 0.0]]  # gray, ties, black
+    h, s, v = official_rgb_to_hsv(px[:, 0], px[:, 1], px[:, 2])
+    want = np.array([colorsys.rgb_to_hsv(*p) for p in px])
+    np.testing.assert_allclose(np.stack([h, s, v], 1), want, atol=1e-12)
+    back = np.stack(official_hsv_to_rgb(h, s, v), 1)
+    np.testing.assert_allclose(back, px, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- DALI's random draws
 def _run(graph, batch_size=1, seed=1, **inputs):
     """Outputs of graph(**external inputs) for one batch, as numpy arrays (one per output, stacked)."""
 
@@ -44,22 +156,21 @@ def _run(graph, batch_size=1, seed=1, **inputs):
 @pytest.fixture(scope="module", params=["view1", "view2"])
 def drawn(request):
     spec = VIEW1 if request.param == "view1" else VIEW2
-    names = ["flip", "jitter", "brightness", "contrast", "saturation", "hue", "order_keys", "gray", "blur", "sigma",
-             "solarize"]
+    names = ["flip", *PARAM_NAMES]
 
     def graph(**_):
         q = draw_params(spec)
         return [fn.cast(q[n], dtype=types.FLOAT) for n in names]
 
     outs = _run(graph, batch_size=N)
-    return spec, {n: o.reshape(N, -1).squeeze(-1) if o.reshape(N, -1).shape[1] == 1 else o.reshape(N, -1)
-                  for n, o in zip(names, outs)}
+    return spec, {n: o.reshape(N) for n, o in zip(names, outs)}
 
 
 def test_per_view_probabilities_within_3_standard_errors(drawn):
     spec, q = drawn
     for name, p in (("flip", spec.flip_p), ("jitter", spec.jitter_p), ("gray", spec.gray_p), ("blur", spec.blur_p),
                     ("solarize", spec.solarize_p)):
+        assert set(np.unique(q[name])) <= {0.0, 1.0}, name
         freq = q[name].mean()
         se = math.sqrt(max(p * (1 - p), 1e-12) / N)
         assert abs(freq - p) <= 3 * se + 1e-9, f"{name}: {freq:.4f} against {p} (3 SE = {3 * se:.4f})"
@@ -76,12 +187,17 @@ def test_parameter_ranges(drawn):
         assert v.min() >= lo - 1e-6 and v.max() <= hi + 1e-6, name
         assert v.min() < lo + 0.01 * width and v.max() > hi - 0.01 * width, f"{name} does not fill its range"
         assert abs(v.mean() - (lo + hi) / 2) < 4 * width / math.sqrt(12 * N), f"{name} is not uniform"
-    # the jitter order: each of the 4! orders equally likely; brightness before contrast half the time
-    keys = q["order_keys"]
-    b_first = (keys[:, 0] < keys[:, 1]).mean()
+
+
+def test_jitter_order_uniform_over_the_24_orders(drawn):
+    _, q = drawn
+    order = q["order"]
+    assert np.array_equal(order, np.round(order)) and order.min() >= 0 and order.max() <= 23
+    counts = np.bincount(order.astype(int), minlength=24)
+    chi2 = ((counts - N / 24) ** 2 / (N / 24)).sum()
+    assert chi2 < 49.7, f"chi-square {chi2:.1f} over 23 degrees of freedom (p < 0.002)"
+    b_first = np.mean([ORDERS[int(k)].index(0) < ORDERS[int(k)].index(1) for k in order])
     assert abs(b_first - 0.5) < 3 * math.sqrt(0.25 / N)
-    orders = np.argsort(keys, axis=1) @ np.array([64, 16, 4, 1])
-    assert len(np.unique(orders)) == 24
 
 
 def test_crop_area_and_aspect():
@@ -103,50 +219,99 @@ def test_crop_area_and_aspect():
     assert abs(aspect.mean()) < 0.03  # log-uniform: symmetric around 0
 
 
+# ------------------------------------------------------------------------------------- each op, fixed parameters
 @pytest.fixture(scope="module")
 def image():
+    """(12, 10, 3) in [0, 1], with the pixels that break HSV code: gray, black, white, primaries, two-way ties."""
     rng = np.random.default_rng(11)
-    return rng.uniform(0.0, 1.0, (12, 10, 3)).astype(np.float32)
+    img = rng.uniform(0.0, 1.0, (12, 10, 3))
+    special = [[0.5, 0.5, 0.5], [0, 0, 0], [1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0.8, 0.8, 0.1],
+               [0.1, 0.8, 0.8], [0.8, 0.1, 0.8], [0.3, 0.9, 0.3], [1.0, 0.5, 0.0], [0.2, 0.2, 0.9]]
+    img[0, :10] = special[:10]
+    img[1, :2] = special[10:]
+    return img
 
 
-def _hsv_reference(img, sat=1.0, hue=0.0):
-    out = np.empty_like(img, dtype=np.float64)
-    for i in range(img.shape[0]):
-        for j in range(img.shape[1]):
-            h, s, v = colorsys.rgb_to_hsv(*img[i, j].astype(np.float64))
-            out[i, j] = colorsys.hsv_to_rgb((h + hue) % 1.0, min(max(s * sat, 0.0), 1.0), v)
-    return out
-
-
-def _blur_reference(img, sigma, window):
-    r = window // 2
-    x = np.arange(-r, r + 1)
-    k = np.exp(-(x**2) / (2 * sigma**2))
-    k /= k.sum()
-    pad = np.pad(img.astype(np.float64), ((r, r), (r, r), (0, 0)), mode="reflect")  # reflect 101
-    rows = sum(k[i] * pad[i:i + img.shape[0], :, :] for i in range(window))
-    return sum(k[i] * rows[:, i:i + img.shape[1], :] for i in range(window))
+def _blur(window, sigma):
+    def op(x):
+        return gaussian_blur(x, blur_taps(torch.full((x.shape[0],), sigma, dtype=x.dtype), window, x.dtype))
+    return op
 
 
 OPS = {
-    "brightness": (lambda x: op_brightness(x, 0.25), lambda a: np.clip(a + 0.25, 0, 1)),
-    "brightness-": (lambda x: op_brightness(x, -0.3), lambda a: np.clip(a - 0.3, 0, 1)),
-    "contrast": (lambda x: op_contrast(x, 1.3),
-                 lambda a: np.clip((a - a.mean((0, 1))) * 1.3 + a.mean((0, 1)), 0, 1)),
-    "saturation": (lambda x: op_saturation(x, 0.8), lambda a: _hsv_reference(a, sat=0.8)),
-    "saturation+": (lambda x: op_saturation(x, 1.2), lambda a: _hsv_reference(a, sat=1.2)),
-    "hue": (lambda x: op_hue(x, 0.08), lambda a: _hsv_reference(a, hue=0.08)),
-    "hue-": (lambda x: op_hue(x, -0.1), lambda a: _hsv_reference(a, hue=-0.1)),
-    "grayscale": (op_grayscale, lambda a: np.repeat((a @ np.array(GRAY_WEIGHTS))[..., None], 3, axis=2)),
-    "blur": (lambda x: op_blur(x, 1.3, 5), lambda a: _blur_reference(a, 1.3, 5)),
-    "solarize": (lambda x: op_solarize(x, 0.5), lambda a: np.where(a < 0.5, a, 1 - a)),
+    "brightness": (lambda x: adjust_brightness(x, torch.full((1,), 0.25, dtype=x.dtype)),
+                   lambda a: np_brightness(a, 0.25)),
+    "brightness-": (lambda x: adjust_brightness(x, torch.full((1,), -0.3, dtype=x.dtype)),
+                    lambda a: np_brightness(a, -0.3)),
+    "contrast": (lambda x: adjust_contrast(x, torch.full((1,), 1.3, dtype=x.dtype)), lambda a: np_contrast(a, 1.3)),
+    "contrast-": (lambda x: adjust_contrast(x, torch.full((1,), 0.6, dtype=x.dtype)), lambda a: np_contrast(a, 0.6)),
+    "saturation": (lambda x: adjust_saturation(x, torch.full((1,), 0.8, dtype=x.dtype)),
+                   lambda a: np_saturation(a, 0.8)),
+    "saturation+": (lambda x: adjust_saturation(x, torch.full((1,), 1.2, dtype=x.dtype)),
+                    lambda a: np_saturation(a, 1.2)),
+    "hue": (lambda x: adjust_hue(x, torch.full((1,), 0.08, dtype=x.dtype)), lambda a: np_hue(a, 0.08)),
+    "hue-": (lambda x: adjust_hue(x, torch.full((1,), -0.1, dtype=x.dtype)), lambda a: np_hue(a, -0.1)),
+    "hue-tiny": (lambda x: adjust_hue(x, torch.full((1,), 1e-4, dtype=x.dtype)), lambda a: np_hue(a, 1e-4)),
+    "grayscale": (grayscale, np_grayscale),
+    "blur": (_blur(5, 1.3), lambda a: np_blur(a, 1.3, 5)),
+    "blur-wide": (_blur(23, 2.0), lambda a: np_blur(a, 2.0, 23)),
+    "blur-narrow": (_blur(9, 0.1), lambda a: np_blur(a, 0.1, 9)),
+    "solarize": (lambda x: solarize(x, 0.5), lambda a: np_solarize(a, 0.5)),
+    "solarize-0.3": (lambda x: solarize(x, 0.3), lambda a: np_solarize(a, 0.3)),
 }
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 3e-6)])
 @pytest.mark.parametrize("name", list(OPS))
-def test_op_matches_numpy_reference(image, name):
-    graph, reference = OPS[name]
-    got = _run(lambda img: graph(img), img=image)[0][0]
+def test_op_matches_the_official_op(image, name, dtype, atol):
+    op, reference = OPS[name]
+    x = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).to(dtype)  # (1, 3, H, W) planar
+    got = op(x)[0].permute(1, 2, 0).double().numpy()
     want = reference(image)
     assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0, err_msg=name)
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0, err_msg=name)
+
+
+def test_ops_read_each_image_its_own_parameter(image):
+    x = torch.from_numpy(np.stack([image, image[::-1].copy()])).permute(0, 3, 1, 2)  # (2, 3, H, W) float64
+    got = adjust_hue(x, torch.tensor([0.05, -0.07], dtype=torch.float64)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got[0], np_hue(image, 0.05), atol=1e-12)
+    np.testing.assert_allclose(got[1], np_hue(image[::-1], -0.07), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- the whole chain
+def _covering_params(spec, n, generator):
+    """Random parameters, then every order, with and without each coin, present in the batch."""
+    p = sample_params(spec, n, generator)
+    p[:, PARAM_NAMES.index("order")] = torch.arange(n) % 24
+    for k, name in enumerate(("jitter", "gray", "blur", "solarize")):
+        p[:, PARAM_NAMES.index(name)] = ((torch.arange(n) // (k + 1)) % 2).float()
+    return p
+
+
+@pytest.mark.parametrize("spec", [VIEW1, VIEW2], ids=["view1", "view2"])
+def test_chain_matches_the_official_ops_composed(spec):
+    g = torch.Generator().manual_seed(7)
+    size, n = 40, 50  # 50 images: every order, each coin on and off; window 5 at 40 px
+    crops = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
+    p = _covering_params(spec, n, g)
+    window = spec.blur_window(size)
+    got = photometric(crops, p, blur_window=window, solarize_threshold=spec.solarize_threshold, mean=IMAGENET_MEAN,
+                      std=IMAGENET_STD)
+    for i in range(n):
+        want = np_chain(crops[i].numpy(), p[i].numpy(), window, spec.solarize_threshold)
+        np.testing.assert_allclose(got[i].permute(1, 2, 0).numpy(), want, atol=2e-5, rtol=0, err_msg=f"image {i}")
+
+
+def test_loader_views_are_the_official_chain_on_its_own_draws():
+    """The path the trainer uses: DALI crops and draws, the torch chain; each view with its own spec (blur window,
+    solarize threshold) and its own parameters."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (32, 48, 48, 3), dtype=np.uint8)
+    loader = TwoViewLoader(images, batch_size=16, image_size=40, seed=4, num_threads=1)
+    v1, v2 = next(iter(loader.epoch()))
+    crops1, params1, crops2, params2 = (np.asarray(o.as_tensor()) for o in loader.last_outputs)
+    for views, crops, params, spec in ((v1, crops1, params1, VIEW1), (v2, crops2, params2, VIEW2)):
+        for i in range(16):
+            want = np_chain(crops[i], params[i], spec.blur_window(40), spec.solarize_threshold)
+            np.testing.assert_allclose(views[i].permute(1, 2, 0).numpy(), want, atol=2e-5, rtol=0)

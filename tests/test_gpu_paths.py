@@ -1,5 +1,6 @@
-"""CUDA-only paths, skipped without a GPU: the GPU augmentation pipeline (arrays and the mixed JPEG decoder) and a
-short training run on CUDA. GPU round A (issue 8) runs them; they cannot run on the CPU machines."""
+"""CUDA-only paths, skipped without a GPU: the GPU augmentation pipeline (arrays and the mixed JPEG decoder, the
+photometric chain's variants against the reference, DALI's buffers held while the chain reads them) and a short
+training run on CUDA. The GPU plan runs them; they cannot run on the CPU machines."""
 
 import json
 
@@ -12,15 +13,83 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 dali = pytest.importorskip("nvidia.dali")
 
 
+def _kw(spec, size):
+    from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    return dict(blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD)
+
+
 def test_gpu_views_from_arrays():
-    from fastbyol.augment import TwoViewLoader
+    from fastbyol.augment import CUDA_PHOTOMETRIC, TwoViewLoader
 
     images = np.random.default_rng(0).integers(0, 256, (64, 40, 40, 3), dtype=np.uint8)
     loader = TwoViewLoader(images, batch_size=32, image_size=32, device="cuda", num_threads=2)
+    assert loader.photometric_variant == CUDA_PHOTOMETRIC
     v1, v2 = next(iter(loader.epoch()))
     assert v1.is_cuda and v1.shape == (32, 3, 32, 32) and v1.dtype == torch.float16
     assert v1.is_contiguous(memory_format=torch.channels_last) and not torch.equal(v1, v2)
-    assert v1.data_ptr() == loader.last_outputs[0].as_tensor().data_ptr()
+    assert v1.data_ptr() not in {o.as_tensor().data_ptr() for o in loader.last_outputs}  # torch-owned output
+
+
+def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws():
+    """The CUDA path end to end: DALI's GPU crops and its parameters (moved to the GPU in the graph) through the
+    loader's chain equal the CPU reference on copies of the same inputs (fp16 outputs: 2e-3)."""
+    from fastbyol.augment import VIEW1, VIEW2, TwoViewLoader
+    from fastbyol.photometric import photometric
+
+    images = np.random.default_rng(1).integers(0, 256, (64, 72, 72, 3), dtype=np.uint8)
+    loader = TwoViewLoader(images, batch_size=32, image_size=64, device="cuda", num_threads=2)
+    v1, v2 = next(iter(loader.epoch()))
+    t = [torch.from_dlpack(o.as_tensor()) for o in loader.last_outputs]
+    assert all(x.is_cuda for x in t)  # crops and parameters both on the GPU
+    for view, crops, params, spec in ((v1, t[0], t[1], VIEW1), (v2, t[2], t[3], VIEW2)):
+        want = photometric(crops.cpu(), params.cpu(), **_kw(spec, 64))
+        torch.testing.assert_close(view.float().cpu(), want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("size, batch", [(32, 64), (224, 16)])
+def test_gpu_chain_variants_agree(size, batch):
+    """triton and compiled against the reference (fp32 outputs), on the GPU, on every order and coin."""
+    from fastbyol.augment import VIEW1, VIEW2, sample_params
+    from fastbyol.photometric import photometric, photometric_variant
+
+    g = torch.Generator().manual_seed(2)
+    crops = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g)
+    for spec in (VIEW1, VIEW2):
+        p = sample_params(spec, batch, g)
+        p[:, 5] = torch.arange(batch) % 24
+        want = photometric(crops, p, compute_dtype=torch.float64, out_dtype=torch.float64, **_kw(spec, size))
+        for variant in ("reference", "triton", "compiled"):
+            got = photometric_variant(variant)(crops.cuda(), p.cuda(), out_dtype=torch.float32, **_kw(spec, size))
+            assert got.is_cuda and got.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(got.double().cpu(), want, atol=5e-5, rtol=0, msg=variant)
+
+
+def test_gpu_dali_buffers_live_until_the_chain_has_read_them():
+    """Issue 13, hazard 1, for the chain's inputs: with a long kernel queued first, the chain of every batch runs
+    late, after the loop has moved on and dropped DALI's outputs; the views must still equal those of a run that
+    synchronized after every batch (same seed)."""
+    from fastbyol.augment import TwoViewLoader
+
+    images = np.random.default_rng(3).integers(0, 256, (256, 40, 40, 3), dtype=np.uint8)
+
+    def views(slow: bool):
+        loader = TwoViewLoader(images, batch_size=32, image_size=32, seed=7, device="cuda", num_threads=2)
+        out = []
+        if slow:
+            torch.cuda._sleep(int(2e9))  # ~1 s of GPU time queued before the first chain
+        for v1, v2 in loader.epoch():
+            out.append((v1, v2))
+            if not slow:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return [(a.clone(), b.clone()) for a, b in out]
+
+    safe, late = views(False), views(True)
+    assert len(safe) == len(late) == 8
+    for (a1, a2), (b1, b2) in zip(safe, late):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
 
 
 def test_gpu_views_from_jpeg_with_crop_during_decode(tmp_path):
@@ -29,10 +98,12 @@ def test_gpu_views_from_jpeg_with_crop_during_decode(tmp_path):
     from fastbyol.data.folders import FileList, write_synthetic_jpegs
 
     root = write_synthetic_jpegs(tmp_path / "j", n_train=64, n_test=0, size=96, classes=2)
-    files = FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)
-    loader = TwoViewLoader(files, batch_size=32, image_size=64, device="cuda", num_threads=2)
+    files = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
+    labels = np.array([int("class1" in f) for f in files], dtype=np.int64)
+    loader = TwoViewLoader(FileList(files, labels), batch_size=32, image_size=64, device="cuda", num_threads=2)
     batches = list(loader.epoch())
     assert len(batches) == 2 and batches[0][0].is_cuda and batches[0][0].shape == (32, 3, 64, 64)
+    assert batches[0][2].dtype == torch.int64 and sorted(int(y) for b in batches for y in b[2]) == sorted(labels)
 
 
 def test_training_on_cuda(tmp_path):

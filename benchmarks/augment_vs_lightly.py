@@ -1,0 +1,149 @@
+"""fastbyol's two-view augmentation against lightly's BYOLTransform: same images, sizes, batch and cores, same run.
+
+    .venv/bin/python benchmarks/augment_vs_lightly.py --sizes 96 224 --batch 64 --repeats 3
+    .venv/bin/python benchmarks/augment_vs_lightly.py --json          # one JSON object at the end
+
+Each repeat runs, per size, fastbyol (`fastbyol.augment_bench.bench_augment` on the images: DALI crops + the torch
+photometric chain, 2 DALI threads, 2 chain threads) and lightly (`BYOLTransform(BYOLView1Transform,
+BYOLView2Transform)` on PIL images through a torch DataLoader with 2 workers, persistent) one after the other, each in
+a fresh process; the images are one uint8 array (random 8x8 colour blocks upsampled to 8/7 of the view side, as
+`bench augment --source arrays`) saved once and read by both. lightly runs in its own venv (--peer-python; it never
+enters the project's environment). Both are timed the same way: per-batch arrival times after 3 warm-up batches;
+samples/s = batches x batch / their total time (the figure the ratio uses), and batch / the median interval beside it.
+The printed ratio is the median over repeats of fastbyol / lightly within one repeat (the two ran back to back, so
+load on the shared machine affects both alike).
+
+Measured (2-core shared machine, CPU, batch 64, colour arrays; see the README's augmentation table for the figures
+and the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PEER_PYTHON = "/work/peer-venv/bin/python"
+
+
+def _rates(arrivals: list[float], batch: int) -> dict:
+    gaps = np.diff(arrivals)
+    return {"samples_per_s": batch * len(gaps) / float(arrivals[-1] - arrivals[0]),
+            "samples_per_s_median": batch / float(np.median(gaps)), "timed_batches": len(gaps)}
+
+
+def run_fastbyol(images: np.ndarray, size: int, batch: int, steps: int, threads: int) -> dict:
+    """bench_augment on `images`, with the mean-based rate this script compares (the median one beside it)."""
+    from fastbyol.augment_bench import bench_augment
+
+    r = bench_augment(size, batch, "cpu", "arrays", steps=steps, warmup=3, num_threads=threads, data=images)
+    return {"who": "fastbyol", "size": size, "batch": batch, "samples_per_s": r["samples_per_s_mean"],
+            "samples_per_s_median": r["samples_per_s"], "operators": r["operators"], "threads": threads}
+
+
+def run_lightly(images: np.ndarray, size: int, batch: int, steps: int, workers: int) -> dict:
+    """lightly's BYOLTransform through a DataLoader (as lightly's BYOL example feeds it), timed like fastbyol."""
+    import torch
+    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from PIL import Image
+
+    pil = [Image.fromarray(a) for a in images]
+    transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=size),
+                              view_2_transform=BYOLView2Transform(input_size=size))
+
+    class Views(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(pil)
+
+        def __getitem__(self, i):
+            return transform(pil[i])
+
+    loader = torch.utils.data.DataLoader(Views(), batch_size=batch, num_workers=workers, shuffle=True,
+                                         drop_last=True, persistent_workers=True)
+    arrivals, done = [], 0
+    while done < 3 + steps:
+        for views in loader:
+            assert views[0].shape == (batch, 3, size, size)
+            done += 1
+            if done >= 3:
+                arrivals.append(time.perf_counter())
+            if done == 3 + steps:
+                break
+    return {"who": "lightly", "size": size, "batch": batch, "workers": workers, **_rates(arrivals, batch)}
+
+
+def _child(role: str, images_path: str, size: int, batch: int, steps: int, cores: int, python: str) -> dict:
+    cmd = [python, os.path.abspath(__file__), "--role", role, "--images", images_path, "--sizes", str(size),
+           "--batch", str(batch), "--steps", str(steps), "--cores", str(cores)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{role} at {size} px failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[96, 224], help="view sides, px")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=24, help="timed batches per measurement (after 3 warm-up)")
+    ap.add_argument("--repeats", type=int, default=3, help="back-to-back pairs per size; the median ratio is printed")
+    ap.add_argument("--cores", type=int, default=2, help="DALI/chain threads (fastbyol), DataLoader workers (lightly)")
+    ap.add_argument("--images", default=None, help="uint8 (N, H, W, 3) .npy (default: generated per size)")
+    ap.add_argument("--peer-python", default=PEER_PYTHON, help="python of the venv that has lightly")
+    ap.add_argument("--role", choices=["fastbyol", "lightly"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+
+    if args.role is not None:  # one measurement, in this fresh process
+        images = np.load(args.images)
+        run = run_fastbyol if args.role == "fastbyol" else run_lightly
+        print(json.dumps(run(images, args.sizes[0], args.batch, args.steps, args.cores)))
+        return 0
+
+    if not os.path.exists(args.peer_python):
+        raise SystemExit(f"--peer-python {args.peer_python} does not exist (a venv with lightly and torchvision)")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from fastbyol.augment_bench import synthetic_source
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for size in args.sizes:
+            paths[size] = os.path.join(tmp, f"images-{size}.npy")
+            np.save(paths[size], synthetic_source(size, 512, "arrays") if args.images is None else np.load(args.images))
+        for repeat in range(args.repeats):
+            for size in args.sizes:
+                ours = _child("fastbyol", paths[size], size, args.batch, args.steps, args.cores, sys.executable)
+                peer = _child("lightly", paths[size], size, args.batch, args.steps, args.cores, args.peer_python)
+                rows.append({"repeat": repeat, "size": size, "fastbyol": ours, "lightly": peer,
+                             "ratio": ours["samples_per_s"] / peer["samples_per_s"]})
+                if not args.json:
+                    print(f"repeat {repeat} {size:>4} px: fastbyol {ours['samples_per_s']:7.1f}  lightly "
+                          f"{peer['samples_per_s']:7.1f} two-view samples/s  ratio {rows[-1]['ratio']:.2f}",
+                          flush=True)
+    summary = {}
+    for size in args.sizes:
+        mine = [r for r in rows if r["size"] == size]
+        summary[size] = {"fastbyol_samples_per_s": statistics.median(r["fastbyol"]["samples_per_s"] for r in mine),
+                         "lightly_samples_per_s": statistics.median(r["lightly"]["samples_per_s"] for r in mine),
+                         "ratio": statistics.median(r["ratio"] for r in mine),
+                         "operators": mine[0]["fastbyol"]["operators"]}
+    if args.json:
+        print(json.dumps({"batch": args.batch, "cores": args.cores, "summary": summary, "rows": rows}))
+    else:
+        for size, s in summary.items():
+            print(f"{size:>4} px, batch {args.batch}, {args.cores} cores: fastbyol {s['fastbyol_samples_per_s']:.0f}, "
+                  f"lightly {s['lightly_samples_per_s']:.0f} two-view samples/s (medians of {args.repeats}); "
+                  f"ratio {s['ratio']:.2f}x (median of per-repeat ratios)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""BYOL's photometric chain in four Triton launches per view: jitter in each image's random order, grayscale, blur,
+solarize, clip, normalize, written as channels_last fp16 (or fp32).
+
+    out = photometric_triton(crops, params, blur_window=23, solarize_threshold=0.5, mean=..., std=...)
+
+Same arguments and result as the torch reference `fastbyol.photometric.photometric` (its module docstring has the
+math of every op; tests/test_photometric.py checks this kernel against it in float64): crops (B, S, S, 3) uint8 NHWC,
+params (B, N_PARAMS) float32, both on the device; out (B, 3, S, S) channels_last.
+
+The launches, per view (B images of S x S):
+  1. _stats:   grid (B, NB): each program runs the jitter ops that precede contrast in its image's order over a block
+               of pixels and writes its per-channel sums (contrast needs each channel's mean of the state just before
+               it, a reduction in the middle of a per-pixel chain). Partial sums, not atomics: deterministic.
+  2. _color:   grid (B, NB): adds the NB partial sums of its image (the contrast means), runs the whole jitter in the
+               image's order (ORDERS[order][slot], a branch per slot on a per-program scalar: no divergence), the
+               grayscale; then an image without blur is finished here (solarize, clip, normalize, NHWC store), an
+               image with blur goes to an fp32 planar scratch (B, 3, S, S).
+  3. _blur_h:  grid (B, row blocks): horizontal pass, `window` taps, zero padding, taps computed in the kernel from
+               sigma (normalized as the reference); images without blur return at once.
+  4. _blur_v:  vertical pass, then solarize, clip, normalize, NHWC store.
+
+Memory traffic per pixel (3 channels): uint8 read twice (6 B), output written once (6 B in fp16); images with blur add
+a 12 B scratch write + read per pass (48 B). The eager reference moves ~100 planar float passes per pixel
+(~1.2 KB), and the per-slot compiled form computes every op in every slot (4x the jitter arithmetic).
+Taps are re-read from L1/L2 (window loads per output per pass): at 224 px, 23 taps, that is the kernels' main cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastbyol.photometric import N_PARAMS, ORDERS, _check
+
+from ._dispatch import interpreter_on, triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _clip01(x):
+        return tl.minimum(tl.maximum(x, 0.0), 1.0)
+
+    @triton.jit
+    def _jitter_op(op, r, g, b, P, mr, mg, mb):
+        """Apply jitter op `op` (0 brightness, 1 contrast with means mr, mg, mb, 2 saturation, 3 hue) to the pixel
+        block (r, g, b); P points at the image's parameter row. Each op ends with a clip, as the official code."""
+        if op == 0:
+            d = tl.load(P + 1)
+            r = _clip01(r + d)
+            g = _clip01(g + d)
+            b = _clip01(b + d)
+        elif op == 1:
+            f = tl.load(P + 2)
+            r = _clip01((r - mr) * f + mr)
+            g = _clip01((g - mg) * f + mg)
+            b = _clip01((b - mb) * f + mb)
+        elif op == 2:
+            f = tl.load(P + 3)
+            v = tl.maximum(r, tl.maximum(g, b))
+            c = v - tl.minimum(r, tl.minimum(g, b))
+            k = tl.minimum(f, v / tl.maximum(c, 1e-20))  # s' / s = min(f, 1 / s)
+            r = _clip01(v - k * (v - r))
+            g = _clip01(v - k * (v - g))
+            b = _clip01(v - k * (v - b))
+        else:
+            d = tl.load(P + 4)
+            # hue in sixths by two conditional swaps (Hocevar), as fastbyol.photometric.hue_sixths
+            swap_gb = g < b
+            g1 = tl.maximum(g, b)
+            b1 = tl.minimum(g, b)
+            off = tl.where(swap_gb, -6.0, 0.0)
+            swap_rg = r < g1
+            v = tl.maximum(r, g1)
+            g2 = tl.minimum(r, g1)
+            off = tl.where(swap_rg, -2.0 - off, off)
+            c = v - tl.minimum(g2, b1)
+            h = tl.abs(off + (g2 - b1) / tl.maximum(c, 1e-20)) + 6.0 * d
+            # channel n (R 5, G 3, B 1) = v - c clip(2 - |u|, 0, 1), u = (n + h) mod 6 - 2 in [-2, 4)
+            u = h + 3.0
+            u = u - 6.0 * tl.floor(u * (1.0 / 6.0) + 1.0 / 3.0)
+            r = _clip01(v - c * _clip01(2.0 - tl.abs(u)))
+            u = h + 1.0
+            u = u - 6.0 * tl.floor(u * (1.0 / 6.0) + 1.0 / 3.0)
+            g = _clip01(v - c * _clip01(2.0 - tl.abs(u)))
+            u = h - 1.0
+            u = u - 6.0 * tl.floor(u * (1.0 / 6.0) + 1.0 / 3.0)
+            b = _clip01(v - c * _clip01(2.0 - tl.abs(u)))
+        return r, g, b
+
+    @triton.jit
+    def _load_rgb(X, img, pix, mask, HW):
+        """The pixels `pix` of image `img` of the NHWC uint8 batch X, as three fp32 blocks in [0, 1]."""
+        base = X + img.to(tl.int64) * HW * 3 + pix * 3
+        r = tl.load(base + 0, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+        g = tl.load(base + 1, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+        b = tl.load(base + 2, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+        return r, g, b
+
+    @triton.jit
+    def _stats(
+        X,  # (B, S, S, 3) uint8 crops, contiguous
+        Params,  # (B, N_PARAMS) float32 parameters, contiguous
+        Orders,  # (24, 4) int32: op id at each slot
+        Sums,  # (B, NB, 3) float32 out: per-block channel sums of the state just before contrast
+        HW,  # S * S pixels per image
+        NB: tl.constexpr,  # pixel blocks per image
+        NPAR: tl.constexpr,  # N_PARAMS
+        BLOCK: tl.constexpr,  # pixels per program
+    ):
+        img = tl.program_id(0)
+        blk = tl.program_id(1)
+        P = Params + img * NPAR
+        pix = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = pix < HW
+        r, g, b = _load_rgb(X, img, pix, mask, HW)
+        order = tl.load(P + 5).to(tl.int32)
+        before = (tl.load(P + 0) > 0.5).to(tl.int32)  # 1 while still before contrast in the order (0: no jitter)
+        for slot in tl.static_range(3):  # contrast is at slot 3 at the latest: at most 3 ops before it
+            op = tl.load(Orders + order * 4 + slot)
+            before = before * (op != 1).to(tl.int32)  # arithmetic, not a branch: one type for `before`
+            if before != 0:
+                r, g, b = _jitter_op(op, r, g, b, P, 0.0, 0.0, 0.0)
+        out = Sums + (img * NB + blk) * 3
+        tl.store(out + 0, tl.sum(tl.where(mask, r, 0.0), axis=0))
+        tl.store(out + 1, tl.sum(tl.where(mask, g, 0.0), axis=0))
+        tl.store(out + 2, tl.sum(tl.where(mask, b, 0.0), axis=0))
+
+    @triton.jit
+    def _finish_store(Out, img, pix, mask, HW, r, g, b, P, threshold, m0, m1, m2, s0, s1, s2):
+        """Solarize (if the image's coin says so), clip, normalize, store NHWC in Out's dtype."""
+        if tl.load(P + 9) > 0.5:
+            r = tl.where(r < threshold, r, 1.0 - r)
+            g = tl.where(g < threshold, g, 1.0 - g)
+            b = tl.where(b < threshold, b, 1.0 - b)
+        base = Out + img.to(tl.int64) * HW * 3 + pix * 3
+        ty = Out.dtype.element_ty
+        tl.store(base + 0, ((_clip01(r) - m0) / s0).to(ty), mask=mask)
+        tl.store(base + 1, ((_clip01(g) - m1) / s1).to(ty), mask=mask)
+        tl.store(base + 2, ((_clip01(b) - m2) / s2).to(ty), mask=mask)
+
+    @triton.jit
+    def _color(
+        X,  # (B, S, S, 3) uint8 crops
+        Params,  # (B, N_PARAMS) float32
+        Orders,  # (24, 4) int32
+        Sums,  # (B, NB, 3) float32 from _stats
+        Scratch,  # (B, 3, S, S) float32 out: images with blur, after jitter and grayscale
+        Out,  # (B, S, S, 3) out: finished images without blur (fp16 or fp32)
+        HW, threshold, m0, m1, m2, s0, s1, s2,  # pixels per image, solarize threshold, normalization
+        NB: tl.constexpr, NB_P2: tl.constexpr, NPAR: tl.constexpr, BLOCK: tl.constexpr,
+        GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,  # grayscale weights
+    ):
+        img = tl.program_id(0)
+        blk = tl.program_id(1)
+        P = Params + img * NPAR
+        pix = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = pix < HW
+        r, g, b = _load_rgb(X, img, pix, mask, HW)
+        if tl.load(P + 0) > 0.5:  # jitter: contrast means from the NB partial sums of this image
+            k = tl.arange(0, NB_P2)
+            kmask = k < NB
+            S3 = Sums + (img * NB + k) * 3
+            inv = 1.0 / HW.to(tl.float32)
+            mr = tl.sum(tl.load(S3 + 0, mask=kmask, other=0.0), axis=0) * inv
+            mg = tl.sum(tl.load(S3 + 1, mask=kmask, other=0.0), axis=0) * inv
+            mb = tl.sum(tl.load(S3 + 2, mask=kmask, other=0.0), axis=0) * inv
+            order = tl.load(P + 5).to(tl.int32)
+            for slot in tl.static_range(4):
+                op = tl.load(Orders + order * 4 + slot)
+                r, g, b = _jitter_op(op, r, g, b, P, mr, mg, mb)
+        if tl.load(P + 6) > 0.5:  # grayscale
+            y = GW0 * r + GW1 * g + GW2 * b
+            r = y
+            g = y
+            b = y
+        if tl.load(P + 7) > 0.5:  # blur follows: to the planar scratch, clipped (the colour transform ends so)
+            base = Scratch + img.to(tl.int64) * HW * 3 + pix
+            tl.store(base, _clip01(r), mask=mask)
+            tl.store(base + HW, _clip01(g), mask=mask)
+            tl.store(base + 2 * HW, _clip01(b), mask=mask)
+        else:
+            _finish_store(Out, img, pix, mask, HW, r, g, b, P, threshold, m0, m1, m2, s0, s1, s2)
+
+    @triton.jit
+    def _taps_norm(sigma, K: tl.constexpr):
+        """1 / sum of the unnormalized Gaussian taps exp(-t^2 / (2 sigma^2)), t = -K//2 .. K//2."""
+        total = 0.0
+        for k in tl.static_range(K):
+            t = k - K // 2
+            total += tl.exp(-(t * t) / (2.0 * sigma * sigma))
+        return 1.0 / total
+
+    @triton.jit
+    def _blur_h(
+        Scratch,  # (B, 3, S, S) float32 in
+        Tmp,  # (B, 3, S, S) float32 out: horizontally blurred
+        Params,  # (B, N_PARAMS) float32
+        S,  # side
+        NPAR: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        img = tl.program_id(0)
+        P = Params + img * NPAR
+        if tl.load(P + 7) > 0.5:
+            sigma = tl.load(P + 8)
+            norm = _taps_norm(sigma, K)
+            rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+            cols = tl.arange(0, BLOCK_W)
+            inside = (rows < S)[:, None] & (cols < S)[None, :]
+            for c in tl.static_range(3):
+                plane = img.to(tl.int64) * 3 * S * S + c * S * S
+                acc = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                for k in tl.static_range(K):
+                    t = k - K // 2
+                    w = tl.exp(-(t * t) / (2.0 * sigma * sigma)) * norm
+                    src = cols + t
+                    m = (rows < S)[:, None] & ((src >= 0) & (src < S))[None, :]  # zero padding
+                    acc += w * tl.load(Scratch + plane + rows[:, None] * S + src[None, :], mask=m, other=0.0)
+                tl.store(Tmp + plane + rows[:, None] * S + cols[None, :], acc, mask=inside)
+
+    @triton.jit
+    def _blur_v(
+        Tmp,  # (B, 3, S, S) float32 in: horizontally blurred
+        Out,  # (B, S, S, 3) out (fp16 or fp32)
+        Params,  # (B, N_PARAMS) float32
+        S, threshold, m0, m1, m2, s0, s1, s2,
+        NPAR: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        img = tl.program_id(0)
+        P = Params + img * NPAR
+        if tl.load(P + 7) > 0.5:
+            sigma = tl.load(P + 8)
+            norm = _taps_norm(sigma, K)
+            rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+            cols = tl.arange(0, BLOCK_W)
+            inside = (rows < S)[:, None] & (cols < S)[None, :]
+            r = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+            g = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+            b = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+            plane = img.to(tl.int64) * 3 * S * S
+            for k in tl.static_range(K):
+                t = k - K // 2
+                w = tl.exp(-(t * t) / (2.0 * sigma * sigma)) * norm
+                src = rows + t
+                m = ((src >= 0) & (src < S))[:, None] & (cols < S)[None, :]  # zero padding
+                off = plane + src[:, None] * S + cols[None, :]
+                r += w * tl.load(Tmp + off, mask=m, other=0.0)
+                g += w * tl.load(Tmp + off + S * S, mask=m, other=0.0)
+                b += w * tl.load(Tmp + off + 2 * S * S, mask=m, other=0.0)
+            pix = rows[:, None] * S + cols[None, :]
+            _finish_store(Out, img, pix, inside, S * S, r, g, b, P, threshold, m0, m1, m2, s0, s1, s2)
+
+
+_orders_cache: dict[torch.device, torch.Tensor] = {}
+
+
+def _orders(device: torch.device) -> torch.Tensor:
+    if device not in _orders_cache:
+        _orders_cache[device] = torch.tensor(ORDERS, dtype=torch.int32, device=device)
+    return _orders_cache[device]
+
+
+def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
+                       mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
+                       out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The chain in four Triton launches (see the module docstring); arguments as fastbyol.photometric.photometric.
+    gray_input is accepted and ignored (the colour arithmetic leaves gray pixels exact). CPU tensors need
+    TRITON_INTERPRET=1 (tests)."""
+    from fastbyol.photometric import GRAY_WEIGHTS
+
+    if not triton_available():
+        raise RuntimeError("the Triton photometric chain needs triton")
+    if crops.device.type != "cuda" and not interpreter_on():
+        raise RuntimeError("photometric_triton on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
+    _check(crops, params)
+    if not crops.is_contiguous() or params.dtype != torch.float32 or not params.is_contiguous():
+        raise ValueError("photometric_triton needs contiguous uint8 crops and contiguous float32 params")
+    if blur_window % 2 != 1:
+        raise ValueError(f"blur_window must be odd, got {blur_window}")
+    B, S = crops.shape[0], crops.shape[1]
+    HW = S * S
+    device = crops.device
+    on_gpu = device.type == "cuda"
+    # pixel blocks: 1024 on the GPU; one big block per image under the interpreter (each program costs there)
+    BLOCK = 1024 if on_gpu else min(4096, triton.next_power_of_2(HW))
+    NB = triton.cdiv(HW, BLOCK)
+    BLOCK_W = triton.next_power_of_2(S)
+    ROWS = max(1, 2048 // BLOCK_W) if on_gpu else triton.next_power_of_2(S)
+    sums = torch.empty((B, NB, 3), dtype=torch.float32, device=device)
+    scratch = torch.empty((B, 3, S, S), dtype=torch.float32, device=device)
+    tmp = torch.empty_like(scratch)
+    out = torch.empty((B, S, S, 3), dtype=out_dtype, device=device)  # NHWC memory
+    orders = _orders(device)
+    m, s = [float(v) for v in mean], [float(v) for v in std]
+    thr = float(solarize_threshold)
+    _stats[(B, NB)](crops, params, orders, sums, HW, NB=NB, NPAR=N_PARAMS, BLOCK=BLOCK)
+    _color[(B, NB)](crops, params, orders, sums, scratch, out, HW, thr, *m, *s, NB=NB,
+                    NB_P2=max(2, triton.next_power_of_2(NB)), NPAR=N_PARAMS, BLOCK=BLOCK, GW0=GRAY_WEIGHTS[0],
+                    GW1=GRAY_WEIGHTS[1], GW2=GRAY_WEIGHTS[2])
+    grid = (B, triton.cdiv(S, ROWS))
+    _blur_h[grid](scratch, tmp, params, S, NPAR=N_PARAMS, K=blur_window, ROWS=ROWS, BLOCK_W=BLOCK_W)
+    _blur_v[grid](tmp, out, params, S, thr, *m, *s, NPAR=N_PARAMS, K=blur_window, ROWS=ROWS, BLOCK_W=BLOCK_W)
+    return out.permute(0, 3, 1, 2)

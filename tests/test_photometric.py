@@ -1,0 +1,167 @@
+"""The photometric chain's three forms agree: the torch reference (grouped by jitter order, the CPU path), the
+per-slot form torch.compile gets, and the Triton kernel (under TRITON_INTERPRET=1 here; compiled for sm_90 in a
+subprocess so a kernel that would not build on the GPU fails here too). The reference's fidelity to the official ops
+is tests/test_fidelity.py's job; here the oracle is the reference in float64.
+
+Tolerances (outputs are normalized, |values| <= ~2.7): float32 against the float64 oracle 3e-5; fp16 outputs 2e-3
+(half an fp16 ulp at 2.7 is 1e-3, plus the float32 error).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, sample_params
+from fastbyol.photometric import (N_PARAMS, ORDERS, PARAM_NAMES, photometric, photometric_by_slot,
+                                  photometric_variant)
+
+KW = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+SHAPES = [(1, 8), (7, 31), (30, 16)]  # one image; a prime batch and an odd side; every order in one batch
+
+
+def _inputs(batch, size, spec=VIEW2, seed=0, gray=False):
+    """Fresh random crops and parameters, every order and each coin on and off spread over the batch."""
+    g = torch.Generator().manual_seed(seed)
+    crops = torch.randint(0, 256, (batch, size, size, 1 if gray else 3), dtype=torch.uint8, generator=g)
+    crops = crops.expand(-1, -1, -1, 3).contiguous()
+    p = sample_params(spec, batch, g)
+    p[:, PARAM_NAMES.index("order")] = torch.randperm(batch, generator=g) % len(ORDERS)
+    for k, name in enumerate(("jitter", "gray", "blur", "solarize")):
+        p[:, PARAM_NAMES.index(name)] = (torch.rand(batch, generator=g) < 0.5).float()
+    return crops, p
+
+
+def _window(size):
+    return max(3, VIEW1.blur_window(size))  # 3 taps at least, so the blur does something at tiny sizes
+
+
+@pytest.mark.parametrize("batch, size", SHAPES)
+def test_reference_float32_against_float64(batch, size):
+    crops, p = _inputs(batch, size)
+    got = photometric(crops, p, blur_window=_window(size), solarize_threshold=0.5, **KW)
+    want = photometric(crops, p, blur_window=_window(size), solarize_threshold=0.5, compute_dtype=torch.float64,
+                       out_dtype=torch.float64, **KW)
+    assert got.shape == (batch, 3, size, size) and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=0)
+
+
+def test_chunks_and_worker_threads_do_not_change_a_bit():
+    crops, p = _inputs(40, 24)
+    base = photometric(crops, p, blur_window=5, solarize_threshold=0.5, **KW)
+    for kwargs in (dict(chunk_pixels=1), dict(chunk_pixels=1 << 30), dict(threads=2), dict(threads=3, chunk_pixels=1)):
+        assert torch.equal(photometric(crops, p, blur_window=5, solarize_threshold=0.5, **kwargs, **KW), base), kwargs
+
+
+def test_each_image_is_processed_independently_of_its_batch():
+    crops, p = _inputs(12, 20)
+    whole = photometric(crops, p, blur_window=5, solarize_threshold=0.5, **KW)
+    for i in (0, 5, 11):
+        alone = photometric(crops[i:i + 1], p[i:i + 1], blur_window=5, solarize_threshold=0.5, **KW)
+        torch.testing.assert_close(alone[0], whole[i], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [VIEW1, VIEW2], ids=["view1", "view2"])
+def test_gray_input_path_equals_the_colour_path_on_gray_crops(spec):
+    crops, p = _inputs(30, 20, spec, gray=True)
+    colour = photometric(crops, p, blur_window=5, solarize_threshold=0.5, **KW)
+    gray = photometric(crops, p, blur_window=5, solarize_threshold=0.5, gray_input=True, **KW)
+    torch.testing.assert_close(gray, colour, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch, size", SHAPES)
+def test_per_slot_form_matches_the_reference(batch, size):
+    crops, p = _inputs(batch, size, seed=3)
+    want = photometric(crops, p, blur_window=_window(size), solarize_threshold=0.5, compute_dtype=torch.float64,
+                       out_dtype=torch.float64, **KW)
+    got = photometric_by_slot(crops, p, blur_window=_window(size), solarize_threshold=0.5, **KW)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=0)
+
+
+@pytest.mark.parametrize("out_dtype, atol", [(torch.float32, 3e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("batch, size", SHAPES)
+def test_triton_kernel_matches_the_reference(batch, size, out_dtype, atol):
+    pytest.importorskip("triton")
+    from fastbyol.kernels.photometric import photometric_triton
+
+    crops, p = _inputs(batch, size, seed=5)
+    for spec in (VIEW1, VIEW2):
+        thr = spec.solarize_threshold
+        want = photometric(crops, p, blur_window=_window(size), solarize_threshold=thr, compute_dtype=torch.float64,
+                           out_dtype=torch.float64, **KW)
+        got = photometric_triton(crops, p, blur_window=_window(size), solarize_threshold=thr, out_dtype=out_dtype,
+                                 **KW)
+        assert got.dtype == out_dtype and got.shape == (batch, 3, size, size)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=0)
+
+
+def test_triton_kernel_other_threshold_and_no_blur_anywhere():
+    pytest.importorskip("triton")
+    from fastbyol.kernels.photometric import photometric_triton
+
+    crops, p = _inputs(9, 12, seed=6)
+    p[:, PARAM_NAMES.index("blur")] = 0.0
+    p[:, PARAM_NAMES.index("solarize")] = 1.0
+    want = photometric(crops, p, blur_window=3, solarize_threshold=0.3, compute_dtype=torch.float64, **KW)
+    got = photometric_triton(crops, p, blur_window=3, solarize_threshold=0.3, out_dtype=torch.float32, **KW)
+    torch.testing.assert_close(got.double(), want.double(), atol=3e-5, rtol=0)
+
+
+_AOT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import fastbyol.kernels.photometric as kp
+    norm = {f"{c}{i}": "fp32" for c in "ms" for i in range(3)}
+    launches = [
+        (kp._stats, dict(X="*u8", Params="*fp32", Orders="*i32", Sums="*fp32", HW="i32"),
+         dict(NB=4, NPAR=10, BLOCK=256)),
+        (kp._color, dict(X="*u8", Params="*fp32", Orders="*i32", Sums="*fp32", Scratch="*fp32", Out="*fp16",
+                         HW="i32", threshold="fp32", **norm),
+         dict(NB=4, NB_P2=4, NPAR=10, BLOCK=256, GW0=0.2989, GW1=0.587, GW2=0.114)),
+        (kp._blur_h, dict(Scratch="*fp32", Tmp="*fp32", Params="*fp32", S="i32"),
+         dict(NPAR=10, K=5, ROWS=8, BLOCK_W=32)),
+        (kp._blur_v, dict(Tmp="*fp32", Out="*fp16", Params="*fp32", S="i32", threshold="fp32", **norm),
+         dict(NPAR=10, K=5, ROWS=8, BLOCK_W=32)),
+    ]
+    for fn, sig, consts in launches:
+        sig = {**sig, **{k: "constexpr" for k in consts}}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], fn.__name__
+    print("compiled", len(launches))
+""")
+
+
+def test_triton_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    """The interpreter runs the kernels as Python and forgives what the compiler refuses (a variable changing type
+    in a branch, ...): compile all four to a Hopper cubin, in a process without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled 4" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_compiled_variant_matches_the_reference():
+    """torch.compile of the per-slot form (what the GPU's "compiled" variant runs), here by Inductor's CPU backend."""
+    crops, p = _inputs(6, 16, seed=8)
+    want = photometric(crops, p, blur_window=3, solarize_threshold=0.5, compute_dtype=torch.float64, **KW)
+    got = photometric_variant("compiled")(crops, p, blur_window=3, solarize_threshold=0.5, **KW)
+    torch.testing.assert_close(got.double(), want.double(), atol=3e-5, rtol=0)
+
+
+def test_bad_inputs_raise_one_clear_error():
+    crops, p = _inputs(4, 8)
+    with pytest.raises(ValueError, match="crops must be uint8"):
+        photometric(crops.float(), p, blur_window=3, solarize_threshold=0.5, **KW)
+    with pytest.raises(ValueError, match=f"params must be \\(4, {N_PARAMS}\\)"):
+        photometric(crops, p[:, :5], blur_window=3, solarize_threshold=0.5, **KW)
+    with pytest.raises(ValueError, match="not one of"):
+        photometric_variant("fast")
