@@ -1,5 +1,6 @@
-"""Throughput of one whole BYOL training step: ours (channels_last, bf16 autocast on CUDA, fused ops, optional
-torch.compile) against a plain PyTorch step, same model and batch. Used by `benchmarks/` and the GPU report.
+"""Throughput of one whole BYOL training step: ours (channels_last, bf16 autocast on CUDA, fused ops, cuDNN
+autotuning, optional torch.compile) against a plain PyTorch step, same model and batch. Used by `benchmarks/`, the
+GPU report and the GPU plan (benchmarks/gpu_plan.md); `benchmarks/peer_step.py` measures the peers' steps beside it.
 """
 
 from __future__ import annotations
@@ -35,21 +36,20 @@ def plain_byol_step(model, optimizer, v1: torch.Tensor, v2: torch.Tensor, tau: f
 
 def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", steps: int = 10, warmup: int = 3,
                device: str | None = None, proj_hidden: int = 4096, stem: str = "auto", compile: str = "off",
-               source: str = "synthetic") -> dict:
+               source: str = "synthetic", compile_backend: str = "inductor") -> dict:
     """BYOL img/s (and MFU on a GPU) of the training step.
 
-    fastbyol: channels_last model and views, bf16 autocast on CUDA, the fused loss and single-launch EMA, LARS, and
-    torch.compile of the forward in mode `compile` ('off' or a torch.compile mode), as the trainer runs it.
-    plain: NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS.
+    fastbyol: channels_last model and views, bf16 autocast on CUDA, cuDNN autotuning for the fixed shapes, the fused
+    loss and single-launch EMA, LARS, and torch.compile of the forward in mode `compile` ('off' or a torch.compile
+    mode), as the trainer runs it. compile_backend: torch.compile's backend ('inductor'; 'eager' traces the graph
+    without generating code: the GPU plan's CPU dry run).
+    plain: NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS, cuDNN's default
+    (no autotuning), as a plain script runs it.
     source: 'synthetic' (views already on the device: the step alone) or 'dali' (the trainer's DALI pipeline over
     synthetic JPEGs, decoded and augmented on the GPU: the step fed as in training).
-    The warm-up steps (compilation included) are timed apart: warmup_seconds."""
-    from .augment import TwoViewLoader
-    from .models import BYOL, build_encoder
-    from .optim import LARS
-    from .perf import flops_per_image, mfu, peak_flops
-    from .train import byol_step
-
+    The warm-up steps (compilation included) are timed apart: warmup_seconds. On CUDA, peak_memory_gb is the peak
+    allocated by torch during warm-up and timed steps (the model, optimizer state and activations; DALI's own
+    buffers are not torch's)."""
     if variant not in ("fastbyol", "plain"):
         raise FastByolError(f"variant must be fastbyol or plain, got {variant!r}")
     if source not in ("synthetic", "dali"):
@@ -57,6 +57,27 @@ def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", step
     if variant == "plain" and compile != "off":
         raise FastByolError("the plain step is never compiled")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cudnn_benchmark = variant == "fastbyol" and dev.type == "cuda"
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark  # for this row only (restored below)
+    try:
+        return _measure(arch, size, batch, variant, steps, warmup, dev, proj_hidden, stem, compile, source,
+                        compile_backend, cudnn_benchmark)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup: int, dev: torch.device,
+             proj_hidden: int, stem: str, compile: str, source: str, compile_backend: str,
+             cudnn_benchmark: bool) -> dict:
+    from .augment import TwoViewLoader
+    from .models import BYOL, build_encoder
+    from .optim import LARS
+    from .perf import flops_per_image, mfu, peak_flops
+    from .train import byol_step
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
     model = BYOL(build_encoder(arch, stem, size), proj_hidden, 256, proj_hidden).to(dev)
     fmt = torch.channels_last if variant == "fastbyol" else torch.contiguous_format
@@ -85,7 +106,8 @@ def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", step
                 for v1, v2 in loader.epoch():
                     yield (v1.to(view_dtype).contiguous(memory_format=fmt),
                            v2.to(view_dtype).contiguous(memory_format=fmt))
-    net = model if compile == "off" else torch.compile(model, mode=None if compile == "default" else compile)
+    net = model if compile == "off" else torch.compile(model, mode=None if compile == "default" else compile,
+                                                       backend=compile_backend)
 
     def one_step(v1, v2):
         if variant == "fastbyol":
@@ -107,4 +129,6 @@ def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", step
     peak = peak_flops(dev)
     return {"arch": arch, "size": size, "batch": batch, "variant": variant, "compile": compile, "source": source,
             "device": str(dev), "img_per_s": img_s, "step_ms": 1000 * seconds / steps, "flops_per_image": flops,
-            "mfu": mfu(img_s, flops, peak), "warmup_seconds": warmup_seconds}
+            "mfu": mfu(img_s, flops, peak), "warmup_seconds": warmup_seconds, "steps": steps,
+            "compile_backend": compile_backend if compile != "off" else None, "cudnn_benchmark": cudnn_benchmark,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None}
