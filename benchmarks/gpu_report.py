@@ -1,4 +1,6 @@
-"""One-command performance report: ceilings, the fused loss, the single-launch EMA, DALI and the BYOL step.
+"""One-command performance report: ceilings, the fused loss, the single-launch EMA, DALI and the BYOL step; and the
+report writer of the GPU plan (benchmarks/gpu_plan.py merges its calls into this format and renders it with
+`markdown`).
 
     python benchmarks/gpu_report.py --out DIR            # on a GPU: full sizes, compiled Triton kernels
     python benchmarks/gpu_report.py --out DIR --tiny     # anywhere: tiny sizes (CPU: reference / interpreter)
@@ -10,13 +12,14 @@ triton.testing.do_bench (CUDA events) on a GPU, perf_counter around synchronized
   ours compiled in each torch.library form (custom_op, and triton_op on CUDA: the FASTBYOL_OP_STYLE choice);
 - EMA over the ResNet-50 + BYOL heads parameter list: per-parameter loop, torch._foreach_lerp_, one lerp_ over a
   flat buffer, and ema_update_ (float tau and 0-D tensor tau), as GB/s against the copy ceiling;
-- lars: one LARS step over the online parameters, foreach ops against the per-parameter loop;
+- lars: one LARS step over the online parameters, foreach ops against the per-parameter loop (median ms, CUDA-graph
+  replay ms, and the kernels one step launches, counted by torch.profiler);
 - dali: two-view samples/s of the DALI pipeline alone from synthetic JPEGs at 224 px, batch 256, GPU decode (when
   DALI is importable);
 - step: BYOL img/s, step time, MFU and warm-up (compilation) time of our training step (channels_last, bf16
   autocast, fused ops; eager, torch.compile default and reduce-overhead = CUDA graphs) beside a plain PyTorch step
   (NCHW fp32, eager loss, per-parameter EMA loop): ResNet-50 at 224 px batch 256 on device-resident synthetic views
-  and fed by the DALI pipeline, and ResNet-18 at 32 px batch 512.
+  and fed by the DALI pipeline, and ResNet-18 at 32 px batch 512; peak memory per row on CUDA.
 Results of real GPU runs are committed under benchmarks/results/.
 """
 
@@ -41,6 +44,9 @@ from fastbyol.perf import library_versions
 
 
 SECTIONS = ("loss", "ema", "lars", "dali", "step")
+# torch.compile's backend for the compiled rows: 'eager' in the GPU plan's CPU dry run (graph capture without code
+# generation, which takes minutes on a 2-core CPU)
+COMPILE_BACKEND = "inductor"
 
 
 def bench_ms(fn, device: torch.device, reps: int = 50) -> float:
@@ -69,9 +75,27 @@ def graph_ms(fn, device: torch.device) -> float | None:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:  # not capturable (a host sync inside): recorded as no figure
+        print(f"graph capture failed: {str(e).splitlines()[0][:200]}", flush=True)
+        return None
     return bench_ms(graph.replay, device)
+
+
+def cuda_kernels(fn, device: torch.device) -> int | None:
+    """Device kernels (and copies) one call of fn launches, counted by torch.profiler on CUDA; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def git_commit() -> str:
@@ -98,12 +122,15 @@ def ceilings(device, tiny: bool) -> dict:
             "matmul_ms": ms_mm, "matmul_TFLOPs": 2 * m**3 / ms_mm / 1e9}
 
 
-def loss_section(device, tiny: bool) -> list[dict]:
+def loss_section(device, tiny: bool, batch_sizes: tuple | None = None, dtypes: tuple | None = None) -> list[dict]:
+    """Fused loss forward + backward against the eager and compiled references, and ours compiled in each op form;
+    batch_sizes / dtypes narrow the sweep (default: (64, 256) tiny, (256, 4096) else; bf16 and fp32 on CUDA)."""
     rows = []
-    dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
-    compiled_ref = torch.compile(byol_loss_reference)
-    compiled_sym = torch.compile(byol_loss_symmetric_reference)
-    for B in ((64, 256) if tiny else (256, 4096)):
+    if dtypes is None:
+        dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
+    compiled_ref = torch.compile(byol_loss_reference, backend=COMPILE_BACKEND)
+    compiled_sym = torch.compile(byol_loss_symmetric_reference, backend=COMPILE_BACKEND)
+    for B in batch_sizes or ((64, 256) if tiny else (256, 4096)):
         D = 256
         for dtype in dtypes:
             p1, p2, z1, z2 = (torch.randn(B, D, device=device, dtype=dtype, requires_grad=i < 2) for i in range(4))
@@ -128,7 +155,8 @@ def loss_section(device, tiny: bool) -> list[dict]:
             for style in ("custom_op", "triton_op") if device.type == "cuda" and HAS_TRITON_OP else ("custom_op",):
                 set_op_style(style)
                 torch._dynamo.reset()
-                compiled_ours = torch.compile(lambda a, b, c, d: byol_loss_symmetric(a, b, c, d))
+                compiled_ours = torch.compile(lambda a, b, c, d: byol_loss_symmetric(a, b, c, d),
+                                              backend=COMPILE_BACKEND)
                 try:
                     times[f"compiled fastbyol, symmetric ({style})"] = bench_ms(run(compiled_ours, True), device)
                 finally:
@@ -194,7 +222,8 @@ def lars_section(device, tiny: bool) -> list[dict]:
             p.grad = torch.randn_like(p)
         opt = LARS(params, lr=0.1, weight_decay=1e-6, foreach=variant.startswith("foreach"))
         rows.append({"variant": variant, "tensors": len(params), "elements": sum(p.numel() for p in params),
-                     "ms": bench_ms(opt.step, device)})
+                     "ms": bench_ms(opt.step, device, reps=5 if tiny else 50), "graph_ms": graph_ms(opt.step, device),
+                     "kernels_per_step": cuda_kernels(opt.step, device)})
     for r in rows:
         r["speedup_vs_loop"] = rows[0]["ms"] / r["ms"]
     print("lars", rows, flush=True)
@@ -262,12 +291,18 @@ def step_section(device, tiny: bool) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    c = report["ceilings"]
-    lines = [f"# fastbyol ops report: {report['device']}", "",
+    """report.md: every section the report has (a GPU plan's merged report has more than this script writes)."""
+    lines = [f"# fastbyol performance report: {report['device']}", "",
              f"commit `{report['commit']}`, {report['date']}, versions {report['versions']}, "
-             f"kernel path `{report['kernel_path']}`", "",
-             f"Ceilings: copy {c['copy_GBps']:.0f} GB/s ({c['copy_bytes'] / 1e9:.2f} GB moved), "
-             f"{c['matmul_dtype']} matmul {c['matmul_n']}^3 {c['matmul_TFLOPs']:.1f} TFLOP/s"]
+             f"kernel path `{report.get('kernel_path')}`"]
+    c = report.get("ceilings")
+    if c:
+        lines += ["", f"Ceilings: copy {c['copy_GBps']:.0f} GB/s ({c['copy_bytes'] / 1e9:.2f} GB moved), "
+                      f"{c['matmul_dtype']} matmul {c['matmul_n']}^3 {c['matmul_TFLOPs']:.1f} TFLOP/s"]
+    if report.get("plan"):
+        lines += ["", "## Plan items", "", "| call | item | status | s | note |", "|---|---|---|---|---|"]
+        lines += [f"| {e['call']} | {e['name']} | {e['status']} | {e.get('seconds') or ''} | "
+                  f"{(e.get('reason') or e.get('error') or '')[:160]} |" for e in report["plan"]]
     if report.get("loss"):
         lines += ["", "## Loss, forward + backward (median ms)", "",
                   "| B | D | dtype | variant | ms | x eager | x compiled |", "|---|---|---|---|---|---|---|"]
@@ -286,27 +321,61 @@ def markdown(report: dict) -> str:
     rows = report.get("lars", [])
     if rows:
         lines += ["", f"## LARS step over {rows[0]['tensors']} online tensors, {rows[0]['elements'] / 1e6:.1f}M "
-                      "elements (median ms)", "", "| variant | ms | x loop |", "|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['ms']:.3f} | {r['speedup_vs_loop']:.1f} |" for r in rows]
-    if "dali" in report:
+                      "elements (median ms)", "", "| variant | ms | x loop | CUDA graph ms | kernels per step |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['ms']:.3f} | {r['speedup_vs_loop']:.1f} | {_num(r.get('graph_ms'), 3)} | "
+                  f"{_num(r.get('kernels_per_step'), 0)} |" for r in rows]
+    if "dali" in report and not isinstance(report["dali"], list):
         d = report["dali"]
         lines += ["", "## DALI two-view augmentation alone", ""]
         lines.append("DALI not importable: no figures" if d is None else
                      f"{d['samples_per_s']:.0f} two-view samples/s: {d['source']} -> {d['size']} px, batch "
                      f"{d['batch']}, DALI on {d['device']} ({d['threads']} threads)")
+    if report.get("augment"):
+        lines += ["", "## Augmentation pipeline (DALI + photometric chain), two-view samples/s", "",
+                  "| source | px | batch | DALI on | samples/s (median interval) | samples/s (mean) | images |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['source']} | {r['size']} | {r['batch']} | {r['device']} | {r['samples_per_s']:.0f} | "
+                  f"{_num(r.get('samples_per_s_mean'), 0)} | {r.get('images', 'synthetic')} |"
+                  for r in report["augment"]]
     if report.get("step"):
         lines += ["", "## BYOL training step", "",
-                  "| arch | px | batch | step | compile | input | img/s | step ms | GFLOP/img | MFU | warm-up s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arch | px | batch | step | compile | input | img/s | step ms | GFLOP/img | MFU | warm-up s | "
+                  "peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("step", []):
         head = f"| {r['arch']} | {r['size']} | {r['batch']} | {r['variant']} | {r['compile']} | {r['source']} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error']} | | | | |")
+            lines.append(f"{head} failed: {r['error'][:200]} | | | | | |")
             continue
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"{head} {r['img_per_s']:.0f} | {r['step_ms']:.1f} | {r['flops_per_image'] / 1e9:.2f} | {mfu} | "
-                     f"{r['warmup_seconds']:.1f} |")
+                     f"{r['warmup_seconds']:.1f} | {_num(r.get('peak_memory_gb'), 1)} |")
+    notes = {r["variant"]: r["runs"] for r in report.get("step", []) if r.get("runs")}
+    if notes:
+        lines += ["", "What the peers' rows run:", ""] + [f"- {k}: {v}" for k, v in notes.items()]
+    if report.get("photometric"):
+        lines += ["", "## Photometric chain alone (both views)", "",
+                  "| px | batch | variant | ms per batch | images/s |", "|---|---|---|---|---|"]
+        for r in report["photometric"]:
+            if "ms_per_batch" in r:
+                lines.append(f"| {r['size']} | {r['batch']} | {r['variant']} | {r['ms_per_batch']:.2f} | "
+                             f"{r['images_per_s']:.0f} |")
+            else:
+                lines.append(f"| {r.get('size')} | {r.get('batch', '')} | {r.get('variant')} | "
+                             f"{r.get('error') or r.get('skipped')} | |")
+    t = report.get("train")
+    if t:
+        mfu = "n/a" if t.get("mfu") is None else f"{100 * t['mfu']:.1f}%"
+        lines += ["", "## fastbyol train (DALI-fed)", "",
+                  f"`{t['command']}`: {t['img_per_s']:.0f} img/s over {t['steps']} steps ({t['epochs']} epochs of "
+                  f"{t['images']} images), step {t['step_ms']:.1f} ms, data-wait share "
+                  f"{100 * t['data_wait_share']:.1f}%, MFU {mfu}, warm-up {t['warmup_seconds']:.1f} s, peak memory "
+                  f"{_num(t.get('peak_memory_gb'), 1)} GB, compile {t.get('compile')}"]
     return "\n".join(lines) + "\n"
+
+
+def _num(x, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def main(argv=None) -> int:
