@@ -71,7 +71,7 @@ def item(name: str, est: float, est_tiny: float = 3.0, needs_dali: bool = False)
 
 
 def _free(plan: Plan) -> None:
-    """Between rows: compiled graphs, cached blocks and the cuDNN choice of the last row go."""
+    """Between rows: the last row's compiled graphs and cached CUDA blocks go."""
     torch._dynamo.reset()
     gc.collect()
     if plan.device.type == "cuda":
