@@ -1,8 +1,10 @@
 """Data parallelism on the CPU (gloo), as torchrun runs it.
 
-- Two processes with half the global batch each, DDP around the model and GlobalBatchNorm (the CPU stand-in for
-  SyncBatchNorm), stepped by the trainer's own `byol_step`, give what one process gives with the whole batch: losses,
-  online and target parameters and BN running statistics.
+- Two processes with half the global batch each, DDP around the model and GlobalBatchNorm (cross-replica BN through a
+  functional all-reduce; tests/test_bn.py checks it alone), stepped by the trainer's own `byol_step`, give what one
+  process gives with the whole batch: losses, online and target parameters and BN running statistics.
+- The collectives of the trainer's bookkeeping (`broadcast_object`, `gather_objects`, `global_mean`, `barrier`), with
+  one process and with two.
 - `fastbyol train` under torchrun with 2 processes: rank 0 alone writes the run directory; killed with SIGKILL and
   resumed with torchrun, it ends with the same parameters as an uninterrupted 2-process run.
 """
