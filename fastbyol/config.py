@@ -195,13 +195,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> Config:
-        """The inverse of to_dict, for a saved config.json: unknown sections or keys and wrong types are refused with
-        a FastByolError naming them (missing keys take the defaults). Extra top-level keys ('resolved') are ignored."""
+        """The inverse of to_dict, for a saved config.json: a missing section, unknown keys and wrong types are
+        refused with a FastByolError naming them (a missing key takes its default, so configs saved before a setting
+        existed still load). Extra top-level keys ('resolved') are ignored."""
         if not isinstance(raw, dict) or not isinstance(raw.get("preset", ""), str):
             raise FastByolError(f"{where}: not a fastbyol config (expected an object with a string 'preset')")
         cfg = cls(preset=raw.get("preset", cls.preset))
         for section, klass in SECTIONS.items():
-            values = raw.get(section, {})
+            if section not in raw:
+                raise FastByolError(f"{where}: no '{section}' section (not a config written by fastbyol train)")
+            values = raw[section]
             if not isinstance(values, dict):
                 raise FastByolError(f"{where}: '{section}' must be an object, got {type(values).__name__}")
             known = {f.name: f for f in fields(klass)}

@@ -36,6 +36,15 @@ def device_sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_memory_in_use(device: torch.device) -> float | None:
+    """Bytes in use on the GPU by every allocator (torch's caching allocator, DALI's pools, CUDA contexts), from the
+    driver; torch.cuda.max_memory_allocated sees torch's tensors only. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return float(total - free)
+
+
 def flops_per_image(model, image_size: int, device: torch.device) -> float:
     """FLOPs of one BYOL image (two views): online forward + backward and target forward, counted by torch on a
     batch of 2, so the figure follows the real architecture (about 8 encoder forwards)."""

@@ -25,6 +25,7 @@ class TrainState:
     data_states: list = field(default_factory=list)  # every rank's loader state (DALI checkpoint), rank order
     torch_rngs: list = field(default_factory=list)  # every rank's torch CPU RNG state (uint8 tensors), rank order
     meter: dict = field(default_factory=dict)  # ThroughputMeter.state_dict() of the timed steps so far
+    peak_device_bytes: float = 0.0  # GPU memory in use by every allocator (torch, DALI), highest seen at a log point
     finished: bool = False  # the final checkpoint: nothing left to resume
 
     def to_checkpoint(self, model_state: dict, optimizer_state: dict, config: dict, version: str) -> dict:

@@ -38,7 +38,7 @@ from .knn import knn_top1
 from .meter import ThroughputMeter
 from .models import BYOL, build_encoder, params_sha256
 from .optim import LARS
-from .perf import flops_per_image, library_versions, peak_flops
+from .perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
 from .profiling import StepProfiler
 from .reference import lr_at, tau_at
 from .state import TrainState
@@ -361,6 +361,8 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
                 # log: the mean loss since the last log point (sync, every log_every steps)
                 if state.step % cfg.run.log_every == 0 or state.step == plan.total_steps:
                     rates = meter.window()
+                    device_bytes = device_memory_in_use(device)  # DALI's buffers too, at this synced point
+                    state.peak_device_bytes = max(state.peak_device_bytes, device_bytes or 0.0)
                     last_loss = global_mean(loss_sum, world_size) / steps_since_log
                     loss_sum.zero_()
                     steps_since_log = 0
@@ -466,9 +468,10 @@ def _check_resumable(state: TrainState, resume, world_size: int, num_images: int
 
 
 def _distributed(model: BYOL, device: torch.device, world_size: int):
-    """The network the step runs: the model itself, or under torchrun DDP with cross-replica BN (SyncBatchNorm on
-    CUDA, GlobalBatchNorm on gloo). The BN buffers are equal on every rank by construction, so DDP does not broadcast
-    them; the gradient buckets are views with each parameter's own (channels_last) strides."""
+    """The network the step runs: the model itself, or under torchrun DDP with cross-replica BN (GlobalBatchNorm, one
+    functional all-reduce on NCCL and gloo: no graph break under torch.compile). The BN buffers are equal on every
+    rank by construction, so DDP does not broadcast them; the gradient buckets are views with each parameter's own
+    (channels_last) strides."""
     if world_size == 1:
         return model
     import inspect
@@ -525,7 +528,8 @@ def _summary(cfg: Config, plan: Resolved, state: TrainState, meter: ThroughputMe
         data_wait_share=rates["data_wait_share"],  # of the training time, waiting for batches
         flops_per_image=meter.flops_per_image,
         mfu=rates["mfu"],
-        peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,  # torch's
+        peak_device_memory_gb=state.peak_device_bytes / 1e9 if device.type == "cuda" else None,  # all, at log points
         final_loss=final_loss,
         epochs=cfg.optim.epochs,
         steps=state.step,

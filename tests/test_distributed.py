@@ -203,8 +203,9 @@ def test_torchrun_two_processes_write_once_and_resume_exactly(tmp_path):
     log_steps = [r["step"] for r in losses if "loss" in r]
     assert log_steps == sorted(set(log_steps)) and log_steps[-1] == 24  # one writer: no line twice
     ckpt = load_checkpoint(full / "checkpoint.pt")
-    assert ckpt["world_size"] == 2 and len(ckpt["data_states"]) == 2 and len(ckpt["torch_rngs"]) == 2
-    assert ckpt["data_states"][0] != ckpt["data_states"][1]  # each rank's own shard and random stream
+    state = ckpt["state"]
+    assert state["world_size"] == 2 and len(state["data_states"]) == 2 and len(state["torch_rngs"]) == 2
+    assert state["data_states"][0] != state["data_states"][1]  # each rank's own shard and random stream
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_torchrun(*ARGS, "--out", str(killed)), stdout=subprocess.DEVNULL,

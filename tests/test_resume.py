@@ -95,5 +95,5 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (good / "checkpoint.pt").write_bytes(blob[: len(blob) // 2])
     capsys.readouterr()
     assert main(["train", "--resume", str(good)]) == 2
-    assert "corrupt or truncated" in capsys.readouterr().err
+    assert "is corrupt, truncated or not plain data" in capsys.readouterr().err
     assert os.path.exists(good / "config.json")
