@@ -9,8 +9,13 @@ cost directory entries, not inodes or data). Then measures, each `--repeat` time
   2. `train`: `fastbyol train` (tiny model, 32 px, 1 epoch) from launch to its first step's log line: first run
      (no manifest), with the manifest, and with 2 gloo processes (`torchrun --standalone --nproc_per_node 2`).
 
+  3. `shards`: two-view samples/s of the training pipeline (fastbyol.augment.TwoViewLoader, CPU) reading the same
+     2,048 images from the folder and from tar shards written by `fastbyol shards`, alternated, medians;
+  4. `knn`: the kNN gain (trained - random-init kNN top-1) of the default `fastbyol train` (fmnist-tiny preset) on
+     the embedded Fashion-MNIST as arrays and the same 8,000 + 2,000 images converted to PNG tar shards.
+
 Usage:
-    python benchmarks/startup_imagenet.py --root /work/imagenet-links [--repeat 3] [--only dataset|train]
+    python benchmarks/startup_imagenet.py --root /work/imagenet-links [--repeat 3] [--only dataset|train|shards|knn]
     python benchmarks/startup_imagenet.py --root /work/imagenet-links --remove   # delete the tree
 
 Goals (issue 17): <= 30 s the first time, <= 5 s with the manifest, 2 processes as fast as 1; <= 500 MB RSS for the
@@ -82,14 +87,16 @@ def probe_dataset(root: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-FIRST_STEP = re.compile(r"step\s+1\b|\bstep 1/")
+FIRST_STEP = re.compile(r"first step \(")  # the trainer's log line after its first step
 
 
-def time_first_step(cmd: list[str], out: Path, timeout: float = 900) -> float:
+def time_first_step(cmd: list[str], out: Path, timeout: float = 300) -> float:
     """Seconds from launching `cmd` to the first line of its output that logs step 1 (the process is then stopped)."""
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # print() through a pipe is block-buffered otherwise
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
     lines = []
     try:
         for line in proc.stdout:
@@ -107,18 +114,88 @@ def time_first_step(cmd: list[str], out: Path, timeout: float = 900) -> float:
 
 def train_cmd(root: Path, out: Path, nproc: int) -> list[str]:
     args = ["train", "--data", str(root), "--arch", "resnet-tiny", "--stem", "small-s2", "--image-size", "32",
-            "--epochs", "1", "--batch-size", "64", "--log-every", "1", "--out", str(out)]
+            "--epochs", "1", "--batch-size", "64", "--out", str(out), "--no-progress"]
     if nproc == 1:
         return [sys.executable, "-m", "fastbyol", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             "-m", "fastbyol", *args]
 
 
+def shards_vs_folder(root: Path, repeat: int, n: int = 2048, batch: int = 64, size: int = 96,
+                     steps: int = 24) -> dict:
+    """Two-view samples/s of TwoViewLoader on the same n images: a folder of hard links and its tar shards."""
+    from fastbyol.augment import TwoViewLoader
+    from fastbyol.data import resolve_dataset
+    from fastbyol.data.shards import write_shards
+
+    work = root.parent / f"{root.name}-throughput"
+    folder, tars = work / "folder", work / "shards"
+    if not (tars / "train-000000.tar").is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        per_class = n // 16
+        for c in range(16):  # 16 classes of the big tree, n // 16 images each
+            d = folder / "train" / f"n{c:08d}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                os.link(root / "train" / f"n{c:08d}" / f"n{c:08d}_{i}.JPEG", d / f"{i}.JPEG")
+        write_shards(folder, tars, max_samples=512, progress=False)
+    sources = {"folder": resolve_dataset(str(folder), eval_images=False).pretraining_source,
+               "shards": resolve_dataset(str(tars), eval_images=False).pretraining_source}
+    rates: dict[str, list[float]] = {"folder": [], "shards": []}
+    for _ in range(repeat):
+        for name, src in sources.items():
+            loader = TwoViewLoader(src, batch, size, seed=0, num_threads=2)
+            it = iter(loader.epoch())
+            for _ in range(4):  # warm-up: buffers, the shuffle buffer's first fill
+                next(it)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                next(it)
+            rates[name].append(steps * batch / (time.perf_counter() - t0))
+            print(f"two-view {size} px, batch {batch}: {name} {rates[name][-1]:.0f} samples/s", flush=True)
+            del it, loader
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return dict(folder_samples_s=med["folder"], shards_samples_s=med["shards"], ratio=med["shards"] / med["folder"],
+                runs=rates)
+
+
+def knn_gain(work: Path) -> dict:
+    """The default run on the embedded Fashion-MNIST (arrays) and on the same images as PNG tar shards."""
+    from PIL import Image
+
+    from fastbyol.data import load_embedded
+    from fastbyol.data.shards import write_shards
+
+    tars = work / "shards"
+    if not (tars / "train-000000.tar").is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        ds = load_embedded()
+        for split, x, y in (("train", ds.train_images, ds.train_labels), ("test", ds.test_images, ds.test_labels)):
+            for i, (img, label) in enumerate(zip(x, y)):
+                d = work / "png" / split / f"{label:02d}"
+                d.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img[..., 0]).save(d / f"{i:05d}.png")  # grey, lossless
+        write_shards(work / "png", tars, progress=False)
+    out = {}
+    for name, data in (("embedded", "embedded"), ("shards", str(tars))):
+        run = work / f"run-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fastbyol", "train", "--data", data, "--out", str(run), "--no-progress"],
+                       check=True, stdout=subprocess.DEVNULL)
+        summary = json.loads((run / "summary.json").read_text())
+        out[name] = dict(knn_trained=summary["knn_top1"], knn_random_init=summary["knn_top1_random_init"],
+                         gain=summary["knn_top1"] - summary["knn_top1_random_init"],
+                         seconds=time.perf_counter() - t0)
+        print(f"kNN {name}: {out[name]}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("/work/imagenet-links"))
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["dataset", "train"], default=None)
+    ap.add_argument("--only", choices=["dataset", "train", "shards", "knn"], default=None)
     ap.add_argument("--remove", action="store_true", help="delete the tree and its sources")
     args = ap.parse_args()
     if args.remove:
@@ -148,6 +225,10 @@ def main() -> int:
                 runs.append(time_first_step(train_cmd(root, out, nproc), out))
                 print(f"train {kind}: {runs[-1]:.1f} s to the first step", flush=True)
             results[f"train_{kind}"] = dict(median_s=statistics.median(runs), runs=runs)
+    if args.only in (None, "shards"):
+        results["shards_vs_folder"] = shards_vs_folder(root, args.repeat)
+    if args.only in (None, "knn"):
+        results["knn_gain"] = knn_gain(Path(os.environ.get("TMPDIR", "/tmp")) / "fastbyol-knn-shards")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()}, indent=1))
     return 0
 

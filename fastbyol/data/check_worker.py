@@ -5,6 +5,8 @@
         little-endian), N grey flags (uint8) and the problems (JSON [[index, reason], ...]) to stdout.
     python -m fastbyol.data.check_worker --shards FOLDER  < shard paths ("\\n"-separated)
         indexes each shard into FOLDER (shards.build_shard_meta).
+    python -m fastbyol.data.check_worker --verify MANIFEST_FOLDER
+        prints the relative paths (JSON list) of the files whose size or mtime differs from the manifest.
 """
 
 import json
@@ -15,6 +17,13 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
+    if argv[0] == "--verify":
+        from .manifest import Manifest
+
+        man = Manifest.load(Path(argv[1]))
+        changed = man.changed_files(man.root)
+        sys.stdout.write(json.dumps([man.path(i) for i in changed]))
+        return 0
     if argv[0] == "--shards":
         from .shards import build_shard_meta
 

@@ -144,7 +144,8 @@ def decode_files(files: Sequence[str], size: int, num_threads: int = 2, skip_bad
 
 
 class BackgroundDecode:
-    """Runs `job(cancel_event)` in a daemon thread; result() waits for it (re-raising its error in the caller).
+    """Runs `job(cancel_event)` in a daemon thread at nice 10 (training comes first); result() waits for it
+    (re-raising its error in the caller).
 
     The process waits for the job at exit only until the current batch ends (the job checks the event), so DALI's
     pipeline is never torn down by interpreter shutdown mid-batch."""
@@ -165,6 +166,11 @@ class BackgroundDecode:
 
     def _run(self, job):
         t0 = time.perf_counter()
+        if self._thread is not None:
+            try:  # Linux: a thread's own nice value; DALI's threads started from here inherit it
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except (AttributeError, OSError):
+                pass
         try:
             self._result = job(self._cancel)
         except BaseException as e:  # re-raised in the thread that waits

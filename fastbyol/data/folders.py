@@ -135,6 +135,8 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     train_y = man.labels[train_idx].astype(np.int64) if labeled else None
     test_y = None if test_idx is None else man.labels[test_idx].astype(np.int64)
 
+    location = man.location  # the job keeps this, not the manifest's arrays
+
     def job(cancel):
         x, kept, skipped = decode_encoded(train_items, image_size, num_threads, skip_bad_files, cancel)
         y = None if train_y is None else train_y[kept]
@@ -143,15 +145,16 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
             tx, tkept, tskipped = decode_encoded(test_items, image_size, num_threads, skip_bad_files, cancel)
             ty, skipped = test_y[tkept], skipped + tskipped
         if status == "fresh":  # files rewritten in place since the manifest (start-up checked only a sample)
-            now_bad = mf.verify_files(man, root)
+            now_bad = mf.verify_files(location, root)
             if now_bad:
                 raise FastByolError(f"{root / now_bad[0][0]}: {now_bad[0][1]} (changed since the manifest was "
                                     "written; the next run rescans the folder)")
         return x, y, tx, ty, skipped
 
+    num_classes, n_bad, gray = len(man.classes) if labeled else 0, len(man.bad), bool(man.gray[man.pretrain_mask].all())
+    del man  # ~60 bytes a file: not kept beyond start-up
     pending = BackgroundDecode(job, background) if eval_images else None
-    return ImageDataset(root.name, None, None, None, None, len(man.classes) if labeled else 0, str(root),
-                        pretrain_files=pretrain, skipped_files=len(man.bad),
-                        gray=bool(man.gray[man.pretrain_mask].all()), eval_decode=pending,
-                        image_size=image_size, counts=(n_train, n_test), startup_seconds=seconds, manifest=status,
+    return ImageDataset(root.name, None, None, None, None, num_classes, str(root), pretrain_files=pretrain,
+                        skipped_files=n_bad, gray=gray, eval_decode=pending, image_size=image_size,
+                        counts=(n_train, n_test), startup_seconds=seconds, manifest=status,
                         has_labels=labeled and n_test > 0)

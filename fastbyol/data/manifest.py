@@ -229,20 +229,23 @@ class Manifest:
             return sorted(i for part in ex.map(run, chunks) for i in part)
 
 
-def verify_files(man: Manifest, root: Path) -> list[list[str]]:
-    """Compare every file's size and mtime with the manifest (the check the start-up sample leaves to later).
+def verify_files(location: Path, root: Path) -> list[list[str]]:
+    """Compare every file's size and mtime with the manifest (the check the start-up sample leaves to later), in a
+    subprocess (a million stat calls in a thread would hold the GIL the training loop needs).
 
     When a file changed, the manifest is removed (the next run rescans) and the changed files are checked again;
     returns [relpath, reason] of those that are now bad."""
-    changed = man.changed_files(root)
+    out = subprocess.run([sys.executable, "-m", "fastbyol.data.check_worker", "--verify", str(location)],
+                         capture_output=True, check=False)
+    if out.returncode != 0:
+        return []  # the manifest went away or changed meanwhile: nothing to say about this run's files
+    changed = json.loads(out.stdout.decode("utf-8", "surrogateescape"))
     if not changed:
         return []
-    if man.location is not None:
-        with file_lock(man.location / "manifest.lock"):
-            (man.location / MANIFEST_NAME).unlink(missing_ok=True)
-    rels = [man.path(i) for i in changed]
-    _, _, _, problems = check_files(str(root), rels)
-    return [[rels[j], why] for j, why in problems]
+    with file_lock(location / "manifest.lock"):
+        (location / MANIFEST_NAME).unlink(missing_ok=True)
+    _, _, _, problems = check_files(str(root), changed)
+    return [[changed[j], why] for j, why in problems]
 
 
 # ---------------------------------------------------------------------------------------------------- the scan
