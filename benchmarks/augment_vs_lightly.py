@@ -3,15 +3,16 @@
     .venv/bin/python benchmarks/augment_vs_lightly.py --sizes 96 224 --batch 64 --repeats 3
     .venv/bin/python benchmarks/augment_vs_lightly.py --json          # one JSON object at the end
 
-Each repeat runs, per size, fastbyol (`fastbyol.augment_bench.bench_augment` on the images: DALI crops + the torch
-photometric chain, 2 DALI threads, 2 chain threads) and lightly (`BYOLTransform(BYOLView1Transform,
+Each repeat runs, per size, fastbyol (`TwoViewLoader` on the images: DALI crops + the torch photometric chain, 2
+DALI threads, 2 chain threads) and lightly (`BYOLTransform(BYOLView1Transform,
 BYOLView2Transform)` on PIL images through a torch DataLoader with 2 workers, persistent) one after the other, each in
 a fresh process; the images are one uint8 array (random 8x8 colour blocks upsampled to 8/7 of the view side, as
 `bench augment --source arrays`) saved once and read by both. lightly runs in its own venv (--peer-python; it never
 enters the project's environment). Both are timed the same way: per-batch arrival times after 3 warm-up batches;
 samples/s = batches x batch / their total time (the figure the ratio uses), and batch / the median interval beside it.
-The printed ratio is the median over repeats of fastbyol / lightly within one repeat (the two ran back to back, so
-load on the shared machine affects both alike).
+The printed ratio is the median over repeats of fastbyol / lightly within one repeat (the two ran back to back).
+Beside it, the CPU time each spent per sample over the same batches (every thread, and lightly's worker
+processes): on a shared machine the wall-clock ratio moves with the neighbours' load, the CPU-time ratio much less.
 
 Measured (2-core shared machine, CPU, batch 64, colour arrays; see the README's augmentation table for the figures
 and the command).
@@ -33,19 +34,43 @@ import numpy as np
 PEER_PYTHON = "/work/peer-venv/bin/python"
 
 
-def _rates(arrivals: list[float], batch: int) -> dict:
+def _rates(arrivals: list[float], batch: int, cpu_seconds: float) -> dict:
+    """Wall-clock rates over consecutive arrivals, and the CPU time the timed batches took (all threads and worker
+    processes): cpu_ms_per_sample does not depend on what else runs on the machine."""
     gaps = np.diff(arrivals)
-    return {"samples_per_s": batch * len(gaps) / float(arrivals[-1] - arrivals[0]),
-            "samples_per_s_median": batch / float(np.median(gaps)), "timed_batches": len(gaps)}
+    samples = batch * len(gaps)
+    return {"samples_per_s": samples / float(arrivals[-1] - arrivals[0]),
+            "samples_per_s_median": batch / float(np.median(gaps)), "timed_batches": len(gaps),
+            "cpu_ms_per_sample": 1000.0 * cpu_seconds / samples}
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of this process and of the processes `pids` (Linux /proc)."""
+    total = time.process_time()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def run_fastbyol(images: np.ndarray, size: int, batch: int, steps: int, threads: int) -> dict:
-    """bench_augment on `images`, with the mean-based rate this script compares (the median one beside it)."""
-    from fastbyol.augment_bench import bench_augment
+    """TwoViewLoader on `images` (DALI and chain threads: `threads`), timed as run_lightly."""
+    from fastbyol.augment import TwoViewLoader
 
-    r = bench_augment(size, batch, "cpu", "arrays", steps=steps, warmup=3, num_threads=threads, data=images)
-    return {"who": "fastbyol", "size": size, "batch": batch, "samples_per_s": r["samples_per_s_mean"],
-            "samples_per_s_median": r["samples_per_s"], "operators": r["operators"], "threads": threads}
+    loader = TwoViewLoader(images, batch, size, seed=0, num_threads=threads)
+    arrivals, done, cpu0 = [], 0, 0.0
+    while done < 3 + steps:
+        for v1, _ in loader.epoch():
+            assert v1.shape == (batch, 3, size, size)
+            done += 1
+            if done >= 3:
+                arrivals.append(time.perf_counter())
+                cpu0 = cpu0 or _cpu_seconds([])
+            if done == 3 + steps:
+                break
+    return {"who": "fastbyol", "size": size, "batch": batch, "threads": threads, "operators": loader.operators,
+            **_rates(arrivals, batch, _cpu_seconds([]) - cpu0)}
 
 
 def run_lightly(images: np.ndarray, size: int, batch: int, steps: int, workers: int) -> dict:
@@ -67,16 +92,19 @@ def run_lightly(images: np.ndarray, size: int, batch: int, steps: int, workers: 
 
     loader = torch.utils.data.DataLoader(Views(), batch_size=batch, num_workers=workers, shuffle=True,
                                          drop_last=True, persistent_workers=True)
-    arrivals, done = [], 0
+    arrivals, done, cpu0, pids = [], 0, 0.0, []
     while done < 3 + steps:
         for views in loader:
             assert views[0].shape == (batch, 3, size, size)
             done += 1
             if done >= 3:
                 arrivals.append(time.perf_counter())
+                pids = pids or [w.pid for w in loader._iterator._workers]  # the persistent worker processes
+                cpu0 = cpu0 or _cpu_seconds(pids)
             if done == 3 + steps:
                 break
-    return {"who": "lightly", "size": size, "batch": batch, "workers": workers, **_rates(arrivals, batch)}
+    return {"who": "lightly", "size": size, "batch": batch, "workers": workers,
+            **_rates(arrivals, batch, _cpu_seconds(pids) - cpu0)}
 
 
 def _child(role: str, images_path: str, size: int, batch: int, steps: int, cores: int, python: str) -> dict:
@@ -123,17 +151,20 @@ def main(argv: list[str] | None = None) -> int:
                 ours = _child("fastbyol", paths[size], size, args.batch, args.steps, args.cores, sys.executable)
                 peer = _child("lightly", paths[size], size, args.batch, args.steps, args.cores, args.peer_python)
                 rows.append({"repeat": repeat, "size": size, "fastbyol": ours, "lightly": peer,
-                             "ratio": ours["samples_per_s"] / peer["samples_per_s"]})
+                             "ratio": ours["samples_per_s"] / peer["samples_per_s"],
+                             "cpu_ratio": peer["cpu_ms_per_sample"] / ours["cpu_ms_per_sample"]})
                 if not args.json:
                     print(f"repeat {repeat} {size:>4} px: fastbyol {ours['samples_per_s']:7.1f}  lightly "
-                          f"{peer['samples_per_s']:7.1f} two-view samples/s  ratio {rows[-1]['ratio']:.2f}",
-                          flush=True)
+                          f"{peer['samples_per_s']:7.1f} two-view samples/s, ratio {rows[-1]['ratio']:.2f}; "
+                          f"CPU ms/sample {ours['cpu_ms_per_sample']:.2f} vs {peer['cpu_ms_per_sample']:.2f}, "
+                          f"ratio {rows[-1]['cpu_ratio']:.2f}", flush=True)
     summary = {}
     for size in args.sizes:
         mine = [r for r in rows if r["size"] == size]
         summary[size] = {"fastbyol_samples_per_s": statistics.median(r["fastbyol"]["samples_per_s"] for r in mine),
                          "lightly_samples_per_s": statistics.median(r["lightly"]["samples_per_s"] for r in mine),
                          "ratio": statistics.median(r["ratio"] for r in mine),
+                         "cpu_ratio": statistics.median(r["cpu_ratio"] for r in mine),
                          "operators": mine[0]["fastbyol"]["operators"]}
     if args.json:
         print(json.dumps({"batch": args.batch, "cores": args.cores, "summary": summary, "rows": rows}))
@@ -141,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         for size, s in summary.items():
             print(f"{size:>4} px, batch {args.batch}, {args.cores} cores: fastbyol {s['fastbyol_samples_per_s']:.0f}, "
                   f"lightly {s['lightly_samples_per_s']:.0f} two-view samples/s (medians of {args.repeats}); "
-                  f"ratio {s['ratio']:.2f}x (median of per-repeat ratios)")
+                  f"ratio {s['ratio']:.2f}x (median of per-repeat ratios); CPU time per sample: lightly / "
+                  f"fastbyol = {s['cpu_ratio']:.2f}x")
     return 0
 
 

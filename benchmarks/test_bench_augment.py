@@ -56,7 +56,7 @@ def test_two_view_batch(benchmark, size, source):
 def test_photometric_chain(timed, size, variant):
     """One view (VIEW1: blur on every image) of BATCH random crops."""
     g = torch.Generator().manual_seed(0)
-    crops = torch.randint(0, 256, (BATCH, size, size, 3), dtype=torch.uint8, generator=g).to(DEVICE)
+    crops = torch.randint(0, 256, (BATCH, 3, size, size), dtype=torch.uint8, generator=g).to(DEVICE)
     params = sample_params(VIEW1, BATCH, g, DEVICE)
     chain = photometric_variant(variant)
     kwargs = dict(blur_window=VIEW1.blur_window(size), solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD,

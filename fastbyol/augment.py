@@ -1,5 +1,5 @@
-"""BYOL's two augmented views: NVIDIA DALI for the geometric half and the random draws, one fused computation over
-the batch for the photometric half.
+"""BYOL's two augmented views: NVIDIA DALI reads, decodes and draws every random number; the crops and the
+photometric chain run as few whole-batch computations.
 
 `ViewSpec` holds the parameters of one view (official `byol/utils/augmentations.py`; shared DESIGN.md's table),
 `VIEW1` and `VIEW2` are the official pair, and `TwoViewLoader` yields both views as torch tensors (B, 3, S, S),
@@ -7,23 +7,29 @@ channels_last, normalized (float32 on the CPU, float16 on CUDA). Every image dra
 flip, jitter factors and order, coins): DALI's random ops draw per sample, never one crop per batch.
 
 Where each step runs:
-- DALI (GPU, or CPU with device_id=None): read / decode (the GPU decodes only each view's crop), random resized crop
-  (bicubic), flip, and every random parameter of the chain (`draw_params`), packed per sample as one (N_PARAMS,)
-  float32 output (`pack_params`; columns in fastbyol.photometric.PARAM_NAMES). DALI's checkpoint holds the state of
-  all of them, so `state()` (DALI's checkpoint string) is all a resume needs. The graph has ~40 operators (the
-  colour chain built from DALI arithmetic had ~1,600, each scheduled per batch).
-- the photometric chain (fastbyol.photometric: colour jitter with p 0.8, the four ops in the image's own random
-  order with a clip after each -> grayscale -> blur -> solarize -> clip -> normalize -> channels_last): the torch
-  reference on the CPU (on `num_threads` worker threads); on CUDA the variant CUDA_PHOTOMETRIC names (below).
-Order, as the official code: crop -> flip -> jitter -> grayscale -> blur -> solarize -> clip -> normalize. The crop
-runs on uint8 pixels; everything after it on [0, 1] floats, with contrast around each channel's mean and saturation
-and hue in true HSV (tests/test_fidelity.py checks each op against a numpy port of the official op, the whole chain
-on the loader's own draws, and each probability and parameter range).
+- DALI draws every random number of both views: the crop windows (fn.random_crop_generator / the crop ops'
+  own sampler: area and log-aspect drawn until the window fits, 10 attempts), the flips, and the chain's parameters
+  (`draw_params`, packed per sample as one (N_PARAMS,) float32 output: columns in fastbyol.photometric.PARAM_NAMES).
+  Its checkpoint holds all their states and the read position, so `state()` (DALI's checkpoint string) is all a
+  resume needs. The graph has ~40 operators (the colour chain built from DALI arithmetic had ~1,600).
+- CUDA: DALI also decodes (the mixed decoder decodes only each view's crop), resizes (bicubic), flips and emits
+  planar uint8 crops; the chain runs as CUDA_PHOTOMETRIC says.
+- CPU: DALI reads and decodes files (arrays are rows the source names by index); torch crops, resizes and flips
+  (`crop_resize_flip`: torch's uint8 bicubic is ~10x faster than DALI's CPU resize) and runs the chain
+  (fastbyol.photometric.photometric), both on `num_threads` worker threads.
+The chain: colour jitter with p 0.8 (the four ops in the image's own random order, a clip after each) -> grayscale ->
+blur -> solarize -> clip -> normalize -> channels_last, on [0, 1] floats, with contrast around each channel's mean
+and saturation and hue in true HSV (tests/test_fidelity.py checks each op against a numpy port of the official op,
+the whole chain on the loader's own draws, each probability and parameter range, and the crops' area and aspect).
 
 Deviations left, and why:
-- the crop window is drawn by DALI's random_resized_crop (area and log-aspect drawn until the window fits, then a
-  fallback), the official by TF's sample_distorted_bounding_box (the same scheme, 10 attempts); its bicubic filter
-  may use another cubic coefficient; and the cropped pixels are rounded to uint8 (<= 0.5/255) before the float ops.
+- the crop window is drawn by DALI's sampler, the official by TF's sample_distorted_bounding_box (the same scheme,
+  10 attempts; TF also asks the window to cover 10% of the image, min_object_covered=0.1);
+- the crops are rounded to uint8 (<= 0.5/255) before the float ops (the official resize outputs floats);
+- CUDA: DALI's bicubic filter may use another cubic coefficient than TF's Keys a = -0.5;
+- CPU: torch's uint8 bicubic is TF's (Keys a = -0.5, half-pixel centres; tested within one level when enlarging)
+  but antialiases when shrinking (TF does not), and rounds to uint8 between its two passes (it differs from a float
+  resize only where the first pass overshoots [0, 255], at pixel-level edges).
 (The blur now pads with zeros, as the official depthwise convolution: DALI's gaussian_blur reflected the borders.)
 """
 
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 
 from .errors import FastByolError
-from .photometric import ORDERS, PARAM_NAMES, photometric_variant
+from .photometric import ORDERS, PARAM_NAMES, TAP_TAIL, photometric_variant
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,11 +99,14 @@ CUDA_PHOTOMETRIC = "triton"
 
 
 def op_random_resized_crop(images, spec: ViewSpec, size: int):
-    """Random area in spec.crop_area, log-uniform aspect in spec.crop_aspect, bicubic resize to size x size."""
+    """Random area in spec.crop_area, log-uniform aspect in spec.crop_aspect, bicubic resize to size x size without
+    antialiasing (the official tf.image.resize(..., BICUBIC) has antialias=False; DALI's default filters when
+    shrinking, which also costs more)."""
     from nvidia.dali import fn, types
 
     return fn.random_resized_crop(images, size=(size, size), random_area=list(spec.crop_area),
-                                  random_aspect_ratio=list(spec.crop_aspect), interp_type=types.INTERP_CUBIC)
+                                  random_aspect_ratio=list(spec.crop_aspect), interp_type=types.INTERP_CUBIC,
+                                  antialias=False)
 
 
 def draw_params(spec: ViewSpec) -> dict:
@@ -152,17 +161,78 @@ def sample_params(spec: ViewSpec, n: int, generator: torch.Generator | None = No
 
 
 def _crop_and_params(images, spec: ViewSpec, size: int, cropped: bool = False):
-    """DALI graph of one view's geometric half: (flipped uint8 HWC crop size x size, (N_PARAMS,) float32 params).
+    """CUDA: DALI graph of one view's geometric half: (flipped uint8 CHW crop size x size, (N_PARAMS,) float32
+    params).
 
+    The crop leaves DALI planar (crop_mirror_normalize flips and transposes in one pass, at the cost of a flip): the
+    chain works on planes, and transposing HWC in torch cost more than all four jitter ops but hue.
     cropped: the random crop was already taken while decoding (GPU JPEG path): only resize to size x size."""
     from nvidia.dali import fn, types
 
     q = draw_params(spec)
     if cropped:
-        x = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC)
+        x = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=False)
     else:
         x = op_random_resized_crop(images, spec, size)
-    return fn.flip(x, horizontal=q["flip"]), pack_params(q)
+    x = fn.crop_mirror_normalize(x, mirror=q["flip"], dtype=types.UINT8, output_layout="CHW")
+    return x, pack_params(q)
+
+
+def _crop_window_and_params(shape, spec: ViewSpec):
+    """CPU: one view's crop window drawn by DALI, applied by torch (crop_resize_flip). Returns ((5,) int32
+    [y, x, h, w, flip] per sample, (N_PARAMS,) float32 params). `shape`: each sample's (H, W) as an int64 node.
+
+    fn.random_crop_generator is the window sampler of fn.random_resized_crop (same area and aspect ranges, same 10
+    attempts and fallback), so the distribution is unchanged; only the resampling moved: DALI's CPU bicubic resize
+    cost ~1 ms per 224 px crop on this 2-core machine, torch's uint8 one ~0.1 ms (and it runs on the chain's
+    worker threads, beside DALI)."""
+    from nvidia.dali import fn, types
+
+    q = draw_params(spec)
+    anchor, size = fn.random_crop_generator(shape, random_area=list(spec.crop_area),
+                                            random_aspect_ratio=list(spec.crop_aspect))
+    window = fn.cat(fn.cast(anchor, dtype=types.INT32), fn.cast(size, dtype=types.INT32),
+                    fn.reshape(q["flip"], shape=[1]), axis=0)  # (5,) int32
+    return window, pack_params(q)
+
+
+def crop_resize_flip(images, windows: torch.Tensor, size: int, channels: int = 3,
+                     threads: int | None = None) -> torch.Tensor:
+    """(B, 3, size, size) uint8 planar crops: image i's window (y, x, h, w) resized bicubic to size x size, mirrored
+    where its flip is 1. images[i] is an (H, W, 3) uint8 tensor (NHWC: an array row or a decoded file); windows
+    (B, 5) integers [y, x, h, w, flip]. channels 1 (gray input): only the first channel is resized, the others are
+    views of it.
+
+    torch's uint8 bicubic (Keys, a = -0.5, as tf.image.resize's) antialiases when it shrinks, which the official
+    resize does not: the one place the CPU crop differs from the official one (enlarging, the common case, is
+    identical). threads: as photometric (one torch thread per worker)."""
+    import torch.nn.functional as F
+
+    from .photometric import worker_pool
+
+    B = windows.shape[0]
+    out = torch.empty((B, channels, size, size), dtype=torch.uint8)
+    rows = windows.tolist()
+
+    def one(i: int) -> None:
+        y, x, h, w, flip = rows[i]
+        src = images[i][y:y + h, x:x + w, :channels].permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w) view of NHWC
+        crop = F.interpolate(src, size=(size, size), mode="bicubic", antialias=True)[0]  # (C, size, size) uint8
+        out[i].copy_(crop.flip(-1) if flip else crop)
+
+    def some(ids: range) -> None:
+        for i in ids:
+            one(i)
+
+    step = max(1, -(-B // (4 * (threads or 1))))  # a few tasks per worker
+    tasks = [range(a, min(B, a + step)) for a in range(0, B, step)]
+    if threads is None:
+        for ids in tasks:
+            some(ids)
+    else:
+        for done in [worker_pool(threads).submit(some, ids) for ids in tasks]:
+            done.result()
+    return out.expand(-1, 3, -1, -1) if channels == 1 else out
 
 
 class _EpochSource:
@@ -174,9 +244,10 @@ class _EpochSource:
     """
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, shard_id: int, num_shards: int,
-                 labels: np.ndarray | None = None):
+                 labels: np.ndarray | None = None, indices_only: bool = False):
         self.images = images
         self.labels = labels
+        self.indices_only = indices_only  # CPU: emit each sample's index (torch crops the image), not its pixels
         self.batch_size = batch_size
         self.seed = seed
         self.shard_id = shard_id
@@ -195,6 +266,8 @@ class _EpochSource:
             self._perm = perm[self.shard_id * self.per_shard:(self.shard_id + 1) * self.per_shard]
             self._perm_epoch = epoch
         idx = self._perm[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
+        if self.indices_only:
+            return [np.array([i], dtype=np.int64) for i in idx]
         if self.labels is None:
             return [self.images[i] for i in idx]
         return [self.images[i] for i in idx], [self.labels[i:i + 1] for i in idx]
@@ -259,14 +332,19 @@ class TwoViewLoader:
                     or images.dtype != np.uint8:
                 got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
                 raise FastByolError(f"images must be uint8 (N, H, W, 3), got {got}")
+            self.images = torch.from_numpy(images)  # (N, H, W, 3) uint8, shared with the caller's array
+            self.labels_t = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
             self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards,
-                                       None if labels is None else np.asarray(labels, dtype=np.int64))
+                                       None if labels is None else np.asarray(labels, dtype=np.int64),
+                                       indices_only=not device.startswith("cuda"))
             per_shard, self._steps = self.source.per_shard, self.source.steps_per_epoch
         if self._steps == 0:
             raise FastByolError(f"batch size {batch_size} is larger than the {per_shard} images of "
                                 "this shard: lower --batch-size")
         self.shard_id, self.num_shards = shard_id, num_shards
         self.batch_size = batch_size
+        self.image_size = image_size
+        self.num_threads = num_threads
         self.device = device
         self.on_gpu = device.startswith("cuda")
         self.gray_input = gray_input
@@ -286,14 +364,14 @@ class TwoViewLoader:
         return len(self._pipe._ops)
 
     def _chain(self, spec: ViewSpec, size: int, mean, std, num_threads: int):
-        """The photometric chain of one view: (crops (B, S, S, 3) uint8, params (B, N_PARAMS)) -> (B, 3, S, S).
+        """The photometric chain of one view: (crops (B, 3, S, S) uint8, params (B, N_PARAMS)) -> (B, 3, S, S).
         On the CPU its chunks run on num_threads worker threads (the cores DALI was given: DALI's own work, the
         crops, is the smaller part and overlaps it)."""
         kwargs = dict(blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold,
                       mean=tuple(mean), std=tuple(std), gray_input=self.gray_input,
                       out_dtype=torch.float16 if self.on_gpu else torch.float32)
-        if not self.on_gpu:
-            kwargs["threads"] = num_threads
+        if not self.on_gpu:  # worker threads; blur taps below float32 resolution skipped (photometric's docstring)
+            kwargs.update(threads=num_threads, blur_tail=TAP_TAIL)
         return functools.partial(photometric_variant(self.photometric_variant), **kwargs)
 
     def _build(self, size, seed, num_threads, view1, view2):
@@ -312,34 +390,47 @@ class TwoViewLoader:
                                              num_shards=self.num_shards, shuffle_after_epoch=True, name="reader")
             return encoded, (None if labels is None else fn.cast(label, dtype=types.INT64))
 
+        names: list[str] = []  # the pipeline's outputs, in order (filled when the graph is defined)
+
         @pipeline_def(enable_conditionals=False)
         def byol_two_views():
+            outs: dict = {}
             label = None
             if source is not None:
                 encoded, label = read()
                 if on_gpu:  # each view decodes only its own random crop
-                    outs = []
-                    for spec in (view1, view2):
+                    for v, spec in ((1, view1), (2, view2)):
                         x = fn.decoders.image_random_crop(encoded, device="mixed", output_type=types.RGB,
                                                           random_area=list(spec.crop_area),
                                                           random_aspect_ratio=list(spec.crop_aspect))
                         crop, params = _crop_and_params(x, spec, size, cropped=True)
-                        outs += [crop, params.gpu()]
-                    return (*outs, label) if label is not None else tuple(outs)
-                x = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-            else:
+                        outs.update({f"crops{v}": crop, f"params{v}": params.gpu()})
+                else:  # decoded whole; torch crops both views from it
+                    x = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+                    outs["images"] = x
+                    shape = x.shape(dtype=types.INT64)[0:2]  # (H, W) of each image
+            elif on_gpu:
                 if self.with_labels:
                     raw, label = fn.external_source(source=self.source, num_outputs=2, batch=True, batch_info=True,
                                                     layout=["HWC", ""], dtype=[types.UINT8, types.INT64])
                 else:
                     raw = fn.external_source(source=self.source, batch=True, batch_info=True, layout="HWC",
                                              dtype=types.UINT8, no_copy=False)
-                x = raw.gpu() if on_gpu else raw
-            outs = []
-            for spec in (view1, view2):
-                crop, params = _crop_and_params(x, spec, size)
-                outs += [crop, params.gpu() if on_gpu else params]
-            return (*outs, label) if label is not None else tuple(outs)
+                for v, spec in ((1, view1), (2, view2)):
+                    crop, params = _crop_and_params(raw.gpu(), spec, size)
+                    outs.update({f"crops{v}": crop, f"params{v}": params.gpu()})
+            else:  # CPU arrays: DALI draws which images (by index) and every random number; torch does the pixels
+                outs["index"] = fn.external_source(source=self.source, batch=True, batch_info=True,
+                                                   dtype=types.INT64)
+                shape = fn.constant(idata=list(self.images.shape[1:3]), dtype=types.INT64)
+            if not on_gpu:
+                for v, spec in ((1, view1), (2, view2)):
+                    window, params = _crop_window_and_params(shape, spec)
+                    outs.update({f"window{v}": window, f"params{v}": params})
+            if label is not None:
+                outs["labels"] = label
+            names[:] = list(outs)
+            return tuple(outs.values())
 
         # exec_dynamic: outputs are reference-counted, so torch can read them in place (DLPack, no copy) for as long
         # as it holds them. Checkpointing: DALI serialises its RNG states (the crops' and every photometric
@@ -348,6 +439,7 @@ class TwoViewLoader:
                               prefetch_queue_depth=2, exec_dynamic=True, enable_checkpointing=True,
                               checkpoint=self._checkpoint)
         pipe.build()
+        self._names = names
         return pipe
 
     def state(self) -> bytes | str:
@@ -367,11 +459,28 @@ class TwoViewLoader:
             raise FastByolError(f"DALI failed on a batch of {where}: {str(e).splitlines()[0]}") from None
 
     def _views(self, outputs):
-        """DALI outputs -> (view1, view2[, labels]): the chain reads DALI's buffers in place (DLPack) and writes
-        fresh torch tensors."""
-        self.last_outputs = outputs  # kept for tests that check the chain read DALI's memory
-        t = [torch.from_dlpack(o.as_tensor()) for o in outputs]  # (B, S, S, 3) uint8, (B, N_PARAMS) float32, ...
-        views = (self._chains[0](t[0], t[1]), self._chains[1](t[2], t[3]))
+        """DALI outputs -> (view1, view2[, labels]). CUDA: the chain reads DALI's crops in place (DLPack). CPU: torch
+        crops the images (array rows, or DALI's decoded files) with DALI's windows, then runs the chain. Either way
+        the views are fresh torch tensors."""
+        self.last_outputs = outputs  # kept for tests that check what the chain read
+        out = dict(zip(self._names, outputs))
+        labels = None
+        if self.on_gpu:
+            crops = [torch.from_dlpack(out[f"crops{v}"].as_tensor()) for v in (1, 2)]  # (B, 3, S, S) uint8
+        else:
+            if "index" in out:  # array rows, by the index DALI's source emitted
+                index = torch.from_dlpack(out["index"].as_tensor()).reshape(-1)  # (B,) int64
+                images = [self.images[k] for k in index.tolist()]  # (H, W, 3) views, no copy
+                if self.with_labels:
+                    labels = self.labels_t.index_select(0, index)
+            else:  # decoded files: (H_i, W_i, 3) each
+                images = [torch.from_dlpack(out["images"][i]) for i in range(self.batch_size)]
+            channels = 1 if self.gray_input else 3
+            crops = [crop_resize_flip(images, torch.from_dlpack(out[f"window{v}"].as_tensor()), self.image_size,
+                                      channels, self.num_threads) for v in (1, 2)]
+        self.last_crops = crops  # (B, 3, S, S) uint8 each, for tests
+        params = [torch.from_dlpack(out[f"params{v}"].as_tensor()) for v in (1, 2)]  # (B, N_PARAMS) float32
+        views = (self._chains[0](crops[0], params[0]), self._chains[1](crops[1], params[1]))
         if self.on_gpu:
             # The chain's kernels are queued on torch's stream and read DALI's buffers: hold those buffers until an
             # event after the chain has passed (polled, no host sync), at most 4 batches (then wait for the oldest).
@@ -383,8 +492,9 @@ class TwoViewLoader:
                 self._in_flight.popleft()
         if not self.with_labels:
             return views
-        labels = t[4].reshape(-1).to(torch.int64)  # (B,)
-        return (*views, labels.clone())
+        if labels is None:
+            labels = torch.from_dlpack(out["labels"].as_tensor()).reshape(-1).to(torch.int64).clone()  # (B,)
+        return (*views, labels)
 
     def epoch(self, first_step: int = 0):
         """Yield this epoch's batches of (view1, view2), from batch `first_step` on (after a resume).

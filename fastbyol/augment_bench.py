@@ -105,7 +105,7 @@ def bench_photometric(size: int, batch: int, device: str, variant: str, steps: i
     if size < 8 or batch < 1 or steps < 1:
         raise FastByolError("size must be >= 8, batch and steps >= 1")
     g = torch.Generator().manual_seed(seed)
-    crops = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g).to(device)
+    crops = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)  # as DALI's
     params = [sample_params(spec, batch, g, device) for spec in (VIEW1, VIEW2)]
     fn = photometric_variant(variant)
     out_dtype = torch.float16 if device == "cuda" else torch.float32

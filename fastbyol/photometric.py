@@ -2,7 +2,8 @@
 
     out = photometric(crops, params, blur_window=23, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
-crops (B, S, S, 3) uint8 NHWC: the random resized crops, already flipped (DALI's output).
+crops (B, 3, S, S) uint8: the random resized crops, already flipped (planar, NCHW contiguous: DALI's output on
+CUDA, fastbyol.augment.crop_resize_flip's on the CPU; any strides work, planar is the fast case on the CPU).
 params (B, N_PARAMS) float32: each image's random parameters, one column per name in PARAM_NAMES (DALI draws them:
 fastbyol.augment.draw_params; tests and benchmarks: fastbyol.augment.sample_params).
 out (B, 3, S, S) channels_last (NHWC memory), normalized, `out_dtype`.
@@ -121,13 +122,13 @@ def hue_sixths(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def hsv_to_rgb(h: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """(n, 3, H, W) RGB from hue h (sixths, any real), value v and chroma c (n, 1, H, W): channel n (R: 5, G: 3,
     B: 1) = v - c clip(min(k, 4 - k), 0, 1), k = (n + h) mod 6, written with all three channels at once."""
-    k = h + _HSV_OFFSETS.to(h.dtype)  # (n, 3, H, W): n + h - 2
-    k = k.sub_(torch.floor(k.mul(1.0 / 6.0).add_(1.0 / 3.0)).mul_(6.0))  # (n + h) mod 6, minus 2: in [-2, 4)
-    w = k.abs_().neg_().add_(2.0).clamp_(0.0, 1.0)  # 2 - |k - 2| = min(k, 4 - k) for k in [0, 6)
-    return (c * w).neg_().add_(v)
+    k = h + _HSV_OFFSETS.to(h.dtype)  # (n, 3, H, W): n + h
+    k = k.sub_(torch.floor(k * (1.0 / 6.0)).mul_(6.0))  # (n + h) mod 6, in [0, 6)
+    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return v - c * w
 
 
-_HSV_OFFSETS = torch.tensor([3.0, 1.0, -1.0]).reshape(1, 3, 1, 1)  # n - 2 for R, G, B
+_HSV_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).reshape(1, 3, 1, 1)  # n for R, G, B
 
 
 def adjust_hue(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -158,11 +159,15 @@ def blur_taps(sigma: torch.Tensor, window: int, dtype: torch.dtype = torch.float
     return k / k.sum(dim=1, keepdim=True)
 
 
+TAP_TAIL = 1e-7  # the loader's CPU path skips blur taps that carry less than this weight on each side
+
+
 def gaussian_blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """Separable blur of x (n, C, H, W) with each image's taps (n, K), zero padding (same size out).
 
     A depthwise convolution over the n*C planes, run channels_last: on the CPU oneDNN's depthwise kernel is ~8x faster
-    in that layout than in NCHW (measured on 2 cores at 224 px: 0.9 ms against 8 ms per 3-channel image)."""
+    in that layout than in NCHW (measured on 2 cores at 224 px: 0.9 ms against 8 ms per 3-channel image); its time
+    grows with K (about 3x from 7 taps to 23)."""
     n, C, H, W = x.shape
     K = taps.shape[1]
     r = K // 2
@@ -188,48 +193,109 @@ def _normalize_constants(mean, std, dtype, device) -> tuple[torch.Tensor, torch.
 
 
 def _to_planar(crops: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
-    """(n, S, S, 3) uint8 NHWC -> (n, channels, S, S) contiguous float in [0, 1] (one strided converting copy)."""
-    n, H, W, _ = crops.shape
+    """(n, 3, S, S) uint8 -> (n, channels, S, S) contiguous float in [0, 1]. From planar uint8 this is one straight
+    conversion (on the CPU ~20x cheaper than converting NHWC, a transposition: why DALI emits planar crops)."""
+    n, _, H, W = crops.shape
     x = torch.empty((n, channels, H, W), dtype=dtype, device=crops.device)
-    x.copy_(crops[..., :channels].permute(0, 3, 1, 2))
+    x.copy_(crops[:, :channels])
     return x.mul_(1.0 / 255.0)
 
 
 def _check(crops: torch.Tensor, params: torch.Tensor) -> None:
-    if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
-        raise ValueError(f"crops must be uint8 (B, S, S, 3), got {crops.dtype} {tuple(crops.shape)}")
+    if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != 3 or crops.shape[2] != crops.shape[3]:
+        raise ValueError(f"crops must be uint8 (B, 3, S, S), got {crops.dtype} {tuple(crops.shape)}")
     if params.shape != (crops.shape[0], N_PARAMS):
         raise ValueError(f"params must be ({crops.shape[0]}, {N_PARAMS}), got {tuple(params.shape)}")
 
 
+def finish(x: torch.Tensor, solarize_coin: torch.Tensor | None, threshold: float, scale: torch.Tensor,
+           shift: torch.Tensor) -> torch.Tensor:
+    """Solarize where the coin (n, 1, 1, 1) is 1, clip, normalize (x scale + shift): (n, C, H, W) -> (n, 3, H, W)
+    planar (a gray plane, C = 1, broadcasts to three channels). Branch-free and exact: at threshold 0.5 the
+    solarized value is min(x, 1 - x + 2 (1 - coin)), which is x when the coin is 0."""
+    if solarize_coin is not None:
+        if threshold == 0.5:
+            x = torch.minimum(x, (1.0 - x).add_((1.0 - solarize_coin) * 2.0))
+        else:
+            x = x + (x - threshold).sign_().add_(1.0).clamp_(0.0, 1.0).mul_(solarize_coin) * (1.0 - 2.0 * x)
+    return (x.clamp(0.0, 1.0) * scale).add_(shift)  # scale (1, 3, 1, 1) broadcasts a gray plane
+
+
+def adjust_saturation_hue(x: torch.Tensor, factor: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Saturation then hue, or hue then saturation (the same: they change s and h, each keeping the other and v),
+    in one HSV round trip: c <- min(c f, v), h <- h + delta. Equals the two ops in a row, each clipped, up to float
+    rounding (both keep pixels in [0, 1], so the clip between them never acts). Used when the two are adjacent in an
+    image's order: half of the 24 orders."""
+    h, v, c = hue_sixths(x)
+    c = torch.minimum(c * _col(factor), v)  # s' = min(s f, 1), times v
+    return hsv_to_rgb(h.add_(_col(delta) * 6.0), v, c).clamp_(0.0, 1.0)
+
+
 # ------------------------------------------------------------------------------- the reference: grouped by order
-def _chain(x: torch.Tensor, p: torch.Tensor, order: tuple[int, ...] | None, blur_window: int,
-           solarize_threshold: float, gray_input: bool) -> torch.Tensor:
-    """One chunk: x (n, C, S, S) planar float in [0, 1], p (n, N_PARAMS), every image jittered in `order` (or none)
-    -> (n, C, S, S) after jitter, grayscale, blur, solarize and the final clip."""
-    if order is not None:
-        for op in order:
-            if gray_input and op >= 2:  # saturation and hue leave gray pixels as they are (c = 0)
-                continue
-            x = JITTER_FNS[op](x, p[:, JITTER_COLUMNS[op]])
-    coins = (p[:, [GRAY, BLUR, SOLARIZE]] > 0.5).tolist()  # (n, 3) host-side: which images take which op
-    x = _apply_to(x, [row[0] for row in coins], grayscale)
-    x = _apply_to(x, [row[1] for row in coins],
-                  lambda y, sel: gaussian_blur(y, blur_taps(p[sel, SIGMA], blur_window, y.dtype)), with_index=True)
-    x = _apply_to(x, [row[2] for row in coins], lambda y: solarize(y, solarize_threshold))
-    return x.clamp_(0.0, 1.0)
+class _Batch:
+    """What every chunk of one call reads, computed once per batch: parameters by column, the coins as Python
+    lists, the blur taps and the radius each image's taps need."""
+
+    def __init__(self, params: torch.Tensor, blur_window: int, blur_tail: float):
+        self.params = params  # (B, N_PARAMS)
+        self.by_column = params.t().contiguous()  # (N_PARAMS, B): each parameter a contiguous row
+        self.gray, self.blur, self.solarize = ((params[:, [GRAY, BLUR, SOLARIZE]] > 0.5).t().tolist())
+        self.taps = blur_taps(params[:, SIGMA], blur_window, params.dtype)  # (B, K)
+        K = self.taps.shape[1]
+        if blur_tail > 0:  # per image: taps left of the radius carry <= blur_tail of the weight (each side)
+            outer = torch.cumsum(self.taps[:, :K // 2].double(), dim=1)
+            self.radius = (K // 2 - (outer <= blur_tail).sum(dim=1)).tolist()
+        else:
+            self.radius = [K // 2] * params.shape[0]
+
+
+def _steps(order: tuple[int, ...] | None, gray_input: bool) -> list[tuple[int, ...]]:
+    """The jitter ops of one order as steps: (op,) alone, or (2, 3) for saturation and hue when adjacent."""
+    ops = [op for op in (order or ()) if not (gray_input and op >= 2)]  # sat and hue leave gray pixels as they are
+    steps: list[tuple[int, ...]] = []
+    for op in ops:
+        if steps and {steps[-1][0], op} == {2, 3} and len(steps[-1]) == 1:
+            steps[-1] = (2, 3)
+        else:
+            steps.append((op,))
+    return steps
+
+
+def _chain(x: torch.Tensor, batch: _Batch, idx: list[int], sel: torch.Tensor, order: tuple[int, ...] | None,
+           solarize_threshold: float, gray_input: bool, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """One chunk: x (n, C, S, S) planar float in [0, 1], the images `idx` (`sel` on the device) of the batch, every
+    one jittered in `order` (or none) -> (n, 3, S, S) after jitter, grayscale, blur, solarize, clip, normalize."""
+    col = batch.by_column.index_select(1, sel)  # (N_PARAMS, n); index_select: advanced indexing is ~20x slower
+    for step in _steps(order, gray_input):
+        if step == (2, 3):
+            x = adjust_saturation_hue(x, col[SATURATION], col[HUE])
+        else:
+            x = JITTER_FNS[step[0]](x, col[JITTER_COLUMNS[step[0]]])
+    x = _apply_to(x, [batch.gray[i] for i in idx], grayscale)
+    blurred = [j for j, i in enumerate(idx) if batch.blur[i]]
+    if blurred:
+        K = batch.taps.shape[1]
+        r = max(batch.radius[idx[j]] for j in blurred)  # the widest blur of the chunk sets the taps kept
+        taps = batch.taps.index_select(0, sel)[:, K // 2 - r:K // 2 + r + 1]
+        x = _apply_to(x, [batch.blur[i] for i in idx], with_index=True,
+                      fn=lambda y, sub: gaussian_blur(y, taps if sub is None else taps.index_select(0, sub)))
+    coin = None  # skip the solarize arithmetic when no image of the chunk takes it
+    if any(batch.solarize[i] for i in idx):
+        coin = (col[SOLARIZE] > 0.5).to(x.dtype).reshape(-1, 1, 1, 1)
+    return finish(x, coin, solarize_threshold, scale, shift)
 
 
 def _apply_to(x: torch.Tensor, chosen: list[bool], fn, with_index: bool = False) -> torch.Tensor:
     """fn on the chosen images of x (n, C, H, W) only: all, none, or a gathered subset written back (no torch.where:
-    on the CPU it costs ~30 arithmetic ops)."""
+    on the CPU it costs ~30 arithmetic ops). with_index: fn(subset, positions of the subset in x, None for all)."""
     if not any(chosen):
         return x
     if all(chosen):
-        return fn(x, slice(None)) if with_index else fn(x)
-    sel = torch.tensor([i for i, c in enumerate(chosen) if c], device=x.device)
-    y = fn(x[sel], sel) if with_index else fn(x[sel])
-    return x.index_copy_(0, sel, y)
+        return fn(x, None) if with_index else fn(x)
+    sub = torch.tensor([i for i, c in enumerate(chosen) if c], device=x.device)
+    part = x.index_select(0, sub)
+    y = fn(part, sub) if with_index else fn(part)
+    return x.index_copy_(0, sub, y)
 
 
 def _groups(params: torch.Tensor, max_images: int, gray_input: bool) -> list[tuple[tuple | None, list[int]]]:
@@ -253,8 +319,8 @@ def _groups(params: torch.Tensor, max_images: int, gray_input: bool) -> list[tup
 def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
                 mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
                 out_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
-                chunk_pixels: int = CHUNK_PIXELS, threads: int | None = None) -> torch.Tensor:
-    """The chain over a batch: crops (B, S, S, 3) uint8, params (B, N_PARAMS) -> (B, 3, S, S) channels_last.
+                chunk_pixels: int = CHUNK_PIXELS, threads: int | None = None, blur_tail: float = 0.0) -> torch.Tensor:
+    """The chain over a batch: crops (B, 3, S, S) uint8, params (B, N_PARAMS) -> (B, 3, S, S) channels_last.
 
     Works on chunks of one jitter order each (at most chunk_pixels // S^2 images): every op is a whole-tensor torch
     op over the chunk, the chunk stays in cache from the uint8 load to the normalized store. compute_dtype float64
@@ -264,28 +330,42 @@ def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, 
     threads with one torch thread each (chunks are independent and write disjoint rows of the output). On the CPU
     that is how the chain uses several cores: per-op OpenMP parallelism on cache-sized tensors spends more in its
     barriers than it gains, and collapses when the cores are shared (measured on 2 busy cores: an in-cache add
-    took 10 ms with 2 OpenMP threads against 20 us with 1)."""
+    took 10 ms with 2 OpenMP threads against 20 us with 1).
+    blur_tail: skip the outer blur taps carrying less than this weight on each side (per chunk, the widest blur of
+    the chunk decides; the weights kept are unchanged): the result moves by at most blur_tail per pass. 0 keeps
+    every tap. The loader's CPU path uses TAP_TAIL (1e-7: below float32's resolution of a pixel near 1); a narrow
+    blur (sigma 0.5) then costs 7 taps instead of 23 at 224 px."""
     _check(crops, params)
-    B, S = crops.shape[0], crops.shape[1]
+    B, S = crops.shape[0], crops.shape[2]
     channels = 1 if gray_input else 3
     out = torch.empty((B, S, S, 3), dtype=out_dtype, device=crops.device)  # NHWC memory: channels_last views
     scale, shift = _normalize_constants(mean, std, compute_dtype, crops.device)
     params = params.to(compute_dtype)
+    batch = _Batch(params, blur_window, blur_tail)
+
+    # NHWC rows written by numpy on the CPU: its strided copy (one channel at a time, contiguous reads) takes half
+    # the time of torch's permuted copy, and releases the GIL like torch does
+    out_np = out.numpy() if out.device.type == "cpu" and out_dtype == compute_dtype else None
 
     def run(order: tuple[int, ...] | None, idx: list[int]) -> None:
         sel = torch.tensor(idx, device=crops.device)
-        x = _chain(_to_planar(crops[sel], channels, compute_dtype), params[sel], order, blur_window,
-                   solarize_threshold, gray_input)
-        y = (x * scale).add_(shift).to(out_dtype)  # (n, 3, S, S): a gray plane broadcasts to three channels
-        for j, i in enumerate(idx):  # interleave into out's rows (NHWC): one strided copy per image
-            out[i].copy_(y[j].permute(1, 2, 0))
+        y = _chain(_to_planar(crops.index_select(0, sel), channels, compute_dtype), batch, idx, sel, order,
+                   solarize_threshold, gray_input, scale, shift)  # (n, 3, S, S) planar
+        if out_np is not None:
+            y_np = y.numpy()
+            for j, i in enumerate(idx):  # interleave into out's rows (NHWC)
+                for c in range(3):
+                    out_np[i, :, :, c] = y_np[j, c]
+        else:
+            for j, i in enumerate(idx):
+                out[i].copy_(y[j].permute(1, 2, 0))
 
     chunks = _groups(params, max(1, chunk_pixels // (S * S)), gray_input)
     if threads is None:
         for chunk in chunks:
             run(*chunk)
     else:
-        for done in [_pool(threads).submit(run, *chunk) for chunk in chunks]:
+        for done in [worker_pool(threads).submit(run, *chunk) for chunk in chunks]:
             done.result()  # re-raises a worker's exception here
     return out.permute(0, 3, 1, 2)
 
@@ -293,7 +373,7 @@ def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, 
 _pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 
 
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+def worker_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
     """A process-wide pool of `threads` workers, each with one torch intra-op thread (a per-thread setting: the
     caller's own thread count is left as it is)."""
     if threads not in _pools:
@@ -313,7 +393,7 @@ def photometric_by_slot(crops: torch.Tensor, params: torch.Tensor, *, blur_windo
     _check(crops, params)
     dtype = torch.float32
     p = params.to(dtype)
-    x = crops.permute(0, 3, 1, 2).to(dtype) * (1.0 / 255.0)  # (B, 3, S, S) channels_last float
+    x = crops.to(dtype) * (1.0 / 255.0)  # (B, 3, S, S) float
     jitter = p[:, JITTER] > 0.5
     table = torch.tensor(ORDERS, device=crops.device)  # (24, 4)
     order = table[p[:, ORDER].long().clamp_(0, len(ORDERS) - 1)]  # (B, 4) op id per slot

@@ -4,8 +4,9 @@ solarize, clip, normalize, written as channels_last fp16 (or fp32).
     out = photometric_triton(crops, params, blur_window=23, solarize_threshold=0.5, mean=..., std=...)
 
 Same arguments and result as the torch reference `fastbyol.photometric.photometric` (its module docstring has the
-math of every op; tests/test_photometric.py checks this kernel against it in float64): crops (B, S, S, 3) uint8 NHWC,
-params (B, N_PARAMS) float32, both on the device; out (B, 3, S, S) channels_last.
+math of every op; tests/test_photometric.py checks this kernel against it in float64): crops (B, 3, S, S) uint8 (any
+strides: DALI's planar output, or an NHWC batch seen as NCHW), params (B, N_PARAMS) float32, both on the device;
+out (B, 3, S, S) channels_last.
 
 The launches, per view (B images of S x S):
   1. _stats:   grid (B, NB): each program runs the jitter ops that precede contrast in its image's order over a block
@@ -89,20 +90,22 @@ if triton_available():
         return r, g, b
 
     @triton.jit
-    def _load_rgb(X, img, pix, mask, HW):
-        """The pixels `pix` of image `img` of the NHWC uint8 batch X, as three fp32 blocks in [0, 1]."""
-        base = X + img.to(tl.int64) * HW * 3 + pix * 3
-        r = tl.load(base + 0, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
-        g = tl.load(base + 1, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
-        b = tl.load(base + 2, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+    def _load_rgb(X, img, pix, mask, S, sb, sc, sy, sx):
+        """The pixels `pix` (row-major index y * S + x) of image `img` of the uint8 batch X with strides (sb, sc, sy,
+        sx), as three fp32 blocks in [0, 1]."""
+        base = X + img.to(tl.int64) * sb + (pix // S) * sy + (pix % S) * sx
+        r = tl.load(base, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+        g = tl.load(base + sc, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+        b = tl.load(base + 2 * sc, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
         return r, g, b
 
     @triton.jit
     def _stats(
-        X,  # (B, S, S, 3) uint8 crops, contiguous
+        X,  # (B, 3, S, S) uint8 crops, strides (sb, sc, sy, sx) in elements
         Params,  # (B, N_PARAMS) float32 parameters, contiguous
         Orders,  # (24, 4) int32: op id at each slot
         Sums,  # (B, NB, 3) float32 out: per-block channel sums of the state just before contrast
+        S, sb, sc, sy, sx,  # side, crop strides
         HW,  # S * S pixels per image
         NB: tl.constexpr,  # pixel blocks per image
         NPAR: tl.constexpr,  # N_PARAMS
@@ -113,7 +116,7 @@ if triton_available():
         P = Params + img * NPAR
         pix = blk * BLOCK + tl.arange(0, BLOCK)
         mask = pix < HW
-        r, g, b = _load_rgb(X, img, pix, mask, HW)
+        r, g, b = _load_rgb(X, img, pix, mask, S, sb, sc, sy, sx)
         order = tl.load(P + 5).to(tl.int32)
         before = (tl.load(P + 0) > 0.5).to(tl.int32)  # 1 while still before contrast in the order (0: no jitter)
         for slot in tl.static_range(3):  # contrast is at slot 3 at the latest: at most 3 ops before it
@@ -141,12 +144,13 @@ if triton_available():
 
     @triton.jit
     def _color(
-        X,  # (B, S, S, 3) uint8 crops
+        X,  # (B, 3, S, S) uint8 crops, strides (sb, sc, sy, sx)
         Params,  # (B, N_PARAMS) float32
         Orders,  # (24, 4) int32
         Sums,  # (B, NB, 3) float32 from _stats
         Scratch,  # (B, 3, S, S) float32 out: images with blur, after jitter and grayscale
         Out,  # (B, S, S, 3) out: finished images without blur (fp16 or fp32)
+        S, sb, sc, sy, sx,  # side, crop strides
         HW, threshold, m0, m1, m2, s0, s1, s2,  # pixels per image, solarize threshold, normalization
         NB: tl.constexpr, NB_P2: tl.constexpr, NPAR: tl.constexpr, BLOCK: tl.constexpr,
         GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,  # grayscale weights
@@ -156,7 +160,7 @@ if triton_available():
         P = Params + img * NPAR
         pix = blk * BLOCK + tl.arange(0, BLOCK)
         mask = pix < HW
-        r, g, b = _load_rgb(X, img, pix, mask, HW)
+        r, g, b = _load_rgb(X, img, pix, mask, S, sb, sc, sy, sx)
         if tl.load(P + 0) > 0.5:  # jitter: contrast means from the NB partial sums of this image
             k = tl.arange(0, NB_P2)
             kmask = k < NB
@@ -273,11 +277,11 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     if crops.device.type != "cuda" and not interpreter_on():
         raise RuntimeError("photometric_triton on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
     _check(crops, params)
-    if not crops.is_contiguous() or params.dtype != torch.float32 or not params.is_contiguous():
-        raise ValueError("photometric_triton needs contiguous uint8 crops and contiguous float32 params")
+    if params.dtype != torch.float32 or not params.is_contiguous():
+        raise ValueError("photometric_triton needs contiguous float32 params")
     if blur_window % 2 != 1:
         raise ValueError(f"blur_window must be odd, got {blur_window}")
-    B, S = crops.shape[0], crops.shape[1]
+    B, S = crops.shape[0], crops.shape[2]
     HW = S * S
     device = crops.device
     on_gpu = device.type == "cuda"
@@ -293,8 +297,9 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     orders = _orders(device)
     m, s = [float(v) for v in mean], [float(v) for v in std]
     thr = float(solarize_threshold)
-    _stats[(B, NB)](crops, params, orders, sums, HW, NB=NB, NPAR=N_PARAMS, BLOCK=BLOCK)
-    _color[(B, NB)](crops, params, orders, sums, scratch, out, HW, thr, *m, *s, NB=NB,
+    strides = (S, *crops.stride())
+    _stats[(B, NB)](crops, params, orders, sums, *strides, HW, NB=NB, NPAR=N_PARAMS, BLOCK=BLOCK)
+    _color[(B, NB)](crops, params, orders, sums, scratch, out, *strides, HW, thr, *m, *s, NB=NB,
                     NB_P2=max(2, triton.next_power_of_2(NB)), NPAR=N_PARAMS, BLOCK=BLOCK, GW0=GRAY_WEIGHTS[0],
                     GW1=GRAY_WEIGHTS[1], GW2=GRAY_WEIGHTS[2])
     grid = (B, triton.cdiv(S, ROWS))

@@ -66,13 +66,38 @@ def test_bad_settings():
 def test_views_are_fresh_tensors_that_outlive_later_batches():
     loader = TwoViewLoader(_images(32), batch_size=16, image_size=20, seed=0, device="cpu", num_threads=1)
     v1, v2 = next(iter(loader.epoch()))
-    dali = [o.as_tensor() for o in loader.last_outputs]  # crops, params of view 1, then of view 2
-    assert tuple(dali[0].shape()) == (16, 20, 20, 3) and tuple(dali[1].shape()) == (16, len(PARAM_NAMES))
-    assert v1.data_ptr() not in {d.data_ptr() for d in dali}  # the chain's output, not a view of DALI's memory
+    dali = dict(zip(loader._names, (o.as_tensor() for o in loader.last_outputs)))
+    assert tuple(dali["window1"].shape()) == (16, 5) and tuple(dali["params1"].shape()) == (16, len(PARAM_NAMES))
+    assert tuple(loader.last_crops[0].shape) == (16, 3, 20, 20)  # torch's crops: planar uint8
+    assert v1.data_ptr() not in {d.data_ptr() for d in dali.values()}  # the chain's output, not DALI's memory
     assert v1.stride() == (20 * 20 * 3, 1, 20 * 3, 3)  # NHWC memory seen as NCHW: channels_last strides
     held = v1.clone()
     list(loader.epoch())  # later batches do not overwrite a view still held
     assert torch.equal(v1, held)
+
+
+def test_crops_follow_dalis_windows_and_flips():
+    """crop_resize_flip against a float64 resize of the same window (torch's antialiased bicubic, rounded) on smooth
+    images, the mirror where the flip is 1, each image an (H, W, 3) row of an array. (The uint8 kernel rounds and
+    clamps between its two passes: on pixel noise, where a pass overshoots [0, 255], it moves further from the float
+    resize; tests/test_fidelity.py measures that against the official resize.)"""
+    import torch.nn.functional as F
+
+    from fastbyol.augment import crop_resize_flip
+
+    coarse = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (3, 3, 5, 5), dtype=np.uint8)).double()
+    smooth = F.interpolate(coarse, size=(40, 36), mode="bilinear").round().to(torch.uint8)  # no pixel-level edges
+    images = smooth.permute(0, 2, 3, 1).contiguous()  # (3, 40, 36, 3) NHWC rows
+    windows = torch.tensor([[0, 0, 40, 36, 0], [5, 7, 20, 13, 1], [31, 2, 9, 30, 0]])
+    got = crop_resize_flip([images[i] for i in range(3)], windows, 24, threads=2)
+    assert got.shape == (3, 3, 24, 24) and got.dtype == torch.uint8
+    for i, (y, x, h, w, flip) in enumerate(windows.tolist()):
+        src = images[i, y:y + h, x:x + w].permute(2, 0, 1)[None].double()
+        want = F.interpolate(src, size=(24, 24), mode="bicubic", antialias=True)[0].round().clamp(0, 255)
+        want = want.flip(-1) if flip else want
+        assert (got[i].double() - want).abs().max() <= 1  # uint8 rounding (of the final and the middle pass)
+    gray = crop_resize_flip([images[i] for i in range(3)], windows, 24, channels=1)
+    assert torch.equal(gray[:, 0], got[:, 0]) and torch.equal(gray[:, 1], gray[:, 0])
 
 
 def test_the_dali_graph_stays_small():

@@ -105,9 +105,10 @@ NP_JITTER = (np_brightness, np_contrast, np_saturation, np_hue)
 
 
 def np_chain(crop_u8, p, window, threshold, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The official postprocess of one crop (HWC uint8) with parameters p (N_PARAMS,), then normalize: (H, W, 3)."""
+    """The official postprocess of one crop (CHW uint8, as DALI emits it) with parameters p (N_PARAMS,), then
+    normalize: (H, W, 3)."""
     q = dict(zip(PARAM_NAMES, np.asarray(p, dtype=np.float64)))
-    img = crop_u8.astype(np.float64) / 255.0
+    img = np.asarray(crop_u8).transpose(1, 2, 0).astype(np.float64) / 255.0
     if q["jitter"] > 0.5:
         for op in ORDERS[int(q["order"])]:
             img = NP_JITTER[op](img, q[PARAM_NAMES[1 + op]])
@@ -200,15 +201,7 @@ def test_jitter_order_uniform_over_the_24_orders(drawn):
     assert abs(b_first - 0.5) < 3 * math.sqrt(0.25 / N)
 
 
-def test_crop_area_and_aspect():
-    side = 256
-    coords = np.zeros((side, side, 3), np.uint8)
-    coords[..., 0] = np.arange(side)[None, :]  # R = x
-    coords[..., 1] = np.arange(side)[:, None]  # G = y
-    out = _run(lambda img: op_random_resized_crop(img, VIEW1, 64), batch_size=2000, img=coords)[0].astype(float)
-    # the crop spans from the first to the last output pixel centre: 63/64 of its width
-    w = (out[:, 32, -1, 0] - out[:, 32, 0, 0]) * 64 / 63 + 1
-    h = (out[:, -1, 32, 1] - out[:, 0, 32, 1]) * 64 / 63 + 1
+def _crop_stats(w, h, side):
     area = w * h / side**2
     aspect = np.log(w / h)
     lo, hi = VIEW1.crop_area
@@ -217,6 +210,78 @@ def test_crop_area_and_aspect():
     a_lo, a_hi = math.log(VIEW1.crop_aspect[0]), math.log(VIEW1.crop_aspect[1])
     assert aspect.min() > a_lo - 0.08 and aspect.max() < a_hi + 0.08
     assert abs(aspect.mean()) < 0.03  # log-uniform: symmetric around 0
+
+
+def _coordinates(side=256):
+    coords = np.zeros((side, side, 3), np.uint8)
+    coords[..., 0] = np.arange(side)[None, :]  # R = x
+    coords[..., 1] = np.arange(side)[:, None]  # G = y
+    return coords
+
+
+def test_crop_area_and_aspect_on_the_cpu_path():
+    """The loader's CPU crop (DALI's window sampler, torch's resize), measured off a coordinate image through the
+    whole loader with every photometric op and the flip switched off."""
+    from fastbyol.augment import ViewSpec
+
+    plain = ViewSpec(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+    images = np.repeat(_coordinates()[None], 50, axis=0)
+    loader = TwoViewLoader(images, batch_size=50, image_size=64, seed=2, num_threads=2, view1=plain, view2=plain)
+    std, mean = np.array(IMAGENET_STD).reshape(1, 3, 1, 1), np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    outs = []
+    while len(outs) < 40:
+        for v1, v2 in loader.epoch():
+            outs += [(v.numpy() * std + mean) * 255 for v in (v1, v2)]
+    out = np.concatenate(outs)  # (4000, 3, 64, 64) source coordinates
+    w = (out[:, 0, 32, -1] - out[:, 0, 32, 0]) * 64 / 63 + 1
+    h = (out[:, 1, -1, 32] - out[:, 1, 0, 32]) * 64 / 63 + 1
+    _crop_stats(w, h, 256)
+
+
+def test_crop_area_and_aspect():
+    """DALI's random_resized_crop (the CUDA path's crop for arrays), off a coordinate image."""
+    out = _run(lambda img: op_random_resized_crop(img, VIEW1, 64), batch_size=2000,
+               img=_coordinates())[0].astype(float)
+    # the crop spans from the first to the last output pixel centre: 63/64 of its width
+    w = (out[:, 32, -1, 0] - out[:, 32, 0, 0]) * 64 / 63 + 1
+    h = (out[:, -1, 32, 1] - out[:, 0, 32, 1]) * 64 / 63 + 1
+    _crop_stats(w, h, 256)
+
+
+def np_tf_resize_bicubic(img, out_h, out_w):
+    """tf.image.resize(img, (out_h, out_w), BICUBIC), antialias=False (TF2's scale_and_translate, 'keyscubic'
+    kernel: Keys a = -0.5, half-pixel centres, weights of the taps inside the image renormalized), float64, HWC."""
+
+    def weights(n_in, n_out):
+        scale = n_out / n_in
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            centre = (i + 0.5) / scale
+            for j in range(n_in):
+                t = abs(centre - (j + 0.5))
+                a = -0.5
+                m[i, j] = ((a + 2) * t**3 - (a + 3) * t**2 + 1) if t <= 1 else \
+                    (a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a) if t < 2 else 0.0
+            m[i] /= m[i].sum()
+        return m
+
+    wy, wx = weights(img.shape[0], out_h), weights(img.shape[1], out_w)
+    return np.einsum("ij,jkc,lk->ilc", wy, img.astype(np.float64), wx)
+
+
+def test_cpu_resize_is_the_official_bicubic_when_enlarging():
+    """The CPU crop's resize (torch's uint8 bicubic) against the official resize, enlarging as the crops of 8/7-size
+    arrays mostly do, on smooth images: within one level (the uint8 rounding). Shrinking, torch antialiases and the
+    official does not (augment.py's deviations)."""
+    import torch.nn.functional as F
+
+    from fastbyol.augment import crop_resize_flip
+
+    coarse = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (1, 3, 6, 5), dtype=np.uint8)).double()
+    smooth = F.interpolate(coarse, size=(41, 37), mode="bilinear").round().to(torch.uint8)[0].permute(1, 2, 0)
+    got = crop_resize_flip([smooth.contiguous()], torch.tensor([[0, 0, 41, 37, 0]]), 64)[0]  # (3, 64, 64)
+    want = np.clip(np.round(np_tf_resize_bicubic(smooth.numpy(), 64, 64)), 0, 255).transpose(2, 0, 1)
+    assert np.abs(got.numpy().astype(float) - want).max() <= 1
 
 
 # ------------------------------------------------------------------------------------- each op, fixed parameters
@@ -293,7 +358,7 @@ def _covering_params(spec, n, generator):
 def test_chain_matches_the_official_ops_composed(spec):
     g = torch.Generator().manual_seed(7)
     size, n = 40, 50  # 50 images: every order, each coin on and off; window 5 at 40 px
-    crops = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
+    crops = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     p = _covering_params(spec, n, g)
     window = spec.blur_window(size)
     got = photometric(crops, p, blur_window=window, solarize_threshold=spec.solarize_threshold, mean=IMAGENET_MEAN,
@@ -304,13 +369,15 @@ def test_chain_matches_the_official_ops_composed(spec):
 
 
 def test_loader_views_are_the_official_chain_on_its_own_draws():
-    """The path the trainer uses: DALI crops and draws, the torch chain; each view with its own spec (blur window,
+    """The path the trainer uses: DALI's draws, torch's crops and chain; each view with its own spec (blur window,
     solarize threshold) and its own parameters."""
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (32, 48, 48, 3), dtype=np.uint8)
     loader = TwoViewLoader(images, batch_size=16, image_size=40, seed=4, num_threads=1)
     v1, v2 = next(iter(loader.epoch()))
-    crops1, params1, crops2, params2 = (np.asarray(o.as_tensor()) for o in loader.last_outputs)
+    crops1, crops2 = (c.numpy() for c in loader.last_crops)
+    dali = dict(zip(loader._names, loader.last_outputs))
+    params1, params2 = (np.asarray(dali[f"params{v}"].as_tensor()) for v in (1, 2))
     for views, crops, params, spec in ((v1, crops1, params1, VIEW1), (v2, crops2, params2, VIEW2)):
         for i in range(16):
             want = np_chain(crops[i], params[i], spec.blur_window(40), spec.solarize_threshold)

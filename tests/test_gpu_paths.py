@@ -55,7 +55,7 @@ def test_gpu_chain_variants_agree(size, batch):
     from fastbyol.photometric import photometric, photometric_variant
 
     g = torch.Generator().manual_seed(2)
-    crops = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g)
+    crops = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
     for spec in (VIEW1, VIEW2):
         p = sample_params(spec, batch, g)
         p[:, 5] = torch.arange(batch) % 24

@@ -26,8 +26,8 @@ SHAPES = [(1, 8), (7, 31), (30, 16)]  # one image; a prime batch and an odd side
 def _inputs(batch, size, spec=VIEW2, seed=0, gray=False):
     """Fresh random crops and parameters, every order and each coin on and off spread over the batch."""
     g = torch.Generator().manual_seed(seed)
-    crops = torch.randint(0, 256, (batch, size, size, 1 if gray else 3), dtype=torch.uint8, generator=g)
-    crops = crops.expand(-1, -1, -1, 3).contiguous()
+    crops = torch.randint(0, 256, (batch, 1 if gray else 3, size, size), dtype=torch.uint8, generator=g)
+    crops = crops.expand(-1, 3, -1, -1).contiguous()  # planar, as DALI emits them
     p = sample_params(spec, batch, g)
     p[:, PARAM_NAMES.index("order")] = torch.randperm(batch, generator=g) % len(ORDERS)
     for k, name in enumerate(("jitter", "gray", "blur", "solarize")):
@@ -119,11 +119,12 @@ _AOT = textwrap.dedent("""
     from triton.compiler import ASTSource
     import fastbyol.kernels.photometric as kp
     norm = {f"{c}{i}": "fp32" for c in "ms" for i in range(3)}
+    crop_strides = {k: "i32" for k in ("S", "sb", "sc", "sy", "sx")}
     launches = [
-        (kp._stats, dict(X="*u8", Params="*fp32", Orders="*i32", Sums="*fp32", HW="i32"),
+        (kp._stats, dict(X="*u8", Params="*fp32", Orders="*i32", Sums="*fp32", **crop_strides, HW="i32"),
          dict(NB=4, NPAR=10, BLOCK=256)),
         (kp._color, dict(X="*u8", Params="*fp32", Orders="*i32", Sums="*fp32", Scratch="*fp32", Out="*fp16",
-                         HW="i32", threshold="fp32", **norm),
+                         **crop_strides, HW="i32", threshold="fp32", **norm),
          dict(NB=4, NB_P2=4, NPAR=10, BLOCK=256, GW0=0.2989, GW1=0.587, GW2=0.114)),
         (kp._blur_h, dict(Scratch="*fp32", Tmp="*fp32", Params="*fp32", S="i32"),
          dict(NPAR=10, K=5, ROWS=8, BLOCK_W=32)),
@@ -161,7 +162,24 @@ def test_bad_inputs_raise_one_clear_error():
     crops, p = _inputs(4, 8)
     with pytest.raises(ValueError, match="crops must be uint8"):
         photometric(crops.float(), p, blur_window=3, solarize_threshold=0.5, **KW)
+    with pytest.raises(ValueError, match=r"crops must be uint8 \(B, 3, S, S\)"):
+        photometric(crops.permute(0, 2, 3, 1), p, blur_window=3, solarize_threshold=0.5, **KW)
     with pytest.raises(ValueError, match=f"params must be \\(4, {N_PARAMS}\\)"):
         photometric(crops, p[:, :5], blur_window=3, solarize_threshold=0.5, **KW)
     with pytest.raises(ValueError, match="not one of"):
         photometric_variant("fast")
+
+
+def test_any_crop_layout_gives_the_same_views():
+    """Planar crops (DALI's) and an NHWC batch seen as (B, 3, S, S) give the same result, in every form."""
+    crops, p = _inputs(6, 20, seed=9)
+    nhwc = crops.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # same values, channels_last strides
+    base = photometric(crops, p, blur_window=5, solarize_threshold=0.5, **KW)
+    assert torch.equal(photometric(nhwc, p, blur_window=5, solarize_threshold=0.5, **KW), base)
+    torch.testing.assert_close(photometric_by_slot(nhwc, p, blur_window=5, solarize_threshold=0.5, **KW), base,
+                               atol=3e-5, rtol=0)
+    pytest.importorskip("triton")
+    from fastbyol.kernels.photometric import photometric_triton
+
+    got = photometric_triton(nhwc, p, blur_window=5, solarize_threshold=0.5, out_dtype=torch.float32, **KW)
+    torch.testing.assert_close(got, base, atol=3e-5, rtol=0)
