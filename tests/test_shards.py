@@ -231,3 +231,29 @@ def test_damaged_or_stale_index_is_rebuilt_and_gray_is_detected(folder, tmp_path
     assert resolve_dataset(str(tmp_path / "gw"), eval_images=False).num_pretraining == 6
     assert meta.read_bytes() != bytes(data)  # rewritten
     assert not resolve_dataset(str(folder), eval_images=False).gray  # colour JPEGs
+
+
+def test_index_is_built_once(shards, monkeypatch):
+    import fastbyol.data.shards as sh
+
+    resolve_dataset(str(shards), eval_images=False)
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("a fresh index must not be rebuilt")
+
+    monkeypatch.setattr(sh, "build_shard_meta", no_rebuild)
+    ds = resolve_dataset(str(shards), eval_images=False)
+    assert ds.num_pretraining == 40 and ds.startup_seconds["index"] >= 0
+
+
+def test_failed_sample_names_the_file():
+    from fastbyol.data import failed_sample
+
+    class Folder:
+        root = "/data/set"
+
+    msg = "Critical error in pipeline:\nError in CPU operator ...\nFailed to decode sample #48 : train/a/x y.jpg\n"
+    assert failed_sample(Folder(), msg) == "/data/set/train/a/x y.jpg"
+    assert failed_sample(object(), "Failed to decode sample #2 : /s/a.tar:410112:00200.jpg") == \
+        "/s/a.tar:410112:00200.jpg"
+    assert failed_sample(Folder(), "nvImageCodec failure: '#3'") is None
