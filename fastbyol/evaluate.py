@@ -151,6 +151,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     except ImportError:
         raise FastByolError("fastbyol plot needs matplotlib: pip install 'fastbyol[plot]'") from None
     run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FastByolError(f"{run_dir}: no metrics.jsonl")
     out = Path(out) if out else run_dir / "curves.png"
     formats = plt.figure().canvas.get_supported_filetypes()
     plt.close("all")
@@ -159,9 +162,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                             f"{', '.join('.' + f for f in sorted(formats))}")
     if not out.parent.is_dir():
         raise FastByolError(f"--out {out}: the folder {out.parent} does not exist")
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FastByolError(f"{run_dir}: no metrics.jsonl")
     rows = []
     for n, line in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
         if not line.strip():

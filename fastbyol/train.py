@@ -84,7 +84,7 @@ def evaluate_knn(model: BYOL | torch.nn.Module, dataset: ImageDataset, cfg: Conf
 
     subset: at most this many bank images and a quarter as many queries (fixed, evenly spaced): the cheap online
     monitor; None: the full splits."""
-    if dataset.train_labels is None or dataset.test_images is None or dataset.test_labels is None:
+    if not dataset.has_knn:
         return None
     bank, queries = slice(None), slice(None)
     if subset is not None:
@@ -296,7 +296,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
         device = torch.device("cuda", torch.cuda.current_device())  # init_distributed chose LOCAL_RANK's GPU
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the convolutions once
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
-                              cfg.run.seed)
+                              cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
     plan = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
     if state is not None:
         _check_resumable(state, resume, world_size, dataset.num_pretraining)
@@ -341,6 +341,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
         loss_sum, steps_since_log, last_loss = torch.zeros((), device=device), 0, float("nan")
         start_epoch, resume_offset = divmod(state.step, plan.steps_per_epoch)
         input_dtype = getattr(torch, plan.input_dtype)
+        startup = {}
         for epoch in range(start_epoch, cfg.optim.epochs):
             meter.resume()
             for v1, v2 in meter.batches(loader.epoch(resume_offset if epoch == start_epoch else 0)):
@@ -355,7 +356,9 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
                 steps_since_log += 1
                 if meter.step():  # sync, once: the first step of this process is timed apart (compilation)
                     step_fn.compiled()
-                    log(f"first step (compile {step_fn.mode}, warm-up): {meter.warmup_seconds:.1f} s")
+                    startup["first batch"] = first_batch = meter.last_wait
+                    log(f"first step (compile {step_fn.mode}, warm-up): {meter.warmup_seconds:.1f} s; its batch "
+                        f"took {first_batch:.1f} s")
                 bar.update(1)
 
                 # log: the mean loss since the last log point (sync, every log_every steps)
@@ -403,6 +406,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
         files.save(checkpoint(True, loss_sum))
         summary = _summary(cfg, plan, state, meter, model, dataset, device, step_fn.mode, knn_trained, knn_random,
                            last_loss, resumed=resume is not None)
+        summary["startup_seconds"] = {**dataset.startup_seconds, **startup}
         if knn_trained is not None:
             files.write_metrics(step=state.step, epoch=cfg.optim.epochs - 1, knn_top1=knn_trained, final=True)
         if knn_random is not None:
@@ -491,6 +495,9 @@ def _distributed(model: BYOL, device: torch.device, world_size: int):
 def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: BYOL, run_dir: Path,
                device: torch.device, state: TrainState, resume) -> None:
     log(f"fastbyol {__version__}: {dataset.describe()}")
+    if dataset.startup_seconds:
+        log("startup: " + ", ".join(f"{k} {v:.1f} s" for k, v in dataset.startup_seconds.items())
+            + (f" (manifest {dataset.manifest})" if getattr(dataset, "manifest", None) else ""))
     if dataset.skipped_files:
         log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
     log(f"run directory {run_dir}; device {device}" + (f" x {plan.world_size} processes" if plan.world_size > 1 else "")
@@ -505,7 +512,7 @@ def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: B
 def _random_init_knn(cfg: Config, dataset: ImageDataset, device: torch.device) -> float | None:
     """kNN top-1 of the random-init encoder: rebuilt from the seed exactly as the model's encoder was (the encoder is
     the first thing drawn after seeding), so the figure is the one before training, computed off the critical path."""
-    if dataset.train_labels is None or dataset.test_images is None:
+    if not dataset.has_knn:
         return None
     torch.manual_seed(cfg.run.seed)
     encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
