@@ -159,8 +159,9 @@ def shards_vs_folder(root: Path, repeat: int, n: int = 2048, batch: int = 64, si
                 runs=rates)
 
 
-def knn_gain(work: Path) -> dict:
-    """The default run on the embedded Fashion-MNIST (arrays) and on the same images as PNG tar shards."""
+def knn_gain(work: Path, epochs: int = 16) -> dict:
+    """The default run (`epochs` of the fmnist-tiny preset's 16) on the embedded Fashion-MNIST (arrays) and on the same
+    images as PNG tar shards."""
     from PIL import Image
 
     from fastbyol.data import load_embedded
@@ -181,8 +182,8 @@ def knn_gain(work: Path) -> dict:
         run = work / f"run-{name}"
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "fastbyol", "train", "--data", data, "--out", str(run), "--no-progress"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "fastbyol", "train", "--data", data, "--out", str(run), "--no-progress",
+                        "--epochs", str(epochs)], check=True, stdout=subprocess.DEVNULL)
         summary = json.loads((run / "summary.json").read_text())
         out[name] = dict(knn_trained=summary["knn_top1"], knn_random_init=summary["knn_top1_random_init"],
                          gain=summary["knn_top1"] - summary["knn_top1_random_init"],
@@ -197,6 +198,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", choices=["dataset", "train", "shards", "knn"], default=None)
     ap.add_argument("--remove", action="store_true", help="delete the tree and its sources")
+    ap.add_argument("--knn-epochs", type=int, default=16, help="epochs of each kNN-gain run")
     args = ap.parse_args()
     if args.remove:
         shutil.rmtree(args.root, ignore_errors=True)
@@ -228,7 +230,7 @@ def main() -> int:
     if args.only in (None, "shards"):
         results["shards_vs_folder"] = shards_vs_folder(root, args.repeat)
     if args.only in (None, "knn"):
-        results["knn_gain"] = knn_gain(Path(os.environ.get("TMPDIR", "/tmp")) / "fastbyol-knn-shards")
+        results["knn_gain"] = knn_gain(Path(os.environ.get("TMPDIR", "/tmp")) / "fastbyol-knn-shards", args.knn_epochs)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()}, indent=1))
     return 0
 
