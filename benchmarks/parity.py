@@ -68,6 +68,10 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "baseline": Variant("fastbyol as configured by default at this commit"),
+    "head-no-bias": Variant("no bias in the heads' first Linear (lightly's heads; BN follows it)",
+                            patches=("head-no-bias",)),
+    "lars-lightly": Variant("LARS trust ratio eta |w| / (|g| + wd |w| + eps) (lightly's) instead of eta |w| / "
+                            "|g + wd w|", patches=("lars-lightly",)),
     "target-before": Variant("the target's EMA update before the forward (lightly's example order) instead of after "
                              "the optimizer step", patches=("target-before",)),
 }
@@ -95,7 +99,32 @@ def _patch_target_before() -> None:
     T.byol_step = byol_step_target_first  # TrainStep.__call__ looks byol_step up in fastbyol.train at each call
 
 
-PATCHES = {"target-before": _patch_target_before}
+def _patch_head_no_bias() -> None:
+    """The trainer's build_model with BYOL(..., head_first_bias=False)."""
+    import torch
+
+    from fastbyol import train as T
+
+    def build_model(cfg, device):
+        encoder = T.build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
+        model = T.BYOL(encoder, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden,
+                       head_first_bias=False)
+        return model.to(device=device, memory_format=torch.channels_last)
+
+    T.build_model = build_model  # _build_training looks it up at each call
+
+
+def _patch_lars_lightly() -> None:
+    """The trainer's LARS with trust_ratio="lightly"."""
+    import functools
+
+    from fastbyol import train as T
+
+    T.LARS = functools.partial(T.LARS, trust_ratio="lightly")
+
+
+PATCHES = {"target-before": _patch_target_before, "head-no-bias": _patch_head_no_bias,
+           "lars-lightly": _patch_lars_lightly}
 
 
 def driver(argv: list[str]) -> int:

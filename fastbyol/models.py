@@ -150,10 +150,14 @@ def build_encoder(arch: str, stem: str = "auto", image_size: int = 224) -> ResNe
     return ResNet(spec.block, spec.layers, spec.widths, stem=stem)
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear -> BN -> ReLU -> Linear: BYOL's projector (2048 -> 4096 -> 256) and predictor (256 -> 4096 -> 256)."""
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, first_bias: bool = True) -> nn.Sequential:
+    """Linear -> BN -> ReLU -> Linear: BYOL's projector (2048 -> 4096 -> 256) and predictor (256 -> 4096 -> 256).
+
+    first_bias: a bias in the first Linear (the official haiku MLP has one; lightly's heads do not). BN right after it
+    (batch statistics, in train mode for both networks) removes any constant added per feature, so that bias gets a
+    zero gradient and changes no output: dropping it changes only what the init draws after it."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim),
+        nn.Linear(in_dim, hidden_dim, bias=first_bias),
         nn.BatchNorm1d(hidden_dim),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
@@ -161,13 +165,16 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 
 
 class BYOL(nn.Module):
-    """Online = encoder -> projector -> predictor; target = EMA copy of encoder -> projector (no grad)."""
+    """Online = encoder -> projector -> predictor; target = EMA copy of encoder -> projector (no grad).
 
-    def __init__(self, encoder: ResNet, proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096):
+    head_first_bias: biases in the first Linear of projector and predictor (official; see `mlp`)."""
+
+    def __init__(self, encoder: ResNet, proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096,
+                 head_first_bias: bool = True):
         super().__init__()
         self.online_encoder = encoder
-        self.online_projector = mlp(encoder.feature_dim, proj_hidden, proj_dim)
-        self.predictor = mlp(proj_dim, pred_hidden, proj_dim)
+        self.online_projector = mlp(encoder.feature_dim, proj_hidden, proj_dim, head_first_bias)
+        self.predictor = mlp(proj_dim, pred_hidden, proj_dim, head_first_bias)
         self.target_encoder = copy.deepcopy(self.online_encoder)
         self.target_projector = copy.deepcopy(self.online_projector)
         for p in self.target_parameters():

@@ -16,6 +16,12 @@ per element; gain: 14 kernel-launching ops per step, where the 0-D form took one
 ResNet-50). The arithmetic is the reference's, in its order: the parameters after a step are bit for bit those of
 the 0-D form (float32, CPU). tests/test_optim.py counts the launches (the profiler's top-level aten ops, each
 foreach call checked against the fast route's conditions) and checks the step against the reference in float64.
+
+Trust-ratio forms (`trust_ratio`): "official" is the optax/BYOL one, eta |w| / |g + wd w|; "lightly" is
+lightly.utils.lars's (after the PyTorch LARS of the SwAV/DINO code), eta |w| / (|g| + wd |w| + eps), the denominator
+a bound of the official one by the triangle inequality. Both add wd w to the gradient and scale it; with the weight
+decay of these recipes (1e-6) the two differ by about wd |w| / |g|. `lars_update_lightly_` is the per-parameter
+loop of the second form (the fallback path and the tests' oracle for it).
 """
 
 from __future__ import annotations
@@ -25,6 +31,37 @@ from collections.abc import Iterable
 import torch
 
 from .reference import lars_excluded, lars_update_
+
+TRUST_RATIOS = ("official", "lightly")  # eta |w| / |g + wd w|, or eta |w| / (|g| + wd |w| + eps)
+LIGHTLY_EPS = 1e-8  # lightly.utils.lars.LARS's eps default
+
+
+@torch.no_grad()
+def lars_update_lightly_(params, grads, momentum_buffers, lr: float | torch.Tensor, weight_decay: float,
+                         momentum: float = 0.9, trust_coefficient: float = 1e-3, excluded=None,
+                         eps: float = LIGHTLY_EPS) -> None:
+    """`reference.lars_update_` with lightly's trust ratio, per parameter:
+
+        u = g + wd * w                                       (not for excluded)
+        u = u * eta * |w| / (|g| + wd * |w| + eps)           (not for excluded; 1 when |w| or |g| is 0)
+        m = momentum * m + u
+        w = w - lr * m
+
+    (lightly also leaves the weight decay out where |w| or |g| is 0; here it is added there, as the official form
+    does: the two forms differ in the ratio alone.)"""
+    if excluded is None:
+        excluded = [lars_excluded(p) for p in params]
+    for w, g, m, skip in zip(params, grads, momentum_buffers, excluded):
+        u = g.to(torch.float32) if w.dtype != g.dtype else g.clone()
+        if not skip:
+            w_norm, g_norm = w.norm(), u.norm()
+            u.add_(w, alpha=weight_decay)
+            trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps),
+                                torch.ones_like(w_norm))
+            u.mul_(trust)
+        m.mul_(momentum).add_(u)
+        w.sub_(lr * m)
 
 
 class LarsWorkspace:
@@ -71,11 +108,16 @@ def lars_foreach_(
     trust_coefficient: float = 1e-3,
     excluded: list[bool] | None = None,
     workspace: LarsWorkspace | None = None,
+    trust_ratio: str = "official",
+    eps: float = LIGHTLY_EPS,
 ) -> None:
     """`reference.lars_update_` with fused foreach ops: the same u, trust ratio, momentum and update, in place.
 
     Every tensor must share one device and dtype (the caller falls back to the reference otherwise). workspace: a
-    `LarsWorkspace` of the adapted (not excluded) parameters, reused across steps; None builds one for this call."""
+    `LarsWorkspace` of the adapted (not excluded) parameters, reused across steps; None builds one for this call.
+    trust_ratio "lightly": `lars_update_lightly_`'s ratio (eps only used there)."""
+    if trust_ratio not in TRUST_RATIOS:
+        raise ValueError(f"LARS: trust_ratio must be one of {TRUST_RATIOS}, got {trust_ratio!r}")
     if not params:
         return
     if excluded is None:
@@ -88,10 +130,16 @@ def lars_foreach_(
         if workspace is None or workspace.key != LarsWorkspace.key_of(ws):
             workspace = LarsWorkspace(ws)
         us = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay else gs  # u = g + wd * w
-        norms = torch.stack(torch._foreach_norm([*ws, *us])).view(2, len(ws))  # (2, S): |w| then |u| per tensor
-        w_norms, u_norms = norms[0], norms[1]
-        # (S,) trust ratio eta * |w| / |u|, 1 where either norm is 0 (the reference's arithmetic, in its order)
-        trust = torch.where((norms > 0).all(0), trust_coefficient * w_norms / u_norms, 1.0)
+        if trust_ratio == "official":
+            norms = torch.stack(torch._foreach_norm([*ws, *us])).view(2, len(ws))  # (2, S): |w| then |u| per tensor
+            w_norms, u_norms = norms[0], norms[1]
+            # (S,) trust ratio eta * |w| / |u|, 1 where either norm is 0 (the reference's arithmetic, in its order)
+            trust = torch.where((norms > 0).all(0), trust_coefficient * w_norms / u_norms, 1.0)
+        else:  # lightly's: (S,) eta * |w| / (|g| + wd |w| + eps), 1 where |w| or |g| is 0
+            norms = torch.stack(torch._foreach_norm([*ws, *gs])).view(2, len(ws))  # (2, S): |w| then |g|
+            w_norms, g_norms = norms[0], norms[1]
+            trust = torch.where((norms > 0).all(0),
+                                trust_coefficient * w_norms / (g_norms + weight_decay * w_norms + eps), 1.0)
         torch.index_select(trust, 0, workspace.segment, out=workspace.scale)  # (E,) each tensor's ratio, spread
         # u = t * u, then m += u: the reference's two roundings, so the step is bit for bit the per-tensor one
         # (one fused _foreach_addcmul_ would save a pass but differs in the last bit on the CPU)
@@ -110,7 +158,7 @@ def lars_foreach_(
 
 class LARS(torch.optim.Optimizer):
     """LARS (see the module docstring). foreach=False runs the reference per-parameter loop; parameters of mixed
-    devices or dtypes, or not dense, fall back to it too."""
+    devices or dtypes, or not dense, fall back to it too. trust_ratio: "official" or "lightly" (TRUST_RATIOS)."""
 
     def __init__(
         self,
@@ -120,14 +168,18 @@ class LARS(torch.optim.Optimizer):
         momentum: float = 0.9,
         trust_coefficient: float = 1e-3,
         foreach: bool = True,
+        trust_ratio: str = "official",
     ):
         if not isinstance(lr, torch.Tensor) and lr < 0:
             raise ValueError(f"LARS: lr must be >= 0, got {lr}")
+        if trust_ratio not in TRUST_RATIOS:
+            raise ValueError(f"LARS: trust_ratio must be one of {TRUST_RATIOS}, got {trust_ratio!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"LARS: momentum must be in [0, 1), got {momentum}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
         super().__init__(params, defaults)
         self.foreach = foreach
+        self.trust_ratio = trust_ratio
         self._workspaces: dict[int, LarsWorkspace] = {}  # per param group; scratch, never in the state dict
 
     def set_lr(self, lr: float | torch.Tensor) -> None:
@@ -160,9 +212,9 @@ class LARS(torch.optim.Optimizer):
                     workspace = self._workspaces[index] = LarsWorkspace(adapted)
                 lars_foreach_(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"],
                               momentum=group["momentum"], trust_coefficient=group["trust_coefficient"],
-                              excluded=excluded, workspace=workspace)
+                              excluded=excluded, workspace=workspace, trust_ratio=self.trust_ratio)
             else:
-                lars_update_(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"],
-                             momentum=group["momentum"], trust_coefficient=group["trust_coefficient"],
-                             excluded=excluded)
+                loop = lars_update_ if self.trust_ratio == "official" else lars_update_lightly_
+                loop(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"],
+                     momentum=group["momentum"], trust_coefficient=group["trust_coefficient"], excluded=excluded)
         return loss

@@ -184,3 +184,78 @@ def test_lars_mixed_dtypes_fall_back_to_the_loop():
 def test_lars_refuses_a_negative_lr():
     with pytest.raises(ValueError, match="lr must be >= 0"):
         LARS([torch.nn.Parameter(torch.ones(2))], lr=-1.0)
+
+
+# ------------------------------------------------------------------------ lightly's trust-ratio form (issue 19)
+def _lightly_lars_step(params, grads, bufs, lr, weight_decay, momentum, eta, eps, excluded):
+    """lightly.utils.lars.LARS.step's arithmetic, written out from its source (float64 oracle): ratio
+    eta |w| / (|g| + wd |w| + eps) on the decayed parameters; the excluded ones are lightly's weight_decay=0 group."""
+    for w, g, m, skip in zip(params, grads, bufs, excluded):
+        d = g.clone()
+        w_norm, g_norm = w.norm(), g.norm()
+        if not skip and w_norm != 0 and g_norm != 0:
+            ratio = eta * w_norm / (g_norm + w_norm * weight_decay + eps)
+            d = (d + weight_decay * w) * ratio
+        m.mul_(momentum).add_(d)
+        w.sub_(lr * m)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_lightly_trust_ratio_foreach_equals_its_loop_and_lightlys_arithmetic(weight_decay, tensor_lr):
+    from fastbyol.optim import lars_update_lightly_
+
+    params_oracle, grads = _tensors()
+    params_loop = [p.clone() for p in params_oracle]
+    params_new = [p.clone() for p in params_oracle]
+    bufs = [[torch.zeros_like(p) for p in params_oracle] for _ in range(3)]
+    excluded = [lars_excluded(p) for p in params_oracle]
+    for step in range(3):
+        lr = 0.3 + 0.1 * step
+        _lightly_lars_step(params_oracle, grads, bufs[0], lr, weight_decay, 0.9, 1e-3, 1e-8, excluded)
+        lars_update_lightly_(params_loop, grads, bufs[1], lr=lr, weight_decay=weight_decay, momentum=0.9,
+                             trust_coefficient=1e-3, excluded=excluded)
+        lars_foreach_(params_new, grads, bufs[2], lr=torch.tensor(lr, dtype=torch.float64) if tensor_lr else lr,
+                      weight_decay=weight_decay, momentum=0.9, trust_coefficient=1e-3, excluded=excluded,
+                      trust_ratio="lightly")
+        for i, (a, b, c) in enumerate(zip(params_new, params_loop, params_oracle)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+            if i not in (5, 6):  # |w| = 0, |g| = 0: lightly leaves the weight decay out there, fastbyol adds it
+                torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-14)
+
+
+def test_the_two_trust_ratios_differ_by_the_weight_decay_term():
+    params, grads = _tensors()
+    official, lightly = [p.clone() for p in params], [p.clone() for p in params]
+    excluded = [lars_excluded(p) for p in params]
+    for ps, form in ((official, "official"), (lightly, "lightly")):
+        lars_foreach_(ps, grads, [torch.zeros_like(p) for p in ps], lr=1.0, weight_decay=0.5, momentum=0.9,
+                      excluded=excluded, trust_ratio=form)
+    assert not torch.equal(official[0], lightly[0])  # adapted: the ratios differ
+    torch.testing.assert_close(official[3], lightly[3], rtol=0, atol=0)  # excluded (1-D): the same plain step
+    for ps, form in ((official, "official"), (lightly, "lightly")):  # without weight decay they are one ratio
+        ps[:] = [p.clone() for p in params]
+        lars_foreach_(ps, grads, [torch.zeros_like(p) for p in ps], lr=1.0, weight_decay=0.0, momentum=0.9,
+                      excluded=excluded, trust_ratio=form, eps=0.0)
+    torch.testing.assert_close(official[0], lightly[0], rtol=1e-12, atol=1e-14)
+
+
+def test_lars_optimizer_lightly_form_foreach_matches_its_loop():
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64)), torch.nn.Parameter(torch.randn(5,
+                                                                                                     dtype=torch.float64))]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+    fast = LARS(ws, lr=0.5, weight_decay=1e-2, trust_ratio="lightly")
+    loop = LARS(twins, lr=0.5, weight_decay=1e-2, trust_ratio="lightly", foreach=False)
+    for _ in range(2):
+        for group, opt in ((ws, fast), (twins, loop)):
+            opt.zero_grad()
+            sum((w ** 3).sum() for w in group).backward()
+            opt.step()
+    for a, b in zip(ws, twins):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_lars_refuses_an_unknown_trust_ratio():
+    with pytest.raises(ValueError, match="trust_ratio must be one of"):
+        LARS([torch.nn.Parameter(torch.ones(2, 2))], lr=0.1, trust_ratio="layerwise")

@@ -144,16 +144,7 @@ def test_every_variant_names_known_patches_and_flags():
         parser.parse_args(["train", *v.flags])  # the flags exist (argparse exits on an unknown one)
 
 
-@pytest.fixture
-def restore_byol_step():
-    from fastbyol import train as T
-
-    saved = T.byol_step
-    yield
-    T.byol_step = saved
-
-
-def test_target_before_patch_moves_the_ema_before_the_forward(restore_byol_step):
+def test_target_before_patch_moves_the_ema_before_the_forward(restore_trainer):
     """The patched step equals: EMA of the target at tau, then fastbyol's own step without its EMA (float64)."""
     from fastbyol import train as T
     from fastbyol.optim import LARS
@@ -214,3 +205,46 @@ def test_parity_runs_in_a_fresh_interpreter():
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "baseline" in res.stdout and "target-before" in res.stdout
+
+
+@pytest.fixture
+def restore_trainer():
+    from fastbyol import train as T
+
+    saved = {name: getattr(T, name) for name in ("byol_step", "build_model", "LARS")}
+    yield
+    for name, value in saved.items():
+        setattr(T, name, value)
+
+
+def test_head_first_bias_is_inert_under_batch_norm():
+    """What models.mlp's docstring claims: the first Linear's bias gets a zero gradient and changes no output (BN in
+    train mode follows it), and head_first_bias=False removes it from both heads (float64)."""
+    torch.manual_seed(0)
+    model = BYOL(build_encoder("resnet-tiny", "small-s2", 16), 32, 8, 32).double()
+    v1, v2 = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    p1, p2, z1, z2 = model(v1, v2)
+    ((p1 - z2) ** 2 + (p2 - z1) ** 2).sum().backward()
+    for head in (model.online_projector, model.predictor):
+        assert head[0].bias is not None
+        assert head[0].bias.grad.abs().max() < 1e-12 * head[0].weight.grad.abs().max()
+    with torch.no_grad():
+        model.online_projector[0].bias.add_(3.0)
+        model.predictor[0].bias.add_(-2.0)
+    q1 = model(v1, v2)[0]
+    torch.testing.assert_close(q1, p1, rtol=1e-10, atol=1e-10)
+    bare = BYOL(build_encoder("resnet-tiny", "small-s2", 16), 32, 8, 32, head_first_bias=False)
+    assert bare.online_projector[0].bias is None and bare.predictor[0].bias is None
+    assert bare.target_projector[0].bias is None and bare.online_projector[3].bias is not None
+
+
+def test_driver_patches_reach_the_trainer(restore_trainer):
+    """head-no-bias and lars-lightly change what the trainer builds (its own build_model / LARS names)."""
+    from fastbyol import train as T
+    from fastbyol.config import Config
+
+    parity.PATCHES["head-no-bias"]()
+    parity.PATCHES["lars-lightly"]()
+    model = T.build_model(Config(), torch.device("cpu"))
+    assert model.online_projector[0].bias is None and model.predictor[0].bias is None
+    assert T.LARS(model.online_parameters(), lr=0.1).trust_ratio == "lightly"
