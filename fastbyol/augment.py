@@ -36,14 +36,14 @@ Deviations left, and why:
 from __future__ import annotations
 
 import collections
-import functools
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from .errors import FastByolError
-from .photometric import ORDERS, PARAM_NAMES, TAP_TAIL, photometric_variant
+from .photometric import ORDERS, PARAM_NAMES, TAP_TAIL, photometric_many, photometric_variant
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -196,12 +196,11 @@ def _crop_window_and_params(shape, spec: ViewSpec):
     return window, pack_params(q)
 
 
-def crop_resize_flip(images, windows: torch.Tensor, size: int, channels: int = 3,
-                     threads: int | None = None) -> torch.Tensor:
+def crop_resize_flip(images, windows, size: int, channels: int = 3, threads: int | None = None) -> torch.Tensor:
     """(B, 3, size, size) uint8 planar crops: image i's window (y, x, h, w) resized bicubic to size x size, mirrored
     where its flip is 1. images[i] is an (H, W, 3) uint8 tensor (NHWC: an array row or a decoded file); windows
-    (B, 5) integers [y, x, h, w, flip]. channels 1 (gray input): only the first channel is resized, the others are
-    views of it.
+    (B, 5) integers [y, x, h, w, flip] (a tensor or rows). channels 1 (gray input): only the first channel is
+    resized, the others are views of it.
 
     torch's uint8 bicubic (Keys, a = -0.5, as tf.image.resize's) antialiases when it shrinks, which the official
     resize does not: the one place the CPU crop differs from the official one (enlarging, the common case, is
@@ -210,19 +209,16 @@ def crop_resize_flip(images, windows: torch.Tensor, size: int, channels: int = 3
 
     from .photometric import worker_pool
 
-    B = windows.shape[0]
+    rows = windows.tolist() if isinstance(windows, torch.Tensor) else list(windows)
+    B = len(rows)
     out = torch.empty((B, channels, size, size), dtype=torch.uint8)
-    rows = windows.tolist()
-
-    def one(i: int) -> None:
-        y, x, h, w, flip = rows[i]
-        src = images[i][y:y + h, x:x + w, :channels].permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w) view of NHWC
-        crop = F.interpolate(src, size=(size, size), mode="bicubic", antialias=True)[0]  # (C, size, size) uint8
-        out[i].copy_(crop.flip(-1) if flip else crop)
 
     def some(ids: range) -> None:
         for i in ids:
-            one(i)
+            y, x, h, w, flip = rows[i]
+            src = images[i][y:y + h, x:x + w, :channels].permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w) NHWC view
+            crop = F.interpolate(src, size=(size, size), mode="bicubic", antialias=True)[0]  # (C, size, size)
+            out[i].copy_(crop.flip(-1) if flip else crop)
 
     step = max(1, -(-B // (4 * (threads or 1))))  # a few tasks per worker
     tasks = [range(a, min(B, a + step)) for a in range(0, B, step)]
@@ -332,7 +328,9 @@ class TwoViewLoader:
                     or images.dtype != np.uint8:
                 got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
                 raise FastByolError(f"images must be uint8 (N, H, W, 3), got {got}")
-            self.images = torch.from_numpy(images)  # (N, H, W, 3) uint8, shared with the caller's array
+            with warnings.catch_warnings():  # a read-only array (a memory map) is fine: the loader never writes it
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                self.images = torch.from_numpy(images)  # (N, H, W, 3) uint8, shared with the caller's array
             self.labels_t = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
             self.source = _EpochSource(images, batch_size, seed, shard_id, num_shards,
                                        None if labels is None else np.asarray(labels, dtype=np.int64),
@@ -360,19 +358,19 @@ class TwoViewLoader:
 
     @property
     def operators(self) -> int:
-        """Operators in the DALI graph (its size: the per-batch scheduling cost grows with it)."""
-        return len(self._pipe._ops)
+        """Operators in the DALI graph (its size: the per-batch scheduling cost grows with it); -1 if this DALI
+        version does not say (the count is read from the built pipeline's private op list)."""
+        ops = getattr(self._pipe, "_ops", None)
+        return len(ops) if ops is not None else -1
 
-    def _chain(self, spec: ViewSpec, size: int, mean, std, num_threads: int):
-        """The photometric chain of one view: (crops (B, 3, S, S) uint8, params (B, N_PARAMS)) -> (B, 3, S, S).
-        On the CPU its chunks run on num_threads worker threads (the cores DALI was given: DALI's own work, the
-        crops, is the smaller part and overlaps it)."""
+    def _chain(self, spec: ViewSpec, size: int, mean, std, num_threads: int) -> dict:
+        """The photometric chain's arguments for one view (all but crops and params)."""
         kwargs = dict(blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold,
                       mean=tuple(mean), std=tuple(std), gray_input=self.gray_input,
                       out_dtype=torch.float16 if self.on_gpu else torch.float32)
-        if not self.on_gpu:  # worker threads; blur taps below float32 resolution skipped (photometric's docstring)
-            kwargs.update(threads=num_threads, blur_tail=TAP_TAIL)
-        return functools.partial(photometric_variant(self.photometric_variant), **kwargs)
+        if not self.on_gpu:  # blur taps below float32 resolution skipped (photometric's docstring)
+            kwargs["blur_tail"] = TAP_TAIL
+        return kwargs
 
     def _build(self, size, seed, num_threads, view1, view2):
         from nvidia.dali import fn, pipeline_def, types
@@ -465,8 +463,11 @@ class TwoViewLoader:
         self.last_outputs = outputs  # kept for tests that check what the chain read
         out = dict(zip(self._names, outputs))
         labels = None
+        params = [torch.from_dlpack(out[f"params{v}"].as_tensor()) for v in (1, 2)]  # (B, N_PARAMS) float32
         if self.on_gpu:
             crops = [torch.from_dlpack(out[f"crops{v}"].as_tensor()) for v in (1, 2)]  # (B, 3, S, S) uint8
+            chain = photometric_variant(self.photometric_variant)
+            views = tuple(chain(crops[v], params[v], **self._chains[v]) for v in (0, 1))
         else:
             if "index" in out:  # array rows, by the index DALI's source emitted
                 index = torch.from_dlpack(out["index"].as_tensor()).reshape(-1)  # (B,) int64
@@ -477,10 +478,12 @@ class TwoViewLoader:
                 images = [torch.from_dlpack(out["images"][i]) for i in range(self.batch_size)]
             channels = 1 if self.gray_input else 3
             crops = [crop_resize_flip(images, torch.from_dlpack(out[f"window{v}"].as_tensor()), self.image_size,
-                                      channels, self.num_threads) for v in (1, 2)]
+                                      channels, self.num_threads) for v in (1, 2)]  # (B, 3, S, S) uint8 each
+            # both views' chunks share the workers (measured the same or better than one view after the other; making
+            # each chunk's crops inside the chunk measured worse)
+            views = tuple(photometric_many([dict(crops=crops[v], params=params[v], **self._chains[v])
+                                            for v in (0, 1)], self.num_threads))
         self.last_crops = crops  # (B, 3, S, S) uint8 each, for tests
-        params = [torch.from_dlpack(out[f"params{v}"].as_tensor()) for v in (1, 2)]  # (B, N_PARAMS) float32
-        views = (self._chains[0](crops[0], params[0]), self._chains[1](crops[1], params[1]))
         if self.on_gpu:
             # The chain's kernels are queued on torch's stream and read DALI's buffers: hold those buffers until an
             # event after the chain has passed (polled, no host sync), at most 4 batches (then wait for the oldest).

@@ -56,7 +56,6 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # op ids 0..3, in 
 ORDERS = tuple(itertools.permutations(range(4)))  # the 24 jitter orders: ORDERS[k][slot] = op id applied at slot
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # the official rgb_to_grayscale weights
 CHUNK_PIXELS = 1 << 17  # images per CPU chunk = max(1, CHUNK_PIXELS // S^2): 2 at 224 px, 14 at 96, 167 at 28
-_NO_JITTER = len(ORDERS)  # group key of the images that skip the jitter
 
 
 def _col(v: torch.Tensor) -> torch.Tensor:
@@ -231,14 +230,16 @@ def adjust_saturation_hue(x: torch.Tensor, factor: torch.Tensor, delta: torch.Te
     return hsv_to_rgb(h.add_(_col(delta) * 6.0), v, c).clamp_(0.0, 1.0)
 
 
-# ------------------------------------------------------------------------------- the reference: grouped by order
+# ---------------------------------------------------------------- the reference: chunks grouped by jitter order
 class _Batch:
-    """What every chunk of one call reads, computed once per batch: parameters by column, the coins as Python
-    lists, the blur taps and the radius each image's taps need."""
+    """What every chunk of one call reads, computed once per batch: parameters by column, each image's jitter steps,
+    the coins as Python lists, the blur taps and the radius each image's taps need."""
 
-    def __init__(self, params: torch.Tensor, blur_window: int, blur_tail: float):
+    def __init__(self, params: torch.Tensor, blur_window: int, blur_tail: float, gray_input: bool):
         self.params = params  # (B, N_PARAMS)
         self.by_column = params.t().contiguous()  # (N_PARAMS, B): each parameter a contiguous row
+        rows = params[:, [JITTER, ORDER]].tolist()  # host-side: one transfer of (B, 2)
+        self.steps = [_steps(ORDERS[int(order)] if jitter > 0.5 else None, gray_input) for jitter, order in rows]
         self.gray, self.blur, self.solarize = ((params[:, [GRAY, BLUR, SOLARIZE]] > 0.5).t().tolist())
         self.taps = blur_taps(params[:, SIGMA], blur_window, params.dtype)  # (B, K)
         K = self.taps.shape[1]
@@ -248,9 +249,19 @@ class _Batch:
         else:
             self.radius = [K // 2] * params.shape[0]
 
+    def chunks(self, max_images: int) -> list[list[int]]:
+        """Image indices grouped by jitter steps (one order, or two orders that are the same steps), in runs of at
+        most max_images: every op of a chunk is one whole-tensor op over it, and small runs stay in L2 (mixing
+        orders in bigger chunks, each op on the images that take it, measured slower here: more cache misses)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, steps in enumerate(self.steps):
+            groups.setdefault(steps, []).append(i)
+        return [idx[a:a + max_images] for _, idx in sorted(groups.items()) for a in range(0, len(idx), max_images)]
 
-def _steps(order: tuple[int, ...] | None, gray_input: bool) -> list[tuple[int, ...]]:
-    """The jitter ops of one order as steps: (op,) alone, or (2, 3) for saturation and hue when adjacent."""
+
+def _steps(order: tuple[int, ...] | None, gray_input: bool) -> tuple[tuple[int, ...], ...]:
+    """The jitter ops of one order as steps: (op,) alone, or (2, 3) for saturation and hue when adjacent (they
+    commute: one HSV round trip, adjust_saturation_hue). Gray input: brightness and contrast only."""
     ops = [op for op in (order or ()) if not (gray_input and op >= 2)]  # sat and hue leave gray pixels as they are
     steps: list[tuple[int, ...]] = []
     for op in ops:
@@ -258,19 +269,22 @@ def _steps(order: tuple[int, ...] | None, gray_input: bool) -> list[tuple[int, .
             steps[-1] = (2, 3)
         else:
             steps.append((op,))
-    return steps
+    return tuple(steps)
 
 
-def _chain(x: torch.Tensor, batch: _Batch, idx: list[int], sel: torch.Tensor, order: tuple[int, ...] | None,
-           solarize_threshold: float, gray_input: bool, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """One chunk: x (n, C, S, S) planar float in [0, 1], the images `idx` (`sel` on the device) of the batch, every
-    one jittered in `order` (or none) -> (n, 3, S, S) after jitter, grayscale, blur, solarize, clip, normalize."""
+def _hsv_step(x: torch.Tensor, col: torch.Tensor, kind: tuple[int, ...]) -> torch.Tensor:
+    if kind == (2, 3):
+        return adjust_saturation_hue(x, col[SATURATION], col[HUE])
+    return JITTER_FNS[kind[0]](x, col[JITTER_COLUMNS[kind[0]]])
+
+
+def _chain(x: torch.Tensor, batch: _Batch, idx: list[int], sel: torch.Tensor, solarize_threshold: float,
+           scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """One chunk: x (n, C, S, S) planar float in [0, 1], the images `idx` (`sel` on the device) of the batch, all
+    with the same jitter steps -> (n, 3, S, S) after jitter, grayscale, blur, solarize, clip, normalize."""
     col = batch.by_column.index_select(1, sel)  # (N_PARAMS, n); index_select: advanced indexing is ~20x slower
-    for step in _steps(order, gray_input):
-        if step == (2, 3):
-            x = adjust_saturation_hue(x, col[SATURATION], col[HUE])
-        else:
-            x = JITTER_FNS[step[0]](x, col[JITTER_COLUMNS[step[0]]])
+    for step in batch.steps[idx[0]]:  # a chunk's images share their jitter steps (_Batch.chunks)
+        x = _hsv_step(x, col, step)
     x = _apply_to(x, [batch.gray[i] for i in idx], grayscale)
     blurred = [j for j, i in enumerate(idx) if batch.blur[i]]
     if blurred:
@@ -298,32 +312,14 @@ def _apply_to(x: torch.Tensor, chosen: list[bool], fn, with_index: bool = False)
     return x.index_copy_(0, sub, y)
 
 
-def _groups(params: torch.Tensor, max_images: int, gray_input: bool) -> list[tuple[tuple | None, list[int]]]:
-    """[(order or None, image indices)], images of one jitter order together, at most max_images per entry."""
-    rows = params[:, [JITTER, ORDER]].tolist()  # host-side grouping: one transfer of (B, 2)
-    by_key: dict[int, list[int]] = {}
-    for i, (jitter, order) in enumerate(rows):
-        key = int(order) if jitter > 0.5 else _NO_JITTER
-        if gray_input and key != _NO_JITTER:  # only brightness vs contrast matters on gray pixels
-            o = ORDERS[key]
-            key = ORDERS.index((0, 1, 2, 3) if o.index(0) < o.index(1) else (1, 0, 2, 3))
-        by_key.setdefault(key, []).append(i)
-    out = []
-    for key in sorted(by_key):
-        idx = by_key[key]
-        for start in range(0, len(idx), max_images):
-            out.append((None if key == _NO_JITTER else ORDERS[key], idx[start:start + max_images]))
-    return out
-
-
 def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
                 mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
                 out_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
                 chunk_pixels: int = CHUNK_PIXELS, threads: int | None = None, blur_tail: float = 0.0) -> torch.Tensor:
     """The chain over a batch: crops (B, 3, S, S) uint8, params (B, N_PARAMS) -> (B, 3, S, S) channels_last.
 
-    Works on chunks of one jitter order each (at most chunk_pixels // S^2 images): every op is a whole-tensor torch
-    op over the chunk, the chunk stays in cache from the uint8 load to the normalized store. compute_dtype float64
+    Works on chunks of at most chunk_pixels // S^2 images of one jitter order: every op is a whole-tensor torch op
+    over the chunk, and the chunk stays in cache from the uint8 load to the normalized store. compute_dtype float64
     makes it the tests' oracle.
 
     threads: None runs the chunks in the calling thread (with its torch intra-op threads); n runs them on n worker
@@ -335,22 +331,49 @@ def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, 
     the chunk decides; the weights kept are unchanged): the result moves by at most blur_tail per pass. 0 keeps
     every tap. The loader's CPU path uses TAP_TAIL (1e-7: below float32's resolution of a pixel near 1); a narrow
     blur (sigma 0.5) then costs 7 taps instead of 23 at 224 px."""
+    job = dict(crops=crops, params=params, blur_window=blur_window, solarize_threshold=solarize_threshold, mean=mean,
+               std=std, gray_input=gray_input, out_dtype=out_dtype, compute_dtype=compute_dtype,
+               chunk_pixels=chunk_pixels, blur_tail=blur_tail)
+    return photometric_many([job], threads)[0]
+
+
+def photometric_many(jobs: list[dict], threads: int | None = None) -> list[torch.Tensor]:
+    """photometric for several batches at once (a dict of photometric's arguments each, e.g. both views): their
+    chunks share the workers, so no worker waits for the end of one batch before starting the next."""
+    tasks, outs = [], []
+    for job in jobs:
+        run, chunks, out = _prepare(threads=threads, **job)
+        tasks += [(run, idx) for idx in chunks]
+        outs.append(out)
+    if threads is None:
+        for run, idx in tasks:
+            run(idx)
+    else:
+        for done in [worker_pool(threads).submit(run, idx) for run, idx in tasks]:
+            done.result()  # re-raises a worker's exception here
+    return outs
+
+
+def _prepare(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float, mean, std,
+             gray_input: bool = False, out_dtype: torch.dtype = torch.float32,
+             compute_dtype: torch.dtype = torch.float32, chunk_pixels: int = CHUNK_PIXELS, blur_tail: float = 0.0,
+             threads: int | None = None):
+    """(run(indices) for one chunk, the chunks, the output (B, 3, S, S) channels_last) of one batch."""
     _check(crops, params)
     B, S = crops.shape[0], crops.shape[2]
+    device = crops.device
     channels = 1 if gray_input else 3
-    out = torch.empty((B, S, S, 3), dtype=out_dtype, device=crops.device)  # NHWC memory: channels_last views
-    scale, shift = _normalize_constants(mean, std, compute_dtype, crops.device)
-    params = params.to(compute_dtype)
-    batch = _Batch(params, blur_window, blur_tail)
-
+    out = torch.empty((B, S, S, 3), dtype=out_dtype, device=device)  # NHWC memory: channels_last views
+    scale, shift = _normalize_constants(mean, std, compute_dtype, device)
+    batch = _Batch(params.to(compute_dtype), blur_window, blur_tail, gray_input)
     # NHWC rows written by numpy on the CPU: its strided copy (one channel at a time, contiguous reads) takes half
     # the time of torch's permuted copy, and releases the GIL like torch does
     out_np = out.numpy() if out.device.type == "cpu" and out_dtype == compute_dtype else None
 
-    def run(order: tuple[int, ...] | None, idx: list[int]) -> None:
-        sel = torch.tensor(idx, device=crops.device)
-        y = _chain(_to_planar(crops.index_select(0, sel), channels, compute_dtype), batch, idx, sel, order,
-                   solarize_threshold, gray_input, scale, shift)  # (n, 3, S, S) planar
+    def run(idx: list[int]) -> None:
+        sel = torch.tensor(idx, device=device)
+        y = _chain(_to_planar(crops.index_select(0, sel), channels, compute_dtype), batch, idx, sel,
+                   solarize_threshold, scale, shift)
         if out_np is not None:
             y_np = y.numpy()
             for j, i in enumerate(idx):  # interleave into out's rows (NHWC)
@@ -360,14 +383,7 @@ def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, 
             for j, i in enumerate(idx):
                 out[i].copy_(y[j].permute(1, 2, 0))
 
-    chunks = _groups(params, max(1, chunk_pixels // (S * S)), gray_input)
-    if threads is None:
-        for chunk in chunks:
-            run(*chunk)
-    else:
-        for done in [worker_pool(threads).submit(run, *chunk) for chunk in chunks]:
-            done.result()  # re-raises a worker's exception here
-    return out.permute(0, 3, 1, 2)
+    return run, batch.chunks(max(1, chunk_pixels // (S * S))), out.permute(0, 3, 1, 2)
 
 
 _pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}

@@ -1,6 +1,7 @@
-"""CUDA-only paths, skipped without a GPU: the GPU augmentation pipeline (arrays and the mixed JPEG decoder, the
-photometric chain's variants against the reference, DALI's buffers held while the chain reads them) and a short
-training run on CUDA. The GPU plan runs them; they cannot run on the CPU machines."""
+"""CUDA-only paths, skipped without a GPU: the GPU augmentation pipeline (arrays and the mixed JPEG decoder, its
+views against the CPU reference chain, DALI's buffers held while the chain reads them) and a short training run on
+CUDA. The GPU plan runs them; they cannot run on the CPU machines. (The chain's variants on CUDA, which need no DALI:
+tests/test_photometric.py.)"""
 
 import json
 
@@ -46,24 +47,6 @@ def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws():
     for view, crops, params, spec in ((v1, t[0], t[1], VIEW1), (v2, t[2], t[3], VIEW2)):
         want = photometric(crops.cpu(), params.cpu(), **_kw(spec, 64))
         torch.testing.assert_close(view.float().cpu(), want, atol=2e-3, rtol=0)
-
-
-@pytest.mark.parametrize("size, batch", [(32, 64), (224, 16)])
-def test_gpu_chain_variants_agree(size, batch):
-    """triton and compiled against the reference (fp32 outputs), on the GPU, on every order and coin."""
-    from fastbyol.augment import VIEW1, VIEW2, sample_params
-    from fastbyol.photometric import photometric, photometric_variant
-
-    g = torch.Generator().manual_seed(2)
-    crops = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
-    for spec in (VIEW1, VIEW2):
-        p = sample_params(spec, batch, g)
-        p[:, 5] = torch.arange(batch) % 24
-        want = photometric(crops, p, compute_dtype=torch.float64, out_dtype=torch.float64, **_kw(spec, size))
-        for variant in ("reference", "triton", "compiled"):
-            got = photometric_variant(variant)(crops.cuda(), p.cuda(), out_dtype=torch.float32, **_kw(spec, size))
-            assert got.is_cuda and got.is_contiguous(memory_format=torch.channels_last)
-            torch.testing.assert_close(got.double().cpu(), want, atol=5e-5, rtol=0, msg=variant)
 
 
 def test_gpu_dali_buffers_live_until_the_chain_has_read_them():

@@ -57,6 +57,18 @@ def test_chunks_and_worker_threads_do_not_change_a_bit():
         assert torch.equal(photometric(crops, p, blur_window=5, solarize_threshold=0.5, **kwargs, **KW), base), kwargs
 
 
+def test_several_batches_at_once_equal_one_at_a_time():
+    from fastbyol.photometric import photometric_many
+
+    jobs = []
+    for seed, spec in ((1, VIEW1), (2, VIEW2)):
+        crops, p = _inputs(20, 18, spec, seed=seed)
+        jobs.append(dict(crops=crops, params=p, blur_window=5, solarize_threshold=0.5, **KW))
+    together = photometric_many(jobs, threads=2)
+    for job, got in zip(jobs, together):
+        assert torch.equal(got, photometric(**job))
+
+
 def test_each_image_is_processed_independently_of_its_batch():
     crops, p = _inputs(12, 20)
     whole = photometric(crops, p, blur_window=5, solarize_threshold=0.5, **KW)
@@ -183,3 +195,25 @@ def test_any_crop_layout_gives_the_same_views():
 
     got = photometric_triton(nhwc, p, blur_window=5, solarize_threshold=0.5, out_dtype=torch.float32, **KW)
     torch.testing.assert_close(got, base, atol=3e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch, size", [(64, 32), (16, 224), (7, 31)])
+def test_cuda_variants_match_the_reference(batch, size):
+    """reference, triton and compiled on the GPU against the float64 CPU oracle, fp32 and fp16 outputs, every order
+    and coin; crops planar (DALI's) and NHWC-strided."""
+    from fastbyol.kernels.photometric import photometric_triton
+
+    crops, p = _inputs(batch, size, seed=11)
+    for spec in (VIEW1, VIEW2):
+        kw = dict(blur_window=_window(size), solarize_threshold=spec.solarize_threshold, **KW)
+        want = photometric(crops, p, compute_dtype=torch.float64, out_dtype=torch.float64, **kw)
+        for variant in ("reference", "triton", "compiled"):
+            for out_dtype, atol in ((torch.float32, 5e-5), (torch.float16, 2e-3)):
+                got = photometric_variant(variant)(crops.cuda(), p.cuda(), out_dtype=out_dtype, **kw)
+                assert got.is_cuda and got.dtype == out_dtype and got.is_contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=0, msg=variant)
+        nhwc = crops.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).cuda()
+        got = photometric_triton(nhwc, p.cuda(), out_dtype=torch.float32, **kw)
+        torch.testing.assert_close(got.double().cpu(), want, atol=5e-5, rtol=0)
