@@ -68,6 +68,12 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "baseline": Variant("fastbyol as configured by default at this commit"),
+    "blur-cover": Variant("blur window max(official, 2 ceil(3 sigma_max) + 1): 13 taps at 28 px (official: 3), "
+                          "still 23 at 224 px", patches=("blur-cover",)),
+    "brightness-mul": Variant("multiplicative brightness x (1 + delta) (torchvision's, lightly's) instead of the "
+                              "official additive x + delta", patches=("brightness-mul",)),
+    "crop-bilinear": Variant("crops resized bilinear with antialiasing (PIL's, lightly's) instead of bicubic",
+                             patches=("crop-bilinear",)),
     "head-no-bias": Variant("no bias in the heads' first Linear (lightly's heads; BN follows it)",
                             patches=("head-no-bias",)),
     "lars-lightly": Variant("LARS trust ratio eta |w| / (|g| + wd |w| + eps) (lightly's) instead of eta |w| / "
@@ -123,8 +129,52 @@ def _patch_lars_lightly() -> None:
     T.LARS = functools.partial(T.LARS, trust_ratio="lightly")
 
 
+def _patch_blur_cover() -> None:
+    """The trainer's two views with a blur window that covers +-3 sigma of the widest sigma drawn."""
+    import dataclasses
+    import math
+
+    from fastbyol import train as T
+    from fastbyol.augment import ViewSpec
+
+    @dataclasses.dataclass(frozen=True)
+    class CoverBlur(ViewSpec):
+        def blur_window(self, size: int) -> int:
+            return max(ViewSpec.blur_window(self, size), 2 * math.ceil(3 * self.blur_sigma[1]) + 1)
+
+    T.VIEW1 = CoverBlur(**{f.name: getattr(T.VIEW1, f.name) for f in dataclasses.fields(ViewSpec)})
+    T.VIEW2 = CoverBlur(**{f.name: getattr(T.VIEW2, f.name) for f in dataclasses.fields(ViewSpec)})
+
+
+def _patch_brightness_mul() -> None:
+    """The CPU chain's brightness op as clip(x (1 + delta)): the factor ~ U[1 - b, 1 + b], torchvision's."""
+    from fastbyol import photometric as P
+
+    def adjust_brightness_mul(x, delta):
+        return (x * (1.0 + delta.reshape(-1, 1, 1, 1))).clamp_(0.0, 1.0)
+
+    P.JITTER_FNS = (adjust_brightness_mul, *P.JITTER_FNS[1:])  # the chain looks the op up there at each call
+
+
+def _patch_crop_bilinear() -> None:
+    """The CPU loader's crops resized bilinear with antialiasing (torch's, as PIL's resize) instead of bicubic: in the
+    driver's process every bicubic F.interpolate (crop_resize_flip's, the only one in training) becomes that."""
+    import torch.nn.functional as F
+
+    real = F.interpolate
+
+    def interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None,
+                    antialias=False):
+        if mode == "bicubic":
+            mode, antialias = "bilinear", True
+        return real(x, size, scale_factor, mode, align_corners, recompute_scale_factor, antialias)
+
+    F.interpolate = interpolate  # crop_resize_flip reads F.interpolate when it runs
+
+
 PATCHES = {"target-before": _patch_target_before, "head-no-bias": _patch_head_no_bias,
-           "lars-lightly": _patch_lars_lightly}
+           "lars-lightly": _patch_lars_lightly, "blur-cover": _patch_blur_cover,
+           "brightness-mul": _patch_brightness_mul, "crop-bilinear": _patch_crop_bilinear}
 
 
 def driver(argv: list[str]) -> int:
@@ -142,6 +192,19 @@ def driver(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------------- the runs
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+SOURCES = ("fastbyol/augment.py", "fastbyol/photometric.py", "kernels/photometric.py", "fastbyol/train.py",
+           "fastbyol/models.py", "fastbyol/optim.py", "fastbyol/config.py")
+
+
+def provenance() -> dict:
+    """The commit, and a digest of each source a fastbyol figure depends on (the working tree may differ from it)."""
+    import hashlib
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {"commit": head, "sources_sha256": {f: hashlib.sha256((REPO / f).read_bytes()).hexdigest()[:16]
+                                               for f in SOURCES if (REPO / f).exists()}}
 
 
 def _fastbyol_command(variant: Variant, seed: int, run_dir: Path) -> list[str]:
@@ -171,7 +234,7 @@ def run_one(system: str, variant_name: str, seed: int, run_dir: Path, peer_pytho
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished attempt
     run_dir.mkdir(parents=True)
-    load_before = _load()
+    load_before, source = _load(), provenance()
     if system == "fastbyol":
         variant = VARIANTS[variant_name]
         wall = _run(_fastbyol_command(variant, seed, run_dir), run_dir / "log.txt")
@@ -189,7 +252,7 @@ def run_one(system: str, variant_name: str, seed: int, run_dir: Path, peer_pytho
         record = json.loads((run_dir / "peer.json").read_text())
         record["encoder"] = str(encoder)
     record.update(system=system, variant=variant_name if system == "fastbyol" else "", seed=seed,
-                  wall_seconds=wall, load_before=load_before, load_after=_load())
+                  wall_seconds=wall, load_before=load_before, load_after=_load(), **source)
     done.write_text(json.dumps(record, indent=1) + "\n")
     return record
 

@@ -248,3 +248,39 @@ def test_driver_patches_reach_the_trainer(restore_trainer):
     model = T.build_model(Config(), torch.device("cpu"))
     assert model.online_projector[0].bias is None and model.predictor[0].bias is None
     assert T.LARS(model.online_parameters(), lr=0.1).trust_ratio == "lightly"
+
+
+def test_augmentation_patches(restore_trainer, monkeypatch):
+    """blur-cover: 13 taps at 28 px, the official 23 at 224; brightness-mul: x (1 + delta) in the chain's table;
+    crop-bilinear: the crops are resized bilinear with antialiasing."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from fastbyol import photometric as P
+    from fastbyol import train as T
+    from fastbyol.augment import VIEW1, crop_resize_flip
+
+    monkeypatch.setattr(T, "VIEW1", T.VIEW1)
+    monkeypatch.setattr(T, "VIEW2", T.VIEW2)
+    monkeypatch.setattr(P, "JITTER_FNS", P.JITTER_FNS)
+    monkeypatch.setattr(F, "interpolate", F.interpolate)
+    parity.PATCHES["blur-cover"]()
+    for spec, official in ((T.VIEW1, VIEW1), (T.VIEW2, T.VIEW2)):
+        assert spec.blur_window(28) == 13 and spec.blur_window(224) == 23 and spec.blur_window(96) == 13
+        assert dataclasses.replace(spec, crop_area=(0.2, 1.0)).blur_window(28) == 13  # survives the trainer's replace
+    assert T.VIEW2.blur_p == 0.1 and T.VIEW1.blur_p == 1.0
+
+    parity.PATCHES["brightness-mul"]()
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    delta = torch.tensor([-0.4, 0.1, 0.4], dtype=torch.float64)
+    torch.testing.assert_close(P.JITTER_FNS[0](x, delta), (x * (1 + delta.view(-1, 1, 1, 1))).clamp(0, 1))
+
+    images = [torch.randint(0, 256, (28, 28, 3), dtype=torch.uint8) for _ in range(2)]
+    windows = torch.tensor([[2, 3, 14, 12, 0], [0, 0, 28, 28, 1]])
+    bicubic = crop_resize_flip(images, windows, 28)
+    parity.PATCHES["crop-bilinear"]()
+    got = crop_resize_flip(images, windows, 28)
+    src = images[0][2:16, 3:15].permute(2, 0, 1).unsqueeze(0)
+    want = torch.nn.functional.interpolate(src, size=(28, 28), mode="bilinear", antialias=True)[0]
+    assert torch.equal(got[0], want) and not torch.equal(got[0], bicubic[0])
