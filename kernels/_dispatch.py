@@ -60,7 +60,7 @@ def kernel_backend(device: torch.device) -> str:
     mode = os.environ.get("FASTBYOL_KERNELS", "auto")
     if mode not in MODES:
         raise ValueError(f"FASTBYOL_KERNELS={mode!r} is not one of {MODES}")
-    if mode == "reference":
+    if mode == "reference" or device.type == "meta":  # meta tensors (FLOP counting): shapes only, no kernel
         return "reference"
     on_cuda = device.type == "cuda"
     if mode == "triton":
