@@ -205,30 +205,38 @@ def crop_resize_flip(images, windows, size: int, channels: int = 3, threads: int
     torch's uint8 bicubic (Keys, a = -0.5, as tf.image.resize's) antialiases when it shrinks, which the official
     resize does not: the one place the CPU crop differs from the official one (enlarging, the common case, is
     identical). threads: as photometric (one torch thread per worker)."""
+    return crop_resize_flip_many([(images, windows)], size, channels, threads)[0]
+
+
+def crop_resize_flip_many(jobs: list, size: int, channels: int = 3, threads: int | None = None) -> list:
+    """crop_resize_flip for several (images, windows) pairs (both views of a batch), their images spread over the
+    same workers at once."""
     import torch.nn.functional as F
 
     from .photometric import worker_pool
 
-    rows = windows.tolist() if isinstance(windows, torch.Tensor) else list(windows)
-    B = len(rows)
-    out = torch.empty((B, channels, size, size), dtype=torch.uint8)
+    outs, tasks = [], []
+    for images, windows in jobs:
+        rows = windows.tolist() if isinstance(windows, torch.Tensor) else list(windows)
+        out = torch.empty((len(rows), channels, size, size), dtype=torch.uint8)
 
-    def some(ids: range) -> None:
-        for i in ids:
-            y, x, h, w, flip = rows[i]
-            src = images[i][y:y + h, x:x + w, :channels].permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w) NHWC view
-            crop = F.interpolate(src, size=(size, size), mode="bicubic", antialias=True)[0]  # (C, size, size)
-            out[i].copy_(crop.flip(-1) if flip else crop)
+        def some(ids: range, images=images, rows=rows, out=out) -> None:
+            for i in ids:
+                y, x, h, w, flip = rows[i]
+                src = images[i][y:y + h, x:x + w, :channels].permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w) NHWC view
+                crop = F.interpolate(src, size=(size, size), mode="bicubic", antialias=True)[0]  # (C, size, size)
+                out[i].copy_(crop.flip(-1) if flip else crop)
 
-    step = max(1, -(-B // (4 * (threads or 1))))  # a few tasks per worker
-    tasks = [range(a, min(B, a + step)) for a in range(0, B, step)]
+        step = max(1, -(-len(rows) // (4 * (threads or 1))))  # a few tasks per worker
+        tasks += [(some, range(a, min(len(rows), a + step))) for a in range(0, len(rows), step)]
+        outs.append(out.expand(-1, 3, -1, -1) if channels == 1 else out)
     if threads is None:
-        for ids in tasks:
+        for some, ids in tasks:
             some(ids)
     else:
-        for done in [worker_pool(threads).submit(some, ids) for ids in tasks]:
+        for done in [worker_pool(threads).submit(some, ids) for some, ids in tasks]:
             done.result()
-    return out.expand(-1, 3, -1, -1) if channels == 1 else out
+    return outs
 
 
 class _EpochSource:
@@ -477,8 +485,9 @@ class TwoViewLoader:
             else:  # decoded files: (H_i, W_i, 3) each
                 images = [torch.from_dlpack(out["images"][i]) for i in range(self.batch_size)]
             channels = 1 if self.gray_input else 3
-            crops = [crop_resize_flip(images, torch.from_dlpack(out[f"window{v}"].as_tensor()), self.image_size,
-                                      channels, self.num_threads) for v in (1, 2)]  # (B, 3, S, S) uint8 each
+            windows = [torch.from_dlpack(out[f"window{v}"].as_tensor()) for v in (1, 2)]  # (B, 5) int32 each
+            crops = crop_resize_flip_many([(images, w) for w in windows], self.image_size, channels,
+                                          self.num_threads)  # (B, 3, S, S) uint8 each
             # both views' chunks share the workers (measured the same or better than one view after the other; making
             # each chunk's crops inside the chunk measured worse)
             views = tuple(photometric_many([dict(crops=crops[v], params=params[v], **self._chains[v])
