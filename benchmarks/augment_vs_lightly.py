@@ -14,8 +14,12 @@ The printed ratio is the median over repeats of fastbyol / lightly within one re
 Beside it, the CPU time each spent per sample over the same batches (every thread, and lightly's worker
 processes): on a shared machine the wall-clock ratio moves with the neighbours' load, the CPU-time ratio much less.
 
-Measured (2-core shared machine, CPU, batch 64, colour arrays; see the README's augmentation table for the figures
-and the command).
+Measured on this project's 2-core CPU machine, shared with other jobs, 2026-11-28, batch 64, colour arrays, medians of
+3 back-to-back pairs (`--sizes 96 224 --repeats 3`), commit e3b322b:
+    load average ~4-5:  96 px 857 vs 229 samples/s (3.75x; CPU time per sample 3.42x), 224 px 210 vs 61 (3.44x; 2.56x)
+    load average ~1 (an earlier commit, 739c0e4):  96 px 1192 vs 795 (1.48x; 1.90x), 224 px 392 vs 205 (1.91x; 1.99x)
+lightly slows down far more than fastbyol when the cores are shared; on the quiet machine fastbyol kept ~1.5 of the 2
+cores busy against lightly's ~1.96.
 """
 
 from __future__ import annotations
