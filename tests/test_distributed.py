@@ -224,7 +224,7 @@ def test_torchrun_two_processes_write_once_and_resume_exactly(tmp_path):
     _wait_gone(workers)
     if (killed / "summary.json").exists():
         pytest.skip("the run finished before the kill; nothing to resume (machine too fast for this test)")
-    step_at_kill = load_checkpoint(killed / "checkpoint.pt")["step"]
+    step_at_kill = load_checkpoint(killed / "checkpoint.pt")["state"]["step"]
     assert 0 < step_at_kill < 24
     # the same run resumed by one process is refused: the shards would not match
     res = subprocess.run([sys.executable, "-m", "fastbyol", "train", "--resume", str(killed)], capture_output=True,
