@@ -461,6 +461,11 @@ class TwoViewLoader:
         except RuntimeError as e:  # a file that passed the header checks but does not decode
             if not self.encoded:
                 raise
+            from .data.decode import failed_sample
+
+            bad = failed_sample(self.encoded_source, str(e))
+            if bad is not None:
+                raise FastByolError(f"{bad}: does not decode (DALI: {str(e).strip().splitlines()[0][:300]})") from None
             where = getattr(self.encoded_source, "where", None) or "the encoded source"
             raise FastByolError(f"DALI failed on a batch of {where}: {str(e).splitlines()[0]}") from None
 

@@ -3,6 +3,7 @@ int(), bad input, `fastbyol shards`, and training from shards."""
 
 import hashlib
 import io
+import os
 import json
 import tarfile
 from argparse import Namespace
@@ -257,3 +258,30 @@ def test_failed_sample_names_the_file():
     assert failed_sample(object(), "Failed to decode sample #2 : /s/a.tar:410112:00200.jpg") == \
         "/s/a.tar:410112:00200.jpg"
     assert failed_sample(Folder(), "nvImageCodec failure: '#3'") is None
+
+
+def test_loader_names_the_file_dali_cannot_decode(folder, monkeypatch):
+    """A file that passes the header checks but fails in DALI's decoder: the loader's error names it, completed with
+    the dataset's root (the decoder's own message gives the path relative to it)."""
+    from fastbyol.augment import TwoViewLoader
+
+    src = resolve_dataset(str(folder), eval_images=False).pretraining_source
+    loader = TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=1)
+    rel = "train/1/broken file.jpg"
+
+    class Pipe:
+        def run(self, *a):
+            raise RuntimeError(f"Critical error in pipeline:\nFailed to decode sample #3 : {rel}\nmore")
+
+    monkeypatch.setattr(loader, "_pipe", Pipe())
+    with pytest.raises(FastByolError) as e:
+        loader._run()
+    assert str(e.value).startswith(f"{os.path.join(src.root, rel)}: does not decode (DALI: Critical error")
+
+    class Vague:
+        def run(self, *a):
+            raise RuntimeError("nvImageCodec failure: '#3'")
+
+    monkeypatch.setattr(loader, "_pipe", Vague())
+    with pytest.raises(FastByolError, match="DALI failed on a batch of"):
+        loader._run()
