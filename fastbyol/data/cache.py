@@ -73,18 +73,23 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
 
 
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` whole (temporary file, fsync, rename) or not at all."""
+def atomic_write(path: Path, write) -> None:
+    """`write(f)` into a temporary sibling of `path`, then fsync and rename: `path` is whole or untouched."""
     tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` whole (temporary file, fsync, rename) or not at all."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 @contextmanager
@@ -123,16 +128,7 @@ def save_npz_checked(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """An uncompressed .npz with a CRC-32 of every array ("_crc"), written atomically (fsync, rename).
 
     numpy reads a member without reaching its end, so the zip's own CRCs are never checked: this one is."""
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, _crc=np.array([_crc(arrays)], np.uint32), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, _crc=np.array([_crc(arrays)], np.uint32), **arrays))
 
 
 def load_npz_checked(path: Path) -> dict[str, np.ndarray]:

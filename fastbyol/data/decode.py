@@ -129,6 +129,19 @@ def decode_encoded(items: Sequence[EncodedItem], size: int, num_threads: int = 2
     return np.stack(images), np.asarray(kept, np.int64), skipped
 
 
+
+def decode_splits(train_items, train_y, test_items, test_y, size: int, num_threads: int, skip_bad: bool,
+                  cancel: threading.Event | None = None):
+    """decode_encoded of the training items and, when given, the test items: (x, y, test_x, test_y, skipped), the
+    labels kept in step with the images that decoded (y / test_x / test_y None where not given)."""
+    x, kept, skipped = decode_encoded(train_items, size, num_threads, skip_bad, cancel)
+    y = None if train_y is None else train_y[kept]
+    tx = ty = None
+    if test_items is not None:
+        tx, tkept, tskipped = decode_encoded(test_items, size, num_threads, skip_bad, cancel)
+        ty, skipped = test_y[tkept], skipped + tskipped
+    return x, y, tx, ty, skipped
+
 def file_item(path: str) -> EncodedItem:
     def read() -> bytes:
         with open(path, "rb") as f:

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import FastByolError
 from . import manifest as mf
 from .checks import IMAGE_SUFFIXES, check_image_file  # noqa: F401  (check_image_file: public here too)
-from .decode import BackgroundDecode, decode_encoded, decode_files, file_item  # noqa: F401
+from .decode import BackgroundDecode, decode_encoded, decode_files, decode_splits, file_item  # noqa: F401
 from .synthetic import synthetic_folder, write_synthetic_jpegs  # noqa: F401  (their old home)
 
 
@@ -138,18 +138,14 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     location = man.location  # the job keeps this, not the manifest's arrays
 
     def job(cancel):
-        x, kept, skipped = decode_encoded(train_items, image_size, num_threads, skip_bad_files, cancel)
-        y = None if train_y is None else train_y[kept]
-        tx = ty = None
-        if test_items is not None:
-            tx, tkept, tskipped = decode_encoded(test_items, image_size, num_threads, skip_bad_files, cancel)
-            ty, skipped = test_y[tkept], skipped + tskipped
+        decoded = decode_splits(train_items, train_y, test_items, test_y, image_size, num_threads, skip_bad_files,
+                                cancel)
         if status == "fresh":  # files rewritten in place since the manifest (start-up checked only a sample)
             now_bad = mf.verify_files(location, root)
             if now_bad:
                 raise FastByolError(f"{root / now_bad[0][0]}: {now_bad[0][1]} (changed since the manifest was "
                                     "written; the next run rescans the folder)")
-        return x, y, tx, ty, skipped
+        return decoded
 
     num_classes, n_bad, gray = len(man.classes) if labeled else 0, len(man.bad), bool(man.gray[man.pretrain_mask].all())
     del man  # ~60 bytes a file: not kept beyond start-up

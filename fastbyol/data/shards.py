@@ -401,7 +401,7 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
                 eval_images: bool = True, background: bool = True, num_threads: int = 2, with_labels: bool = False):
     """An ImageDataset whose pretraining source is a ShardSource; kNN from labeled train/test shards."""
     from .dataset import ImageDataset
-    from .decode import BackgroundDecode, decode_encoded
+    from .decode import BackgroundDecode, decode_splits
 
     train, test = shard_paths(spec)
     metas, folder, seconds = obtain_index(train + test, rank=rank, world_size=world_size, barrier=barrier,
@@ -441,13 +441,7 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
         test_items, test_y, train_y = None, None, None
 
     def job(cancel):
-        x, kept, skipped = decode_encoded(train_items, image_size, num_threads, skip_bad_files, cancel)
-        y = None if train_y is None else train_y[kept]
-        tx = ty = None
-        if test_items is not None:
-            tx, tkept, tskipped = decode_encoded(test_items, image_size, num_threads, skip_bad_files, cancel)
-            ty, skipped = test_y[tkept], skipped + tskipped
-        return x, y, tx, ty, skipped
+        return decode_splits(train_items, train_y, test_items, test_y, image_size, num_threads, skip_bad_files, cancel)
 
     pending = BackgroundDecode(job, background) if eval_images else None
     name = train[0].parent.name or "shards"
