@@ -36,12 +36,14 @@ Deviations left, and why:
 from __future__ import annotations
 
 import collections
+import math
 import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from .config import BLUR_WINDOW_RULES
 from .errors import FastByolError
 from .photometric import ORDERS, PARAM_NAMES, TAP_TAIL, photometric_many, photometric_variant
 
@@ -67,6 +69,7 @@ class ViewSpec:
     blur_kernel_fraction: float = 0.1  # kernel side = 10% of the output side (radius = side // 10 // 2)
     solarize_p: float = 0.0  # solarize
     solarize_threshold: float = 0.5  # pixels >= threshold become 1 - x
+    blur_window_rule: str = "official"  # "official" (10% of the side) or "cover" (also >= +-3 sigma_hi): blur_window
 
     def validate(self, name: str = "view") -> None:
         for field in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p", "solarize_threshold"):
@@ -78,10 +81,21 @@ class ViewSpec:
             raise FastByolError(f"{name}.crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
         if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise FastByolError(f"{name}.blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
+        if self.blur_window_rule not in BLUR_WINDOW_RULES:
+            raise FastByolError(f"{name}.blur_window_rule must be one of {', '.join(BLUR_WINDOW_RULES)}, got "
+                                f"{self.blur_window_rule!r}")
 
     def blur_window(self, size: int) -> int:
-        """Odd kernel side for an output side `size`: 23 at 224 px, 9 at 96, 3 at 28/32 (as the official code)."""
-        return 2 * (int(size * self.blur_kernel_fraction) // 2) + 1
+        """Odd kernel side for an output side `size`.
+        official: 10% of the side, as the official code: 23 taps at 224 px, 9 at 96, 3 at 28/32.
+        cover: the official window, widened where it would cut the Gaussian of the widest sigma drawn short of
+          +-3 sigma: max(official, 2 ceil(3 sigma_hi) + 1), that is 13 taps for sigma_hi = 2 up to 139 px, and the
+          official window above (23 at 224 px: the same op there). At 28 px the official 3 taps turn a sigma of 2 px
+          into a 3-tap box-like filter; the cover window is the Gaussian blur the recipe names."""
+        official = 2 * (int(size * self.blur_kernel_fraction) // 2) + 1
+        if self.blur_window_rule == "cover":
+            return max(official, 2 * math.ceil(3 * self.blur_sigma[1]) + 1)
+        return official
 
     def to_dict(self) -> dict:
         return asdict(self)

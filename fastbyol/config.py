@@ -21,6 +21,9 @@ from typing import Any, Callable
 from .errors import FastByolError
 
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+BLUR_WINDOW_RULES = ("official", "cover")  # ViewSpec.blur_window says what each means
+# what a config.json saved before a setting existed meant: resuming such a run keeps the behaviour it trained with
+SAVED_BEFORE_DEFAULTS = {"data": {"blur_window": "official"}}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -81,6 +84,9 @@ class DataConfig:
     skip_bad_files: bool = setting(False, "leave out and count unreadable images instead of stopping")
     crop_min_area: float = setting(0.08, "smallest random-resized-crop area, fraction of the image (official 0.08)",
                                    "must be in (0, 1]", lambda v: _finite(v) and 0.0 < v <= 1.0)
+    blur_window: str = setting("official", "Gaussian blur window: official (10%% of the view side: 3 taps at 28 px, 9 at "
+                               "96, 23 at 224) or cover (also covers +-3 sigma of the widest sigma: 13 taps up to "
+                               "139 px, official above)", choices=BLUR_WINDOW_RULES)
 
 
 @dataclass
@@ -213,6 +219,9 @@ class Config:
             if unknown:
                 raise FastByolError(f"{where}: unknown setting {section}.{unknown[0]}")
             target = getattr(cfg, section)
+            for name, value in SAVED_BEFORE_DEFAULTS.get(section, {}).items():
+                if name not in values:  # a run saved before this setting existed trained with the old behaviour
+                    setattr(target, name, value)
             for name, value in values.items():
                 kind = field_kind(known[name])
                 if not _type_ok(value, kind):

@@ -433,7 +433,7 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     model = build_model(cfg, device)
-    crop = {"crop_area": (cfg.data.crop_min_area, 1.0)}
+    crop = {"crop_area": (cfg.data.crop_min_area, 1.0), "blur_window_rule": cfg.data.blur_window}
     loader = TwoViewLoader(dataset.pretraining_source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed,
                            device=device.type, num_threads=cfg.data.num_threads,
                            view1=dataclasses.replace(VIEW1, **crop), view2=dataclasses.replace(VIEW2, **crop),

@@ -29,6 +29,20 @@ def test_official_view_parameters():
     assert VIEW1.blur_window(224) == 23 and VIEW1.blur_window(96) == 9 and VIEW1.blur_window(28) == 3
 
 
+def test_blur_window_rules():
+    """official: 10% of the side; cover: at least +-3 sigma_hi (13 taps for sigma 2), the official window above."""
+    import dataclasses
+
+    cover = dataclasses.replace(VIEW1, blur_window_rule="cover")
+    assert [cover.blur_window(s) for s in (8, 28, 32, 96, 129, 139, 140, 224)] == [13, 13, 13, 13, 13, 13, 15, 23]
+    assert [VIEW1.blur_window(s) for s in (8, 28, 96, 139, 140, 224)] == [1, 3, 9, 13, 15, 23]
+    assert dataclasses.replace(cover, blur_sigma=(0.1, 1.0)).blur_window(28) == 7  # 2 ceil(3 sigma_hi) + 1
+    for s in range(140, 400):  # where the official window is at least the cover, the two are the same op
+        assert cover.blur_window(s) == VIEW1.blur_window(s)
+    with pytest.raises(FastByolError, match="blur_window_rule must be one of official, cover"):
+        dataclasses.replace(VIEW1, blur_window_rule="wide").validate("view1")
+
+
 def test_two_views_shapes_layout_and_per_image_randomness():
     loader = TwoViewLoader(_images(), batch_size=32, image_size=24, seed=3, device="cpu", num_threads=1)
     batches = list(loader.epoch())

@@ -84,6 +84,12 @@ def test_from_dict_round_trip_and_refusals():
     raw = cfg.to_dict()
     raw["optim"]["base_lr"] = 1  # an int in a float field is fine (JSON writes 1.0 as 1 in some tools)
     assert Config.from_dict(raw).optim.base_lr == 1.0
+    raw = cfg.to_dict()
+    del raw["data"]["blur_window"]  # saved before the setting existed: those runs trained with the official window
+    cfg.data.blur_window = "cover"
+    assert Config.from_dict(raw).data.blur_window == "official"
+    raw["data"]["blur_window"] = "cover"
+    assert Config.from_dict(raw).data.blur_window == "cover"
 
 
 def test_resolve_derives_the_run_values():
