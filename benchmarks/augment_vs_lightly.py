@@ -61,8 +61,10 @@ def _cpu_seconds(pids: list[int]) -> float:
 def run_fastbyol(images: np.ndarray, size: int, batch: int, steps: int, threads: int) -> dict:
     """TwoViewLoader on `images` (DALI and chain threads: `threads`), timed as run_lightly."""
     from fastbyol.augment import TwoViewLoader
+    from fastbyol.augment_bench import trainer_views
 
-    loader = TwoViewLoader(images, batch, size, seed=0, num_threads=threads)
+    view1, view2 = trainer_views()  # as fastbyol train augments by default (its blur window rule)
+    loader = TwoViewLoader(images, batch, size, seed=0, num_threads=threads, view1=view1, view2=view2)
     arrivals, done, cpu0 = [], 0, 0.0
     while done < 3 + steps:
         for v1, _ in loader.epoch():
@@ -74,6 +76,7 @@ def run_fastbyol(images: np.ndarray, size: int, batch: int, steps: int, threads:
             if done == 3 + steps:
                 break
     return {"who": "fastbyol", "size": size, "batch": batch, "threads": threads, "operators": loader.operators,
+            "blur_taps": view1.blur_window(size),
             **_rates(arrivals, batch, _cpu_seconds([]) - cpu0)}
 
 

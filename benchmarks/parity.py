@@ -69,7 +69,10 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "baseline": Variant("fastbyol as configured by default at this commit"),
     "blur-cover": Variant("blur window max(official, 2 ceil(3 sigma_max) + 1): 13 taps at 28 px (official: 3), "
-                          "still 23 at 224 px", patches=("blur-cover",)),
+                          "still 23 at 224 px (the trainer's default since this ablation)",
+                          flags=("--blur-window", "cover")),
+    "blur-official": Variant("the official blur window, 10% of the side: 3 taps at 28 px",
+                             flags=("--blur-window", "official")),
     "brightness-mul": Variant("multiplicative brightness x (1 + delta) (torchvision's, lightly's) instead of the "
                               "official additive x + delta", patches=("brightness-mul",)),
     "crop-bilinear": Variant("crops resized bilinear with antialiasing (PIL's, lightly's) instead of bicubic",
@@ -129,23 +132,6 @@ def _patch_lars_lightly() -> None:
     T.LARS = functools.partial(T.LARS, trust_ratio="lightly")
 
 
-def _patch_blur_cover() -> None:
-    """The trainer's two views with a blur window that covers +-3 sigma of the widest sigma drawn."""
-    import dataclasses
-    import math
-
-    from fastbyol import train as T
-    from fastbyol.augment import ViewSpec
-
-    @dataclasses.dataclass(frozen=True)
-    class CoverBlur(ViewSpec):
-        def blur_window(self, size: int) -> int:
-            return max(ViewSpec.blur_window(self, size), 2 * math.ceil(3 * self.blur_sigma[1]) + 1)
-
-    T.VIEW1 = CoverBlur(**{f.name: getattr(T.VIEW1, f.name) for f in dataclasses.fields(ViewSpec)})
-    T.VIEW2 = CoverBlur(**{f.name: getattr(T.VIEW2, f.name) for f in dataclasses.fields(ViewSpec)})
-
-
 def _patch_brightness_mul() -> None:
     """The CPU chain's brightness op as clip(x (1 + delta)): the factor ~ U[1 - b, 1 + b], torchvision's."""
     from fastbyol import photometric as P
@@ -173,7 +159,7 @@ def _patch_crop_bilinear() -> None:
 
 
 PATCHES = {"target-before": _patch_target_before, "head-no-bias": _patch_head_no_bias,
-           "lars-lightly": _patch_lars_lightly, "blur-cover": _patch_blur_cover,
+           "lars-lightly": _patch_lars_lightly,
            "brightness-mul": _patch_brightness_mul, "crop-bilinear": _patch_crop_bilinear}
 
 

@@ -53,9 +53,11 @@ def _steady_rate(arrivals: list[float], batch: int) -> tuple[float, float]:
 
 
 def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arrays", steps: int = 20,
-                  warmup: int = 3, num_threads: int | None = None, seed: int = 0, data=None) -> dict:
+                  warmup: int = 3, num_threads: int | None = None, seed: int = 0, data=None,
+                  blur_window: str | None = None) -> dict:
     """Two-view samples/s of TwoViewLoader (see the module docstring for the clock). `data` replaces the synthetic
-    images (a uint8 (N, H, W, 3) array or an encoded source), so a benchmark can feed the same images to a peer."""
+    images (a uint8 (N, H, W, 3) array or an encoded source), so a benchmark can feed the same images to a peer.
+    blur_window: the blur window rule (ViewSpec.blur_window); default the trainer's (`--blur-window`)."""
     if device not in ("cpu", "gpu"):
         raise FastByolError(f"--device must be cpu or gpu, got {device!r}")
     if source not in ("arrays", "gray", "jpeg"):
@@ -67,8 +69,9 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
     threads = num_threads or min(8, os.cpu_count() or 1)
     if data is None:
         data = synthetic_source(size, batch * 4, source, seed)
+    view1, view2 = trainer_views(blur_window)
     loader = TwoViewLoader(data, batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu",
-                           num_threads=threads, gray_input=source == "gray")
+                           num_threads=threads, gray_input=source == "gray", view1=view1, view2=view2)
     arrivals: list[float] = []
     done = 0
     while done < warmup + steps:
@@ -84,7 +87,19 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
     return {"samples_per_s": rate, "samples_per_s_mean": mean_rate, "size": size, "batch": batch,
             "device": device, "source": source, "threads": threads, "steps": steps,
             "seconds": arrivals[-1] - arrivals[0], "operators": loader.operators,
-            "photometric": loader.photometric_variant}
+            "photometric": loader.photometric_variant, "blur_window": view1.blur_window_rule,
+            "blur_taps": view1.blur_window(size)}
+
+
+def trainer_views(blur_window: str | None = None):
+    """(view 1, view 2) as the trainer builds them by default, with the blur window rule `blur_window` (default: the
+    trainer's default, DataConfig.blur_window)."""
+    import dataclasses
+
+    from .config import DataConfig
+
+    rule = blur_window or DataConfig().blur_window
+    return tuple(dataclasses.replace(v, blur_window_rule=rule) for v in (VIEW1, VIEW2))
 
 
 def bench_photometric(size: int, batch: int, device: str, variant: str, steps: int = 20, threads: int | None = None,

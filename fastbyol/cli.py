@@ -16,7 +16,8 @@ import dataclasses
 import os
 import sys
 
-from .config import DEFAULT_PRESET, PRESETS, SECTIONS, Config, allowed_values, field_kind, flag_name, get_preset
+from .config import (BLUR_WINDOW_RULES, DEFAULT_PRESET, PRESETS, SECTIONS, Config, allowed_values, field_kind, flag_name,
+                     get_preset)
 from .errors import FastByolError
 
 
@@ -59,8 +60,11 @@ def _add_other_parsers(sub) -> None:
     aug.add_argument("--size", type=int, default=224, help="view side, px")
     aug.add_argument("--batch", type=int, default=256, help="images per batch")
     aug.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="where DALI runs")
-    aug.add_argument("--source", default="arrays", choices=["arrays", "jpeg"],
-                     help="uint8 arrays in memory, or synthetic JPEG files decoded by DALI")
+    aug.add_argument("--source", default="arrays", choices=["arrays", "gray", "jpeg"],
+                     help="uint8 colour arrays in memory, the same gray (R = G = B: the Fashion-MNIST fast path), or "
+                          "synthetic JPEG files decoded by DALI")
+    aug.add_argument("--blur-window", default=None, choices=list(BLUR_WINDOW_RULES),
+                     help="blur window rule (default: the trainer's, see fastbyol train --help)")
     aug.add_argument("--steps", type=int, default=20, help="timed batches (after 3 warm-up batches)")
     aug.add_argument("--threads", type=int, default=None, help="DALI threads (default: min(8, cores))")
     aug.add_argument("--json", action="store_true", help="print one JSON object")
@@ -157,12 +161,14 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise FastByolError(f"--threads must be >= 1, got {args.threads}")
-    r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads)
+    r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads,
+                      blur_window=args.blur_window)
     if args.json:
         print(json.dumps(r))
     else:
         print(f"augment {r['source']} -> {r['size']} px, batch {r['batch']}, {r['device']} "
-              f"({r['threads']} threads): {r['samples_per_s']:.0f} two-view samples/s")
+              f"({r['threads']} threads, blur {r['blur_taps']} taps, {r['operators']} DALI operators): "
+              f"{r['samples_per_s']:.0f} two-view samples/s")
     return 0
 
 

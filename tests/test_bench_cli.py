@@ -28,6 +28,12 @@ def test_bench_augment_gray_source():
     assert (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
     r = bench_augment(28, 8, source="gray", steps=2, warmup=1, num_threads=1)
     assert r["samples_per_s"] > 0 and r["source"] == "gray"
+    from fastbyol.config import DataConfig
+
+    rule = DataConfig().blur_window  # what the trainer uses by default is what is measured
+    assert r["blur_window"] == rule and r["blur_taps"] == (13 if rule == "cover" else 3)
+    r = bench_augment(28, 8, source="gray", steps=2, warmup=1, num_threads=1, blur_window="official")
+    assert r["blur_window"] == "official" and r["blur_taps"] == 3
 
 
 def test_bench_augment_errors(capsys):
