@@ -321,12 +321,13 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
 
         def checkpoint(finished: bool, loss_sum: torch.Tensor) -> dict | None:
             """Every rank's data position and RNG state (collective); the checkpoint dict on rank 0. Refused (the run
-            stops, the previous checkpoint stays) unless the weights, the momentum and the recent losses are finite."""
+            stops, the previous checkpoint stays) unless the weights, the BN statistics, the momentum and the recent losses
+            are finite (export and eval refuse any non-finite tensor)."""
             state.data_states = gather_objects(loader.state(), world_size)
             state.torch_rngs = gather_objects(torch.get_rng_state(), world_size)
             state.meter, state.finished = meter.state_dict(), finished
             momentum = [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]
-            flag = _finite_flag([*model.parameters(), *momentum, loss_sum])  # on the device
+            flag = _finite_flag([*model.parameters(), *model.buffers(), *momentum, loss_sum])  # BN statistics too
             if global_mean(flag, world_size) < 1.0:  # sync: at the save point; every rank takes the same decision
                 raise TrainingStopped(f"the weights or the loss became non-finite by step {state.step}; "
                                       + _last_good(run_dir))

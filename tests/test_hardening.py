@@ -66,9 +66,11 @@ def test_a_second_writer_is_refused(data, tmp_path, capsys):
     RunLock(out).close()
 
 
-def test_checkpoint_refused_from_nonfinite_weights(data, tmp_path, monkeypatch, capsys):
-    """The update of step 6 turns a weight into NaN after that step's loss was computed (finite): the checkpoint of
-    step 6 must not be written; the one of step 3 stays, and export refuses non-finite weights."""
+@pytest.mark.parametrize("what", ["weight", "bn-buffer"])
+def test_checkpoint_refused_from_nonfinite_weights(data, tmp_path, monkeypatch, capsys, what):
+    """The update of step 6 turns a weight (or a BN running statistic, which export and eval check too) into NaN
+    after that step's loss was computed (finite): the checkpoint of step 6 must not be written; the one of step 3
+    stays, and export refuses non-finite weights."""
     real_step = train_module.byol_step
     calls = {"n": 0}
 
@@ -77,8 +79,11 @@ def test_checkpoint_refused_from_nonfinite_weights(data, tmp_path, monkeypatch, 
         loss = real_step(model, optimizer, *args, **kwargs)
         if calls["n"] == 6:
             with torch.no_grad():
-                weight = optimizer.param_groups[0]["params"][0]  # channels_last: index, do not view
-                weight[(0,) * weight.ndim] = float("nan")
+                if what == "weight":
+                    weight = optimizer.param_groups[0]["params"][0]  # channels_last: index, do not view
+                    weight[(0,) * weight.ndim] = float("nan")
+                else:
+                    next(b for n, b in model.named_buffers() if n.endswith("running_var"))[0] = float("inf")
         return loss
 
     monkeypatch.setattr(train_module, "byol_step", poisoned)
@@ -90,6 +95,8 @@ def test_checkpoint_refused_from_nonfinite_weights(data, tmp_path, monkeypatch, 
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["state"]["step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    if what == "bn-buffer":
+        return
     monkeypatch.undo()
     # a checkpoint with NaN weights (written by hand) is refused by export and eval
     ckpt["model"]["online_encoder.conv1.weight"][0, 0, 0, 0] = float("nan")

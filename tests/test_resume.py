@@ -97,3 +97,42 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     assert main(["train", "--resume", str(good)]) == 2
     assert "is corrupt, truncated or not plain data" in capsys.readouterr().err
     assert os.path.exists(good / "config.json")
+
+
+def test_a_format_1_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+    """A run saved by fastbyol 0.1 (checkpoint format 1: the state's fields at the top level, no 'format' key) resumes
+    and ends with the parameters of an uninterrupted run."""
+    data = _small_idx_dataset(tmp_path / "data", 256, 64)
+    args = ["--data", str(data), "--epochs", "2", "--batch-size", "32", "--ckpt-every-steps", "4", "--log-every", "4",
+            "--no-progress", "--seed", "5"]
+    full = tmp_path / "full"
+    assert main(["train", *args, "--out", str(full)]) == 0
+    expected = json.loads((full / "summary.json").read_text())
+
+    class Crash(Exception):
+        pass
+
+    real_step = train_module.byol_step
+    calls = {"n": 0}
+
+    def crash_at_6(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Crash("the machine went down")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_module, "byol_step", crash_at_6)
+    old = tmp_path / "old"
+    with pytest.raises(Crash):
+        main(["train", *args, "--out", str(old), "--debug"])
+    monkeypatch.undo()
+    ckpt = load_checkpoint(old / "checkpoint.pt")
+    state = ckpt.pop("state")
+    assert ckpt.pop("format") == 2 and state["step"] == 4
+    v1 = {**ckpt, "step": state["step"], "world_size": state["world_size"], "data_states": state["data_states"],
+          "torch_rngs": state["torch_rngs"], "timed_images": 0, "train_seconds": 1.0, "finished": False}
+    torch.save(v1, old / "checkpoint.pt")
+    assert main(["train", "--resume", str(old), "--no-progress"]) == 0
+    resumed = json.loads((old / "summary.json").read_text())
+    assert resumed["resumed"] and resumed["steps"] == expected["steps"] == 16
+    assert resumed["params_sha256"] == expected["params_sha256"]
