@@ -208,11 +208,13 @@ DECODE = "roi"
 
 # Hints of the "mixed" decoders, sized for ImageNet-like data (most files ~500x375 or 375x500, ~100-150 KB):
 # - HW_DECODER_LOAD: share of each batch given to the GPU's hardware JPEG engines (A100: 5, H100/H200: 7); the rest
-#   goes through nvJPEG's CUDA path, whose Huffman stage runs on DALI's CPU threads and whose kernels compete with
-#   the training step for the SMs. DALI's default 0.65 was tuned on A100 with many CPU threads per GPU; the engines
-#   cost neither CPU nor SM time, so give them most of the work (0.9, the default of fn.experimental.decoders).
+#   goes through nvJPEG's CUDA path, whose Huffman stage runs on DALI's CPU threads (files under
+#   hybrid_huffman_threshold, 1 Mpixel: all of ImageNet's common sizes) and whose kernels compete with the training
+#   step for the SMs. The engines cost neither CPU nor SM time, so they get most of the work: 0.9 (the default of
+#   fn.experimental.decoders) rather than fn.decoders' 0.65, which leaves a third of each batch to the CPU threads.
 #   The engines decode baseline JPEGs only: progressive files take the CUDA path whatever the share.
-# - PREALLOCATE_SIDE: the hardware decoder preallocates batch x width x height x 3 bytes up front; 512 x 512 covers
+# - PREALLOCATE_SIDE: the hardware decoder preallocates for a batch of width x height images up front (by our
+#   reading of nvjpegDecodeBatchedPreAllocate, ~batch x width x height x 3 bytes; not measured); 512 x 512 covers
 #   both orientations of the common ImageNet sizes (256 x 512 x 512 x 3 = 200 MB at batch 256). A larger file only
 #   makes nvJPEG grow its buffer (a rare stall, not a failure); hints at ImageNet's largest file (DALI's ResNet-50
 #   example uses 5980 x 6430) would reserve ~30 GB at batch 256 by the same product.
