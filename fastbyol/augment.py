@@ -12,8 +12,9 @@ Where each step runs:
   (`draw_params`, packed per sample as one (N_PARAMS,) float32 output: columns in fastbyol.photometric.PARAM_NAMES).
   Its checkpoint holds all their states and the read position, so `state()` (DALI's checkpoint string) is all a
   resume needs. The graph has ~40 operators (the colour chain built from DALI arithmetic had ~1,600).
-- CUDA: DALI also decodes (the mixed decoder decodes only each view's crop), resizes (bicubic), flips and emits
-  planar uint8 crops; the chain runs as CUDA_PHOTOMETRIC says.
+- CUDA: DALI also decodes (the mixed decoder; `decode` "roi": one ROI decode per view, "once": one whole decode
+  and both views cropped from it, see DECODE_MODES), resizes (bicubic), flips and emits planar uint8 crops; the chain
+  runs as CUDA_PHOTOMETRIC says.
 - CPU: DALI reads and decodes files (arrays are rows the source names by index); torch crops, resizes and flips
   (`crop_resize_flip`: torch's uint8 bicubic is ~10x faster than DALI's CPU resize) and runs the chain
   (fastbyol.photometric.photometric), both on `num_threads` worker threads.
@@ -192,6 +193,79 @@ def _crop_and_params(images, spec: ViewSpec, size: int, cropped: bool = False):
     return x, pack_params(q)
 
 
+# The CUDA JPEG path's decode mode (TwoViewLoader(decode=...), bench_augment(decode=...)):
+# - "roi": one region-of-interest decode per view (fn.decoders.image_random_crop): each decode entropy-decodes the
+#   whole file (Huffman decoding cannot skip to a region) but runs the IDCT and colour conversion only inside the
+#   view's crop, so each JPEG is entropy-decoded twice;
+# - "once": one whole-image decode (fn.decoders.image), then each view's random resized crop on the GPU from that
+#   one image (fn.random_resized_crop: the same window sampler as image_random_crop, area and log-aspect drawn until
+#   the window fits, 10 attempts, then the same bicubic resize, flip and planar uint8 output).
+# "roi" stays the default until the GPU plan (benchmarks/gpu_plan.md, call 4's augment-jpeg-224-roi/-once items) has
+# timed both on ImageNet-like JPEGs; the faster becomes the default. On the CPU the loader always decodes each file
+# once and torch crops both views from it, so the mode changes nothing there.
+DECODE_MODES = ("roi", "once")
+DECODE = "roi"
+
+# Hints of the "mixed" decoders, sized for ImageNet-like data (most files ~500x375 or 375x500, ~100-150 KB):
+# - HW_DECODER_LOAD: share of each batch given to the GPU's hardware JPEG engines (A100: 5, H100/H200: 7); the rest
+#   goes through nvJPEG's CUDA path, whose Huffman stage runs on DALI's CPU threads (files under
+#   hybrid_huffman_threshold, 1 Mpixel: all of ImageNet's common sizes) and whose kernels compete with the training
+#   step for the SMs. The engines cost neither CPU nor SM time, so they get most of the work: 0.9 (the default of
+#   fn.experimental.decoders) rather than fn.decoders' 0.65, which leaves a third of each batch to the CPU threads.
+#   The engines decode baseline JPEGs only: progressive files take the CUDA path whatever the share.
+# - PREALLOCATE_SIDE: the hardware decoder preallocates for a batch of width x height images up front (by our
+#   reading of nvjpegDecodeBatchedPreAllocate, ~batch x width x height x 3 bytes; not measured); 512 x 512 covers
+#   both orientations of the common ImageNet sizes (256 x 512 x 512 x 3 = 200 MB at batch 256). A larger file only
+#   makes nvJPEG grow its buffer (a rare stall, not a failure); hints at ImageNet's largest file (DALI's ResNet-50
+#   example uses 5980 x 6430) would reserve ~30 GB at batch 256 by the same product.
+# - device/host memory padding: DALI's defaults (16 MB device per thread, 8 MB pinned host x 2) already hold a
+#   500 x 375 image's buffers many times over; left as they are.
+# - "once" only: the decoder's output holds whole images (the ROI decoders' hold crops), so its output buffer is
+#   hinted at PREALLOCATE_SIDE^2 x 3 bytes a sample, allocated before the first batch rather than grown by it.
+HW_DECODER_LOAD = 0.9
+PREALLOCATE_SIDE = 512
+
+
+def _decoder_hints(device: str) -> dict:
+    """The hardware-decoder arguments of a "mixed" decoder (none for the CPU decoder: they apply to "mixed" only)."""
+    if device != "mixed":
+        return {}
+    return dict(hw_decoder_load=HW_DECODER_LOAD, preallocate_width_hint=PREALLOCATE_SIDE,
+                preallocate_height_hint=PREALLOCATE_SIDE)
+
+
+def decode_views(encoded, views, size: int, decode: str = DECODE, device: str = "mixed") -> list:
+    """DALI graph of both views' geometric half from encoded files: [(flipped uint8 CHW crop size x size, (N_PARAMS,)
+    float32 params)] per view in `views`. decode: "roi" (one ROI decode per view) or "once" (one whole-image decode,
+    both views cropped from it; see DECODE_MODES). device: the decoders' backend, "mixed" in the loader's CUDA graph;
+    "cpu" runs the same graph on the CPU (tests: the crops, the sampler's distribution, checkpointing)."""
+    from nvidia.dali import fn, types
+
+    if decode not in DECODE_MODES:
+        raise FastByolError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    hints = _decoder_hints(device)
+    if decode == "once":
+        x = fn.decoders.image(encoded, device=device, output_type=types.RGB,
+                              bytes_per_sample_hint=PREALLOCATE_SIDE * PREALLOCATE_SIDE * 3, **hints)
+        return [_crop_and_params(x, spec, size) for spec in views]
+    out = []
+    for spec in views:  # decoder then chain per view: the order (and so the seeds) of the graph before the switch
+        x = fn.decoders.image_random_crop(encoded, device=device, output_type=types.RGB,
+                                          random_area=list(spec.crop_area),
+                                          random_aspect_ratio=list(spec.crop_aspect), **hints)
+        out.append(_crop_and_params(x, spec, size, cropped=True))
+    return out
+
+
+def decoder_ops(pipe) -> int:
+    """Image decoder operators of a built DALI pipeline (fn.decoders.image*: schema names Image, ImageRandomCrop,
+    ImageCrop, ImageSlice); -1 if this DALI version does not expose its op list (the private `_ops`)."""
+    ops = getattr(pipe, "_ops", None)
+    if ops is None:
+        return -1
+    return sum(type(getattr(op, "_op", op)).__name__.startswith("Image") for op in ops)
+
+
 def _crop_window_and_params(shape, spec: ViewSpec):
     """CPU: one view's crop window drawn by DALI, applied by torch (crop_resize_flip). Returns ((5,) int32
     [y, x, h, w, flip] per sample, (N_PARAMS,) float32 params). `shape`: each sample's (H, W) as an int64 node.
@@ -309,8 +383,12 @@ class TwoViewLoader:
     source: a uint8 (N, H, W, 3) array (fed by external_source), or an encoded-file source (anything with
     `dali_reader(shard_id, num_shards, name)`, `len()`, `labels`, `where`: fastbyol.data's FileList or tar shards;
     a bare object with a `files` list and `labels` is read by readers.file). device "cpu" runs DALI with
-    device_id=None and the chain with torch on the CPU; "cuda" decodes on the GPU (the "mixed" decoder, taking each
-    view's random crop during the decode) and runs the chain as CUDA_PHOTOMETRIC says.
+    device_id=None and the chain with torch on the CPU; "cuda" decodes on the GPU (the "mixed" decoder) and runs the
+    chain as CUDA_PHOTOMETRIC says.
+
+    decode: how the CUDA path decodes encoded files (DECODE_MODES): "roi" takes each view's random crop during its
+    own decode (two decodes a file), "once" decodes each file once and crops both views from it on the GPU. Arrays
+    and the CPU path are unaffected (the CPU path always decodes once).
     """
 
     def __init__(
@@ -330,7 +408,11 @@ class TwoViewLoader:
         gray_input: bool = False,
         checkpoint: bytes | str | None = None,
         labels: np.ndarray | None = None,
+        decode: str = DECODE,
     ):
+        if decode not in DECODE_MODES:
+            raise FastByolError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.decode = decode
         if not dali_available():
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
         view1.validate("view1")
@@ -385,6 +467,12 @@ class TwoViewLoader:
         ops = getattr(self._pipe, "_ops", None)
         return len(ops) if ops is not None else -1
 
+    @property
+    def decoders(self) -> int:
+        """Image decoders in the DALI graph (CUDA JPEG path: 2 for decode "roi", 1 for "once"; CPU files: 1;
+        arrays: 0); -1 if this DALI version does not say (read as `operators` is)."""
+        return decoder_ops(self._pipe)
+
     def _chain(self, spec: ViewSpec, size: int, mean, std, num_threads: int) -> dict:
         """The photometric chain's arguments for one view (all but crops and params)."""
         kwargs = dict(blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold,
@@ -418,12 +506,8 @@ class TwoViewLoader:
             label = None
             if source is not None:
                 encoded, label = read()
-                if on_gpu:  # each view decodes only its own random crop
-                    for v, spec in ((1, view1), (2, view2)):
-                        x = fn.decoders.image_random_crop(encoded, device="mixed", output_type=types.RGB,
-                                                          random_area=list(spec.crop_area),
-                                                          random_aspect_ratio=list(spec.crop_aspect))
-                        crop, params = _crop_and_params(x, spec, size, cropped=True)
+                if on_gpu:  # "roi": each view decodes its own random crop; "once": one decode, two GPU crops
+                    for v, (crop, params) in enumerate(decode_views(encoded, (view1, view2), size, self.decode), 1):
                         outs.update({f"crops{v}": crop, f"params{v}": params.gpu()})
                 else:  # decoded whole; torch crops both views from it
                     x = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)

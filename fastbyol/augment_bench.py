@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params
+from .augment import DECODE, DECODE_MODES, IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params
 from .errors import FastByolError
 from .photometric import VARIANTS, photometric_variant
 
@@ -54,10 +54,13 @@ def _steady_rate(arrivals: list[float], batch: int) -> tuple[float, float]:
 
 def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arrays", steps: int = 20,
                   warmup: int = 3, num_threads: int | None = None, seed: int = 0, data=None,
-                  blur_window: str | None = None) -> dict:
+                  blur_window: str | None = None, decode: str = DECODE) -> dict:
     """Two-view samples/s of TwoViewLoader (see the module docstring for the clock). `data` replaces the synthetic
     images (a uint8 (N, H, W, 3) array or an encoded source), so a benchmark can feed the same images to a peer.
-    blur_window: the blur window rule (ViewSpec.blur_window); default the trainer's (`--blur-window`)."""
+    blur_window: the blur window rule (ViewSpec.blur_window); default the trainer's (`--blur-window`).
+    decode: the GPU JPEG path's decode mode (fastbyol.augment.DECODE_MODES: "roi", one ROI decode per view, or
+    "once", one decode and two GPU crops); it changes nothing for arrays or on the CPU. The row reports it and the
+    graph's decoder count."""
     if device not in ("cpu", "gpu"):
         raise FastByolError(f"--device must be cpu or gpu, got {device!r}")
     if source not in ("arrays", "gray", "jpeg"):
@@ -66,12 +69,15 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
         raise FastByolError("--size must be >= 8, --batch >= 1 and --steps >= 2")
     if device == "gpu" and not torch.cuda.is_available():
         raise FastByolError("--device gpu, but torch sees no CUDA GPU")
+    if decode not in DECODE_MODES:
+        raise FastByolError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     threads = num_threads or min(8, os.cpu_count() or 1)
     if data is None:
         data = synthetic_source(size, batch * 4, source, seed)
     view1, view2 = trainer_views(blur_window)
     loader = TwoViewLoader(data, batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu",
-                           num_threads=threads, gray_input=source == "gray", view1=view1, view2=view2)
+                           num_threads=threads, gray_input=source == "gray", view1=view1, view2=view2,
+                           decode=decode)
     arrivals: list[float] = []
     done = 0
     while done < warmup + steps:
@@ -88,7 +94,7 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
             "device": device, "source": source, "threads": threads, "steps": steps,
             "seconds": arrivals[-1] - arrivals[0], "operators": loader.operators,
             "photometric": loader.photometric_variant, "blur_window": view1.blur_window_rule,
-            "blur_taps": view1.blur_window(size)}
+            "blur_taps": view1.blur_window(size), "decode": decode, "decoders": loader.decoders}
 
 
 def trainer_views(blur_window: str | None = None):

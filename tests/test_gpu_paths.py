@@ -1,6 +1,7 @@
 """CUDA-only paths, skipped without a GPU: the GPU augmentation pipeline (arrays and the mixed JPEG decoder, its
 views against the CPU reference chain, DALI's buffers held while the chain reads them) and a short training run on
-CUDA. The GPU plan runs them; they cannot run on the CPU machines. (The chain's variants on CUDA, which need no DALI:
+CUDA, and both decode modes of the JPEG path (one ROI decode per view, or one decode and two GPU crops). The GPU
+plan runs them; they cannot run on the CPU machines. (The chain's variants on CUDA, which need no DALI:
 tests/test_photometric.py.)"""
 
 import json
@@ -87,6 +88,53 @@ def test_gpu_views_from_jpeg_with_crop_during_decode(tmp_path):
     batches = list(loader.epoch())
     assert len(batches) == 2 and batches[0][0].is_cuda and batches[0][0].shape == (32, 3, 64, 64)
     assert batches[0][2].dtype == torch.int64 and sorted(int(y) for b in batches for y in b[2]) == sorted(labels)
+
+
+@pytest.fixture(scope="module")
+def imagenet_like(tmp_path_factory):
+    """48 photograph-like JPEGs of ImageNet-like, varied sizes (~500x375), labeled by class."""
+    pytest.importorskip("PIL")
+    from fastbyol.data.folders import FileList
+    from fastbyol.data.synthetic import write_synthetic_jpegs
+
+    root = write_synthetic_jpegs(tmp_path_factory.mktemp("j"), n_train=48, n_test=0, classes=2, style="imagenet")
+    files = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
+    return FileList(files, np.array([int("class1" in f) for f in files], dtype=np.int64))
+
+
+@pytest.mark.parametrize("decode", ["roi", "once"])
+def test_gpu_decode_modes_give_the_views_and_decode_as_said(imagenet_like, decode):
+    """Issue 13, hazard 3: both decode modes of the mixed decoder on varied-size JPEGs: (B, 3, S, S) fp16
+    channels_last views on the GPU, per-sample crops; "roi" has two decoders in its graph (one per view), "once" one
+    (each file decoded once, both views cropped from it)."""
+    from fastbyol.augment import TwoViewLoader
+
+    loader = TwoViewLoader(imagenet_like, batch_size=16, image_size=64, device="cuda", num_threads=2, decode=decode)
+    assert loader.decoders == (2 if decode == "roi" else 1)
+    batches = list(loader.epoch())
+    assert len(batches) == 3
+    v1, v2, labels = batches[0]
+    assert v1.is_cuda and v1.shape == (16, 3, 64, 64) and v1.dtype == torch.float16
+    assert v1.is_contiguous(memory_format=torch.channels_last) and not torch.equal(v1, v2)
+    crops = loader.last_crops[0]  # (16, 3, 64, 64) uint8 on the GPU, the last batch's view-1 crops
+    assert crops.is_cuda and crops.dtype == torch.uint8 and len({c.cpu().numpy().tobytes() for c in crops}) == 16
+    assert sorted(int(y) for b in batches for y in b[2]) == sorted(imagenet_like.labels.tolist())
+
+
+def test_gpu_once_mode_resumes_exactly_from_its_checkpoint(imagenet_like):
+    """DALI's checkpoint after batch 1 of the once mode restores batch 2 exactly (the reader, the GPU crops' windows,
+    every parameter)."""
+    from fastbyol.augment import TwoViewLoader
+
+    kw = dict(batch_size=16, image_size=64, device="cuda", num_threads=2, seed=5, decode="once")
+    loader = TwoViewLoader(imagenet_like, **kw)
+    it = loader.epoch()
+    next(it)
+    state = loader.state()
+    want = next(it)
+    got = next(TwoViewLoader(imagenet_like, checkpoint=state, **kw).epoch(first_step=1))
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
 
 
 def test_training_on_cuda(tmp_path):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -54,6 +55,23 @@ def test_items_past_the_budget_are_skipped_with_a_reason(tmp_path):
     assert (state / "call2.json").read_text() == (out / "call2.json").read_text()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU dry run: with CUDA the items run at full size")
+def test_call_four_times_both_decode_modes_and_the_merge_keeps_both(tmp_path):
+    """Issue 13, hazard 3: call 4 times bench_augment on the ImageNet-like JPEGs in both decode modes, one row each,
+    written as measured; the merged report keeps both rows (the mode is part of a row's identity)."""
+    pytest.importorskip("nvidia.dali")
+    names = ["augment-jpeg-224-roi", "augment-jpeg-224-once"]
+    assert all(n in gpu_plan.CALLS[4] for n in names)
+    out, state = tmp_path / "out", tmp_path / "state"
+    assert gpu_plan.run_call(4, out, state, names=names) == 0
+    record = json.loads((out / "call4.json").read_text())
+    assert [(e["name"], e["status"]) for e in record["items"]] == [(n, "ok") for n in names]
+    rows = record["report"]["augment"]
+    assert [r["decode"] for r in rows] == ["roi", "once"] and all(r["samples_per_s"] > 0 for r in rows)
+    assert all(f"decode {r['decode']}" in r["images"] for r in rows)
+    assert [r["decode"] for r in gpu_plan.merge([out])["augment"]] == ["roi", "once"]
+
+
 @pytest.mark.slow
 def test_the_four_calls_dry_run_on_the_cpu(tmp_path):
     env = dict(os.environ, PY=sys.executable, PLAN_INSTALL="0", PLAN_STATE=str(tmp_path / "state"),
@@ -79,6 +97,8 @@ def test_the_four_calls_dry_run_on_the_cpu(tmp_path):
     assert steps[("resnet-tiny", "fastbyol", "off")]["img_per_s"] > 0
     peer = steps[("resnet18", "lightly", "off")]
     assert "img_per_s" in peer or peer["error"].startswith("not installed")
+    augment = json.loads((outs[3] / "call4.json").read_text())["report"]["augment"]
+    assert [(r["source"], r["decode"]) for r in augment][:2] == [("jpeg", "roi"), ("jpeg", "once")]
     summary = json.loads((outs[3] / "call4-train-summary.json").read_text())
     assert summary["steps"] > 0 and summary["img_per_s"] > 0
     # the merge: one report in gpu_report's format, rendered by gpu_report and readme_table
