@@ -36,7 +36,8 @@ class FileList:
     pipeline definition, `len()`, `labels` (int64 or None) and `where` (for error messages)."""
 
     def __init__(self, files: list[str] | None = None, labels: np.ndarray | None = None, where: str = "", *,
-                 root: str | None = None, list_file: str | None = None, count: int | None = None):
+                 root: str | None = None, list_file: str | None = None, count: int | None = None,
+                 skip_bad: bool = False):
         if files is None and (root is None or list_file is None or count is None):
             raise ValueError("FileList needs files, or root + list_file + count")
         self._files = files
@@ -46,6 +47,9 @@ class FileList:
         if not where:
             where = str(Path(files[0]).parent.parent) if files else (root or "(no files)")
         self.where = where  # the folder the files came from, for error messages
+        self.skip_bad = skip_bad  # the training pipeline may stand another file in for one it cannot decode
+        self.source_list = list_file  # the manifest's list; list_file becomes this process's own copy once one is bad
+        self.bad: list[str] = []  # files replaced so far (as failed_sample names them), in the order found
 
     def __len__(self) -> int:
         return self._count
@@ -58,6 +62,82 @@ class FileList:
                 lines = f.read().decode("utf-8", "surrogateescape").splitlines()
             self._files = [os.path.join(self.root, ln.rsplit(" ", 1)[0]) for ln in lines]
         return self._files
+
+    def replace_bad(self, *names: str) -> bool:
+        """Stand a good file in for each of `names` (files DALI could not decode, as failed_sample names them: the
+        root joined with the list's relative path, or an entry of `files`), in this process's own copy of the list:
+        every line of a bad file takes the line of the nearest earlier file not known bad (the nearest later one for
+        the first lines). The list keeps its length and order, so the reader's positions, epochs, shards and DALI's
+        checkpoint stay valid; the manifest's list, and the data, are never written. False (nothing changed) if a
+        name is not in the list or no good file would be left. Takes effect in the next pipeline built."""
+        new = [n for n in names if n not in self.bad]
+        if not new:
+            return True
+        bad = set(self.bad) | set(new)
+        if self.source_list is None:  # an explicit list: substituted in memory (files, labels)
+            original = getattr(self, "_original", None) or (list(self._files),
+                                                              None if self.labels is None else self.labels.copy())
+            if not set(new) <= set(original[0]):
+                return False
+            pick = _substitutes([f in bad for f in original[0]])
+            if pick is None:
+                return False
+            self._original = original
+            self._files = [original[0][j] for j in pick]
+            if self.labels is not None:
+                self.labels = original[1][np.asarray(pick, dtype=np.int64)]
+        else:
+            if not self._write_own_list(bad, set(new)):
+                return False
+            self._files = None  # re-read from the new list when asked
+        self.bad += new
+        return True
+
+    def _relative(self, name: str) -> bytes:
+        rel = os.path.relpath(name, self.root) if os.path.isabs(name) else name
+        return rel.encode("utf-8", "surrogateescape")
+
+    def _write_own_list(self, bad: set[str], new: set[str]) -> bool:
+        """Write this process's own file list: the manifest's, every line of a file in `bad` replaced (see
+        replace_bad). Two passes over the list (bounded memory); False if a name in `new` is not listed."""
+        bad_rel = {self._relative(n) for n in bad}
+        with open(self.source_list, "rb") as f:
+            flags = [ln.rsplit(b" ", 1)[0] in bad_rel for ln in f]
+        with open(self.source_list, "rb") as f:
+            present = {ln.rsplit(b" ", 1)[0] for ln in f} & {self._relative(n) for n in new}
+        if len(present) != len(new):
+            return False
+        pick = _substitutes(flags)
+        if pick is None:
+            return False
+        from .cache import TMP_MARK, cache_root, remove_stale_tmp
+
+        folder = cache_root() / "lists"
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(folder)  # lists of processes that are gone
+        own = getattr(self, "_own_list", None)
+        if own is None:  # one per FileList, removed when it goes or the process exits (a killed one: next start)
+            import tempfile
+            import weakref
+
+            fd, own = tempfile.mkstemp(prefix="pretrain-", suffix=f".list{TMP_MARK}{os.getpid()}", dir=folder)
+            os.close(fd)
+            self._own_list = own
+            weakref.finalize(self, _unlink, own)
+        with open(self.source_list, "rb") as f:
+            lines = f.readlines() if len(pick) <= 65536 else None
+        if lines is None:  # large lists: the lines that stand in, then one streaming pass
+            wanted = {j for i, j in enumerate(pick) if j != i}
+            with open(self.source_list, "rb") as f:
+                stand_in = {j: ln for j, ln in enumerate(f) if j in wanted}
+            with open(self.source_list, "rb") as f, open(own, "wb") as out:
+                for i, ln in enumerate(f):
+                    out.write(ln if pick[i] == i else stand_in[pick[i]])
+        else:
+            with open(own, "wb") as out:
+                out.write(b"".join(lines[j] for j in pick))
+        self.list_file = own
+        return True
 
     def dali_reader(self, shard_id: int, num_shards: int, name: str = "reader"):
         """(encoded bytes, int64 label node or None): this shard's part, reshuffled after every epoch.
@@ -73,6 +153,27 @@ class FileList:
             encoded, label = fn.readers.file(files=self._files, labels=labels, shard_id=shard_id,
                                              num_shards=num_shards, shuffle_after_epoch=True, name=name)
         return encoded, (None if self.labels is None else fn.cast(label, dtype=types.INT64))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _substitutes(bad: list[bool]) -> list[int] | None:
+    """For each position, the position read there: itself when good, else the nearest earlier good one (the first
+    good one for bad positions before it); None when none is good."""
+    good = [i for i, b in enumerate(bad) if not b]
+    if not good:
+        return None
+    pick, last = [], good[0]
+    for i, b in enumerate(bad):
+        if not b:
+            last = i
+        pick.append(last)
+    return pick
 
 
 def is_image_folder(root: Path) -> bool:
@@ -122,7 +223,7 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
         raise FastByolError(f"{root}: no JPEG or PNG images")
     n_pretrain = int(man.pretrain_mask.sum())
     pretrain = FileList(None, None, str(root), root=str(root), list_file=str(man.location / mf.LIST_NAME),
-                        count=n_pretrain)
+                        count=n_pretrain, skip_bad=skip_bad_files)
     labeled = man.layout == "labeled"
     rng = np.random.default_rng(seed)
     if labeled:
