@@ -308,6 +308,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     # before the pipeline starts; the batches are the same either way (the replacement rule depends on the file list
     # alone), this only keeps the count and spares rebuilding the pipeline again
     source = dataset.pretraining_source
+    known_before = set(getattr(source, "bad", []))  # found by an earlier run: the dataset counted them
     train_bad = set(broadcast_object(_read_bad_files(run_dir) if is_rank0 and resume is not None else [], rank,
                                      world_size))
     if train_bad and cfg.data.skip_bad_files and hasattr(source, "replace_bad"):
@@ -421,7 +422,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
                            last_loss, resumed=resume is not None)
         summary["startup_seconds"] = {**dataset.startup_seconds, **startup}
         if train_bad:  # files that passed the checks but that DALI could not decode, replaced while training
-            summary["skipped_files"] += len(train_bad - _eval_skipped(dataset))  # not twice: the kNN decode's too
+            summary["skipped_files"] += len(train_bad - _eval_skipped(dataset) - known_before)  # not twice: the kNN decode's too
             summary["skipped_while_training"] = sorted(train_bad)
             log(f"skipped {len(train_bad)} files DALI could not decode while training (--skip-bad-files): "
                 f"listed in {run_dir / BAD_FILES}")

@@ -42,19 +42,24 @@ def bad_scan_jpeg(seed: int = 1) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """An unlabeled folder: 40 good 32 px JPEGs and one that only DALI's decoder rejects."""
-    cache = tmp_path_factory.mktemp("cache")
-    os.environ["FASTBYOL_CACHE"] = str(cache)
-    root = tmp_path_factory.mktemp("d") / "imgs"
-    write_synthetic_jpegs(root / "x", n_train=40, n_test=0, size=32, classes=1)
-    os.rename(root / "x" / "train" / "class0", root / "all")
+def good_files(tmp_path_factory):
+    os.environ["FASTBYOL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    root = tmp_path_factory.mktemp("good")
+    write_synthetic_jpegs(root, n_train=40, n_test=0, size=32, classes=1)
+    return sorted((root / "train" / "class0").iterdir())
+
+
+@pytest.fixture
+def folder(good_files, tmp_path):
+    return _make_folder(good_files, tmp_path / "imgs")
+
+
+def _make_folder(good_files, root):
+    """A fresh unlabeled folder (its own manifest): 40 good 32 px JPEGs and one that only DALI's decoder rejects."""
+    (root / "all").mkdir(parents=True)
+    for p in good_files:
+        os.link(p, root / "all" / p.name)
     (root / "all" / BAD).write_bytes(bad_scan_jpeg())
-    for p in (root / "x" / "train", root / "x" / "test", root / "x"):
-        if p.exists():
-            for q in p.iterdir():
-                q.rmdir() if q.is_dir() else q.unlink()
-            p.rmdir()
     assert check_image_file(root / "all" / BAD) is None  # passes the structural checks
     return root
 
@@ -128,7 +133,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_train_skips_counts_and_resumes_exactly(folder, tmp_path):
+def test_train_skips_counts_and_resumes_exactly(folder, good_files, tmp_path):
     full = tmp_path / "full"
     res = _train(folder, full, "--skip-bad-files")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -138,9 +143,12 @@ def test_train_skips_counts_and_resumes_exactly(folder, tmp_path):
     assert json.loads((full / "bad_files.json").read_text()) == [bad]
     assert f"skipped {bad}: does not decode" in res.stdout
 
-    # killed at step 8 (of 10; checkpoints every 3 steps: it resumes from step 6), after the file was met
+    # the same files in a fresh folder (the first run recorded the file beside its own manifest), killed at step 8
+    # (of 10; checkpoints every 3 steps: it resumes from step 6), after the file was met
+    other = _make_folder(good_files, tmp_path / "other")
+    bad = str(other / "all" / BAD)
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-c", KILL_AT, "8", "train", "--data", str(folder), "--epochs", "2", "--batch-size", "8",
+    cmd = [sys.executable, "-c", KILL_AT, "8", "train", "--data", str(other), "--epochs", "2", "--batch-size", "8",
            "--image-size", "16", "--no-progress", "--out", str(killed), "--seed", "5", "--skip-bad-files",
            "--ckpt-every-steps", "3"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(folder))
@@ -162,3 +170,27 @@ def test_without_the_flag_one_line_names_the_file(folder, tmp_path):
     ours = [ln for ln in res.stderr.splitlines() if ln.startswith("fastbyol: error:")]
     assert len(ours) == 1 and str(folder / "all" / BAD) in ours[0] and "does not decode" in ours[0]
     assert "Traceback" not in res.stderr
+
+
+def test_the_next_run_knows_the_file(folder, tmp_path):
+    """A file found undecodable is recorded beside the manifest (undecodable.json, with its size and mtime): the
+    next run replaces it before the pipeline starts (counted once, no rebuild) or, without the flag, names it at
+    start; rewritten, it is checked again."""
+    from fastbyol.augment import TwoViewLoader
+
+    src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
+    first = _views(TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2), 1)
+    ds = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False)
+    bad = str(folder / "all" / BAD)
+    assert ds.skipped_files == 1 and ds.pretraining_source.bad == [bad]
+    loader = TwoViewLoader(ds.pretraining_source, batch_size=8, image_size=16, seed=0, num_threads=2)
+    again = _views(loader, 1)
+    assert loader.skipped == [] and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                        for a, b in zip(first, again))
+    from fastbyol.errors import FastByolError
+
+    with pytest.raises(FastByolError, match=f"{BAD}: does not decode \\(found by an earlier run"):
+        resolve_dataset(str(folder), image_size=16, eval_images=False)
+    (folder / "all" / BAD).write_bytes(bad_scan_jpeg(2))  # rewritten: no longer the file that was recorded
+    os.utime(folder / "all" / BAD, ns=(1, 1))
+    assert resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).skipped_files == 0

@@ -16,6 +16,7 @@ crop), at most `max_eval_images` of each split (a seeded subset beyond that), in
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -90,6 +91,7 @@ class FileList:
             if not self._write_own_list(bad, set(new)):
                 return False
             self._files = None  # re-read from the new list when asked
+            _record_undecodable(Path(self.source_list).parent, self.root, new)
         self.bad += new
         return True
 
@@ -153,6 +155,51 @@ class FileList:
             encoded, label = fn.readers.file(files=self._files, labels=labels, shard_id=shard_id,
                                              num_shards=num_shards, shuffle_after_epoch=True, name=name)
         return encoded, (None if self.labels is None else fn.cast(label, dtype=types.INT64))
+
+
+UNDECODABLE = "undecodable.json"  # beside the manifest: files DALI could not decode ([relpath, size, mtime_ns])
+
+
+def _record_undecodable(location: Path, root: str, names: list[str]) -> None:
+    """Add files that passed the checks but that DALI could not decode to location/undecodable.json (under its
+    lock, whole or untouched), so the next run knows them before it starts (load_image_folder)."""
+    from .cache import atomic_write_bytes, file_lock
+
+    try:
+        with file_lock(location / "undecodable.lock"):
+            entries = _read_undecodable(location)
+            known = {e[0] for e in entries}
+            for name in names:
+                rel = os.path.relpath(name, root)
+                if rel in known:
+                    continue
+                st = os.stat(os.path.join(root, rel))
+                entries.append([rel, st.st_size, st.st_mtime_ns])
+            atomic_write_bytes(location / UNDECODABLE, json.dumps(entries).encode())
+    except OSError:
+        pass  # a read-only manifest folder: this run still replaces them; the next one finds them again
+
+
+def _read_undecodable(location: Path) -> list[list]:
+    try:
+        entries = json.loads((location / UNDECODABLE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [e for e in entries if isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)] \
+        if isinstance(entries, list) else []
+
+
+def known_undecodable(location: Path, root: Path) -> list[str]:
+    """Relative paths recorded in undecodable.json whose file is unchanged since (size and mtime)."""
+    out = []
+    for rel, size, mtime in _read_undecodable(location):
+        try:
+            st = os.stat(root / rel)
+        except OSError:
+            continue
+        if st.st_size == size and st.st_mtime_ns == mtime:
+            out.append(rel)
+    return out
 
 
 def _unlink(path: str) -> None:
@@ -222,8 +269,17 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     elif n_train == 0:
         raise FastByolError(f"{root}: no JPEG or PNG images")
     n_pretrain = int(man.pretrain_mask.sum())
+    # files that passed the checks but that DALI could not decode in an earlier run (undecodable.json)
+    undecodable = known_undecodable(man.location, root)
+    if undecodable and not skip_bad_files:
+        raise FastByolError(f"{root / undecodable[0]}: does not decode (found by an earlier run; --skip-bad-files "
+                            "replaces such files and counts them)")
     pretrain = FileList(None, None, str(root), root=str(root), list_file=str(man.location / mf.LIST_NAME),
                         count=n_pretrain, skip_bad=skip_bad_files)
+    undecodable_names = {str(root / rel) for rel in undecodable}
+    if undecodable and not pretrain.replace_bad(*undecodable_names):  # some of them are test files
+        for name in undecodable_names:
+            pretrain.replace_bad(name)
     labeled = man.layout == "labeled"
     rng = np.random.default_rng(seed)
     if labeled:
@@ -231,6 +287,12 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
         test_idx = _eval_subset(man, mf.TEST, max_eval_images, rng) if n_test else None
     else:  # unlabeled: a few decoded images stand in for shapes and logs
         train_idx, test_idx = np.arange(min(n_pretrain, 64)), None
+    if undecodable_names:  # not decoded again (already counted)
+        train_idx = np.asarray([i for i in train_idx.tolist() if str(root / man.path(i)) not in undecodable_names],
+                               np.int64)
+        if test_idx is not None:
+            test_idx = np.asarray([i for i in test_idx.tolist() if str(root / man.path(i)) not in undecodable_names],
+                                  np.int64)
     train_items = [file_item(str(root / man.path(int(i)))) for i in train_idx]
     test_items = None if test_idx is None else [file_item(str(root / man.path(int(i)))) for i in test_idx]
     train_y = man.labels[train_idx].astype(np.int64) if labeled else None
@@ -248,7 +310,7 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
                                     "written; the next run rescans the folder)")
         return decoded
 
-    num_classes, n_bad, gray = len(man.classes) if labeled else 0, len(man.bad), bool(man.gray[man.pretrain_mask].all())
+    num_classes, n_bad, gray = len(man.classes) if labeled else 0, len(man.bad) + len(undecodable), bool(man.gray[man.pretrain_mask].all())
     del man  # ~60 bytes a file: not kept beyond start-up
     pending = BackgroundDecode(job, background) if eval_images else None
     return ImageDataset(root.name, None, None, None, None, num_classes, str(root), pretrain_files=pretrain,
