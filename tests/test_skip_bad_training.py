@@ -194,3 +194,30 @@ def test_the_next_run_knows_the_file(folder, tmp_path):
     (folder / "all" / BAD).write_bytes(bad_scan_jpeg(2))  # rewritten: no longer the file that was recorded
     os.utime(folder / "all" / BAD, ns=(1, 1))
     assert resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).skipped_files == 0
+
+
+def test_tar_shards_replace_the_sample_in_their_own_index(good_files, tmp_path):
+    """Shards: the sample is named shard.tar:offset:member and replaced in this process's own copy of its shard's
+    index; the batches equal a loader built over the substituted index from the start."""
+    from fastbyol.augment import TwoViewLoader
+    from fastbyol.data.shards import ShardSource, write_shards
+
+    src_dir = tmp_path / "src"
+    (src_dir / "train" / "c").mkdir(parents=True)
+    for p in good_files:
+        os.link(p, src_dir / "train" / "c" / p.name)
+    (src_dir / "train" / "c" / BAD).write_bytes(bad_scan_jpeg())
+    write_shards(src_dir, tmp_path / "sh", max_samples=20, progress=False)
+    src = resolve_dataset(str(tmp_path / "sh"), image_size=16, skip_bad_files=True,
+                          eval_images=False).pretraining_source
+    shared = [open(p, "rb").read() for p in src.source_index]
+    loader = TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2)
+    got = _views(loader, 2)
+    assert len(loader.skipped) == 1 and ".tar:" in loader.skipped[0][0] and src.bad == [loader.skipped[0][0]]
+    assert [open(p, "rb").read() for p in src.source_index] == shared
+    ref_src = ShardSource(list(src.paths), list(src.source_index), len(src), src.where, labels=src.labels)
+    assert ref_src.replace_bad(*src.bad) and not ref_src.replace_bad("/nowhere.tar:0:x.jpg")
+    want = _views(TwoViewLoader(ref_src, batch_size=8, image_size=16, seed=0, num_threads=2), 2)
+    assert len(got) == len(want) == 10
+    for (a1, a2), (b1, b2) in zip(got, want):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)

@@ -112,20 +112,9 @@ class FileList:
         pick = _substitutes(flags)
         if pick is None:
             return False
-        from .cache import TMP_MARK, cache_root, remove_stale_tmp
-
-        folder = cache_root() / "lists"
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(folder)  # lists of processes that are gone
         own = getattr(self, "_own_list", None)
-        if own is None:  # one per FileList, removed when it goes or the process exits (a killed one: next start)
-            import tempfile
-            import weakref
-
-            fd, own = tempfile.mkstemp(prefix="pretrain-", suffix=f".list{TMP_MARK}{os.getpid()}", dir=folder)
-            os.close(fd)
-            self._own_list = own
-            weakref.finalize(self, _unlink, own)
+        if own is None:
+            own = self._own_list = _own_file(self, ".list")
         with open(self.source_list, "rb") as f:
             lines = f.readlines() if len(pick) <= 65536 else None
         if lines is None:  # large lists: the lines that stand in, then one streaming pass
@@ -200,6 +189,23 @@ def known_undecodable(location: Path, root: Path) -> list[str]:
         if st.st_size == size and st.st_mtime_ns == mtime:
             out.append(rel)
     return out
+
+
+def _own_file(owner, suffix: str) -> str:
+    """A new private file in CACHE/lists for `owner`'s own list or index, removed when the owner goes or the process
+    exits (a killed process's: by the next process that makes one)."""
+    import tempfile
+    import weakref
+
+    from .cache import TMP_MARK, cache_root, remove_stale_tmp
+
+    folder = cache_root() / "lists"
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(folder)  # files of processes that are gone
+    fd, own = tempfile.mkstemp(prefix="own-", suffix=f"{suffix}{TMP_MARK}{os.getpid()}", dir=folder)
+    os.close(fd)
+    weakref.finalize(owner, _unlink, own)
+    return own
 
 
 def _unlink(path: str) -> None:
