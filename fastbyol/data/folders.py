@@ -294,8 +294,8 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     else:  # unlabeled: a few decoded images stand in for shapes and logs
         train_idx, test_idx = np.arange(min(n_pretrain, 64)), None
     if undecodable_names:  # not decoded again (already counted)
-        train_idx = np.asarray([i for i in train_idx.tolist() if str(root / man.path(i)) not in undecodable_names],
-                               np.int64)
+        train_idx = np.asarray([i for i in train_idx.tolist()
+                                if str(root / man.path(i)) not in undecodable_names], np.int64)
         if test_idx is not None:
             test_idx = np.asarray([i for i in test_idx.tolist() if str(root / man.path(i)) not in undecodable_names],
                                   np.int64)
