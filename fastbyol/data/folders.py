@@ -316,7 +316,8 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
                                     "written; the next run rescans the folder)")
         return decoded
 
-    num_classes, n_bad, gray = len(man.classes) if labeled else 0, len(man.bad) + len(undecodable), bool(man.gray[man.pretrain_mask].all())
+    num_classes, gray = len(man.classes) if labeled else 0, bool(man.gray[man.pretrain_mask].all())
+    n_bad = len(man.bad) + len(undecodable)
     del man  # ~60 bytes a file: not kept beyond start-up
     pending = BackgroundDecode(job, background) if eval_images else None
     return ImageDataset(root.name, None, None, None, None, num_classes, str(root), pretrain_files=pretrain,
