@@ -304,7 +304,17 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     run_dir = Path(resume) if resume is not None else Path(cfg.run.out or _default_run_dir(cfg))
     run_dir = broadcast_object(run_dir, rank, world_size)  # one name (its time stamp) for every rank
 
+    # --skip-bad-files: the files this run found undecodable before (bad_files.json, rank 0 reads it) are replaced
+    # before the pipeline starts; the batches are the same either way (the replacement rule depends on the file list
+    # alone), this only keeps the count and spares rebuilding the pipeline again
+    source = dataset.pretraining_source
+    known_before = set(getattr(source, "bad", []))  # found by an earlier run: the dataset counted them
+    train_bad = set(broadcast_object(_read_bad_files(run_dir) if is_rank0 and resume is not None else [], rank,
+                                     world_size))
+    if train_bad and cfg.data.skip_bad_files and hasattr(source, "replace_bad"):
+        train_bad = {name for name in train_bad if source.replace_bad(name)}
     model, loader, optimizer = _build_training(cfg, plan, dataset, device, state, ckpt, rank)
+    loader.on_skip = lambda name, why: log(f"skipped {name}: {why} (--skip-bad-files)")
     image_flops = flops_per_image(model, cfg.data.image_size, device)  # on the plain model: no collectives
     net = _distributed(model, device, world_size)
     step_fn = TrainStep(net if plan.compile_mode == "off" else
@@ -324,6 +334,10 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
             stops, the previous checkpoint stays) unless the weights, the BN statistics, the momentum and the recent losses
             are finite (export and eval refuse any non-finite tensor)."""
             state.data_states = gather_objects(loader.state(), world_size)
+            for names in gather_objects([name for name, _ in loader.skipped], world_size):
+                train_bad.update(names)
+            if is_rank0 and train_bad:  # before the checkpoint: a resume from it knows every file replaced so far
+                atomic_write_json(run_dir / BAD_FILES, sorted(train_bad))
             state.torch_rngs = gather_objects(torch.get_rng_state(), world_size)
             state.meter, state.finished = meter.state_dict(), finished
             momentum = [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]
@@ -408,6 +422,11 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
         summary = _summary(cfg, plan, state, meter, model, dataset, device, step_fn.mode, knn_trained, knn_random,
                            last_loss, resumed=resume is not None)
         summary["startup_seconds"] = {**dataset.startup_seconds, **startup}
+        if train_bad:  # files that passed the checks but that DALI could not decode, replaced while training
+            summary["skipped_files"] += len(train_bad - _eval_skipped(dataset) - known_before)  # not twice: the kNN decode's too
+            summary["skipped_while_training"] = sorted(train_bad)
+            log(f"skipped {len(train_bad)} files DALI could not decode while training (--skip-bad-files): "
+                f"listed in {run_dir / BAD_FILES}")
         if knn_trained is not None:
             files.write_metrics(step=state.step, epoch=cfg.optim.epochs - 1, knn_top1=knn_trained, final=True)
         if knn_random is not None:
@@ -451,6 +470,26 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
             raise FastByolError(f"the checkpoint does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} stem, "
                                 f"{cfg.data.image_size} px): {str(e).strip().splitlines()[0][:200]}") from None
     return model, loader, optimizer
+
+
+BAD_FILES = "bad_files.json"  # the files a --skip-bad-files run replaced while training (JSON list of names)
+
+
+def _read_bad_files(run_dir: Path) -> list[str]:
+    """The names in run_dir/bad_files.json ([] when absent or unreadable: the pipeline then finds them again)."""
+    try:
+        names = json.loads((run_dir / BAD_FILES).read_text())
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _eval_skipped(dataset: ImageDataset) -> set[str]:
+    """Names of the files the kNN images' decode skipped (counted in dataset.skipped_files once it is done)."""
+    pending = getattr(dataset, "_eval", None)
+    if pending is None or not pending.ready() or pending._error is not None:
+        return set()
+    return {name for name, _ in pending.result()[4]}
 
 
 def _default_run_dir(cfg: Config) -> Path:

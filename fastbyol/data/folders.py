@@ -16,6 +16,7 @@ crop), at most `max_eval_images` of each split (a seeded subset beyond that), in
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class FileList:
     pipeline definition, `len()`, `labels` (int64 or None) and `where` (for error messages)."""
 
     def __init__(self, files: list[str] | None = None, labels: np.ndarray | None = None, where: str = "", *,
-                 root: str | None = None, list_file: str | None = None, count: int | None = None):
+                 root: str | None = None, list_file: str | None = None, count: int | None = None,
+                 skip_bad: bool = False):
         if files is None and (root is None or list_file is None or count is None):
             raise ValueError("FileList needs files, or root + list_file + count")
         self._files = files
@@ -46,6 +48,9 @@ class FileList:
         if not where:
             where = str(Path(files[0]).parent.parent) if files else (root or "(no files)")
         self.where = where  # the folder the files came from, for error messages
+        self.skip_bad = skip_bad  # the training pipeline may stand another file in for one it cannot decode
+        self.source_list = list_file  # the manifest's list; list_file becomes this process's own copy once one is bad
+        self.bad: list[str] = []  # files replaced so far (as failed_sample names them), in the order found
 
     def __len__(self) -> int:
         return self._count
@@ -58,6 +63,72 @@ class FileList:
                 lines = f.read().decode("utf-8", "surrogateescape").splitlines()
             self._files = [os.path.join(self.root, ln.rsplit(" ", 1)[0]) for ln in lines]
         return self._files
+
+    def replace_bad(self, *names: str) -> bool:
+        """Stand a good file in for each of `names` (files DALI could not decode, as failed_sample names them: the
+        root joined with the list's relative path, or an entry of `files`), in this process's own copy of the list:
+        every line of a bad file takes the line of the nearest earlier file not known bad (the nearest later one for
+        the first lines). The list keeps its length and order, so the reader's positions, epochs, shards and DALI's
+        checkpoint stay valid; the manifest's list, and the data, are never written. False (nothing changed) if a
+        name is not in the list or no good file would be left. Takes effect in the next pipeline built."""
+        new = [n for n in names if n not in self.bad]
+        if not new:
+            return True
+        bad = set(self.bad) | set(new)
+        if self.source_list is None:  # an explicit list: substituted in memory (files, labels)
+            original = getattr(self, "_original", None) or (list(self._files),
+                                                              None if self.labels is None else self.labels.copy())
+            if not set(new) <= set(original[0]):
+                return False
+            pick = _substitutes([f in bad for f in original[0]])
+            if pick is None:
+                return False
+            self._original = original
+            self._files = [original[0][j] for j in pick]
+            if self.labels is not None:
+                self.labels = original[1][np.asarray(pick, dtype=np.int64)]
+        else:
+            if not self._write_own_list(bad, set(new)):
+                return False
+            self._files = None  # re-read from the new list when asked
+            _record_undecodable(Path(self.source_list).parent, self.root, new)
+        self.bad += new
+        return True
+
+    def _relative(self, name: str) -> bytes:
+        rel = os.path.relpath(name, self.root) if os.path.isabs(name) else name
+        return rel.encode("utf-8", "surrogateescape")
+
+    def _write_own_list(self, bad: set[str], new: set[str]) -> bool:
+        """Write this process's own file list: the manifest's, every line of a file in `bad` replaced (see
+        replace_bad). Two passes over the list (bounded memory); False if a name in `new` is not listed."""
+        bad_rel = {self._relative(n) for n in bad}
+        with open(self.source_list, "rb") as f:
+            flags = [ln.rsplit(b" ", 1)[0] in bad_rel for ln in f]
+        with open(self.source_list, "rb") as f:
+            present = {ln.rsplit(b" ", 1)[0] for ln in f} & {self._relative(n) for n in new}
+        if len(present) != len(new):
+            return False
+        pick = _substitutes(flags)
+        if pick is None:
+            return False
+        own = getattr(self, "_own_list", None)
+        if own is None:
+            own = self._own_list = _own_file(self, ".list")
+        with open(self.source_list, "rb") as f:
+            lines = f.readlines() if len(pick) <= 65536 else None
+        if lines is None:  # large lists: the lines that stand in, then one streaming pass
+            wanted = {j for i, j in enumerate(pick) if j != i}
+            with open(self.source_list, "rb") as f:
+                stand_in = {j: ln for j, ln in enumerate(f) if j in wanted}
+            with open(self.source_list, "rb") as f, open(own, "wb") as out:
+                for i, ln in enumerate(f):
+                    out.write(ln if pick[i] == i else stand_in[pick[i]])
+        else:
+            with open(own, "wb") as out:
+                out.write(b"".join(lines[j] for j in pick))
+        self.list_file = own
+        return True
 
     def dali_reader(self, shard_id: int, num_shards: int, name: str = "reader"):
         """(encoded bytes, int64 label node or None): this shard's part, reshuffled after every epoch.
@@ -73,6 +144,89 @@ class FileList:
             encoded, label = fn.readers.file(files=self._files, labels=labels, shard_id=shard_id,
                                              num_shards=num_shards, shuffle_after_epoch=True, name=name)
         return encoded, (None if self.labels is None else fn.cast(label, dtype=types.INT64))
+
+
+UNDECODABLE = "undecodable.json"  # beside the manifest: files DALI could not decode ([relpath, size, mtime_ns])
+
+
+def _record_undecodable(location: Path, root: str, names: list[str]) -> None:
+    """Add files that passed the checks but that DALI could not decode to location/undecodable.json (under its
+    lock, whole or untouched), so the next run knows them before it starts (load_image_folder)."""
+    from .cache import atomic_write_bytes, file_lock
+
+    try:
+        with file_lock(location / "undecodable.lock"):
+            entries = _read_undecodable(location)
+            known = {e[0] for e in entries}
+            for name in names:
+                rel = os.path.relpath(name, root)
+                if rel in known:
+                    continue
+                st = os.stat(os.path.join(root, rel))
+                entries.append([rel, st.st_size, st.st_mtime_ns])
+            atomic_write_bytes(location / UNDECODABLE, json.dumps(entries).encode())
+    except OSError:
+        pass  # a read-only manifest folder: this run still replaces them; the next one finds them again
+
+
+def _read_undecodable(location: Path) -> list[list]:
+    try:
+        entries = json.loads((location / UNDECODABLE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [e for e in entries if isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)] \
+        if isinstance(entries, list) else []
+
+
+def known_undecodable(location: Path, root: Path) -> list[str]:
+    """Relative paths recorded in undecodable.json whose file is unchanged since (size and mtime)."""
+    out = []
+    for rel, size, mtime in _read_undecodable(location):
+        try:
+            st = os.stat(root / rel)
+        except OSError:
+            continue
+        if st.st_size == size and st.st_mtime_ns == mtime:
+            out.append(rel)
+    return out
+
+
+def _own_file(owner, suffix: str) -> str:
+    """A new private file in CACHE/lists for `owner`'s own list or index, removed when the owner goes or the process
+    exits (a killed process's: by the next process that makes one)."""
+    import tempfile
+    import weakref
+
+    from .cache import TMP_MARK, cache_root, remove_stale_tmp
+
+    folder = cache_root() / "lists"
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(folder)  # files of processes that are gone
+    fd, own = tempfile.mkstemp(prefix="own-", suffix=f"{suffix}{TMP_MARK}{os.getpid()}", dir=folder)
+    os.close(fd)
+    weakref.finalize(owner, _unlink, own)
+    return own
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _substitutes(bad: list[bool]) -> list[int] | None:
+    """For each position, the position read there: itself when good, else the nearest earlier good one (the first
+    good one for bad positions before it); None when none is good."""
+    good = [i for i, b in enumerate(bad) if not b]
+    if not good:
+        return None
+    pick, last = [], good[0]
+    for i, b in enumerate(bad):
+        if not b:
+            last = i
+        pick.append(last)
+    return pick
 
 
 def is_image_folder(root: Path) -> bool:
@@ -121,8 +275,17 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     elif n_train == 0:
         raise FastByolError(f"{root}: no JPEG or PNG images")
     n_pretrain = int(man.pretrain_mask.sum())
+    # files that passed the checks but that DALI could not decode in an earlier run (undecodable.json)
+    undecodable = known_undecodable(man.location, root)
+    if undecodable and not skip_bad_files:
+        raise FastByolError(f"{root / undecodable[0]}: does not decode (found by an earlier run; --skip-bad-files "
+                            "replaces such files and counts them)")
     pretrain = FileList(None, None, str(root), root=str(root), list_file=str(man.location / mf.LIST_NAME),
-                        count=n_pretrain)
+                        count=n_pretrain, skip_bad=skip_bad_files)
+    undecodable_names = {str(root / rel) for rel in undecodable}
+    if undecodable and not pretrain.replace_bad(*undecodable_names):  # some of them are test files
+        for name in undecodable_names:
+            pretrain.replace_bad(name)
     labeled = man.layout == "labeled"
     rng = np.random.default_rng(seed)
     if labeled:
@@ -130,6 +293,12 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
         test_idx = _eval_subset(man, mf.TEST, max_eval_images, rng) if n_test else None
     else:  # unlabeled: a few decoded images stand in for shapes and logs
         train_idx, test_idx = np.arange(min(n_pretrain, 64)), None
+    if undecodable_names:  # not decoded again (already counted)
+        train_idx = np.asarray([i for i in train_idx.tolist()
+                                if str(root / man.path(i)) not in undecodable_names], np.int64)
+        if test_idx is not None:
+            test_idx = np.asarray([i for i in test_idx.tolist() if str(root / man.path(i)) not in undecodable_names],
+                                  np.int64)
     train_items = [file_item(str(root / man.path(int(i)))) for i in train_idx]
     test_items = None if test_idx is None else [file_item(str(root / man.path(int(i)))) for i in test_idx]
     train_y = man.labels[train_idx].astype(np.int64) if labeled else None
@@ -147,7 +316,8 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
                                     "written; the next run rescans the folder)")
         return decoded
 
-    num_classes, n_bad, gray = len(man.classes) if labeled else 0, len(man.bad), bool(man.gray[man.pretrain_mask].all())
+    num_classes, gray = len(man.classes) if labeled else 0, bool(man.gray[man.pretrain_mask].all())
+    n_bad = len(man.bad) + len(undecodable)
     del man  # ~60 bytes a file: not kept beyond start-up
     pending = BackgroundDecode(job, background) if eval_images else None
     return ImageDataset(root.name, None, None, None, None, num_classes, str(root), pretrain_files=pretrain,

@@ -351,9 +351,45 @@ class ShardSource:
         self.where = where
         self.labels = labels  # (N,) int64 in index order when the reader should output labels, else None
         self.initial_fill = initial_fill
+        self.skip_bad = False  # the training pipeline may stand another sample in for one it cannot decode
+        self.source_index = list(index_paths)  # the shared indexes; index_paths[k] becomes this process's own copy
+        self.bad: list[str] = []  # samples replaced so far, as failed_sample names them (shard.tar:offset:member)
 
     def __len__(self) -> int:
         return self._count
+
+    def replace_bad(self, *names: str) -> bool:
+        """Stand the nearest earlier good sample of the same shard (the next one for its first) in for each of
+        `names` (`shard.tar:offset:member`, as DALI names a sample it cannot decode), in this process's own copy of
+        that shard's index: same sample count and order, so positions and DALI's checkpoint stay valid; the shared
+        index is never written. False (nothing changed) if a name is not a sample of these shards, or a shard would
+        have no good sample left."""
+        from .folders import _own_file, _substitutes
+
+        new = [n for n in names if n not in self.bad]
+        plan: dict[int, list[str]] = {}
+        for name in new:
+            path, off = _shard_and_offset(name)
+            if path not in self.paths or not off.isdigit():
+                return False
+            plan.setdefault(self.paths.index(path), []).append(off)
+        writes = {}
+        for k in plan:
+            offs = {off for path, off in map(_shard_and_offset, self.bad + new) if path == self.paths[k]}
+            with open(self.source_index[k], "rb") as f:
+                header, *lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+            found = {ln.split()[1] for ln in lines} & set(plan[k])
+            pick = _substitutes([ln.split()[1] in offs for ln in lines])
+            if len(found) != len(set(plan[k])) or pick is None:
+                return False
+            writes[k] = "\n".join([header] + [lines[j] for j in pick]) + "\n"
+        for k, text in writes.items():
+            own = self.index_paths[k] if self.index_paths[k] != self.source_index[k] else _own_file(self, ".idx")
+            with open(own, "wb") as f:
+                f.write(text.encode("utf-8", "surrogateescape"))
+            self.index_paths[k] = own
+        self.bad += new
+        return True
 
     def dali_reader(self, shard_id: int, num_shards: int, name: str = "reader"):
         """(encoded bytes, int64 label node or None): this rank's part, through a shuffle buffer."""
@@ -368,6 +404,12 @@ class ShardSource:
         if self.labels is None:
             return (out[0] if isinstance(out, (list, tuple)) else out), None
         return out[0], parse_cls(out[1])
+
+
+def _shard_and_offset(name: str) -> tuple[str, str]:
+    """(shard path, member offset) of DALI's `shard.tar:offset:member` sample name."""
+    parts = name.split(":")
+    return ":".join(parts[:-2]), (parts[-2] if len(parts) >= 3 else "")
 
 
 def _shard_item(path: str, off: int, size: int, key: str):
@@ -416,6 +458,7 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
     resolved = [s.resolve() for s in train]
     source = ShardSource([str(s) for s in resolved], [str(folder / f"{s.name}.idx") for s in resolved], n_train,
                          spec, labels=train_labels if (with_labels and labeled) else None)
+    source.skip_bad = skip_bad_files
     num_classes = 0
     rng = np.random.default_rng(seed)
 
