@@ -333,9 +333,10 @@ def markdown(report: dict) -> str:
                      f"{d['batch']}, DALI on {d['device']} ({d['threads']} threads)")
     if report.get("augment"):
         lines += ["", "## Augmentation pipeline (DALI + photometric chain), two-view samples/s", "",
-                  "| source | px | batch | DALI on | samples/s (median interval) | samples/s (mean) | images |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['source']} | {r['size']} | {r['batch']} | {r['device']} | {r['samples_per_s']:.0f} | "
+                  "| source | decode | px | batch | DALI on | samples/s (median interval) | samples/s (mean) | images |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['source']} | {r.get('decode', '')} | {r['size']} | {r['batch']} | {r['device']} | "
+                  f"{r['samples_per_s']:.0f} | "
                   f"{_num(r.get('samples_per_s_mean'), 0)} | {r.get('images', 'synthetic')} |"
                   for r in report["augment"]]
     if report.get("step"):

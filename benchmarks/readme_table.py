@@ -36,6 +36,7 @@ def goals(report: dict) -> list[dict]:
     peer = {v: r for (arch, v, _, src), r in rows.items() if arch == "resnet50" and v in ("byol-pytorch", "lightly")}
     train = report.get("train") or {}
     jpeg = [r for r in report.get("augment", []) if r.get("source") == "jpeg" and r.get("size") == 224]
+    best_jpeg = max(jpeg, key=lambda r: r["samples_per_s"], default=None)  # the faster decode mode (roi / once)
 
     def ratio(a, b):
         return None if a is None or b is None else a / b
@@ -57,8 +58,9 @@ def goals(report: dict) -> list[dict]:
          "measured": ratio(best_ips, peer.get("lightly", {}).get("img_per_s")),
          "met": (ratio(best_ips, peer.get("lightly", {}).get("img_per_s")) or 0) > 1, "note": None},
         {"goal": "DALI two-view samples/s, 224 px JPEG", "target": ">= 6000",
-         "measured": jpeg[0]["samples_per_s"] if jpeg else None,
-         "met": bool(jpeg) and jpeg[0]["samples_per_s"] >= 6000, "note": jpeg[0].get("images") if jpeg else None},
+         "measured": best_jpeg["samples_per_s"] if best_jpeg else None,
+         "met": bool(best_jpeg) and best_jpeg["samples_per_s"] >= 6000,
+         "note": best_jpeg.get("images") if best_jpeg else None},
     ]
     return out
 

@@ -63,6 +63,9 @@ def _add_other_parsers(sub) -> None:
     aug.add_argument("--source", default="arrays", choices=["arrays", "gray", "jpeg"],
                      help="uint8 colour arrays in memory, the same gray (R = G = B: the Fashion-MNIST fast path), or "
                           "synthetic JPEG files decoded by DALI")
+    aug.add_argument("--decode", default=None, choices=["roi", "once"],
+                     help="GPU JPEG decode: one region-of-interest decode per view, or one whole decode + two crops "
+                          "(default: the trainer's, fastbyol.augment.DECODE)")
     aug.add_argument("--blur-window", default=None, choices=list(BLUR_WINDOW_RULES),
                      help="blur window rule (default: the trainer's, see fastbyol train --help)")
     aug.add_argument("--steps", type=int, default=20, help="timed batches (after 3 warm-up batches)")
@@ -162,7 +165,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise FastByolError(f"--threads must be >= 1, got {args.threads}")
     r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads,
-                      blur_window=args.blur_window)
+                      blur_window=args.blur_window,
+                      **({} if args.decode is None else {"decode": args.decode}))
     if args.json:
         print(json.dumps(r))
     else:

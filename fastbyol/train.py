@@ -423,7 +423,8 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
                            last_loss, resumed=resume is not None)
         summary["startup_seconds"] = {**dataset.startup_seconds, **startup}
         if train_bad:  # files that passed the checks but that DALI could not decode, replaced while training
-            summary["skipped_files"] += len(train_bad - _eval_skipped(dataset) - known_before)  # not twice: the kNN decode's too
+            knn_skipped = {name for name, _ in dataset.eval_skipped}  # counted already: not twice
+            summary["skipped_files"] += len(train_bad - knn_skipped - known_before)
             summary["skipped_while_training"] = sorted(train_bad)
             log(f"skipped {len(train_bad)} files DALI could not decode while training (--skip-bad-files): "
                 f"listed in {run_dir / BAD_FILES}")
@@ -482,14 +483,6 @@ def _read_bad_files(run_dir: Path) -> list[str]:
     except (OSError, ValueError):
         return []
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
-
-
-def _eval_skipped(dataset: ImageDataset) -> set[str]:
-    """Names of the files the kNN images' decode skipped (counted in dataset.skipped_files once it is done)."""
-    pending = getattr(dataset, "_eval", None)
-    if pending is None or not pending.ready() or pending._error is not None:
-        return set()
-    return {name for name, _ in pending.result()[4]}
 
 
 def _default_run_dir(cfg: Config) -> Path:

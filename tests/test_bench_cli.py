@@ -62,3 +62,13 @@ def test_bench_photometric_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(FastByolError, match="TRITON_INTERPRET=1"):
         bench_photometric(16, 4, "cpu", "triton")
+
+
+def test_steady_rate_reads_the_median_interval():
+    """A batch that was already waiting (prefetched) shows as a near-zero interval and does not move the median; the
+    mean rate counts it."""
+    from fastbyol.augment_bench import _steady_rate
+
+    arrivals = [0.0, 0.1, 0.2, 0.2001, 0.3, 0.4, 0.5]  # one prefetched batch among 0.1 s steps
+    median_rate, mean_rate = _steady_rate(arrivals, 64)
+    assert median_rate == pytest.approx(640.0) and mean_rate == pytest.approx(6 * 64 / 0.5)

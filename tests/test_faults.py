@@ -38,7 +38,9 @@ def test_twenty_kills_then_the_uninterrupted_parameters(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     expected = json.loads((full / "summary.json").read_text())
 
-    rng = random.Random(os.environ.get("FASTBYOL_FAULT_SEED", time.time_ns()))
+    seed = int(os.environ.get("FASTBYOL_FAULT_SEED", time.time_ns()))
+    print(f"FASTBYOL_FAULT_SEED={seed}")  # shown with a failure: rerun with it to replay the same kills
+    rng = random.Random(seed)
     run = tmp_path / "run"
     kills, in_writes, finished = 0, 0, False
     # the first process writes the first checkpoint unharmed (a kill before it leaves nothing to resume)

@@ -135,6 +135,18 @@ def test_disk_full_before_training_and_at_a_save(data, tmp_path, monkeypatch, ca
     finally:
         if mounted:
             subprocess.run(["umount", str(mnt)], check=False)
+    # the same refusal on any machine: the filesystem says it has 4 MB free
+    import shutil
+
+    from fastbyol import checkpoint as ck
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4 << 20))
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "small-run"), *SMALL]) == 2
+    _one_line(capsys, "bytes free, a checkpoint needs about")
+    assert not (tmp_path / "small-run").exists()
+    monkeypatch.undo()
     # ENOSPC in the middle of the 2nd checkpoint write: the 1st stays, one line names the file and the bytes needed
     real_save = torch.save
     saves = {"n": 0}

@@ -57,6 +57,15 @@ class ImageDataset:
         return self._eval.result()
 
     @property
+    def eval_skipped(self) -> list[tuple[str, str]]:
+        """[(name, reason)] of the files the kNN images' decode skipped, once it has finished ([] before, or when
+        there is none or it failed)."""
+        pending = self._eval
+        if pending is None or not pending.ready() or pending.failed:
+            return []
+        return list(pending.result()[4])
+
+    @property
     def train_images(self) -> np.ndarray:
         return self._pending()[0] if self._train_images is None and self._eval is not None else self._train_images
 

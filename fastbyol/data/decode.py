@@ -195,6 +195,11 @@ class BackgroundDecode:
     def ready(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def failed(self) -> bool:
+        """True once the job has ended with an error (result() re-raises it)."""
+        return self._done.is_set() and self._error is not None
+
     def result(self):
         self._done.wait()
         if self._error is not None:
