@@ -16,8 +16,9 @@ class StepProfiler:
     """Call `at(step, waited)` before each step (waited: how long that step's batch kept the host waiting) and
     `close()` after the loop. Does nothing when `steps` is None or on a rank that does not write."""
 
-    def __init__(self, steps: tuple[int, int] | None, folder: Path, device: torch.device, log=print):
+    def __init__(self, steps: tuple[int, int] | None, folder: Path, device: torch.device, log=print, meter=None):
         self.steps = steps
+        self.meter = meter  # paused while the trace is written, so a profiled run's img/s leaves the export out
         self.folder = Path(folder)
         self.device = device
         self.log = log
@@ -31,7 +32,11 @@ class StepProfiler:
             return
         start, stop = self.steps
         if self.prof is not None and step >= stop:
+            if self.meter is not None:
+                self.meter.pause()
             self.close()
+            if self.meter is not None:
+                self.meter.resume()
         elif self.prof is None and start <= step < stop and self.trace is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":

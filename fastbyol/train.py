@@ -352,7 +352,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
 
         bar = tqdm(total=plan.total_steps, initial=state.step, disable=not (progress and is_rank0), unit="step",
                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-        profiler = StepProfiler(plan.profile_steps if is_rank0 else None, run_dir / "profile", device, log)
+        profiler = StepProfiler(plan.profile_steps if is_rank0 else None, run_dir / "profile", device, log, meter)
         loss_sum, steps_since_log, last_loss = torch.zeros((), device=device), 0, float("nan")
         start_epoch, resume_offset = divmod(state.step, plan.steps_per_epoch)
         input_dtype = getattr(torch, plan.input_dtype)

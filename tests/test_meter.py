@@ -85,3 +85,23 @@ def test_mfu_counts_every_process():
     assert mfu(1000.0, 65e9, 989e12, 1) == pytest.approx(1000 * 65e9 / 989e12)
     assert mfu(1000.0, 65e9, 989e12, 8) == pytest.approx(1000 * 65e9 / (8 * 989e12))
     assert mfu(1000.0, 65e9, None, 8) is None
+
+
+def test_every_region_end_waits_for_the_device(clock, monkeypatch):
+    """pause(), window() with a region open and the first step sync the device before reading the clock (queued
+    kernels would otherwise be left out of the time); a step in the steady state does not."""
+    syncs = []
+    monkeypatch.setattr(meter_module, "device_sync", lambda device: syncs.append(clock.now))
+    m = ThroughputMeter(torch.device("cpu"), batch_images=8, flops_per_image=1.0, peak=None)
+    m.resume()
+    assert m.step() and len(syncs) == 1  # the first step: warm-up ends
+    m.step()
+    m.step()
+    assert len(syncs) == 1  # no sync per step
+    m.window()
+    assert len(syncs) == 2
+    m.pause()
+    assert len(syncs) == 3
+    m.pause()  # no region open: nothing to wait for
+    m.window()
+    assert len(syncs) == 3
