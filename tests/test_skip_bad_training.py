@@ -6,7 +6,6 @@ recipe): its headers pass checks.py, DALI's CPU decoder refuses it with an error
 and on its workers alike (tried here in batches of 8 and 64 with 2 threads).
 """
 
-import io
 import json
 import os
 import subprocess
@@ -19,26 +18,20 @@ import torch
 pytest.importorskip("PIL")
 pytest.importorskip("nvidia.dali")
 
-from PIL import Image  # noqa: E402
 
 from fastbyol.data import resolve_dataset  # noqa: E402
 from fastbyol.data.checks import check_image_file  # noqa: E402
 from fastbyol.data.folders import FileList  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 
+from .test_decode_safety import bad_scan_jpeg as _bad_scan_jpeg  # noqa: E402
+
 BAD = "000020x.jpg"  # sorts among the good files (000000.jpg ...)
 
 
 def bad_scan_jpeg(seed: int = 1) -> bytes:
-    """Headers that pass the structural check; the first scan of a progressive JPEG ends its DC band at 5 (must be
-    0), which only the decoder notices."""
-    b = io.BytesIO()
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(b, "JPEG", progressive=True)
-    data = bytearray(b.getvalue())
-    sos = data.find(b"\xff\xda")
-    data[sos + 5 + 2 * data[sos + 4] + 1] = 5  # Se of the first scan
-    return bytes(data)
+    """test_decode_safety's file that passes the structural checks and fails only in DALI's decoder."""
+    return _bad_scan_jpeg(np.random.default_rng(seed))
 
 
 @pytest.fixture(scope="module")
