@@ -53,6 +53,7 @@ def test_peer_lr_schedule_is_fastbyols():
     for total, warmup, peak in ((992, 62, 2.0), (10, 0, 1.0), (7, 3, 0.5)):
         for step in range(0, total + 2):  # past the end too
             assert W.lr_at(step, total, warmup, peak) == lr_at(step, total, warmup, peak)
+    assert W._fastbyol_file("reference").__file__ == str(ROOT / "fastbyol" / "reference.py")  # by path, not a copy
 
 
 @pytest.mark.parametrize("n_bank,n_query,k", [(300, 37, 200), (97, 1, 200), (50, 1030, 7)])

@@ -14,7 +14,6 @@ argument; 4096 by default) so the heads are the workload's. kNN: fastbyol's eval
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -28,14 +27,7 @@ import workload as W  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=W.WORKLOAD["epochs"])
-    ap.add_argument("--batch-size", type=int, default=W.WORKLOAD["batch_size"])
-    ap.add_argument("--limit-images", type=int, default=0, help="pretrain on the first N images only (smoke tests)")
-    ap.add_argument("--out", default="", help="also write the JSON result here")
-    ap.add_argument("--save-encoder", default="", help="write the trained encoder's state_dict here (torch.save): "
-                    "parity.py's held-out kNN reads it")
+    ap = W.peer_args(__doc__.splitlines()[0])
     args = ap.parse_args(argv)
     wall0 = time.perf_counter()
 

@@ -21,7 +21,6 @@ Prints one JSON line: knn_top1, knn_top1_random_init, img_per_s (fastbyol's cloc
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -77,16 +76,9 @@ class BYOL(nn.Module):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=W.WORKLOAD["epochs"])
-    ap.add_argument("--batch-size", type=int, default=W.WORKLOAD["batch_size"])
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (one per core here)")
-    ap.add_argument("--blur-off", action="store_true", help="gaussian_blur=0 in both views (an ablation)")
-    ap.add_argument("--limit-images", type=int, default=0, help="pretrain on the first N images only (smoke tests)")
-    ap.add_argument("--out", default="", help="also write the JSON result here")
-    ap.add_argument("--save-encoder", default="", help="write the trained encoder's state_dict here (torch.save): "
-                    "parity.py's held-out kNN reads it")
+    ap = W.peer_args(__doc__.splitlines()[0],
+                     (("--workers",), dict(type=int, default=2, help="DataLoader worker processes (one per core here)")),
+                     (("--blur-off",), dict(action="store_true", help="gaussian_blur=0 in both views (an ablation)")))
     args = ap.parse_args(argv)
     wall0 = time.perf_counter()
 

@@ -6,7 +6,7 @@ the kNN evaluator and the throughput clock, with nothing but torch and numpy (th
 - encoder: fastbyol's own `resnet-tiny` with the `small-s2` stem, from `fastbyol/models.py` imported by path (that
   file imports only torch), built right after torch.manual_seed(seed) as fastbyol's trainer builds it, so the
   random-init encoder of a seed is fastbyol's;
-- lr_at: fastbyol.reference.lr_at (linear warmup from 0, cosine to 0), copied;
+- lr_at: fastbyol.reference.lr_at (linear warmup from 0, cosine to 0), by path as models.py;
 - kNN: fastbyol.knn (features of the eval-mode encoder on the un-augmented images, ImageNet-normalised, L2
   normalised; cosine top-k 200, votes exp(sim / 0.1)), copied line for line;
 - StepClock: fastbyol's ThroughputMeter rule: the first step is set apart, the evaluations are outside the clock.
@@ -15,10 +15,10 @@ tests/test_parity.py checks each copy against fastbyol's own (data, encoder weig
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import importlib.util
 import json
-import math
 import platform
 import sys
 import time
@@ -56,15 +56,20 @@ def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return rgb[~test], labels[~test], rgb[test], labels[test]
 
 
-def fastbyol_models():
-    """fastbyol/models.py, imported by path (it imports only torch) under a private module name."""
-    name = "_fastbyol_models_by_path"
+def _fastbyol_file(stem: str):
+    """fastbyol/<stem>.py imported by path under a private module name (for files that import only torch/stdlib)."""
+    name = f"_fastbyol_{stem}_by_path"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "fastbyol" / "models.py")
+        spec = importlib.util.spec_from_file_location(name, REPO / "fastbyol" / f"{stem}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def fastbyol_models():
+    """fastbyol/models.py, imported by path (it imports only torch)."""
+    return _fastbyol_file("models")
 
 
 def build_encoder(seed: int | None = None) -> torch.nn.Module:
@@ -75,12 +80,24 @@ def build_encoder(seed: int | None = None) -> torch.nn.Module:
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """fastbyol.reference.lr_at: linear warmup from 0 to peak over warmup_steps, then cosine to 0 at total_steps."""
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0), decay_steps) / decay_steps
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """fastbyol.reference.lr_at itself (fastbyol/reference.py imported by path: it imports only torch)."""
+    return _fastbyol_file("reference").lr_at(step, total_steps, warmup_steps, peak_lr)
+
+
+def peer_args(description: str, *extra: tuple[tuple, dict]):
+    """The command line both peer scripts share (seed, budget, smoke-test limit, result and encoder files), plus
+    their own arguments `extra` as (args, kwargs) pairs; parsed by the caller."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=WORKLOAD["epochs"])
+    ap.add_argument("--batch-size", type=int, default=WORKLOAD["batch_size"])
+    for args, kwargs in extra:
+        ap.add_argument(*args, **kwargs)
+    ap.add_argument("--limit-images", type=int, default=0, help="pretrain on the first N images only (smoke tests)")
+    ap.add_argument("--out", default="", help="also write the JSON result here")
+    ap.add_argument("--save-encoder", default="", help="write the trained encoder's state_dict here (torch.save): "
+                    "parity.py's held-out kNN reads it")
+    return ap
 
 
 # --------------------------------------------------------------------------- kNN: fastbyol/knn.py, line for line
