@@ -58,13 +58,17 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def run_fastbyol(images: np.ndarray, size: int, batch: int, steps: int, threads: int) -> dict:
-    """TwoViewLoader on `images` (DALI and chain threads: `threads`), timed as run_lightly."""
+def run_fastbyol(images: np.ndarray, size: int, batch: int, steps: int, threads: int,
+                 cpu_parallel: str = "processes") -> dict:
+    """TwoViewLoader on `images` (DALI threads and pixel workers: `threads`; the workers are processes or threads
+    as cpu_parallel says), timed as run_lightly; its CPU time counts the worker processes."""
     from fastbyol.augment import TwoViewLoader
     from fastbyol.augment_bench import trainer_views
 
     view1, view2 = trainer_views()  # as fastbyol train augments by default (its blur window rule)
-    loader = TwoViewLoader(images, batch, size, seed=0, num_threads=threads, view1=view1, view2=view2)
+    loader = TwoViewLoader(images, batch, size, seed=0, num_threads=threads, view1=view1, view2=view2,
+                           cpu_parallel=cpu_parallel)
+    pids = [p.pid for p in loader._procs.procs] if loader._procs is not None else []
     arrivals, done, cpu0 = [], 0, 0.0
     while done < 3 + steps:
         for v1, _ in loader.epoch():
@@ -72,12 +76,12 @@ def run_fastbyol(images: np.ndarray, size: int, batch: int, steps: int, threads:
             done += 1
             if done >= 3:
                 arrivals.append(time.perf_counter())
-                cpu0 = cpu0 or _cpu_seconds([])
+                cpu0 = cpu0 or _cpu_seconds(pids)
             if done == 3 + steps:
                 break
     return {"who": "fastbyol", "size": size, "batch": batch, "threads": threads, "operators": loader.operators,
-            "blur_taps": view1.blur_window(size),
-            **_rates(arrivals, batch, _cpu_seconds([]) - cpu0)}
+            "blur_taps": view1.blur_window(size), "cpu_parallel": loader.cpu_parallel,
+            **_rates(arrivals, batch, _cpu_seconds(pids) - cpu0)}
 
 
 def run_lightly(images: np.ndarray, size: int, batch: int, steps: int, workers: int) -> dict:
@@ -114,9 +118,10 @@ def run_lightly(images: np.ndarray, size: int, batch: int, steps: int, workers: 
             **_rates(arrivals, batch, _cpu_seconds(pids) - cpu0)}
 
 
-def _child(role: str, images_path: str, size: int, batch: int, steps: int, cores: int, python: str) -> dict:
+def _child(role: str, images_path: str, size: int, batch: int, steps: int, cores: int, python: str,
+           cpu_parallel: str = "processes") -> dict:
     cmd = [python, os.path.abspath(__file__), "--role", role, "--images", images_path, "--sizes", str(size),
-           "--batch", str(batch), "--steps", str(steps), "--cores", str(cores)]
+           "--batch", str(batch), "--steps", str(steps), "--cores", str(cores), "--cpu-parallel", cpu_parallel]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{role} at {size} px failed:\n{done.stderr[-2000:]}")
@@ -134,12 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-python", default=PEER_PYTHON, help="python of the venv that has lightly")
     ap.add_argument("--role", choices=["fastbyol", "lightly"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--cpu-parallel", choices=["processes", "threads"], default="processes",
+                    help="how fastbyol's loader spreads its pixel work (TwoViewLoader cpu_parallel)")
     args = ap.parse_args(argv)
 
     if args.role is not None:  # one measurement, in this fresh process
         images = np.load(args.images)
-        run = run_fastbyol if args.role == "fastbyol" else run_lightly
-        print(json.dumps(run(images, args.sizes[0], args.batch, args.steps, args.cores)))
+        if args.role == "fastbyol":
+            row = run_fastbyol(images, args.sizes[0], args.batch, args.steps, args.cores, args.cpu_parallel)
+        else:
+            row = run_lightly(images, args.sizes[0], args.batch, args.steps, args.cores)
+        print(json.dumps(row))
         return 0
 
     if not os.path.exists(args.peer_python):
@@ -155,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             np.save(paths[size], synthetic_source(size, 512, "arrays") if args.images is None else np.load(args.images))
         for repeat in range(args.repeats):
             for size in args.sizes:
-                ours = _child("fastbyol", paths[size], size, args.batch, args.steps, args.cores, sys.executable)
+                ours = _child("fastbyol", paths[size], size, args.batch, args.steps, args.cores, sys.executable,
+                              args.cpu_parallel)
                 peer = _child("lightly", paths[size], size, args.batch, args.steps, args.cores, args.peer_python)
                 rows.append({"repeat": repeat, "size": size, "fastbyol": ours, "lightly": peer,
                              "ratio": ours["samples_per_s"] / peer["samples_per_s"],

@@ -17,7 +17,10 @@ Where each step runs:
   runs as CUDA_PHOTOMETRIC says.
 - CPU: DALI reads and decodes files (arrays are rows the source names by index); torch crops, resizes and flips
   (`crop_resize_flip`: torch's uint8 bicubic is ~10x faster than DALI's CPU resize) and runs the chain
-  (fastbyol.photometric.photometric), both on `num_threads` worker threads.
+  (fastbyol.photometric.photometric). Array sources: in `num_threads` forked worker processes, one batch ahead
+  (`cpu_parallel="processes"`, the default: fastbyol.cpu_workers; the chain's small ops hold the GIL, so threads
+  mostly wait for each other); encoded files (or cpu_parallel="threads"): on `num_threads` worker threads. Both give
+  the same batches, bit for bit.
 The chain: colour jitter with p 0.8 (the four ops in the image's own random order, a clip after each) -> grayscale ->
 blur -> solarize -> clip -> normalize -> channels_last, on [0, 1] floats, with contrast around each channel's mean
 and saturation and hue in true HSV (tests/test_fidelity.py checks each op against a numpy port of the official op,
@@ -205,6 +208,7 @@ def _crop_and_params(images, spec: ViewSpec, size: int, cropped: bool = False):
 # once and torch crops both views from it, so the mode changes nothing there.
 DECODE_MODES = ("roi", "once")
 DECODE = "roi"
+CPU_PARALLEL = ("processes", "threads")  # how the CPU path spreads an array batch's pixel work (fastbyol.cpu_workers)
 
 # Hints of the "mixed" decoders, sized for ImageNet-like data (most files ~500x375 or 375x500, ~100-150 KB):
 # - HW_DECODER_LOAD: share of each batch given to the GPU's hardware JPEG engines (A100: 5, H100/H200: 7); the rest
@@ -414,10 +418,13 @@ class TwoViewLoader:
         checkpoint: bytes | str | None = None,
         labels: np.ndarray | None = None,
         decode: str = DECODE,
+        cpu_parallel: str = "processes",
     ):
         if decode not in DECODE_MODES:
             raise FastByolError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         self.decode = decode
+        if cpu_parallel not in CPU_PARALLEL:
+            raise FastByolError(f"cpu_parallel must be one of {', '.join(CPU_PARALLEL)}, got {cpu_parallel!r}")
         if not dali_available():
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
         view1.validate("view1")
@@ -465,6 +472,15 @@ class TwoViewLoader:
         self.skip_bad = self.encoded and bool(getattr(images, "skip_bad", False)) and hasattr(images, "replace_bad")
         self.skipped: list[tuple[str, str]] = []  # (file or shard:offset:member, DALI's reason) replaced so far
         self.on_skip = None  # called with (name, reason) after each replacement (the trainer logs it)
+        # CPU arrays: the pixel work in forked processes (fastbyol.cpu_workers), forked before DALI starts threads
+        self.cpu_parallel = cpu_parallel if not (self.on_gpu or self.encoded) else "threads"
+        self._procs = None
+        self._ahead_state = None  # state() while a batch drawn ahead is with the workers (_epoch_ahead)
+        if self.cpu_parallel == "processes":
+            from .cpu_workers import ChainProcesses
+
+            self._procs = ChainProcesses(self.images, num_threads, batch_size, image_size,
+                                         1 if gray_input else 3, self._chains)
         self._pipe = self._build(*self._build_args)
 
     @property
@@ -559,8 +575,9 @@ class TwoViewLoader:
 
     def state(self) -> bytes | str:
         """The pipeline's position (epoch, iteration) and every random state, as DALI's checkpoint string: a loader
-        built with checkpoint=state() yields exactly the batches this one would have yielded next."""
-        return self._pipe.checkpoint()
+        built with checkpoint=state() yields exactly the batches this one would have yielded next. (While the CPU
+        workers compute a batch ahead, that is the checkpoint taken before DALI drew it.)"""
+        return self._ahead_state if self._ahead_state is not None else self._pipe.checkpoint()
 
     def _run(self):
         """One batch of DALI outputs. CUDA: bound to torch's current stream (DALI makes them ready there, instead
@@ -646,6 +663,56 @@ class TwoViewLoader:
             labels = torch.from_dlpack(out["labels"].as_tensor()).reshape(-1).to(torch.int64).clone()  # (B,)
         return (*views, labels)
 
+    def _submit(self, outputs, slot: int):
+        """CPU arrays with processes: hand a batch of DALI outputs to the workers; returns its labels (or None)."""
+        out = dict(zip(self._names, outputs))
+        index = torch.from_dlpack(out["index"].as_tensor()).reshape(-1)  # (B,) int64
+        windows = [torch.from_dlpack(out[f"window{v}"].as_tensor()) for v in (1, 2)]  # (B, 5) int32 each
+        params = [torch.from_dlpack(out[f"params{v}"].as_tensor()) for v in (1, 2)]  # (B, N_PARAMS) float32
+        self._procs.submit(slot, index, windows, params)
+        return self.labels_t.index_select(0, index) if self.with_labels else None
+
+    def _epoch_ahead(self):
+        """epoch() for CPU arrays with worker processes: DALI draws batch n + 1 and the workers start on it before
+        batch n is yielded, so they compute while the consumer uses n. state() meanwhile returns the checkpoint
+        taken before n + 1 was drawn, and a consumer that stops early leaves the loader there (the pipeline is
+        rebuilt from that checkpoint): the batches, and resume, are exactly those of the synchronous path."""
+        self.last_crops = None
+        pending = None  # (slot, labels, checkpoint) of the batch with the workers, yielded next
+        ahead = None  # the batch drawn after it, while `pending` is out with the consumer
+        slot, retried = 0, False
+        try:
+            while True:
+                before = self._pipe.checkpoint()  # after every batch drawn so far
+                try:
+                    outputs = self._run()
+                except StopIteration:  # the external source ended the epoch
+                    self._pipe.reset()
+                    if pending is None and not retried:  # restored exactly at an epoch's end: start the next
+                        retried = True
+                        continue
+                    outputs = None
+                if outputs is not None:
+                    ahead = (slot, self._submit(outputs, slot), before)
+                    slot = 1 - slot
+                if pending is not None:
+                    views = self._procs.collect(pending[0])
+                    self._ahead_state = before if ahead is not None else None
+                    yield views if pending[1] is None else (*views, pending[1])
+                    self._ahead_state = None
+                if ahead is None:
+                    break
+                pending = ahead
+                ahead = None
+        finally:
+            self._ahead_state = None
+            if ahead is not None:  # the consumer stopped at the yield: a batch drawn ahead is with the workers
+                try:
+                    self._procs.collect(ahead[0])
+                except FastByolError:
+                    pass  # the workers are closed; the next use raises
+                self._rebuild(ahead[2])
+
     def epoch(self, first_step: int = 0):
         """Yield this epoch's batches of (view1, view2), from batch `first_step` on (after a resume).
 
@@ -655,6 +722,9 @@ class TwoViewLoader:
         if self.encoded:
             for _ in range(first_step, self._steps):
                 yield self._views(self._run())
+            return
+        if self._procs is not None:
+            yield from self._epoch_ahead()
             return
         yielded, retried = 0, False
         while True:

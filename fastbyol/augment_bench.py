@@ -54,13 +54,14 @@ def _steady_rate(arrivals: list[float], batch: int) -> tuple[float, float]:
 
 def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arrays", steps: int = 20,
                   warmup: int = 3, num_threads: int | None = None, seed: int = 0, data=None,
-                  blur_window: str | None = None, decode: str = DECODE) -> dict:
+                  blur_window: str | None = None, decode: str = DECODE, cpu_parallel: str = "processes") -> dict:
     """Two-view samples/s of TwoViewLoader (see the module docstring for the clock). `data` replaces the synthetic
     images (a uint8 (N, H, W, 3) array or an encoded source), so a benchmark can feed the same images to a peer.
     blur_window: the blur window rule (ViewSpec.blur_window); default the trainer's (`--blur-window`).
     decode: the GPU JPEG path's decode mode (fastbyol.augment.DECODE_MODES: "roi", one ROI decode per view, or
     "once", one decode and two GPU crops); it changes nothing for arrays or on the CPU. The row reports it and the
-    graph's decoder count."""
+    graph's decoder count. cpu_parallel: the CPU array path's workers, "processes" (the trainer's) or "threads"
+    (TwoViewLoader's argument; the row reports what ran: JPEG sources and the GPU always use threads)."""
     if device not in ("cpu", "gpu"):
         raise FastByolError(f"--device must be cpu or gpu, got {device!r}")
     if source not in ("arrays", "gray", "jpeg"):
@@ -77,7 +78,7 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
     view1, view2 = trainer_views(blur_window)
     loader = TwoViewLoader(data, batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu",
                            num_threads=threads, gray_input=source == "gray", view1=view1, view2=view2,
-                           decode=decode)
+                           decode=decode, cpu_parallel=cpu_parallel)
     arrivals: list[float] = []
     done = 0
     while done < warmup + steps:
@@ -94,7 +95,8 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
             "device": device, "source": source, "threads": threads, "steps": steps,
             "seconds": arrivals[-1] - arrivals[0], "operators": loader.operators,
             "photometric": loader.photometric_variant, "blur_window": view1.blur_window_rule,
-            "blur_taps": view1.blur_window(size), "decode": decode, "decoders": loader.decoders}
+            "blur_taps": view1.blur_window(size), "decode": decode, "decoders": loader.decoders,
+            "cpu_parallel": loader.cpu_parallel}
 
 
 def trainer_views(blur_window: str | None = None):

@@ -69,7 +69,10 @@ def _add_other_parsers(sub) -> None:
     aug.add_argument("--blur-window", default=None, choices=list(BLUR_WINDOW_RULES),
                      help="blur window rule (default: the trainer's, see fastbyol train --help)")
     aug.add_argument("--steps", type=int, default=20, help="timed batches (after 3 warm-up batches)")
-    aug.add_argument("--threads", type=int, default=None, help="DALI threads (default: min(8, cores))")
+    aug.add_argument("--threads", type=int, default=None,
+                     help="DALI threads and CPU pixel workers (default: min(8, cores))")
+    aug.add_argument("--cpu-parallel", default="processes", choices=["processes", "threads"],
+                     help="CPU, arrays: the crops and chain in worker processes (the trainer's) or threads")
     aug.add_argument("--json", action="store_true", help="print one JSON object")
     aug.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -165,13 +168,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise FastByolError(f"--threads must be >= 1, got {args.threads}")
     r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads,
-                      blur_window=args.blur_window,
+                      blur_window=args.blur_window, cpu_parallel=args.cpu_parallel,
                       **({} if args.decode is None else {"decode": args.decode}))
     if args.json:
         print(json.dumps(r))
     else:
         print(f"augment {r['source']} -> {r['size']} px, batch {r['batch']}, {r['device']} "
-              f"({r['threads']} threads, blur {r['blur_taps']} taps, {r['operators']} DALI operators): "
+              f"({r['threads']} {'worker processes' if r['cpu_parallel'] == 'processes' else 'threads'}, blur "
+              f"{r['blur_taps']} taps, {r['operators']} DALI operators): "
               f"{r['samples_per_s']:.0f} two-view samples/s")
     return 0
 

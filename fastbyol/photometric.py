@@ -321,7 +321,8 @@ def _apply_to(x: torch.Tensor, chosen: list[bool], fn, with_index: bool = False)
 def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
                 mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
                 out_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
-                chunk_pixels: int = CHUNK_PIXELS, threads: int | None = None, blur_tail: float = 0.0) -> torch.Tensor:
+                chunk_pixels: int = CHUNK_PIXELS, threads: int | None = None, blur_tail: float = 0.0,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """The chain over a batch: crops (B, 3, S, S) uint8, params (B, N_PARAMS) -> (B, 3, S, S) channels_last.
 
     Works on chunks of at most chunk_pixels // S^2 images of one jitter order: every op is a whole-tensor torch op
@@ -336,10 +337,12 @@ def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, 
     blur_tail: skip the outer blur taps carrying less than this weight on each side (per chunk, the widest blur of
     the chunk decides; the weights kept are unchanged): the result moves by at most blur_tail per pass. 0 keeps
     every tap. The loader's CPU path uses TAP_TAIL (1e-7: below float32's resolution of a pixel near 1); a narrow
-    blur (sigma 0.5) then costs 7 taps instead of 23 at 224 px."""
+    blur (sigma 0.5) then costs 7 taps instead of 23 at 224 px.
+    out: where to write, a contiguous (B, S, S, 3) `out_dtype` tensor (NHWC; e.g. shared memory); the result is its
+    channels_last view. None: a new one."""
     job = dict(crops=crops, params=params, blur_window=blur_window, solarize_threshold=solarize_threshold, mean=mean,
                std=std, gray_input=gray_input, out_dtype=out_dtype, compute_dtype=compute_dtype,
-               chunk_pixels=chunk_pixels, blur_tail=blur_tail)
+               chunk_pixels=chunk_pixels, blur_tail=blur_tail, out=out)
     return photometric_many([job], threads)[0]
 
 
@@ -363,13 +366,17 @@ def photometric_many(jobs: list[dict], threads: int | None = None) -> list[torch
 def _prepare(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float, mean, std,
              gray_input: bool = False, out_dtype: torch.dtype = torch.float32,
              compute_dtype: torch.dtype = torch.float32, chunk_pixels: int = CHUNK_PIXELS, blur_tail: float = 0.0,
-             threads: int | None = None):
+             threads: int | None = None, out: torch.Tensor | None = None):
     """(run(indices) for one chunk, the chunks, the output (B, 3, S, S) channels_last) of one batch."""
     _check(crops, params)
     B, S = crops.shape[0], crops.shape[2]
     device = crops.device
     channels = 1 if gray_input else 3
-    out = torch.empty((B, S, S, 3), dtype=out_dtype, device=device)  # NHWC memory: channels_last views
+    if out is None:
+        out = torch.empty((B, S, S, 3), dtype=out_dtype, device=device)  # NHWC memory: channels_last views
+    elif out.shape != (B, S, S, 3) or out.dtype != out_dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {out_dtype} ({B}, {S}, {S}, 3) tensor on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     scale, shift = _normalize_constants(mean, std, compute_dtype, device)
     batch = _Batch(params.to(compute_dtype), blur_window, blur_tail, gray_input)
     # NHWC rows written by numpy on the CPU: its strided copy (one channel at a time, contiguous reads) takes half

@@ -77,13 +77,19 @@ def test_bad_settings():
         TwoViewLoader(np.zeros((10, 8, 8, 3), np.float32), batch_size=4, image_size=8)
 
 
-def test_views_are_fresh_tensors_that_outlive_later_batches():
-    loader = TwoViewLoader(_images(32), batch_size=16, image_size=20, seed=0, device="cpu", num_threads=1)
+@pytest.mark.parametrize("cpu_parallel", ["threads", "processes"])
+def test_views_are_fresh_tensors_that_outlive_later_batches(cpu_parallel):
+    loader = TwoViewLoader(_images(32), batch_size=16, image_size=20, seed=0, device="cpu", num_threads=1,
+                           cpu_parallel=cpu_parallel)
     v1, v2 = next(iter(loader.epoch()))
-    dali = dict(zip(loader._names, (o.as_tensor() for o in loader.last_outputs)))
-    assert tuple(dali["window1"].shape()) == (16, 5) and tuple(dali["params1"].shape()) == (16, len(PARAM_NAMES))
-    assert tuple(loader.last_crops[0].shape) == (16, 3, 20, 20)  # torch's crops: planar uint8
-    assert v1.data_ptr() not in {d.data_ptr() for d in dali.values()}  # the chain's output, not DALI's memory
+    if cpu_parallel == "threads":
+        dali = dict(zip(loader._names, (o.as_tensor() for o in loader.last_outputs)))
+        assert tuple(dali["window1"].shape()) == (16, 5) and tuple(dali["params1"].shape()) == (16, len(PARAM_NAMES))
+        assert tuple(loader.last_crops[0].shape) == (16, 3, 20, 20)  # torch's crops: planar uint8
+        assert v1.data_ptr() not in {d.data_ptr() for d in dali.values()}  # the chain's output, not DALI's memory
+    else:  # the workers' shared buffers are reused: a batch is a copy
+        buffers = {o.data_ptr() for slot in loader._procs.outs for o in slot}
+        assert v1.data_ptr() not in buffers and v2.data_ptr() not in buffers
     assert v1.stride() == (20 * 20 * 3, 1, 20 * 3, 3)  # NHWC memory seen as NCHW: channels_last strides
     held = v1.clone()
     list(loader.epoch())  # later batches do not overwrite a view still held

@@ -373,8 +373,8 @@ def test_loader_views_are_the_official_chain_on_its_own_draws():
     solarize threshold) and its own parameters."""
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (32, 48, 48, 3), dtype=np.uint8)
-    loader = TwoViewLoader(images, batch_size=16, image_size=40, seed=4, num_threads=1)
-    v1, v2 = next(iter(loader.epoch()))
+    loader = TwoViewLoader(images, batch_size=16, image_size=40, seed=4, num_threads=1, cpu_parallel="threads")
+    v1, v2 = next(iter(loader.epoch()))  # (the processes' views are these: tests/test_cpu_workers.py)
     crops1, crops2 = (c.numpy() for c in loader.last_crops)
     dali = dict(zip(loader._names, loader.last_outputs))
     params1, params2 = (np.asarray(dali[f"params{v}"].as_tensor()) for v in (1, 2))

@@ -1,0 +1,176 @@
+"""The CPU loader's pixel work (crops + photometric chain) for array sources, in worker processes.
+
+On the CPU the chain is a few thousand small torch ops per batch: each one holds the GIL while Python parses its
+arguments, so worker *threads* mostly wait for each other. Measured on this project's 2-core machine at 96 px
+(batch 64, both views): the chain took about as long on 2 threads as on 1, while the same work in 2 processes ran
+~1.5x faster than in 1 (benchmarks/augment_vs_lightly.py has the loader-level figures). So for array sources the
+loader hands each batch to `workers` processes, the batch split into consecutive runs of images, each process doing
+both views of its run: crops (fastbyol.augment.crop_resize_flip_many) and the chain
+(fastbyol.photometric.photometric), with one torch thread each.
+
+What crosses the process boundary: the batch's image indices, crop windows and chain parameters (a few KB, through a
+pipe); the images themselves are the loader's array, inherited at fork (copy-on-write, never copied: a memory map
+stays a memory map); the views come back through two shared-memory buffers (B, S, S, 3) float32 that the parent
+copies into fresh tensors (the loader's batches never alias memory it reuses). DALI still draws every random number
+in the parent, so resume stays exact and the views are the thread path's (up to the blur's tap trimming, which
+depends on how the batch is split: <= TAP_TAIL per pixel, tested).
+
+The processes are forked when the loader is built (before its DALI pipeline starts threads), do nothing but torch
+and numpy work, and exit when the loader is garbage-collected, closed, or the parent dies (their pipe closes). A
+worker that raises sends its error back (the loader raises it as one FastByolError); one that dies is named with
+its exit code.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import weakref
+
+import numpy as np
+import torch
+
+from .errors import FastByolError
+
+SLOTS = 2  # output buffers: one batch computed while the one before is copied out and consumed
+
+
+def assign(tasks: list[tuple[int, list[int]]], workers: int) -> list[list[tuple[int, list[int]]]]:
+    """The batch's chunks (view, image indices) dealt to `workers`: largest first, each to the least loaded (by
+    images). Every worker computes the same deal from the same batch, so none is told which chunks are its own."""
+    load, deal = [0] * workers, [[] for _ in range(workers)]
+    for task in sorted(tasks, key=lambda t: -len(t[1])):  # stable: equal sizes keep the chain's order
+        k = load.index(min(load))
+        deal[k].append(task)
+        load[k] += len(task[1])
+    return deal
+
+
+def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size: int, channels: int,
+           chains: tuple[dict, dict]) -> None:
+    """Worker `me`'s loop: (slot, index, windows1, windows2, params1, params2) of a whole batch -> crops and runs
+    its share of the batch's chunks (assign) into outs[slot], answers None (done) or the error's text; a None
+    message or a closed pipe ends it. The chunks are the thread path's (fastbyol.photometric._prepare over the whole
+    batch's parameters), so every row is computed exactly as there."""
+    from .augment import crop_resize_flip_many
+    from .photometric import _prepare
+
+    torch.set_num_threads(1)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        try:
+            slot, index, windows, params = msg[0], msg[1], msg[2:4], msg[4:6]
+            B = len(index)
+            runs, tasks, crops = [], [], []
+            for v in (0, 1):
+                crops.append(torch.empty((B, channels, size, size), dtype=torch.uint8))  # gray: one plane
+                run, chunks, _ = _prepare(crops[v].expand(-1, 3, -1, -1), torch.from_numpy(params[v]),
+                                          out=outs[slot][v], **chains[v])
+                runs.append(run)
+                tasks += [(v, list(idx)) for idx in chunks]
+            mine = assign(tasks, workers)[me]
+            for v in (0, 1):  # this worker's images of each view, cropped as crop_resize_flip_many does
+                need = sorted({i for tv, idx in mine if tv == v for i in idx})
+                if need:
+                    rows = [images[k] for k in index[need].tolist()]  # (H, W, 3) views of the inherited array
+                    (got,) = crop_resize_flip_many([(rows, torch.from_numpy(windows[v][need]))], size, channels,
+                                                   None)
+                    crops[v].index_copy_(0, torch.tensor(need), got[:, :channels])
+            for v, idx in mine:
+                runs[v](idx)
+            conn.send(None)
+        except BaseException as e:  # noqa: BLE001 - sent back whole, raised in the parent
+            try:
+                conn.send(f"{type(e).__name__}: {e}")
+            except (EOFError, OSError):
+                return
+
+
+def _died(proc) -> str:
+    proc.join(timeout=5)
+    return f"worker {proc.name} (pid {proc.pid}) died, exit code {proc.exitcode}"
+
+
+def _stop(conns: list, procs: list) -> None:
+    for conn in conns:
+        try:
+            conn.send(None)
+            conn.close()
+        except (EOFError, OSError):
+            pass
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+
+
+class ChainProcesses:
+    """`workers` forked processes that crop and run the chain for a CPU loader's array source (module docstring).
+
+    images: the loader's (N, H, W, 3) uint8 tensor; chains: both views' photometric arguments (all but crops and
+    params); channels: 1 for gray input (one plane resized), else 3."""
+
+    def __init__(self, images: torch.Tensor, workers: int, batch_size: int, size: int, channels: int,
+                 chains: tuple[dict, dict]):
+        if workers < 1:
+            raise FastByolError(f"CPU augmentation workers must be >= 1, got {workers}")
+        self.batch_size = batch_size
+        # two slots of both views' buffers: the workers fill one batch while the parent copies out the other
+        self.outs = tuple(tuple(torch.empty((batch_size, size, size, 3), dtype=torch.float32).share_memory_()
+                                for _ in (0, 1)) for _ in range(SLOTS))
+        ctx = multiprocessing.get_context("fork")
+        self.conns, self.procs = [], []
+        for k in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(child, k, workers, images, self.outs, size, channels, chains),
+                               daemon=True, name=f"fastbyol-augment-{k}")
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
+
+    def submit(self, slot: int, index: torch.Tensor, windows: list[torch.Tensor], params: list[torch.Tensor]) -> None:
+        """Start a batch in buffer slot `slot` (0 or 1; the other may be in flight): index (B,) rows of the images,
+        windows (B, 5) and params (B, N_PARAMS) per view. Its views come from collect(slot), in submission order."""
+        if not self._finalizer.alive:
+            raise FastByolError("the CPU augmentation workers were closed")
+        index = index.numpy()
+        w = [np.asarray(x.numpy()) for x in windows]
+        p = [np.asarray(x.numpy()) for x in params]
+        msg = (slot, index, w[0], w[1], p[0], p[1])
+        for conn, proc in zip(self.conns, self.procs):
+            try:
+                conn.send(msg)
+            except OSError:  # its end of the pipe is closed: it died
+                self.close()
+                raise FastByolError(f"CPU augmentation failed: {_died(proc)}") from None
+
+    def collect(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views (B, 3, S, S) float32 channels_last, fresh tensors, of the oldest batch submitted (in `slot`)."""
+        errors = []
+        for conn, proc in zip(self.conns, self.procs):
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                msg = _died(proc)
+            if msg is not None:
+                errors.append(msg)
+        if errors:
+            self.close()
+            raise FastByolError(f"CPU augmentation failed: {errors[0]}")
+        # NHWC copies (channels_last views): the batch owns its memory, the slot is reused two batches later
+        return tuple(out.clone().permute(0, 3, 1, 2) for out in self.outs[slot])
+
+    def __call__(self, index: torch.Tensor, windows: list[torch.Tensor], params: list[torch.Tensor]) -> tuple:
+        """submit + collect: one batch's views, synchronously."""
+        self.submit(0, index, windows, params)
+        return self.collect(0)
+
+    def close(self) -> None:
+        self._finalizer()

@@ -1,0 +1,139 @@
+"""The CPU loader's worker processes (fastbyol.cpu_workers): the same views as the thread path, exact resume while a
+batch is computed ahead, and clear errors and clean exits."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW2, TwoViewLoader, sample_params  # noqa: E402
+from fastbyol.errors import FastByolError  # noqa: E402
+from fastbyol.photometric import TAP_TAIL, photometric  # noqa: E402
+
+
+def _images(n=48, size=24, gray=False, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, 1 if gray else 3), dtype=np.uint8)
+    return np.ascontiguousarray(np.broadcast_to(x, (n, size, size, 3)))
+
+
+def _batches(loader, n):
+    out = []
+    while len(out) < n:
+        for batch in loader.epoch():
+            out.append(tuple(t.clone() for t in batch))
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.mark.parametrize("gray", [False, True], ids=["colour", "gray"])
+def test_processes_give_the_thread_paths_views(gray):
+    """Over more than one epoch (48 images, batch 16: 3 an epoch), with labels: the same batches, bit for bit (the
+    workers run the thread path's chunks of the whole batch), so training does not depend on the choice."""
+    images = _images(gray=gray)
+    labels = np.arange(48) % 5
+    kw = dict(batch_size=16, image_size=20, seed=3, num_threads=2, labels=labels, gray_input=gray)
+    threads = _batches(TwoViewLoader(images, cpu_parallel="threads", **kw), 7)
+    procs = TwoViewLoader(images, cpu_parallel="processes", **kw)
+    assert procs.cpu_parallel == "processes" and len(procs._procs.procs) == 2
+    got = _batches(procs, 7)
+    for (t1, t2, ty), (p1, p2, py) in zip(threads, got):
+        assert torch.equal(ty, py)
+        assert p1.is_contiguous(memory_format=torch.channels_last) and p1.dtype == torch.float32
+        assert torch.equal(p1, t1) and torch.equal(p2, t2)
+    assert not torch.equal(got[0][0], got[1][0])
+
+
+def test_state_taken_while_a_batch_is_computed_ahead_resumes_exactly():
+    """state() read inside the loop (the workers already hold the next batch) and after an early stop (the batch
+    drawn ahead is given back): a loader built from either yields what the first one yields next."""
+    kw = dict(batch_size=16, image_size=16, seed=9, num_threads=2)
+    a = TwoViewLoader(_images(64), **kw)
+    it = a.epoch()
+    next(it)
+    mid = a.state()  # one batch yielded, the second with the workers
+    rest = [tuple(t.clone() for t in b) for b in it]  # batches 2..4 of the epoch
+    after = _batches(a, 2)  # the next epoch's first two
+    b = TwoViewLoader(_images(64), checkpoint=mid, **kw)
+    resumed = _batches(b, 5)
+    for want, got in zip(rest + after, resumed):
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+
+    c = TwoViewLoader(_images(64), **kw)
+    for k, _ in enumerate(c.epoch()):
+        if k == 1:
+            break  # stopped with batch 3 drawn ahead: the loader goes back to just after batch 2
+    again = _batches(c, 3)
+    for want, got in zip(rest[1:] + after, again):
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+
+
+def test_a_dead_worker_is_one_clear_error_and_close_ends_them():
+    loader = TwoViewLoader(_images(), batch_size=16, image_size=16, seed=0, num_threads=2)
+    procs = loader._procs.procs
+    os.kill(procs[1].pid, signal.SIGKILL)
+    procs[1].join(timeout=10)
+    with pytest.raises(FastByolError, match=r"fastbyol-augment-1 .*died, exit code -9"):
+        _batches(loader, 2)
+    assert not any(p.is_alive() for p in procs)  # the failure closed the others too
+    with pytest.raises(FastByolError, match="closed"):
+        _batches(loader, 1)
+
+
+def test_workers_exit_with_their_loader():
+    loader = TwoViewLoader(_images(), batch_size=16, image_size=16, seed=0, num_threads=2)
+    _batches(loader, 1)
+    procs = list(loader._procs.procs)
+    assert all(p.is_alive() for p in procs)
+    del loader
+    import gc
+
+    gc.collect()
+    for p in procs:
+        p.join(timeout=10)
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_a_workers_exception_comes_back_named():
+    from fastbyol.cpu_workers import ChainProcesses
+
+    images = torch.from_numpy(_images(8))
+    chain = dict(blur_window=5, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_tail=TAP_TAIL)
+    workers = ChainProcesses(images, 2, 4, 16, 3, (chain, chain))
+    g = torch.Generator().manual_seed(0)
+    params = [sample_params(VIEW2, 4, g) for _ in (0, 1)]
+    good = torch.tensor([[0, 0, 24, 24, 0]] * 4, dtype=torch.int32)
+    v1, v2 = workers(torch.arange(4), [good, good], params)
+    assert v1.shape == (4, 3, 16, 16)
+    bad = torch.tensor([[0, 0, 0, 24, 0]] * 4, dtype=torch.int32)  # an empty window: the resize raises in the worker
+    with pytest.raises(FastByolError, match="CPU augmentation failed: .*Error"):
+        workers(torch.arange(4), [bad, good], params)
+    workers.close()
+
+
+def test_every_chunk_is_dealt_to_exactly_one_worker():
+    from fastbyol.cpu_workers import assign
+
+    tasks = [(v, list(range(a, a + n))) for v, (a, n) in enumerate([(0, 5), (5, 1), (6, 3), (0, 2), (2, 7)])]
+    for workers in (1, 2, 3, 7):
+        deal = assign(tasks, workers)
+        assert sorted(t for share in deal for t in share) == sorted(tasks)
+        loads = [sum(len(idx) for _, idx in share) for share in deal]
+        assert max(loads) - min(loads) <= max(len(idx) for _, idx in tasks)
+
+
+def test_photometric_writes_into_a_given_buffer():
+    g = torch.Generator().manual_seed(2)
+    crops = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8, generator=g)
+    p = sample_params(VIEW2, 6, g)
+    kw = dict(blur_window=5, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    buf = torch.full((6, 12, 12, 3), float("nan"))
+    got = photometric(crops, p, out=buf, **kw)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, photometric(crops, p, **kw))
+    with pytest.raises(ValueError, match="out must be"):
+        photometric(crops, p, out=torch.empty(6, 3, 12, 12), **kw)
