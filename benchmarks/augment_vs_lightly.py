@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/augment_vs_lightly.py --json          # one JSON object at the end
 
 Each repeat runs, per size, fastbyol (`TwoViewLoader` on the images: DALI crops + the torch photometric chain, 2
-DALI threads, 2 chain threads) and lightly (`BYOLTransform(BYOLView1Transform,
+DALI threads, 2 pixel worker processes) and lightly (`BYOLTransform(BYOLView1Transform,
 BYOLView2Transform)` on PIL images through a torch DataLoader with 2 workers, persistent) one after the other, each in
 a fresh process; the images are one uint8 array (random 8x8 colour blocks upsampled to 8/7 of the view side, as
 `bench augment --source arrays`) saved once and read by both. lightly runs in its own venv (--peer-python; it never
@@ -14,12 +14,13 @@ The printed ratio is the median over repeats of fastbyol / lightly within one re
 Beside it, the CPU time each spent per sample over the same batches (every thread, and lightly's worker
 processes): on a shared machine the wall-clock ratio moves with the neighbours' load, the CPU-time ratio much less.
 
-Measured on this project's 2-core CPU machine, shared with other jobs, 2026-11-28, batch 64, colour arrays, medians of
-3 back-to-back pairs (`--sizes 96 224 --repeats 3`), commit e3b322b:
-    load average ~4-5:  96 px 857 vs 229 samples/s (3.75x; CPU time per sample 3.42x), 224 px 210 vs 61 (3.44x; 2.56x)
-    load average ~1 (an earlier commit, 739c0e4):  96 px 1192 vs 795 (1.48x; 1.90x), 224 px 392 vs 205 (1.91x; 1.99x)
-lightly slows down far more than fastbyol when the cores are shared; on the quiet machine fastbyol kept ~1.5 of the 2
-cores busy against lightly's ~1.96.
+Measured on this project's 2-core CPU machine, 2026-11-28, batch 64, colour arrays, medians of 3 back-to-back pairs
+(`--sizes 96 224 --repeats 3`):
+    worker processes (commit b2242bd, the default): 96 px 1305 vs 678 samples/s (2.15x; CPU time per sample 2.00x),
+        224 px 373 vs 177 (2.11x; 1.96x)  (benchmarks/results/2026-11-28-augment-cpu/)
+    worker threads (commit 739c0e4, load average ~1): 96 px 1192 vs 795 (1.48x; 1.90x), 224 px 392 vs 205 (1.91x;
+        1.99x): the threads kept ~1.5 of the 2 cores busy (the chain's small ops hold the GIL), lightly's ~1.96
+(`--cpu-parallel threads` measures the thread path again.)
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=24, help="timed batches per measurement (after 3 warm-up)")
     ap.add_argument("--repeats", type=int, default=3, help="back-to-back pairs per size; the median ratio is printed")
-    ap.add_argument("--cores", type=int, default=2, help="DALI/chain threads (fastbyol), DataLoader workers (lightly)")
+    ap.add_argument("--cores", type=int, default=2, help="DALI threads and pixel workers (fastbyol), DataLoader workers (lightly)")
     ap.add_argument("--images", default=None, help="uint8 (N, H, W, 3) .npy (default: generated per size)")
     ap.add_argument("--peer-python", default=PEER_PYTHON, help="python of the venv that has lightly")
     ap.add_argument("--role", choices=["fastbyol", "lightly"], default=None, help=argparse.SUPPRESS)
