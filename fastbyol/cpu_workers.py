@@ -4,26 +4,28 @@ On the CPU the chain is a few thousand small torch ops per batch: each one holds
 arguments, so worker *threads* mostly wait for each other. Measured on this project's 2-core machine at 96 px
 (batch 64, both views): the chain took about as long on 2 threads as on 1, while the same work in 2 processes ran
 ~1.5x faster than in 1 (benchmarks/augment_vs_lightly.py has the loader-level figures). So for array sources the
-loader hands each batch to `workers` processes, the batch split into consecutive runs of images, each process doing
-both views of its run: crops (fastbyol.augment.crop_resize_flip_many) and the chain
-(fastbyol.photometric.photometric), with one torch thread each.
+loader hands each batch to `workers` processes; each crops (fastbyol.augment.crop_resize_flip_many) and runs the
+chain (fastbyol.photometric) for its share of the batch's chunks (the thread path's chunks: `assign`), with one
+torch thread each.
 
 What crosses the process boundary: the batch's image indices, crop windows and chain parameters (a few KB, through a
 pipe); the images themselves are the loader's array, inherited at fork (copy-on-write, never copied: a memory map
-stays a memory map); the views come back through two shared-memory buffers (B, S, S, 3) float32 that the parent
-copies into fresh tensors (the loader's batches never alias memory it reuses). DALI still draws every random number
-in the parent, so resume stays exact and the views are the thread path's (up to the blur's tap trimming, which
-depends on how the batch is split: <= TAP_TAIL per pixel, tested).
+stays a memory map); the views come back through anonymous shared memory (two slots of two (B, S, S, 3) float32
+buffers: the workers fill one batch while the parent copies the other into fresh tensors, so the loader's batches
+never alias memory it reuses). DALI still draws every random number in the parent, so resume stays exact, and
+every row is computed as on the thread path: the batches are the same, bit for bit (tested).
 
 The processes are forked when the loader is built (before its DALI pipeline starts threads), do nothing but torch
-and numpy work, and exit when the loader is garbage-collected, closed, or the parent dies (their pipe closes). A
-worker that raises sends its error back (the loader raises it as one FastByolError); one that dies is named with
-its exit code.
+and numpy work, and exit when the loader is garbage-collected or closed, or within a second of their parent's
+death (a SIGKILLed trainer included). A worker that raises sends its error back (the loader raises it as one
+FastByolError); one that dies is named with its exit code.
 """
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
+import os
 import weakref
 
 import numpy as np
@@ -46,17 +48,25 @@ def assign(tasks: list[tuple[int, list[int]]], workers: int) -> list[list[tuple[
 
 
 def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size: int, channels: int,
-           chains: tuple[dict, dict]) -> None:
+           chains: tuple[dict, dict], parent_pid: int, inherited: list) -> None:
     """Worker `me`'s loop: (slot, index, windows1, windows2, params1, params2) of a whole batch -> crops and runs
     its share of the batch's chunks (assign) into outs[slot], answers None (done) or the error's text; a None
-    message or a closed pipe ends it. The chunks are the thread path's (fastbyol.photometric._prepare over the whole
-    batch's parameters), so every row is computed exactly as there."""
+    message, a closed pipe or the parent's death ends it. The chunks are the thread path's
+    (fastbyol.photometric._prepare over the whole batch's parameters), so every row is computed exactly as there.
+    inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
+    those workers from seeing their parent go)."""
     from .augment import crop_resize_flip_many
     from .photometric import _prepare
 
+    for other in inherited:
+        other.close()
     torch.set_num_threads(1)
     while True:
         try:
+            if not conn.poll(1.0):  # idle: a killed parent closes no pipe it shares with a sibling; check it lives
+                if os.getppid() != parent_pid:
+                    return
+                continue
             msg = conn.recv()
         except (EOFError, OSError):
             return
@@ -90,6 +100,14 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
                 return
 
 
+def _shared(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor in anonymous shared memory (mmap MAP_SHARED | MAP_ANONYMOUS): what a forked child writes, the
+    parent sees. Not a /dev/shm file (a container's 64 MB /dev/shm would fail big batches with SIGBUS), and nothing
+    is left behind when the processes die."""
+    n = int(np.prod(shape))
+    return torch.frombuffer(mmap.mmap(-1, 4 * n), dtype=torch.float32, count=n).reshape(shape)
+
+
 def _died(proc) -> str:
     proc.join(timeout=5)
     return f"worker {proc.name} (pid {proc.pid}) died, exit code {proc.exitcode}"
@@ -121,13 +139,13 @@ class ChainProcesses:
             raise FastByolError(f"CPU augmentation workers must be >= 1, got {workers}")
         self.batch_size = batch_size
         # two slots of both views' buffers: the workers fill one batch while the parent copies out the other
-        self.outs = tuple(tuple(torch.empty((batch_size, size, size, 3), dtype=torch.float32).share_memory_()
-                                for _ in (0, 1)) for _ in range(SLOTS))
+        self.outs = tuple(tuple(_shared((batch_size, size, size, 3)) for _ in (0, 1)) for _ in range(SLOTS))
         ctx = multiprocessing.get_context("fork")
         self.conns, self.procs = [], []
         for k in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, k, workers, images, self.outs, size, channels, chains),
+            proc = ctx.Process(target=_serve, args=(child, k, workers, images, self.outs, size, channels, chains,
+                                                    os.getpid(), list(self.conns)),
                                daemon=True, name=f"fastbyol-augment-{k}")
             proc.start()
             child.close()

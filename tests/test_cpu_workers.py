@@ -99,6 +99,38 @@ def test_workers_exit_with_their_loader():
     assert not any(p.is_alive() for p in procs)
 
 
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    """A SIGKILLed trainer leaves no worker behind (nor a pipe held open: a caller reading its output would hang)."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, signal, sys, numpy as np\n"
+        "from fastbyol.augment import TwoViewLoader\n"
+        "x = np.zeros((32, 16, 16, 3), np.uint8)\n"
+        "loader = TwoViewLoader(x, batch_size=8, image_size=16, num_threads=2)\n"
+        "next(iter(loader.epoch()))\n"
+        "print(' '.join(str(p.pid) for p in loader._procs.procs), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)
+
+
 def test_a_workers_exception_comes_back_named():
     from fastbyol.cpu_workers import ChainProcesses
 
