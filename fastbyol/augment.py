@@ -475,7 +475,8 @@ class TwoViewLoader:
         # CPU arrays: the pixel work in forked processes (fastbyol.cpu_workers), forked before DALI starts threads
         self.cpu_parallel = cpu_parallel if not (self.on_gpu or self.encoded) else "threads"
         self._procs = None
-        self._ahead_state = None  # state() while a batch drawn ahead is with the workers (_epoch_ahead)
+        self._ahead = None  # (epoch iterator, slot, checkpoint before it) of a batch drawn ahead (_epoch_ahead)
+        self._owner = None  # the epoch iterator of the processes path that may run
         if self.cpu_parallel == "processes":
             from .cpu_workers import ChainProcesses
 
@@ -577,7 +578,7 @@ class TwoViewLoader:
         """The pipeline's position (epoch, iteration) and every random state, as DALI's checkpoint string: a loader
         built with checkpoint=state() yields exactly the batches this one would have yielded next. (While the CPU
         workers compute a batch ahead, that is the checkpoint taken before DALI drew it.)"""
-        return self._ahead_state if self._ahead_state is not None else self._pipe.checkpoint()
+        return self._ahead[2] if self._ahead is not None else self._pipe.checkpoint()
 
     def _run(self):
         """One batch of DALI outputs. CUDA: bound to torch's current stream (DALI makes them ready there, instead
@@ -674,12 +675,16 @@ class TwoViewLoader:
 
     def _epoch_ahead(self):
         """epoch() for CPU arrays with worker processes: DALI draws batch n + 1 and the workers start on it before
-        batch n is yielded, so they compute while the consumer uses n. state() meanwhile returns the checkpoint
-        taken before n + 1 was drawn, and a consumer that stops early leaves the loader there (the pipeline is
-        rebuilt from that checkpoint): the batches, and resume, are exactly those of the synchronous path."""
+        batch n is yielded, so they compute while the consumer uses n. While a batch drawn ahead is with the workers,
+        self._ahead holds (this iterator, its slot, the checkpoint taken before DALI drew it): state() returns that
+        checkpoint, and whatever ends the iterator early (the consumer stops, an error, a later epoch() call on the
+        same loader) gives the batch back: drained from the workers, the pipeline rebuilt at that checkpoint. So the
+        batches, and resume, are exactly those of the synchronous path."""
+        if self._ahead is not None:  # an earlier epoch() iterator, suspended with a batch drawn ahead, ends here
+            self._give_back_ahead()
+        token = self._owner = object()
         self.last_crops = None
-        pending = None  # (slot, labels, checkpoint) of the batch with the workers, yielded next
-        ahead = None  # the batch drawn after it, while `pending` is out with the consumer
+        pending = None  # (slot, labels) of the batch submitted before the newest, yielded next
         slot, retried = 0, False
         try:
             while True:
@@ -692,26 +697,36 @@ class TwoViewLoader:
                         retried = True
                         continue
                     outputs = None
+                newest = None
                 if outputs is not None:
-                    ahead = (slot, self._submit(outputs, slot), before)
+                    newest = (slot, self._submit(outputs, slot))
+                    self._ahead = (token, slot, before)
                     slot = 1 - slot
                 if pending is not None:
                     views = self._procs.collect(pending[0])
-                    self._ahead_state = before if ahead is not None else None
+                    if newest is None:
+                        self._ahead = None  # nothing left with the workers
                     yield views if pending[1] is None else (*views, pending[1])
-                    self._ahead_state = None
-                if ahead is None:
+                    if self._owner is not token:
+                        raise FastByolError("this epoch() iterator was ended by a later epoch() call on the same "
+                                            "loader (one iterator at a time)")
+                if newest is None:
                     break
-                pending = ahead
-                ahead = None
+                pending = newest
         finally:
-            self._ahead_state = None
-            if ahead is not None:  # the consumer stopped at the yield: a batch drawn ahead is with the workers
-                try:
-                    self._procs.collect(ahead[0])
-                except FastByolError:
-                    pass  # the workers are closed; the next use raises
-                self._rebuild(ahead[2])
+            if self._ahead is not None and self._ahead[0] is token:
+                self._give_back_ahead()
+
+    def _give_back_ahead(self) -> None:
+        """The batch drawn ahead (self._ahead) back: the workers drained, DALI rebuilt at the checkpoint taken before
+        it was drawn."""
+        before = self._ahead[2]
+        self._ahead = None
+        try:
+            self._procs.drain()
+        except FastByolError:
+            pass  # the workers failed or were closed; their next use raises
+        self._rebuild(before)
 
     def epoch(self, first_step: int = 0):
         """Yield this epoch's batches of (view1, view2), from batch `first_step` on (after a resume).

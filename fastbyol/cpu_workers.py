@@ -151,6 +151,7 @@ class ChainProcesses:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
+        self.in_flight = 0  # batches submitted and not yet collected (answers due, in order)
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
 
     def submit(self, slot: int, index: torch.Tensor, windows: list[torch.Tensor], params: list[torch.Tensor]) -> None:
@@ -162,6 +163,7 @@ class ChainProcesses:
         w = [np.asarray(x.numpy()) for x in windows]
         p = [np.asarray(x.numpy()) for x in params]
         msg = (slot, index, w[0], w[1], p[0], p[1])
+        self.in_flight += 1
         for conn, proc in zip(self.conns, self.procs):
             try:
                 conn.send(msg)
@@ -171,6 +173,20 @@ class ChainProcesses:
 
     def collect(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views (B, 3, S, S) float32 channels_last, fresh tensors, of the oldest batch submitted (in `slot`)."""
+        self._wait()
+        # NHWC copies (channels_last views): the batch owns its memory, the slot is reused two batches later
+        return tuple(out.clone().permute(0, 3, 1, 2) for out in self.outs[slot])
+
+    def drain(self) -> None:
+        """Wait for every batch submitted and not collected, and drop them (the workers are then idle)."""
+        while self.in_flight:
+            self._wait()
+
+    def _wait(self) -> None:
+        """Every worker's answer for the oldest batch in flight; raises the first error (and closes the workers)."""
+        if not self._finalizer.alive:
+            raise FastByolError("the CPU augmentation workers were closed")
+        self.in_flight -= 1
         errors = []
         for conn, proc in zip(self.conns, self.procs):
             try:
@@ -182,8 +198,6 @@ class ChainProcesses:
         if errors:
             self.close()
             raise FastByolError(f"CPU augmentation failed: {errors[0]}")
-        # NHWC copies (channels_last views): the batch owns its memory, the slot is reused two batches later
-        return tuple(out.clone().permute(0, 3, 1, 2) for out in self.outs[slot])
 
     def __call__(self, index: torch.Tensor, windows: list[torch.Tensor], params: list[torch.Tensor]) -> tuple:
         """submit + collect: one batch's views, synchronously."""
@@ -191,4 +205,5 @@ class ChainProcesses:
         return self.collect(0)
 
     def close(self) -> None:
+        self.in_flight = 0
         self._finalizer()

@@ -73,6 +73,22 @@ def test_state_taken_while_a_batch_is_computed_ahead_resumes_exactly():
         assert all(torch.equal(w, g) for w, g in zip(want, got))
 
 
+def test_a_later_epoch_call_takes_over_from_a_suspended_iterator():
+    """An iterator left suspended (its next batch already with the workers) and a new epoch() on the same loader:
+    the new one starts at the batch the old one would have yielded next; the old one then refuses to go on."""
+    kw = dict(batch_size=16, image_size=16, seed=4, num_threads=2)
+    want = _batches(TwoViewLoader(_images(64), **kw), 4)
+    a = TwoViewLoader(_images(64), **kw)
+    old = a.epoch()
+    first = next(old)
+    assert all(torch.equal(w, g) for w, g in zip(want[0], first))
+    for w, g in zip(want[1:], _batches(a, 3)):
+        assert all(torch.equal(x, y) for x, y in zip(w, g))
+    with pytest.raises(FastByolError, match="ended by a later epoch"):
+        next(old)
+    assert a._procs.in_flight == 0
+
+
 def test_a_dead_worker_is_one_clear_error_and_close_ends_them():
     loader = TwoViewLoader(_images(), batch_size=16, image_size=16, seed=0, num_threads=2)
     procs = loader._procs.procs
