@@ -475,7 +475,7 @@ class TwoViewLoader:
         # CPU arrays: the pixel work in forked processes (fastbyol.cpu_workers), forked before DALI starts threads
         self.cpu_parallel = cpu_parallel if not (self.on_gpu or self.encoded) else "threads"
         self._procs = None
-        self._ahead = None  # (epoch iterator, slot, checkpoint before it) of a batch drawn ahead (_epoch_ahead)
+        self._ahead = None  # (epoch iterator, checkpoint before the oldest batch drawn, not yielded) (_epoch_ahead)
         self._owner = None  # the epoch iterator of the processes path that may run
         if self.cpu_parallel == "processes":
             from .cpu_workers import ChainProcesses
@@ -578,7 +578,7 @@ class TwoViewLoader:
         """The pipeline's position (epoch, iteration) and every random state, as DALI's checkpoint string: a loader
         built with checkpoint=state() yields exactly the batches this one would have yielded next. (While the CPU
         workers compute a batch ahead, that is the checkpoint taken before DALI drew it.)"""
-        return self._ahead[2] if self._ahead is not None else self._pipe.checkpoint()
+        return self._ahead[1] if self._ahead is not None else self._pipe.checkpoint()
 
     def _run(self):
         """One batch of DALI outputs. CUDA: bound to torch's current stream (DALI makes them ready there, instead
@@ -675,16 +675,20 @@ class TwoViewLoader:
 
     def _epoch_ahead(self):
         """epoch() for CPU arrays with worker processes: DALI draws batch n + 1 and the workers start on it before
-        batch n is yielded, so they compute while the consumer uses n. While a batch drawn ahead is with the workers,
-        self._ahead holds (this iterator, its slot, the checkpoint taken before DALI drew it): state() returns that
-        checkpoint, and whatever ends the iterator early (the consumer stops, an error, a later epoch() call on the
-        same loader) gives the batch back: drained from the workers, the pipeline rebuilt at that checkpoint. So the
-        batches, and resume, are exactly those of the synchronous path."""
+        batch n is yielded, so they compute while the consumer uses n. While batches drawn are not yet yielded,
+        self._ahead holds (this iterator, the checkpoint taken before DALI drew the oldest of them): state() returns
+        that checkpoint, and whatever ends the iterator early (the consumer stops, an error or Ctrl-C anywhere in it,
+        a later epoch() call on the same loader) gives them back: the workers drained, the pipeline rebuilt at that
+        checkpoint. So the batches, and resume, are exactly those of the synchronous path."""
         if self._ahead is not None:  # an earlier epoch() iterator, suspended with a batch drawn ahead, ends here
             self._give_back_ahead()
         token = self._owner = object()
         self.last_crops = None
-        pending = None  # (slot, labels) of the batch submitted before the newest, yielded next
+        queue: collections.deque = collections.deque()  # (slot, labels, checkpoint before it): drawn, not yielded
+
+        def mark() -> None:  # what state() and a give-back need: the checkpoint before the oldest not yielded
+            self._ahead = (token, queue[0][2]) if queue else None
+
         slot, retried = 0, False
         try:
             while True:
@@ -693,26 +697,24 @@ class TwoViewLoader:
                     outputs = self._run()
                 except StopIteration:  # the external source ended the epoch
                     self._pipe.reset()
-                    if pending is None and not retried:  # restored exactly at an epoch's end: start the next
+                    if not queue and not retried:  # restored exactly at an epoch's end: start the next
                         retried = True
                         continue
                     outputs = None
-                newest = None
                 if outputs is not None:
-                    newest = (slot, self._submit(outputs, slot))
-                    self._ahead = (token, slot, before)
+                    queue.append((slot, self._submit(outputs, slot), before))
                     slot = 1 - slot
-                if pending is not None:
-                    views = self._procs.collect(pending[0])
-                    if newest is None:
-                        self._ahead = None  # nothing left with the workers
-                    yield views if pending[1] is None else (*views, pending[1])
+                    mark()
+                if len(queue) == 2 or (outputs is None and queue):  # the next one is with the workers
+                    views = self._procs.collect(queue[0][0])
+                    labels = queue.popleft()[1]
+                    mark()
+                    yield views if labels is None else (*views, labels)
                     if self._owner is not token:
                         raise FastByolError("this epoch() iterator was ended by a later epoch() call on the same "
                                             "loader (one iterator at a time)")
-                if newest is None:
+                if outputs is None:
                     break
-                pending = newest
         finally:
             if self._ahead is not None and self._ahead[0] is token:
                 self._give_back_ahead()
@@ -720,7 +722,7 @@ class TwoViewLoader:
     def _give_back_ahead(self) -> None:
         """The batch drawn ahead (self._ahead) back: the workers drained, DALI rebuilt at the checkpoint taken before
         it was drawn."""
-        before = self._ahead[2]
+        before = self._ahead[1]
         self._ahead = None
         try:
             self._procs.drain()

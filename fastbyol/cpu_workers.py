@@ -26,6 +26,7 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import os
+import signal
 import weakref
 
 import numpy as np
@@ -49,15 +50,16 @@ def assign(tasks: list[tuple[int, list[int]]], workers: int) -> list[list[tuple[
 
 def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size: int, channels: int,
            chains: tuple[dict, dict], parent_pid: int, inherited: list) -> None:
-    """Worker `me`'s loop: (slot, index, windows1, windows2, params1, params2) of a whole batch -> crops and runs
-    its share of the batch's chunks (assign) into outs[slot], answers None (done) or the error's text; a None
-    message, a closed pipe or the parent's death ends it. The chunks are the thread path's
+    """Worker `me`'s loop: (seq, slot, index, windows1, windows2, params1, params2) of a whole batch -> crops and
+    runs its share of the batch's chunks (assign) into outs[slot], answers (seq, None) when done or (seq, the error's
+    text); a None message, a closed pipe or the parent's death ends it. Ctrl-C is the parent's to handle: ignored. The chunks are the thread path's
     (fastbyol.photometric._prepare over the whole batch's parameters), so every row is computed exactly as there.
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
     from .augment import crop_resize_flip_many
     from .photometric import _prepare
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for other in inherited:
         other.close()
     torch.set_num_threads(1)
@@ -73,7 +75,7 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
         if msg is None:
             return
         try:
-            slot, index, windows, params = msg[0], msg[1], msg[2:4], msg[4:6]
+            seq, slot, index, windows, params = msg[0], msg[1], msg[2], msg[3:5], msg[5:7]
             B = len(index)
             runs, tasks, crops = [], [], []
             for v in (0, 1):
@@ -92,10 +94,10 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
                     crops[v].index_copy_(0, torch.tensor(need), got[:, :channels])
             for v, idx in mine:
                 runs[v](idx)
-            conn.send(None)
+            conn.send((seq, None))
         except BaseException as e:  # noqa: BLE001 - sent back whole, raised in the parent
             try:
-                conn.send(f"{type(e).__name__}: {e}")
+                conn.send((msg[0], f"{type(e).__name__}: {e}"))
             except (EOFError, OSError):
                 return
 
@@ -151,7 +153,8 @@ class ChainProcesses:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
-        self.in_flight = 0  # batches submitted and not yet collected (answers due, in order)
+        self._sent = self._done = 0  # batches submitted; batches whose answers were all read
+        self._seen = [0] * workers  # per worker, the number of the last answer read
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
 
     def submit(self, slot: int, index: torch.Tensor, windows: list[torch.Tensor], params: list[torch.Tensor]) -> None:
@@ -162,14 +165,19 @@ class ChainProcesses:
         index = index.numpy()
         w = [np.asarray(x.numpy()) for x in windows]
         p = [np.asarray(x.numpy()) for x in params]
-        msg = (slot, index, w[0], w[1], p[0], p[1])
-        self.in_flight += 1
-        for conn, proc in zip(self.conns, self.procs):
+        seq = self._sent + 1
+        msg = (seq, slot, index, w[0], w[1], p[0], p[1])
+        for k, (conn, proc) in enumerate(zip(self.conns, self.procs)):
             try:
                 conn.send(msg)
             except OSError:  # its end of the pipe is closed: it died
                 self.close()
                 raise FastByolError(f"CPU augmentation failed: {_died(proc)}") from None
+            except BaseException:
+                if k:  # a batch sent to some workers only: they cannot be brought back in step
+                    self.close()
+                raise
+        self._sent = seq
 
     def collect(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views (B, 3, S, S) float32 channels_last, fresh tensors, of the oldest batch submitted (in `slot`)."""
@@ -177,24 +185,36 @@ class ChainProcesses:
         # NHWC copies (channels_last views): the batch owns its memory, the slot is reused two batches later
         return tuple(out.clone().permute(0, 3, 1, 2) for out in self.outs[slot])
 
+    @property
+    def in_flight(self) -> int:
+        """Batches submitted and not collected (or drained)."""
+        return self._sent - self._done
+
     def drain(self) -> None:
         """Wait for every batch submitted and not collected, and drop them (the workers are then idle)."""
-        while self.in_flight:
+        while self.in_flight > 0:
             self._wait()
 
     def _wait(self) -> None:
-        """Every worker's answer for the oldest batch in flight; raises the first error (and closes the workers)."""
+        """Every worker's answer for the oldest batch in flight; raises the first error (and closes the workers).
+        Answers carry their batch's number and each pipe's last one is remembered, so a wait cut short (Ctrl-C
+        between two pipes) leaves nothing out of step: the next wait reads on from where each pipe stopped."""
         if not self._finalizer.alive:
             raise FastByolError("the CPU augmentation workers were closed")
-        self.in_flight -= 1
+        target = self._done + 1
         errors = []
-        for conn, proc in zip(self.conns, self.procs):
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                msg = _died(proc)
-            if msg is not None:
-                errors.append(msg)
+        for k, (conn, proc) in enumerate(zip(self.conns, self.procs)):
+            while self._seen[k] < target:
+                try:
+                    seq, err = conn.recv()
+                except (EOFError, OSError):
+                    self._seen[k] = target
+                    errors.append(_died(proc))
+                    break
+                self._seen[k] = seq
+                if err is not None:
+                    errors.append(err)
+        self._done = target
         if errors:
             self.close()
             raise FastByolError(f"CPU augmentation failed: {errors[0]}")
@@ -205,5 +225,5 @@ class ChainProcesses:
         return self.collect(0)
 
     def close(self) -> None:
-        self.in_flight = 0
+        self._done = self._sent
         self._finalizer()

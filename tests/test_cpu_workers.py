@@ -73,6 +73,36 @@ def test_state_taken_while_a_batch_is_computed_ahead_resumes_exactly():
         assert all(torch.equal(w, g) for w, g in zip(want, got))
 
 
+@pytest.mark.parametrize("where", ["run", "collect", "submit"])
+def test_an_interrupt_inside_the_iterator_loses_no_batch(where):
+    """Ctrl-C (or any error) while DALI draws, while the parent waits for the workers, or while it sends them a
+    batch: the batches not yet yielded are given back, so the loader goes on, and state() resumes, exactly where the
+    consumer stopped."""
+    kw = dict(batch_size=16, image_size=16, seed=9, num_threads=2)
+    want = _batches(TwoViewLoader(_images(64), cpu_parallel="threads", **kw), 7)
+    a = TwoViewLoader(_images(64), **kw)
+    target = {"run": a, "collect": a._procs, "submit": a._procs}[where]
+    real, calls = getattr(target, {"run": "_run"}.get(where, where)), [0]
+
+    def flaky(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    setattr(target, {"run": "_run"}.get(where, where), flaky)
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for b in a.epoch():
+            got.append(tuple(t.clone() for t in b))
+    assert 1 <= len(got) <= 2 and a._procs.in_flight == 0
+    resumed = _batches(TwoViewLoader(_images(64), checkpoint=a.state(), **kw), 7 - len(got))
+    got += _batches(a, 7 - len(got))
+    for w, g, r in zip(want, got, [None] * (7 - len(resumed)) + resumed):
+        assert all(torch.equal(x, y) for x, y in zip(w, g))
+        assert r is None or all(torch.equal(x, y) for x, y in zip(w, r))
+
+
 def test_a_later_epoch_call_takes_over_from_a_suspended_iterator():
     """An iterator left suspended (its next batch already with the workers) and a new epoch() on the same loader:
     the new one starts at the batch the old one would have yielded next; the old one then refuses to go on."""
@@ -116,7 +146,9 @@ def test_workers_exit_with_their_loader():
 
 
 def test_workers_exit_when_their_parent_is_killed(tmp_path):
-    """A SIGKILLed trainer leaves no worker behind (nor a pipe held open: a caller reading its output would hang)."""
+    """A SIGKILLed trainer leaves no worker behind (nor a pipe held open: a caller reading its output would hang).
+    Two loaders: the second's workers inherit the first's pipe ends, so the first's see no EOF and must notice the
+    parent's death by themselves."""
     import subprocess
     import sys
     import time
@@ -125,14 +157,14 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
         "import os, signal, sys, numpy as np\n"
         "from fastbyol.augment import TwoViewLoader\n"
         "x = np.zeros((32, 16, 16, 3), np.uint8)\n"
-        "loader = TwoViewLoader(x, batch_size=8, image_size=16, num_threads=2)\n"
-        "next(iter(loader.epoch()))\n"
-        "print(' '.join(str(p.pid) for p in loader._procs.procs), flush=True)\n"
+        "loaders = [TwoViewLoader(x, batch_size=8, image_size=16, num_threads=2) for _ in range(2)]\n"
+        "[next(iter(loader.epoch())) for loader in loaders]\n"
+        "print(' '.join(str(p.pid) for loader in loaders for p in loader._procs.procs), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     pids = [int(p) for p in done.stdout.split()]
-    assert len(pids) == 2
+    assert len(pids) == 4
 
     def alive(pid):
         try:
