@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=24, help="timed batches per measurement (after 3 warm-up)")
     ap.add_argument("--repeats", type=int, default=3, help="back-to-back pairs per size; the median ratio is printed")
-    ap.add_argument("--cores", type=int, default=2, help="DALI threads and pixel workers (fastbyol), DataLoader workers (lightly)")
+    ap.add_argument("--cores", type=int, default=2,
+                    help="DALI threads and pixel workers (fastbyol), DataLoader workers (lightly)")
     ap.add_argument("--images", default=None, help="uint8 (N, H, W, 3) .npy (default: generated per size)")
     ap.add_argument("--peer-python", default=PEER_PYTHON, help="python of the venv that has lightly")
     ap.add_argument("--role", choices=["fastbyol", "lightly"], default=None, help=argparse.SUPPRESS)
