@@ -66,7 +66,9 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(module, is_package, node.level, node.module)
-                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]  # `from . import x`: x a module
+                # `from . import x` imports the module x when there is one, else the name x of the package
+                submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
+                targets = submodules + ([base] if len(submodules) < len(node.names) else [])
             for target in targets:
                 if target.startswith("kernels"):  # the source tree's name for fastbyol.kernels
                     target = "fastbyol." + target

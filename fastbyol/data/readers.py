@@ -24,7 +24,7 @@ STL10_BYTES = 3 * STL10_SIDE * STL10_SIDE
 
 
 def _dataset(*args, **kwargs):
-    from . import ImageDataset
+    from .dataset import ImageDataset
 
     return ImageDataset(*args, **kwargs)
 
