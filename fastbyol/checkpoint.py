@@ -165,9 +165,11 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / self.NAME
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:  # never through a symbolic link: the PID written below would overwrite its target
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise FastByolError(f"{self.path} is a symbolic link: not followed; remove it") from None
             raise FastByolError(f"{run_dir}: cannot write there ({e.strerror})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -5,7 +5,7 @@
 Per step: two DALI views -> online and target forwards (one per view) -> fused symmetric loss -> backward -> LARS
 step at lr_at(step) -> EMA of the target at tau_at(step), after the optimizer step (`byol_step`). Around it:
 `ThroughputMeter` (img/s, step time, data wait, MFU), `TrainState` (what a checkpoint holds besides the weights),
-`Config.resolve` (the derived values), `RunFiles` (the run directory: lock, metrics, checkpoint, summary).
+`Config.resolve` (the derived values), `rundir` (the run directory: lock, metrics, checkpoint, summary, bad files).
 
 Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): see README.md, "Figures".
 """
@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import math
 import os
-import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,11 +25,10 @@ import torch
 
 from . import __version__
 from .augment import VIEW1, VIEW2, TwoViewLoader
-from .checkpoint import (CHECKPOINT, RunLock, atomic_write_json, check_free_space, load_run, remove_stale_temporaries,
-                         save_checkpoint, state_bytes)
+from .checkpoint import CHECKPOINT, load_run, state_bytes
 from .config import Config, Resolved
 from .data import ImageDataset, resolve_dataset
-from .dist import barrier, broadcast_object, gather_objects, global_mean
+from .dist import barrier, broadcast_object, global_mean
 from .errors import FastByolError
 from .kernels import byol_loss_symmetric, ema_update_, kernel_backend
 from .knn import knn_top1
@@ -41,11 +38,9 @@ from .optim import LARS
 from .perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
 from .profiling import StepProfiler
 from .reference import lr_at, tau_at
+from .rundir import (BadFiles, Checkpointer, RunFiles, TrainingStopped, check_out_outside_data,  # noqa: F401
+                     last_good)
 from .state import TrainState
-
-
-class TrainingStopped(FastByolError):
-    """The run stopped on purpose (non-finite loss or weights): its directory and last good checkpoint stay."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -135,126 +130,6 @@ def _compile_error(e: BaseException) -> bool:
     return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
-class RunFiles:
-    """The run directory, written by rank 0 only: the lock, config.json, metrics.jsonl (+ TensorBoard), checkpoint.pt
-    and summary.json. Other ranks get an instance that writes nothing."""
-
-    def __init__(self, run_dir: Path, writes: bool):
-        self.dir, self.writes = run_dir, writes
-        self.lock = self.metrics = self.board = None
-        self.created = False  # this run made the folder
-        self.owned = False  # the folder is this run's (new and empty, or resumed): it may clean up after itself
-
-    def open(self, cfg: Config, plan: Resolved, resume_step: int | None, checkpoint_bytes: int, rank: int) -> None:
-        """Take the lock, check the folder and its free space for a checkpoint, write config.json (new run) or cut
-        metrics.jsonl back to the checkpoint's step (resume). Collective: every rank raises the FastByolError of
-        rank 0 when the folder is not usable."""
-        error = None
-        if self.writes:
-            try:
-                self._open(cfg, plan, resume_step, checkpoint_bytes)
-            except FastByolError as e:
-                error = str(e)
-        error = broadcast_object(error, rank, plan.world_size)
-        if error:
-            raise FastByolError(error)
-
-    def _open(self, cfg: Config, plan: Resolved, resume_step: int | None, checkpoint_bytes: int) -> None:
-        if self.dir.exists() and not self.dir.is_dir():
-            raise FastByolError(f"--out {self.dir} is a file, not a folder")
-        self.created = not self.dir.exists()
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise FastByolError(f"--out {self.dir}: cannot create it ({e.strerror})") from None
-        self.lock = RunLock(self.dir)
-        if resume_step is None:
-            if any(p.name != RunLock.NAME for p in self.dir.iterdir()):
-                self.lock.close()
-                raise FastByolError(f"--out {self.dir} exists and is not empty: choose another folder")
-            self.owned = True
-            atomic_write_json(self.dir / "config.json", {**cfg.to_dict(), "resolved": plan.to_dict()})
-        else:
-            remove_stale_temporaries(self.dir)
-            self._truncate_metrics(resume_step)
-        check_free_space(self.dir, checkpoint_bytes + (1 << 20))
-        self.metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)  # line-buffered
-        try:
-            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
-        except ImportError:
-            self.board = None
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop the records after the checkpoint's step: the resumed run writes them again."""
-        path = self.dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-            if record.get("step", 0) <= step and not record.get("final"):
-                kept.append(line + "\n")
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(path, lambda f: f.write("".join(kept).encode()))
-
-    def write_metrics(self, **record) -> None:
-        """One record to metrics.jsonl, and its numbers to TensorBoard (when installed): train/NAME, knn/..."""
-        if self.metrics is None:
-            return
-        self.metrics.write(json.dumps(record) + "\n")
-        if self.board is None:
-            return
-        for name, value in record.items():
-            if name in ("step", "epoch", "knn_subset") or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            if name == "knn_top1":
-                tag = ("knn/top1_random_init" if record.get("init") == "random" else
-                       "knn/top1_subset" if "knn_subset" in record else "knn/top1")
-            else:
-                tag = f"train/{name}"
-            self.board.add_scalar(tag, value, record["step"])
-
-    def save(self, ckpt: dict | None) -> None:
-        if self.writes and ckpt is not None:
-            save_checkpoint(self.dir / CHECKPOINT, ckpt)
-
-    def write_summary(self, summary: dict) -> None:
-        if self.writes:
-            atomic_write_json(self.dir / "summary.json", summary)
-
-    def close(self) -> None:
-        for f in (self.metrics, self.board):
-            if f is not None:
-                f.close()
-        self.metrics = self.board = None
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
-
-    def remove_if_unfinished(self) -> None:
-        """A run that stops on bad input before its first checkpoint leaves nothing behind."""
-        if not (self.writes and self.owned) or (self.dir / CHECKPOINT).exists():
-            return
-        if self.created:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        else:  # the folder was there (empty) before: empty it again
-            for p in self.dir.iterdir():
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def _finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """1.0 if every tensor is finite else 0.0, as a 0-D device tensor: one norm per tensor (foreach), one reduction."""
-    tensors = [t for t in tensors if t.is_floating_point()]
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors)).float()).all().float()
-
-
 def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None) -> tuple[Path, dict]:
     """Run BYOL pretraining as `cfg` says; returns (run directory, summary). Bad settings raise FastByolError
     before anything is written.
@@ -289,30 +164,24 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
 
 def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, device: torch.device, rank: int,
            world_size: int, progress: bool, log) -> tuple[Path, dict]:
+    # setup: the data, the plan, the run folder's name, the model, the step, the meter
     is_rank0 = rank == 0
     if not is_rank0:
         log = lambda *a, **k: None  # noqa: E731 (rank 0 alone speaks)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # init_distributed chose LOCAL_RANK's GPU
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the convolutions once
+    run_dir = Path(resume) if resume is not None else Path(cfg.run.out or _default_run_dir(cfg))
+    run_dir = broadcast_object(run_dir, rank, world_size)  # one name (its time stamp) for every rank
+    check_out_outside_data(run_dir, cfg.data.data)
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
                               cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
     plan = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
     if state is not None:
         _check_resumable(state, resume, world_size, dataset.num_pretraining)
     state = state or TrainState(world_size=world_size, num_images=dataset.num_pretraining)
-    run_dir = Path(resume) if resume is not None else Path(cfg.run.out or _default_run_dir(cfg))
-    run_dir = broadcast_object(run_dir, rank, world_size)  # one name (its time stamp) for every rank
-
-    # --skip-bad-files: the files this run found undecodable before (bad_files.json, rank 0 reads it) are replaced
-    # before the pipeline starts; the batches are the same either way (the replacement rule depends on the file list
-    # alone), this only keeps the count and spares rebuilding the pipeline again
-    source = dataset.pretraining_source
-    known_before = set(getattr(source, "bad", []))  # found by an earlier run: the dataset counted them
-    train_bad = set(broadcast_object(_read_bad_files(run_dir) if is_rank0 and resume is not None else [], rank,
-                                     world_size))
-    if train_bad and cfg.data.skip_bad_files and hasattr(source, "replace_bad"):
-        train_bad = {name for name in train_bad if source.replace_bad(name)}
+    bad = BadFiles(run_dir, dataset.pretraining_source, cfg.data.skip_bad_files, resume is not None, rank,
+                   world_size)
     model, loader, optimizer = _build_training(cfg, plan, dataset, device, state, ckpt, rank)
     loader.on_skip = lambda name, why: log(f"skipped {name}: {why} (--skip-bad-files)")
     image_flops = flops_per_image(model, cfg.data.image_size, device)  # on the plain model: no collectives
@@ -323,118 +192,36 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     meter = ThroughputMeter(device, cfg.data.batch_size, image_flops, peak_flops(device), world_size)
     if state.meter:
         meter.load_state_dict(state.meter)
-    files = RunFiles(run_dir, writes=is_rank0)
-
+    files = RunFiles(run_dir, writes=is_rank0, log=log)
     try:
         files.open(cfg, plan, None if resume is None else state.step, 2 * state_bytes(model.state_dict()), rank)
         _log_start(log, cfg, plan, dataset, model, run_dir, device, state, resume)
+        checkpoint = Checkpointer(cfg, state, model, optimizer, loader, meter, bad, run_dir, world_size, is_rank0)
 
-        def checkpoint(finished: bool, loss_sum: torch.Tensor) -> dict | None:
-            """Every rank's data position and RNG state (collective); the checkpoint dict on rank 0. Refused (the run
-            stops, the previous checkpoint stays) unless the weights, the BN statistics, the momentum and the recent losses
-            are finite (export and eval refuse any non-finite tensor)."""
-            state.data_states = gather_objects(loader.state(), world_size)
-            for names in gather_objects([name for name, _ in loader.skipped], world_size):
-                train_bad.update(names)
-            if is_rank0 and train_bad:  # before the checkpoint: a resume from it knows every file replaced so far
-                atomic_write_json(run_dir / BAD_FILES, sorted(train_bad))
-            state.torch_rngs = gather_objects(torch.get_rng_state(), world_size)
-            state.meter, state.finished = meter.state_dict(), finished
-            momentum = [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]
-            flag = _finite_flag([*model.parameters(), *model.buffers(), *momentum, loss_sum])  # BN statistics too
-            if global_mean(flag, world_size) < 1.0:  # sync: at the save point; every rank takes the same decision
-                raise TrainingStopped(f"the weights or the loss became non-finite by step {state.step}; "
-                                      + _last_good(run_dir))
-            return state.to_checkpoint(model.state_dict(), optimizer.state_dict(), cfg.to_dict(), __version__) \
-                if is_rank0 else None
+        # the loop
+        last_loss, startup, loss_sum = _loop(cfg, plan, state, loader, meter, step_fn, files, checkpoint, model,
+                                             dataset, device, run_dir, progress, is_rank0, world_size, log)
 
-        from tqdm import tqdm
-
-        bar = tqdm(total=plan.total_steps, initial=state.step, disable=not (progress and is_rank0), unit="step",
-                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-        profiler = StepProfiler(plan.profile_steps if is_rank0 else None, run_dir / "profile", device, log, meter)
-        loss_sum, steps_since_log, last_loss = torch.zeros((), device=device), 0, float("nan")
-        start_epoch, resume_offset = divmod(state.step, plan.steps_per_epoch)
-        input_dtype = getattr(torch, plan.input_dtype)
-        startup = {}
-        for epoch in range(start_epoch, cfg.optim.epochs):
-            meter.resume()
-            for v1, v2 in meter.batches(loader.epoch(resume_offset if epoch == start_epoch else 0)):
-                profiler.at(state.step, meter.last_wait)  # --profile START:STOP records these steps
-                # (B, 3, S, S) channels_last views, one per augmentation spec
-                v1 = v1.to(device=device, dtype=input_dtype, non_blocking=True)
-                v2 = v2.to(device=device, dtype=input_dtype, non_blocking=True)
-                lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
-                tau = tau_at(state.step, plan.total_steps, cfg.optim.tau_base)
-                loss_sum += step_fn(v1, v2, lr, tau)
-                state.step += 1
-                steps_since_log += 1
-                if meter.step():  # sync, once: the first step of this process is timed apart (compilation)
-                    step_fn.compiled()
-                    startup["first batch"] = first_batch = meter.last_wait
-                    log(f"first step (compile {step_fn.mode}, warm-up): {meter.warmup_seconds:.1f} s; its batch "
-                        f"took {first_batch:.1f} s")
-                bar.update(1)
-
-                # log: the mean loss since the last log point (sync, every log_every steps)
-                if state.step % cfg.run.log_every == 0 or state.step == plan.total_steps:
-                    rates = meter.window()
-                    device_bytes = device_memory_in_use(device)  # DALI's buffers too, at this synced point
-                    state.peak_device_bytes = max(state.peak_device_bytes, device_bytes or 0.0)
-                    last_loss = global_mean(loss_sum, world_size) / steps_since_log
-                    loss_sum.zero_()
-                    steps_since_log = 0
-                    if not math.isfinite(last_loss):
-                        raise TrainingStopped(f"the loss became {last_loss} by step {state.step}; "
-                                              + _last_good(run_dir))
-                    mfu = rates["mfu"]
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}",
-                                    img_s=f"{rates['img_per_s']:.0f}",
-                                    **({} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}))
-                    files.write_metrics(step=state.step, epoch=epoch, loss=last_loss, lr=lr, tau=tau,
-                                        img_per_s=rates["img_per_s"], mfu=mfu,
-                                        data_wait_share=rates["data_wait_share"])
-
-                # checkpoint: outside the timed region (sync)
-                if cfg.run.ckpt_every_steps and state.step % cfg.run.ckpt_every_steps == 0 \
-                        and state.step < plan.total_steps:
-                    meter.pause()
-                    files.save(checkpoint(False, loss_sum))
-                    meter.resume()
-            meter.pause()
-
-            # the online kNN monitor on a fixed subset, outside the timed region, rank 0 while the others wait
-            if cfg.run.knn_every and (epoch + 1) % cfg.run.knn_every == 0 and epoch + 1 < cfg.optim.epochs:
-                knn_now = evaluate_knn(model, dataset, cfg, device, subset=cfg.run.knn_subset) if is_rank0 else None
-                barrier(world_size)
-                if knn_now is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", knn=f"{knn_now:.1f}")
-                    files.write_metrics(step=state.step, epoch=epoch, knn_top1=knn_now, knn_subset=cfg.run.knn_subset)
-        bar.close()
-        profiler.close()
-
-        # the end: kNN of the trained encoder and of the random-init one (rebuilt from the seed), final checkpoint
-        knn_trained = evaluate_knn(model, dataset, cfg, device) if is_rank0 else None
-        knn_random = _random_init_knn(cfg, dataset, device) if is_rank0 else None
-        barrier(world_size)
+        # the end: the final checkpoint first (a failed evaluation loses nothing), then kNN, then the summary
+        files.save(checkpoint(False, loss_sum))  # not yet finished: a resume from it runs the evaluation again
+        knn_trained, knn_random = _final_knn(cfg, dataset, model, device, run_dir, is_rank0, world_size)
         state.knn_top1_random_init = knn_random
         files.save(checkpoint(True, loss_sum))
         summary = _summary(cfg, plan, state, meter, model, dataset, device, step_fn.mode, knn_trained, knn_random,
                            last_loss, resumed=resume is not None)
         summary["startup_seconds"] = {**dataset.startup_seconds, **startup}
-        if train_bad:  # files that passed the checks but that DALI could not decode, replaced while training
-            knn_skipped = {name for name, _ in dataset.eval_skipped}  # counted already: not twice
-            summary["skipped_files"] += len(train_bad - knn_skipped - known_before)
-            summary["skipped_while_training"] = sorted(train_bad)
-            log(f"skipped {len(train_bad)} files DALI could not decode while training (--skip-bad-files): "
-                f"listed in {run_dir / BAD_FILES}")
+        if bad.names:  # files that passed the checks but that DALI could not decode, replaced while training
+            summary["skipped_files"] += bad.new_count(dataset)
+            summary["skipped_while_training"] = sorted(bad.names)
+            log(f"skipped {len(bad.names)} files DALI could not decode while training (--skip-bad-files): "
+                f"listed in {bad.path}")
         if knn_trained is not None:
             files.write_metrics(step=state.step, epoch=cfg.optim.epochs - 1, knn_top1=knn_trained, final=True)
         if knn_random is not None:
             files.write_metrics(step=0, epoch=-1, knn_top1=knn_random, init="random", final=True)
         files.write_summary(summary)
-    except FastByolError as e:
-        if not isinstance(e, TrainingStopped) and resume is None:
+    except BaseException:  # whatever stopped a new run before its first checkpoint: nothing is left behind
+        if resume is None and not isinstance(sys.exc_info()[1], TrainingStopped):
             files.close()
             files.remove_if_unfinished()
         raise
@@ -445,6 +232,92 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
             f"({knn_trained - knn_random:+.2f} points); {summary['img_per_s']:.0f} img/s over {state.step} steps")
     log(f"summary: {run_dir / 'summary.json'}")
     return run_dir, summary
+
+
+def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader, meter: ThroughputMeter,
+          step_fn: TrainStep, files: RunFiles, checkpoint: Checkpointer, model: BYOL, dataset: ImageDataset,
+          device: torch.device, run_dir: Path, progress: bool, is_rank0: bool, world_size: int,
+          log) -> tuple[float, dict, torch.Tensor]:
+    """The training loop, from the state's step to the end; returns (last logged loss, startup seconds, the loss sum
+    since the last log point)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=plan.total_steps, initial=state.step, disable=not (progress and is_rank0), unit="step",
+               dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    profiler = StepProfiler(plan.profile_steps if is_rank0 else None, run_dir / "profile", device, log, meter)
+    loss_sum, steps_since_log, last_loss = torch.zeros((), device=device), 0, float("nan")
+    start_epoch, resume_offset = divmod(state.step, plan.steps_per_epoch)
+    input_dtype = getattr(torch, plan.input_dtype)
+    startup = {}
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        meter.resume()
+        for v1, v2 in meter.batches(loader.epoch(resume_offset if epoch == start_epoch else 0)):
+            profiler.at(state.step, meter.last_wait)  # --profile START:STOP records these steps
+            # (B, 3, S, S) channels_last views, one per augmentation spec
+            v1 = v1.to(device=device, dtype=input_dtype, non_blocking=True)
+            v2 = v2.to(device=device, dtype=input_dtype, non_blocking=True)
+            lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
+            tau = tau_at(state.step, plan.total_steps, cfg.optim.tau_base)
+            loss_sum += step_fn(v1, v2, lr, tau)
+            state.step += 1
+            steps_since_log += 1
+            if meter.step():  # sync, once: the first step of this process is timed apart (compilation)
+                step_fn.compiled()
+                startup["first batch"] = first_batch = meter.last_wait
+                log(f"first step (compile {step_fn.mode}, warm-up): {meter.warmup_seconds:.1f} s; its batch "
+                    f"took {first_batch:.1f} s")
+            bar.update(1)
+
+            # log: the mean loss since the last log point (sync, every log_every steps)
+            if state.step % cfg.run.log_every == 0 or state.step == plan.total_steps:
+                rates = meter.window()
+                device_bytes = device_memory_in_use(device)  # DALI's buffers too, at this synced point
+                state.peak_device_bytes = max(state.peak_device_bytes, device_bytes or 0.0)
+                last_loss = global_mean(loss_sum, world_size) / steps_since_log
+                loss_sum.zero_()
+                steps_since_log = 0
+                if not math.isfinite(last_loss):
+                    raise TrainingStopped(f"the loss became {last_loss} by step {state.step}; " + last_good(run_dir))
+                mfu = rates["mfu"]
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}",
+                                img_s=f"{rates['img_per_s']:.0f}",
+                                **({} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}))
+                files.write_metrics(step=state.step, epoch=epoch, loss=last_loss, lr=lr, tau=tau,
+                                    img_per_s=rates["img_per_s"], mfu=mfu, data_wait_share=rates["data_wait_share"])
+
+            # checkpoint: outside the timed region (sync)
+            if cfg.run.ckpt_every_steps and state.step % cfg.run.ckpt_every_steps == 0 \
+                    and state.step < plan.total_steps:
+                meter.pause()
+                files.save(checkpoint(False, loss_sum))
+                meter.resume()
+        meter.pause()
+
+        # the online kNN monitor on a fixed subset, outside the timed region, rank 0 while the others wait
+        if cfg.run.knn_every and (epoch + 1) % cfg.run.knn_every == 0 and epoch + 1 < cfg.optim.epochs:
+            knn_now = evaluate_knn(model, dataset, cfg, device, subset=cfg.run.knn_subset) if is_rank0 else None
+            barrier(world_size)
+            if knn_now is not None:
+                bar.set_postfix(loss=f"{last_loss:.4f}", knn=f"{knn_now:.1f}")
+                files.write_metrics(step=state.step, epoch=epoch, knn_top1=knn_now, knn_subset=cfg.run.knn_subset)
+    bar.close()
+    profiler.close()
+    return last_loss, startup, loss_sum
+
+
+def _final_knn(cfg: Config, dataset: ImageDataset, model: BYOL, device: torch.device, run_dir: Path, is_rank0: bool,
+               world_size: int) -> tuple[float | None, float | None]:
+    """kNN of the trained encoder and of the random-init one (rebuilt from the seed), rank 0 while the others wait.
+    The run is saved already: a failure here is one line saying so, and `--resume` runs the evaluation again."""
+    try:
+        knn_trained = evaluate_knn(model, dataset, cfg, device) if is_rank0 else None
+        knn_random = _random_init_knn(cfg, dataset, device) if is_rank0 else None
+    except Exception as e:  # noqa: BLE001 (any failure: the trained run is kept, the error is one line)
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise TrainingStopped(f"the final evaluation failed ({why}); the trained run is kept in {run_dir / CHECKPOINT}"
+                              f": `fastbyol train --resume {run_dir}` evaluates it again") from None
+    barrier(world_size)
+    return knn_trained, knn_random
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -468,31 +341,13 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
             optimizer.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(state.torch_rngs[rank])
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
-            raise FastByolError(f"the checkpoint does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} stem, "
-                                f"{cfg.data.image_size} px): {str(e).strip().splitlines()[0][:200]}") from None
+            raise FastByolError(f"the checkpoint does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} "
+                                f"stem, {cfg.data.image_size} px): {str(e).strip().splitlines()[0][:200]}") from None
     return model, loader, optimizer
-
-
-BAD_FILES = "bad_files.json"  # the files a --skip-bad-files run replaced while training (JSON list of names)
-
-
-def _read_bad_files(run_dir: Path) -> list[str]:
-    """The names in run_dir/bad_files.json ([] when absent or unreadable: the pipeline then finds them again)."""
-    try:
-        names = json.loads((run_dir / BAD_FILES).read_text())
-    except (OSError, ValueError):
-        return []
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def _default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.preset}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-
-
-def _last_good(run_dir: Path) -> str:
-    if (run_dir / CHECKPOINT).exists():
-        return f"the last good checkpoint is kept in {run_dir / CHECKPOINT} (lower --base-lr?)"
-    return "no checkpoint was written before it: start again with a new --out (lower --base-lr?)"
 
 
 def _check_resumable(state: TrainState, resume, world_size: int, num_images: int) -> None:

@@ -16,10 +16,29 @@
 from __future__ import annotations
 
 import time
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import FastByolError
+
+
+@runtime_checkable
+class EncodedSource(Protocol):
+    """The contract of an encoded pretraining source (FileList of a folder, ShardSource of tar shards): what the
+    loader and the trainer may rely on, instead of probing for attributes. Under --skip-bad-files the pipeline asks
+    `replace_bad` to stand another file in for one it could not decode; `bad` lists those replaced so far."""
+
+    labels: np.ndarray | None  # (N,) int64, or None for unlabeled files
+    where: str  # the folder or shards the files came from, for error messages
+    skip_bad: bool  # the training pipeline may stand another file in for one it cannot decode
+    bad: list[str]  # files replaced so far, as the pipeline names them, in the order found
+
+    def __len__(self) -> int: ...
+
+    def replace_bad(self, *names: str) -> bool:
+        """Replace these files in the pretraining list; False when one cannot be replaced (then nothing changes)."""
+        ...
 
 
 class ImageDataset:

@@ -1,0 +1,144 @@
+"""The run directory (fastbyol/rundir.py): nothing in it is followed, nothing of a failed new run is left, a trained
+run is saved before its final evaluation, hostile metrics lines and failed writes end in one line."""
+
+import errno
+import json
+import os
+
+import pytest
+
+import fastbyol.train as train_module
+from fastbyol.checkpoint import RunLock, load_checkpoint
+from fastbyol.cli import main
+from fastbyol.errors import FastByolError
+from fastbyol.rundir import RunFiles, write_error
+
+from .test_train import _small_idx_dataset
+
+SMALL = ["--epochs", "1", "--batch-size", "32", "--no-progress", "--knn-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _small_idx_dataset(tmp_path_factory.mktemp("rundir") / "data", 128, 64)
+
+
+def _one_line(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_a_lock_symlink_is_never_followed(data, tmp_path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / RunLock.NAME).symlink_to(target)
+    with pytest.raises(FastByolError, match="symbolic link"):
+        RunLock(out)  # the lock taken by a resume, too
+    # a folder holding only a lock symlink is not empty: a new run is refused and changes nothing
+    assert main(["train", "--data", str(data), "--out", str(out), *SMALL]) == 2
+    _one_line(capsys, str(out))
+    assert target.read_text() == "keep me\n"
+    assert [p.name for p in out.iterdir()] == [RunLock.NAME] and (out / RunLock.NAME).is_symlink()
+
+
+def test_out_inside_data_is_refused(tmp_path, capsys):
+    folder = tmp_path / "images"
+    (folder / "a").mkdir(parents=True)
+    out = folder / "a" / "run"
+    assert main(["train", "--data", str(folder), "--out", str(out), *SMALL]) == 2
+    _one_line(capsys, "inside --data", str(out))
+    assert not out.exists()
+
+
+def test_any_failure_before_the_first_step_removes_the_new_run(data, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this device")  # not a FastByolError
+
+    monkeypatch.setattr(train_module, "byol_step", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="no kernel"):
+        main(["train", "--data", str(data), "--out", str(out), *SMALL, "--debug"])
+    assert not out.exists()
+    kept = tmp_path / "kept"  # an empty folder given as --out stays, emptied again
+    kept.mkdir()
+    with pytest.raises(RuntimeError, match="no kernel"):
+        main(["train", "--data", str(data), "--out", str(kept), *SMALL, "--debug"])
+    assert kept.is_dir() and list(kept.iterdir()) == []
+
+
+def test_a_failed_final_evaluation_keeps_the_trained_run(data, tmp_path, monkeypatch, capsys):
+    full = tmp_path / "full"
+    assert main(["train", "--data", str(data), "--out", str(full), *SMALL]) == 0
+    expected = json.loads((full / "summary.json").read_text())
+    capsys.readouterr()
+
+    def broken_knn(*a, **k):
+        raise IndexError("index 10 is out of bounds for axis 0 with size 10")  # e.g. a label past the classes
+
+    monkeypatch.setattr(train_module, "evaluate_knn", broken_knn)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), *SMALL]) == 2
+    _one_line(capsys, "final evaluation failed", "index 10", str(out / "checkpoint.pt"))
+    state = load_checkpoint(out / "checkpoint.pt")["state"]
+    assert state["step"] == expected["steps"] and not state["finished"]
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0  # the evaluation runs again, nothing else
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params_sha256"] == expected["params_sha256"]
+    assert summary["knn_top1"] == pytest.approx(expected["knn_top1"], abs=1e-9)
+    assert load_checkpoint(out / "checkpoint.pt")["state"]["finished"]
+
+
+def test_metrics_lines_that_are_not_records_are_dropped_with_a_warning(tmp_path):
+    lines = ["[1, 2]", "3", '"text"', "null", '{"step": 1, "loss": 2.0}', '{"step": "x"}', '{"step": 9}',
+             '{"step": 2, "final": true}', '{"step": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    warnings = []
+    files = RunFiles(tmp_path, writes=True, log=warnings.append)
+    files._truncate_metrics(4)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+    assert len(warnings) == 1 and "6 lines that are not metric records" in warnings[0]
+
+
+def test_a_metrics_symlink_is_not_followed_on_resume(tmp_path):
+    target = tmp_path / "elsewhere.jsonl"
+    target.write_text('{"step": 1}\n{"step": 9}\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(target)
+    with pytest.raises(FastByolError, match="symbolic link"):
+        RunFiles(run, writes=True)._truncate_metrics(4)
+    assert target.read_text() == '{"step": 1}\n{"step": 9}\n'
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES])
+def test_write_failures_are_one_line_naming_the_path(tmp_path, code):
+    # torch.save's zip writer raises a RuntimeError while handling the OSError: the chain is followed
+    try:
+        try:
+            raise OSError(code, os.strerror(code))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    except RuntimeError as wrapped:
+        mapped = write_error(wrapped, tmp_path / "checkpoint.pt")
+    assert isinstance(mapped, FastByolError) and str(mapped).startswith(str(tmp_path / "checkpoint.pt"))
+    assert "\n" not in str(mapped)
+    assert write_error(RuntimeError("something else"), tmp_path) is None
+
+    class Full:
+        def write(self, text):
+            raise OSError(code, os.strerror(code))
+
+    files = RunFiles(tmp_path, writes=True)
+    files.metrics = Full()
+    with pytest.raises(FastByolError, match="metrics.jsonl"):
+        files.write_metrics(step=1, loss=1.0)
+    (tmp_path / "summary.json").write_text("{}")
+    files.dir = tmp_path / "missing" / "folder"  # the summary's folder is gone: not one of the mapped errors
+    with pytest.raises(FileNotFoundError):
+        files.write_summary({"a": 1})
