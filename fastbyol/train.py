@@ -385,7 +385,7 @@ def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: B
     log(f"fastbyol {__version__}: {dataset.describe()}")
     if dataset.startup_seconds:
         log("startup: " + ", ".join(f"{k} {v:.1f} s" for k, v in dataset.startup_seconds.items())
-            + (f" (manifest {dataset.manifest})" if getattr(dataset, "manifest", None) else ""))
+            + (f" (manifest {dataset.manifest})" if dataset.manifest else ""))
     if dataset.skipped_files:
         log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
     log(f"run directory {run_dir}; device {device}" + (f" x {plan.world_size} processes" if plan.world_size > 1 else "")

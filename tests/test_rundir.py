@@ -142,3 +142,16 @@ def test_write_failures_are_one_line_naming_the_path(tmp_path, code):
     files.dir = tmp_path / "missing" / "folder"  # the summary's folder is gone: not one of the mapped errors
     with pytest.raises(FileNotFoundError):
         files.write_summary({"a": 1})
+
+
+def test_the_encoded_sources_declare_the_protocol(tmp_path):
+    import numpy as np
+
+    from fastbyol.data.dataset import EncodedSource
+    from fastbyol.data.folders import FileList
+    from fastbyol.data.shards import ShardSource
+
+    files = FileList([str(tmp_path / "train" / "a" / "x.png")], np.zeros(1, np.int64))
+    shards = ShardSource([str(tmp_path / "s.tar")], [str(tmp_path / "s.idx")], 1, "shards")
+    assert isinstance(files, EncodedSource) and isinstance(shards, EncodedSource)
+    assert not isinstance(np.zeros((1, 8, 8, 3), np.uint8), EncodedSource)  # the array source is the other kind

@@ -1,7 +1,8 @@
 """ImageDataset: what a data source gives the trainer, built in one call.
 
-- the pretraining source: `pretraining_source` is an encoded-source (FileList of a folder, ShardSource of tar
-  shards: `dali_reader(shard_id, num_shards)`, `len()`, `labels`, `where`) or a uint8 (N, H, W, 3) array;
+- the pretraining source: `pretraining_source` is an `EncodedSource` (FileList of a folder, ShardSource of tar
+  shards: `dali_reader(shard_id, num_shards)`, `len()`, `labels`, `where`, `bad`, `replace_bad`) or a uint8
+  (N, H, W, 3) array;
 - the kNN monitor's labeled splits: `train_images`/`train_labels` (memory bank) and `test_images`/`test_labels`
   (queries), uint8 NHWC at `image_size`. For encoded sources they decode in a background thread
   (decode.BackgroundDecode): reading `train_images`, `test_images` or their labels waits for it; `has_knn`,
@@ -35,6 +36,10 @@ class EncodedSource(Protocol):
     bad: list[str]  # files replaced so far, as the pipeline names them, in the order found
 
     def __len__(self) -> int: ...
+
+    def dali_reader(self, shard_id: int, num_shards: int, name: str = "reader"):
+        """The DALI reader of this rank's shard, inside a pipeline definition: (encoded images, labels or None)."""
+        ...
 
     def replace_bad(self, *names: str) -> bool:
         """Replace these files in the pretraining list; False when one cannot be replaced (then nothing changes)."""
