@@ -62,13 +62,14 @@ def _mapped(path: Path, write) -> None:
 
 
 def check_out_outside_data(run_dir: Path, data: str | None) -> None:
-    """Refuse a run folder inside an image folder given as --data: the run's own files would be read as images."""
+    """Refuse a run folder inside an image folder given as --data: an unlabeled folder reads every image below it,
+    so the run's own files would be listed (its checkpoint a "bad image") and change the data of its resume."""
     if not data or not Path(data).is_dir():
         return
     out, root = Path(run_dir).resolve(), Path(data).resolve()
     if out == root or root in out.parents:
-        raise FastByolError(f"--out {run_dir} is inside --data {data}: its files would be read as images; choose a "
-                            "folder outside the data")
+        raise FastByolError(f"--out {run_dir} is inside --data {data}: the run's files would become part of the "
+                            "image folder; choose a folder outside it")
 
 
 def read_bad_files(run_dir: Path) -> list[str]:
