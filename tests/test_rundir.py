@@ -87,6 +87,15 @@ def test_a_failed_final_evaluation_keeps_the_trained_run(data, tmp_path, monkeyp
     state = load_checkpoint(out / "checkpoint.pt")["state"]
     assert state["step"] == expected["steps"] and not state["finished"]
     monkeypatch.undo()
+    # a lock symlink planted in the run folder is refused on resume, its target untouched (the pid not written)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    (out / ".lock").unlink()
+    (out / ".lock").symlink_to(target)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    _one_line(capsys, "symbolic link")
+    assert target.read_text() == "keep me\n"
+    (out / ".lock").unlink()
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0  # the evaluation runs again, nothing else
     summary = json.loads((out / "summary.json").read_text())
     assert summary["params_sha256"] == expected["params_sha256"]
