@@ -18,7 +18,8 @@ The launches, per view (B images of S x S):
                image with blur goes to an fp32 planar scratch (B, 3, S, S).
   3. _blur_h:  grid (B, row blocks): horizontal pass, `window` taps, zero padding, taps computed in the kernel from
                sigma (normalized as the reference); images without blur return at once.
-  4. _blur_v:  vertical pass, then solarize, clip, normalize, NHWC store.
+  4. _blur_v:  vertical pass, then solarize, clip, normalize, NHWC store. Every grid, block and warp count comes
+               from `photometric_launches`, which the ahead-of-time compile check (fastbyol.gpu_compile) also uses.
 
 Memory traffic per pixel (3 channels): uint8 read twice (6 B), output written once (6 B in fp16); images with blur add
 a 12 B scratch write + read per pass (48 B). The eager reference moves ~100 planar float passes per pixel
@@ -319,6 +320,17 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+_BLUR_LAUNCH: dict[str, int] = {}  # set_blur_launch: the GPU plan's candidates (empty: photometric_launches' rule)
+
+
+def set_blur_launch(rows: int | None = None, warps: int = 4) -> None:
+    """Launch the blur kernels at `rows` rows per program and `warps` warps (None: the default rule). The GPU plan
+    times the spill-free candidates with this and keeps the fastest; the results are the same at every setting."""
+    _BLUR_LAUNCH.clear()
+    if rows is not None:
+        _BLUR_LAUNCH.update(blur_rows=rows, blur_warps=warps)
+
+
 _TRITON_DTYPES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
@@ -328,8 +340,6 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     """The chain in four Triton launches (see the module docstring); arguments as fastbyol.photometric.photometric.
     gray_input is accepted and ignored (the colour arithmetic leaves gray pixels exact). CPU tensors need
     TRITON_INTERPRET=1 (tests)."""
-    from fastbyol.photometric import GRAY_WEIGHTS
-
     if not triton_available():
         raise RuntimeError("the Triton photometric chain needs triton")
     if crops.device.type != "cuda" and not interpreter_on():
@@ -342,7 +352,8 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     B, S = crops.shape[0], crops.shape[2]
     HW = S * S
     device = crops.device
-    L = photometric_launches(B, S, blur_window, _TRITON_DTYPES.get(out_dtype, "fp32"), device.type == "cuda")
+    L = photometric_launches(B, S, blur_window, _TRITON_DTYPES.get(out_dtype, "fp32"), device.type == "cuda",
+                             **_BLUR_LAUNCH)
     NB = L["_stats"]["constexprs"]["NB"]
     sums = torch.empty((B, NB, 3), dtype=torch.float32, device=device)
     scratch = torch.empty((B, 3, S, S), dtype=torch.float32, device=device)
@@ -354,7 +365,7 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     strides = (S, *crops.stride())
 
     def launch(kernel, *args):
-        c = L[kernel.__name__] if hasattr(kernel, "__name__") else L[kernel.fn.__name__]
+        c = L[kernel.__name__]
         kernel[c["grid"]](*args, **c["constexprs"], num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     launch(_stats, crops, params, orders, sums, *strides, HW)
