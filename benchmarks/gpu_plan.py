@@ -248,6 +248,22 @@ for _size in (224, 32):
             lambda plan, s=_size, v=_variant: _photometric(plan, s, v))
 
 
+def _photometric_blur(plan: Plan, rows: int, warps: int):
+    """The Triton chain at 224 px with another spill-free blur launch (fastbyol bench gpu-compile lists them)."""
+    from fastbyol.kernels.photometric import set_blur_launch
+
+    set_blur_launch(rows, warps)
+    try:
+        name, row = _photometric(plan, 224, "triton")
+    finally:
+        set_blur_launch()
+    return name, {**row, "variant": f"triton-rows{rows}-w{warps}"} if isinstance(row, dict) else row
+
+
+item("photometric-224-triton-rows1", 10, 3)(lambda plan: _photometric_blur(plan, 1, 4))
+item("photometric-224-triton-rows2-w8", 10, 3)(lambda plan: _photometric_blur(plan, 2, 8))
+
+
 @item("dali", 2, 1)
 def dali(plan: Plan):
     """DALI must import now (gpu_run.sh unpacked the four parts, or it was installed): fail loudly otherwise."""
@@ -367,7 +383,8 @@ CALLS = {
         "peer-byol-pytorch-own-augment", "step-r50-compiled", "tests-cuda"],
     2: ["env", "lars", "loss-styles", "step-r18-eager", "step-r18-plain", "step-r18-compiled",
         "step-r18-reduce-overhead", "step-r50-reduce-overhead"],
-    3: ["env", "ema", "photometric-224-reference", "photometric-224-triton", "photometric-32-reference",
+    3: ["env", "ema", "photometric-224-triton", "photometric-224-triton-rows1", "photometric-224-triton-rows2-w8",
+        "photometric-224-reference", "photometric-32-reference",
         "photometric-32-triton", "photometric-224-compiled", "photometric-32-compiled", "loss-fp32"],
     4: ["env", "dali", "augment-jpeg-224-roi", "augment-jpeg-224-once", "augment-arrays-32", "tests-dali",
         "train-r50"],

@@ -55,6 +55,9 @@ def _add_other_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="measure one part of the system")
     bench_sub = bench.add_subparsers(dest="bench_target", metavar="TARGET")
     bench_sub.required = True
+    gc = bench_sub.add_parser("gpu-compile", help="every Triton kernel compiled for sm_80/90/100 without a GPU")
+    gc.add_argument("--out", required=True, help="JSON report to write ({\"rows\": [...]})")
+    gc.add_argument("--no-scratch", action="store_true", help="only the installed Triton, not the GPU machine's")
     aug = bench_sub.add_parser("augment", help="two-view samples/s of the augmentation pipeline",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     aug.add_argument("--size", type=int, default=224, help="view side, px")
@@ -163,6 +166,10 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     import json
 
+    if args.bench_target == "gpu-compile":
+        from .gpu_compile import main as gpu_compile
+
+        return gpu_compile(["--out", args.out, *(["--no-scratch"] if args.no_scratch else [])])
     from .augment_bench import bench_augment
 
     if args.threads is not None and args.threads < 1:

@@ -156,6 +156,7 @@ class _Plan:
         return self._launches
 
 
+TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 _PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
 _MAX_PLANS = 16
 _data_ptr = torch.Tensor.data_ptr
@@ -171,10 +172,24 @@ def _plan(target: list[torch.Tensor], online: list[torch.Tensor]) -> _Plan:
     return plan
 
 
+def ema_launch(numels: list[int], t_dtype: str = "fp32", o_dtype: str = "fp32", tau_from_ptr: bool = False,
+               aligned: bool = True, interpret: bool = False) -> dict:
+    """How _triton_ema launches _ema_kernel over tensors of `numels` elements (Triton dtypes t_dtype, o_dtype):
+    grid, constexprs (dtype names for T_DTYPE / O_DTYPE), num_warps, num_stages, signature. The launcher and the
+    ahead-of-time compile check (fastbyol.gpu_compile) both use it."""
+    block = 1 << 16 if interpret else 4096
+    signature = dict(T_ptrs="*i64", O_ptrs="*i64", Numels="*i64", Block_tensor="*i32", Block_index="*i32",
+                     Tau_ptr="*fp32", tau_value="fp32")
+    return dict(grid=(sum(-(-n // block) for n in numels),),
+                constexprs=dict(T_DTYPE=t_dtype, O_DTYPE=o_dtype, TAU_FROM_PTR=tau_from_ptr, BLOCK=block,
+                                ALIGNED=aligned),
+                num_warps=8, num_stages=3, signature=signature)
+
+
 def _triton_ema(plan: _Plan, tau: float | torch.Tensor) -> None:
     device = plan.device
     interpret = interpreter_on() and device.type != "cuda"
-    block = 1 << 16 if interpret else 4096
+    block = ema_launch([], interpret=interpret)["constexprs"]["BLOCK"]
     tau_is_tensor = torch.is_tensor(tau)
     if tau_is_tensor and (tau.device != device or tau.ndim != 0):
         raise ValueError(f"ema_update_: tau must be a float or a 0-D tensor on {device}, got {tuple(tau.shape)} "
@@ -182,11 +197,12 @@ def _triton_ema(plan: _Plan, tau: float | torch.Tensor) -> None:
     tau_ptr = tau.to(torch.float32) if tau_is_tensor else plan.targets[0]  # unused unless TAU_FROM_PTR
     # one launch per (target dtype, online dtype): one launch in all for a model of one dtype
     for t_dtype, o_dtype, table in plan.launches(block):
+        c = ema_launch([], TL_NAMES[t_dtype], TL_NAMES[o_dtype], tau_is_tensor, table.aligned, interpret)
+        consts = {**c["constexprs"], "T_DTYPE": _TL_DTYPES[t_dtype], "O_DTYPE": _TL_DTYPES[o_dtype]}
         _ema_kernel[(table.num_programs,)](
             table.t_ptrs, table.o_ptrs, table.numels, table.block_tensor, table.block_index,
-            tau_ptr, 0.0 if tau_is_tensor else float(tau),
-            T_DTYPE=_TL_DTYPES[t_dtype], O_DTYPE=_TL_DTYPES[o_dtype], TAU_FROM_PTR=tau_is_tensor, BLOCK=block,
-            ALIGNED=table.aligned, num_warps=8,
+            tau_ptr, 0.0 if tau_is_tensor else float(tau), **consts, num_warps=c["num_warps"],
+            num_stages=c["num_stages"],
         )
 
 

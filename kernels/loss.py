@@ -141,6 +141,22 @@ def _block_shape(B: int, D: int, interpret: bool) -> tuple[int, int]:
     return block_m, block_d
 
 
+def loss_launch(B: int, D: int, num_pairs: int, dtype: str = "bf16", interpret: bool = False) -> dict:
+    """How _triton_forward launches _byol_loss_fwd_kernel for (B, D) inputs of Triton dtype `dtype`: grid,
+    constexprs, num_warps, num_stages, signature. The launcher and the ahead-of-time compile check
+    (fastbyol.gpu_compile) both use it."""
+    block_m, block_d = _block_shape(B, D, interpret)
+    ptr = f"*{dtype}"
+    strides = {f"stride_{t}{i}{rc}": "i32" for i in (1, 2) for t in "pz" for rc in "rc"}
+    signature = dict(P1_ptr=ptr, Z1_ptr=ptr, G1_ptr=ptr, P2_ptr=ptr, Z2_ptr=ptr, G2_ptr=ptr, **strides,
+                     Partial_ptr="*fp32", Counter_ptr="*i32", Out_ptr="*fp32", B="i32", D="i32", inv_B="fp32",
+                     eps="fp32")
+    return dict(grid=(triton.cdiv(B, block_m),),
+                constexprs=dict(NUM_PAIRS=num_pairs, BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_CHUNK=D <= block_d,
+                                RED_BLOCK=1024),
+                num_warps=4 if block_m * block_d <= 4096 else 8, num_stages=3, signature=signature)
+
+
 def _check_pair(p: torch.Tensor, z: torch.Tensor, name: str) -> None:
     if p.ndim != 2 or p.shape != z.shape:
         raise ValueError(f"{name}: expected two (B, D) tensors of one shape, got {tuple(p.shape)} and "
@@ -160,8 +176,8 @@ def _triton_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]],
     B, D = pairs[0][0].shape
     device = pairs[0][0].device
     interpret = interpreter_on() and device.type != "cuda"
-    block_m, block_d = _block_shape(B, D, interpret)
-    num_programs = triton.cdiv(B, block_m)
+    launch = loss_launch(B, D, len(pairs), interpret=interpret)
+    num_programs = launch["grid"][0]
     grads = [torch.empty((B, D), dtype=p.dtype, device=device) for p, _ in pairs]
     partial = torch.empty(num_programs, dtype=torch.float32, device=device)
     out = torch.empty((), dtype=torch.float32, device=device)
@@ -169,14 +185,13 @@ def _triton_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]],
     g1, g2 = grads[0], grads[-1]
     kernel = wrap_triton(_byol_loss_fwd_kernel) if traceable else _byol_loss_fwd_kernel
     counter = torch.zeros(1, dtype=torch.int32, device=device) if traceable else _counter(device)
-    kernel[(num_programs,)](
+    kernel[launch["grid"]](
         p1, z1, g1, p2, z2, g2,
         p1.stride(0), p1.stride(1), z1.stride(0), z1.stride(1),
         p2.stride(0), p2.stride(1), z2.stride(0), z2.stride(1),
         partial, counter, out,
         B, D, 1.0 / B, NORM_EPS,
-        NUM_PAIRS=len(pairs), BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_CHUNK=D <= block_d, RED_BLOCK=1024,
-        num_warps=4 if block_m * block_d <= 4096 else 8,
+        **launch["constexprs"], num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return out, grads
 

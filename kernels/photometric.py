@@ -18,7 +18,8 @@ The launches, per view (B images of S x S):
                image with blur goes to an fp32 planar scratch (B, 3, S, S).
   3. _blur_h:  grid (B, row blocks): horizontal pass, `window` taps, zero padding, taps computed in the kernel from
                sigma (normalized as the reference); images without blur return at once.
-  4. _blur_v:  vertical pass, then solarize, clip, normalize, NHWC store.
+  4. _blur_v:  vertical pass, then solarize, clip, normalize, NHWC store. Every grid, block and warp count comes
+               from `photometric_launches`, which the ahead-of-time compile check (fastbyol.gpu_compile) also uses.
 
 Memory traffic per pixel (3 channels): uint8 read twice (6 B), output written once (6 B in fp16); images with blur add
 a 12 B scratch write + read per pass (48 B). The eager reference moves ~100 planar float passes per pixel
@@ -30,13 +31,26 @@ from __future__ import annotations
 
 import torch
 
-from fastbyol.photometric import N_PARAMS, ORDERS, _check
+from fastbyol.photometric import (BLUR, BRIGHTNESS, CONTRAST, GRAY, HUE, JITTER, N_PARAMS, ORDER, ORDERS, SATURATION,
+                                  SIGMA, SOLARIZE, _check)
 
 from ._dispatch import interpreter_on, triton_available
 
 if triton_available():
     import triton
     import triton.language as tl
+
+    # the parameter columns, by name (fastbyol.photometric.PARAM_NAMES): compile-time constants of every kernel
+    _JITTER = tl.constexpr(JITTER)
+    _BRIGHTNESS = tl.constexpr(BRIGHTNESS)
+    _CONTRAST = tl.constexpr(CONTRAST)
+    _SATURATION = tl.constexpr(SATURATION)
+    _HUE = tl.constexpr(HUE)
+    _ORDER = tl.constexpr(ORDER)
+    _GRAY = tl.constexpr(GRAY)
+    _BLUR = tl.constexpr(BLUR)
+    _SIGMA = tl.constexpr(SIGMA)
+    _SOLARIZE = tl.constexpr(SOLARIZE)
 
     @triton.jit
     def _clip01(x):
@@ -47,17 +61,17 @@ if triton_available():
         """Apply jitter op `op` (0 brightness, 1 contrast with means mr, mg, mb, 2 saturation, 3 hue) to the pixel
         block (r, g, b); P points at the image's parameter row. Each op ends with a clip, as the official code."""
         if op == 0:
-            d = tl.load(P + 1)
+            d = tl.load(P + _BRIGHTNESS)
             r = _clip01(r + d)
             g = _clip01(g + d)
             b = _clip01(b + d)
         elif op == 1:
-            f = tl.load(P + 2)
+            f = tl.load(P + _CONTRAST)
             r = _clip01((r - mr) * f + mr)
             g = _clip01((g - mg) * f + mg)
             b = _clip01((b - mb) * f + mb)
         elif op == 2:
-            f = tl.load(P + 3)
+            f = tl.load(P + _SATURATION)
             v = tl.maximum(r, tl.maximum(g, b))
             c = v - tl.minimum(r, tl.minimum(g, b))
             k = tl.minimum(f, v / tl.maximum(c, 1e-20))  # s' / s = min(f, 1 / s)
@@ -65,7 +79,7 @@ if triton_available():
             g = _clip01(v - k * (v - g))
             b = _clip01(v - k * (v - b))
         else:
-            d = tl.load(P + 4)
+            d = tl.load(P + _HUE)
             # hue in sixths by two conditional swaps (Hocevar), as fastbyol.photometric.hue_sixths
             swap_gb = g < b
             g1 = tl.maximum(g, b)
@@ -117,8 +131,8 @@ if triton_available():
         pix = blk * BLOCK + tl.arange(0, BLOCK)
         mask = pix < HW
         r, g, b = _load_rgb(X, img, pix, mask, S, sb, sc, sy, sx)
-        order = tl.load(P + 5).to(tl.int32)
-        before = (tl.load(P + 0) > 0.5).to(tl.int32)  # 1 while still before contrast in the order (0: no jitter)
+        order = tl.load(P + _ORDER).to(tl.int32)
+        before = (tl.load(P + _JITTER) > 0.5).to(tl.int32)  # 1 while still before contrast in the order (0: no jitter)
         for slot in tl.static_range(3):  # contrast is at slot 3 at the latest: at most 3 ops before it
             op = tl.load(Orders + order * 4 + slot)
             before = before * (op != 1).to(tl.int32)  # arithmetic, not a branch: one type for `before`
@@ -132,7 +146,7 @@ if triton_available():
     @triton.jit
     def _finish_store(Out, img, pix, mask, HW, r, g, b, P, threshold, m0, m1, m2, s0, s1, s2):
         """Solarize (if the image's coin says so), clip, normalize, store NHWC in Out's dtype."""
-        if tl.load(P + 9) > 0.5:
+        if tl.load(P + _SOLARIZE) > 0.5:
             r = tl.where(r < threshold, r, 1.0 - r)
             g = tl.where(g < threshold, g, 1.0 - g)
             b = tl.where(b < threshold, b, 1.0 - b)
@@ -161,7 +175,7 @@ if triton_available():
         pix = blk * BLOCK + tl.arange(0, BLOCK)
         mask = pix < HW
         r, g, b = _load_rgb(X, img, pix, mask, S, sb, sc, sy, sx)
-        if tl.load(P + 0) > 0.5:  # jitter: contrast means from the NB partial sums of this image
+        if tl.load(P + _JITTER) > 0.5:  # jitter: contrast means from the NB partial sums of this image
             k = tl.arange(0, NB_P2)
             kmask = k < NB
             S3 = Sums + (img * NB + k) * 3
@@ -169,16 +183,16 @@ if triton_available():
             mr = tl.sum(tl.load(S3 + 0, mask=kmask, other=0.0), axis=0) * inv
             mg = tl.sum(tl.load(S3 + 1, mask=kmask, other=0.0), axis=0) * inv
             mb = tl.sum(tl.load(S3 + 2, mask=kmask, other=0.0), axis=0) * inv
-            order = tl.load(P + 5).to(tl.int32)
+            order = tl.load(P + _ORDER).to(tl.int32)
             for slot in tl.static_range(4):
                 op = tl.load(Orders + order * 4 + slot)
                 r, g, b = _jitter_op(op, r, g, b, P, mr, mg, mb)
-        if tl.load(P + 6) > 0.5:  # grayscale
+        if tl.load(P + _GRAY) > 0.5:  # grayscale
             y = GW0 * r + GW1 * g + GW2 * b
             r = y
             g = y
             b = y
-        if tl.load(P + 7) > 0.5:  # blur follows: to the planar scratch, clipped (the colour transform ends so)
+        if tl.load(P + _BLUR) > 0.5:  # blur follows: to the planar scratch, clipped (the colour transform ends so)
             base = Scratch + img.to(tl.int64) * HW * 3 + pix
             tl.store(base, _clip01(r), mask=mask)
             tl.store(base + HW, _clip01(g), mask=mask)
@@ -205,8 +219,8 @@ if triton_available():
     ):
         img = tl.program_id(0)
         P = Params + img * NPAR
-        if tl.load(P + 7) > 0.5:
-            sigma = tl.load(P + 8)
+        if tl.load(P + _BLUR) > 0.5:
+            sigma = tl.load(P + _SIGMA)
             norm = _taps_norm(sigma, K)
             rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
             cols = tl.arange(0, BLOCK_W)
@@ -232,8 +246,8 @@ if triton_available():
     ):
         img = tl.program_id(0)
         P = Params + img * NPAR
-        if tl.load(P + 7) > 0.5:
-            sigma = tl.load(P + 8)
+        if tl.load(P + _BLUR) > 0.5:
+            sigma = tl.load(P + _SIGMA)
             norm = _taps_norm(sigma, K)
             rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
             cols = tl.arange(0, BLOCK_W)
@@ -264,14 +278,68 @@ def _orders(device: torch.device) -> torch.Tensor:
     return _orders_cache[device]
 
 
+def photometric_launches(B: int, S: int, blur_window: int, out_dtype: str = "fp16", on_gpu: bool = True,
+                         blur_rows: int | None = None, blur_warps: int = 4) -> dict[str, dict]:
+    """How photometric_triton launches its four kernels for B images of S x S: per kernel its grid, constexprs,
+    num_warps, num_stages and signature (Triton types of the runtime arguments). The launcher uses exactly this;
+    the ahead-of-time compile check (fastbyol.gpu_compile) compiles exactly this, so the two cannot drift.
+
+    blur_rows: rows per blur program (default: 2 on the GPU at BLOCK_W 256, so that `_blur_v`'s three (ROWS, BLOCK_W)
+    fp32 accumulators stay in registers: at 8 rows, 4 warps, it hits 255 registers and spills on sm_90 under Triton
+    3.6 and 3.9 (benchmarks/results/*-gpu-compile.json)). The GPU plan times the other clean candidates."""
+    HW = S * S
+    BLOCK = 1024 if on_gpu else min(4096, next_power_of_2(HW))  # one big block per image under the interpreter
+    NB = -(-HW // BLOCK)
+    BLOCK_W = next_power_of_2(S)
+    if blur_rows is None:
+        blur_rows = max(1, 512 // BLOCK_W) if on_gpu else next_power_of_2(S)
+    crop = dict(X="*u8", Params="*fp32", Orders="*i32", Sums="*fp32")
+    ints = {k: "i32" for k in ("S", "sb", "sc", "sy", "sx", "HW")}
+    norm = {"threshold": "fp32", **{f"{c}{i}": "fp32" for c in "ms" for i in range(3)}}
+    out = f"*{out_dtype}"
+    blur = dict(NPAR=N_PARAMS, K=blur_window, ROWS=blur_rows, BLOCK_W=BLOCK_W)
+    blur_grid = (B, -(-S // blur_rows))
+    from fastbyol.photometric import GRAY_WEIGHTS
+
+    return {
+        "_stats": dict(grid=(B, NB), constexprs=dict(NB=NB, NPAR=N_PARAMS, BLOCK=BLOCK), num_warps=4, num_stages=3,
+                       signature={**crop, **ints}),
+        "_color": dict(grid=(B, NB), constexprs=dict(NB=NB, NB_P2=max(2, next_power_of_2(NB)), NPAR=N_PARAMS,
+                                                     BLOCK=BLOCK, GW0=GRAY_WEIGHTS[0], GW1=GRAY_WEIGHTS[1],
+                                                     GW2=GRAY_WEIGHTS[2]),
+                       num_warps=4, num_stages=3,
+                       signature={**crop, "Scratch": "*fp32", "Out": out, **ints, **norm}),
+        "_blur_h": dict(grid=blur_grid, constexprs=blur, num_warps=4, num_stages=3,
+                        signature=dict(Scratch="*fp32", Tmp="*fp32", Params="*fp32", S="i32")),
+        "_blur_v": dict(grid=blur_grid, constexprs=blur, num_warps=blur_warps, num_stages=3,
+                        signature=dict(Tmp="*fp32", Out=out, Params="*fp32", S="i32", **norm)),
+    }
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+_BLUR_LAUNCH: dict[str, int] = {}  # set_blur_launch: the GPU plan's candidates (empty: photometric_launches' rule)
+
+
+def set_blur_launch(rows: int | None = None, warps: int = 4) -> None:
+    """Launch the blur kernels at `rows` rows per program and `warps` warps (None: the default rule). The GPU plan
+    times the spill-free candidates with this and keeps the fastest; the results are the same at every setting."""
+    _BLUR_LAUNCH.clear()
+    if rows is not None:
+        _BLUR_LAUNCH.update(blur_rows=rows, blur_warps=warps)
+
+
+_TRITON_DTYPES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
 def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
                        mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
                        out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The chain in four Triton launches (see the module docstring); arguments as fastbyol.photometric.photometric.
     gray_input is accepted and ignored (the colour arithmetic leaves gray pixels exact). CPU tensors need
     TRITON_INTERPRET=1 (tests)."""
-    from fastbyol.photometric import GRAY_WEIGHTS
-
     if not triton_available():
         raise RuntimeError("the Triton photometric chain needs triton")
     if crops.device.type != "cuda" and not interpreter_on():
@@ -284,12 +352,9 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     B, S = crops.shape[0], crops.shape[2]
     HW = S * S
     device = crops.device
-    on_gpu = device.type == "cuda"
-    # pixel blocks: 1024 on the GPU; one big block per image under the interpreter (each program costs there)
-    BLOCK = 1024 if on_gpu else min(4096, triton.next_power_of_2(HW))
-    NB = triton.cdiv(HW, BLOCK)
-    BLOCK_W = triton.next_power_of_2(S)
-    ROWS = max(1, 2048 // BLOCK_W) if on_gpu else triton.next_power_of_2(S)
+    L = photometric_launches(B, S, blur_window, _TRITON_DTYPES.get(out_dtype, "fp32"), device.type == "cuda",
+                             **_BLUR_LAUNCH)
+    NB = L["_stats"]["constexprs"]["NB"]
     sums = torch.empty((B, NB, 3), dtype=torch.float32, device=device)
     scratch = torch.empty((B, 3, S, S), dtype=torch.float32, device=device)
     tmp = torch.empty_like(scratch)
@@ -298,11 +363,13 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     m, s = [float(v) for v in mean], [float(v) for v in std]
     thr = float(solarize_threshold)
     strides = (S, *crops.stride())
-    _stats[(B, NB)](crops, params, orders, sums, *strides, HW, NB=NB, NPAR=N_PARAMS, BLOCK=BLOCK)
-    _color[(B, NB)](crops, params, orders, sums, scratch, out, *strides, HW, thr, *m, *s, NB=NB,
-                    NB_P2=max(2, triton.next_power_of_2(NB)), NPAR=N_PARAMS, BLOCK=BLOCK, GW0=GRAY_WEIGHTS[0],
-                    GW1=GRAY_WEIGHTS[1], GW2=GRAY_WEIGHTS[2])
-    grid = (B, triton.cdiv(S, ROWS))
-    _blur_h[grid](scratch, tmp, params, S, NPAR=N_PARAMS, K=blur_window, ROWS=ROWS, BLOCK_W=BLOCK_W)
-    _blur_v[grid](tmp, out, params, S, thr, *m, *s, NPAR=N_PARAMS, K=blur_window, ROWS=ROWS, BLOCK_W=BLOCK_W)
+
+    def launch(kernel, *args):
+        c = L[kernel.__name__]
+        kernel[c["grid"]](*args, **c["constexprs"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    launch(_stats, crops, params, orders, sums, *strides, HW)
+    launch(_color, crops, params, orders, sums, scratch, out, *strides, HW, thr, *m, *s)
+    launch(_blur_h, scratch, tmp, params, S)
+    launch(_blur_v, tmp, out, params, S, thr, *m, *s)
     return out.permute(0, 3, 1, 2)
