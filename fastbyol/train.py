@@ -33,7 +33,7 @@ from .config import Config, Resolved
 from .data import ImageDataset, resolve_dataset
 from .dist import barrier, broadcast_object, gather_objects, global_mean
 from .errors import FastByolError
-from .kernels import byol_loss_symmetric, ema_update_, kernel_backend
+from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
 from .knn import knn_top1
 from .meter import ThroughputMeter
 from .models import BYOL, build_encoder, params_sha256
@@ -273,6 +273,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
             raise FastByolError(f"{resume}: the run already finished ({state.step} steps)")
     cfg.validate()
     device = pick_device(cfg.run.device)
+    check_backend(device)  # FASTBYOL_KERNELS: one line before anything is created
     rank, world_size, created = init_distributed(device.type)
     old_umask = os.umask(0o077)  # run files readable by their owner only
     try:
