@@ -3,8 +3,8 @@
     from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_
 
 Installed from the top-level folder `kernels/` as `fastbyol.kernels` (PyPI already has a package named `kernels`).
-`set_backend("auto"|"triton"|"reference")` picks the path (FASTBYOL_KERNELS, read once at import, sets it first); FASTBYOL_OP_STYLE=custom_op|triton_op (or `set_op_style`)
-the form torch.compile sees (see `_dispatch`).
+`set_backend("auto"|"triton"|"reference")` picks the path (FASTBYOL_KERNELS, read once at import, sets it
+first); FASTBYOL_OP_STYLE=custom_op|triton_op (or `set_op_style`) the form torch.compile sees (see `_dispatch`).
 """
 
 from ._dispatch import (KernelBackendError, backend, check_backend, kernel_backend, kernel_path, op_style, set_backend,
