@@ -9,8 +9,8 @@ first); FASTBYOL_OP_STYLE=custom_op|triton_op (or `set_op_style`) the form torch
 
 from ._dispatch import (KernelBackendError, backend, check_backend, kernel_backend, kernel_path, op_style, set_backend,
                         set_op_style)
-from .ema import ema_update_
+from .ema import clear_plans, ema_update_
 from .loss import byol_loss, byol_loss_symmetric
 
-__all__ = ["KernelBackendError", "backend", "byol_loss", "byol_loss_symmetric", "check_backend", "ema_update_",
+__all__ = ["KernelBackendError", "backend", "byol_loss", "byol_loss_symmetric", "check_backend", "clear_plans", "ema_update_",
            "kernel_backend", "kernel_path", "op_style", "set_backend", "set_op_style"]
