@@ -10,6 +10,12 @@ Rows, each the median of N calls in microseconds:
   what the Triton path runs before its single launch).
 With --src, each tree (a checkout of the project; its `kernels/` is found as `fastbyol/kernels`) is measured in a
 subprocess of its own, in turn, in one run on one machine: before and after a change side by side.
+
+Measured (Intel Xeon Processor, 2 cores shared with other jobs, torch 2.13 CPU, 2026-12-02, median of 200;
+benchmarks/results/host_step_time.json): base 5713b7e LARS.step 202 ms, EMA plan 46.4 us; with the group lists
+built once and the plan found by list identity, 102 ms and 1.1 us. The two trees ran one after the other on a
+machine under heavy load (load average ~7 on 2 cores), so the LARS ratio is noisy and not yet explained in full
+(the meta device's own dispatch of the same foreach ops is in both); rerun it on a quiet machine before quoting it.
 """
 
 from __future__ import annotations
