@@ -7,6 +7,7 @@ means the Triton kernel under the interpreter (FASTBYOL_KERNELS=triton) and `ref
 import pytest
 import torch
 
+from fastbyol.kernels import _dispatch
 from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.reference import byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_
@@ -33,7 +34,7 @@ def _loss_fn(variant: str, symmetric: bool):
 @pytest.mark.parametrize("B", [256, 4096])
 def test_loss_forward_backward(timed, monkeypatch, B, dtype, variant, symmetric):
     if variant == "fastbyol":
-        monkeypatch.setenv("FASTBYOL_KERNELS", "triton")
+        monkeypatch.setattr(_dispatch, "_backend", "triton")  # set_backend's state, put back after the test
     D = 256
     p1, p2, z1, z2 = (torch.randn(B, D, device=DEVICE, dtype=dtype, requires_grad=i < 2) for i in range(4))
     fn = _loss_fn(variant, symmetric)
@@ -62,7 +63,7 @@ def test_ema(timed, monkeypatch, ema_lists, variant):
     target, online = ema_lists
     n = sum(t.numel() for t in target)
     if variant == "fastbyol":
-        monkeypatch.setenv("FASTBYOL_KERNELS", "triton")
+        monkeypatch.setattr(_dispatch, "_backend", "triton")  # set_backend's state, put back after the test
         tau = torch.tensor(0.996, device=DEVICE)
         fn = lambda: ema_update_(target, online, tau)  # noqa: E731
     elif variant == "per-parameter loop":

@@ -122,7 +122,8 @@ class RunConfig:
     device: str = setting("auto", "where to train (auto: cuda when torch sees a GPU)", choices=DEVICES)
     compile: str = setting("auto", "torch.compile of the online/target forward (auto: default on CUDA, off on the "
                            "CPU; reduce-overhead = CUDA graphs)", choices=COMPILE_MODES)
-    log_every: int = setting(10, "steps between loss reads (host syncs) and log lines", "must be > 0", lambda v: v > 0)
+    log_every: int = setting(10, "steps between log points (read without a host sync: each shows the one before)",
+                             "must be > 0", lambda v: v > 0)
     ckpt_every_steps: int = setting(0, "steps between checkpoints for --resume (0: only the final one)",
                                     "must be >= 0", lambda v: v >= 0)
     knn_every: int = setting(4, "epochs between online kNN checks on a subset (0: only the final evaluation)",

@@ -95,6 +95,39 @@ def global_mean(t: torch.Tensor, world_size: int) -> float:
     return t.item()
 
 
+class DeferredMean:
+    """A device scalar averaged over the ranks and brought to the host without draining the queue: `start` queues the
+    all-reduce (collective), a non_blocking copy into pinned host memory and an event after it; `value`, called a log
+    point later, waits on that event (long passed in a steady loop) and reads the copy. On the CPU there is no queue:
+    the copy is done when `start` returns and `value` only reads it. One value in flight at a time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._host = torch.zeros((), pin_memory=device.type == "cuda")  # pinned: the copy is truly asynchronous
+        self._event: torch.cuda.Event | None = None
+        self.pending = False
+
+    def start(self, t: torch.Tensor, world_size: int) -> None:
+        """Queue the mean of the 0-D tensor `t` over the ranks (collective); `t` may be changed right after."""
+        if world_size > 1:
+            t = t.detach().clone()
+            dist.all_reduce(t)
+            t /= world_size
+        self._host.copy_(t.detach(), non_blocking=True)
+        if self.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self.pending = True
+
+    def value(self) -> float:
+        """The mean queued by the last `start`, as a float (the same value `global_mean` gives)."""
+        if self._event is not None:
+            self._event.synchronize()  # sync: on the event of the previous log point, not on the queue
+            self._event = None
+        self.pending = False
+        return self._host.item()  # a host tensor: no device round trip
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over the ranks of a process group, with the functional collective (`_c10d_functional.all_reduce`), which
     Dynamo traces into the graph; SyncBatchNorm's and `torch.distributed.nn`'s c10d calls break the graph instead.

@@ -6,11 +6,16 @@ of time spent waiting for data, and MFU, for the current log window and for the 
     for v1, v2 in meter.batches(loader.epoch()):   # records how long each batch kept the host waiting
         ...step...
         meter.step()                               # counts the step's images (every process's)
+        window = meter.window()                    # at a log point: no sync, the window's end is queued
+        ...a log point later: window.rates()       # waits on that end (long passed), then the figures
     meter.pause()                                  # sync: the region ends when the device has finished its work
-    meter.window()  /  meter.summary()
+    meter.summary()
 
 The first step of each process (compilation, autotuning, allocator warm-up) is timed apart as `warmup_seconds` and
-left out of every rate. Every region end syncs the device, so queued steps never land in untimed time. The state
+left out of every rate. Every region end syncs the device, so queued steps never land in untimed time. A log window
+does not: its ends are points in the device's queue (a timing CUDA event; the host clock on the CPU, where the work
+is done when the call returns), and its seconds are the device's time between them, read once the later end has
+passed, which the trainer does one log point later (so the printed figures lag by one log interval). The state
 (`state_dict`) goes into checkpoints, so a resumed run reports rates over all its timed steps.
 """
 
@@ -22,6 +27,39 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from .perf import device_sync, mfu
+
+
+def _mark(device: torch.device):
+    """A point in the device's queue: a recorded timing event on CUDA, the host clock elsewhere (work done already)."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _seconds_between(start, end) -> float:
+    """Device seconds from one `_mark` to a later one; on CUDA waits for `end` (sync on that event only)."""
+    if isinstance(end, float):
+        return end - start
+    end.synchronize()  # sync: on an event queued a log interval ago, passed in a steady loop
+    return start.elapsed_time(end) / 1000
+
+
+class Window:
+    """One log window, closed without a sync: `rates()` reads its figures (waiting for its end, if still queued)."""
+
+    def __init__(self, meter: ThroughputMeter, start, end, steps: int, seconds: float, wait: float):
+        self._meter, self._start, self._end = meter, start, end
+        self._steps, self._seconds, self._wait = steps, seconds, wait
+
+    def rates(self) -> dict:
+        seconds = self._seconds
+        if self._start is not None and self._end is not None:
+            seconds += _seconds_between(self._start, self._end)
+            self._start = self._end = None  # read once
+            self._seconds = seconds
+        return self._meter._rates(self._steps, seconds, self._wait)
 
 
 class ThroughputMeter:
@@ -38,7 +76,8 @@ class ThroughputMeter:
         self.seconds = 0.0
         self.wait_seconds = 0.0
         self.warmup_seconds = 0.0
-        self._window = [0, 0.0, 0.0]  # steps, seconds, wait seconds
+        self._window = [0, 0.0, 0.0]  # steps, seconds of its closed pieces (regions paused since), wait seconds
+        self._window_mark = None  # `_mark` where the open window's open piece started; None while paused
         self._started: float | None = None  # perf_counter of the open region, None while paused
         self._warming_up = True  # this process has not finished its first step yet
         self._waited = 0.0  # the last batch's wait
@@ -48,16 +87,20 @@ class ThroughputMeter:
         """Open a timed region (no-op when one is open)."""
         if self._started is None:
             self._started = time.perf_counter()
+            self._window_mark = _mark(self.device)
 
     def pause(self) -> None:
         """sync: close the region once the device is done, adding its time to the window and the run."""
         if self._started is None:
             return
+        end = _mark(self.device)
         device_sync(self.device)
         elapsed = time.perf_counter() - self._started
         self._started = None
         self.seconds += elapsed
-        self._window[1] += elapsed
+        if self._window_mark is not None:
+            self._window[1] += _seconds_between(self._window_mark, end)
+        self._window_mark = None
 
     def batches(self, iterable: Iterable) -> Iterator:
         """Yield from `iterable`, noting how long the host waited for each item (the data wait)."""
@@ -79,6 +122,7 @@ class ThroughputMeter:
             now = time.perf_counter()
             self.warmup_seconds += now - (self._started if self._started is not None else now)
             self._started = now
+            self._window_mark = _mark(self.device)
             self._warming_up = False
             return True
         self.steps += 1
@@ -100,17 +144,16 @@ class ThroughputMeter:
                 "data_wait_share": wait / seconds if seconds > 0 else 0.0,
                 "mfu": mfu(img_s, self.flops_per_image, self.peak, self.world_size)}
 
-    def window(self) -> dict:
-        """sync: rates since the last window() (timed steps only); the window restarts. The open region stays open."""
-        if self._started is not None:
-            device_sync(self.device)
-            now = time.perf_counter()
-            self.seconds += now - self._started
-            self._window[1] += now - self._started
-            self._started = now
+    def window(self) -> Window:
+        """The window since the last window() (timed steps only), closed with no sync: its `rates()` come when its
+        end has passed on the device. The window restarts; the open region stays open."""
+        start = end = None
+        if self._window_mark is not None:
+            start, end = self._window_mark, _mark(self.device)
+            self._window_mark = end
         steps, seconds, wait = self._window
         self._window = [0, 0.0, 0.0]
-        return self._rates(steps, seconds, wait)
+        return Window(self, start, end, steps, seconds, wait)
 
     def summary(self) -> dict:
         """Run totals: img/s, step ms, data-wait share and MFU over every timed step, plus the seconds."""

@@ -26,6 +26,8 @@ loop of the second form (the fallback path and the tests' oracle for it).
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -122,14 +124,48 @@ def lars_foreach_(
         return
     if excluded is None:
         excluded = [lars_excluded(p) for p in params]
-    scaled = [i for i, skip in enumerate(excluded) if not skip]
-    kept = [i for i, skip in enumerate(excluded) if skip]
+    split = _Split(excluded)
+    ws = split.scaled(params)
+    if ws and (workspace is None or workspace.key != LarsWorkspace.key_of(ws)):
+        workspace = LarsWorkspace(ws)
+    _lars_fused(params, momentum_buffers, ws, split.scaled(grads), split.scaled(momentum_buffers),
+                split.kept(grads), split.kept(momentum_buffers), workspace, lr, weight_decay, momentum,
+                trust_coefficient, trust_ratio, eps)
+
+
+class _Split:
+    """The adapted and the excluded positions of a parameter list, picked by C-level itemgetters (no Python loop)."""
+
+    def __init__(self, excluded: list[bool]):
+        scaled = [i for i, skip in enumerate(excluded) if not skip]
+        kept = [i for i, skip in enumerate(excluded) if skip]
+        self._scaled = operator.itemgetter(*scaled) if scaled else None
+        self._kept = operator.itemgetter(*kept) if kept else None
+        self._one_scaled, self._one_kept = len(scaled) == 1, len(kept) == 1
+
+    @staticmethod
+    def _pick(getter, one: bool, items: list) -> list:
+        if getter is None:
+            return []
+        picked = getter(items)
+        return [picked] if one else list(picked)
+
+    def scaled(self, items: list) -> list:
+        return self._pick(self._scaled, self._one_scaled, items)
+
+    def kept(self, items: list) -> list:
+        return self._pick(self._kept, self._one_kept, items)
+
+
+def _lars_fused(params, momentum_buffers, ws, gs, ms_scaled, gs_kept, ms_kept, workspace, lr, weight_decay,
+                momentum, trust_coefficient, trust_ratio, eps) -> None:
+    """The arithmetic of `lars_foreach_` on lists already split into adapted (ws, gs, ms_scaled) and excluded
+    (gs_kept, ms_kept) tensors."""
     torch._foreach_mul_(momentum_buffers, momentum)  # m = momentum * m, every tensor
-    if scaled:
-        ws, gs = [params[i] for i in scaled], [grads[i] for i in scaled]
-        if workspace is None or workspace.key != LarsWorkspace.key_of(ws):
-            workspace = LarsWorkspace(ws)
-        us = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay else gs  # u = g + wd * w
+    if ws:
+        # u = g + wd * w: a new tensor per gradient (the gradients are read only). It stays: the trust ratio needs
+        # |u| of the rounded sum itself for the step to be bit for bit the reference's
+        us = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay else gs
         if trust_ratio == "official":
             norms = torch.stack(torch._foreach_norm([*ws, *us])).view(2, len(ws))  # (2, S): |w| then |u| per tensor
             w_norms, u_norms = norms[0], norms[1]
@@ -147,13 +183,40 @@ def lars_foreach_(
             torch._foreach_mul_(us, workspace.views)
         else:  # us are the gradients, which are read only
             us = torch._foreach_mul(us, workspace.views)
-        torch._foreach_add_([momentum_buffers[i] for i in scaled], us)
-    if kept:  # biases and BN: u = g
-        torch._foreach_add_([momentum_buffers[i] for i in kept], [grads[i] for i in kept])
+        torch._foreach_add_(ms_scaled, us)
+    if gs_kept:  # biases and BN: u = g
+        torch._foreach_add_(ms_kept, gs_kept)
     if isinstance(lr, torch.Tensor):
         torch._foreach_sub_(params, torch._foreach_mul(momentum_buffers, lr))
     else:
         torch._foreach_add_(params, momentum_buffers, alpha=-lr)
+
+
+class _GroupPlan:
+    """One param group's lists, built once: its parameters (all with gradients when built), their momentum buffers,
+    the adapted/excluded split and the trust-ratio workspace. Valid while the group's `params` list is the same
+    object of the same length and every parameter has had a gradient at each step; `load_state_dict` and
+    `add_param_group` drop it. A step then builds no list over the parameters in Python: the gradients are read and
+    split by C-level attrgetter/itemgetter calls."""
+
+    def __init__(self, group_params: list, params: list, bufs: list, excluded: list[bool], fused: bool):
+        self.group_params, self.length = group_params, len(group_params)
+        self.complete = len(params) == len(group_params)  # else rebuilt each step: a gradient may come later
+        self.params, self.bufs, self.excluded, self.fused = params, bufs, excluded, fused
+        self.grads_of = operator.attrgetter("grad")
+        if fused:
+            self.split = _Split(excluded)
+            self.ws, self.ms_scaled, self.ms_kept = (self.split.scaled(params), self.split.scaled(bufs),
+                                                     self.split.kept(bufs))
+            self.workspace = LarsWorkspace(self.ws) if self.ws else None
+
+    def valid(self, group_params: list) -> bool:
+        return self.complete and group_params is self.group_params and len(group_params) == self.length
+
+    def grads(self) -> list | None:
+        """This step's gradients, or None when a parameter has none (the plan is then rebuilt)."""
+        grads = list(map(self.grads_of, self.params))
+        return grads if all(map(operator.is_not, grads, itertools.repeat(None))) else None
 
 
 class LARS(torch.optim.Optimizer):
@@ -180,7 +243,33 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.foreach = foreach
         self.trust_ratio = trust_ratio
-        self._workspaces: dict[int, LarsWorkspace] = {}  # per param group; scratch, never in the state dict
+        self._plans: dict[int, _GroupPlan] = {}  # per param group, built once; scratch, never in the state dict
+
+    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102 (torch.optim signature)
+        super().load_state_dict(state_dict)
+        self._plans.clear()  # new momentum buffers
+
+    def add_param_group(self, param_group: dict) -> None:  # noqa: D102 (torch.optim signature)
+        super().add_param_group(param_group)
+        if hasattr(self, "_plans"):
+            self._plans.clear()
+
+    def _plan(self, group: dict) -> _GroupPlan:
+        """The group's lists: parameters with a gradient, their momentum buffers (made here on the first step) and
+        which are excluded; fused unless foreach is off or the tensors mix devices or dtypes or are not dense."""
+        params, bufs = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            bufs.append(state["momentum_buffer"])
+        grads = [p.grad for p in params]
+        same_kind = len({(t.device, t.dtype) for t in params + grads + bufs}) <= 1
+        fused = self.foreach and same_kind and all(_dense(p) for p in params)
+        return _GroupPlan(group["params"], params, bufs, [lars_excluded(p) for p in params], fused)
 
     def set_lr(self, lr: float | torch.Tensor) -> None:
         for group in self.param_groups:
@@ -193,28 +282,20 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            params, grads, bufs, excluded = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
+            plan = self._plans.get(index)
+            grads = plan.grads() if plan is not None and plan.valid(group["params"]) else None
+            if grads is None:
+                plan = self._plans[index] = self._plan(group)
+                grads = [p.grad for p in plan.params]
+            hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                         trust_coefficient=group["trust_coefficient"])
+            if plan.fused:
+                if not plan.params:
                     continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                bufs.append(state["momentum_buffer"])
-                excluded.append(lars_excluded(p))
-            same_kind = len({(p.device, p.dtype) for p in params + grads + bufs}) <= 1
-            if self.foreach and same_kind and all(_dense(p) for p in params):
-                adapted = [p for p, skip in zip(params, excluded) if not skip]
-                workspace = self._workspaces.get(index)
-                if adapted and (workspace is None or workspace.key != LarsWorkspace.key_of(adapted)):
-                    workspace = self._workspaces[index] = LarsWorkspace(adapted)
-                lars_foreach_(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"],
-                              momentum=group["momentum"], trust_coefficient=group["trust_coefficient"],
-                              excluded=excluded, workspace=workspace, trust_ratio=self.trust_ratio)
+                _lars_fused(plan.params, plan.bufs, plan.ws, plan.split.scaled(grads), plan.ms_scaled,
+                            plan.split.kept(grads), plan.ms_kept, plan.workspace, trust_ratio=self.trust_ratio,
+                            eps=LIGHTLY_EPS, **hyper)
             else:
                 loop = lars_update_ if self.trust_ratio == "official" else lars_update_lightly_
-                loop(params, grads, bufs, lr=group["lr"], weight_decay=group["weight_decay"],
-                     momentum=group["momentum"], trust_coefficient=group["trust_coefficient"], excluded=excluded)
+                loop(plan.params, grads, plan.bufs, excluded=plan.excluded, **hyper)
         return loss

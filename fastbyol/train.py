@@ -28,9 +28,9 @@ from .augment import VIEW1, VIEW2, TwoViewLoader
 from .checkpoint import CHECKPOINT, load_run, state_bytes
 from .config import Config, Resolved
 from .data import ImageDataset, resolve_dataset
-from .dist import barrier, broadcast_object, global_mean
+from .dist import DeferredMean, barrier, broadcast_object
 from .errors import FastByolError
-from .kernels import byol_loss_symmetric, ema_update_, kernel_backend
+from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
 from .knn import knn_top1
 from .meter import ThroughputMeter
 from .models import BYOL, build_encoder, params_sha256
@@ -148,6 +148,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
             raise FastByolError(f"{resume}: the run already finished ({state.step} steps)")
     cfg.validate()
     device = pick_device(cfg.run.device)
+    check_backend(device)  # FASTBYOL_KERNELS: one line before anything is created
     rank, world_size, created = init_distributed(device.type)
     old_umask = os.umask(0o077)  # run files readable by their owner only
     try:
@@ -246,6 +247,7 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     profiler = StepProfiler(plan.profile_steps if is_rank0 else None, run_dir / "profile", device, log, meter)
     loss_sum, steps_since_log, last_loss = torch.zeros((), device=device), 0, float("nan")
+    loss_mean, pending = DeferredMean(device), None  # the last log point's loss on its way to the host, its record
     start_epoch, resume_offset = divmod(state.step, plan.steps_per_epoch)
     input_dtype = getattr(torch, plan.input_dtype)
     startup = {}
@@ -268,30 +270,30 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
                     f"took {first_batch:.1f} s")
             bar.update(1)
 
-            # log: the mean loss since the last log point (sync, every log_every steps)
+            # log: queue the mean loss and the meter's window of this interval for the host (no sync), then print and
+            # write the previous log point's, whose values have arrived meanwhile: the figures lag by one log
+            # interval, and a non-finite loss stops the run one interval later (checkpoints check their own)
             if state.step % cfg.run.log_every == 0 or state.step == plan.total_steps:
-                rates = meter.window()
-                device_bytes = device_memory_in_use(device)  # DALI's buffers too, at this synced point
-                state.peak_device_bytes = max(state.peak_device_bytes, device_bytes or 0.0)
-                last_loss = global_mean(loss_sum, world_size) / steps_since_log
+                if pending is not None:
+                    last_loss, pending = _report(pending, loss_mean, bar, files, run_dir), None
+                loss_mean.start(loss_sum, world_size)  # collective: every rank at every log point
+                pending = dict(window=meter.window(), steps=steps_since_log, step=state.step, epoch=epoch, lr=lr,
+                               tau=tau)
                 loss_sum.zero_()
                 steps_since_log = 0
-                if not math.isfinite(last_loss):
-                    raise TrainingStopped(f"the loss became {last_loss} by step {state.step}; " + last_good(run_dir))
-                mfu = rates["mfu"]
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}",
-                                img_s=f"{rates['img_per_s']:.0f}",
-                                **({} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}))
-                files.write_metrics(step=state.step, epoch=epoch, loss=last_loss, lr=lr, tau=tau,
-                                    img_per_s=rates["img_per_s"], mfu=mfu, data_wait_share=rates["data_wait_share"])
 
             # checkpoint: outside the timed region (sync)
             if cfg.run.ckpt_every_steps and state.step % cfg.run.ckpt_every_steps == 0 \
                     and state.step < plan.total_steps:
                 meter.pause()
+                if pending is not None:  # written before the checkpoint that a resume would cut metrics back to
+                    last_loss, pending = _report(pending, loss_mean, bar, files, run_dir), None
                 files.save(checkpoint(False, loss_sum))
                 meter.resume()
         meter.pause()
+        if pending is not None:  # the epoch's last log point, consumed at this synced point
+            last_loss, pending = _report(pending, loss_mean, bar, files, run_dir), None
+        state.peak_device_bytes = max(state.peak_device_bytes, device_memory_in_use(device) or 0.0)  # DALI's too
 
         # the online kNN monitor on a fixed subset, outside the timed region, rank 0 while the others wait
         if cfg.run.knn_every and (epoch + 1) % cfg.run.knn_every == 0 and epoch + 1 < cfg.optim.epochs:
@@ -303,6 +305,21 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
     bar.close()
     profiler.close()
     return last_loss, startup, loss_sum
+
+
+def _report(record: dict, loss_mean: DeferredMean, bar, files: RunFiles, run_dir: Path) -> float:
+    """Print and write one log point's record, queued a log point earlier; returns its mean loss (stops the run when
+    it is not finite)."""
+    loss = loss_mean.value() / record.pop("steps")
+    rates = record.pop("window").rates()
+    if not math.isfinite(loss):
+        raise TrainingStopped(f"the loss became {loss} by step {record['step']}; " + last_good(run_dir))
+    mfu = rates["mfu"]
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}",
+                    img_s=f"{rates['img_per_s']:.0f}", **({} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}))
+    files.write_metrics(step=record["step"], epoch=record["epoch"], loss=loss, lr=record["lr"], tau=record["tau"],
+                        img_per_s=rates["img_per_s"], mfu=mfu, data_wait_share=rates["data_wait_share"])
+    return loss
 
 
 def _final_knn(cfg: Config, dataset: ImageDataset, model: BYOL, device: torch.device, run_dir: Path, is_rank0: bool,

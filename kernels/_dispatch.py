@@ -1,4 +1,6 @@
-"""Which implementation an op runs: FASTBYOL_KERNELS=auto|triton|reference, read at every call (cheap).
+"""Which implementation an op runs: `set_backend("auto"|"triton"|"reference")`, or FASTBYOL_KERNELS (read once,
+at import; a bad value is reported, as one line naming the variable, by the first `kernel_backend` call or by
+`check_backend`, which the trainer calls before it creates anything).
 
 auto       Triton on CUDA tensors, the plain-PyTorch reference on CPU tensors.
 triton     Triton everywhere; CPU tensors need TRITON_INTERPRET=1 (set before `import triton`), as the tests do.
@@ -21,6 +23,8 @@ import functools
 import os
 
 import torch
+
+from fastbyol.errors import FastByolError
 
 MODES = ("auto", "triton", "reference")
 OP_STYLES = ("custom_op", "triton_op")
@@ -55,20 +59,46 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def kernel_backend(device: torch.device) -> str:
-    """'triton' or 'reference' for tensors on `device`, or a clear error for an impossible request."""
-    mode = os.environ.get("FASTBYOL_KERNELS", "auto")
+class KernelBackendError(FastByolError, ValueError):
+    """An impossible kernel selection (a bad FASTBYOL_KERNELS, Triton asked for where it cannot run)."""
+
+
+_backend = os.environ.get("FASTBYOL_KERNELS", "auto")  # read once: a module global, not an environment read per call
+
+
+def set_backend(mode: str) -> str:
+    """Select the implementation for every later call (auto, triton or reference); returns the previous selection."""
+    global _backend
     if mode not in MODES:
-        raise ValueError(f"FASTBYOL_KERNELS={mode!r} is not one of {MODES}")
+        raise KernelBackendError(f"kernel backend {mode!r} is not one of {', '.join(MODES)}")
+    previous, _backend = _backend, mode
+    return previous
+
+
+def backend() -> str:
+    """The selection as set (auto, triton or reference), before it meets a device."""
+    return _backend
+
+
+def check_backend(device: torch.device) -> str:
+    """kernel_backend(device), raised as one line naming FASTBYOL_KERNELS when the selection cannot run there."""
+    return kernel_backend(device)
+
+
+def kernel_backend(device: torch.device) -> str:
+    """'triton' or 'reference' for tensors on `device`, or a KernelBackendError for an impossible request."""
+    mode = _backend
+    if mode not in MODES:
+        raise KernelBackendError(f"FASTBYOL_KERNELS={mode!r} is not one of {', '.join(MODES)}")
     if mode == "reference" or device.type == "meta":  # meta tensors (FLOP counting): shapes only, no kernel
         return "reference"
     on_cuda = device.type == "cuda"
     if mode == "triton":
         if not triton_available():
-            raise RuntimeError("FASTBYOL_KERNELS=triton but triton is not installed")
+            raise KernelBackendError("FASTBYOL_KERNELS=triton but triton is not installed")
         if not on_cuda and not interpreter_on():
-            raise RuntimeError(f"FASTBYOL_KERNELS=triton on {device.type} tensors needs TRITON_INTERPRET=1 "
-                               "(set before triton is imported)")
+            raise KernelBackendError(f"FASTBYOL_KERNELS=triton on {device.type} tensors needs TRITON_INTERPRET=1 "
+                                     "(set before triton is imported), or FASTBYOL_KERNELS=auto")
         return "triton"
     return "triton" if on_cuda and triton_available() else "reference"
 

@@ -20,10 +20,11 @@ def _seeded():
 
 
 @pytest.fixture
-def kernels_path(monkeypatch):
-    """Set FASTBYOL_KERNELS for one test."""
+def kernels_path():
+    """Select the kernel backend (`fastbyol.kernels.set_backend`) for one test; the previous one comes back after."""
+    from fastbyol.kernels import set_backend
 
-    def set_path(mode: str):
-        monkeypatch.setenv("FASTBYOL_KERNELS", mode)
-
-    return set_path
+    first = set_backend("auto")
+    set_backend(first)
+    yield set_backend
+    set_backend(first)

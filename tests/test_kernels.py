@@ -338,3 +338,30 @@ def test_op_style_switch(kernels_path):
         set_op_style("custom_op")
         torch._dynamo.reset()
     torch.testing.assert_close(loss, byol_loss_symmetric_reference(*args).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_ema_plan_follows_new_lists_and_moved_storage(kernels_path):
+    """The plan cache (keyed by the list objects, with an O(1) stamp) never runs on stale tensors: new lists, a
+    model moved to new storage, and tensors replaced in place (after clear_plans) all give the formula's result."""
+    from fastbyol.kernels import clear_plans
+
+    kernels_path("triton")
+
+    def check(target, online, tau=0.9):
+        expected = [tau * t.double() + (1 - tau) * o.double() for t, o in zip(target, online)]
+        ema_update_(target, online, tau)
+        for t, e in zip(target, expected):
+            torch.testing.assert_close(t.double(), e, rtol=0, atol=1e-6)
+
+    target = [torch.randn(5, 3), torch.randn(17), torch.randn(2, 3, 4)]
+    online = [torch.randn_like(t) for t in target]
+    check(target, online)
+    check(target, online)  # the bound lists: the cached plan
+    check(list(target), list(online))  # new lists over the same tensors
+    moved = [t.clone() for t in target]  # new storage under new lists
+    check(moved, online)
+    target[:] = [t.clone() for t in target]  # the same list object, every tensor reallocated: the stamp moves
+    check(target, online)
+    target[1] = torch.randn(17)  # one tensor in the middle replaced in place: clear_plans says so
+    clear_plans()
+    check(target, online)

@@ -46,7 +46,7 @@ def test_warmup_pause_window_and_totals(clock):
     for w in m.batches(_batches(clock, [0.2])):
         clock.now += 1.0
         m.step()
-    win = m.window()
+    win = m.window().rates()
     # 4 timed steps: waits 0.1 + 0.1 + 0.3 + 0.2 = 0.7 s, steps 4 s, 4.7 s in all
     assert win["img_per_s"] == pytest.approx(4 * 64 / 4.7)
     assert win["step_ms"] == pytest.approx(1000 * 4.7 / 4)
@@ -55,7 +55,7 @@ def test_warmup_pause_window_and_totals(clock):
     for w in m.batches(_batches(clock, [0.0])):
         clock.now += 2.0
         m.step()
-    assert m.window()["step_ms"] == pytest.approx(2000.0)  # the window restarted
+    assert m.window().rates()["step_ms"] == pytest.approx(2000.0)  # the window restarted
     m.pause()
     total = m.summary()
     assert total["timed_steps"] == 5 and total["train_seconds"] == pytest.approx(6.7)
@@ -88,8 +88,8 @@ def test_mfu_counts_every_process():
 
 
 def test_every_region_end_waits_for_the_device(clock, monkeypatch):
-    """pause(), window() with a region open and the first step sync the device before reading the clock (queued
-    kernels would otherwise be left out of the time); a step in the steady state does not."""
+    """pause() and the first step sync the device before reading the clock (queued kernels would otherwise be left
+    out of the time); a step in the steady state and a log window do not (its end is a point in the queue)."""
     syncs = []
     monkeypatch.setattr(meter_module, "device_sync", lambda device: syncs.append(clock.now))
     m = ThroughputMeter(torch.device("cpu"), batch_images=8, flops_per_image=1.0, peak=None)
@@ -98,10 +98,35 @@ def test_every_region_end_waits_for_the_device(clock, monkeypatch):
     m.step()
     m.step()
     assert len(syncs) == 1  # no sync per step
-    m.window()
-    assert len(syncs) == 2
+    window = m.window()
+    assert len(syncs) == 1
+    window.rates()
+    assert len(syncs) == 1  # on the CPU the end has passed when the call returns: nothing to wait for
     m.pause()
-    assert len(syncs) == 3
+    assert len(syncs) == 2
     m.pause()  # no region open: nothing to wait for
     m.window()
-    assert len(syncs) == 3
+    assert len(syncs) == 2
+
+
+def test_window_read_later_keeps_its_own_figures(clock):
+    """A window's rates read a log point later (as the trainer does) are its own: the next window's steps and
+    seconds are not in them, and a pause in between leaves them alone."""
+    m = ThroughputMeter(torch.device("cpu"), batch_images=10, flops_per_image=1.0, peak=None)
+    m.resume()
+    m.step()  # warm-up
+    for _ in range(3):
+        clock.now += 1.0
+        m.step()
+    first = m.window()
+    for _ in range(2):
+        clock.now += 4.0
+        m.step()
+    m.pause()
+    clock.now += 100.0
+    m.resume()
+    clock.now += 2.0
+    m.step()
+    second = m.window()
+    assert first.rates()["step_ms"] == pytest.approx(1000.0) and first.rates()["img_per_s"] == pytest.approx(10.0)
+    assert second.rates()["step_ms"] == pytest.approx(10000.0 / 3)  # 4 + 4 + 2 s, the paused 100 s left out

@@ -7,6 +7,8 @@ one kernel on CUDA, views none), with every foreach call checked against the con
 counts one launch per tensor, as CUDA's fallback loop does.
 """
 
+import copy
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -259,3 +261,30 @@ def test_lars_optimizer_lightly_form_foreach_matches_its_loop():
 def test_lars_refuses_an_unknown_trust_ratio():
     with pytest.raises(ValueError, match="trust_ratio must be one of"):
         LARS([torch.nn.Parameter(torch.ones(2, 2))], lr=0.1, trust_ratio="layerwise")
+
+
+def test_cached_group_lists_follow_late_gradients_and_loaded_state():
+    """The per-group lists LARS builds once: a parameter whose gradient appears only at a later step is stepped
+    from then on, and a loaded state's momentum buffers replace the cached ones (the same result as a fresh
+    optimizer given the same state)."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(6))
+    opt = LARS([a, b], lr=0.1)
+    a.grad = torch.randn(8, 4)
+    opt.step()
+    b_before = b.detach().clone()
+    a.grad, b.grad = torch.randn(8, 4), torch.randn(6)
+    opt.step()
+    assert not torch.equal(b.detach(), b_before)  # b joined when its gradient came
+    saved = copy.deepcopy(opt.state_dict())
+    for entry in saved["state"].values():  # a state unlike the one the cached lists hold
+        entry["momentum_buffer"].mul_(3.0)
+    fresh_a, fresh_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    fresh = LARS([fresh_a, fresh_b], lr=0.1)
+    fresh.load_state_dict(copy.deepcopy(saved))  # each its own buffers
+    opt.load_state_dict(copy.deepcopy(saved))
+    ga, gb = torch.randn(8, 4), torch.randn(6)
+    for o, (pa, pb) in ((opt, (a, b)), (fresh, (fresh_a, fresh_b))):
+        pa.grad, pb.grad = ga.clone(), gb.clone()
+        o.step()
+    assert torch.equal(a.detach(), fresh_a.detach()) and torch.equal(b.detach(), fresh_b.detach())
