@@ -28,7 +28,7 @@ import torch
 
 from .augment import DECODE, DECODE_MODES, IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params
 from .errors import FastByolError
-from .photometric import VARIANTS, photometric_variant
+from .photometric_variants import VARIANTS, photometric_variant
 
 
 def synthetic_source(size: int, n_images: int, source: str = "jpeg", seed: int = 0):

@@ -437,27 +437,3 @@ def photometric_by_slot(crops: torch.Tensor, params: torch.Tensor, *, blur_windo
     x = torch.where(_col(p[:, SOLARIZE] > 0.5), solarize(x, solarize_threshold), x).clamp_(0.0, 1.0)
     scale, shift = _normalize_constants(mean, std, dtype, crops.device)
     return (x * scale + shift).to(out_dtype).contiguous(memory_format=torch.channels_last)
-
-
-
-# ------------------------------------------------------------------------------------------------- the variants
-VARIANTS = ("reference", "compiled", "triton")
-_compiled = None
-
-
-def photometric_variant(name: str):
-    """The chain as `name`: "reference" (photometric, eager), "compiled" (torch.compile of photometric_by_slot,
-    compiled once per process and per shape) or "triton" (fastbyol.kernels.photometric; CPU tensors need
-    TRITON_INTERPRET=1). All take photometric's arguments."""
-    global _compiled
-    if name == "reference":
-        return photometric
-    if name == "compiled":
-        if _compiled is None:
-            _compiled = torch.compile(photometric_by_slot, fullgraph=True, dynamic=False)
-        return _compiled
-    if name == "triton":
-        from fastbyol.kernels.photometric import photometric_triton
-
-        return photometric_triton
-    raise ValueError(f"photometric variant {name!r} is not one of {VARIANTS}")

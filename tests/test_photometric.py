@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, sample_params
-from fastbyol.photometric import (N_PARAMS, ORDERS, PARAM_NAMES, photometric, photometric_by_slot,
-                                  photometric_variant)
+from fastbyol.photometric import N_PARAMS, ORDERS, PARAM_NAMES, photometric, photometric_by_slot
+from fastbyol.photometric_variants import photometric_variant
 
 KW = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 SHAPES = [(1, 8), (7, 31), (30, 16)]  # one image; a prime batch and an odd side; every order in one batch

@@ -1,0 +1,30 @@
+"""The photometric chain's implementations by name: "reference" (fastbyol.photometric, eager), "compiled"
+(torch.compile of its per-slot form) and "triton" (fastbyol.kernels.photometric). Kept apart from
+fastbyol.photometric, which the Triton kernel imports for its parameter layout, so neither imports the other back."""
+
+from __future__ import annotations
+
+import torch
+
+from .photometric import photometric, photometric_by_slot
+
+VARIANTS = ("reference", "compiled", "triton")
+_compiled = None
+
+
+def photometric_variant(name: str):
+    """The chain as `name`: "reference" (photometric, eager), "compiled" (torch.compile of photometric_by_slot,
+    compiled once per process and per shape) or "triton" (fastbyol.kernels.photometric; CPU tensors need
+    TRITON_INTERPRET=1). All take photometric's arguments."""
+    global _compiled
+    if name == "reference":
+        return photometric
+    if name == "compiled":
+        if _compiled is None:
+            _compiled = torch.compile(photometric_by_slot, fullgraph=True, dynamic=False)
+        return _compiled
+    if name == "triton":
+        from fastbyol.kernels.photometric import photometric_triton
+
+        return photometric_triton
+    raise ValueError(f"photometric variant {name!r} is not one of {VARIANTS}")
