@@ -53,17 +53,22 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 def _check_pair(images: np.ndarray, labels: np.ndarray, img_path: Path, lbl_path: Path) -> None:
     if images.ndim != 3:
         raise FastByolError(f"{img_path}: expected (N, H, W) images, got shape {images.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise FastByolError(f"{lbl_path}: labels must be integers, got {labels.dtype}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise FastByolError(f"{lbl_path}: {labels.shape[0]} labels for {len(images)} images in {img_path}")
     if len(images) == 0:
         raise FastByolError(f"{img_path}: the file holds no images")
+    if labels.min() < 0 or labels.max() >= 65536:  # the kNN vote indexes classes by label
+        raise FastByolError(f"{lbl_path}: labels must lie in 0..65535, got {int(labels.min())}..{int(labels.max())}")
 
 
 def load_embedded() -> ImageDataset:
     folder = embedded_dir()
     img_path, lbl_path = folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
-    images, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
+    images, labels = read_idx(img_path), read_idx(lbl_path)
     _check_pair(images, labels, img_path, lbl_path)
+    labels = labels.astype(np.int64)
     test_mask = np.arange(len(images)) % 5 == 0  # every 5th image held out: 8,000 / 2,000, classes balanced
     rgb = _gray_to_rgb(images)
     return ImageDataset("fashion-mnist-embedded", rgb[~test_mask], labels[~test_mask], rgb[test_mask],
@@ -82,8 +87,9 @@ def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
     out = {}
     for split in ("train", "t10k"):
         ip, lp = paths[(split, "images-idx3")], paths[(split, "labels-idx1")]
-        images, labels = read_idx(ip), read_idx(lp).astype(np.int64)
+        images, labels = read_idx(ip), read_idx(lp)
         _check_pair(images, labels, ip, lp)
+        labels = labels.astype(np.int64)
         out[split] = (_gray_to_rgb(images), labels)
     num_classes = int(max(out["train"][1].max(), out["t10k"][1].max())) + 1
     return ImageDataset(name, out["train"][0], out["train"][1], out["t10k"][0], out["t10k"][1], num_classes,
@@ -168,6 +174,8 @@ def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, 
     path = Path(spec).expanduser()
     if not path.exists():
         raise FastByolError(f"--data {spec}: no such file or folder (or use 'embedded' or 'fashion-mnist')")
+    if not path.is_dir() and not path.is_file():  # a FIFO, a device, a socket: never opened (it could block)
+        raise FastByolError(f"--data {spec}: not a regular file or a folder")
     fmt = detect_format(path) if data_format == "auto" else data_format
     if fmt == "shards":
         return load_shards(spec, image_size, skip_bad_files, seed=seed, **encoded)

@@ -10,11 +10,13 @@ parse is named (or skipped under --skip-bad-files) before any DALI pipeline sees
 
 - JPEG: SOI, then every marker segment up to the first SOS: each starts with FF, has a length >= 2 that stays
   inside the file; Huffman tables (DHT: at most 256 codes each) and quantization tables (DQT) exactly fill their
-  segments; a frame header (SOF) with width, height > 0, 1-4 components with sampling factors 1-4, 8/12/16-bit
+  segments; a frame header (SOF) with width, height > 0, 1 or 3 components with sampling factors 1-4, 8-bit
   precision, comes before the SOS, whose length matches its component count and whose components and Huffman
   tables exist; the FF D9 end marker lies in the last 1 KB. Reads the header segments (usually < 1 KB; EXIF/ICC
-  segments are skipped by their length) and the tail.
-- PNG: the signature, IHDR first (width, height > 0, valid bit depth and colour type), every chunk's length inside
+  segments are skipped by their length) and the tail. Only baseline, extended and progressive Huffman frames (SOF0-2)
+  of 8-bit, 1- or 3-component images are accepted: the other frame types decode to garbage or crash.
+- PNG: the signature, IHDR first (width, height in 1..65536, a colour type / bit depth pair the PNG specification
+  allows, compression 0, filter 0, interlace 0 or 1; a PLTE before the data of a palette image), every chunk's length inside
   the file and its CRC-32 right, an IDAT, IEND last. Reads the whole file (PNG datasets are small; the CRCs catch
   corruption inside, which libpng would otherwise report in dozens of lines).
 Entropy-coded data is not decoded: a JPEG whose scan data is damaged passes, and DALI reports it per sample
@@ -24,6 +26,7 @@ Entropy-coded data is not decoded: a JPEG whose scan data is damaged passes, and
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Callable
@@ -35,7 +38,14 @@ _HEAD = 4096  # bytes read first: the SOI and the usual header segments
 _TAIL = 1024  # the end marker must lie in the last KB (encoders may pad after it)
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (DHT, JPG and DAC are not)
 _MAX_SEGMENTS = 4096
-_PARSED = _SOF | {0xC4, 0xDB}  # segments whose contents are checked (read whole)
+_PARSED = _SOF | {0xC4, 0xDB}
+# Frame types DALI's decoders (libjpeg-turbo on the CPU, nvJPEG on the GPU) read correctly: baseline, extended and
+# progressive Huffman. Lossless (C3), hierarchical (C5-C7) and arithmetic-coded (C9-CB, CD-CF) frames decode to
+# garbage or not at all.
+_DECODABLE_SOF = frozenset({0xC0, 0xC1, 0xC2})
+# Colour type -> the bit depths the PNG specification allows with it (anything else crashes libpng readers).
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+MAX_SIDE = 1 << 16  # wider or taller than any decoder here allocates for (libjpeg's own limit is 65500)  # segments whose contents are checked (read whole)
 
 Reader = Callable[[int, int], bytes]  # read(offset, n): up to n bytes of the object from offset
 
@@ -92,8 +102,16 @@ def _jpeg_problem(read: Reader, size: int, head: bytes, info: dict | None = None
             if j != stop:
                 return f"corrupt JPEG (quantization table at byte {pos})"
         elif marker in _SOF:
+            if marker not in _DECODABLE_SOF:
+                return f"unsupported JPEG (frame type FF {marker:02X}: only baseline, extended and progressive " \
+                       "Huffman-coded JPEGs are read)"
+            if sof:
+                return "corrupt JPEG (a second frame header)"
             precision, height, width, ncomp = struct.unpack_from(">BHHB", buf, i + 4)
-            if precision not in (8, 12, 16) or height == 0 or width == 0 or not 1 <= ncomp <= 4 \
+            if precision != 8 or ncomp not in (1, 3):
+                return f"unsupported JPEG (frame header: {ncomp} components, {precision} bits; only 8-bit grey " \
+                       "or colour is read)"
+            if height > MAX_SIDE or height == 0 or width == 0 or not 1 <= ncomp <= 4 \
                     or length != 8 + 3 * ncomp:
                 return f"corrupt JPEG (frame header: {width}x{height}, {ncomp} components, {precision} bits)"
             for c in range(ncomp):  # sampling factors 1..4 each
@@ -126,7 +144,7 @@ def _jpeg_problem(read: Reader, size: int, head: bytes, info: dict | None = None
 
 
 def _png_problem(data: bytes, info: dict | None = None) -> str | None:
-    pos, first, seen_idat = 8, True, False
+    pos, first, seen_idat, colour, plte = 8, True, False, -1, False
     while pos + 12 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         end = pos + 12 + length
@@ -140,12 +158,17 @@ def _png_problem(data: bytes, info: dict | None = None) -> str | None:
         if first:
             if kind != b"IHDR" or length != 13:
                 return "corrupt PNG (IHDR is not the first chunk)"
-            width, height, depth, colour = struct.unpack(">IIBB", body[:10])
-            if width == 0 or height == 0 or depth not in (1, 2, 4, 8, 16) or colour not in (0, 2, 3, 4, 6):
+            width, height, depth, colour, method, filt, interlace = struct.unpack(">IIBBBBB", body)
+            if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE) or depth not in _PNG_DEPTHS.get(colour, ()):
                 return f"corrupt PNG (header: {width}x{height}, bit depth {depth}, colour type {colour})"
+            if method != 0 or filt != 0 or interlace not in (0, 1):
+                return f"corrupt PNG (header: compression {method}, filter {filt}, interlace {interlace})"
             if info is not None:
                 info["gray"] = colour in (0, 4)  # grey, grey + alpha
             first = False
+        plte |= kind == b"PLTE"
+        if kind == b"IDAT" and colour == 3 and not plte:
+            return "corrupt PNG (a palette image without a PLTE chunk before its data)"
         seen_idat |= kind == b"IDAT"
         if kind == b"IEND":
             return None if seen_idat else "corrupt PNG (no image data)"
@@ -180,10 +203,27 @@ def check_fd(fd: int, size: int, suffix: str = "", base: int = 0, info: dict | N
     return check_encoded(lambda off, n: os.pread(fd, max(0, min(n, size - off)), base + off), size, suffix, info)
 
 
+def open_regular(path, dir_fd: int | None = None) -> int:
+    """An fd of `path` opened for reading without blocking (a FIFO or a device never stalls the checks), after
+    which fstat says it is a regular file; NotRegularFile (an OSError, strerror "not a regular file") otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0), dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(0, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class NotRegularFile(OSError):
+    """A data path that names a FIFO, a device, a socket or a folder: never read."""
+
+
 def check_image_file(path: Path) -> str | None:
     """None if the file is a structurally whole JPEG or PNG, else the reason it is not."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)
     except OSError as e:
         return f"unreadable ({e.strerror})"
     try:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import FastByolError
-from .checks import check_bytes
+from .checks import check_bytes, open_regular
 
 EncodedItem = tuple[str, Callable[[], bytes]]  # (name for messages, read the bytes)
 
@@ -144,7 +144,7 @@ def decode_splits(train_items, train_y, test_items, test_y, size: int, num_threa
 
 def file_item(path: str) -> EncodedItem:
     def read() -> bytes:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:  # never a FIFO or a device (they block or never end)
             return f.read()
 
     return path, read

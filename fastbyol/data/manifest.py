@@ -53,7 +53,7 @@ import numpy as np
 from ..errors import FastByolError
 from .cache import (cache_root, file_lock, load_npz_checked, path_key, remove_stale_tmp, save_npz_checked,
                     tmp_name, writable_dir)
-from .checks import check_fd
+from .checks import check_fd, open_regular
 
 VERSION = 2
 MANIFEST_NAME = "manifest.npz"
@@ -284,7 +284,7 @@ def check_files(root: str, rels: list[str], threads: int = 8) -> tuple[np.ndarra
                             dfd = None
                         folder = d
                         dfd = os.open(os.path.join(root, d), os.O_RDONLY | os.O_DIRECTORY)
-                    fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
+                    fd = open_regular(name, dir_fd=dfd)  # a FIFO would block forever
                 except OSError as e:
                     problems.append((i, f"unreadable ({e.strerror})"))
                     continue

@@ -44,7 +44,10 @@ def _check_images(images: np.ndarray, where: str) -> np.ndarray:
 
 
 def _check_labels(labels, n: int, where: str) -> np.ndarray:
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError) as e:  # ragged or mixed lists
+        raise FastByolError(f"{where}: labels are not an array of integers ({e})") from None
     if labels.ndim != 1 or len(labels) != n or not np.issubdtype(labels.dtype, np.integer):
         raise FastByolError(f"{where}: expected {n} integer labels, got {labels.dtype} {labels.shape}")
     if labels.min() < 0:
@@ -84,7 +87,7 @@ def _stl10_images(path: Path) -> np.ndarray:
 
 def _stl10_labels(path: Path, n: int) -> np.ndarray:
     labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
-    if len(labels) != n:
+    if len(labels) != n or n == 0:
         raise FastByolError(f"{path}: {len(labels)} labels for {n} images")
     if labels.min() < 1 or labels.max() > 10:
         raise FastByolError(f"{path}: STL10 labels must be 1..10")
@@ -150,7 +153,15 @@ def _cifar_arrays(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]
     if label_key not in batch or len(batch[label_key]) != len(data):
         raise FastByolError(f"{path}: {label_key.decode()} missing or not one per image")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), np.asarray(batch[label_key], dtype=np.int64)
+    labels = _check_labels(batch[label_key], len(data), f"{path}: {label_key.decode()}")
+    return np.ascontiguousarray(images), labels
+
+
+def _check_classes(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Labels of a format with a fixed class count must lie in 0..num_classes - 1 (the kNN vote indexes by them)."""
+    if len(labels) and labels.max() >= num_classes:
+        raise FastByolError(f"{where}: label {int(labels.max())} is out of range for {num_classes} classes "
+                            f"(0..{num_classes - 1})")
 
 
 def load_cifar(folder: Path):
@@ -163,16 +174,35 @@ def load_cifar(folder: Path):
         test_x, test_y = _cifar_arrays(folder / "test_batch", b"labels")
         train_x = np.concatenate([p[0] for p in parts])
         train_y = np.concatenate([p[1] for p in parts])
+        for p, (_, y) in zip(batches, parts):
+            _check_classes(y, 10, str(p))
+        _check_classes(test_y, 10, str(folder / "test_batch"))
         return _dataset("cifar10", train_x, train_y, test_x, test_y, 10, str(folder))
     if (folder / "train").is_file() and (folder / "test").is_file():
         train_x, train_y = _cifar_arrays(folder / "train", b"fine_labels")
         test_x, test_y = _cifar_arrays(folder / "test", b"fine_labels")
+        _check_classes(train_y, 100, str(folder / "train"))
+        _check_classes(test_y, 100, str(folder / "test"))
         return _dataset("cifar100", train_x, train_y, test_x, test_y, 100, str(folder))
     raise FastByolError(f"{folder}: no CIFAR-10 (data_batch_1, test_batch) or CIFAR-100 (train, test) files")
 
 
 # ------------------------------------------------------------------------------------------------------------ numpy
+def _npz_member(obj, key: str, path: Path) -> np.ndarray:
+    """One member of an .npz, read now (np.load reads members lazily: a broken or object-dtype member would raise
+    outside any check), as a numeric array."""
+    try:
+        arr = obj[key]
+    except Exception as e:  # object dtype (pickles refused), a damaged zip member, a bad header
+        raise FastByolError(f"{path}: member {key!r} is not a readable array ({type(e).__name__}: {e})") from None
+    if arr.dtype.kind not in "biuf":
+        raise FastByolError(f"{path}: member {key!r} holds {arr.dtype} values, not numbers")
+    return arr
+
+
 def load_numpy(path: Path):
+    if not path.is_file():
+        raise FastByolError(f"{path}: not a regular file (a .npy or .npz file is read)")
     try:
         obj = np.load(path, allow_pickle=False)
     except Exception as e:
@@ -180,11 +210,10 @@ def load_numpy(path: Path):
     if isinstance(obj, np.ndarray):
         return dataset_from_arrays(obj, name=path.stem, origin=str(path))
     keys = set(obj.files)
+    get = lambda k: _npz_member(obj, k, path) if k in keys else None  # noqa: E731
     if "train_images" in keys:
-        get = lambda k: obj[k] if k in keys else None  # noqa: E731
-        return dataset_from_arrays(obj["train_images"], get("train_labels"), get("test_images"), get("test_labels"),
+        return dataset_from_arrays(get("train_images"), get("train_labels"), get("test_images"), get("test_labels"),
                                    name=path.stem, origin=str(path))
     if "images" in keys:
-        return dataset_from_arrays(obj["images"], obj["labels"] if "labels" in keys else None, name=path.stem,
-                                   origin=str(path))
+        return dataset_from_arrays(get("images"), get("labels"), name=path.stem, origin=str(path))
     raise FastByolError(f"{path}: an .npz needs 'train_images' (or 'images'); it has {sorted(keys)}")

@@ -48,7 +48,7 @@ import numpy as np
 from ..errors import FastByolError
 from .cache import (TMP_MARK, cache_root, file_lock, load_npz_checked, path_key, remove_stale_tmp, save_npz_checked,
                     tmp_name, writable_dir)
-from .checks import check_fd
+from .checks import check_fd, open_regular
 
 META_VERSION = 2
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -165,7 +165,7 @@ def _split_name(name: str) -> tuple[str, str]:
 def index_shard(path: Path) -> dict:
     """Walk and check one shard: {"size", "mtime_ns", "samples": [(key, ext, off, size, label, cls_off,
     cls_size)], "bad": [[key, reason]], "problem": shard-level problem or None}."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         st = os.fstat(fd)
         members, problem = tar_members(fd, st.st_size, str(path))
@@ -414,7 +414,7 @@ def _shard_and_offset(name: str) -> tuple[str, str]:
 
 def _shard_item(path: str, off: int, size: int, key: str):
     def read() -> bytes:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)
         try:
             return os.pread(fd, size, off)
         finally:
@@ -532,6 +532,10 @@ def write_shards(src: Path, dst: Path, max_samples: int = 10000, max_bytes: floa
         raise FastByolError("--max-samples and --max-bytes must be positive")
     if not src.is_dir():
         raise FastByolError(f"{src}: not a folder (shards are written from an image folder)")
+    real_src, real_dst = src.resolve(), dst.resolve()  # symlinks followed: a link into SRC is inside it too
+    if real_dst == real_src or real_src in real_dst.parents:
+        raise FastByolError(f"{dst}: inside the source folder {src} (the shards would be written into the dataset); "
+                            "choose a folder outside it")
     dst.mkdir(parents=True, exist_ok=True)
     if any(dst.glob("*.tar")):
         raise FastByolError(f"{dst}: already holds .tar files; choose an empty folder")
