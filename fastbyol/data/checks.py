@@ -38,14 +38,14 @@ _HEAD = 4096  # bytes read first: the SOI and the usual header segments
 _TAIL = 1024  # the end marker must lie in the last KB (encoders may pad after it)
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (DHT, JPG and DAC are not)
 _MAX_SEGMENTS = 4096
-_PARSED = _SOF | {0xC4, 0xDB}
+_PARSED = _SOF | {0xC4, 0xDB}  # segments whose contents are checked (read whole)
 # Frame types DALI's decoders (libjpeg-turbo on the CPU, nvJPEG on the GPU) read correctly: baseline, extended and
 # progressive Huffman. Lossless (C3), hierarchical (C5-C7) and arithmetic-coded (C9-CB, CD-CF) frames decode to
 # garbage or not at all.
 _DECODABLE_SOF = frozenset({0xC0, 0xC1, 0xC2})
 # Colour type -> the bit depths the PNG specification allows with it (anything else crashes libpng readers).
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-MAX_SIDE = 1 << 16  # wider or taller than any decoder here allocates for (libjpeg's own limit is 65500)  # segments whose contents are checked (read whole)
+MAX_SIDE = 1 << 16  # wider or taller than any decoder here allocates for (libjpeg's own limit is 65500)
 
 Reader = Callable[[int, int], bytes]  # read(offset, n): up to n bytes of the object from offset
 
