@@ -12,5 +12,7 @@ from ._dispatch import (KernelBackendError, backend, check_backend, kernel_backe
 from .ema import clear_plans, ema_update_
 from .loss import byol_loss, byol_loss_symmetric
 
-__all__ = ["KernelBackendError", "backend", "byol_loss", "byol_loss_symmetric", "check_backend", "clear_plans", "ema_update_",
-           "kernel_backend", "kernel_path", "op_style", "set_backend", "set_op_style"]
+__all__ = [
+    "KernelBackendError", "backend", "byol_loss", "byol_loss_symmetric", "check_backend", "clear_plans",
+    "ema_update_", "kernel_backend", "kernel_path", "op_style", "set_backend", "set_op_style",
+]

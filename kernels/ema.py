@@ -10,7 +10,8 @@ still issues several.
 Why a pointer table, not a flat buffer: a flat buffer needs the parameters to be views into one allocation, which
 the user's model (any trainer) does not guarantee; the table works on the tensors as they are. It is built once per
 distinct parameter list (cached by the list objects' identity with an O(1) check, then by data pointers) and maps
-each program to (tensor, block start), so one launch covers every tensor. Tensors must be dense (contiguous or channels_last) with target and online strides equal.
+each program to (tensor, block start), so one launch covers every tensor. Tensors must be dense (contiguous or
+channels_last) with target and online strides equal.
 
 tau is a Python float (a kernel scalar) or a 0-D tensor on the device (read inside the kernel): no host sync, and
 under torch.compile a tensor tau changes without a recompile.

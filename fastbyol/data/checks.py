@@ -16,8 +16,8 @@ parse is named (or skipped under --skip-bad-files) before any DALI pipeline sees
   segments are skipped by their length) and the tail. Only baseline, extended and progressive Huffman frames (SOF0-2)
   of 8-bit, 1- or 3-component images are accepted: the other frame types decode to garbage or crash.
 - PNG: the signature, IHDR first (width, height in 1..65536, a colour type / bit depth pair the PNG specification
-  allows, compression 0, filter 0, interlace 0 or 1; a PLTE before the data of a palette image), every chunk's length inside
-  the file and its CRC-32 right, an IDAT, IEND last. Reads the whole file (PNG datasets are small; the CRCs catch
+  allows, compression 0, filter 0, interlace 0 or 1; a PLTE before the data of a palette image), every chunk's length
+  inside the file and its CRC-32 right, an IDAT, IEND last. Reads the whole file (PNG datasets are small; the CRCs catch
   corruption inside, which libpng would otherwise report in dozens of lines).
 Entropy-coded data is not decoded: a JPEG whose scan data is damaged passes, and DALI reports it per sample
 (a decode status, not a crash: tests/test_decode_safety.py).
