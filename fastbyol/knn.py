@@ -1,5 +1,6 @@
 """kNN evaluation of a frozen encoder (InstDisc / Wu et al. 2018): cosine similarity, k = 200, and a
-temperature-0.1 weighted vote, each neighbour voting exp(sim / T) for its label.
+temperature-0.1 weighted vote, each neighbour voting exp(sim / T) for its label (computed as exp((sim - max) / T), the
+same vote without overflow at any temperature).
 
 Features come from the encoder in eval mode on the un-augmented images, normalized like the training views.
 """
@@ -41,7 +42,9 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
     for start in range(0, len(query_feats), chunk):
         sim = query_feats[start:start + chunk] @ train_feats.T  # (q, N)
         top_sim, top_idx = sim.topk(k, dim=1)  # (q, k)
-        weights = (top_sim / temperature).exp()
+        # exp((sim - max) / T): the row's nearest neighbour weighs 1, so no weight overflows at a small T (exp(1 / 1e-3)
+        # is inf in float32 and every vote would tie); the common factor exp(max / T) does not change the argmax
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
         votes = torch.zeros(len(sim), num_classes, device=sim.device, dtype=weights.dtype)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         preds.append(votes.argmax(dim=1))

@@ -44,7 +44,7 @@ class TrainState:
             known = {f.name for f in fields(cls)}
             if not isinstance(raw, dict) or set(raw) - known:
                 raise FastByolError(f"{where}: its training state is unreadable")
-            return cls(**raw)
+            return cls(**raw).checked(where)
         if fmt == 1 and "step" in ckpt:  # fastbyol 0.1: the state's fields at the top level
             timed_images = ckpt.get("timed_images", ckpt.get("images_seen", 0))
             batch = ckpt.get("config", {}).get("data", {}).get("batch_size", 1) or 1
@@ -53,9 +53,45 @@ class TrainState:
                        data_states=list(ckpt.get("data_states", [])), torch_rngs=list(ckpt.get("torch_rngs", [])),
                        meter={"steps": timed_images // batch, "seconds": ckpt.get("train_seconds", 0.0),
                               "wait_seconds": ckpt.get("wait_seconds", 0.0), "warmup_seconds": 0.0},
-                       finished=bool(ckpt.get("finished", False)))
+                       finished=bool(ckpt.get("finished", False))).checked(where)
         raise FastByolError(f"{where}: checkpoint format {fmt!r} is not one this fastbyol reads "
                             f"(it reads {CHECKPOINT_FORMAT} and 1)")
+
+    def checked(self, where: str = "checkpoint") -> TrainState:
+        """This state, if every field has its type and range (a checkpoint is untrusted input: nothing is restored
+        from it before this passes), else a FastByolError naming the field."""
+        def bad(name: str, why: str):
+            raise FastByolError(f"{where}: its training state is damaged ({name} {why})")
+
+        def count(name: str, value, low: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                bad(name, f"is {value!r}, not an integer >= {low}")
+
+        count("step", self.step, 0)
+        count("world_size", self.world_size, 1)
+        count("num_images", self.num_images, 0)
+        if self.knn_top1_random_init is not None and not (isinstance(self.knn_top1_random_init, (int, float))
+                                                          and 0.0 <= self.knn_top1_random_init <= 100.0):
+            bad("knn_top1_random_init", f"is {self.knn_top1_random_init!r}, not a percentage")
+        if not isinstance(self.data_states, list) or not all(isinstance(d, (str, bytes)) for d in self.data_states):
+            bad("data_states", "is not a list of loader checkpoints (strings)")
+        rng_size = torch.get_rng_state().numel()
+        if not isinstance(self.torch_rngs, list) or not all(
+                isinstance(r, torch.Tensor) and r.dtype == torch.uint8 and r.dim() == 1 and r.numel() == rng_size
+                for r in self.torch_rngs):
+            bad("torch_rngs", f"is not a list of torch RNG states ({rng_size} bytes each)")
+        for name, states in (("data_states", self.data_states), ("torch_rngs", self.torch_rngs)):
+            if states and len(states) != self.world_size:
+                bad(name, f"has {len(states)} entries for {self.world_size} processes")
+        meter_keys = {"steps", "seconds", "wait_seconds", "warmup_seconds"}  # ThroughputMeter.state_dict()
+        if not isinstance(self.meter, dict) or (self.meter and set(self.meter) != meter_keys) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in self.meter.values()):
+            bad("meter", f"is not the throughput meter's state ({', '.join(sorted(meter_keys))}: numbers >= 0)")
+        if not isinstance(self.peak_device_bytes, (int, float)) or self.peak_device_bytes < 0:
+            bad("peak_device_bytes", f"is {self.peak_device_bytes!r}")
+        if not isinstance(self.finished, bool):
+            bad("finished", f"is {self.finished!r}, not true or false")
+        return self
 
 
 def nonfinite_tensors(state: dict, prefix: str = "") -> list[str]:

@@ -179,7 +179,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
                               cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
     plan = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
     if state is not None:
-        _check_resumable(state, resume, world_size, dataset.num_pretraining)
+        _check_resumable(state, resume, world_size, dataset.num_pretraining, plan.total_steps)
     state = state or TrainState(world_size=world_size, num_images=dataset.num_pretraining)
     bad = BadFiles(run_dir, dataset.pretraining_source, cfg.data.skip_bad_files, resume is not None, rank,
                    world_size)
@@ -367,7 +367,10 @@ def _default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.preset}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
-def _check_resumable(state: TrainState, resume, world_size: int, num_images: int) -> None:
+def _check_resumable(state: TrainState, resume, world_size: int, num_images: int, total_steps: int) -> None:
+    if state.step > total_steps:
+        raise FastByolError(f"{resume}: its checkpoint is at step {state.step}, past the run's {total_steps} steps "
+                            "(a damaged checkpoint or a changed config.json)")
     if state.world_size != world_size:
         raise FastByolError(f"{resume}: the run was checkpointed with {state.world_size} processes; resume it with as "
                             f"many (got {world_size})")

@@ -31,3 +31,22 @@ def test_knn_top1_on_separable_images():
     assert acc == 100.0
     shuffled = knn_top1(Flat(), imgs[:40], rng.permutation(labels[:40]), imgs[40:], labels[40:], 2, k=3)
     assert shuffled < 100.0
+
+
+def test_vote_is_stable_at_a_tiny_temperature():
+    """At T = 1e-3, exp(sim / T) overflows float32 (every weight inf, the argmax falls on class 0); the vote must
+    still be the float64 one."""
+    from fastbyol.knn import knn_predict
+
+    torch.manual_seed(3)
+    bank = torch.nn.functional.normalize(torch.randn(300, 16), dim=1)
+    labels = torch.randint(0, 7, (300,))
+    queries = torch.nn.functional.normalize(torch.randn(40, 16), dim=1)
+    for temperature in (1e-3, 0.01, 0.1):
+        got = knn_predict(bank, labels, queries, 7, k=50, temperature=temperature)
+        sim = queries.double() @ bank.double().T
+        top_sim, top_idx = sim.topk(50, dim=1)
+        w = ((top_sim - top_sim[:, :1]) / temperature).exp()  # float64 reference, shifted: exact argmax
+        votes = torch.zeros(40, 7, dtype=torch.float64).scatter_add_(1, labels[top_idx], w)
+        assert torch.equal(got, votes.argmax(dim=1)), temperature
+        assert len(set(got.tolist())) > 1  # not everything on one class

@@ -1,0 +1,56 @@
+"""A checkpoint's training state is untrusted input: each field is checked for its type and range before anything is
+restored from it, and a damaged one is one FastByolError naming the field (never a traceback, never a run that
+trains on with a negative step or a wrong RNG state)."""
+
+import pytest
+import torch
+
+from fastbyol.errors import FastByolError
+from fastbyol.state import TrainState
+from fastbyol.train import _check_resumable
+
+
+def _good() -> dict:
+    return dict(step=12, world_size=2, num_images=640, knn_top1_random_init=41.5, data_states=["a", b"b"],
+                torch_rngs=[torch.get_rng_state(), torch.get_rng_state()],
+                meter={"steps": 10, "seconds": 1.5, "wait_seconds": 0.1, "warmup_seconds": 3.0},
+                peak_device_bytes=0.0, finished=False)
+
+
+def _load(**changes) -> TrainState:
+    return TrainState.from_checkpoint({"format": 2, "model": {}, "state": {**_good(), **changes}}, "RUN/checkpoint.pt")
+
+
+def test_a_whole_state_loads():
+    state = _load()
+    assert state.step == 12 and state.world_size == 2 and len(state.torch_rngs) == 2
+
+
+@pytest.mark.parametrize("field, value", [
+    ("step", -5), ("step", 1.5), ("step", "3"), ("step", True), ("world_size", 0), ("num_images", -1),
+    ("knn_top1_random_init", 250.0), ("knn_top1_random_init", "x"),
+    ("data_states", "abc"), ("data_states", [1, 2]), ("data_states", ["only one"]),
+    ("torch_rngs", torch.get_rng_state()), ("torch_rngs", [torch.zeros(5, dtype=torch.uint8)] * 2),
+    ("torch_rngs", [torch.get_rng_state().float()] * 2), ("torch_rngs", [[1, 2], [3]]),
+    ("meter", [1, 2]), ("meter", {"steps": 1}), ("meter", {"steps": -1, "seconds": 0, "wait_seconds": 0,
+                                                           "warmup_seconds": 0}),
+    ("peak_device_bytes", -1.0), ("finished", "yes"),
+])
+def test_a_damaged_field_is_one_line_naming_it(field, value):
+    with pytest.raises(FastByolError) as e:
+        _load(**{field: value})
+    message = str(e.value)
+    assert field in message and "RUN/checkpoint.pt" in message and "\n" not in message
+
+
+def test_a_format_1_state_is_checked_too():
+    v1 = {"model": {}, "step": -5, "world_size": 1, "data_states": [], "torch_rngs": []}
+    with pytest.raises(FastByolError, match="step"):
+        TrainState.from_checkpoint(v1, "old.pt")
+
+
+def test_a_step_past_the_schedule_is_refused():
+    state = _load(world_size=1, data_states=["a"], torch_rngs=[torch.get_rng_state()])
+    _check_resumable(state, "RUN", 1, 640, total_steps=12)  # at the end exactly: fine
+    with pytest.raises(FastByolError, match="past the run's 11 steps"):
+        _check_resumable(state, "RUN", 1, 640, total_steps=11)
