@@ -16,7 +16,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .checkpoint import atomic_write_json, load_run
@@ -115,9 +114,29 @@ def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained"
     return result
 
 
+def _refuse_run_files(out: Path, run_dir: Path, cfg: Config | None = None) -> None:
+    """--out of export and plot never replaces a file the run needs (its checkpoint, config, metrics, summary, ...)
+    nor writes into the run's --data folder: one line instead."""
+    target = out.resolve()
+    run_files = {"checkpoint.pt", "config.json", "metrics.jsonl", "summary.json", "bad_files.json", ".lock"}
+    if target.parent == run_dir.resolve() and (target.name in run_files or target.name.startswith(".")):
+        raise FastByolError(f"--out {out} is a file of the run {run_dir}: give another name")
+    if cfg is not None:
+        data = cfg.data.data
+    else:  # the run's config.json, when it is readable (plot needs no checkpoint)
+        try:
+            data = json.loads((run_dir / "config.json").read_text())["data"]["data"]
+        except (OSError, ValueError, KeyError, TypeError):
+            data = None
+    data = data if isinstance(data, str) else None
+    if data and Path(data).is_dir() and target.is_relative_to(Path(data).resolve()):
+        raise FastByolError(f"--out {out} is inside the run's dataset {data}: write it elsewhere")
+
+
 def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") -> Path:
     """Write the encoder as a torchvision-compatible state_dict: .pt (torch.save) or .safetensors."""
     out = Path(out)
+    _refuse_run_files(out, Path(run_dir))
     if out.is_dir():
         raise FastByolError(f"--out {out} is a folder: give a file name")
     if out.suffix not in (".pt", ".pth", ".safetensors"):
@@ -126,7 +145,8 @@ def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") 
         raise FastByolError(f"--out {out}: the folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise FastByolError(f"--out {out}: the folder {out.parent} is not writable")
-    _, _, ckpt = load_run(run_dir)
+    cfg, _, ckpt = load_run(run_dir)
+    _refuse_run_files(out, Path(run_dir), cfg)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder_state(ckpt, which).items()}
     if out.suffix == ".safetensors":
         try:
@@ -162,6 +182,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                             f"{', '.join('.' + f for f in sorted(formats))}")
     if not out.parent.is_dir():
         raise FastByolError(f"--out {out}: the folder {out.parent} does not exist")
+    _refuse_run_files(out, run_dir)
     rows = []
     for n, line in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
@@ -175,13 +196,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         rows.append(row)
     panels = [("loss", "BYOL loss"), ("lr", "learning rate"), ("tau", "EMA tau"), ("img_per_s", "images / s")]
     steps = [r for r in rows if all(isinstance(r.get(key), (int, float)) for key, _ in panels)]
-    knn = [r for r in rows if isinstance(r.get("knn_top1"), (int, float)) and r.get("init") != "random"]
+    knn = [r for r in rows if isinstance(r.get("knn_top1"), (int, float)) and math.isfinite(r["knn_top1"])
+           and r.get("init") != "random"]
     if not steps:
         raise FastByolError(f"{metrics}: no logged steps")
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.6), constrained_layout=True)
-    x = np.array([r["step"] for r in steps])
     for ax, (key, title) in zip(axes, panels):
-        ax.plot(x, [r[key] for r in steps], lw=1.2)
+        finite = [r for r in steps if math.isfinite(r[key])]  # a NaN or Inf logged (a diverged run) is left out
+        ax.plot([r["step"] for r in finite], [r[key] for r in finite], lw=1.2)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -1,6 +1,7 @@
 """fastbyol eval / export / plot on a small run, and their error paths."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,34 @@ def test_errors_one_line_exit_2(capsys, argv, message):
 def test_export_bad_suffix(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--out", str(tmp_path / "enc.bin")]) == 2
     assert ".safetensors" in capsys.readouterr().err
+
+
+def test_export_and_plot_never_write_over_the_run_or_into_its_data(run_dir, capsys):
+    """--out naming the run's own checkpoint (or any file the run needs) or a path inside its --data folder is one
+    line and exit 2, with the run's files untouched."""
+    pytest.importorskip("matplotlib")
+    ckpt = run_dir / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    data = json.loads((run_dir / "config.json").read_text())["data"]["data"]
+    for argv, message in [(["export", str(run_dir), "--out", str(ckpt)], "is a file of the run"),
+                          (["export", str(run_dir), "--out", f"{data}/enc.pt"], "inside the run's dataset"),
+                          (["plot", str(run_dir), "--out", f"{data}/curves.png"], "inside the run's dataset")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert ckpt.read_bytes() == before
+    assert not (Path(data) / "enc.pt").exists() and not (Path(data) / "curves.png").exists()
+
+
+def test_plot_skips_non_finite_values(run_dir, tmp_path):
+    """A diverged run logs NaN / Infinity (json writes them as such): the plot leaves them out, no traceback."""
+    pytest.importorskip("matplotlib")
+    copy = tmp_path / "run"
+    copy.mkdir()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    lines += [json.dumps({**record, "step": record["step"] + 1000, "loss": float("nan"), "img_per_s": float("inf")}),
+              json.dumps({"step": 5, "knn_top1": float("nan")})]
+    (copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["plot", str(copy)]) == 0
+    assert (copy / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
