@@ -13,6 +13,7 @@ from fastbyol.cli import main
 from fastbyol.errors import FastByolError
 from fastbyol.rundir import RunFiles, write_error
 
+from .test_hardening import _one_line
 from .test_train import _small_idx_dataset
 
 SMALL = ["--epochs", "1", "--batch-size", "32", "--no-progress", "--knn-every", "0"]
@@ -21,14 +22,6 @@ SMALL = ["--epochs", "1", "--batch-size", "32", "--no-progress", "--knn-every", 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return _small_idx_dataset(tmp_path_factory.mktemp("rundir") / "data", 128, 64)
-
-
-def _one_line(capsys, *needles):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def test_a_lock_symlink_is_never_followed(data, tmp_path, capsys):
