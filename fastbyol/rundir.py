@@ -61,10 +61,21 @@ def _mapped(path: Path, write) -> None:
         raise mapped from None
 
 
-def check_out_outside_data(run_dir: Path, data: str | None) -> None:
-    """Refuse a run folder inside an image folder given as --data: an unlabeled folder reads every image below it,
-    so the run's own files would be listed (its checkpoint a "bad image") and change the data of its resume."""
+def check_out_outside_data(run_dir: Path, data: str | None, data_format: str = "auto") -> None:
+    """Refuse a run folder inside an image folder (or a folder of tar shards) given as --data: such a folder reads
+    every file below it, so the run's own files would be listed (its checkpoint a "bad image") and change the data of
+    its resume. Folders of fixed files (idx, CIFAR, STL10) read only their own files: a run folder beside them is
+    harmless."""
     if not data or not Path(data).is_dir():
+        return
+    if data_format == "auto":
+        from .data import detect_format
+
+        try:
+            data_format = detect_format(Path(data))
+        except FastByolError:
+            data_format = "folder"  # not recognisable: it may become an image folder, so no run inside it
+    if data_format in ("idx", "cifar", "stl10", "numpy"):
         return
     out, root = Path(run_dir).resolve(), Path(data).resolve()
     if out == root or root in out.parents:

@@ -174,7 +174,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the convolutions once
     run_dir = Path(resume) if resume is not None else Path(cfg.run.out or _default_run_dir(cfg))
     run_dir = broadcast_object(run_dir, rank, world_size)  # one name (its time stamp) for every rank
-    check_out_outside_data(run_dir, cfg.data.data)
+    check_out_outside_data(run_dir, cfg.data.data, cfg.data.data_format)
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
                               cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
     plan = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
