@@ -150,7 +150,7 @@ def flag_problems(args: list[str], parser: argparse.ArgumentParser) -> list[tupl
     rest = list(args)
     while rest and _subparsers(current):
         name = rest[0].strip("[]")
-        if name == "...":  # `fastbyol ...`: any command
+        if name == "..." or name.isupper():  # `fastbyol ...`, `fastbyol COMMAND`: any command
             return []
         if name.startswith("-"):
             break
@@ -246,6 +246,7 @@ def test_the_flag_check_catches_planted_mistakes():
             "fastbyol bench augment --size 224 --device cpu|gpu --json\n"
             "python benchmarks/parity.py --systems fastbyol lightly --seeds 0 1\n"
             "FASTBYOL_KERNELS=reference .venv/bin/fastbyol train --seed 3; python -m fastbyol ...  # any\n```\n"
+            "Placeholders: `fastbyol COMMAND --help`.\n"
             "Inline: `fastbyol export RUN --out e.pt --which target`.\n")
     assert command_problems(good, parser) == []
     bad = ("```bash\nfastbyol train --epochs 1 --no-such-flag 3\n"
