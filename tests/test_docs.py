@@ -1,12 +1,13 @@
 """The documentation stays true: every relative link in README.md, docs/*.md and benchmarks/results/*/README.md
 resolves (the file, and the `#anchor` as GitHub slugs a heading), and every `fastbyol ...` command shown in a shell
 block or an inline code span uses a subcommand and flags that the real argparse parser
-(`fastbyol.cli._build_parser()`) has. The checks run on text, so the tests also feed them planted mistakes.
+(`fastbyol.cli._build_parser()`) has, with values inside a flag's closed set where it has one. The checks run on text, so the tests also feed them planted mistakes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fastbyol.cli import _build_parser
+from fastbyol.config import SECTIONS, allowed_values
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,10 +115,12 @@ def shell_commands(text: str) -> list[str]:
 def fastbyol_invocations(line: str) -> list[list[str]]:
     """The argument lists after each `fastbyol` (a path ending in it, or `-m fastbyol`) on a shell line, each cut at
     the first pipe, redirection or command separator."""
-    lexer = shlex.shlex(line.removeprefix("$ "), posix=True, punctuation_chars=True)
+    # `cpu|gpu` (no spaces) shows alternatives, not a pipe: keep it one word
+    line = re.sub(r"(?<=[\w\]])\|(?=[\w\[-])", "\x00", line.removeprefix("$ "))
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True  # `;`, `|`, `&`, `<`, `>`, `(`, `)` still split off as their own tokens
     try:
-        tokens = list(lexer)
+        tokens = [t.replace("\x00", "|") for t in lexer]
     except ValueError:  # an unclosed quote: a prose fragment, not a command
         return []
     found = []
@@ -160,15 +164,34 @@ def flag_problems(args: list[str], parser: argparse.ArgumentParser) -> list[tupl
         path.append(name)
         current = subs[name]
         rest = rest[1:]
-    known = set(current._option_string_actions)
+    known = current._option_string_actions
+    cmd = " ".join(path) or "fastbyol"
     problems = []
-    for tok in rest:
+    for i, tok in enumerate(rest):
         for piece in re.split(r"[\[\]|]", tok):  # "[--init", "trained|random]", "[--a|--b]"
-            flag = piece.split("=", 1)[0]
-            if flag.startswith("-") and flag not in {"-", "--"} and not re.fullmatch(r"-\d[\d.e+-]*", flag) \
-                    and flag not in known:
-                problems.append((" ".join(path) or "fastbyol", flag))
+            flag, eq, inline_value = piece.partition("=")
+            if not flag.startswith("-") or flag in {"-", "--"} or re.fullmatch(r"-\d[\d.e+-]*", flag):
+                continue
+            if flag not in known:
+                problems.append((cmd, flag))
+                continue
+            value = inline_value if eq else (rest[i + 1] if i + 1 < len(rest) and known[flag].nargs is None else "")
+            problems += [(cmd, f"{flag} {v}") for v in bad_values(known[flag], value)]
     return problems
+
+
+def bad_values(action: argparse.Action, value: str) -> list[str]:
+    """The literal values shown for a flag with a closed set of values (argparse's choices, or the config rule of a
+    `fastbyol train` setting) that are not in the set; placeholders (`MODE`, `$X`, `...`) are not checked."""
+    allowed = action.choices
+    if allowed is None and "." in (action.dest or ""):
+        section, name = action.dest.split(".", 1)
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])} if section in SECTIONS else {}
+        allowed = allowed_values(fields[name]) if name in fields else None
+    if not allowed or not value or value.startswith("-"):
+        return []
+    pieces = [v for v in re.split(r"[\[\]|]", value) if v]
+    return [v for v in pieces if not (v.isupper() or v[0] in "$<{" or v == "...") and v not in allowed]
 
 
 def command_problems(text: str, parser: argparse.ArgumentParser | None = None) -> list[tuple[str, str]]:
@@ -257,5 +280,10 @@ def test_the_flag_check_catches_planted_mistakes():
     assert sorted(command_problems(bad, parser)) == sorted([
         ("train", "--no-such-flag"), ("bench augment", "--decode-mode"), ("fastbyol", "frobnicate"),
         ("eval", "--inti"), ("export", "--format")])
+    # a value outside a flag's closed set: argparse choices, and a train setting's rule
+    values = ("```bash\nfastbyol train --compile reduce-overhead --arch resnet50 --stem MODE\n"
+              "fastbyol train --compile turbo --device=tpu\nfastbyol bench augment --device cpu|tpu\n```\n")
+    assert sorted(command_problems(values, parser)) == sorted([
+        ("train", "--compile turbo"), ("train", "--device tpu"), ("bench augment", "--device tpu")])
     # an abbreviation argparse would accept is not the flag's name: the docs must spell it out
     assert command_problems("```bash\nfastbyol train --epoch 2\n```\n", parser) == [("train", "--epoch")]
