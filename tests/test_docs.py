@@ -41,7 +41,8 @@ def doc_files() -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------------- links
 
-INDENTED = re.compile(r"(?:^(?: {4}|\t)[^\n]*\n)+", re.M)
+# a 4-space indented code block starts after a blank line (an indented line right after text continues a list item)
+INDENTED = re.compile(r"(?:(?<=\n\n)|\A)(?:(?: {4}|\t)[^\n]*\n)+")
 
 
 def strip_blocks(text: str) -> str:
@@ -251,12 +252,13 @@ def test_the_link_check_catches_planted_mistakes(tmp_path):
     text = ("# Page\n\nsee [ok](other.md), [anchor](other.md#the---data-flag-again), [dup](other.md#twice-1),\n"
             "[self](#page), [web](https://example.org/x.md), ![img](missing.png), [gone](nope.md),\n"
             "[bad anchor](other.md#no-such-heading), [out](../../etc/passwd), [self bad](#nowhere)\n\n"
-            "```bash\ncat [in code](also-missing.md)\n```\n\n[ref]: ref-missing.md\n")
+            "```bash\ncat [in code](also-missing.md)\n```\n\n    [indented code](missing-too.md)\n\n"
+            "- a list item whose second line\n    links [a page](list-missing.md)\n\n[ref]: ref-missing.md\n")
     page.write_text(text)
     problems = link_problems(text, page, tmp_path)
     bad = sorted(p.split(": ", 1)[1].split(" (")[0] for p in problems)
     assert bad == sorted(["missing.png", "nope.md", "other.md#no-such-heading", "../../etc/passwd", "#nowhere",
-                          "ref-missing.md"]), problems
+                          "ref-missing.md", "list-missing.md"]), problems
     assert any("outside the repository" in p for p in problems)
 
 
