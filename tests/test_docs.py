@@ -98,6 +98,20 @@ def link_problems(text: str, page: Path, root: Path = ROOT) -> list[str]:
     return problems
 
 
+REPO_PATH = re.compile(r"(?:fastbyol|kernels|benchmarks|tests|docs)/[\w./*-]*")
+
+
+def path_problems(text: str, root: Path = ROOT) -> list[str]:
+    """Repository paths named in code spans (`tests/test_x.py`, `benchmarks/`, a glob such as `tests/test_data_*.py`)
+    or run as scripts in shell blocks (`python benchmarks/x.py`) that do not exist: a renamed file leaves no stale
+    name behind."""
+    named = [m.group("code") for m in CODE_SPAN.finditer(strip_blocks(text))]
+    named = [c for c in named if REPO_PATH.fullmatch(c)]
+    for line in shell_commands(text):
+        named += [t for t in line.split() if REPO_PATH.fullmatch(t) and t.endswith((".py", ".sh"))]
+    return sorted({n for n in named if not (any(root.glob(n)) if "*" in n else (root / n).exists())})
+
+
 # -------------------------------------------------------------------------------------------------------- commands
 
 def shell_commands(text: str) -> list[str]:
@@ -233,6 +247,19 @@ def test_every_shown_command_has_its_flags():
             is_pending = (cmd, flag) in PENDING_FLAGS and not (cmd == "train" and flag in train_flags)
             (pending if is_pending else problems).append(item)
     _pass_or_pending(problems, pending, "commands with flags `--help` does not list")
+
+
+def test_every_named_repository_path_exists():
+    problems = [f"{page.relative_to(ROOT)}: {p}" for page in doc_files() for p in path_problems(page.read_text())]
+    assert not problems, "paths that do not exist:\n" + "\n".join(problems)
+
+
+def test_the_path_check_catches_planted_mistakes():
+    text = ("`tests/test_docs.py`, `tests/test_do*.py`, `benchmarks/`, `fastbyol.kernels`, `runs/x.json`\n"
+            "`tests/test_gone.py`, `tests/test_nothing_*.py`, `fastbyol/augment_old.py`\n\n"
+            "```bash\npython benchmarks/parity.py --seeds 0\npython benchmarks/no_such_script.py > runs/out.json\n```\n")
+    assert path_problems(text) == sorted(["tests/test_gone.py", "tests/test_nothing_*.py", "fastbyol/augment_old.py",
+                                          "benchmarks/no_such_script.py"])
 
 
 def test_the_pages_exist_and_are_linked_from_the_readme():
