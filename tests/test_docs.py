@@ -1,7 +1,11 @@
-"""The documentation stays true: every relative link in README.md, docs/*.md and benchmarks/results/*/README.md
-resolves (the file, and the `#anchor` as GitHub slugs a heading), and every `fastbyol ...` command shown in a shell
-block or an inline code span uses a subcommand and flags that the real argparse parser
-(`fastbyol.cli._build_parser()`) has, with values inside a flag's closed set where it has one. The checks run on text, so the tests also feed them planted mistakes.
+"""The documentation stays true. In README.md, docs/*.md and benchmarks/results/*/README.md:
+- every relative link resolves (the file, and the `#anchor` as GitHub slugs a heading), inside the repository;
+- every `fastbyol ...` command shown in a shell block or an inline code span uses a subcommand and flags that the real
+  argparse parser (`fastbyol.cli._build_parser()`) has, with values inside a flag's closed set where it has one;
+- every repository path named in a code span, or run as a script, exists.
+The checks are functions of the text, so the tests also feed them planted mistakes and check each is caught.
+
+    .venv/bin/python -m pytest tests/test_docs.py -q
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ PENDING_PAGES = {"docs/environment.md", "docs/backbones.md", "docs/fault-toleran
 PENDING_FLAGS = {("train", "--decode")}
 
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+|~~~+)(?P<info>[^\n]*)\n(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$",
-                   re.M | re.S)
+                   re.M | re.S)  # a fenced code block; info "bash" etc. (or none) marks a shell block
 SHELL_INFO = {"bash", "sh", "shell", "console", "shell-session"}
 LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\((?P<target><[^>]*>|[^)\s]+)(?:\s+\"[^\"]*\")?\)")
 REF_LINK = re.compile(r"^ {0,3}\[[^\]]+\]:\s*(?P<target>\S+)", re.M)
