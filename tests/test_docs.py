@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PENDING_PAGES = {"docs/environment.md", "docs/backbones.md", "docs/fault-tolerance.md"}
 PENDING_FLAGS = {("train", "--decode")}
 
-FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+|~~~+)(?P<info>[^\n]*)\n(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$",
-                   re.M | re.S)  # a fenced code block; info "bash" etc. (or none) marks a shell block
+FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+|~~~+)(?P<info>[^\n]*)\n"
+                   r"(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$", re.M | re.S)  # a fenced code block; info "bash" etc. (or none) marks a shell block
 SHELL_INFO = {"bash", "sh", "shell", "console", "shell-session"}
 LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\((?P<target><[^>]*>|[^)\s]+)(?:\s+\"[^\"]*\")?\)")
 REF_LINK = re.compile(r"^ {0,3}\[[^\]]+\]:\s*(?P<target>\S+)", re.M)
@@ -261,7 +261,8 @@ def test_every_named_repository_path_exists():
 def test_the_path_check_catches_planted_mistakes():
     text = ("`tests/test_docs.py`, `tests/test_do*.py`, `benchmarks/`, `fastbyol.kernels`, `runs/x.json`\n"
             "`tests/test_gone.py`, `tests/test_nothing_*.py`, `fastbyol/augment_old.py`\n\n"
-            "```bash\npython benchmarks/parity.py --seeds 0\npython benchmarks/no_such_script.py > runs/out.json\n```\n")
+            "```bash\npython benchmarks/parity.py --seeds 0\n"
+            "python benchmarks/no_such_script.py > runs/out.json\n```\n")
     assert path_problems(text) == sorted(["tests/test_gone.py", "tests/test_nothing_*.py", "fastbyol/augment_old.py",
                                           "benchmarks/no_such_script.py"])
 
