@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PENDING_PAGES = {"docs/environment.md", "docs/backbones.md", "docs/fault-tolerance.md"}
 PENDING_FLAGS = {("train", "--decode")}
 
+# a fenced code block; its info "bash" (sh, shell, console) or none marks a shell block
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+|~~~+)(?P<info>[^\n]*)\n"
-                   r"(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$", re.M | re.S)  # a fenced code block; info "bash" etc. (or none) marks a shell block
+                   r"(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$", re.M | re.S)
 SHELL_INFO = {"bash", "sh", "shell", "console", "shell-session"}
 LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\((?P<target><[^>]*>|[^)\s]+)(?:\s+\"[^\"]*\")?\)")
 REF_LINK = re.compile(r"^ {0,3}\[[^\]]+\]:\s*(?P<target>\S+)", re.M)
