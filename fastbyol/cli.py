@@ -35,7 +35,10 @@ def _train_flags() -> list[tuple[str, dataclasses.Field]]:
 
 def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="BYOL pretraining",
-                           description="BYOL pretraining; preset values are the defaults, any flag overrides them.")
+                           description="BYOL pretraining; preset values are the defaults, any flag overrides them.",
+                           epilog=f"exit status: 0 finished, 2 bad input or settings (one line), {EXIT_PREEMPTED_DOC} "
+                                  "stopped by SIGTERM, SIGUSR1 or SIGINT at a log point with a checkpoint written "
+                                  "(run the same command with --auto-resume, or --resume RUN_DIR, to continue)")
     train.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
     defaults = get_preset(DEFAULT_PRESET)
     for section, f in _train_flags():

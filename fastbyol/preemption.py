@@ -121,12 +121,16 @@ def _saved_config(run_dir: Path) -> Config:
 def auto_resume_decision(cfg: Config, rank: int = 0, log=print) -> Path | None:
     """What `--auto-resume` does with cfg.run.out: the run directory to resume, None to start a new run there, or
     FastByolError (settings differ, or the folder is not a fastbyol run). Finished runs raise `AlreadyFinished`.
-    Rank 0 alone clears a new run's leftovers; the other ranks take the same decision from the same files."""
+    Rank 0 alone clears a new run's leftovers (or refuses the folder: the group then fails as one); the other ranks
+    start a new run where there is no checkpoint, and otherwise take rank 0's decision from the same files (nothing
+    writes a checkpoint before every rank has joined the process group)."""
     if not cfg.run.out:
         raise FastByolError("--auto-resume needs --out (the folder the same command finds again)")
     run_dir = Path(cfg.run.out)
     if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
         return None  # missing or empty: a new run (RunFiles.open refuses a file in its place)
+    if rank != 0 and not (run_dir / CHECKPOINT).is_file():
+        return None  # rank 0 clears, starts or refuses this folder; reading it meanwhile would race with it
     if not (run_dir / "config.json").is_file():
         raise FastByolError(f"--out {run_dir} exists, is not empty and holds no fastbyol run (no config.json): "
                             "choose another folder")
@@ -134,8 +138,7 @@ def auto_resume_decision(cfg: Config, rank: int = 0, log=print) -> Path | None:
     if diffs:
         raise FastByolError(f"--auto-resume: {run_dir} holds a run with other settings: " + ", ".join(diffs))
     if not (run_dir / CHECKPOINT).is_file():
-        if rank == 0:
-            _clear_unstarted(run_dir)
+        _clear_unstarted(run_dir)
         log(f"restarting {run_dir}: it stopped before its first checkpoint")
         return None
     from .checkpoint import load_checkpoint

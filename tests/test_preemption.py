@@ -153,6 +153,20 @@ def _wait_for(path, proc, timeout=300):
         time.sleep(0.01)
 
 
+def _wait_for_handler(proc, sig, timeout=120):
+    """Until `proc` catches `sig` (its SigCgt mask in /proc): before that the signal's default action applies."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            status = open(f"/proc/{proc.pid}/status").read()
+        except OSError:
+            return
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_the_same_command_after_sigkills_ends_as_the_uninterrupted_run(reference, tmp_path):
     data, full, expected = reference
@@ -204,8 +218,9 @@ def test_sigterm_at_ten_random_moments_then_the_uninterrupted_parameters(referen
             env.update(FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE=str(rng.randint(1, 2)),
                        FASTBYOL_TEST_KILL_SIGNAL=rng.choice(["TERM,USR1", "TERM,INT", "TERM,TERM"]))
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        if not in_write:  # after the handlers are installed (the CLI's first lines): start-up, a step, a log point
-            time.sleep(rng.uniform(1.0, 12.0))
+        if not in_write:  # once the handlers are installed (the CLI's first lines): start-up, a step, a log point
+            _wait_for_handler(proc, signal.SIGTERM)
+            time.sleep(rng.uniform(0.0, 10.0))
             proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=600)
         if proc.returncode == 0:  # the signal came after the last log point: the run finished
@@ -229,3 +244,9 @@ def test_sigterm_at_ten_random_moments_then_the_uninterrupted_parameters(referen
     assert loss_steps == [json.loads(x)["step"] for x in (full / "metrics.jsonl").read_text().splitlines()
                           if '"loss"' in x]
     assert stops >= 5  # really interrupted, many times
+
+
+def test_the_help_states_the_exit_status():
+    from fastbyol.cli import EXIT_PREEMPTED_DOC
+
+    assert EXIT_PREEMPTED_DOC == EXIT_PREEMPTED == 75
