@@ -54,7 +54,8 @@ def _one_host(port: int) -> list[str]:
 
 def _two_hosts(node: int, port: int) -> list[str]:
     return ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-            f"{HOSTS[0]}:{port}", "--rdzv-id", "fastbyol-two-hosts", "--local-addr", HOSTS[node]]
+            f"{HOSTS[0]}:{port}", "--rdzv-id", "fastbyol-two-hosts", "--rdzv-conf", f"is_host={int(node == 0)}",
+            "--local-addr", HOSTS[node]]
 
 
 def _children(pid: int) -> list[int]:
