@@ -39,7 +39,7 @@ _received: list[str] = []  # names of the stop signals this process got, in orde
 _previous: dict[int, object] = {}
 
 
-def _on_signal(signum, frame) -> None:  # noqa: ARG001 (the handler's signature)
+def _on_signal(signum, frame) -> None:
     name = signal.Signals(signum).name
     if not _received and os.environ.get("RANK", "0") == "0":  # os.write: print is not reentrant in a handler
         os.write(2, f"fastbyol: {name}: stopping at the next log point with a checkpoint\n".encode())
@@ -146,7 +146,9 @@ def auto_resume_decision(cfg: Config, rank: int = 0, log=print) -> Path | None:
     state = load_checkpoint(run_dir / CHECKPOINT)["state"]
     total = _total_steps(run_dir)
     if state.get("finished"):
-        raise AlreadyFinished(f"{run_dir}: the run already finished ({state.get('step')} of {total} steps)")
+        missing = "" if (run_dir / "summary.json").is_file() else (
+            f"; its summary.json is missing (stopped while writing it): `fastbyol eval {run_dir}` evaluates it")
+        raise AlreadyFinished(f"{run_dir}: the run already finished ({state.get('step')} of {total} steps){missing}")
     log(f"resuming {run_dir} at step {state.get('step')} of {total}")
     return run_dir
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,7 +159,7 @@ def _wait_for_handler(proc, sig, timeout=120):
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         try:
-            status = open(f"/proc/{proc.pid}/status").read()
+            status = Path(f"/proc/{proc.pid}/status").read_text()
         except OSError:
             return
         caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
