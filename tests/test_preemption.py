@@ -251,3 +251,34 @@ def test_the_help_states_the_exit_status():
     from fastbyol.cli import EXIT_PREEMPTED_DOC
 
     assert EXIT_PREEMPTED_DOC == EXIT_PREEMPTED == 75
+
+
+def test_the_page_uses_real_flags():
+    """Every flag in docs/fault-tolerance.md's command blocks exists: train's in `fastbyol train --help`, the others
+    in torchrun's."""
+    import re
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from torch.distributed.run import get_args_parser
+
+    from fastbyol.cli import main
+
+    page = (Path(__file__).parent.parent / "docs" / "fault-tolerance.md").read_text()
+    blocks = "\n".join(re.findall(r"```(?:bash)?\n(.*?)```", page, flags=re.S))
+    text = StringIO()
+    with redirect_stdout(text), pytest.raises(SystemExit):
+        main(["train", "--help"])
+    torchrun_help = get_args_parser().format_help()
+    checked = set()
+    for command in blocks.replace("\\\n", " ").splitlines():
+        if "torchrun" not in command and "fastbyol" not in command:
+            continue
+        launcher, _, train = command.partition("fastbyol train")
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]+", train):
+            assert flag in text.getvalue(), flag
+            checked.add(flag)
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]+", launcher):
+            assert flag in torchrun_help, flag
+            checked.add(flag)
+    assert {"--auto-resume", "--ckpt-every-steps", "--max-restarts", "--signals-to-handle", "--rdzv-conf"} <= checked
