@@ -34,6 +34,11 @@ class TrainingStopped(FastByolError):
     """The run stopped on purpose (non-finite loss or weights): its directory and last good checkpoint stay."""
 
 
+class Preempted(TrainingStopped):
+    """The run stopped on a signal at a log point, its checkpoint written (fastbyol.preemption): the CLI exits with
+    EXIT_PREEMPTED."""
+
+
 def write_error(e: BaseException, path: Path) -> FastByolError | None:
     """One line for a failed write of `path`, when the exception is (or wraps: torch.save turns the OSError into a
     RuntimeError) one of WRITE_ERRORS; else None."""

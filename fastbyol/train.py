@@ -36,6 +36,7 @@ from .meter import ThroughputMeter
 from .models import BYOL, build_encoder, params_sha256
 from .optim import LARS
 from .perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
+from .preemption import StopCheck
 from .profiling import StepProfiler
 from .reference import lr_at, tau_at
 from .rundir import (BadFiles, Checkpointer, RunFiles, TrainingStopped, check_out_outside_data,  # noqa: F401
@@ -250,7 +251,7 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
     loss_mean, pending = DeferredMean(device), None  # the last log point's loss on its way to the host, its record
     start_epoch, resume_offset = divmod(state.step, plan.steps_per_epoch)
     input_dtype = getattr(torch, plan.input_dtype)
-    startup = {}
+    startup, stop = {}, StopCheck(world_size)
     for epoch in range(start_epoch, cfg.optim.epochs):
         meter.resume()
         for v1, v2 in meter.batches(loader.epoch(resume_offset if epoch == start_epoch else 0)):
@@ -281,6 +282,11 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
                                tau=tau)
                 loss_sum.zero_()
                 steps_since_log = 0
+                if stop.now() and state.step < plan.total_steps:  # a stop signal: every rank stops at this step
+                    meter.pause()
+                    last_loss, pending = _report(pending, loss_mean, bar, files, run_dir), None
+                    files.save(checkpoint(False, loss_sum))
+                    raise stop.stopped(state.step, plan.total_steps, run_dir)
 
             # checkpoint: outside the timed region (sync)
             if cfg.run.ckpt_every_steps and state.step % cfg.run.ckpt_every_steps == 0 \
