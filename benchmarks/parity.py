@@ -180,7 +180,7 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-SOURCES = ("fastbyol/augment.py", "fastbyol/photometric.py", "kernels/photometric.py", "fastbyol/train.py",
+SOURCES = ("fastbyol/augment/loader.py", "fastbyol/photometric.py", "kernels/photometric.py", "fastbyol/train.py",
            "fastbyol/models.py", "fastbyol/optim.py", "fastbyol/config.py")
 
 

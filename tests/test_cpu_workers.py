@@ -1,4 +1,4 @@
-"""The CPU loader's worker processes (fastbyol.cpu_workers): the same views as the thread path, exact resume while a
+"""The CPU loader's worker processes (fastbyol.augment.cpu_workers): the same views as the thread path, exact resume while a
 batch is computed ahead, and clear errors and clean exits."""
 
 import os
@@ -180,7 +180,7 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
 
 
 def test_a_workers_exception_comes_back_named():
-    from fastbyol.cpu_workers import ChainProcesses
+    from fastbyol.augment.cpu_workers import ChainProcesses
 
     images = torch.from_numpy(_images(8))
     chain = dict(blur_window=5, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_tail=TAP_TAIL)
@@ -197,7 +197,7 @@ def test_a_workers_exception_comes_back_named():
 
 
 def test_every_chunk_is_dealt_to_exactly_one_worker():
-    from fastbyol.cpu_workers import assign
+    from fastbyol.augment.cpu_workers import assign
 
     tasks = [(v, list(range(a, a + n))) for v, (a, n) in enumerate([(0, 5), (5, 1), (6, 3), (0, 2), (2, 7)])]
     for workers in (1, 2, 3, 7):

@@ -47,11 +47,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .config import BLUR_WINDOW_RULES
-from .errors import FastByolError
+from ..config import BLUR_WINDOW_RULES
+from ..errors import FastByolError
 from .crops import crop_resize_flip, crop_resize_flip_many  # noqa: F401  (re-exported: fastbyol.augment's API)
-from .photometric import ORDERS, PARAM_NAMES, TAP_TAIL, photometric_many
-from .photometric_variants import photometric_variant
+from ..photometric import ORDERS, PARAM_NAMES, TAP_TAIL, photometric_many
+from ..photometric_variants import photometric_variant
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -556,7 +556,7 @@ class TwoViewLoader:
             except RuntimeError as e:  # a file that passed the header checks but does not decode
                 if not self.encoded:
                     raise
-                from .data.decode import failed_sample
+                from ..data.decode import failed_sample
 
                 bad = failed_sample(self.encoded_source, str(e))
                 reason = f"does not decode (DALI: {_dali_reason(str(e))})"

@@ -32,7 +32,7 @@ import weakref
 import numpy as np
 import torch
 
-from .errors import FastByolError
+from ..errors import FastByolError
 
 SLOTS = 2  # output buffers: one batch computed while the one before is copied out and consumed
 
@@ -58,7 +58,7 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
     from .crops import crop_resize_flip_many
-    from .photometric import _prepare
+    from ..photometric import _prepare
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for other in inherited:
