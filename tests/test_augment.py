@@ -212,3 +212,38 @@ def test_encoded_source_with_the_reader_contract(tmp_path):
 def test_bad_image_array_is_one_clear_error():
     with pytest.raises(FastByolError, match="uint8"):
         TwoViewLoader([[0]], batch_size=1, image_size=8)
+
+
+def test_views_from_config_are_the_runs_views():
+    """The trainer and `bench augment` build the views with views_from_config: the official pair with the run's crop
+    area and blur window rule (fmnist-tiny: crop_min_area 0.2, the cover window)."""
+    from fastbyol.augment import views_from_config
+    from fastbyol.config import get_preset
+
+    cfg = get_preset("fmnist-tiny")
+    cfg.data.blur_window = "official"
+    v1, v2 = views_from_config(cfg)
+    assert v1 == dataclasses.replace(VIEW1, crop_area=(0.2, 1.0), blur_window_rule="official")
+    assert v2 == dataclasses.replace(VIEW2, crop_area=(0.2, 1.0), blur_window_rule="official")
+    assert views_from_config(get_preset("imagenet-resnet50")) == (VIEW1, VIEW2)  # 0.08 and cover: the defaults
+
+
+def test_augment_settings_reach_the_loader_and_are_checked():
+    """The loader takes the run's AugmentConfig, any field of which a keyword overrides; a bad value is one
+    FastByolError naming the field, an unknown keyword a TypeError. chunk_pixels changes how the chain is cut, not
+    the views."""
+    from fastbyol.config import AugmentConfig
+
+    kw = dict(batch_size=16, image_size=16, seed=4, num_threads=1)
+    a = TwoViewLoader(_images(32), augment=AugmentConfig(cpu_parallel="threads"), **kw)
+    b = TwoViewLoader(_images(32), augment=AugmentConfig(), cpu_parallel="threads", chunk_pixels=16 * 16 * 3, **kw)
+    assert a.cpu_parallel == b.cpu_parallel == "threads" and a._procs is None
+    assert b.maker.chains[0]["chunk_pixels"] == 768 and a.maker.chains[0]["chunk_pixels"] == 1 << 17
+    for x, y in zip(next(iter(a.epoch())), next(iter(b.epoch()))):
+        assert torch.equal(x, y)
+    with pytest.raises(FastByolError, match="chunk_pixels must be >= 1, got 0"):
+        TwoViewLoader(_images(32), chunk_pixels=0, **kw)
+    with pytest.raises(FastByolError, match="cpu_parallel must be one of processes, threads"):
+        TwoViewLoader(_images(32), augment=AugmentConfig(cpu_parallel="fibers"), **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'labels'"):
+        TwoViewLoader(_images(32), labels=np.zeros(32, np.int64), **kw)

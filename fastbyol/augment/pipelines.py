@@ -6,9 +6,9 @@ DALI draws every random number of both views: the crop windows (fn.random_crop_g
 sampler: area and log-aspect drawn until the window fits, 10 attempts), the flips, and the chain's parameters
 (`draw_params`, packed per sample as one (N_PARAMS,) float32 output: columns in fastbyol.photometric.PARAM_NAMES).
 Its checkpoint holds all their states and the read position, so DALI's checkpoint string is all a resume needs. The
-graphs have ~40 operators (the colour chain built from DALI arithmetic had ~1,600). DALI seeds its random operators
-in the order they are created: each graph creates them in the order it always has (reader or source, then view 1's
-draws and crop, then view 2's), so a checkpoint saved by an earlier version restores the same streams.
+graphs have ~40 operators (the colour chain built from DALI arithmetic had ~1,600). Each graph creates its operators
+in one fixed order (reader or source, then view 1's draws and crop, then view 2's): keep it when editing a graph, so
+a seed, and a saved checkpoint, go on giving the same batches.
 
 The four graphs and their outputs, in order:
 - gpu_arrays:  crops1, params1, crops2, params2 (uint8 (3, S, S) planar crops on the GPU; params on the GPU)
