@@ -89,8 +89,8 @@ class DataConfig:
     skip_bad_files: bool = setting(False, "leave out and count unreadable images instead of stopping")
     crop_min_area: float = setting(0.08, "smallest random-resized-crop area, fraction of the image (official 0.08)",
                                    "must be in (0, 1]", lambda v: _finite(v) and 0.0 < v <= 1.0)
-    blur_window: str = setting(BLUR_WINDOW_DEFAULT, "Gaussian blur window: cover (the official window, widened to +-3 sigma of the "
-                               "widest sigma where it is narrower: 13 taps up to 139 px, the official window above) "
+    blur_window: str = setting(BLUR_WINDOW_DEFAULT, "Gaussian blur window: cover (the official window, widened to "
+                               "+-3 sigma of the widest sigma where it is narrower: 13 taps up to 139 px, the official window above) "
                                "or official (10%% of the view side: 3 taps at 28 px, 9 at 96, 23 at 224)",
                                choices=BLUR_WINDOW_RULES)
 

@@ -1,5 +1,5 @@
-"""The CPU loader's worker processes (fastbyol.augment.cpu_workers): the same views as the thread path, exact resume while a
-batch is computed ahead, and clear errors and clean exits."""
+"""The CPU loader's worker processes (fastbyol.augment.cpu_workers): the same views as the thread path, exact resume
+while a batch is computed ahead, and clear errors and clean exits."""
 
 import os
 import signal

@@ -182,9 +182,8 @@ def test_a_bad_decode_mode_is_one_clear_error(jpegs):
 def test_the_cpu_loader_takes_either_mode_and_the_default_is_roi(jpegs):
     """On the CPU the loader always decodes once (torch crops both views): the mode is accepted and changes
     nothing."""
-    from fastbyol.data.folders import FileList
-
     from fastbyol.config import AugmentConfig
+    from fastbyol.data.folders import FileList
 
     assert AugmentConfig().decode == "roi"
     views = {}

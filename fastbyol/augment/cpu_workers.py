@@ -57,8 +57,8 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
     is computed exactly as there.
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
-    from .crops import crop_resize_flip_many
     from ..photometric import _prepare
+    from .crops import crop_resize_flip_many
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for other in inherited:
