@@ -172,3 +172,22 @@ def test_resume_refuses_settings(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--epochs", "3", "--base-lr", "1"]) == 2
     err = capsys.readouterr().err
     assert "--resume" in err and "--epochs, --base-lr" in err and err.count("\n") == 1
+
+
+def test_every_environment_variable_is_in_the_one_table():
+    """docs/environment.md lists every environment variable the code reads or sets (os.environ in fastbyol/,
+    kernels/ and benchmarks/): a new one without its row fails here."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    use = re.compile(r"""(?:environ(?:\.get|\.setdefault|\.pop)?\(\s*|environ\[|_env_int\(|dict\(os\.environ,\s*)"""
+                     r"""["']?([A-Z][A-Z0-9_]+)""")
+    found = set()
+    for folder in ("fastbyol", "kernels", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            found |= set(use.findall(path.read_text()))
+    table = (root / "docs" / "environment.md").read_text()
+    assert {"TRITON_INTERPRET", "FASTBYOL_KERNELS", "RANK", "FASTBYOL_CACHE"} <= found  # the scan sees them
+    missing = sorted(name for name in found if f"`{name}`" not in table)
+    assert not missing, f"not in docs/environment.md: {missing}"
