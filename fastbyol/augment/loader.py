@@ -145,7 +145,7 @@ class TwoViewLoader:
         self.skip_bad = self.encoded and bool(getattr(images, "skip_bad", False)) and hasattr(images, "replace_bad")
         self.skipped: list[tuple[str, str]] = []  # (file or shard:offset:member, DALI's reason) replaced so far
         self.on_skip = None  # called with (name, reason) after each replacement (the trainer logs it)
-        self._ahead = None  # (epoch iterator, checkpoint before the oldest batch drawn, not yielded) (AheadEpoch)
+        self._ahead = None  # (epoch iterator, checkpoint before the oldest batch drawn, not yielded) (epoch_ahead)
         self._owner = None  # the epoch iterator of the processes path that may run
         self._pipe = pipelines.build_pipeline(*self._graph, checkpoint)
 
