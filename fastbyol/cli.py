@@ -18,8 +18,8 @@ import dataclasses
 import os
 import sys
 
-from .config import (BLUR_WINDOW_RULES, DEFAULT_PRESET, PRESETS, SECTIONS, Config, allowed_values, field_kind, flag_name,
-                     get_preset)
+from .config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,
+                     allowed_values, field_kind, flag_name, get_preset)
 from .errors import FastByolError
 
 EXIT_PREEMPTED_DOC = 75  # fastbyol.preemption.EXIT_PREEMPTED (not imported here: it loads torch)
@@ -79,16 +79,19 @@ def _add_other_parsers(sub) -> None:
     aug.add_argument("--source", default="arrays", choices=["arrays", "gray", "jpeg"],
                      help="uint8 colour arrays in memory, the same gray (R = G = B: the Fashion-MNIST fast path), or "
                           "synthetic JPEG files decoded by DALI")
-    aug.add_argument("--decode", default=None, choices=["roi", "once"],
+    aug.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                     help="measure this preset's views and augmentation settings, as fastbyol train runs them")
+    aug.add_argument("--decode", default=None, choices=list(DECODE_MODES),
                      help="GPU JPEG decode: one region-of-interest decode per view, or one whole decode + two crops "
-                          "(default: the trainer's, fastbyol.augment.DECODE)")
+                          "(default: the preset's, fastbyol train --decode)")
     aug.add_argument("--blur-window", default=None, choices=list(BLUR_WINDOW_RULES),
-                     help="blur window rule (default: the trainer's, see fastbyol train --help)")
+                     help="blur window rule (default: the preset's, fastbyol train --blur-window)")
     aug.add_argument("--steps", type=int, default=20, help="timed batches (after 3 warm-up batches)")
     aug.add_argument("--threads", type=int, default=None,
                      help="DALI threads and CPU pixel workers (default: min(8, cores))")
-    aug.add_argument("--cpu-parallel", default="processes", choices=["processes", "threads"],
-                     help="CPU, arrays: the crops and chain in worker processes (the trainer's) or threads")
+    aug.add_argument("--cpu-parallel", default=None, choices=list(CPU_PARALLEL_MODES),
+                     help="CPU, arrays: the crops and chain in worker processes or threads (default: the preset's, "
+                          "fastbyol train --cpu-parallel)")
     aug.add_argument("--json", action="store_true", help="print one JSON object")
     aug.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -213,8 +216,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise FastByolError(f"--threads must be >= 1, got {args.threads}")
     r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads,
-                      blur_window=args.blur_window, cpu_parallel=args.cpu_parallel,
-                      **({} if args.decode is None else {"decode": args.decode}))
+                      blur_window=args.blur_window, cpu_parallel=args.cpu_parallel, decode=args.decode,
+                      preset=args.preset)
     if args.json:
         print(json.dumps(r))
     else:

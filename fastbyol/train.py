@@ -12,7 +12,6 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import math
 import os
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .augment import VIEW1, VIEW2, TwoViewLoader
+from .augment import TwoViewLoader, views_from_config
 from .checkpoint import CHECKPOINT, load_run, state_bytes
 from .config import Config, Resolved
 from .data import ImageDataset, resolve_dataset
@@ -350,12 +349,11 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     model = build_model(cfg, device)
-    crop = {"crop_area": (cfg.data.crop_min_area, 1.0), "blur_window_rule": cfg.data.blur_window}
+    view1, view2 = views_from_config(cfg)
     loader = TwoViewLoader(dataset.pretraining_source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed,
-                           device=device.type, num_threads=cfg.data.num_threads,
-                           view1=dataclasses.replace(VIEW1, **crop), view2=dataclasses.replace(VIEW2, **crop),
+                           device=device.type, num_threads=cfg.data.num_threads, view1=view1, view2=view2,
                            gray_input=dataset.gray, shard_id=rank, num_shards=plan.world_size,
-                           checkpoint=state.data_states[rank] if state.data_states else None)
+                           checkpoint=state.data_states[rank] if state.data_states else None, augment=cfg.augment)
     optimizer = LARS(model.online_parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
                      momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
     if ckpt is not None:

@@ -32,7 +32,7 @@ import weakref
 import numpy as np
 import torch
 
-from .errors import FastByolError
+from ..errors import FastByolError
 
 SLOTS = 2  # output buffers: one batch computed while the one before is copied out and consumed
 
@@ -57,8 +57,8 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
     is computed exactly as there.
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
+    from ..photometric import _prepare
     from .crops import crop_resize_flip_many
-    from .photometric import _prepare
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the parent's stop signals (a scheduler may send
         signal.signal(sig, signal.SIG_IGN)  # them to every process): it stops at a log point and ends the workers
