@@ -137,10 +137,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     init_distributed("cpu")
     model = _model()
     net = DistributedDataParallel(model, broadcast_buffers=False, gradient_as_bucket_view=True)
-    hooks = []
+    forwards, hooks = [0], []
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
 
-    def counted(state, bucket):  # DDP's all-reduce of one gradient bucket, counted
-        hooks.append(bucket.index())
+    def counted(state, bucket):  # DDP's all-reduce of one gradient bucket: after which forward it ran
+        hooks.append(forwards[0])
         fut = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])
 
@@ -162,10 +163,9 @@ def test_two_processes_accumulating_equal_one_process_with_the_whole_batch(tmp_p
     for rank in range(2):
         got = torch.load(tmp_path / f"rank.{rank}", weights_only=False)
         _assert_same(got["record"], expected)
-        # the all-reduce ran in the last of the 2 backwards of each of the STEPS optimizer steps: each bucket once
-        # a step (a hook in the first backward too would count every bucket twice a step)
-        buckets = sorted(set(got["hooks"]))
-        assert sorted(got["hooks"]) == sorted(buckets * STEPS), got["hooks"]
+        # the all-reduces ran in the backward of the 2nd micro-batch of each optimizer step (forwards 2, 4, 6)
+        # and never in that of the 1st (forwards 1, 3, 5)
+        assert set(got["hooks"]) == {2 * (step + 1) for step in range(STEPS)}, got["hooks"]
 
 
 # -------------------------------------------------------------------------------------------------------- settings
