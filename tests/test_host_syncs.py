@@ -135,6 +135,7 @@ def test_an_item_put_back_into_the_step_is_counted(tmp_path, monkeypatch):
     assert all(names == ["aten._local_scalar_dense.default"] for names in between.values()), between
 
 
+@pytest.mark.slow
 def test_an_item_in_each_micro_batch_is_counted(tmp_path, monkeypatch):
     import fastbyol.accumulate as accumulate_module
 
