@@ -109,6 +109,13 @@ class ModelConfig:
 class OptimConfig:
     epochs: int = setting(16, "passes over the training images", "must be > 0", lambda v: v > 0)
     base_lr: float = setting(4.0, "LARS lr = base_lr * batch_size / 256", "must be a finite number > 0", _positive)
+    accumulate: int = setting(1, "micro-batches per optimizer step per process (gradient accumulation): each process "
+                              "splits its share of --batch-size into N equal micro-batches, one forward and backward "
+                              "each, then one LARS step and one EMA update; --batch-size stays the batch of one "
+                              "optimizer step (lr, steps and checkpoints count optimizer steps). BatchNorm normalises "
+                              "each micro-batch with its own statistics, as accumulating set-ups do (solo-learn's "
+                              "accumulate_grad_batches): a step equals the big-batch step exactly only for a model "
+                              "without batch statistics", "must be >= 1", lambda v: v >= 1)
     warmup_epochs: float = setting(1.0, "epochs of linear lr warmup from 0, then cosine to 0",
                                    "must be a finite number >= 0", _nonnegative)
     weight_decay: float = setting(1e-6, "LARS weight decay, before the trust ratio; not on biases and BN",
@@ -229,6 +236,8 @@ class Resolved:
     device: str  # cpu | cuda
     world_size: int  # processes (torchrun)
     local_batch: int  # images per step per process
+    accumulate: int  # micro-batches per optimizer step per process (--accumulate)
+    micro_batch: int  # images per forward and backward per process: local_batch / accumulate
     steps_per_epoch: int  # full batches per process per epoch (the last partial batch is dropped)
     total_steps: int
     warmup_steps: int
@@ -297,10 +306,18 @@ class Config:
         batch = self.data.batch_size
         if batch % world_size:
             raise FastByolError(f"--batch-size {batch} (the global batch) does not divide over {world_size} processes")
-        local_batch = batch // world_size
+        local_batch, accumulate = batch // world_size, self.optim.accumulate
         if local_batch < 2:
             raise FastByolError(f"--batch-size {batch} over {world_size} processes leaves {local_batch} image per "
                                 "process; BatchNorm needs at least 2")
+        if local_batch % accumulate:
+            raise FastByolError(f"--batch-size {batch} does not divide into {world_size} process"
+                                f"{'es' if world_size > 1 else ''} x {accumulate} "
+                                f"micro-batches (--accumulate {accumulate})")
+        if local_batch // accumulate < 2:
+            raise FastByolError(f"--batch-size {batch} over {world_size} processes x {accumulate} micro-batches "
+                                f"(--accumulate {accumulate}) leaves {local_batch // accumulate} image per "
+                                "micro-batch; BatchNorm needs at least 2")
         if batch > num_images:
             raise FastByolError(f"--batch-size {batch} is larger than the {num_images} training images of "
                                 f"{dataset_name}")
@@ -310,7 +327,8 @@ class Config:
             mode = "default" if device_type == "cuda" else "off"
         bf16 = device_type == "cuda"
         return Resolved(
-            device=device_type, world_size=world_size, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
+            device=device_type, world_size=world_size, local_batch=local_batch, accumulate=accumulate,
+            micro_batch=local_batch // accumulate, steps_per_epoch=steps_per_epoch,
             total_steps=self.optim.epochs * steps_per_epoch,
             warmup_steps=int(round(self.optim.warmup_epochs * steps_per_epoch)),
             peak_lr=self.optim.base_lr * batch / 256.0, compile_mode=mode, autocast_bf16=bf16,

@@ -3,7 +3,8 @@
     fastbyol train [--preset NAME] [--data PATH] [--epochs N] [--batch-size N] [--seed S] [--out DIR] ...
 
 Per step: two DALI views -> online and target forwards (one per view) -> fused symmetric loss -> backward -> LARS
-step at lr_at(step) -> EMA of the target at tau_at(step), after the optimizer step (`byol_step`). Around it:
+step at lr_at(step) -> EMA of the target at tau_at(step), after the optimizer step (`byol_step`; with --accumulate N,
+N micro-batches of forward and backward before the one optimizer step: `fastbyol.accumulate`). Around it:
 `ThroughputMeter` (img/s, step time, data wait, MFU), `TrainState` (what a checkpoint holds besides the weights),
 `Config.resolve` (the derived values), `rundir` (the run directory: lock, metrics, checkpoint, summary, bad files).
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .accumulate import accumulated_step
 from .augment import TwoViewLoader, views_from_config
 from .checkpoint import CHECKPOINT, load_run, state_bytes
 from .config import Config, Resolved
@@ -94,18 +96,23 @@ def evaluate_knn(model: BYOL | torch.nn.Module, dataset: ImageDataset, cfg: Conf
 class TrainStep:
     """The step the loop calls. Its first call in a process compiles (under torch.compile); under --compile auto a
     compiler failure there prints one warning and the step runs again eagerly (compilation fails before the forward
-    runs, so nothing has changed). Later calls go straight to byol_step."""
+    runs, so nothing has changed). Later calls go straight to byol_step, or with --accumulate N > 1 to
+    accumulated_step (N micro-batches, one optimizer step)."""
 
     def __init__(self, net, eager_net, optimizer: LARS, model: BYOL, plan: Resolved, may_fall_back: bool, log):
         self.net, self.eager_net, self.optimizer = net, eager_net, optimizer
         self.target_params, self.online_params = model.ema_pairs()
         self.bf16 = plan.autocast_bf16
+        self.accumulate = plan.accumulate
         self.mode = plan.compile_mode
         self.may_fall_back = may_fall_back and self.mode != "off"
         self.log = log
 
     def __call__(self, v1: torch.Tensor, v2: torch.Tensor, lr: float, tau: float) -> torch.Tensor:
         try:
+            if self.accumulate > 1:
+                return accumulated_step(self.net, self.optimizer, self.target_params, self.online_params, v1, v2, lr,
+                                        tau, self.accumulate, self.bf16)
             return byol_step(self.net, self.optimizer, self.target_params, self.online_params, v1, v2, lr, tau,
                              self.bf16)
         except Exception as e:  # noqa: BLE001 (only a failed compilation at the first step is caught)
@@ -418,6 +425,7 @@ def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: B
         + ("" if resume is None else f"; resumed at step {state.step}"))
     log(f"resolved: {plan.local_batch} images a step per process, {plan.steps_per_epoch} steps an epoch, "
         f"{plan.total_steps} steps ({plan.warmup_steps} warmup), peak lr {plan.peak_lr:g}, views {plan.input_dtype}"
+        + (f", {plan.accumulate} micro-batches of {plan.micro_batch} a step" if plan.accumulate > 1 else "")
         + (", bf16 autocast" if plan.autocast_bf16 else ""))
 
 

@@ -3,7 +3,8 @@
 `fastbyol.train.train`, and each op that would make the host wait for a device is attributed to the step interval
 it falls in. Between log points: zero. At a log point: one (the previous log point's loss, read from the host copy
 that `DeferredMean` queued; on a GPU a read of memory already there, behind an event long passed). A `.item()`
-put back into the step is caught.
+put back into the step is caught. The same with `--accumulate 4` (4 micro-batches an optimizer step): accumulation
+adds no sync.
 
 On a CPU-only machine there is no device queue, so every read of a tensor's value into Python counts as a sync, as
 it would on a GPU: `_local_scalar_dense` (behind .item(), float(), bool(), int()), `is_nonzero`, `equal`,
@@ -62,7 +63,7 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _count_run(tmp_path, monkeypatch) -> tuple[dict[int, list[str]], int]:
+def _count_run(tmp_path, monkeypatch, accumulate: int = 1) -> tuple[dict[int, list[str]], int]:
     """Run the real loop on a tiny dataset under the counter; per interval k (after step k, up to and including
     step k + 1's meter.step), the syncs seen; and the number of steps."""
     counter = SyncCounter()
@@ -83,7 +84,7 @@ def _count_run(tmp_path, monkeypatch) -> tuple[dict[int, list[str]], int]:
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
     data = _small_idx_dataset(tmp_path / "data", n_train=IMAGES, n_test=50)
     cfg = get_preset("fmnist-tiny")
-    cfg.data.data, cfg.data.batch_size, cfg.optim.epochs = str(data), BATCH, 1
+    cfg.data.data, cfg.data.batch_size, cfg.optim.epochs, cfg.optim.accumulate = str(data), BATCH, 1, accumulate
     cfg.run.out, cfg.run.log_every, cfg.run.ckpt_every_steps, cfg.run.device = str(tmp_path / "run"), LOG_EVERY, 0, \
         "cpu"
     with counter:
@@ -102,8 +103,16 @@ def _steady(per_interval: dict, steps: int) -> tuple[dict, dict]:
     return between, at
 
 
-def test_the_loop_never_syncs_between_log_points(tmp_path, monkeypatch):
-    per_interval, steps = _count_run(tmp_path, monkeypatch)
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_the_loop_never_syncs_between_log_points(tmp_path, monkeypatch, accumulate):
+    if accumulate > 1:  # the accumulated step runs: a sync inside it would be counted
+        steps_run = []
+        accumulated_step = train_module.accumulated_step
+        monkeypatch.setattr(train_module, "accumulated_step", lambda *a, **k: steps_run.append(1) or
+                            accumulated_step(*a, **k))
+    per_interval, steps = _count_run(tmp_path, monkeypatch, accumulate)
+    if accumulate > 1:
+        assert len(steps_run) == steps
     assert steps == IMAGES // BATCH
     between, at = _steady(per_interval, steps)
     assert all(not names for names in between.values()), between
@@ -124,3 +133,20 @@ def test_an_item_put_back_into_the_step_is_counted(tmp_path, monkeypatch):
     per_interval, steps = _count_run(tmp_path, monkeypatch)
     between, _ = _steady(per_interval, steps)
     assert all(names == ["aten._local_scalar_dense.default"] for names in between.values()), between
+
+
+@pytest.mark.slow
+def test_an_item_in_each_micro_batch_is_counted(tmp_path, monkeypatch):
+    import fastbyol.accumulate as accumulate_module
+
+    loss_of = accumulate_module.byol_loss_symmetric
+
+    def loss_with_item(*args):
+        loss = loss_of(*args)
+        loss.item()  # a sync per micro-batch
+        return loss
+
+    monkeypatch.setattr(accumulate_module, "byol_loss_symmetric", loss_with_item)
+    per_interval, steps = _count_run(tmp_path, monkeypatch, accumulate=4)
+    between, _ = _steady(per_interval, steps)
+    assert all(names == ["aten._local_scalar_dense.default"] * 4 for names in between.values()), between
