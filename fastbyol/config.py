@@ -25,6 +25,7 @@ BLUR_WINDOW_RULES = ("official", "cover")  # ViewSpec.blur_window says what each
 # what a config.json saved before a setting existed meant: resuming such a run keeps the behaviour it trained with
 SAVED_BEFORE_DEFAULTS = {"data": {"blur_window": "official"}}
 DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("lars", "adamw")
 
 
 def setting(default: Any, help: str, rule: str | None = None, check: Callable[[Any], bool] | None = None,
@@ -47,6 +48,15 @@ def _positive(v) -> bool:
 
 def _nonnegative(v) -> bool:
     return _finite(v) and v >= 0
+
+
+def _custom_arch(f, value) -> bool:
+    """An --arch of the form module.path:factory (an encoder of the user's own)."""
+    if f.metadata.get("choices_from") != "archs" or not isinstance(value, str):
+        return False
+    from .models import is_custom_arch
+
+    return is_custom_arch(value)
 
 
 def allowed_values(f) -> tuple | None:
@@ -92,7 +102,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = setting("resnet-tiny", "encoder", choices_from="archs")
+    arch: str = setting("resnet-tiny", "encoder: a name below (ResNets: resnetD for depth D in 18..200, resnetDxK for the "
+                        "BYOL paper's width K in 2..4, torchvision's wide_resnet50_2/101_2; ViTs with timm's names), "
+                        "or module.path:factory, a callable returning your own torch.nn.Module (see docs/backbones.md)",
+                        choices_from="archs")
     stem: str = setting("small-s2", "encoder stem: auto (small if image_size <= 64), imagenet (7x7/2 + max-pool), small "
                         "(3x3/1), small-s2 (3x3/2)", choices_from="stems")
     proj_hidden: int = setting(1024, "projector hidden width (official 4096)", "must be > 0", lambda v: v > 0)
@@ -103,13 +116,19 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = setting(16, "passes over the training images", "must be > 0", lambda v: v > 0)
-    base_lr: float = setting(4.0, "LARS lr = base_lr * batch_size / 256", "must be a finite number > 0", _positive)
+    optimizer: str = setting("lars", "lars (the BYOL paper's: momentum, trust ratio) or adamw (the MoCo v3 ViT recipe: "
+                             "AdamW, betas 0.9/0.999, base lr 1.5e-4, weight decay 0.1, 40 warmup epochs, cosine: "
+                             "preset imagenet-vit-small); norms, biases, pos_embed and cls_token get no weight decay "
+                             "(nor the LARS trust ratio)", choices=OPTIMIZERS)
+    base_lr: float = setting(4.0, "lr = base_lr * batch_size / 256 (LARS or AdamW)", "must be a finite number > 0",
+                             _positive)
     warmup_epochs: float = setting(1.0, "epochs of linear lr warmup from 0, then cosine to 0",
                                    "must be a finite number >= 0", _nonnegative)
-    weight_decay: float = setting(1e-6, "LARS weight decay, before the trust ratio; not on biases and BN",
+    weight_decay: float = setting(1e-6, "weight decay (LARS: added before the trust ratio; AdamW: decoupled); not on "
+                                  "norms, biases, pos_embed, cls_token",
                                   "must be a finite number >= 0", _nonnegative)
-    momentum: float = setting(0.9, "LARS momentum", "must be in [0, 1)", lambda v: _finite(v) and 0.0 <= v < 1.0)
-    trust_coefficient: float = setting(1e-3, "LARS trust coefficient eta", "must be a finite number > 0", _positive)
+    momentum: float = setting(0.9, "LARS momentum (AdamW: unused)", "must be in [0, 1)", lambda v: _finite(v) and 0.0 <= v < 1.0)
+    trust_coefficient: float = setting(1e-3, "LARS trust coefficient eta (AdamW: unused)", "must be a finite number > 0", _positive)
     tau_base: float = setting(0.99, "EMA decay at step 0, cosine to 1 at the last step", "must be in [0, 1]",
                               lambda v: _finite(v) and 0.0 <= v <= 1.0)
 
@@ -241,9 +260,9 @@ class Config:
                 if not _type_ok(value, field_kind(f)):
                     raise FastByolError(f"{flag} must be {field_kind(f).__name__}, got {value!r}")
                 allowed = allowed_values(f)
-                if allowed is not None:
-                    if value not in allowed:
-                        raise FastByolError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+                if allowed is not None and value not in allowed and not _custom_arch(f, value):
+                    extra = ", or module.path:factory" if meta.get("choices_from") == "archs" else ""
+                    raise FastByolError(f"{flag} must be one of {', '.join(allowed)}{extra}; got {value!r}")
                 check = meta.get("check")
                 if check is not None and not check(value):
                     raise FastByolError(f"{flag} {meta['rule']}, got {value!r}")
@@ -304,6 +323,21 @@ PRESETS: dict[str, tuple[Config, str]] = dict(
             dict(arch="resnet50", stem="imagenet", proj_hidden=4096, pred_hidden=4096),
             dict(epochs=1000, base_lr=0.2, warmup_epochs=10, weight_decay=1.5e-6, tau_base=0.996),
             "the official recipe: ImageNet, ResNet-50, 224 px, batch 4096, 1000 epochs, base lr 0.2, tau 0.996")),
+        *[(f"imagenet-{arch}", _preset(
+            f"imagenet-{arch}",
+            dict(data="imagenet", image_size=224, batch_size=4096, num_threads=8),
+            dict(arch=arch, stem="imagenet", proj_hidden=4096, pred_hidden=4096),
+            dict(epochs=1000, base_lr=0.2, warmup_epochs=10, weight_decay=1.5e-6, tau_base=0.996),
+            f"the BYOL paper's {what}: the ResNet-50 recipe unchanged (batch 4096, 1000 epochs, LARS base lr 0.2, "
+            "tau 0.996)")) for arch, what in (("resnet50x2", "ResNet-50 (2x), 94M"),
+                                               ("resnet200x2", "ResNet-200 (2x), 250M"))],
+        ("imagenet-vit-small", _preset(
+            "imagenet-vit-small",
+            dict(data="imagenet", image_size=224, batch_size=4096, num_threads=8),
+            dict(arch="vit_small_patch16", stem="auto", proj_hidden=4096, pred_hidden=4096),
+            dict(optimizer="adamw", epochs=300, base_lr=1.5e-4, warmup_epochs=40, weight_decay=0.1, tau_base=0.99),
+            "MoCo v3's ViT recipe with BYOL's loss: ImageNet, ViT-S/16, 224 px, batch 4096, 300 epochs, AdamW "
+            "lr 1.5e-4 x batch/256, wd 0.1, 40 warmup epochs, cosine, tau 0.99")),
     ]
 )
 DEFAULT_PRESET = "fmnist-tiny"

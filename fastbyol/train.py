@@ -12,6 +12,7 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import math
@@ -33,8 +34,8 @@ from .errors import FastByolError
 from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
 from .knn import knn_top1
 from .meter import ThroughputMeter
-from .models import BYOL, build_encoder, params_sha256
-from .optim import LARS
+from .models import BYOL, build_encoder, call_factory, params_sha256
+from .optim import LARS, build_optimizer
 from .perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
 from .profiling import StepProfiler
 from .reference import lr_at, tau_at
@@ -51,9 +52,38 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: Config, device: torch.device) -> BYOL:
-    encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
-    model = BYOL(encoder, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden)
+class EncoderMaker:
+    """Makes the run's encoder after the seed is set: by `--arch` name, or from the `encoder` given to `train` (an
+    nn.Module, used as it is the first time and deep-copied from its untrained state for the random-init baseline
+    after, or a factory, called each time)."""
+
+    def __init__(self, cfg: Config, encoder=None):
+        self.cfg, self.given = cfg, encoder
+        self.pristine = copy.deepcopy(encoder).cpu() if isinstance(encoder, torch.nn.Module) else None
+        if encoder is not None and self.pristine is None and not callable(encoder):
+            raise FastByolError(f"train(encoder=...): expected a torch.nn.Module or a callable returning one, got "
+                                f"{type(encoder).__name__}")
+
+    def __call__(self) -> torch.nn.Module:
+        m = self.cfg.model
+        try:
+            if self.given is None:
+                return build_encoder(m.arch, m.stem, self.cfg.data.image_size)
+            if self.pristine is not None:
+                given, self.given = self.given, copy.deepcopy(self.pristine)
+                return given
+            return call_factory(self.given, m.stem, self.cfg.data.image_size, where="train(encoder=...)")
+        except ValueError as e:  # an unknown name, a factory that cannot be imported or returns no module
+            raise FastByolError(str(e).splitlines()[0]) from None
+
+
+def build_model(cfg: Config, device: torch.device, make_encoder: EncoderMaker | None = None) -> BYOL:
+    encoder = (make_encoder or EncoderMaker(cfg))()
+    try:
+        model = BYOL(encoder, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden,
+                     image_size=cfg.data.image_size)
+    except ValueError as e:  # an encoder whose output is not (batch, features)
+        raise FastByolError(f"--arch {cfg.model.arch}: {str(e).splitlines()[0]}") from None
     return model.to(device=device, memory_format=torch.channels_last)
 
 
@@ -130,7 +160,8 @@ def _compile_error(e: BaseException) -> bool:
     return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
-def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None) -> tuple[Path, dict]:
+def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None,
+          encoder=None) -> tuple[Path, dict]:
     """Run BYOL pretraining as `cfg` says; returns (run directory, summary). Bad settings raise FastByolError
     before anything is written.
 
@@ -138,7 +169,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     batch, each rank reads its own shard; rank 0 alone logs and writes the run directory.
 
     resume: a run directory with a checkpoint.pt; its own config.json is used and training continues exactly where
-    the checkpoint was taken (model, optimizer, step, data position and random states of every rank)."""
+    the checkpoint was taken (model, optimizer, step, data position and random states of every rank).
+
+    encoder: an encoder of your own instead of cfg.model.arch: an nn.Module mapping (B, 3, H, W) to (B, D), or a
+    callable returning one (called after the seed is set; it may take `image_size` and `stem`). D is its
+    `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run."""
     from .dist import close_distributed, init_distributed
 
     state, ckpt = None, None
@@ -152,7 +187,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     rank, world_size, created = init_distributed(device.type)
     old_umask = os.umask(0o077)  # run files readable by their owner only
     try:
-        return _train(cfg, state, ckpt, resume, device, rank, world_size, progress, log)
+        return _train(cfg, state, ckpt, resume, device, rank, world_size, progress, log, EncoderMaker(cfg, encoder))
     except OSError as e:
         if e.errno == errno.ENOSPC:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
             raise FastByolError(f"{e.filename or 'the run directory'}: no space left on the device") from None
@@ -164,7 +199,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
 
 
 def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, device: torch.device, rank: int,
-           world_size: int, progress: bool, log) -> tuple[Path, dict]:
+           world_size: int, progress: bool, log, make_encoder: EncoderMaker) -> tuple[Path, dict]:
     # setup: the data, the plan, the run folder's name, the model, the step, the meter
     is_rank0 = rank == 0
     if not is_rank0:
@@ -183,7 +218,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     state = state or TrainState(world_size=world_size, num_images=dataset.num_pretraining)
     bad = BadFiles(run_dir, dataset.pretraining_source, cfg.data.skip_bad_files, resume is not None, rank,
                    world_size)
-    model, loader, optimizer = _build_training(cfg, plan, dataset, device, state, ckpt, rank)
+    model, loader, optimizer = _build_training(cfg, plan, dataset, device, state, ckpt, rank, make_encoder)
     loader.on_skip = lambda name, why: log(f"skipped {name}: {why} (--skip-bad-files)")
     image_flops = flops_per_image(model, cfg.data.image_size, device)  # on the plain model: no collectives
     net = _distributed(model, device, world_size)
@@ -205,7 +240,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
 
         # the end: the final checkpoint first (a failed evaluation loses nothing), then kNN, then the summary
         files.save(checkpoint(False, loss_sum))  # not yet finished: a resume from it runs the evaluation again
-        knn_trained, knn_random = _final_knn(cfg, dataset, model, device, run_dir, is_rank0, world_size)
+        knn_trained, knn_random = _final_knn(cfg, dataset, model, device, run_dir, is_rank0, world_size, make_encoder)
         state.knn_top1_random_init = knn_random
         files.save(checkpoint(True, loss_sum))
         summary = _summary(cfg, plan, state, meter, model, dataset, device, step_fn.mode, knn_trained, knn_random,
@@ -323,12 +358,12 @@ def _report(record: dict, loss_mean: DeferredMean, bar, files: RunFiles, run_dir
 
 
 def _final_knn(cfg: Config, dataset: ImageDataset, model: BYOL, device: torch.device, run_dir: Path, is_rank0: bool,
-               world_size: int) -> tuple[float | None, float | None]:
+               world_size: int, make_encoder: EncoderMaker) -> tuple[float | None, float | None]:
     """kNN of the trained encoder and of the random-init one (rebuilt from the seed), rank 0 while the others wait.
     The run is saved already: a failure here is one line saying so, and `--resume` runs the evaluation again."""
     try:
         knn_trained = evaluate_knn(model, dataset, cfg, device) if is_rank0 else None
-        knn_random = _random_init_knn(cfg, dataset, device) if is_rank0 else None
+        knn_random = _random_init_knn(cfg, dataset, device, make_encoder) if is_rank0 else None
     except Exception as e:  # noqa: BLE001 (any failure: the trained run is kept, the error is one line)
         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise TrainingStopped(f"the final evaluation failed ({why}); the trained run is kept in {run_dir / CHECKPOINT}"
@@ -339,19 +374,18 @@ def _final_knn(cfg: Config, dataset: ImageDataset, model: BYOL, device: torch.de
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: torch.device, state: TrainState,
-                    ckpt: dict | None, rank: int) -> tuple[BYOL, TwoViewLoader, LARS]:
+                    ckpt: dict | None, rank: int, make_encoder: EncoderMaker) -> tuple[BYOL, TwoViewLoader, LARS]:
     """The model, this rank's loader and the optimizer, from the seed, or from the checkpoint when resuming."""
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, make_encoder)
     crop = {"crop_area": (cfg.data.crop_min_area, 1.0), "blur_window_rule": cfg.data.blur_window}
     loader = TwoViewLoader(dataset.pretraining_source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed,
                            device=device.type, num_threads=cfg.data.num_threads,
                            view1=dataclasses.replace(VIEW1, **crop), view2=dataclasses.replace(VIEW2, **crop),
                            gray_input=dataset.gray, shard_id=rank, num_shards=plan.world_size,
                            checkpoint=state.data_states[rank] if state.data_states else None)
-    optimizer = LARS(model.online_parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
-                     momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
+    optimizer = build_optimizer(cfg.optim, model)  # LARS or AdamW, with the decay / trust-ratio exclusions
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -417,14 +451,14 @@ def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: B
         + (", bf16 autocast" if plan.autocast_bf16 else ""))
 
 
-def _random_init_knn(cfg: Config, dataset: ImageDataset, device: torch.device) -> float | None:
+def _random_init_knn(cfg: Config, dataset: ImageDataset, device: torch.device,
+                     make_encoder: EncoderMaker) -> float | None:
     """kNN top-1 of the random-init encoder: rebuilt from the seed exactly as the model's encoder was (the encoder is
     the first thing drawn after seeding), so the figure is the one before training, computed off the critical path."""
     if not dataset.has_knn:
         return None
     torch.manual_seed(cfg.run.seed)
-    encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
-    encoder = encoder.to(device=device, memory_format=torch.channels_last)
+    encoder = make_encoder().to(device=device, memory_format=torch.channels_last)
     return evaluate_knn(encoder, dataset, cfg, device)
 
 
