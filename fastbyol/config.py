@@ -305,6 +305,12 @@ PRESETS: dict[str, tuple[Config, str]] = dict(
         ("fmnist-tiny", _preset("fmnist-tiny", dict(crop_min_area=0.2), {}, {},
                                 "default: embedded Fashion-MNIST, tiny ResNet, 28 px, batch 128, 16 epochs; "
                                 "~4 min on 2 CPU cores")),
+        ("fmnist-vit-tiny", _preset(
+            "fmnist-vit-tiny", dict(crop_min_area=0.2),
+            dict(arch="vit-tiny-cpu", stem="auto"),
+            dict(optimizer="adamw", epochs=5, base_lr=2e-3, warmup_epochs=0.5, weight_decay=0.05, tau_base=0.99),
+            "embedded Fashion-MNIST, a 4-block ViT on 4 px patches (vit-tiny-cpu), 28 px, batch 128, AdamW, 5 "
+            "epochs; ~5 min on 2 CPU cores")),
         ("stl10-resnet18", _preset(
             "stl10-resnet18",
             dict(data="stl10_binary", image_size=96, batch_size=256, num_threads=4),

@@ -83,8 +83,8 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT encoder without a head: (B, 3, S, S) -> (B, D), the class token after the final norm.
 
-    The input side is fixed at construction (`image_size`, a multiple of `patch_size`): pos_embed has one row per
-    patch plus the class token's. Init as timm's: truncated normal (std 0.02) for pos_embed and every Linear, zero
+    pos_embed has one row per patch of an `image_size` input (a multiple of `patch_size`) plus the class token's;
+    other sizes get it resampled (`position_embedding`). Init as timm's: truncated normal (std 0.02) for pos_embed and every Linear, zero
     biases, class token N(0, 1e-6), the patch projection as a Linear over its flattened kernel (LeCun normal)."""
 
     # never weight-decayed nor LARS-adapted (with the norms and biases): `fastbyol.optim.excluded_parameters` reads it
@@ -118,12 +118,22 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, 1 + gh * gw, D): pos_embed, its patch rows resampled bicubically (as timm's `resample_abs_pos_embed`)
+        when the input's patch grid is not the one it was built for (the kNN monitor reads the dataset's own size)."""
+        side = self.image_size // self.patch_size
+        if grid == (side, side):
+            return self.pos_embed
+        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+        patches = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False).to(cls.dtype)
+        return torch.cat([cls, patches.flatten(2).transpose(1, 2)], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.patch_embed(x)  # (B, N, D)
-        if tokens.shape[1] + 1 != self.pos_embed.shape[1]:
-            raise ValueError(f"ViT built for {self.image_size} px images got {tuple(x.shape[-2:])}")
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1) + self.pos_embed  # (B, 1 + N, D)
+        tokens = torch.cat([cls, tokens], dim=1) + self.position_embedding(grid)  # (B, 1 + N, D)
         return self.norm(self.blocks(tokens))[:, 0]  # (B, D): the class token after the final norm
 
 
