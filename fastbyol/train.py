@@ -77,6 +77,18 @@ class EncoderMaker:
             raise FastByolError(str(e).splitlines()[0]) from None
 
 
+def encoder_name(encoder) -> str:
+    """module:name of a given encoder's factory (or class), recorded as its arch: `--arch` imports it again where it
+    is importable (`fastbyol eval`, `--resume`); from __main__ or a notebook it says what it was, and those commands
+    refuse it in one line (resume such a run with `train(cfg, resume=..., encoder=...)`)."""
+    target = encoder if not isinstance(encoder, torch.nn.Module) else type(encoder)
+    module = getattr(target, "__module__", None) or "__main__"
+    name = getattr(target, "__qualname__", "") or getattr(target, "__name__", "")
+    if not name.isidentifier():  # a lambda, a nested function (f.<locals>.g), a method
+        name = getattr(target, "__name__", "")
+    return f"{module}:{name if name.isidentifier() else 'encoder'}"
+
+
 def build_model(cfg: Config, device: torch.device, make_encoder: EncoderMaker | None = None) -> BYOL:
     encoder = (make_encoder or EncoderMaker(cfg))()
     try:
@@ -181,6 +193,9 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         cfg, state, ckpt = load_run(resume)
         if state.finished:
             raise FastByolError(f"{resume}: the run already finished ({state.step} steps)")
+    elif encoder is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.arch = encoder_name(encoder)  # what config.json says the encoder was
     cfg.validate()
     device = pick_device(cfg.run.device)
     check_backend(device)  # FASTBYOL_KERNELS: one line before anything is created
@@ -496,3 +511,14 @@ def _summary(cfg: Config, plan: Resolved, state: TrainState, meter: ThroughputMe
         seed=cfg.run.seed,
         resumed=resumed,
     )
+
+
+class _CallableModule(type(sys)):
+    """`fastbyol.train(cfg, ...)` calls `train` (the package reaches this module by that name); the module itself stays
+    as it is, so `import fastbyol.train` and its names work unchanged."""
+
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -105,7 +105,11 @@ def call_factory(factory: Callable[..., nn.Module], stem: str = "auto", image_si
     except (TypeError, ValueError):
         params = {}
     kwargs = {k: v for k, v in (("image_size", image_size), ("stem", stem)) if k in params}
-    encoder = factory(**kwargs)
+    try:
+        encoder = factory(**kwargs)
+    except Exception as e:  # noqa: BLE001 (the user's code: its failure is one line naming it)
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"{where} failed: {type(e).__name__}: {why}") from None
     if not isinstance(encoder, nn.Module):
         raise ValueError(f"{where} returned {type(encoder).__name__}, not a torch.nn.Module")
     return encoder
