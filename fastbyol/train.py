@@ -246,7 +246,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     files = RunFiles(run_dir, writes=is_rank0, log=log)
     try:
         files.open(cfg, plan, None if resume is None else state.step, 2 * state_bytes(model.state_dict()), rank)
-        _log_start(log, cfg, plan, dataset, model, run_dir, device, state, resume)
+        _log_start(log, cfg, plan, dataset, model, run_dir, device, state, resume, image_flops)
         checkpoint = Checkpointer(cfg, state, model, optimizer, loader, meter, bad, run_dir, world_size, is_rank0)
 
         # the loop
@@ -450,7 +450,7 @@ def _distributed(model: BYOL, device: torch.device, world_size: int):
 
 
 def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: BYOL, run_dir: Path,
-               device: torch.device, state: TrainState, resume) -> None:
+               device: torch.device, state: TrainState, resume, image_flops: float = 0.0) -> None:
     log(f"fastbyol {__version__}: {dataset.describe()}")
     if dataset.startup_seconds:
         log("startup: " + ", ".join(f"{k} {v:.1f} s" for k, v in dataset.startup_seconds.items())
@@ -459,7 +459,8 @@ def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: B
         log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
     log(f"run directory {run_dir}; device {device}" + (f" x {plan.world_size} processes" if plan.world_size > 1 else "")
         + f"; kernels {kernel_backend(device)}; compile {plan.compile_mode}; "
-        f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters"
+        f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters ({cfg.model.arch}, "
+        f"{cfg.optim.optimizer}); {image_flops / 1e9:.3g} GFLOP an image"
         + ("" if resume is None else f"; resumed at step {state.step}"))
     log(f"resolved: {plan.local_batch} images a step per process, {plan.steps_per_epoch} steps an epoch, "
         f"{plan.total_steps} steps ({plan.warmup_steps} warmup), peak lr {plan.peak_lr:g}, views {plan.input_dtype}"
