@@ -310,7 +310,7 @@ PRESETS: dict[str, tuple[Config, str]] = dict(
             dict(arch="vit-tiny-cpu", stem="auto"),
             dict(optimizer="adamw", epochs=5, base_lr=2e-3, warmup_epochs=0.5, weight_decay=0.05, tau_base=0.99),
             "embedded Fashion-MNIST, a 4-block ViT on 4 px patches (vit-tiny-cpu), 28 px, batch 128, AdamW, 5 "
-            "epochs; ~5 min on 2 CPU cores")),
+            "epochs (the kNN figure: docs/backbones.md)")),
         ("stl10-resnet18", _preset(
             "stl10-resnet18",
             dict(data="stl10_binary", image_size=96, batch_size=256, num_threads=4),

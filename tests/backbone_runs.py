@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastbyol.checkpoint import load_checkpoint
 
-from .test_train import _small_idx_dataset
+from .support import small_idx_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # the run dies by SIGKILL inside step KILL_AT (after the checkpoint at step 2): no cleanup, no final save
@@ -42,7 +42,7 @@ def _run(args: list[str], kill_at: int | None = None) -> subprocess.CompletedPro
 def kill_and_resume(tmp_path: Path, arch_args: list[str], steps_expected: int = 8, kill_at: int = 5) -> dict:
     """Train `arch_args` (2 epochs of 4 steps, 16 px, checkpoints every 2 steps) whole, then killed inside step
     `kill_at` and resumed; asserts the same params_sha256 and returns the whole run's summary."""
-    data = _small_idx_dataset(tmp_path / "data", 128, 40)
+    data = small_idx_dataset(tmp_path / "data", 128, 40)
     common = ["train", "--data", str(data), "--epochs", "2", "--batch-size", "32", "--image-size", "16",
               "--ckpt-every-steps", "2", "--log-every", "2", "--knn-every", "0", "--no-progress", "--seed", "5",
               "--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32", *arch_args]

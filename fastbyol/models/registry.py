@@ -76,14 +76,6 @@ def is_custom_arch(name: str) -> bool:
     return bool(CUSTOM_ARCH.match(name))
 
 
-def arch_help() -> str:
-    """One line for `--arch`: the families and their names, and the custom form."""
-    by_family: dict[str, list[str]] = {}
-    for name, arch in ARCHS.items():
-        by_family.setdefault(arch.family, []).append(name)
-    return "; ".join(f"{family}: {', '.join(names)}" for family, names in by_family.items())
-
-
 def load_factory(spec: str) -> Callable[..., nn.Module]:
     """The callable named by module.path:factory; ValueError (one line) when it cannot be imported."""
     module_name, _, attr = spec.partition(":")
