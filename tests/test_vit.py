@@ -206,3 +206,16 @@ def test_vit_resumes_exactly_after_a_kill(tmp_path):
     summary = kill_and_resume(tmp_path, ["--arch", "vit-tiny-cpu", "--optimizer", "adamw", "--base-lr", "1e-3",
                                          "--weight-decay", "0.05"])
     assert summary["knn_top1"] is not None  # the kNN monitor read the 28 px data with the 16 px model
+
+
+def test_vit_presets_name_their_recipe():
+    from fastbyol.config import PRESETS
+
+    vit_s = PRESETS["imagenet-vit-small"][0]
+    assert (vit_s.model.arch, vit_s.optim.optimizer, vit_s.optim.base_lr, vit_s.optim.weight_decay,
+            vit_s.optim.warmup_epochs) == ("vit_small_patch16", "adamw", 1.5e-4, 0.1, 40)
+    assert "MoCo v3" in PRESETS["imagenet-vit-small"][1]
+    tiny = PRESETS["fmnist-vit-tiny"][0]
+    assert ARCHS[tiny.model.arch].family == "vit" and tiny.data.image_size == 28
+    for cfg in (vit_s, tiny):
+        cfg.validate()
