@@ -4,7 +4,8 @@ for ViTs; `build_optimizer`, which picks one and makes its parameter groups.
 Biases and BN parameters (every 1-D parameter) are excluded from weight decay and from the trust ratio, as in
 the official BYOL recipe; so are the parameters a module names in `no_weight_decay_names` or timm's
 `no_weight_decay()` (a ViT's `pos_embed` and `cls_token`), see `excluded_parameters`. A param group may say
-`exclude=True/False` for all its parameters; without it the 1-D rule decides. The learning rate is set per step by the trainer (`set_lr`, a float or a 0-D tensor on
+`exclude=True/False` for all its parameters; without it the 1-D rule decides.
+The learning rate is set per step by the trainer (`set_lr`, a float or a 0-D tensor on
 the parameters' device), from `reference.lr_at`.
 
 `lars_foreach_` does the reference's per-parameter arithmetic as a fixed number of kernels, whatever the number of

@@ -1,6 +1,7 @@
 """The ResNet family: torchvision's names and shapes (key lists taken from torchvision, tests/fixtures), published
 parameter counts, the BYOL paper's width multiplier, and BYOL steps on the CPU. Large models are built on the meta
-device (shapes only). The exact resume after a kill of this family is tests/test_checkpoint_resume.py's (resnet-tiny)."""
+device (shapes only). The exact resume after a kill of this family is tests/test_checkpoint_resume.py's
+(resnet-tiny)."""
 
 import json
 from pathlib import Path

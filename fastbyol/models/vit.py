@@ -84,8 +84,9 @@ class VisionTransformer(nn.Module):
     """ViT encoder without a head: (B, 3, S, S) -> (B, D), the class token after the final norm.
 
     pos_embed has one row per patch of an `image_size` input (a multiple of `patch_size`) plus the class token's;
-    other sizes get it resampled (`position_embedding`). Init as timm's: truncated normal (std 0.02) for pos_embed and every Linear, zero
-    biases, class token N(0, 1e-6), the patch projection as a Linear over its flattened kernel (LeCun normal)."""
+    other sizes get it resampled (`position_embedding`). Init as timm's: truncated normal (std 0.02) for pos_embed
+    and every Linear, zero biases, class token N(0, 1e-6), the patch projection as a Linear over its flattened kernel
+    (LeCun normal)."""
 
     # never weight-decayed nor LARS-adapted (with the norms and biases): `fastbyol.optim.excluded_parameters` reads it
     no_weight_decay_names = ("pos_embed", "cls_token")
