@@ -30,6 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PHOTOMETRIC_VARIANTS = ("reference", "compiled", "triton")  # the chain on CUDA: eager torch, torch.compile, Triton
 DECODE_MODES = ("roi", "once")  # CUDA JPEG path: one ROI decode per view, or one whole decode and two GPU crops
 CPU_PARALLEL_MODES = ("processes", "threads")  # CPU array path: the crops and chain in forked processes or threads
+OPTIMIZERS = ("lars", "adamw")
 
 
 def setting(default: Any, help: str, rule: str | None = None, check: Callable[[Any], bool] | None = None,
@@ -52,6 +53,15 @@ def _positive(v) -> bool:
 
 def _nonnegative(v) -> bool:
     return _finite(v) and v >= 0
+
+
+def _custom_arch(f, value) -> bool:
+    """An --arch of the form module.path:factory (an encoder of the user's own)."""
+    if f.metadata.get("choices_from") != "archs" or not isinstance(value, str):
+        return False
+    from .models import is_custom_arch
+
+    return is_custom_arch(value)
 
 
 def allowed_values(f) -> tuple | None:
@@ -97,7 +107,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = setting("resnet-tiny", "encoder", choices_from="archs")
+    arch: str = setting("resnet-tiny", "encoder: a name below (ResNets: resnetD for depth D in 18..200, resnetDxK for the "
+                        "BYOL paper's width K in 2..4, torchvision's wide_resnet50_2/101_2; ViTs with timm's names), "
+                        "or module.path:factory, a callable returning your own torch.nn.Module (see docs/backbones.md)",
+                        choices_from="archs")
     stem: str = setting("small-s2", "encoder stem: auto (small if image_size <= 64), imagenet (7x7/2 + max-pool), small "
                         "(3x3/1), small-s2 (3x3/2)", choices_from="stems")
     proj_hidden: int = setting(1024, "projector hidden width (official 4096)", "must be > 0", lambda v: v > 0)
@@ -108,7 +121,12 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = setting(16, "passes over the training images", "must be > 0", lambda v: v > 0)
-    base_lr: float = setting(4.0, "LARS lr = base_lr * batch_size / 256", "must be a finite number > 0", _positive)
+    optimizer: str = setting("lars", "lars (the BYOL paper's: momentum, trust ratio) or adamw (the MoCo v3 ViT recipe: "
+                             "AdamW, betas 0.9/0.999, base lr 1.5e-4, weight decay 0.1, 40 warmup epochs, cosine: "
+                             "preset imagenet-vit-small); norms, biases, pos_embed and cls_token get no weight decay "
+                             "(nor the LARS trust ratio)", choices=OPTIMIZERS)
+    base_lr: float = setting(4.0, "lr = base_lr * batch_size / 256 (LARS or AdamW)", "must be a finite number > 0",
+                             _positive)
     accumulate: int = setting(1, "micro-batches per optimizer step per process (gradient accumulation): each process "
                               "splits its share of --batch-size into N equal micro-batches, one forward and backward "
                               "each, then one LARS step and one EMA update; --batch-size stays the batch of one "
@@ -118,10 +136,11 @@ class OptimConfig:
                               "without batch statistics", "must be >= 1", lambda v: v >= 1)
     warmup_epochs: float = setting(1.0, "epochs of linear lr warmup from 0, then cosine to 0",
                                    "must be a finite number >= 0", _nonnegative)
-    weight_decay: float = setting(1e-6, "LARS weight decay, before the trust ratio; not on biases and BN",
+    weight_decay: float = setting(1e-6, "weight decay (LARS: added before the trust ratio; AdamW: decoupled); not on "
+                                  "norms, biases, pos_embed, cls_token",
                                   "must be a finite number >= 0", _nonnegative)
-    momentum: float = setting(0.9, "LARS momentum", "must be in [0, 1)", lambda v: _finite(v) and 0.0 <= v < 1.0)
-    trust_coefficient: float = setting(1e-3, "LARS trust coefficient eta", "must be a finite number > 0", _positive)
+    momentum: float = setting(0.9, "LARS momentum (AdamW: unused)", "must be in [0, 1)", lambda v: _finite(v) and 0.0 <= v < 1.0)
+    trust_coefficient: float = setting(1e-3, "LARS trust coefficient eta (AdamW: unused)", "must be a finite number > 0", _positive)
     tau_base: float = setting(0.99, "EMA decay at step 0, cosine to 1 at the last step", "must be in [0, 1]",
                               lambda v: _finite(v) and 0.0 <= v <= 1.0)
 
@@ -222,8 +241,9 @@ def validate_section(values, name=flag_name) -> None:
         if not _type_ok(value, field_kind(f)):
             raise FastByolError(f"{flag} must be {field_kind(f).__name__}, got {value!r}")
         allowed = allowed_values(f)
-        if allowed is not None and value not in allowed:
-            raise FastByolError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+        if allowed is not None and value not in allowed and not _custom_arch(f, value):
+            extra = ", or module.path:factory" if meta.get("choices_from") == "archs" else ""
+            raise FastByolError(f"{flag} must be one of {', '.join(allowed)}{extra}; got {value!r}")
         check = meta.get("check")
         if check is not None and not check(value):
             raise FastByolError(f"{flag} {meta['rule']}, got {value!r}")
@@ -346,6 +366,12 @@ PRESETS: dict[str, tuple[Config, str]] = dict(
         ("fmnist-tiny", _preset("fmnist-tiny", dict(crop_min_area=0.2), {}, {},
                                 "default: embedded Fashion-MNIST, tiny ResNet, 28 px, batch 128, 16 epochs; "
                                 "~4 min on 2 CPU cores")),
+        ("fmnist-vit-tiny", _preset(
+            "fmnist-vit-tiny", dict(crop_min_area=0.2),
+            dict(arch="vit-tiny-cpu", stem="auto"),
+            dict(optimizer="adamw", epochs=5, base_lr=2e-3, warmup_epochs=0.5, weight_decay=0.05, tau_base=0.99),
+            "embedded Fashion-MNIST, a 4-block ViT on 4 px patches (vit-tiny-cpu), 28 px, batch 128, AdamW, 5 "
+            "epochs (the kNN figure: docs/backbones.md)")),
         ("stl10-resnet18", _preset(
             "stl10-resnet18",
             dict(data="stl10_binary", image_size=96, batch_size=256, num_threads=4),
@@ -364,6 +390,21 @@ PRESETS: dict[str, tuple[Config, str]] = dict(
             dict(arch="resnet50", stem="imagenet", proj_hidden=4096, pred_hidden=4096),
             dict(epochs=1000, base_lr=0.2, warmup_epochs=10, weight_decay=1.5e-6, tau_base=0.996),
             "the official recipe: ImageNet, ResNet-50, 224 px, batch 4096, 1000 epochs, base lr 0.2, tau 0.996")),
+        *[(f"imagenet-{arch}", _preset(
+            f"imagenet-{arch}",
+            dict(data="imagenet", image_size=224, batch_size=4096, num_threads=8),
+            dict(arch=arch, stem="imagenet", proj_hidden=4096, pred_hidden=4096),
+            dict(epochs=1000, base_lr=0.2, warmup_epochs=10, weight_decay=1.5e-6, tau_base=0.996),
+            f"the BYOL paper's {what}: the ResNet-50 recipe unchanged (batch 4096, 1000 epochs, LARS base lr 0.2, "
+            "tau 0.996)")) for arch, what in (("resnet50x2", "ResNet-50 (2x), 94M"),
+                                               ("resnet200x2", "ResNet-200 (2x), 250M"))],
+        ("imagenet-vit-small", _preset(
+            "imagenet-vit-small",
+            dict(data="imagenet", image_size=224, batch_size=4096, num_threads=8),
+            dict(arch="vit_small_patch16", stem="auto", proj_hidden=4096, pred_hidden=4096),
+            dict(optimizer="adamw", epochs=300, base_lr=1.5e-4, warmup_epochs=40, weight_decay=0.1, tau_base=0.99),
+            "MoCo v3's ViT recipe with BYOL's loss: ImageNet, ViT-S/16, 224 px, batch 4096, 300 epochs, AdamW "
+            "lr 1.5e-4 x batch/256, wd 0.1, 40 warmup epochs, cosine, tau 0.99")),
     ]
 )
 DEFAULT_PRESET = "fmnist-tiny"

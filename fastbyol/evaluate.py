@@ -42,7 +42,10 @@ def encoder_state(ckpt: dict, which: str = "online") -> dict:
 def _build_encoder(cfg: Config, state: dict | None):
     from .models import build_encoder
 
-    encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
+    try:
+        encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
+    except ValueError as e:  # a module:factory arch that cannot be imported here (one line, exit 2)
+        raise FastByolError(str(e).splitlines()[0]) from None
     if state is not None:
         encoder.load_state_dict(state)
     return encoder

@@ -1,7 +1,11 @@
-"""LARS as a torch.optim.Optimizer: the step of `fastbyol.reference.lars_update_`, done with fused foreach ops.
+"""LARS as a torch.optim.Optimizer: the step of `fastbyol.reference.lars_update_`, done with fused foreach ops; AdamW
+for ViTs; `build_optimizer`, which picks one and makes its parameter groups.
 
 Biases and BN parameters (every 1-D parameter) are excluded from weight decay and from the trust ratio, as in
-the official BYOL recipe. The learning rate is set per step by the trainer (`set_lr`, a float or a 0-D tensor on
+the official BYOL recipe; so are the parameters a module names in `no_weight_decay_names` or timm's
+`no_weight_decay()` (a ViT's `pos_embed` and `cls_token`), see `excluded_parameters`. A param group may say
+`exclude=True/False` for all its parameters; without it the 1-D rule decides.
+The learning rate is set per step by the trainer (`set_lr`, a float or a 0-D tensor on
 the parameters' device), from `reference.lr_at`.
 
 `lars_foreach_` does the reference's per-parameter arithmetic as a fixed number of kernels, whatever the number of
@@ -269,7 +273,9 @@ class LARS(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         same_kind = len({(t.device, t.dtype) for t in params + grads + bufs}) <= 1
         fused = self.foreach and same_kind and all(_dense(p) for p in params)
-        return _GroupPlan(group["params"], params, bufs, [lars_excluded(p) for p in params], fused)
+        rule = group.get("exclude")  # a group's own say, else the 1-D rule
+        excluded = [lars_excluded(p) if rule is None else bool(rule) for p in params]
+        return _GroupPlan(group["params"], params, bufs, excluded, fused)
 
     def set_lr(self, lr: float | torch.Tensor) -> None:
         for group in self.param_groups:
@@ -299,3 +305,60 @@ class LARS(torch.optim.Optimizer):
                 loop = lars_update_ if self.trust_ratio == "official" else lars_update_lightly_
                 loop(plan.params, grads, plan.bufs, excluded=plan.excluded, **hyper)
         return loss
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW with the trainer's `set_lr` (a float each step, from `reference.lr_at`)."""
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = float(lr)
+
+
+def _named_exclusions(module: torch.nn.Module) -> set[str]:
+    """Full names of the parameters that the module or its submodules exclude by name (`no_weight_decay_names`, or
+    timm's `no_weight_decay()` returning names relative to the module that defines it)."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        local = set(getattr(sub, "no_weight_decay_names", ()))
+        method = getattr(sub, "no_weight_decay", None)
+        if callable(method):
+            local |= set(method())
+        names |= {f"{prefix}.{n}" if prefix else n for n in local}
+    return names
+
+
+def excluded_parameters(model) -> list[bool]:
+    """Per parameter of `model.online_parameters()`, whether it gets neither weight decay nor the LARS trust ratio:
+    every 1-D parameter (norms, biases) unless the encoder sets `exclude_1d = False`, and the names the modules list
+    (`no_weight_decay_names` / `no_weight_decay()`: a ViT's pos_embed and cls_token)."""
+    flags: dict[int, bool] = {}
+    for part in (model.online_encoder, model.online_projector, model.predictor):
+        one_d = getattr(part, "exclude_1d", True)
+        named = _named_exclusions(part)
+        for name, p in part.named_parameters():
+            flags[id(p)] = (one_d and lars_excluded(p)) or name in named
+    return [flags[id(p)] for p in model.online_parameters()]
+
+
+def build_optimizer(optim_cfg, model) -> torch.optim.Optimizer:
+    """The optimizer `optim_cfg.optimizer` names over the model's online parameters, with its exclusions.
+
+    LARS: one group when the exclusions are the 1-D rule (ResNets: the step and checkpoints as before), else an
+    adapted group and an `exclude=True` group. AdamW (MoCo v3's ViT recipe; betas 0.9/0.999, eps 1e-8): weight decay
+    0 on the excluded group. The lr is set each step by the trainer (`set_lr`)."""
+    params = model.online_parameters()
+    excluded = excluded_parameters(model)
+    kept = [p for p, skip in zip(params, excluded) if not skip]
+    skipped = [p for p, skip in zip(params, excluded) if skip]
+    if optim_cfg.optimizer == "adamw":
+        groups = [g for g in (dict(params=kept), dict(params=skipped, weight_decay=0.0)) if g["params"]]
+        return AdamW(groups, lr=0.0, weight_decay=optim_cfg.weight_decay)
+    if optim_cfg.optimizer != "lars":
+        raise ValueError(f"unknown optimizer {optim_cfg.optimizer!r}; choose lars or adamw")
+    hyper = dict(lr=0.0, weight_decay=optim_cfg.weight_decay, momentum=optim_cfg.momentum,
+                 trust_coefficient=optim_cfg.trust_coefficient)
+    if excluded == [lars_excluded(p) for p in params]:
+        return LARS(params, **hyper)
+    groups = [g for g in (dict(params=kept, exclude=False), dict(params=skipped, exclude=True)) if g["params"]]
+    return LARS(groups, **hyper)

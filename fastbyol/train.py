@@ -13,6 +13,7 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 
 from __future__ import annotations
 
+import copy
 import errno
 import math
 import os
@@ -34,8 +35,8 @@ from .errors import FastByolError
 from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
 from .knn import knn_top1
 from .meter import ThroughputMeter
-from .models import BYOL, build_encoder, params_sha256
-from .optim import LARS
+from .models import BYOL, build_encoder, call_factory, params_sha256
+from .optim import LARS, build_optimizer
 from .perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
 from .preemption import StopCheck
 from .profiling import StepProfiler
@@ -53,9 +54,50 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: Config, device: torch.device) -> BYOL:
-    encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
-    model = BYOL(encoder, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden)
+class EncoderMaker:
+    """Makes the run's encoder after the seed is set: by `--arch` name, or from the `encoder` given to `train` (an
+    nn.Module, used as it is the first time and deep-copied from its untrained state for the random-init baseline
+    after, or a factory, called each time)."""
+
+    def __init__(self, cfg: Config, encoder=None):
+        self.cfg, self.given = cfg, encoder
+        self.pristine = copy.deepcopy(encoder).cpu() if isinstance(encoder, torch.nn.Module) else None
+        if encoder is not None and self.pristine is None and not callable(encoder):
+            raise FastByolError(f"train(encoder=...): expected a torch.nn.Module or a callable returning one, got "
+                                f"{type(encoder).__name__}")
+
+    def __call__(self) -> torch.nn.Module:
+        m = self.cfg.model
+        try:
+            if self.given is None:
+                return build_encoder(m.arch, m.stem, self.cfg.data.image_size)
+            if self.pristine is not None:
+                given, self.given = self.given, copy.deepcopy(self.pristine)
+                return given
+            return call_factory(self.given, m.stem, self.cfg.data.image_size, where="train(encoder=...)")
+        except ValueError as e:  # an unknown name, a factory that cannot be imported or returns no module
+            raise FastByolError(str(e).splitlines()[0]) from None
+
+
+def encoder_name(encoder) -> str:
+    """module:name of a given encoder's factory (or class), recorded as its arch: `--arch` imports it again where it
+    is importable (`fastbyol eval`, `--resume`); from __main__ or a notebook it says what it was, and those commands
+    refuse it in one line (resume such a run with `train(cfg, resume=..., encoder=...)`)."""
+    target = encoder if not isinstance(encoder, torch.nn.Module) else type(encoder)
+    module = getattr(target, "__module__", None) or "__main__"
+    name = getattr(target, "__qualname__", "") or getattr(target, "__name__", "")
+    if not name.isidentifier():  # a lambda, a nested function (f.<locals>.g), a method
+        name = getattr(target, "__name__", "")
+    return f"{module}:{name if name.isidentifier() else 'encoder'}"
+
+
+def build_model(cfg: Config, device: torch.device, make_encoder: EncoderMaker | None = None) -> BYOL:
+    encoder = (make_encoder or EncoderMaker(cfg))()
+    try:
+        model = BYOL(encoder, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden,
+                     image_size=cfg.data.image_size)
+    except ValueError as e:  # an encoder whose output is not (batch, features)
+        raise FastByolError(f"--arch {cfg.model.arch}: {str(e).splitlines()[0]}") from None
     return model.to(device=device, memory_format=torch.channels_last)
 
 
@@ -137,7 +179,8 @@ def _compile_error(e: BaseException) -> bool:
     return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
-def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None) -> tuple[Path, dict]:
+def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None,
+          encoder=None) -> tuple[Path, dict]:
     """Run BYOL pretraining as `cfg` says; returns (run directory, summary). Bad settings raise FastByolError
     before anything is written.
 
@@ -145,7 +188,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     batch, each rank reads its own shard; rank 0 alone logs and writes the run directory.
 
     resume: a run directory with a checkpoint.pt; its own config.json is used and training continues exactly where
-    the checkpoint was taken (model, optimizer, step, data position and random states of every rank)."""
+    the checkpoint was taken (model, optimizer, step, data position and random states of every rank).
+
+    encoder: an encoder of your own instead of cfg.model.arch: an nn.Module mapping (B, 3, H, W) to (B, D), or a
+    callable returning one (called after the seed is set; it may take `image_size` and `stem`). D is its
+    `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run."""
     from .dist import close_distributed, init_distributed
 
     state, ckpt = None, None
@@ -153,13 +200,16 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         cfg, state, ckpt = load_run(resume)
         if state.finished:
             raise FastByolError(f"{resume}: the run already finished ({state.step} steps)")
+    elif encoder is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.arch = encoder_name(encoder)  # what config.json says the encoder was
     cfg.validate()
     device = pick_device(cfg.run.device)
     check_backend(device)  # FASTBYOL_KERNELS: one line before anything is created
     rank, world_size, created = init_distributed(device.type)
     old_umask = os.umask(0o077)  # run files readable by their owner only
     try:
-        return _train(cfg, state, ckpt, resume, device, rank, world_size, progress, log)
+        return _train(cfg, state, ckpt, resume, device, rank, world_size, progress, log, EncoderMaker(cfg, encoder))
     except OSError as e:
         if e.errno == errno.ENOSPC:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
             raise FastByolError(f"{e.filename or 'the run directory'}: no space left on the device") from None
@@ -171,7 +221,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
 
 
 def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, device: torch.device, rank: int,
-           world_size: int, progress: bool, log) -> tuple[Path, dict]:
+           world_size: int, progress: bool, log, make_encoder: EncoderMaker) -> tuple[Path, dict]:
     # setup: the data, the plan, the run folder's name, the model, the step, the meter
     is_rank0 = rank == 0
     if not is_rank0:
@@ -190,7 +240,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     state = state or TrainState(world_size=world_size, num_images=dataset.num_pretraining)
     bad = BadFiles(run_dir, dataset.pretraining_source, cfg.data.skip_bad_files, resume is not None, rank,
                    world_size)
-    model, loader, optimizer = _build_training(cfg, plan, dataset, device, state, ckpt, rank)
+    model, loader, optimizer = _build_training(cfg, plan, dataset, device, state, ckpt, rank, make_encoder)
     loader.on_skip = lambda name, why: log(f"skipped {name}: {why} (--skip-bad-files)")
     image_flops = flops_per_image(model, cfg.data.image_size, device)  # on the plain model: no collectives
     net = _distributed(model, device, world_size)
@@ -203,7 +253,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     files = RunFiles(run_dir, writes=is_rank0, log=log)
     try:
         files.open(cfg, plan, None if resume is None else state.step, 2 * state_bytes(model.state_dict()), rank)
-        _log_start(log, cfg, plan, dataset, model, run_dir, device, state, resume)
+        _log_start(log, cfg, plan, dataset, model, run_dir, device, state, resume, image_flops)
         checkpoint = Checkpointer(cfg, state, model, optimizer, loader, meter, bad, run_dir, world_size, is_rank0)
 
         # the loop
@@ -212,7 +262,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
 
         # the end: the final checkpoint first (a failed evaluation loses nothing), then kNN, then the summary
         files.save(checkpoint(False, loss_sum))  # not yet finished: a resume from it runs the evaluation again
-        knn_trained, knn_random = _final_knn(cfg, dataset, model, device, run_dir, is_rank0, world_size)
+        knn_trained, knn_random = _final_knn(cfg, dataset, model, device, run_dir, is_rank0, world_size, make_encoder)
         state.knn_top1_random_init = knn_random
         files.save(checkpoint(True, loss_sum))
         summary = _summary(cfg, plan, state, meter, model, dataset, device, step_fn.mode, knn_trained, knn_random,
@@ -335,12 +385,12 @@ def _report(record: dict, loss_mean: DeferredMean, bar, files: RunFiles, run_dir
 
 
 def _final_knn(cfg: Config, dataset: ImageDataset, model: BYOL, device: torch.device, run_dir: Path, is_rank0: bool,
-               world_size: int) -> tuple[float | None, float | None]:
+               world_size: int, make_encoder: EncoderMaker) -> tuple[float | None, float | None]:
     """kNN of the trained encoder and of the random-init one (rebuilt from the seed), rank 0 while the others wait.
     The run is saved already: a failure here is one line saying so, and `--resume` runs the evaluation again."""
     try:
         knn_trained = evaluate_knn(model, dataset, cfg, device) if is_rank0 else None
-        knn_random = _random_init_knn(cfg, dataset, device) if is_rank0 else None
+        knn_random = _random_init_knn(cfg, dataset, device, make_encoder) if is_rank0 else None
     except Exception as e:  # noqa: BLE001 (any failure: the trained run is kept, the error is one line)
         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise TrainingStopped(f"the final evaluation failed ({why}); the trained run is kept in {run_dir / CHECKPOINT}"
@@ -351,18 +401,17 @@ def _final_knn(cfg: Config, dataset: ImageDataset, model: BYOL, device: torch.de
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: torch.device, state: TrainState,
-                    ckpt: dict | None, rank: int) -> tuple[BYOL, TwoViewLoader, LARS]:
+                    ckpt: dict | None, rank: int, make_encoder: EncoderMaker) -> tuple[BYOL, TwoViewLoader, LARS]:
     """The model, this rank's loader and the optimizer, from the seed, or from the checkpoint when resuming."""
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, make_encoder)
     view1, view2 = views_from_config(cfg)
     loader = TwoViewLoader(dataset.pretraining_source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed,
                            device=device.type, num_threads=cfg.data.num_threads, view1=view1, view2=view2,
                            gray_input=dataset.gray, shard_id=rank, num_shards=plan.world_size,
                            checkpoint=state.data_states[rank] if state.data_states else None, augment=cfg.augment)
-    optimizer = LARS(model.online_parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
-                     momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
+    optimizer = build_optimizer(cfg.optim, model)  # LARS or AdamW, with the decay / trust-ratio exclusions
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -412,7 +461,7 @@ def _distributed(model: BYOL, device: torch.device, world_size: int):
 
 
 def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: BYOL, run_dir: Path,
-               device: torch.device, state: TrainState, resume) -> None:
+               device: torch.device, state: TrainState, resume, image_flops: float = 0.0) -> None:
     log(f"fastbyol {__version__}: {dataset.describe()}")
     if dataset.startup_seconds:
         log("startup: " + ", ".join(f"{k} {v:.1f} s" for k, v in dataset.startup_seconds.items())
@@ -421,7 +470,8 @@ def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: B
         log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
     log(f"run directory {run_dir}; device {device}" + (f" x {plan.world_size} processes" if plan.world_size > 1 else "")
         + f"; kernels {kernel_backend(device)}; compile {plan.compile_mode}; "
-        f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters"
+        f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters ({cfg.model.arch}, "
+        f"{cfg.optim.optimizer}); {image_flops / 1e9:.3g} GFLOP an image"
         + ("" if resume is None else f"; resumed at step {state.step}"))
     log(f"resolved: {plan.local_batch} images a step per process, {plan.steps_per_epoch} steps an epoch, "
         f"{plan.total_steps} steps ({plan.warmup_steps} warmup), peak lr {plan.peak_lr:g}, views {plan.input_dtype}"
@@ -429,14 +479,14 @@ def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: B
         + (", bf16 autocast" if plan.autocast_bf16 else ""))
 
 
-def _random_init_knn(cfg: Config, dataset: ImageDataset, device: torch.device) -> float | None:
+def _random_init_knn(cfg: Config, dataset: ImageDataset, device: torch.device,
+                     make_encoder: EncoderMaker) -> float | None:
     """kNN top-1 of the random-init encoder: rebuilt from the seed exactly as the model's encoder was (the encoder is
     the first thing drawn after seeding), so the figure is the one before training, computed off the critical path."""
     if not dataset.has_knn:
         return None
     torch.manual_seed(cfg.run.seed)
-    encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
-    encoder = encoder.to(device=device, memory_format=torch.channels_last)
+    encoder = make_encoder().to(device=device, memory_format=torch.channels_last)
     return evaluate_knn(encoder, dataset, cfg, device)
 
 
@@ -474,3 +524,14 @@ def _summary(cfg: Config, plan: Resolved, state: TrainState, meter: ThroughputMe
         seed=cfg.run.seed,
         resumed=resumed,
     )
+
+
+class _CallableModule(type(sys)):
+    """`fastbyol.train(cfg, ...)` calls `train` (the package reaches this module by that name); the module itself stays
+    as it is, so `import fastbyol.train` and its names work unchanged."""
+
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

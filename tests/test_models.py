@@ -96,3 +96,13 @@ def test_params_sha256_sees_every_parameter():
     with torch.no_grad():
         model.target_projector[3].bias[0] += 1e-3
     assert params_sha256(model) != h
+
+
+def test_the_registry_is_what_the_command_line_offers():
+    from fastbyol.cli import _build_parser
+    from fastbyol.models import ARCHS
+
+    parser = _build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    arch = next(a for a in train._actions if "--arch" in a.option_strings)
+    assert all(name in arch.help for name in ARCHS) and "module.path:factory" in arch.help

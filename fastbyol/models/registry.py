@@ -1,0 +1,119 @@
+"""The one table of encoders: name -> builder. The CLI's `--arch` choices and help, the presets' checks and
+`build_encoder` all read `ARCHS`; a new family is one module beside this one and one line in `_families()`.
+
+`--arch module.path:factory` names an encoder of the user's own: a callable (no arguments, or the keyword arguments
+`image_size` and/or `stem` where it takes them) returning an `nn.Module` that maps (B, 3, H, W) to (B, D).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+from .resnet import DEPTHS, STEMS, WIDTH_MULTIPLIERS, resnet, resnet_tiny
+from .vit import vit
+
+CUSTOM_ARCH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.path:factory
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str  # resnet | vit
+    build: Callable[[str, int], nn.Module]  # (stem, image_size) -> encoder
+    summary: str
+
+
+def _resnet_stem(stem: str, image_size: int) -> str:
+    return ("small" if image_size <= 64 else "imagenet") if stem == "auto" else stem
+
+
+def _paper_resnets() -> dict[str, Arch]:
+    archs = {}
+    for depth in DEPTHS:
+        for k in WIDTH_MULTIPLIERS:
+            name = f"resnet{depth}" if k == 1 else f"resnet{depth}x{k}"
+            what = f"ResNet-{depth}" + ("" if k == 1 else f" ({k}x): every width, stem included, x{k} (BYOL paper)")
+            archs[name] = Arch("resnet", lambda stem, size, d=depth, k=k: resnet(d, k, _resnet_stem(stem, size)), what)
+    for depth in (50, 101):
+        archs[f"wide_resnet{depth}_2"] = Arch(
+            "resnet", lambda stem, size, d=depth: resnet(d, 1, _resnet_stem(stem, size), inner_scale=2),
+            f"torchvision's wide_resnet{depth}_2: bottleneck inner width x2, stem and block outputs as ResNet-{depth}")
+    return archs
+
+
+def _vits() -> dict[str, Arch]:
+    archs = {}
+    for size, patch in (("tiny", 16), ("small", 16), ("base", 16), ("tiny", 4), ("small", 4)):
+        archs[f"vit_{size}_patch{patch}"] = Arch(
+            "vit", lambda stem, image_size, s=size, p=patch: vit(s, p, image_size),
+            f"ViT-{size[0].upper()}/{patch} (timm's vit_{size}_patch{patch} names)"
+            + (", for 28-32 px images" if patch == 4 else ""))
+    # 4 blocks 128 wide (4 heads of 32) on the 7x7 patches of 28 px: a transformer that trains in minutes on 2 cores
+    archs["vit-tiny-cpu"] = Arch("vit", lambda stem, image_size: vit("tiny", 4, image_size, embed_dim=128, depth=4,
+                                                                     num_heads=4),
+                                 "ViT/4, 128 wide, 4 blocks: the CPU-sized transformer of fmnist-vit-tiny")
+    return archs
+
+
+def _families() -> dict[str, Arch]:
+    archs = _paper_resnets()
+    archs["resnet-tiny"] = Arch("resnet", lambda stem, size: resnet_tiny(_resnet_stem(stem, size)),
+                                "32 -> 64 -> 128 channels, one block a stage: the default preset's CPU encoder")
+    archs.update(_vits())
+    return archs
+
+
+ARCHS: dict[str, Arch] = _families()
+
+
+def is_custom_arch(name: str) -> bool:
+    """Whether `name` has the form module.path:factory (an encoder of the user's own)."""
+    return bool(CUSTOM_ARCH.match(name))
+
+
+def load_factory(spec: str) -> Callable[..., nn.Module]:
+    """The callable named by module.path:factory; ValueError (one line) when it cannot be imported."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 (any import failure is the user's module: one line)
+        raise ValueError(f"--arch {spec}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"--arch {spec}: {module_name} has no callable {attr}")
+    return factory
+
+
+def call_factory(factory: Callable[..., nn.Module], stem: str = "auto", image_size: int = 224,
+                 where: str = "the encoder factory") -> nn.Module:
+    """factory() with `image_size` and `stem` passed where it takes them; it must return an nn.Module."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs = {k: v for k, v in (("image_size", image_size), ("stem", stem)) if k in params}
+    try:
+        encoder = factory(**kwargs)
+    except Exception as e:  # noqa: BLE001 (the user's code: its failure is one line naming it)
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"{where} failed: {type(e).__name__}: {why}") from None
+    if not isinstance(encoder, nn.Module):
+        raise ValueError(f"{where} returned {type(encoder).__name__}, not a torch.nn.Module")
+    return encoder
+
+
+def build_encoder(arch: str, stem: str = "auto", image_size: int = 224) -> nn.Module:
+    """The encoder trunk by name (or module.path:factory); ResNets' stem "auto" picks the small-image stem for inputs
+    <= 64 px, torchvision's otherwise (ViTs have no stem choice: their patch embedding is the stem)."""
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+    if arch in ARCHS:
+        return ARCHS[arch].build(stem, image_size)
+    if is_custom_arch(arch):
+        return call_factory(load_factory(arch), stem, image_size, where=f"--arch {arch}")
+    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}, or module.path:factory")
