@@ -302,8 +302,10 @@ def photometric_launches(B: int, S: int, blur_window: int, out_dtype: str = "fp1
     from fastbyol.photometric import GRAY_WEIGHTS
 
     return {
-        "_stats": dict(grid=(B, NB), constexprs=dict(NB=NB, NPAR=N_PARAMS, BLOCK=BLOCK), num_warps=4, num_stages=3,
-                       signature={**crop, **ints}),
+        # _stats at 8 warps (4 pixels a thread): at 4 warps (8 a thread) it spills 8 B on sm_90 under Triton 3.6;
+        # BLOCK stays 1024, so NB and the partial-sum layout _color reads are those of every other launch
+        "_stats": dict(grid=(B, NB), constexprs=dict(NB=NB, NPAR=N_PARAMS, BLOCK=BLOCK), num_warps=STATS_WARPS,
+                       num_stages=3, signature={**crop, **ints}),
         "_color": dict(grid=(B, NB), constexprs=dict(NB=NB, NB_P2=max(2, next_power_of_2(NB)), NPAR=N_PARAMS,
                                                      BLOCK=BLOCK, GW0=GRAY_WEIGHTS[0], GW1=GRAY_WEIGHTS[1],
                                                      GW2=GRAY_WEIGHTS[2]),
@@ -314,6 +316,9 @@ def photometric_launches(B: int, S: int, blur_window: int, out_dtype: str = "fp1
         "_blur_v": dict(grid=blur_grid, constexprs=blur, num_warps=blur_warps, num_stages=3,
                         signature=dict(Tmp="*fp32", Out=out, Params="*fp32", S="i32", **norm)),
     }
+
+
+STATS_WARPS = 8  # _stats' warps: 4 pixels a thread at BLOCK 1024 (benchmarks/results/*-gpu-compile.md)
 
 
 def next_power_of_2(n: int) -> int:
