@@ -50,7 +50,7 @@ import torch
 from .config import BLUR_WINDOW_RULES
 from .errors import FastByolError
 from .crops import crop_resize_flip, crop_resize_flip_many  # noqa: F401  (re-exported: fastbyol.augment's API)
-from .photometric import ORDERS, PARAM_NAMES, TAP_TAIL, photometric_many
+from .photometric import ORDERS, PARAM_NAMES, TAP_TAIL, ScratchBuffers, photometric_many
 from .photometric_variants import photometric_variant
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -424,6 +424,7 @@ class TwoViewLoader:
         self._checkpoint = checkpoint
         self._in_flight: collections.deque = collections.deque()  # CUDA: (DALI outputs, event after their chain)
         self.photometric_variant = CUDA_PHOTOMETRIC if self.on_gpu else "reference"
+        self.photometric_buffers = ScratchBuffers()  # the Triton chain's scratch, reused batch after batch
         self._chains = tuple(self._chain(spec, image_size, mean, std, num_threads) for spec in (view1, view2))
         self._build_args = (image_size, seed + shard_id, num_threads, view1, view2)
         # --skip-bad-files in the training pipeline: a source that can stand another file in for one DALI cannot
@@ -590,7 +591,8 @@ class TwoViewLoader:
         if self.on_gpu:
             crops = [torch.from_dlpack(out[f"crops{v}"].as_tensor()) for v in (1, 2)]  # (B, 3, S, S) uint8
             chain = photometric_variant(self.photometric_variant)
-            views = tuple(chain(crops[v], params[v], **self._chains[v]) for v in (0, 1))
+            reuse = dict(buffers=self.photometric_buffers) if self.photometric_variant == "triton" else {}
+            views = tuple(chain(crops[v], params[v], **self._chains[v], **reuse) for v in (0, 1))
         else:
             if "index" in out:  # array rows, by the index DALI's source emitted
                 index = torch.from_dlpack(out["index"].as_tensor()).reshape(-1)  # (B,) int64
