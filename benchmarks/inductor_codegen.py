@@ -32,7 +32,8 @@ import time
 import traceback
 from unittest import mock
 
-os.environ.pop("TRITON_INTERPRET", None)
+os.environ.pop("TRITON_INTERPRET", None)  # compiled for a GPU target, not interpreted
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT default, as Inductor's enable_fp_fusion
 
 
 class _Stop(Exception):
