@@ -19,7 +19,7 @@ Usage:
     python benchmarks/startup_imagenet.py --root /work/imagenet-links --remove   # delete the tree
 
 Goals (issue 17): <= 30 s the first time, <= 5 s with the manifest, 2 processes as fast as 1; <= 500 MB RSS for the
-dataset description. Results of the last run are in the README ("Startup on ImageNet-sized data").
+dataset description. Results of the last run: benchmarks/results/2026-11-28/README.md ("Startup on ImageNet-sized data").
 """
 
 from __future__ import annotations

@@ -28,3 +28,21 @@ def kernels_path():
     set_backend(first)
     yield set_backend
     set_backend(first)
+
+
+@pytest.fixture(scope="session")
+def small_idx_data(tmp_path_factory):
+    """small_idx_data(n_train, n_test) -> an idx folder of the embedded Fashion-MNIST's first images, written once a
+    session for each size and shared: read it, never write into it (a test that damages data makes its own with
+    `support.small_idx_dataset`)."""
+    from .support import small_idx_dataset
+
+    made = {}
+
+    def make(n_train: int = 300, n_test: int = 100):
+        if (n_train, n_test) not in made:
+            made[n_train, n_test] = small_idx_dataset(tmp_path_factory.mktemp(f"idx-{n_train}-{n_test}"), n_train,
+                                                      n_test)
+        return made[n_train, n_test]
+
+    return make

@@ -9,7 +9,7 @@ import torch
 from fastbyol.cli import main
 from fastbyol.evaluate import linear_probe
 
-from .test_train import _small_idx_dataset
+from .support import small_idx_dataset as _small_idx_dataset
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,14 @@ from fastbyol.cli import main
 from fastbyol.errors import FastByolError
 from fastbyol.rundir import RunFiles, write_error
 
-from .test_hardening import _one_line
-from .test_train import _small_idx_dataset
+from .support import one_line as _one_line
 
 SMALL = ["--epochs", "1", "--batch-size", "32", "--no-progress", "--knn-every", "0"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _small_idx_dataset(tmp_path_factory.mktemp("rundir") / "data", 128, 64)
+def data(small_idx_data):
+    return small_idx_data(128, 64)
 
 
 def test_a_lock_symlink_is_never_followed(data, tmp_path, capsys):

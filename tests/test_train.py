@@ -15,8 +15,6 @@ from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
 from fastbyol.train import byol_step
 
-from .test_data import write_idx
-
 
 def _tiny_model():
     return BYOL(build_encoder("resnet-tiny", stem="small-s2", image_size=16), 64, 32, 64).to(
@@ -39,20 +37,8 @@ def test_two_steps_move_every_target_parameter_by_the_ema_formula():
                 assert not torch.equal(t.detach().double(), b), f"target parameter {i} did not move"
 
 
-def _small_idx_dataset(folder, n_train=300, n_test=100):
-    from fastbyol.data import load_embedded
-
-    ds = load_embedded()
-    folder.mkdir(parents=True, exist_ok=True)
-    write_idx(folder / "train-images-idx3-ubyte", ds.train_images[:n_train, ..., 0])
-    write_idx(folder / "train-labels-idx1-ubyte", ds.train_labels[:n_train])
-    write_idx(folder / "t10k-images-idx3-ubyte", ds.test_images[:n_test, ..., 0])
-    write_idx(folder / "t10k-labels-idx1-ubyte", ds.test_labels[:n_test])
-    return folder
-
-
-def test_train_end_to_end_small(tmp_path, capsys):
-    data = _small_idx_dataset(tmp_path / "data")
+def test_train_end_to_end_small(small_idx_data, tmp_path, capsys):
+    data = small_idx_data()
     out = tmp_path / "run"
     rc = main(["train", "--data", str(data), "--epochs", "2", "--batch-size", "64", "--out", str(out),
                "--no-progress", "--log-every", "2"])
@@ -103,8 +89,8 @@ def test_train_end_to_end_small(tmp_path, capsys):
     assert "kNN top-1: trained" in printed and str(out / "summary.json") in printed
 
 
-def test_same_seed_same_parameters(tmp_path):
-    data = _small_idx_dataset(tmp_path / "data", 160, 40)
+def test_same_seed_same_parameters(small_idx_data, tmp_path):
+    data = small_idx_data(160, 40)
     hashes = []
     for name in ("a", "b"):
         assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "32", "--out",
@@ -239,10 +225,10 @@ def test_failed_compile_under_auto_falls_back_to_eager(tmp_path, monkeypatch, ca
         main([*args, "--compile", "default", "--out", str(tmp_path / "explicit")])
 
 
-def test_profile_writes_a_trace_naming_the_fused_ops(tmp_path, capsys):
+def test_profile_writes_a_trace_naming_the_fused_ops(small_idx_data, tmp_path, capsys):
     """--profile START:STOP: a Chrome trace (Perfetto, TensorBoard) of those steps in RUN_DIR/profile/, the top
     operators by self time and the data-wait share printed."""
-    data = _small_idx_dataset(tmp_path / "data", 192, 64)
+    data = small_idx_data(192, 64)
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "32", "--out", str(out),
                  "--no-progress", "--knn-every", "0", "--profile", "2:4"]) == 0

@@ -7,22 +7,17 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from fastbyol.checkpoint import load_checkpoint
 
-from .test_train import _small_idx_dataset
+from .support import train_cli as _cli
 
 ARGS = ["--epochs", "6", "--batch-size", "32", "--ckpt-every-steps", "2", "--log-every", "3", "--knn-every", "1",
         "--no-progress", "--seed", "5"]
 KILLS = 20
-
-
-def _cli(*argv):
-    return [sys.executable, "-m", "fastbyol", "train", *argv]
 
 
 def _step(run):
@@ -30,8 +25,8 @@ def _step(run):
 
 
 @pytest.mark.slow
-def test_twenty_kills_then_the_uninterrupted_parameters(tmp_path):
-    data = _small_idx_dataset(tmp_path / "data", 320, 64)  # 10 steps an epoch, 60 in all
+def test_twenty_kills_then_the_uninterrupted_parameters(small_idx_data, tmp_path):
+    data = small_idx_data(320, 64)  # 10 steps an epoch, 60 in all
     full = tmp_path / "full"
     res = subprocess.run(_cli("--data", str(data), "--out", str(full), *ARGS), capture_output=True, text=True,
                          timeout=600)

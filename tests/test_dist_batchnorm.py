@@ -4,7 +4,6 @@ whole batch, in float64: outputs, input and parameter gradients, running statist
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ import torch.nn as nn
 
 from fastbyol.dist import GlobalBatchNorm, close_distributed, convert_batchnorm, init_distributed
 from fastbyol.models import BYOL, build_encoder
+
+from .support import free_port as _free_port
 
 WORLD, BATCH, STEPS = 2, 8, 3
 
@@ -89,12 +90,6 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     torch.save(got, f"{out_path}.{rank}")
     dist.barrier()
     close_distributed()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -75,7 +75,6 @@ def test_empty_folder_and_cli(tmp_path, folder, capsys):
     assert summary["steps"] == 25 // 8 and summary["knn_top1"] is not None
 
 
-
 def test_corrupt_file_inside_stops_cleanly(tmp_path):
     """A file with JPEG start and end markers but garbage inside: the check names it before DALI sees it, the CLI
     prints one error line, exits 2 and leaves no run directory. (A subprocess: the real command line.)"""

@@ -19,14 +19,14 @@ import fastbyol.train as train_module
 from fastbyol.checkpoint import RunLock, load_checkpoint
 from fastbyol.cli import main
 
-from .test_train import _small_idx_dataset
+from .support import one_line as _one_line
 
 SMALL = ["--epochs", "2", "--batch-size", "32", "--no-progress", "--knn-every", "0"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return _small_idx_dataset(tmp_path_factory.mktemp("hardening") / "data", 192, 64)
+def data(small_idx_data):
+    return small_idx_data(192, 64)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,6 @@ def finished_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
     assert main(["train", "--data", str(data), "--out", str(out), *SMALL, "--ckpt-every-steps", "4"]) == 0
     return out
-
-
-def _one_line(capsys, *needles):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def test_a_second_writer_is_refused(data, tmp_path, capsys):

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from fastbyol.dist import (GlobalBatchNorm, barrier, broadcast_object, close_dis
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
 from fastbyol.train import byol_step
+
+from .support import free_port as _free_port
 
 STEPS, BATCH = 3, 16
 
@@ -79,12 +80,6 @@ def _worker(rank, world, port, out_path):
                     "warnings": [str(w.message) for w in caught]}, out_path)
     dist.barrier()
     close_distributed()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _helpers_worker(rank, world, port, out_path):

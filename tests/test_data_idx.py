@@ -1,7 +1,6 @@
 """The idx reader, the embedded Fashion-MNIST and the Debian split, and errors on bad data."""
 
 import gzip
-import struct
 
 import numpy as np
 import pytest
@@ -10,11 +9,7 @@ from fastbyol.data import DEBIAN_FASHION_MNIST, load_embedded, resolve_dataset
 from fastbyol.data.idx import read_idx
 from fastbyol.errors import FastByolError
 
-
-def write_idx(path, array: np.ndarray, gz: bool = False):
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(data) if gz else data)
+from .support import write_idx
 
 
 @pytest.mark.parametrize("gz", [False, True])

@@ -26,7 +26,7 @@ from fastbyol.augment import (  # noqa: E402
     decoder_ops,
 )
 from fastbyol.errors import FastByolError  # noqa: E402
-from tests.test_fidelity import _coordinates, _crop_stats  # noqa: E402
+from tests.test_augment_fidelity import _coordinates, _crop_stats  # noqa: E402
 
 PLAIN = ViewSpec(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 

@@ -23,7 +23,7 @@ import fastbyol.meter as meter_module
 import fastbyol.train as train_module
 from fastbyol.config import get_preset
 
-from .test_train import _small_idx_dataset
+from .support import small_idx_dataset as _small_idx_dataset
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.nonzero.default,

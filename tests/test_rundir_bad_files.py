@@ -24,7 +24,7 @@ from fastbyol.data.checks import check_image_file  # noqa: E402
 from fastbyol.data.folders import FileList  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 
-from .test_decode_safety import bad_scan_jpeg as _bad_scan_jpeg  # noqa: E402
+from .test_data_decode import bad_scan_jpeg as _bad_scan_jpeg  # noqa: E402
 
 BAD = "000020x.jpg"  # sorts among the good files (000000.jpg ...)
 

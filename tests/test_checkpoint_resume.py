@@ -5,7 +5,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,18 +14,14 @@ import fastbyol.train as train_module
 from fastbyol.checkpoint import load_checkpoint
 from fastbyol.cli import main
 
-from .test_train import _small_idx_dataset
+from .support import train_cli as _cli
 
 ARGS = ["--epochs", "4", "--batch-size", "64", "--ckpt-every-steps", "2", "--log-every", "3", "--no-progress",
         "--seed", "3"]
 
 
-def _cli(*argv):
-    return [sys.executable, "-m", "fastbyol", "train", *argv]
-
-
-def test_sigkill_then_resume_gives_the_same_parameters(tmp_path):
-    data = _small_idx_dataset(tmp_path / "data", 640, 100)
+def test_sigkill_then_resume_gives_the_same_parameters(small_idx_data, tmp_path):
+    data = small_idx_data(640, 100)
     full = tmp_path / "full"
     res = subprocess.run(_cli("--data", str(data), "--out", str(full), *ARGS), capture_output=True, text=True,
                          timeout=600)
@@ -58,8 +53,8 @@ def test_sigkill_then_resume_gives_the_same_parameters(tmp_path):
     assert res.returncode == 2 and "already finished" in res.stderr
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    data = _small_idx_dataset(tmp_path / "data", 320, 80)
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_idx_data, tmp_path, monkeypatch, capsys):
+    data = small_idx_data(320, 80)
     real_step = train_module.byol_step
     calls = {"n": 0}
 
@@ -81,13 +76,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert not (out / "summary.json").exists()
 
 
-def test_corrupt_checkpoint_is_named(tmp_path, capsys):
+def test_corrupt_checkpoint_is_named(small_idx_data, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"preset": "x"}))
     assert main(["train", "--resume", str(run)]) == 2
     assert "config.json" in capsys.readouterr().err
-    data = _small_idx_dataset(tmp_path / "data", 160, 40)
+    data = small_idx_data(160, 40)
     good = tmp_path / "good"
     assert main(["train", "--data", str(data), "--out", str(good), "--epochs", "1", "--batch-size", "32",
                  "--no-progress"]) == 0
@@ -99,10 +94,10 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     assert os.path.exists(good / "config.json")
 
 
-def test_a_format_1_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+def test_a_format_1_checkpoint_resumes_exactly(small_idx_data, tmp_path, monkeypatch):
     """A run saved by fastbyol 0.1 (checkpoint format 1: the state's fields at the top level, no 'format' key) resumes
     and ends with the parameters of an uninterrupted run."""
-    data = _small_idx_dataset(tmp_path / "data", 256, 64)
+    data = small_idx_data(256, 64)
     args = ["--data", str(data), "--epochs", "2", "--batch-size", "32", "--ckpt-every-steps", "4", "--log-every", "4",
             "--no-progress", "--seed", "5"]
     full = tmp_path / "full"

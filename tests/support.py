@@ -1,0 +1,52 @@
+"""What many test files build: small datasets in the exact idx format, the trainer's command line, a free port,
+and the one-line error check. Plain functions (imported by test modules); `conftest.py` wraps the common ones as
+fixtures."""
+
+import gzip
+import socket
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
+    """`array` (uint8) as one idx file (the Fashion-MNIST format), gzip-compressed when `gz`."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def small_idx_dataset(folder: Path, n_train: int = 300, n_test: int = 100) -> Path:
+    """The first `n_train` / `n_test` images of the embedded Fashion-MNIST as an idx folder `--data` reads."""
+    from fastbyol.data import load_embedded
+
+    ds = load_embedded()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / "train-images-idx3-ubyte", ds.train_images[:n_train, ..., 0])
+    write_idx(folder / "train-labels-idx1-ubyte", ds.train_labels[:n_train])
+    write_idx(folder / "t10k-images-idx3-ubyte", ds.test_images[:n_test, ..., 0])
+    write_idx(folder / "t10k-labels-idx1-ubyte", ds.test_labels[:n_test])
+    return folder
+
+
+def train_cli(*argv: str) -> list[str]:
+    """`fastbyol train ARGV` as a subprocess command line, with this interpreter."""
+    return [sys.executable, "-m", "fastbyol", "train", *argv]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a gloo rendezvous on 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line(capsys, *needles: str) -> str:
+    """stderr so far is exactly one line, no traceback, and holds every needle; returns it."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
