@@ -24,7 +24,7 @@ machine under heavy load (load average ~7 on 2 cores), so the LARS ratio is nois
 (the meta device's own dispatch of the same foreach ops is in both); rerun it on a quiet machine before quoting it.
 
 Measured 2026-12-03 (same machine, load average 12-14; base 13c90ce and this tree in one run, --repeats 40;
-benchmarks/results/2026-12-03-host_step_time.json):
+benchmarks/results/2026-12-03/host_step_time.json):
 - photometric launcher per call: 4 tensors / 385.4 MB allocated (base) -> 1 tensor / 77.1 MB (the output alone)
   with the loader's ScratchBuffers; host time 49-58 us -> 40 us (CPU allocator, not CUDA's caching one).
 - LARS u: same bits both ways; wall time on CPU tensors 0.85-1.0 s today against 1.56-1.87 s with a kept buffer

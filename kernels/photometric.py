@@ -318,7 +318,7 @@ def photometric_launches(B: int, S: int, blur_window: int, out_dtype: str = "fp1
     }
 
 
-STATS_WARPS = 8  # _stats' warps: 4 pixels a thread at BLOCK 1024 (benchmarks/results/*-gpu-compile.md)
+STATS_WARPS = 8  # _stats' warps: 4 pixels a thread at BLOCK 1024 (benchmarks/results/2026-12-03/gpu-compile.md)
 
 
 def next_power_of_2(n: int) -> int:

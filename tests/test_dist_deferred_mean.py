@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 
 from fastbyol.dist import DeferredMean, close_distributed, gather_objects, global_mean, init_distributed
 
-from .test_distributed import _free_port
-from .test_host_syncs import SyncCounter
+from .support import free_port
+from .test_train_host_syncs import SyncCounter
 
 POINTS, STEPS = 5, 3  # log points, steps between them
 
@@ -45,7 +45,7 @@ def _worker(rank, world, port, out_path):
 @pytest.mark.slow
 def test_deferred_mean_with_two_processes(tmp_path):
     out = tmp_path / "deferred"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     got = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
     sums = got[0]["sent"]  # [rank][point], every rank's loss sums
     assert got[1]["sent"] == sums and sums[0] != sums[1]  # the ranks' values differ: a mean to take
