@@ -121,8 +121,8 @@ def scratch_python(version: str = SCRATCH_TRITON) -> str:
     return str(python)
 
 
-def run_in(python: str, launches: list[dict]) -> list[dict]:
-    """The worker under another interpreter (another Triton), in a subprocess; rows back as JSON."""
+def run_in(python: str, launches: list[dict], targets=TARGETS) -> list[dict]:
+    """The worker under another interpreter (another Triton), in a subprocess, for `targets`; rows back as JSON."""
     import site
     import subprocess
 
@@ -130,7 +130,7 @@ def run_in(python: str, launches: list[dict]) -> list[dict]:
     code = ("import json, site, sys\n"
             f"for p in {sites!r}: site.addsitedir(p)\n"
             "from fastbyol.gpu_compile import worker\n"
-            "json.dump(worker(json.load(sys.stdin)), sys.stdout)\n")
+            f"json.dump(worker(json.load(sys.stdin), targets={tuple(targets)!r}), sys.stdout)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([python, "-c", code], input=json.dumps(launches), capture_output=True, text=True,
                           env=env, timeout=600)

@@ -209,6 +209,38 @@ def _to_planar(crops: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.
     return x.mul_(1.0 / 255.0)
 
 
+class ScratchBuffers:
+    """Grow-only temporaries a chain reuses call after call: a loader holds one and passes it in (the Triton chain's
+    `buffers=`), so a step does not allocate its scratch afresh (at 224 px, batch 256: the blur's fp32 scratch and
+    tmp, 154 MB each, twice a step, one per view).
+
+    `get(name, shape, dtype, device)` returns a (shape) view of the storage kept under (name, dtype, device), grown
+    (replaced by a larger one) only when `shape` needs more elements than it has. Its contents are whatever the last
+    call left: a kernel must write before it reads. Reuse is safe for work queued in order on one stream (the next
+    call's writes queue after this call's reads); `allocations` counts the storages made so far."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self.allocations = 0
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        key = (name, dtype, torch.device(device))
+        flat = self._flat.get(key)
+        if flat is None or flat.numel() < n:
+            self._flat.pop(key, None)  # the old storage goes back to the allocator before the new one is made
+            flat = torch.empty(max(n, 1), dtype=dtype, device=device)
+            self._flat[key] = flat
+            self.allocations += 1
+        return flat[:n].view(shape)
+
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(t.numel() * t.element_size() for t in self._flat.values())
+
+
 def _check(crops: torch.Tensor, params: torch.Tensor) -> None:
     if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != 3 or crops.shape[2] != crops.shape[3]:
         raise ValueError(f"crops must be uint8 (B, 3, S, S), got {crops.dtype} {tuple(crops.shape)}")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from fastbyol.photometric import (BLUR, BRIGHTNESS, CONTRAST, GRAY, HUE, JITTER, N_PARAMS, ORDER, ORDERS, SATURATION,
-                                  SIGMA, SOLARIZE, _check)
+                                  SIGMA, SOLARIZE, ScratchBuffers, _check)
 
 from ._dispatch import interpreter_on, triton_available
 
@@ -302,8 +302,10 @@ def photometric_launches(B: int, S: int, blur_window: int, out_dtype: str = "fp1
     from fastbyol.photometric import GRAY_WEIGHTS
 
     return {
-        "_stats": dict(grid=(B, NB), constexprs=dict(NB=NB, NPAR=N_PARAMS, BLOCK=BLOCK), num_warps=4, num_stages=3,
-                       signature={**crop, **ints}),
+        # _stats at 8 warps (4 pixels a thread): at 4 warps (8 a thread) it spills 8 B on sm_90 under Triton 3.6;
+        # BLOCK stays 1024, so NB and the partial-sum layout _color reads are those of every other launch
+        "_stats": dict(grid=(B, NB), constexprs=dict(NB=NB, NPAR=N_PARAMS, BLOCK=BLOCK), num_warps=STATS_WARPS,
+                       num_stages=3, signature={**crop, **ints}),
         "_color": dict(grid=(B, NB), constexprs=dict(NB=NB, NB_P2=max(2, next_power_of_2(NB)), NPAR=N_PARAMS,
                                                      BLOCK=BLOCK, GW0=GRAY_WEIGHTS[0], GW1=GRAY_WEIGHTS[1],
                                                      GW2=GRAY_WEIGHTS[2]),
@@ -314,6 +316,9 @@ def photometric_launches(B: int, S: int, blur_window: int, out_dtype: str = "fp1
         "_blur_v": dict(grid=blur_grid, constexprs=blur, num_warps=blur_warps, num_stages=3,
                         signature=dict(Tmp="*fp32", Out=out, Params="*fp32", S="i32", **norm)),
     }
+
+
+STATS_WARPS = 8  # _stats' warps: 4 pixels a thread at BLOCK 1024 (benchmarks/results/2026-12-03/gpu-compile.md)
 
 
 def next_power_of_2(n: int) -> int:
@@ -336,10 +341,11 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: 
 
 def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
                        mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
-                       out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                       out_dtype: torch.dtype = torch.float16, buffers: ScratchBuffers | None = None) -> torch.Tensor:
     """The chain in four Triton launches (see the module docstring); arguments as fastbyol.photometric.photometric.
-    gray_input is accepted and ignored (the colour arithmetic leaves gray pixels exact). CPU tensors need
-    TRITON_INTERPRET=1 (tests)."""
+    gray_input is accepted and ignored (the colour arithmetic leaves gray pixels exact). buffers: where the partial
+    sums, scratch and tmp live (reused call after call on one stream; None: fresh ones each call). The output is
+    always fresh: the caller keeps it. CPU tensors need TRITON_INTERPRET=1 (tests)."""
     if not triton_available():
         raise RuntimeError("the Triton photometric chain needs triton")
     if crops.device.type != "cuda" and not interpreter_on():
@@ -355,9 +361,12 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     L = photometric_launches(B, S, blur_window, _TRITON_DTYPES.get(out_dtype, "fp32"), device.type == "cuda",
                              **_BLUR_LAUNCH)
     NB = L["_stats"]["constexprs"]["NB"]
-    sums = torch.empty((B, NB, 3), dtype=torch.float32, device=device)
-    scratch = torch.empty((B, 3, S, S), dtype=torch.float32, device=device)
-    tmp = torch.empty_like(scratch)
+    # every element a kernel reads was written by this call's kernels first (_color's blurred images to scratch,
+    # _blur_h those images' planes to tmp), so reused buffers need no clearing
+    buf = buffers if buffers is not None else ScratchBuffers()
+    sums = buf.get("sums", (B, NB, 3), torch.float32, device)
+    scratch = buf.get("scratch", (B, 3, S, S), torch.float32, device)
+    tmp = buf.get("tmp", (B, 3, S, S), torch.float32, device)
     out = torch.empty((B, S, S, 3), dtype=out_dtype, device=device)  # NHWC memory
     orders = _orders(device)
     m, s = [float(v) for v in mean], [float(v) for v in std]

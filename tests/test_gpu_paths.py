@@ -170,3 +170,16 @@ def test_dali_outputs_are_bound_to_torch_current_stream(monkeypatch):
     with torch.cuda.stream(stream):
         next(iter(loader.epoch()))
     assert seen and seen[0] == stream
+
+
+def test_gpu_loader_reuses_the_triton_chains_scratch():
+    """The Triton chain's partial sums, scratch and tmp: made at the first batch, reused by both views and every
+    later batch (the GPU view maker's ScratchBuffers); the views stay fresh tensors."""
+    from fastbyol.augment import TwoViewLoader
+
+    images = np.random.default_rng(1).integers(0, 256, (96, 40, 40, 3), dtype=np.uint8)
+    loader = TwoViewLoader(images, batch_size=32, image_size=32, device="cuda", num_threads=2,
+                           cuda_photometric="triton")
+    batches = list(loader.epoch())
+    assert len(batches) == 3 and loader.maker.buffers.allocations == 3
+    assert len({v.data_ptr() for b in batches for v in b}) == 6

@@ -115,6 +115,31 @@ def test_triton_kernel_matches_the_reference(batch, size, out_dtype, atol):
         torch.testing.assert_close(got.double(), want, atol=atol, rtol=0)
 
 
+def test_triton_kernel_reused_buffers_change_nothing():
+    """The loader's ScratchBuffers: reused (and poisoned with NaN in between, so a read before a write would show),
+    shrunk into and grown, the output equals a fresh-buffer call bit for bit and the float64 reference; storages are
+    made only when a shape needs more."""
+    pytest.importorskip("triton")
+    from fastbyol.kernels.photometric import photometric_triton
+    from fastbyol.photometric import ScratchBuffers
+
+    buf = ScratchBuffers()
+    allocations = []
+    for (batch, size), seed in (((7, 13), 1), ((3, 9), 2), ((7, 13), 3), ((9, 13), 4)):
+        crops, p = _inputs(batch, size, seed=seed)
+        p[0, PARAM_NAMES.index("blur")] = 1.0
+        kw = dict(blur_window=_window(size), solarize_threshold=0.5, out_dtype=torch.float32, **KW)
+        for t in buf._flat.values():
+            t.fill_(float("nan"))
+        got = photometric_triton(crops, p, buffers=buf, **kw)
+        assert torch.equal(got, photometric_triton(crops, p, **kw))
+        want = photometric(crops, p, compute_dtype=torch.float64, **{**kw, "out_dtype": torch.float64})
+        torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=0)
+        allocations.append(buf.allocations)
+    assert allocations == [3, 3, 3, 6]  # sums, scratch, tmp; regrown only for the larger batch
+    assert buf.nbytes() >= 2 * 9 * 3 * 13 * 13 * 4
+
+
 def test_triton_kernel_other_threshold_and_no_blur_anywhere():
     pytest.importorskip("triton")
     from fastbyol.kernels.photometric import photometric_triton

@@ -17,7 +17,7 @@ import collections
 
 import torch
 
-from ..photometric import photometric_many
+from ..photometric import ScratchBuffers, photometric_many
 from ..photometric_variants import photometric_variant
 from .crops import crop_resize_flip_many
 from .pipelines import CPU_OUTPUTS, GPU_OUTPUTS
@@ -41,6 +41,7 @@ class GpuViews:
     def __init__(self, chains: tuple[dict, dict], variant: str):
         self.chains = chains
         self.variant = variant
+        self.buffers = ScratchBuffers()  # the Triton chain's scratch, reused batch after batch (grow-only)
         self._in_flight: collections.deque = collections.deque()  # (DALI outputs, event after their chain)
 
     def crops(self, out: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -49,7 +50,9 @@ class GpuViews:
 
     def chain(self, crops: list[torch.Tensor], params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         chain = photometric_variant(self.variant)
-        return tuple(chain(crops[v], params[v], **self.chains[v]) for v in (0, 1))
+        # both views share the scratch: their kernels run one after the other on torch's stream
+        reuse = dict(buffers=self.buffers) if self.variant == "triton" else {}
+        return tuple(chain(crops[v], params[v], **self.chains[v], **reuse) for v in (0, 1))
 
     def __call__(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         views = self.chain(*self.crops(dict(zip(self.outputs, outputs))))
