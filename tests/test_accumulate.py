@@ -33,8 +33,8 @@ from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
 from fastbyol.train import byol_step
 
-from .test_distributed import _free_port
-from .test_train import _small_idx_dataset
+from .support import free_port as _free_port
+from .support import small_idx_dataset as _small_idx_dataset
 
 BATCH, SIZE, STEPS = 12, 16, 3  # 12 = 4 micro-batches of 3, or 2 processes x 2 micro-batches of 3
 # float64 throughout: the accumulated and the big-batch step differ only by the order of the sums (the mean over 12
