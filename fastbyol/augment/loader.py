@@ -91,13 +91,15 @@ class TwoViewLoader:
     chain with torch on the CPU; "cuda" decodes on the GPU (the "mixed" decoder). views: (view 1, view 2), e.g.
     fastbyol.augment.views_from_config(cfg). augment: how the work runs (AugmentConfig: the CUDA chain, the decode
     mode, the decoder hints, the CPU chunk size, processes or threads); any of its fields may also be given as a
-    keyword (decode="once", cpu_parallel="threads") to override it. checkpoint: a state() to resume from.
+    keyword (decode="once", cpu_parallel="threads") to override it. checkpoint: a state() to resume from. labels:
+    (N,) class labels of an array source on the CPU: each batch is then (view1, view2, labels (B,) int64), the rows
+    DALI's source named (the online probe's; the DALI graph and every draw stay the same).
     """
 
     def __init__(self, images, batch_size: int, image_size: int, seed: int = 0, device: str = "cpu",
                  num_threads: int = 2, view1: ViewSpec = VIEW1, view2: ViewSpec = VIEW2, shard_id: int = 0,
                  num_shards: int = 1, gray_input: bool = False, checkpoint: bytes | str | None = None,
-                 augment: AugmentConfig | None = None, **overrides):
+                 augment: AugmentConfig | None = None, labels: np.ndarray | None = None, **overrides):
         options = augment_options(augment, overrides)
         if not dali_available():
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
@@ -110,6 +112,11 @@ class TwoViewLoader:
         self.decode = options.decode
         self.photometric_variant = options.cuda_photometric if self.on_gpu else "reference"
         self.cpu_parallel = options.cpu_parallel if not (self.on_gpu or self.encoded) else "threads"
+        if labels is not None and (self.encoded or self.on_gpu or len(labels) != len(images)):
+            raise FastByolError("labels= is for image arrays on the CPU (one label per image): the batch's labels "
+                                "are gathered by the rows DALI's source names, so the graph stays the same")
+        # (N,) int64: each batch then comes with its labels, (view1, view2, labels (B,)), for the online probe
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
         views = (view1, view2)
         chains = tuple(self._chain(spec, gray_input, options.chunk_pixels) for spec in views)
         if self.encoded:
@@ -237,7 +244,18 @@ class TwoViewLoader:
             yield from epoch_ahead(self)
             return
         for outputs in self._array_batches():
-            yield self.maker(outputs)
+            yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
+
+    def batch_labels(self, outputs) -> torch.Tensor | None:
+        """CPU arrays with labels=: the labels (B,) int64 of the rows DALI's source named for this batch (a copy:
+        DALI reuses its buffers); None without labels."""
+        if self.labels is None:
+            return None
+        return self.labels.index_select(0, torch.from_dlpack(outputs[0].as_tensor()).reshape(-1))  # outputs[0]: index
+
+    @staticmethod
+    def _labelled(views: tuple, labels: torch.Tensor | None) -> tuple:
+        return views if labels is None else (*views, labels)
 
     def _array_batches(self):
         """The DALI outputs of one array epoch; restored exactly at an epoch's end, the next epoch's."""
@@ -284,13 +302,14 @@ def epoch_ahead(loader: TwoViewLoader):
                 outputs = None
             if outputs is not None:
                 loader.maker.submit(outputs, slot)
-                queue.append((slot, before))
+                queue.append((slot, before, loader.batch_labels(outputs)))
                 slot = 1 - slot
                 mark()
             if len(queue) == 2 or (outputs is None and queue):  # the next one is with the workers
-                views = loader.maker.collect(queue.popleft()[0])
+                slot_done, _, labels = queue.popleft()
+                views = loader.maker.collect(slot_done)
                 mark()
-                yield views
+                yield loader._labelled(views, labels)
                 if loader._owner is not token:
                     raise FastByolError("this epoch() iterator was ended by a later epoch() call on the same "
                                         "loader (one iterator at a time)")
