@@ -38,9 +38,9 @@ def _add_train_parser(sub) -> None:
         value = getattr(getattr(defaults, section), f.name)
         kind, allowed = field_kind(f), allowed_values(f)
         text = f.metadata["help"] + (f" ({' | '.join(allowed)})" if allowed else "")
-        if kind is bool:
-            train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", action="store_true", default=None,
-                               help=text)
+        if kind is bool:  # on by default: --name and --no-name; off by default: --name
+            train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", default=None, help=text,
+                               action=argparse.BooleanOptionalAction if value else "store_true")
             continue
         train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", type=kind, default=None,
                            metavar=f.name.upper(), help=f"{text} [{DEFAULT_PRESET}: {value!r}]")
