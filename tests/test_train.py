@@ -15,7 +15,7 @@ from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
 from fastbyol.train import byol_step
 
-from .test_data import write_idx
+from .test_data_idx import write_idx
 
 
 def _tiny_model():

@@ -10,8 +10,8 @@ utils/dataset.py, utils/schedules.py):
   chosen on a held-out part of the training split (paper: 10,009 of ImageNet's 1,281,167 images) with the
   classifier trained on the rest; the test top-1 reported is the chosen lr's;
 - batch 1024 (paper); scaled to the data: at most an eighth of the training images (rounded down to a power of
-  two), so an epoch has at least 8 steps. The held-out part: the paper's fraction, at least 50 images a class (up to
-  a tenth of the split), so the choice is not decided by a handful of images;
+  two), so an epoch has at least 8 steps. The held-out part: the paper's fraction, and at least 500 images (at most
+  a sixteenth of the split), so the choice is not decided by a handful of images;
 - images normalised with ImageNet's mean and std (the official normalize_images).
 The five classifiers train side by side on the same batches (one encoder forward a batch for all five, their losses
 summed: each one's gradient is its own), which costs one run instead of five.
@@ -41,10 +41,10 @@ def scaled_batch(n: int, batch: int = PAPER_BATCH) -> int:
     return max(2, min(batch, 2 ** int(math.floor(math.log2(max(2, n // 8))))))
 
 
-def held_out_split(labels: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def held_out_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit indices, held-out indices) of the training split, seeded; held-out size as the module docstring says."""
     n = len(labels)
-    n_val = max(math.ceil(n * PAPER_HELD_OUT), min(n // 10, 50 * num_classes))
+    n_val = max(math.ceil(n * PAPER_HELD_OUT), min(n // 16, 500))
     perm = np.random.default_rng([seed, 0x5E1EC7]).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
@@ -90,7 +90,7 @@ def paper_protocol(run: EvalRun, epochs: int = PAPER_EPOCHS, batch_size: int | N
 
     check_args(epochs, batch_size, lrs)
     cfg, device, encoder = run.cfg, run.device, run.encoder
-    fit, val = held_out_split(run.train_labels, run.num_classes, cfg.run.seed)
+    fit, val = held_out_split(run.train_labels, cfg.run.seed)
     batch = batch_size or scaled_batch(len(fit))
     views = TrainViews(run.train_images[fit], batch, cfg.data.image_size, seed=cfg.run.seed,
                        num_threads=cfg.data.num_threads)
