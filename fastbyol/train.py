@@ -191,9 +191,9 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     bad = BadFiles(run_dir, dataset.pretraining_source, cfg.data.skip_bad_files, resume is not None, rank,
                    world_size)
     model, loader, optimizer = _build_training(cfg, plan, dataset, device, state, ckpt, rank)
-    probe = _online_probe(cfg, dataset, model, device, log)
     loader.on_skip = lambda name, why: log(f"skipped {name}: {why} (--skip-bad-files)")
     image_flops = flops_per_image(model, cfg.data.image_size, device)  # on the plain model: no collectives
+    probe = _online_probe(cfg, dataset, model, device, log)  # after the FLOP count's copy of the model
     net = _distributed(model, device, world_size)
     step_fn = TrainStep(net if plan.compile_mode == "off" else
                         torch.compile(net, mode=None if plan.compile_mode == "default" else plan.compile_mode),

@@ -81,3 +81,22 @@ def test_probe_draws_no_rng_and_leaves_the_encoder_unchanged():
     for n, p in encoder.named_parameters():  # and sent no gradient into the encoder (the features are detached)
         assert torch.equal(p.grad, grads[n]), n
     probe.close()
+
+
+def test_probe_captures_training_forwards_of_view_1_only():
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet-tiny", "small-s2", 28)
+    probe = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=0)
+    encoder.eval()
+    encoder(torch.randn(4, 3, 28, 28))  # a kNN check's features: not captured
+    assert probe._features == []
+    encoder.train()
+    v1, v2 = torch.randn(6, 3, 28, 28), torch.randn(6, 3, 28, 28)
+    want = encoder(v1).detach()
+    encoder(v2)
+    assert len(probe._features) == 1
+    torch.testing.assert_close(probe._features[0], want, atol=0, rtol=0)
+    w0 = probe.head.weight.detach().clone()
+    probe.step(torch.zeros(5, dtype=torch.long))  # labels of another batch: skipped, not mixed up
+    assert probe._features == [] and torch.equal(probe.head.weight, w0)
+    probe.close()

@@ -10,9 +10,10 @@ seed therefore gives the same `params_sha256` with and without it (tests/test_on
 device work only (no host sync); its accuracy is read at the kNN check, which syncs already.
 
 Optimizer: SGD with Nesterov momentum 0.9, lr 0.1 (constant), no weight decay, on features standardised by a
-running mean and variance (momentum 0.01) kept by the probe itself: the raw pooled features' scale changes as BYOL
-trains, and a fixed lr would otherwise be too large early and too small late. Not checkpointed: a resumed run
-trains a fresh probe from the resumed step on (the BYOL weights and figures are unaffected).
+running mean and variance kept by the probe itself (the plain mean over its first 100 steps, then momentum 0.01):
+the raw pooled features' scale changes as BYOL trains, and a fixed lr would otherwise be too large early and too
+small late. Not checkpointed: a resumed run trains a fresh probe from the resumed step on (the BYOL weights and
+figures are unaffected).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 PROBE_LR = 0.1  # constant; see the module docstring
+STATS_MOMENTUM = 0.01  # of the features' running mean and variance, after the first 100 steps
 PROBE_SEED_OFFSET = 0x9E3779B9  # the probe's own generator: seed + this, never BYOL's stream
 
 
@@ -42,11 +44,14 @@ class OnlineProbe:
         self.mean = torch.zeros(feature_dim, device=device)
         self.var = torch.ones(feature_dim, device=device)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=PROBE_LR, momentum=0.9, nesterov=True)
+        self._seen = 0  # steps whose features entered the running statistics (a host int)
         self._features: list[torch.Tensor] = []
         self._handle = encoder.register_forward_hook(self._capture)
 
     def _capture(self, module, inputs, output) -> None:
-        if not self._features:  # view 1 only; returns None: the encoder's output is unchanged
+        # training forwards only (the kNN check's eval-mode features are not the probe's), view 1 only (the step's
+        # first call); returns None: the encoder's output is unchanged
+        if module.training and not self._features:
             self._features.append(output.detach())
 
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,11 +64,13 @@ class OnlineProbe:
             return
         x = self._features.pop().float()
         self._features.clear()
-        if labels is None:
+        if labels is None or labels.shape[0] != x.shape[0]:  # shapes are host metadata: no sync
             return
-        with torch.no_grad():  # running statistics of the features (batch statistics, momentum 0.01)
-            self.mean.lerp_(x.mean(0), 0.01)
-            self.var.lerp_(x.var(0, unbiased=False), 0.01)
+        weight = max(1.0 / (self._seen + 1), STATS_MOMENTUM)  # the plain mean of the first 100 steps, then EMA
+        self._seen += 1
+        with torch.no_grad():  # running statistics of the features
+            self.mean.lerp_(x.mean(0), weight)
+            self.var.lerp_(x.var(0, unbiased=False), weight)
         loss = F.cross_entropy(self.head(self._standardise(x)), labels.to(x.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -75,12 +82,8 @@ class OnlineProbe:
         """Top-1 (%) of the head on the encoder's eval-mode features of un-augmented images (sync: at a check)."""
         from .features import extract_features
 
-        self._handle.remove()  # the features below are not training features
-        try:
-            feats = extract_features(encoder, images, device=device, normalize=False)
-        finally:
-            self._handle = encoder.register_forward_hook(self._capture)
-            self._features.clear()
+        feats = extract_features(encoder, images, device=device, normalize=False)  # eval mode: not captured
+        self._features.clear()
         pred = self.head(self._standardise(feats)).argmax(1).cpu()
         return 100.0 * (pred == torch.as_tensor(labels)).float().mean().item()
 
