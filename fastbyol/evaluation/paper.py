@@ -64,7 +64,8 @@ def _heads(dim: int, classes: int, count: int, seed: int, device) -> torch.nn.Mo
     bound = 1.0 / math.sqrt(dim)
     w = (torch.rand(classes, dim, generator=gen) * 2 - 1) * bound
     b = (torch.rand(classes, generator=gen) * 2 - 1) * bound
-    heads = torch.nn.ModuleList(torch.nn.Linear(dim, classes) for _ in range(count)).to(device)
+    heads = torch.nn.ModuleList(torch.nn.utils.skip_init(torch.nn.Linear, dim, classes, device=device)
+                                for _ in range(count))
     with torch.no_grad():
         for h in heads:
             h.weight.copy_(w)

@@ -37,7 +37,7 @@ class OnlineProbe:
         bound = 1.0 / feature_dim ** 0.5  # nn.Linear's default init, drawn from the probe's own generator
         weight = (torch.rand(num_classes, feature_dim, generator=gen) * 2 - 1) * bound
         bias = (torch.rand(num_classes, generator=gen) * 2 - 1) * bound
-        self.head = torch.nn.Linear(feature_dim, num_classes).to(device)  # its init is overwritten below
+        self.head = torch.nn.utils.skip_init(torch.nn.Linear, feature_dim, num_classes, device=device)  # no draw
         with torch.no_grad():
             self.head.weight.copy_(weight)
             self.head.bias.copy_(bias)
