@@ -3,7 +3,8 @@
     fastbyol train [--preset NAME] [--data PATH] [--epochs N] [--batch-size N] [--seed S] [--out DIR] ...
     fastbyol train --resume RUN_DIR
     fastbyol train --out RUN_DIR --auto-resume ...   # re-runnable: starts, continues or refuses RUN_DIR
-    fastbyol eval RUN_DIR | export RUN_DIR --out FILE | plot RUN_DIR | bench augment | presets
+    fastbyol eval RUN_DIR [--protocol features|paper] | finetune RUN_DIR --fraction F | export RUN_DIR --out FILE
+    fastbyol plot RUN_DIR | bench augment | presets
 
 `train`'s flags are generated from the config dataclasses (`fastbyol.config`): one flag per setting, its help and
 rule written once there. Errors in the user's input print one line (`fastbyol: error: ...`) and exit with status 2,
@@ -45,9 +46,9 @@ def _add_train_parser(sub) -> None:
         value = getattr(getattr(defaults, section), f.name)
         kind, allowed = field_kind(f), allowed_values(f)
         text = f.metadata["help"] + (f" ({' | '.join(allowed)})" if allowed else "")
-        if kind is bool:
-            train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", action="store_true", default=None,
-                               help=text)
+        if kind is bool:  # on by default: --name and --no-name; off by default: --name
+            train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", default=None, help=text,
+                               action=argparse.BooleanOptionalAction if value else "store_true")
             continue
         train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", type=kind, default=None,
                            metavar=f.name.upper(), help=f"{text} [{DEFAULT_PRESET}: {value!r}]")
@@ -95,16 +96,7 @@ def _add_other_parsers(sub) -> None:
     aug.add_argument("--json", action="store_true", help="print one JSON object")
     aug.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    ev = sub.add_parser("eval", help="kNN and linear probe of a run's encoder on the labeled splits",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ev.add_argument("run_dir", help="a run directory written by fastbyol train")
-    ev.add_argument("--data", default=None, help="dataset to evaluate on (default: the run's own)")
-    ev.add_argument("--init", default="trained", choices=["trained", "random"],
-                    help="the run's trained encoder, or a random-init one of the same architecture (the baseline)")
-    ev.add_argument("--probe-epochs", type=int, default=100, help="epochs of the linear probe")
-    ev.add_argument("--probe-lr", type=float, default=0.2, help="peak lr of the linear probe (cosine to 0)")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ev.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_eval_parsers(sub)
 
     ex = sub.add_parser("export", help="write the encoder as a torchvision-compatible state_dict",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -127,6 +119,54 @@ def _add_other_parsers(sub) -> None:
 
     presets = sub.add_parser("presets", help="list the presets with their key settings")
     presets.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+def _add_eval_parsers(sub) -> None:
+    paper = ("paper: the BYOL paper's ImageNet linear protocol (appendix; official byol/configs/eval.py): frozen "
+             "encoder in eval mode, a linear classifier on random resized crops + flips of the train split drawn per "
+             "image per epoch, tested on the centre crop (resize to 256/224 of the image size, crop); SGD Nesterov "
+             "momentum 0.9, no weight decay, cosine lr, 80 epochs, batch 1024, lr = base x batch/256 with base "
+             "from {0.4, 0.3, 0.2, 0.1, 0.05} chosen on a held-out part of the train split (paper: 10,009 images); "
+             "batch and held-out part scaled to the data. features: kNN + a linear probe on frozen features "
+             "extracted once (fast, no augmentation)")
+    ev = sub.add_parser("eval", help="kNN and linear evaluation of a run's encoder on the labeled splits",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("run_dir", help="a run directory written by fastbyol train")
+    ev.add_argument("--protocol", default="features", choices=["features", "paper"], help=paper)
+    ev.add_argument("--data", default=None, help="dataset to evaluate on (default: the run's own)")
+    ev.add_argument("--init", default="trained", choices=["trained", "random"],
+                    help="the run's trained encoder, or a random-init one of the same architecture (the baseline)")
+    ev.add_argument("--probe-epochs", type=int, default=100, help="features: epochs of the linear probe")
+    ev.add_argument("--probe-lr", type=float, default=0.2, help="features: peak lr of the linear probe (cosine to 0)")
+    ev.add_argument("--epochs", type=int, default=80, help="paper: epochs of the linear classifier")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="paper: batch (default: 1024, at most an eighth of the train split, a power of two)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    ft = sub.add_parser("finetune", help="fine-tune the encoder + a linear head on a labelled subset (semi-supervised)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Semi-supervised evaluation (BYOL paper, Table 2: 1%% and 10%% of the labels): "
+                                    "the whole encoder and a linear head trained on a class-balanced, seeded subset "
+                                    "of the labelled train split, top-1 on the test split's centre crops. Settings: "
+                                    "the official evaluation code's fine-tuning mode (SGD Nesterov momentum 0.9, no "
+                                    "weight decay, lr 0.2 x batch/256 cosine to 0, 80 epochs, batch 1024 scaled to "
+                                    "the subset), random resized crops + flips. Writes RUN_DIR/finetune-FRACTION.json "
+                                    "(-random for --init random).")
+    ft.add_argument("run_dir", help="a run directory written by fastbyol train")
+    ft.add_argument("--fraction", type=float, default=None, help="share of the labels, in (0, 1]: 0.01, 0.1, 1.0")
+    ft.add_argument("--subset", default=None, metavar="FILE",
+                    help="instead of --fraction: the images to train on, one a line (0-based indices into the "
+                         "labelled train split)")
+    ft.add_argument("--init", default="trained", choices=["trained", "random"],
+                    help="the run's trained encoder, or a random-init one (supervised from scratch: the baseline)")
+    ft.add_argument("--epochs", type=int, default=80, help="epochs over the subset")
+    ft.add_argument("--lr", type=float, default=0.2, help="base lr (lr = base x batch / 256, cosine to 0)")
+    ft.add_argument("--batch-size", type=int, default=None,
+                    help="batch (default: 1024, at most an eighth of the subset, a power of two)")
+    ft.add_argument("--data", default=None, help="dataset (default: the run's own)")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ft.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -236,10 +276,17 @@ def main(argv: list[str] | None = None) -> int:
             _print_presets()
             return 0
         if args.command == "eval":
-            from .evaluate import evaluate
+            from .evaluation.commands import evaluate
 
             evaluate(args.run_dir, args.data, args.init, args.probe_epochs, args.probe_lr,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, protocol=args.protocol, epochs=args.epochs,
+                     batch_size=args.batch_size)
+            return 0
+        if args.command == "finetune":
+            from .evaluation.commands import finetune_run
+
+            finetune_run(args.run_dir, args.fraction, args.subset, args.init, args.data, args.epochs, args.lr,
+                         args.batch_size, progress=not args.no_progress)
             return 0
         if args.command == "export":
             from .evaluate import export_encoder

@@ -162,6 +162,10 @@ class RunConfig:
     knn_subset: int = setting(4000, "memory-bank images of the online kNN check (queries: a quarter as many)",
                               "must be > 0", lambda v: v > 0)
     knn_k: int = setting(200, "kNN neighbours", "must be > 0", lambda v: v > 0)
+    online_probe: bool = setting(True, "train a linear probe on the detached online features of view 1 during "
+                                 "pretraining (its own optimizer; BYOL's training is unchanged) and log its test top-1 "
+                                 "at each kNN check; needs labelled pretraining images, off otherwise "
+                                 "(--no-online-probe: off)")
     knn_temperature: float = setting(0.1, "kNN vote temperature", "must be a finite number > 0", _positive)
     profile: str = setting("", "START:STOP: record steps START..STOP-1 with torch.profiler into RUN_DIR/profile/",
                            "must be START:STOP with 0 <= START < STOP", lambda v: v == "" or _profile_steps(v) is not None)

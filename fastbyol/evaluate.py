@@ -1,12 +1,8 @@
-"""After pretraining: evaluate a run (kNN and a linear probe on frozen features), export its encoder, plot its curves.
+"""After pretraining: export a run's encoder, plot its curves; the evaluations live in fastbyol.evaluation (their
+names stay importable from here).
 
-    fastbyol eval RUN_DIR [--data PATH] [--init trained|random]     # table + RUN_DIR/eval.json (or eval-random.json)
     fastbyol export RUN_DIR --out FILE.pt|FILE.safetensors           # torchvision-compatible encoder state_dict
     fastbyol plot RUN_DIR                                            # RUN_DIR/curves.png (needs matplotlib)
-
-The linear probe follows the official linear evaluation where it can on frozen, precomputed features: SGD with
-Nesterov momentum 0.9, a cosine schedule, no weight decay; features are standardised with the train split's mean
-and std (no augmentation: features are extracted once).
 """
 
 from __future__ import annotations
@@ -18,103 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_json, load_run
+from .checkpoint import load_run
 from .config import Config
 from .errors import FastByolError
-from .knn import extract_features, knn_accuracy
-from .state import nonfinite_tensors
-
-
-def encoder_state(ckpt: dict, which: str = "online") -> dict:
-    """The encoder's state_dict with torchvision's names (no prefix), from a checkpoint's BYOL state; refused when
-    any of its tensors holds a NaN or an Inf."""
-    prefix = f"{which}_encoder."
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    if not state:
-        raise FastByolError(f"the checkpoint holds no {which} encoder")
-    bad = nonfinite_tensors(state)
-    if bad:
-        raise FastByolError(f"the checkpoint's {which} encoder holds non-finite weights ({bad[0]}"
-                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): refusing to use it")
-    return state
-
-
-def _build_encoder(cfg: Config, state: dict | None):
-    from .models import build_encoder
-
-    try:
-        encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
-    except ValueError as e:  # a module:factory arch that cannot be imported here (one line, exit 2)
-        raise FastByolError(str(e).splitlines()[0]) from None
-    if state is not None:
-        encoder.load_state_dict(state)
-    return encoder
-
-
-@torch.enable_grad()
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, epochs: int = 100, lr: float = 0.2, batch_size: int = 256, seed: int = 0,
-                 progress: bool = False) -> float:
-    """Top-1 (%) of a linear classifier on frozen features: SGD, Nesterov momentum 0.9, cosine lr, no weight decay."""
-    from tqdm import tqdm
-
-    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_x) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress):
-        order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = torch.nn.functional.cross_entropy(head(train_x[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    with torch.no_grad():
-        return 100.0 * (head(test_x).argmax(1) == test_y).float().mean().item()
-
-
-def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained", probe_epochs: int = 100,
-             probe_lr: float = 0.2, progress: bool = True, log=print) -> dict:
-    """kNN and linear-probe top-1 of a run's online encoder (or a random-init one) on the labeled splits."""
-    from .data import resolve_dataset
-
-    if init not in ("trained", "random"):
-        raise FastByolError(f"--init must be trained or random, got {init!r}")
-    if probe_epochs <= 0:
-        raise FastByolError(f"--probe-epochs must be > 0, got {probe_epochs}")
-    if not (math.isfinite(probe_lr) and probe_lr > 0):
-        raise FastByolError(f"--probe-lr must be a finite number > 0, got {probe_lr}")
-    cfg, state, ckpt = load_run(run_dir)
-    dataset = resolve_dataset(data or cfg.data.data, "auto" if data else cfg.data.data_format, cfg.data.image_size,
-                              seed=cfg.run.seed)
-    if dataset.train_labels is None or dataset.test_images is None or dataset.test_labels is None:
-        raise FastByolError(f"{dataset.name}: evaluation needs labeled train and test splits")
-    torch.manual_seed(cfg.run.seed)
-    encoder = _build_encoder(cfg, encoder_state(ckpt) if init == "trained" else None)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = encoder.to(device=device, memory_format=torch.channels_last)
-    train_f = extract_features(encoder, dataset.train_images, device=device, progress=progress)
-    test_f = extract_features(encoder, dataset.test_images, device=device, progress=progress)
-    train_y = torch.as_tensor(dataset.train_labels, device=device)
-    test_y = torch.as_tensor(dataset.test_labels, device=device)
-    knn_top1 = knn_accuracy(train_f, train_y, test_f, test_y, dataset.num_classes, cfg.run.knn_k,
-                            cfg.run.knn_temperature)
-    probe = linear_probe(train_f, train_y, test_f, test_y, dataset.num_classes, probe_epochs, probe_lr,
-                         seed=cfg.run.seed, progress=progress)
-    result = dict(run_dir=str(run_dir), init=init, dataset=dataset.describe(), arch=cfg.model.arch,
-                  knn_top1=knn_top1, knn_k=cfg.run.knn_k, linear_top1=probe, probe_epochs=probe_epochs,
-                  probe_lr=probe_lr, step=state.step)
-    out = Path(run_dir) / ("eval.json" if init == "trained" else "eval-random.json")
-    atomic_write_json(out, result)
-    log(f"{'encoder':<12}{'kNN top-1':>12}{'linear top-1':>15}")
-    log(f"{init:<12}{knn_top1:>11.2f}%{probe:>14.2f}%")
-    log(f"eval: {out}")
-    return result
+from .evaluation.commands import evaluate  # noqa: F401  (re-exported: the old home of the evaluations)
+from .evaluation.linear import linear_probe  # noqa: F401
+from .evaluation.runs import encoder_state
 
 
 def _refuse_run_files(out: Path, run_dir: Path, cfg: Config | None = None) -> None:
@@ -201,6 +106,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     steps = [r for r in rows if all(isinstance(r.get(key), (int, float)) for key, _ in panels)]
     knn = [r for r in rows if isinstance(r.get("knn_top1"), (int, float)) and math.isfinite(r["knn_top1"])
            and r.get("init") != "random"]
+    probe = [r for r in rows if isinstance(r.get("online_probe_top1"), (int, float))
+             and math.isfinite(r["online_probe_top1"])]
     if not steps:
         raise FastByolError(f"{metrics}: no logged steps")
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.6), constrained_layout=True)
@@ -212,8 +119,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     ax = axes[4]
     if knn:
-        ax.plot([r["step"] for r in knn], [r["knn_top1"] for r in knn], "o-", lw=1.2)
-    ax.set_title("kNN top-1 (%)")
+        ax.plot([r["step"] for r in knn], [r["knn_top1"] for r in knn], "o-", lw=1.2, label="kNN")
+    if probe:  # the online linear probe, at the same checks
+        ax.plot([r["step"] for r in probe], [r["online_probe_top1"] for r in probe], "s--", lw=1.2,
+                label="online probe")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("kNN / online probe top-1 (%)" if probe else "kNN top-1 (%)")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     fig.suptitle(f"fastbyol run {run_dir.name}")

@@ -266,6 +266,8 @@ class RunFiles:
             if name == "knn_top1":
                 tag = ("knn/top1_random_init" if record.get("init") == "random" else
                        "knn/top1_subset" if "knn_subset" in record else "knn/top1")
+            elif name == "online_probe_top1":
+                tag = "probe/top1" if record.get("final") else "probe/top1_subset"
             else:
                 tag = f"train/{name}"
             self.board.add_scalar(tag, value, record["step"])

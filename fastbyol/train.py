@@ -33,7 +33,8 @@ from .data import ImageDataset, resolve_dataset
 from .dist import DeferredMean, barrier, broadcast_object
 from .errors import FastByolError
 from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
-from .knn import knn_top1
+from .evaluation.features import knn_top1
+from .evaluation.probe import OnlineProbe, probe_labels
 from .meter import ThroughputMeter
 from .models import BYOL, build_encoder, call_factory, params_sha256
 from .optim import LARS, build_optimizer
@@ -141,8 +142,10 @@ class TrainStep:
     runs, so nothing has changed). Later calls go straight to byol_step, or with --accumulate N > 1 to
     accumulated_step (N micro-batches, one optimizer step)."""
 
-    def __init__(self, net, eager_net, optimizer: LARS, model: BYOL, plan: Resolved, may_fall_back: bool, log):
+    def __init__(self, net, eager_net, optimizer: LARS, model: BYOL, plan: Resolved, may_fall_back: bool, log,
+                 probe: OnlineProbe | None = None):
         self.net, self.eager_net, self.optimizer = net, eager_net, optimizer
+        self.probe = probe  # the online linear probe: trained on the step's view-1 features after it
         self.target_params, self.online_params = model.ema_pairs()
         self.bf16 = plan.autocast_bf16
         self.accumulate = plan.accumulate
@@ -150,20 +153,25 @@ class TrainStep:
         self.may_fall_back = may_fall_back and self.mode != "off"
         self.log = log
 
-    def __call__(self, v1: torch.Tensor, v2: torch.Tensor, lr: float, tau: float) -> torch.Tensor:
+    def __call__(self, v1: torch.Tensor, v2: torch.Tensor, lr: float, tau: float,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
         try:
             if self.accumulate > 1:
-                return accumulated_step(self.net, self.optimizer, self.target_params, self.online_params, v1, v2, lr,
-                                        tau, self.accumulate, self.bf16)
-            return byol_step(self.net, self.optimizer, self.target_params, self.online_params, v1, v2, lr, tau,
-                             self.bf16)
+                loss = accumulated_step(self.net, self.optimizer, self.target_params, self.online_params, v1, v2,
+                                        lr, tau, self.accumulate, self.bf16)
+            else:
+                loss = byol_step(self.net, self.optimizer, self.target_params, self.online_params, v1, v2, lr,
+                                 tau, self.bf16)
         except Exception as e:  # noqa: BLE001 (only a failed compilation at the first step is caught)
             if not (self.may_fall_back and _compile_error(e)):
                 raise
             self.log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training "
                      "continues without it (--compile off skips the attempt)")
             self.net, self.mode, self.may_fall_back = self.eager_net, "off", False
-            return self(v1, v2, lr, tau)
+            return self(v1, v2, lr, tau, labels)
+        if self.probe is not None:
+            self.probe.step(labels)
+        return loss
 
     def compiled(self) -> None:
         """The first step went through: no fallback after it."""
@@ -243,10 +251,11 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     model, loader, optimizer = _build_training(cfg, plan, dataset, device, state, ckpt, rank, make_encoder)
     loader.on_skip = lambda name, why: log(f"skipped {name}: {why} (--skip-bad-files)")
     image_flops = flops_per_image(model, cfg.data.image_size, device)  # on the plain model: no collectives
+    probe = _online_probe(cfg, plan, dataset, model, loader, device, log)  # after the FLOP count's copy of the model
     net = _distributed(model, device, world_size)
     step_fn = TrainStep(net if plan.compile_mode == "off" else
                         torch.compile(net, mode=None if plan.compile_mode == "default" else plan.compile_mode),
-                        net, optimizer, model, plan, may_fall_back=cfg.run.compile == "auto", log=log)
+                        net, optimizer, model, plan, may_fall_back=cfg.run.compile == "auto", log=log, probe=probe)
     meter = ThroughputMeter(device, cfg.data.batch_size, image_flops, peak_flops(device), world_size)
     if state.meter:
         meter.load_state_dict(state.meter)
@@ -263,18 +272,21 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
         # the end: the final checkpoint first (a failed evaluation loses nothing), then kNN, then the summary
         files.save(checkpoint(False, loss_sum))  # not yet finished: a resume from it runs the evaluation again
         knn_trained, knn_random = _final_knn(cfg, dataset, model, device, run_dir, is_rank0, world_size, make_encoder)
+        probe_top1 = _probe_top1(probe, model, dataset, device) if is_rank0 else None
         state.knn_top1_random_init = knn_random
         files.save(checkpoint(True, loss_sum))
         summary = _summary(cfg, plan, state, meter, model, dataset, device, step_fn.mode, knn_trained, knn_random,
                            last_loss, resumed=resume is not None)
         summary["startup_seconds"] = {**dataset.startup_seconds, **startup}
+        summary["online_probe_top1"] = probe_top1  # None: no probe (--no-online-probe, or no labels)
         if bad.names:  # files that passed the checks but that DALI could not decode, replaced while training
             summary["skipped_files"] += bad.new_count(dataset)
             summary["skipped_while_training"] = sorted(bad.names)
             log(f"skipped {len(bad.names)} files DALI could not decode while training (--skip-bad-files): "
                 f"listed in {bad.path}")
         if knn_trained is not None:
-            files.write_metrics(step=state.step, epoch=cfg.optim.epochs - 1, knn_top1=knn_trained, final=True)
+            files.write_metrics(step=state.step, epoch=cfg.optim.epochs - 1, knn_top1=knn_trained, final=True,
+                                **({} if probe_top1 is None else {"online_probe_top1": probe_top1}))
         if knn_random is not None:
             files.write_metrics(step=0, epoch=-1, knn_top1=knn_random, init="random", final=True)
         files.write_summary(summary)
@@ -310,14 +322,14 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
     startup, stop = {}, StopCheck(world_size)
     for epoch in range(start_epoch, cfg.optim.epochs):
         meter.resume()
-        for v1, v2 in meter.batches(loader.epoch(resume_offset if epoch == start_epoch else 0)):
+        for v1, v2, *labels in meter.batches(loader.epoch(resume_offset if epoch == start_epoch else 0)):
             profiler.at(state.step, meter.last_wait)  # --profile START:STOP records these steps
             # (B, 3, S, S) channels_last views, one per augmentation spec
             v1 = v1.to(device=device, dtype=input_dtype, non_blocking=True)
             v2 = v2.to(device=device, dtype=input_dtype, non_blocking=True)
             lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
             tau = tau_at(state.step, plan.total_steps, cfg.optim.tau_base)
-            loss_sum += step_fn(v1, v2, lr, tau)
+            loss_sum += step_fn(v1, v2, lr, tau, labels[0] if labels else None)
             state.step += 1
             steps_since_log += 1
             if meter.step():  # sync, once: the first step of this process is timed apart (compilation)
@@ -363,7 +375,9 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
             barrier(world_size)
             if knn_now is not None:
                 bar.set_postfix(loss=f"{last_loss:.4f}", knn=f"{knn_now:.1f}")
-                files.write_metrics(step=state.step, epoch=epoch, knn_top1=knn_now, knn_subset=cfg.run.knn_subset)
+                probe_now = _probe_top1(step_fn.probe, model, dataset, device, cfg.run.knn_subset)
+                files.write_metrics(step=state.step, epoch=epoch, knn_top1=knn_now, knn_subset=cfg.run.knn_subset,
+                                    **({} if probe_now is None else {"online_probe_top1": probe_now}))
     bar.close()
     profiler.close()
     return last_loss, startup, loss_sum
@@ -407,7 +421,11 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
     np.random.seed(cfg.run.seed)
     model = build_model(cfg, device, make_encoder)
     view1, view2 = views_from_config(cfg)
-    loader = TwoViewLoader(dataset.pretraining_source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed,
+    source = dataset.pretraining_source
+    # the online probe's labels: CPU array sources only (the loader gathers them by the rows DALI names)
+    probe_on = cfg.run.online_probe and device.type == "cpu" and isinstance(source, np.ndarray)
+    labels = probe_labels(dataset) if probe_on else None
+    loader = TwoViewLoader(source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed, labels=labels,
                            device=device.type, num_threads=cfg.data.num_threads, view1=view1, view2=view2,
                            gray_input=dataset.gray, shard_id=rank, num_shards=plan.world_size,
                            checkpoint=state.data_states[rank] if state.data_states else None, augment=cfg.augment)
@@ -421,6 +439,34 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
             raise FastByolError(f"the checkpoint does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} "
                                 f"stem, {cfg.data.image_size} px): {str(e).strip().splitlines()[0][:200]}") from None
     return model, loader, optimizer
+
+
+def _online_probe(cfg: Config, plan: Resolved, dataset: ImageDataset, model: BYOL, loader: TwoViewLoader,
+                  device: torch.device, log) -> OnlineProbe | None:
+    """The online linear probe (fastbyol.evaluation.probe) where it is on, the pretraining images have labels and the
+    loader hands them over (CPU array sources), one forward a step (no --accumulate)."""
+    if not cfg.run.online_probe:
+        return None
+    why = ("the pretraining images have no labels" if probe_labels(dataset) is None else
+           "its labels come only with CPU array sources for now" if loader.labels is None else
+           "it reads one forward a step, and --accumulate splits the step" if plan.accumulate > 1 else None)
+    if why is not None:
+        log(f"online probe: off ({why}; --no-online-probe silences this)")
+        return None
+    return OnlineProbe(model.online_encoder, model.feature_dim, dataset.num_classes, device, cfg.run.seed)
+
+
+def _probe_top1(probe: OnlineProbe | None, model: BYOL, dataset: ImageDataset, device: torch.device,
+                subset: int | None = None) -> float | None:
+    """The online probe's test top-1 (%): the kNN check's queries (a quarter of `subset`, evenly spaced) or the
+    whole test split."""
+    if probe is None:
+        return None
+    queries = slice(None)
+    if subset is not None:
+        n_q = max(1, min(subset // 4, len(dataset.test_images)))
+        queries = np.linspace(0, len(dataset.test_images) - 1, n_q).astype(int)
+    return probe.accuracy(model.online_encoder, dataset.test_images[queries], dataset.test_labels[queries], device)
 
 
 def _default_run_dir(cfg: Config) -> Path:

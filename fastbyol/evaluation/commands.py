@@ -1,0 +1,67 @@
+"""`fastbyol eval` and `fastbyol finetune`: load the run (runs.load_encoder), run the protocol, write its JSON into
+the run directory, print the run's results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import FastByolError
+from .results import format_table, table_rows, write_result
+from .runs import load_encoder
+
+PROTOCOLS = ("features", "paper")
+
+
+def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained", probe_epochs: int = 100,
+             probe_lr: float = 0.2, progress: bool = True, log=print, protocol: str = "features",
+             epochs: int | None = None, batch_size: int | None = None) -> dict:
+    """`fastbyol eval`: the features protocol (kNN + linear probe on frozen features) or the paper's linear
+    protocol; writes RUN_DIR/eval-PROTOCOL.json (eval-PROTOCOL-random.json for --init random)."""
+    from .linear import check_probe_args, features_protocol
+    from .paper import PAPER_EPOCHS, check_args, paper_protocol
+
+    if protocol not in PROTOCOLS:
+        raise FastByolError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "features":
+        check_probe_args(probe_epochs, probe_lr)
+    else:
+        check_args(epochs or PAPER_EPOCHS, batch_size, (1.0,))
+    run = load_encoder(run_dir, data, init)
+    if protocol == "features":
+        result = features_protocol(run, probe_epochs, probe_lr, progress)
+    else:
+        result = paper_protocol(run, epochs or PAPER_EPOCHS, batch_size, progress=progress, log=log)
+    result = dict(run_dir=str(run_dir), init=init, dataset=run.dataset_name, arch=run.cfg.model.arch, step=run.step,
+                  **result)
+    out = write_result(run.result_path(f"eval-{protocol}"), result)
+    for line in format_table(table_rows(run_dir)):
+        log(line)
+    log(f"eval: {out}")
+    return result
+
+
+def finetune_run(run_dir: str | Path, fraction: float | None = None, subset_file: str | None = None,
+                 init: str = "trained", data: str | None = None, epochs: int | None = None, lr: float | None = None,
+                 batch_size: int | None = None, progress: bool = True, log=print) -> dict:
+    """`fastbyol finetune`: writes RUN_DIR/finetune-FRACTION.json (or finetune-SUBSETNAME.json), -random for the
+    baseline."""
+    from .finetune import FINETUNE_BASE_LR, FINETUNE_EPOCHS, balanced_subset, check_fraction, finetune, read_subset
+
+    if (fraction is None) == (subset_file is None):
+        raise FastByolError("give one of --fraction (0.01 = 1% of the labels) or --subset FILE")
+    if fraction is not None:
+        check_fraction(fraction)
+    run = load_encoder(run_dir, data, init)
+    if subset_file is not None:
+        subset, name = read_subset(subset_file, len(run.train_labels)), Path(subset_file).stem
+    else:
+        subset, name = balanced_subset(run.train_labels, fraction, run.cfg.run.seed), f"{fraction:g}"
+    result = finetune(run, subset, epochs or FINETUNE_EPOCHS, FINETUNE_BASE_LR if lr is None else lr, batch_size,
+                      progress)
+    result = dict(run_dir=str(run_dir), init=init, dataset=run.dataset_name, arch=run.cfg.model.arch, step=run.step,
+                  fraction=fraction, subset_file=None if subset_file is None else str(subset_file), **result)
+    out = write_result(run.result_path(f"finetune-{name}"), result)
+    for line in format_table(table_rows(run_dir)):
+        log(line)
+    log(f"finetune: {out}")
+    return result

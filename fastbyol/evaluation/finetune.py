@@ -1,0 +1,117 @@
+"""Semi-supervised fine-tuning (`fastbyol finetune RUN --fraction 0.01|0.1|1.0`): the whole encoder plus a linear
+head trained on a class-balanced, seeded subset of the labelled training split (or the images a `--subset` file
+names), top-1 on the test split's centre crops; `--init random` fine-tunes a random-init encoder the same way
+(supervised training from scratch on the subset: the baseline).
+
+Settings: the official evaluation code's fine-tuning mode (deepmind-research byol/eval_experiment.py with
+freeze_backbone=False, configs/eval.py): one SGD with Nesterov momentum 0.9 for encoder and head, no weight decay,
+lr = 0.2 * batch / 256 with a cosine decay to 0 and no warm-up, 80 epochs (of the subset here), BN in train mode;
+the views are the linear protocol's (random resized crop and flip, drawn per image and per epoch; centre crop at
+test), as the paper's semi-supervised protocol uses spatial augmentations only. The batch is the paper's 1024,
+scaled to the subset as the linear protocol scales it (at most an eighth of it, a power of two).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import FastByolError
+from ..models import feature_dim_of
+from .paper import _heads, _top1, scaled_batch
+from .runs import EvalRun
+from .views import TrainViews, centre_crop, normalise
+
+FINETUNE_EPOCHS = 80
+FINETUNE_BASE_LR = 0.2
+
+
+def check_fraction(fraction: float) -> None:
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise FastByolError(f"--fraction must be in (0, 1] (0.01 = 1% of the labels), got {fraction:g}")
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices: round(fraction * count) images of each class (at least one), drawn with the seed."""
+    check_fraction(fraction)
+    rng = np.random.default_rng([seed, 0xF1E7])
+    picked = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = max(1, min(len(members), round(fraction * len(members))))
+        picked.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def read_subset(path: str | Path, n_train: int, names: list[str] | None = None) -> np.ndarray:
+    """The images a subset file names, one a line (blank lines and # comments skipped): 0-based indices into the
+    labelled train split, or image names where the dataset lists them. One line naming a missing image, else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastByolError(f"--subset {path}: no such file")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FastByolError(f"--subset {path}: unreadable ({type(e).__name__})") from None
+    where = {name: i for i, name in enumerate(names)} if names else {}
+    picked = []
+    for n, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if entry in where:
+            picked.append(where[entry])
+        elif entry.isdigit() and int(entry) < n_train:
+            picked.append(int(entry))
+        else:
+            raise FastByolError(f"--subset {path}, line {n}: {entry!r} is not an image of the labelled train split "
+                                f"({n_train} images, indices 0..{n_train - 1})")
+    if not picked:
+        raise FastByolError(f"--subset {path}: names no image")
+    return np.unique(np.asarray(picked, dtype=np.int64))
+
+
+def finetune(run: EvalRun, subset: np.ndarray, epochs: int = FINETUNE_EPOCHS, base_lr: float = FINETUNE_BASE_LR,
+             batch_size: int | None = None, progress: bool = True) -> dict:
+    """Top-1 (%) on the test split after fine-tuning the run's encoder and a linear head on `subset`."""
+    from tqdm import tqdm
+
+    if epochs <= 0:
+        raise FastByolError(f"--epochs must be > 0, got {epochs}")
+    if not (math.isfinite(base_lr) and base_lr > 0):
+        raise FastByolError(f"--lr must be a finite number > 0, got {base_lr}")
+    cfg, device = run.cfg, run.device
+    batch = batch_size or scaled_batch(len(subset))
+    if batch < 2 or batch > len(subset):
+        raise FastByolError(f"--batch-size must be in 2..{len(subset)} (the subset's images), got {batch}")
+    encoder = copy.deepcopy(run.encoder).train()
+    head = _heads(feature_dim_of(encoder, cfg.data.image_size), run.num_classes, 1, cfg.run.seed, device)[0]
+    lr = base_lr * batch / 256
+    opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=0.0)
+    views = TrainViews(run.train_images[subset], batch, cfg.data.image_size, seed=cfg.run.seed,
+                       num_threads=cfg.data.num_threads)
+    labels = torch.as_tensor(run.train_labels[subset])
+    total, step = epochs * views.steps_per_epoch, 0
+    for _ in tqdm(range(epochs), desc="fine-tune", unit="epoch", disable=not progress):
+        for idx, crops in views.epoch():
+            loss = F.cross_entropy(head(encoder(normalise(crops, device))), labels[idx].to(device))
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    encoder.eval()
+    test = centre_crop(run.test_images, cfg.data.image_size)
+    with torch.no_grad():
+        feats = torch.cat([encoder(normalise(test[i:i + 512], device)).float() for i in range(0, len(test), 512)])
+    per_class = np.bincount(run.train_labels[subset], minlength=run.num_classes)
+    return dict(top1=_top1(head, feats, run.test_labels), subset_images=len(subset),
+                subset_per_class=per_class.tolist(), epochs=epochs, batch_size=batch, base_lr=base_lr, lr=lr,
+                optimizer="SGD, Nesterov momentum 0.9, no weight decay, cosine lr to 0, no warm-up")

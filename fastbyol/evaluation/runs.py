@@ -1,0 +1,88 @@
+"""The one way every evaluation loads a run: its config, its labelled data (the one data path: the dataset's
+labelled train and test splits as uint8 NHWC arrays at the run's image size) and its encoder (trained, from the
+checkpoint's online encoder, or random-init of the same architecture, drawn from the run's seed: the baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_run
+from ..config import Config
+from ..errors import FastByolError
+from ..state import nonfinite_tensors
+
+INITS = ("trained", "random")
+
+
+def encoder_state(ckpt: dict, which: str = "online") -> dict:
+    """The encoder's state_dict with torchvision's names (no prefix), from a checkpoint's BYOL state; refused when
+    any of its tensors holds a NaN or an Inf."""
+    prefix = f"{which}_encoder."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise FastByolError(f"the checkpoint holds no {which} encoder")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise FastByolError(f"the checkpoint's {which} encoder holds non-finite weights ({bad[0]}"
+                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): refusing to use it")
+    return state
+
+
+def build_run_encoder(cfg: Config, state: dict | None) -> torch.nn.Module:
+    """The run's encoder architecture, with `state` loaded, or random-init from the run's seed when state is None."""
+    from ..models import build_encoder
+
+    torch.manual_seed(cfg.run.seed)  # the random-init encoder is the one the run started from
+    try:
+        encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
+    except ValueError as e:  # a module:factory arch that cannot be imported here (one line, exit 2)
+        raise FastByolError(str(e).splitlines()[0]) from None
+    if state is not None:
+        encoder.load_state_dict(state)
+    return encoder
+
+
+@dataclass
+class EvalRun:
+    """What an evaluation needs of a run."""
+
+    run_dir: Path
+    cfg: Config
+    step: int  # the checkpoint's step
+    init: str  # trained | random
+    encoder: torch.nn.Module  # on `device`, channels_last
+    device: torch.device
+    dataset_name: str  # the dataset's one-line description
+    train_images: np.ndarray  # (N, H, W, 3) uint8, the labelled train split
+    train_labels: np.ndarray  # (N,) int64
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    gray: bool  # R = G = B (Fashion-MNIST)
+
+    def result_path(self, stem: str) -> Path:
+        """RUN_DIR/STEM.json, or STEM-random.json for the random-init baseline."""
+        return self.run_dir / (f"{stem}.json" if self.init == "trained" else f"{stem}-random.json")
+
+
+def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trained") -> EvalRun:
+    """A run's encoder and labelled splits; `data` overrides the run's dataset (same image size)."""
+    from ..data import resolve_dataset
+
+    if init not in INITS:
+        raise FastByolError(f"--init must be trained or random, got {init!r}")
+    cfg, state, ckpt = load_run(run_dir)
+    dataset = resolve_dataset(data or cfg.data.data, "auto" if data else cfg.data.data_format, cfg.data.image_size,
+                              seed=cfg.run.seed)
+    if dataset.train_labels is None or dataset.test_images is None or dataset.test_labels is None:
+        raise FastByolError(f"{dataset.name}: evaluation needs labeled train and test splits")
+    encoder = build_run_encoder(cfg, encoder_state(ckpt) if init == "trained" else None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = encoder.to(device=device, memory_format=torch.channels_last)
+    return EvalRun(Path(run_dir), cfg, state.step, init, encoder, device, dataset.describe(), dataset.train_images,
+                   np.asarray(dataset.train_labels, dtype=np.int64), dataset.test_images,
+                   np.asarray(dataset.test_labels, dtype=np.int64), dataset.num_classes, dataset.gray)
