@@ -13,7 +13,7 @@ cosine, weight decay 1e-6, tau 0.99 -> 1, crop area 0.2-1; kNN top-1 with k 200,
   (see VARIANTS) before calling the same command line.
 - lightly and byol-pytorch: benchmarks/peers/*.py under the peers' venv (--peer-python; never the project's), on
   the same data, encoder, widths, budget and kNN evaluator (benchmarks/peers/workload.py says what is copied from
-  fastbyol and tests/test_parity.py checks each copy).
+  fastbyol and tests/test_bench_parity.py checks each copy).
 Runs go one at a time, seed by seed, each system after the other (so a change in the machine's load lands on all of
 them alike); img/s is each trainer's steady-state rate counted as fastbyol counts it (first step apart, kNN outside),
 wall time the whole command (start-up, training, kNN evaluations; fastbyol also runs its kNN monitor every 4 epochs).

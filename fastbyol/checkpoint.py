@@ -29,7 +29,7 @@ from .errors import FastByolError
 CHECKPOINT = "checkpoint.pt"
 FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
 # fault injection for the tests: SIGKILL this process inside its N-th checkpoint write, with the temporary file written
-# in full but not yet renamed (tests/test_faults.py); FASTBYOL_TEST_KILL_SIGNAL=TERM,USR1 sends those signals instead,
+# in full but not yet renamed (tests/test_checkpoint_kills.py); FASTBYOL_TEST_KILL_SIGNAL=TERM,USR1 sends those signals instead,
 # the first in the N-th write, the next in the write after it (tests/test_preemption.py)
 _KILL_IN_CHECKPOINT_WRITE = int(os.environ.get("FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE", "0"))
 _KILL_SIGNALS = [signal.Signals[f"SIG{name.strip()}"] for name in

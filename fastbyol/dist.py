@@ -6,7 +6,7 @@ The official recipe's BN is cross-replica. `nn.SyncBatchNorm` needs CUDA and bre
 BN layer (c10d calls Dynamo cannot trace), so `GlobalBatchNorm` does
 it for CUDA (NCCL) and the CPU (gloo) alike: each rank's per-channel mean, sum of squared deviations and count
 are exchanged by one functional all-reduce that Dynamo traces, so a compiled model has no graph break
-(tests/test_bn.py counts them with torch._dynamo.explain under gloo), and the backward is the single-process
+(tests/test_dist_batchnorm.py counts them with torch._dynamo.explain under gloo), and the backward is the single-process
 backward of the whole global batch.
 `convert_batchnorm(model, device_type)` swaps it in.
 """
@@ -158,7 +158,7 @@ class GlobalBatchNorm(nn.BatchNorm2d):
 
     Nothing computed in the forward depends on the running buffers, which are updated in place: torch 2.13's
     AOTAutograd was seen to give wrong input gradients when a value used in the backward is derived from a buffer
-    mutated later in the same graph (the running mean as a shift for the sums; tests/test_bn.py).
+    mutated later in the same graph (the running mean as a shift for the sums; tests/test_dist_batchnorm.py).
 
     group_name, rank, world_size: the process group the statistics are summed over and this process's place in it,
     set by `convert_batchnorm`; group_name None = plain BN."""

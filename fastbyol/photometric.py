@@ -15,7 +15,7 @@ The chain, per image, as the official `byol/utils/augmentations.py`, on [0, 1] f
   with p blur:   separable Gaussian blur, `blur_window` taps, zero padding (tf depthwise_conv2d 'SAME'), sigma
   with p solarize: x < threshold ? x : 1 - x
   clip to [0, 1]; normalize (x - mean) / std.
-The ops, exactly (tests/test_fidelity.py checks each against a numpy port of the official JAX ops):
+The ops, exactly (tests/test_augment_fidelity.py checks each against a numpy port of the official JAX ops):
   brightness  x + delta                                   (tf: additive)
   contrast    (x - m) f + m, m = each channel's mean over the image (tf.image.adjust_contrast)
   saturation  HSV s <- min(s f, 1): with v = max(R, G, B), c = v - min(R, G, B), that is x <- v - k (v - x),

@@ -108,7 +108,7 @@ def test_crops_follow_dalis_windows_and_flips():
     """crop_resize_flip against a float64 resize of the same window (torch's antialiased bicubic, rounded) on smooth
     images, the mirror where the flip is 1, each image an (H, W, 3) row of an array. (The uint8 kernel rounds and
     clamps between its two passes: on pixel noise, where a pass overshoots [0, 255], it moves further from the float
-    resize; tests/test_fidelity.py measures that against the official resize.)"""
+    resize; tests/test_augment_fidelity.py measures that against the official resize.)"""
     import torch.nn.functional as F
 
     from fastbyol.augment import crop_resize_flip

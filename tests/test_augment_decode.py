@@ -2,7 +2,7 @@
 graph the CUDA loader runs with the "mixed" decoders; here the same graph runs with the "cpu" decoders and
 device_id=None. "roi": one region-of-interest decode per view; "once": one whole-image decode, both views cropped
 from it (fn.random_resized_crop). Checked: the outputs' shape, dtype and layout; per-sample crops; the crop's area
-and aspect distribution in both modes (the same checks as tests/test_fidelity.py's crop tests, on a lossless
+and aspect distribution in both modes (the same checks as tests/test_augment_fidelity.py's crop tests, on a lossless
 coordinate image) and the two modes' area distributions against each other; exact resume from DALI's checkpoint; the
 decoder count; bad values. The "mixed" variant: tests/test_gpu_paths.py (CUDA only)."""
 
@@ -117,7 +117,7 @@ def _measured_windows(files, decode, n_batches=4, batch=250):
 
 def test_crop_area_and_aspect_match_the_spec_in_both_modes(coordinate_png):
     """2,000 crops a mode: area within the spec's range and filling it, log-aspect within its range and symmetric
-    (test_fidelity's checks); and the once mode's area and log-aspect distributions equal the roi mode's (two-sample
+    (test_augment_fidelity's checks); and the once mode's area and log-aspect distributions equal the roi mode's (two-sample
     Kolmogorov-Smirnov, p < 0.001 rejects): the same window sampler in both."""
     stats = {}
     for decode in DECODE_MODES:

@@ -1,7 +1,7 @@
 """Data parallelism on the CPU (gloo), as torchrun runs it.
 
 - Two processes with half the global batch each, DDP around the model and GlobalBatchNorm (cross-replica BN through a
-  functional all-reduce; tests/test_bn.py checks it alone), stepped by the trainer's own `byol_step`, give what one
+  functional all-reduce; tests/test_dist_batchnorm.py checks it alone), stepped by the trainer's own `byol_step`, give what one
   process gives with the whole batch: losses, online and target parameters and BN running statistics.
 - The collectives of the trainer's bookkeeping (`broadcast_object`, `gather_objects`, `global_mean`, `barrier`), with
   one process and with two.

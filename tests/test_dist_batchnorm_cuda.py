@@ -3,7 +3,7 @@
 One process in a one-rank NCCL group exercises the path a multi-GPU run takes (the functional all-reduce on NCCL,
 Inductor's CUDA code for it): equal to nn.BatchNorm in float64 (outputs, input gradients, running statistics);
 no graph break in a converted BYOL model; compiled (Inductor, fullgraph) equal to eager in float32 and under bf16
-autocast; no host sync in the steady-state forward and backward. tests/test_bn.py checks two ranks on gloo.
+autocast; no host sync in the steady-state forward and backward. tests/test_dist_batchnorm.py checks two ranks on gloo.
 """
 
 import socket

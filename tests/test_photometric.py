@@ -1,7 +1,7 @@
 """The photometric chain's three forms agree: the torch reference (grouped by jitter order, the CPU path), the
 per-slot form torch.compile gets, and the Triton kernel (under TRITON_INTERPRET=1 here; compiled for sm_90 in a
 subprocess so a kernel that would not build on the GPU fails here too). The reference's fidelity to the official ops
-is tests/test_fidelity.py's job; here the oracle is the reference in float64.
+is tests/test_augment_fidelity.py's job; here the oracle is the reference in float64.
 
 Tolerances (outputs are normalized, |values| <= ~2.7): float32 against the float64 oracle 3e-5; fp16 outputs 2e-3
 (half an fp16 ulp at 2.7 is 1e-3, plus the float32 error).

@@ -1,7 +1,7 @@
 """Issue 18, item 1, in the training pipeline: a file that passes the structural checks but that DALI cannot decode is
 replaced and counted under --skip-bad-files (the run goes on, and a resume stays exact), or named in one line.
 
-The bad file: a progressive JPEG whose first scan asks for DC coefficients 0..5 (tests/test_decode_safety.py's
+The bad file: a progressive JPEG whose first scan asks for DC coefficients 0..5 (tests/test_data_decode.py's
 recipe): its headers pass checks.py, DALI's CPU decoder refuses it with an error (not a crash) on the calling thread
 and on its workers alike (tried here in batches of 8 and 64 with 2 threads).
 """
@@ -30,7 +30,7 @@ BAD = "000020x.jpg"  # sorts among the good files (000000.jpg ...)
 
 
 def bad_scan_jpeg(seed: int = 1) -> bytes:
-    """test_decode_safety's file that passes the structural checks and fails only in DALI's decoder."""
+    """test_data_decode's file that passes the structural checks and fails only in DALI's decoder."""
     return _bad_scan_jpeg(np.random.default_rng(seed))
 
 

@@ -10,7 +10,7 @@ the kNN evaluator and the throughput clock, with nothing but torch and numpy (th
 - kNN: fastbyol.knn (features of the eval-mode encoder on the un-augmented images, ImageNet-normalised, L2
   normalised; cosine top-k 200, votes exp(sim / 0.1)), copied line for line;
 - StepClock: fastbyol's ThroughputMeter rule: the first step is set apart, the evaluations are outside the clock.
-tests/test_parity.py checks each copy against fastbyol's own (data, encoder weights, lr, kNN on random features).
+tests/test_bench_parity.py checks each copy against fastbyol's own (data, encoder weights, lr, kNN on random features).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ outputs to the maker. The paths:
   the same batches, bit for bit.
 The chain: colour jitter with p 0.8 (the four ops in the image's own random order, a clip after each) -> grayscale ->
 blur -> solarize -> clip -> normalize -> channels_last, on [0, 1] floats, with contrast around each channel's mean
-and saturation and hue in true HSV (tests/test_fidelity.py checks each op against a numpy port of the official op,
+and saturation and hue in true HSV (tests/test_augment_fidelity.py checks each op against a numpy port of the official op,
 the whole chain on the loader's own draws, each probability and parameter range, and the crops' area and aspect).
 
 Deviations left, and why:

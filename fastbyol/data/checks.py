@@ -20,7 +20,7 @@ parse is named (or skipped under --skip-bad-files) before any DALI pipeline sees
   inside the file and its CRC-32 right, an IDAT, IEND last. Reads the whole file (PNG datasets are small; the CRCs catch
   corruption inside, which libpng would otherwise report in dozens of lines).
 Entropy-coded data is not decoded: a JPEG whose scan data is damaged passes, and DALI reports it per sample
-(a decode status, not a crash: tests/test_decode_safety.py).
+(a decode status, not a crash: tests/test_data_decode.py).
 """
 
 from __future__ import annotations
