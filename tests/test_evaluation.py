@@ -12,7 +12,7 @@ from fastbyol.evaluation.finetune import balanced_subset
 from fastbyol.evaluation.paper import held_out_split, scaled_batch
 from fastbyol.evaluation.results import format_table, table_rows
 
-from .test_train import _small_idx_dataset
+from .support import small_idx_dataset as _small_idx_dataset
 
 pytest.importorskip("nvidia.dali")
 

@@ -10,7 +10,7 @@ from fastbyol.cli import main
 from fastbyol.evaluation.probe import OnlineProbe
 from fastbyol.models import build_encoder
 
-from .test_train import _small_idx_dataset
+from .support import small_idx_dataset as _small_idx_dataset
 
 
 def _train(data, out, *flags):
