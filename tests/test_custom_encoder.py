@@ -1,11 +1,8 @@
-"""Encoders of the user's own: the example in docs/backbones.md runs as written, `--arch module.path:factory`, the
+"""Encoders of the user's own (the README's example runs in tests/test_readme.py): `--arch module.path:factory`, the
 feature width found by a forward, the 1-D exclusion rule, the export of the module's own state_dict, bad `--arch`
 values as one line with exit 2, and an exact resume after SIGKILL."""
 
-import json
 import os
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +13,6 @@ from fastbyol.models import BYOL, feature_dim_of
 from fastbyol.optim import excluded_parameters
 
 from .backbone_runs import kill_and_resume
-
-DOC = Path(__file__).resolve().parents[1] / "docs" / "backbones.md"
-
 
 class TinyConvNet(nn.Module):
     """(B, 3, H, W) -> (B, 24), no feature-width attribute: BYOL finds it by a forward."""
@@ -37,27 +31,6 @@ class TinyConvNet(nn.Module):
 def tiny_conv_encoder(image_size: int = 16) -> nn.Module:
     """The `--arch tests.test_custom_encoder:tiny_conv_encoder` factory of the tests."""
     return TinyConvNet(image_size)
-
-
-def _doc_example() -> str:
-    section = DOC.read_text().split("## Your own encoder", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_the_documented_example_trains_its_own_encoder(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "__main__"}
-    exec(compile(_doc_example(), str(DOC), "exec"), namespace)
-    summary = namespace["summary"]
-    assert summary["steps"] == 2 * (256 // 64) and summary["final_loss"] > 0
-    assert "steps, final loss" in capsys.readouterr().out
-    run = tmp_path / "runs" / "my-encoder"
-    assert json.loads((run / "config.json").read_text())["model"]["arch"] == "__main__:SmallConvNet"
-    # the export is the module's own state_dict
-    assert main(["export", str(run), "--out", str(tmp_path / "enc.pt")]) == 0
-    state = torch.load(tmp_path / "enc.pt")
-    assert set(state) == set(namespace["SmallConvNet"]().state_dict())
-    namespace["SmallConvNet"]().load_state_dict(state)
 
 
 def test_feature_width_from_an_attribute_or_a_forward():

@@ -16,17 +16,12 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 
 from fastbyol.cli import _build_parser
 from fastbyol.config import SECTIONS, allowed_values
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Pages and flags that other branches bring; a link or flag that stays missing is only tolerated while the page or
-# the flag is absent, and is reported as an expected failure naming it (strict as soon as they exist).
-PENDING_PAGES = {"docs/environment.md", "docs/backbones.md", "docs/fault-tolerance.md"}
-PENDING_FLAGS = {("train", "--decode")}
 
 # a fenced code block; its info "bash" (sh, shell, console) or none marks a shell block
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+|~~~+)(?P<info>[^\n]*)\n"
@@ -225,33 +220,16 @@ def command_problems(text: str, parser: argparse.ArgumentParser | None = None) -
 
 # ----------------------------------------------------------------------------------------------------------- tests
 
-def _pass_or_pending(problems: list, pending: list, what: str) -> None:
-    assert not problems, f"{what}:\n" + "\n".join(map(str, problems))
-    if pending:
-        pytest.xfail(f"{what} brought by other branches, still missing here: {sorted(set(map(str, pending)))}")
-
-
 def test_every_relative_link_resolves():
-    problems, pending = [], []
-    for page in doc_files():
-        for p in link_problems(page.read_text(), page):
-            target = p.split(": ", 1)[1].split(" (", 1)[0].split("#", 1)[0]
-            resolved = (page.parent / target).resolve()
-            rel = resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else ""
-            (pending if rel in PENDING_PAGES and not resolved.exists() else problems).append(p)
-    _pass_or_pending(problems, pending, "broken links")
+    problems = [p for page in doc_files() for p in link_problems(page.read_text(), page)]
+    assert not problems, "broken links:\n" + "\n".join(problems)
 
 
 def test_every_shown_command_has_its_flags():
     parser = _build_parser()
-    train_flags = set(_subparsers(parser)["train"]._option_string_actions)
-    problems, pending = [], []
-    for page in doc_files():
-        for cmd, flag in command_problems(page.read_text(), parser):
-            item = (page.relative_to(ROOT).as_posix(), cmd, flag)
-            is_pending = (cmd, flag) in PENDING_FLAGS and not (cmd == "train" and flag in train_flags)
-            (pending if is_pending else problems).append(item)
-    _pass_or_pending(problems, pending, "commands with flags `--help` does not list")
+    problems = [(page.relative_to(ROOT).as_posix(), cmd, flag) for page in doc_files()
+                for cmd, flag in command_problems(page.read_text(), parser)]
+    assert not problems, f"commands with flags `--help` does not list: {problems}"
 
 
 def test_every_named_repository_path_exists():

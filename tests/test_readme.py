@@ -1,11 +1,14 @@
-"""The README's drop-in example runs, and gives what the plain PyTorch lines it replaces give."""
+"""The README's examples run: the drop-in ops give what the plain PyTorch lines they replace give, and an encoder
+defined in the example trains, records its factory and exports its own state_dict."""
 
+import json
 import re
 from pathlib import Path
 
 import torch
 
 import fastbyol.kernels as fk
+from fastbyol.cli import main
 from fastbyol.reference import byol_loss_symmetric_reference, ema_update_reference_
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -42,3 +45,24 @@ def test_readme_example_matches_plain_pytorch(kernels_path, monkeypatch, capsys)
 def test_readme_keeps_the_two_commands():
     text = README.read_text()
     assert "make train" in text and "make test" in text
+
+
+def _encoder_example() -> str:
+    section = README.read_text().split("## Your own encoder", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_encoder_example_trains_its_own_encoder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(_encoder_example(), "README-encoder-example", "exec"), namespace)
+    summary = namespace["summary"]
+    assert summary["steps"] == 2 * (256 // 64) and summary["final_loss"] > 0
+    assert "steps, final loss" in capsys.readouterr().out
+    run = tmp_path / "runs" / "my-encoder"
+    assert json.loads((run / "config.json").read_text())["model"]["arch"] == "__main__:SmallConvNet"
+    # the export is the module's own state_dict
+    assert main(["export", str(run), "--out", str(tmp_path / "enc.pt")]) == 0
+    state = torch.load(tmp_path / "enc.pt")
+    assert set(state) == set(namespace["SmallConvNet"]().state_dict())
+    namespace["SmallConvNet"]().load_state_dict(state)
