@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
+from .environment import fault_injection_count
 from .errors import FastByolError
 
 CHECKPOINT = "checkpoint.pt"
 FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
 # fault injection for the tests: SIGKILL this process inside its N-th checkpoint write, with the temporary file written
 # in full but not yet renamed (tests/test_faults.py)
-_KILL_IN_CHECKPOINT_WRITE = int(os.environ.get("FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE", "0"))
+_KILL_IN_CHECKPOINT_WRITE = fault_injection_count("FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE")
 _checkpoint_writes = 0
 
 

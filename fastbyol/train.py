@@ -25,10 +25,12 @@ import torch
 
 from . import __version__
 from .augment import VIEW1, VIEW2, TwoViewLoader
+from .bounds import check_machine_bounds
 from .checkpoint import CHECKPOINT, load_run, state_bytes
 from .config import Config, Resolved
 from .data import ImageDataset, resolve_dataset
 from .dist import DeferredMean, barrier, broadcast_object
+from .environment import check_environment
 from .errors import FastByolError
 from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
 from .knn import knn_top1
@@ -141,6 +143,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     the checkpoint was taken (model, optimizer, step, data position and random states of every rank)."""
     from .dist import close_distributed, init_distributed
 
+    check_environment()  # RANK, WORLD_SIZE, MASTER_PORT, FASTBYOL_CACHE...: one line before anything is read or made
     state, ckpt = None, None
     if resume is not None:
         cfg, state, ckpt = load_run(resume)
@@ -152,6 +155,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     rank, world_size, created = init_distributed(device.type)
     old_umask = os.umask(0o077)  # run files readable by their owner only
     try:
+        check_machine_bounds(cfg, device, world_size)  # threads, widths, memory: before anything is allocated
         return _train(cfg, state, ckpt, resume, device, rank, world_size, progress, log)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
