@@ -156,7 +156,74 @@ def load_run(run_dir: str | Path):
         raise FastByolError(f"{run_dir}: no {CHECKPOINT} (the run stopped before its first checkpoint; start it again "
                             "with a new --out)")
     ckpt = load_checkpoint(ckpt_path)
-    return cfg, TrainState.from_checkpoint(ckpt, where=str(ckpt_path)), ckpt
+    state = TrainState.from_checkpoint(ckpt, where=str(ckpt_path))
+    check_checkpoint_tensors(ckpt, cfg, where=str(ckpt_path))
+    return cfg, state, ckpt
+
+
+def expected_model_state(cfg) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every tensor of the BYOL state_dict that `cfg` builds, from the model built on the
+    meta device (shapes only: no memory, no random numbers drawn)."""
+    from .models import BYOL, build_encoder
+
+    with torch.device("meta"):
+        model = BYOL(build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size), cfg.model.proj_hidden,
+                     cfg.model.proj_dim, cfg.model.pred_hidden)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    shapes["#online"] = [tuple(p.shape) for p in model.online_parameters()]  # the optimizer's parameters, in order
+    return shapes
+
+
+def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None:
+    """The checkpoint's `model` (names, shapes, dtypes) and `optimizer` (structure, one momentum buffer of its
+    parameter's shape) match the architecture of the run's config, before anything is restored from it; else a
+    FastByolError naming the first difference. Every consumer (train --resume, eval, export) loads through here."""
+    def bad(why: str):
+        raise FastByolError(f"{where}: does not fit the run's config.json ({cfg.model.arch}, {cfg.model.stem} stem, "
+                            f"{cfg.data.image_size} px): {why}")
+
+    model = ckpt.get("model")
+    if not isinstance(model, dict):
+        bad(f"its 'model' is a {type(model).__name__}, not a state_dict")
+    expected = expected_model_state(cfg)
+    online = expected.pop("#online")
+    for name, value in model.items():
+        if not isinstance(name, str) or name not in expected:
+            bad(f"unexpected tensor {name!r} in 'model'")
+        if not isinstance(value, torch.Tensor):
+            bad(f"model[{name!r}] is a {type(value).__name__}, not a tensor")
+        shape, dtype = expected[name]
+        if tuple(value.shape) != shape or value.dtype != dtype:
+            bad(f"model[{name!r}] is {value.dtype} {tuple(value.shape)}, the architecture has {dtype} {shape}")
+    missing = [k for k in expected if k not in model]
+    if missing:
+        bad(f"'model' lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if "optimizer" in ckpt or ckpt.get("format") == 2:
+        _check_optimizer(ckpt.get("optimizer"), online, bad)
+
+
+def _check_optimizer(opt, online: list[tuple[int, ...]], bad) -> None:
+    """A LARS state_dict: {'state': {index: {'momentum_buffer': tensor}}, 'param_groups': [{'params': [...], ...}]}
+    over the online parameters, each buffer of its parameter's shape."""
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(
+            opt.get("param_groups"), list):
+        bad("its 'optimizer' is not an optimizer state_dict (state, param_groups)")
+    indices = []
+    for group in opt["param_groups"]:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            bad("an optimizer param group is not an object with a 'params' list")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in group.items() if k != "params"):
+            bad("an optimizer param group holds a setting that is not a number")
+        indices += group["params"]
+    if sorted(indices) != list(range(len(online))) or not all(isinstance(i, int) for i in indices):
+        bad(f"its optimizer covers {len(indices)} parameters, the architecture has {len(online)}")
+    for index, entry in opt["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(online) or not isinstance(entry, dict):
+            bad(f"optimizer state {index!r} is not a parameter's state")
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or (
+                    value.dim() and tuple(value.shape) != online[index]):
+                bad(f"optimizer state {index}.{key} does not match its parameter {online[index]}")
 
 
 class RunLock:
