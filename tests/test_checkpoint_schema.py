@@ -8,20 +8,33 @@ import shutil
 import pytest
 import torch
 
-from fastbyol.checkpoint import CHECKPOINT, expected_model_state, load_run
+from fastbyol.checkpoint import CHECKPOINT, expected_model_state, load_run, save_checkpoint
 from fastbyol.cli import main
 from fastbyol.config import get_preset
 from fastbyol.errors import FastByolError
+from fastbyol.optim import LARS
+from fastbyol.state import TrainState
 from fastbyol.train import build_model
 
 from .support import one_line
 
 
 @pytest.fixture(scope="module")
-def trained(small_idx_data, tmp_path_factory):
+def trained(tmp_path_factory):
+    """A run folder as `fastbyol train` leaves it after one step (its checkpoint made here: no DALI, no data)."""
     out = tmp_path_factory.mktemp("schema") / "run"
-    assert main(["train", "--data", str(small_idx_data(128, 64)), "--epochs", "1", "--batch-size", "32",
-                 "--knn-every", "0", "--out", str(out), "--no-progress"]) == 0
+    out.mkdir()
+    cfg = get_preset("fmnist-tiny")
+    model = build_model(cfg, torch.device("cpu"))
+    optimizer = LARS(model.online_parameters(), lr=0.1)
+    x = torch.randn(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
+    p1, p2, z1, z2 = model(x, x)
+    (p1 - z2).square().sum().add((p2 - z1).square().sum()).backward()
+    optimizer.step()
+    state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()])
+    save_checkpoint(out / CHECKPOINT, state.to_checkpoint(model.state_dict(), optimizer.state_dict(), cfg.to_dict(),
+                                                          "test"))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
     return out
 
 
@@ -65,11 +78,15 @@ def damaged(trained, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_a_damaged_checkpoint_is_refused_before_restore(damaged, name):
+    with pytest.raises(FastByolError, match="does not fit the run's config.json"):
+        load_run(damaged(MUTATIONS[name]))
+
+
+@pytest.mark.parametrize("name", ["model is a list", "a wrong shape", "optimizer is a list"])
 def test_a_damaged_checkpoint_is_one_line_for_every_consumer(damaged, tmp_path, capsys, name):
     # main: a list as `model` is an AttributeError traceback in eval and export, a TypeError in --resume
     run = damaged(MUTATIONS[name])
-    with pytest.raises(FastByolError, match="does not fit the run's config.json"):
-        load_run(run)
     before = (run / CHECKPOINT).read_bytes()
     for argv in (["train", "--resume", str(run), "--no-progress"], ["eval", str(run), "--no-progress"],
                  ["export", str(run), "--out", str(tmp_path / "enc.pt")]):
