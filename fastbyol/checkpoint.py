@@ -43,6 +43,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+                errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+
+
+def write_error(e: BaseException, path: Path) -> FastByolError | None:
+    """One line for a failed write of `path`, when the exception is (or wraps: torch.save turns the OSError into a
+    RuntimeError) one of WRITE_ERRORS; else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+            return FastByolError(f"{e.filename or path}: {WRITE_ERRORS[e.errno]}")
+        if isinstance(e, RuntimeError) and "No space left" in str(e):  # the zip writer's message, no OSError kept
+            return FastByolError(f"{path}: {WRITE_ERRORS[errno.ENOSPC]}")
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _no_space(path: Path, need: int | None) -> FastByolError:
     free = shutil.disk_usage(path.parent).free
     wanted = f"{need} bytes needed, " if need else ""
@@ -50,10 +69,14 @@ def _no_space(path: Path, need: int | None) -> FastByolError:
 
 
 def atomic_write_bytes(path: Path, write, need: int | None = None, before_rename=None) -> None:
-    """Call write(file) on a temporary file next to `path`, then move it over `path` in one rename (mode 0600)."""
+    """Call write(file) on a temporary file next to `path`, then move it over `path` in one rename (mode 0600).
+
+    A full disk, a read-only file system, a quota or a permission (WRITE_ERRORS, also wrapped in another exception
+    as torch.save and matplotlib do) becomes one FastByolError naming `path`; the previous file is kept."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -63,13 +86,14 @@ def atomic_write_bytes(path: Path, write, need: int | None = None, before_rename
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        mapped = write_error(e, path) if isinstance(e, Exception) else None
+        if mapped is None:
+            raise
+        if "no space left" in str(mapped):
             raise _no_space(path, need) from None
-        if isinstance(e, RuntimeError) and "No space left" in str(e):  # torch.save's writer wraps the OSError
-            raise _no_space(path, need) from None
-        raise
+        raise FastByolError(f"{path}: {str(mapped).split(': ', 1)[-1].rstrip()}; the previous file is kept") from None
 
 
 def atomic_write_json(path: Path, obj) -> None:

@@ -13,7 +13,6 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
 import os
 import sys
@@ -26,7 +25,7 @@ import torch
 from . import __version__
 from .augment import VIEW1, VIEW2, TwoViewLoader
 from .bounds import check_machine_bounds
-from .checkpoint import CHECKPOINT, load_run, state_bytes
+from .checkpoint import CHECKPOINT, load_run, state_bytes, write_error
 from .config import Config, Resolved
 from .data import ImageDataset, resolve_dataset
 from .dist import DeferredMean, barrier, broadcast_object
@@ -157,10 +156,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     try:
         check_machine_bounds(cfg, device, world_size)  # threads, widths, memory: before anything is allocated
         return _train(cfg, state, ckpt, resume, device, rank, world_size, progress, log)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
-            raise FastByolError(f"{e.filename or 'the run directory'}: no space left on the device") from None
-        raise
+    except OSError as e:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
+        mapped = write_error(e, Path(e.filename or "the run directory"))
+        if mapped is None:
+            raise
+        raise mapped from None
     finally:
         os.umask(old_umask)
         if created:

@@ -8,34 +8,18 @@ import shutil
 import pytest
 import torch
 
-from fastbyol.checkpoint import CHECKPOINT, expected_model_state, load_run, save_checkpoint
+from fastbyol.checkpoint import CHECKPOINT, expected_model_state, load_run
 from fastbyol.cli import main
 from fastbyol.config import get_preset
 from fastbyol.errors import FastByolError
-from fastbyol.optim import LARS
-from fastbyol.state import TrainState
 from fastbyol.train import build_model
 
-from .support import one_line
+from .support import one_line, one_step_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A run folder as `fastbyol train` leaves it after one step (its checkpoint made here: no DALI, no data)."""
-    out = tmp_path_factory.mktemp("schema") / "run"
-    out.mkdir()
-    cfg = get_preset("fmnist-tiny")
-    model = build_model(cfg, torch.device("cpu"))
-    optimizer = LARS(model.online_parameters(), lr=0.1)
-    x = torch.randn(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
-    p1, p2, z1, z2 = model(x, x)
-    (p1 - z2).square().sum().add((p2 - z1).square().sum()).backward()
-    optimizer.step()
-    state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()])
-    save_checkpoint(out / CHECKPOINT, state.to_checkpoint(model.state_dict(), optimizer.state_dict(), cfg.to_dict(),
-                                                          "test"))
-    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
-    return out
+    return one_step_run(tmp_path_factory.mktemp("schema") / "run")
 
 
 def _first_tensor(model: dict) -> str:
