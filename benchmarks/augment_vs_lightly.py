@@ -63,10 +63,10 @@ def run_fastbyol(images: np.ndarray, size: int, batch: int, steps: int, threads:
                  cpu_parallel: str = "processes") -> dict:
     """TwoViewLoader on `images` (DALI threads and pixel workers: `threads`; the workers are processes or threads
     as cpu_parallel says), timed as run_lightly; its CPU time counts the worker processes."""
-    from fastbyol.augment import TwoViewLoader
-    from fastbyol.augment_bench import trainer_views
+    from fastbyol.augment import TwoViewLoader, views_from_config
+    from fastbyol.config import DEFAULT_PRESET, get_preset
 
-    view1, view2 = trainer_views()  # as fastbyol train augments by default (its blur window rule)
+    view1, view2 = views_from_config(get_preset(DEFAULT_PRESET))  # as fastbyol train augments by default
     loader = TwoViewLoader(images, batch, size, seed=0, num_threads=threads, view1=view1, view2=view2,
                            cpu_parallel=cpu_parallel)
     pids = [p.pid for p in loader._procs.procs] if loader._procs is not None else []

@@ -294,8 +294,9 @@ def _augment_jpeg(plan: Plan, decode: str):
     """`fastbyol bench augment --device gpu --source jpeg` on the ImageNet-like JPEGs (not the small synthetic ones),
     224 px, batch 256, in one decode mode of the GPU path (issue 13, hazard 3): "roi" (one region-of-interest decode
     per view: each file entropy-decoded twice) or "once" (one whole-image decode, both views cropped from it on the
-    GPU). The two items run back to back on the same files; the faster mode becomes fastbyol.augment.DECODE. On the
-    CPU (the dry run) the mode changes nothing: both rows run the CPU path."""
+    GPU). The two items run back to back on the same files; the faster mode becomes the default of
+    `fastbyol train --decode` (fastbyol.config.AugmentConfig.decode). On the CPU (the dry run) the mode changes
+    nothing: both rows run the CPU path."""
     from fastbyol.augment_bench import bench_augment
     from fastbyol.data.folders import FileList
 
@@ -364,8 +365,10 @@ def train_r50(plan: Plan):
 
 def _expected_rate(plan: Plan) -> float:
     """BYOL img/s the training run should reach: the slower of call 1's compiled step and call 4's JPEG pipeline in
-    the decode mode the trainer uses (fastbyol.augment.DECODE) (2000 when neither was measured)."""
-    from fastbyol.augment import DECODE
+    the decode mode the trainer uses by default (AugmentConfig.decode) (2000 when neither was measured)."""
+    from fastbyol.config import AugmentConfig
+
+    DECODE = AugmentConfig().decode
 
     rates = []
     for call in (1, 3, plan.call):

@@ -180,8 +180,9 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-SOURCES = ("fastbyol/augment.py", "fastbyol/photometric.py", "kernels/photometric.py", "fastbyol/train.py",
-           "fastbyol/models.py", "fastbyol/optim.py", "fastbyol/config.py")
+SOURCES = ("fastbyol/augment/views.py", "fastbyol/augment/pipelines.py", "fastbyol/augment/crops.py",
+           "fastbyol/augment/makers.py", "fastbyol/augment/loader.py", "fastbyol/photometric.py",
+           "kernels/photometric.py", "fastbyol/train.py", "fastbyol/models.py", "fastbyol/optim.py", "fastbyol/config.py")
 
 
 def provenance() -> dict:

@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from .augment import DECODE, DECODE_MODES, IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params
+from .augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params, views_from_config
+from .config import DEFAULT_PRESET, get_preset
 from .errors import FastByolError
 from .photometric_variants import VARIANTS, photometric_variant
 
@@ -54,14 +55,17 @@ def _steady_rate(arrivals: list[float], batch: int) -> tuple[float, float]:
 
 def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arrays", steps: int = 20,
                   warmup: int = 3, num_threads: int | None = None, seed: int = 0, data=None,
-                  blur_window: str | None = None, decode: str = DECODE, cpu_parallel: str = "processes") -> dict:
+                  blur_window: str | None = None, decode: str | None = None, cpu_parallel: str | None = None,
+                  preset: str = DEFAULT_PRESET) -> dict:
     """Two-view samples/s of TwoViewLoader (see the module docstring for the clock). `data` replaces the synthetic
     images (a uint8 (N, H, W, 3) array or an encoded source), so a benchmark can feed the same images to a peer.
-    blur_window: the blur window rule (ViewSpec.blur_window); default the trainer's (`--blur-window`).
-    decode: the GPU JPEG path's decode mode (fastbyol.augment.DECODE_MODES: "roi", one ROI decode per view, or
-    "once", one decode and two GPU crops); it changes nothing for arrays or on the CPU. The row reports it and the
-    graph's decoder count. cpu_parallel: the CPU array path's workers, "processes" (the trainer's) or "threads"
-    (TwoViewLoader's argument; the row reports what ran: JPEG sources and the GPU always use threads)."""
+    The views and the augmentation switches are the preset's, as `fastbyol train --preset PRESET` runs them
+    (views_from_config, the preset's AugmentConfig); blur_window, decode and cpu_parallel override them:
+    blur_window: the blur window rule (ViewSpec.blur_window, `--blur-window`).
+    decode: the GPU JPEG path's decode mode ("roi", one ROI decode per view, or "once", one decode and two GPU crops);
+    it changes nothing for arrays or on the CPU. The row reports it and the graph's decoder count.
+    cpu_parallel: the CPU array path's workers, "processes" or "threads" (the row reports what ran: JPEG sources and
+    the GPU always use threads)."""
     if device not in ("cpu", "gpu"):
         raise FastByolError(f"--device must be cpu or gpu, got {device!r}")
     if source not in ("arrays", "gray", "jpeg"):
@@ -70,15 +74,18 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
         raise FastByolError("--size must be >= 8, --batch >= 1 and --steps >= 2")
     if device == "gpu" and not torch.cuda.is_available():
         raise FastByolError("--device gpu, but torch sees no CUDA GPU")
-    if decode not in DECODE_MODES:
-        raise FastByolError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    cfg = get_preset(preset)
+    for name, value in (("blur_window", blur_window), ("decode", decode), ("cpu_parallel", cpu_parallel)):
+        if value is not None:
+            setattr(cfg.data if name == "blur_window" else cfg.augment, name, value)
+    cfg.validate()
     threads = num_threads or min(8, os.cpu_count() or 1)
     if data is None:
         data = synthetic_source(size, batch * 4, source, seed)
-    view1, view2 = trainer_views(blur_window)
+    view1, view2 = views_from_config(cfg)
     loader = TwoViewLoader(data, batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu",
                            num_threads=threads, gray_input=source == "gray", view1=view1, view2=view2,
-                           decode=decode, cpu_parallel=cpu_parallel)
+                           augment=cfg.augment)
     arrivals: list[float] = []
     done = 0
     while done < warmup + steps:
@@ -95,19 +102,8 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
             "device": device, "source": source, "threads": threads, "steps": steps,
             "seconds": arrivals[-1] - arrivals[0], "operators": loader.operators,
             "photometric": loader.photometric_variant, "blur_window": view1.blur_window_rule,
-            "blur_taps": view1.blur_window(size), "decode": decode, "decoders": loader.decoders,
-            "cpu_parallel": loader.cpu_parallel}
-
-
-def trainer_views(blur_window: str | None = None):
-    """(view 1, view 2) as the trainer builds them by default, with the blur window rule `blur_window` (default: the
-    trainer's default, DataConfig.blur_window)."""
-    import dataclasses
-
-    from .config import DataConfig
-
-    rule = blur_window or DataConfig().blur_window
-    return tuple(dataclasses.replace(v, blur_window_rule=rule) for v in (VIEW1, VIEW2))
+            "blur_taps": view1.blur_window(size), "decode": loader.decode, "decoders": loader.decoders,
+            "cpu_parallel": loader.cpu_parallel, "preset": preset, "crop_area": list(view1.crop_area)}
 
 
 def bench_photometric(size: int, batch: int, device: str, variant: str, steps: int = 20, threads: int | None = None,

@@ -30,8 +30,13 @@ from .errors import FastByolError
 CHECKPOINT = "checkpoint.pt"
 FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
 # fault injection for the tests: SIGKILL this process inside its N-th checkpoint write, with the temporary file written
-# in full but not yet renamed (tests/test_faults.py)
+# in full but not yet renamed (tests/test_faults.py); FASTBYOL_TEST_KILL_SIGNAL=TERM,USR1 sends those signals instead,
+# the first in the N-th write, the next in the write after it (tests/test_preemption.py); a value that is not a count
+# or a signal name is ignored (never a crash on import)
 _KILL_IN_CHECKPOINT_WRITE = fault_injection_count("FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE")
+_KILL_SIGNALS = [getattr(signal, f"SIG{name.strip()}") for name in
+                 os.environ.get("FASTBYOL_TEST_KILL_SIGNAL", "KILL").split(",")
+                 if isinstance(getattr(signal, f"SIG{name.strip()}", None), signal.Signals)]
 _checkpoint_writes = 0
 
 
@@ -138,8 +143,9 @@ def save_checkpoint(path: Path, ckpt: dict) -> None:
 def _fault_point() -> None:
     global _checkpoint_writes
     _checkpoint_writes += 1
-    if _checkpoint_writes == _KILL_IN_CHECKPOINT_WRITE:
-        os.kill(os.getpid(), signal.SIGKILL)
+    nth = _checkpoint_writes - _KILL_IN_CHECKPOINT_WRITE
+    if _KILL_IN_CHECKPOINT_WRITE and 0 <= nth < len(_KILL_SIGNALS):
+        os.kill(os.getpid(), _KILL_SIGNALS[nth])
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:

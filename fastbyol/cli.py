@@ -2,11 +2,13 @@
 
     fastbyol train [--preset NAME] [--data PATH] [--epochs N] [--batch-size N] [--seed S] [--out DIR] ...
     fastbyol train --resume RUN_DIR
+    fastbyol train --out RUN_DIR --auto-resume ...   # re-runnable: starts, continues or refuses RUN_DIR
     fastbyol eval RUN_DIR | export RUN_DIR --out FILE | plot RUN_DIR | bench augment | presets
 
 `train`'s flags are generated from the config dataclasses (`fastbyol.config`): one flag per setting, its help and
 rule written once there. Errors in the user's input print one line (`fastbyol: error: ...`) and exit with status 2,
-without a traceback unless --debug is given.
+without a traceback unless --debug is given. A run stopped by SIGTERM, SIGUSR1 or SIGINT (checkpoint written) exits
+with status 75 (fastbyol.preemption.EXIT_PREEMPTED).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import dataclasses
 import os
 import sys
 
-from .config import (BLUR_WINDOW_RULES, DEFAULT_PRESET, PRESETS, SECTIONS, Config, allowed_values, field_kind, flag_name,
-                     get_preset)
+from .config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,
+                     allowed_values, field_kind, flag_name, get_preset)
 from .errors import FastByolError
+
+EXIT_PREEMPTED_DOC = 75  # fastbyol.preemption.EXIT_PREEMPTED (not imported here: it loads torch)
 
 
 def _train_flags() -> list[tuple[str, dataclasses.Field]]:
@@ -31,7 +35,10 @@ def _train_flags() -> list[tuple[str, dataclasses.Field]]:
 
 def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="BYOL pretraining",
-                           description="BYOL pretraining; preset values are the defaults, any flag overrides them.")
+                           description="BYOL pretraining; preset values are the defaults, any flag overrides them.",
+                           epilog=f"exit status: 0 finished, 2 bad input or settings (one line), {EXIT_PREEMPTED_DOC} "
+                                  "stopped by SIGTERM, SIGUSR1 or SIGINT at a log point with a checkpoint written "
+                                  "(run the same command with --auto-resume, or --resume RUN_DIR, to continue)")
     train.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
     defaults = get_preset(DEFAULT_PRESET)
     for section, f in _train_flags():
@@ -47,6 +54,12 @@ def _add_train_parser(sub) -> None:
     train.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue an interrupted run exactly from its last checkpoint (its own config is used: "
                             "no settings may be given with it)")
+    train.add_argument("--auto-resume", action="store_true",
+                       help="make the command re-runnable (by a scheduler, torchrun --max-restarts, or by hand): a "
+                            "missing or empty --out starts the run, one holding a checkpoint of a run with the same "
+                            "settings continues it exactly, other settings are refused (exit 2), a finished run is "
+                            "left alone (exit 0). SIGTERM, SIGUSR1 and SIGINT stop every process at the next log "
+                            f"point with a checkpoint and exit {EXIT_PREEMPTED_DOC} (run the command again to continue)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -66,16 +79,19 @@ def _add_other_parsers(sub) -> None:
     aug.add_argument("--source", default="arrays", choices=["arrays", "gray", "jpeg"],
                      help="uint8 colour arrays in memory, the same gray (R = G = B: the Fashion-MNIST fast path), or "
                           "synthetic JPEG files decoded by DALI")
-    aug.add_argument("--decode", default=None, choices=["roi", "once"],
+    aug.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                     help="measure this preset's views and augmentation settings, as fastbyol train runs them")
+    aug.add_argument("--decode", default=None, choices=list(DECODE_MODES),
                      help="GPU JPEG decode: one region-of-interest decode per view, or one whole decode + two crops "
-                          "(default: the trainer's, fastbyol.augment.DECODE)")
+                          "(default: the preset's, fastbyol train --decode)")
     aug.add_argument("--blur-window", default=None, choices=list(BLUR_WINDOW_RULES),
-                     help="blur window rule (default: the trainer's, see fastbyol train --help)")
+                     help="blur window rule (default: the preset's, fastbyol train --blur-window)")
     aug.add_argument("--steps", type=int, default=20, help="timed batches (after 3 warm-up batches)")
     aug.add_argument("--threads", type=int, default=None,
                      help="DALI threads and CPU pixel workers (default: min(8, cores))")
-    aug.add_argument("--cpu-parallel", default="processes", choices=["processes", "threads"],
-                     help="CPU, arrays: the crops and chain in worker processes (the trainer's) or threads")
+    aug.add_argument("--cpu-parallel", default=None, choices=list(CPU_PARALLEL_MODES),
+                     help="CPU, arrays: the crops and chain in worker processes or threads (default: the preset's, "
+                          "fastbyol train --cpu-parallel)")
     aug.add_argument("--json", action="store_true", help="print one JSON object")
     aug.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -145,21 +161,49 @@ def _print_presets() -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .preemption import install_stop_handlers, restore_signal_handlers
+
+    install_stop_handlers()  # before torch loads: a stop signal from here on ends with a checkpoint, or nothing
+    try:
+        return _train_command(args)
+    finally:
+        restore_signal_handlers()
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from .preemption import EXIT_PREEMPTED, AlreadyFinished, auto_resume_decision
+    from .rundir import Preempted
     from .train import train
 
-    if args.resume is not None:
+    from .environment import check_environment
+
+    rank = check_environment()[0]  # RANK, WORLD_SIZE, ...: one line naming a bad variable, before anything else
+    rank0 = rank == 0  # under torchrun: rank 0 speaks
+    resume, cfg = args.resume, Config()
+    if resume is not None:
         given = _given_settings(args) + ([("", "preset", args.preset)] if args.preset != DEFAULT_PRESET else [])
-        if given:
-            flags = ", ".join(flag_name(name) for _, name, _ in given)
+        if given or args.auto_resume:
+            flags = ", ".join([flag_name(name) for _, name, _ in given] + ["--auto-resume"] * args.auto_resume)
             raise FastByolError(f"--resume continues a run with its own config.json; it takes no settings (got "
                                 f"{flags}): start a new run to change them")
-        train(Config(), progress=not args.no_progress, resume=args.resume)
-        return 0
-    cfg = config_from_args(args)
-    cfg.validate()
-    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
-        print("config: " + str(cfg.to_dict()))
-    train(cfg, progress=not args.no_progress)
+    else:
+        cfg = config_from_args(args)
+        cfg.validate()
+        if args.auto_resume:
+            try:
+                resume = auto_resume_decision(cfg, rank,
+                                              log=print if rank0 else lambda *a: None)
+            except AlreadyFinished as e:
+                if rank0:
+                    print(f"fastbyol: {e}: nothing to do")
+                return 0
+        if resume is None and rank0:
+            print("config: " + str(cfg.to_dict()))
+    try:
+        train(cfg, progress=not args.no_progress, resume=resume)
+    except Preempted as e:
+        print(f"fastbyol: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -175,8 +219,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise FastByolError(f"--threads must be >= 1, got {args.threads}")
     r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads,
-                      blur_window=args.blur_window, cpu_parallel=args.cpu_parallel,
-                      **({} if args.decode is None else {"decode": args.decode}))
+                      blur_window=args.blur_window, cpu_parallel=args.cpu_parallel, decode=args.decode,
+                      preset=args.preset)
     if args.json:
         print(json.dumps(r))
     else:

@@ -22,9 +22,14 @@ from .errors import FastByolError
 
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BLUR_WINDOW_RULES = ("official", "cover")  # ViewSpec.blur_window says what each means
+BLUR_WINDOW_DEFAULT = "cover"  # --blur-window's default and ViewSpec's
 # what a config.json saved before a setting existed meant: resuming such a run keeps the behaviour it trained with
 SAVED_BEFORE_DEFAULTS = {"data": {"blur_window": "official"}}
 DEVICES = ("auto", "cpu", "cuda")
+# The augmentation switches' choices (AugmentConfig; fastbyol.augment says what each does)
+PHOTOMETRIC_VARIANTS = ("reference", "compiled", "triton")  # the chain on CUDA: eager torch, torch.compile, Triton
+DECODE_MODES = ("roi", "once")  # CUDA JPEG path: one ROI decode per view, or one whole decode and two GPU crops
+CPU_PARALLEL_MODES = ("processes", "threads")  # CPU array path: the crops and chain in forked processes or threads
 
 
 def setting(default: Any, help: str, rule: str | None = None, check: Callable[[Any], bool] | None = None,
@@ -84,8 +89,8 @@ class DataConfig:
     skip_bad_files: bool = setting(False, "leave out and count unreadable images instead of stopping")
     crop_min_area: float = setting(0.08, "smallest random-resized-crop area, fraction of the image (official 0.08)",
                                    "must be in (0, 1]", lambda v: _finite(v) and 0.0 < v <= 1.0)
-    blur_window: str = setting("cover", "Gaussian blur window: cover (the official window, widened to +-3 sigma of the "
-                               "widest sigma where it is narrower: 13 taps up to 139 px, the official window above) "
+    blur_window: str = setting(BLUR_WINDOW_DEFAULT, "Gaussian blur window: cover (the official window, widened to "
+                               "+-3 sigma of the widest sigma where it is narrower: 13 taps up to 139 px, the official window above) "
                                "or official (10%% of the view side: 3 taps at 28 px, 9 at 96, 23 at 224)",
                                choices=BLUR_WINDOW_RULES)
 
@@ -136,7 +141,37 @@ class RunConfig:
                            "must be START:STOP with 0 <= START < STOP", lambda v: v == "" or _profile_steps(v) is not None)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+@dataclass
+class AugmentConfig:
+    """How the augmentation runs: none of these changes what the views are drawn from (the recipe is ViewSpec's and
+    DataConfig's), only where and how the work is done. fastbyol.augment's loader and pipelines say what each does;
+    the defaults stand until the GPU plan (benchmarks/gpu_plan.md) has timed the alternatives."""
+
+    cuda_photometric: str = setting("triton", "CUDA: the photometric chain as Triton kernels, torch.compile of the "
+                                    "per-slot form (compiled) or eager torch (reference); the CPU always runs the "
+                                    "reference", choices=PHOTOMETRIC_VARIANTS)
+    decode: str = setting("roi", "CUDA, encoded files: one region-of-interest decode per view (roi) or one whole "
+                          "decode and both views cropped from it on the GPU (once); the CPU decodes once either way",
+                          choices=DECODE_MODES)
+    hw_decoder_load: float = setting(0.9, "CUDA, encoded files: share of each batch given to the GPU's hardware JPEG "
+                                     "engines (the rest: nvJPEG's CUDA path, Huffman on DALI's CPU threads)",
+                                     "must be in [0, 1]", lambda v: _finite(v) and 0.0 <= v <= 1.0)
+    preallocate_side: int = setting(512, "CUDA, encoded files: the hardware decoder preallocates for images of this "
+                                    "side, px (~batch x side^2 x 3 bytes; a larger file only grows the buffer)",
+                                    "must be >= 1", lambda v: v >= 1)
+    chunk_pixels: int = setting(1 << 17, "CPU: pixels per chunk of the photometric chain (images per chunk = "
+                                "max(1, chunk_pixels // side^2), small enough to stay in cache); the views do not "
+                                "depend on it", "must be >= 1", lambda v: v >= 1)
+    cpu_parallel: str = setting("processes", "CPU, array sources: the crops and chain in forked worker processes or "
+                                "in threads (the same views, bit for bit; encoded files always use threads)",
+                                choices=CPU_PARALLEL_MODES)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig,
+            "augment": AugmentConfig}
+# sections a config.json may lack (saved before they existed): they take their defaults, which are what those runs
+# trained with
+OPTIONAL_SECTIONS = ("augment",)
 
 
 def _profile_steps(text: str) -> tuple[int, int] | None:
@@ -171,6 +206,22 @@ def field_kind(f) -> type:
     return _KINDS[f.type] if isinstance(f.type, str) else f.type
 
 
+def validate_section(values, name=flag_name) -> None:
+    """Check one section's fields against their rules; the FastByolError names the bad setting as name(field)
+    (its flag by default)."""
+    for f in fields(values):
+        value, meta = getattr(values, f.name), f.metadata
+        flag = name(f.name)
+        if not _type_ok(value, field_kind(f)):
+            raise FastByolError(f"{flag} must be {field_kind(f).__name__}, got {value!r}")
+        allowed = allowed_values(f)
+        if allowed is not None and value not in allowed:
+            raise FastByolError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+        check = meta.get("check")
+        if check is not None and not check(value):
+            raise FastByolError(f"{flag} {meta['rule']}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Resolved:
     """What follows from the settings and the run: computed once by Config.resolve, logged, saved with the run."""
@@ -198,6 +249,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -211,6 +263,8 @@ class Config:
             raise FastByolError(f"{where}: not a fastbyol config (expected an object with a string 'preset')")
         cfg = cls(preset=raw.get("preset", cls.preset))
         for section, klass in SECTIONS.items():
+            if section not in raw and section in OPTIONAL_SECTIONS:
+                continue
             if section not in raw:
                 raise FastByolError(f"{where}: no '{section}' section (not a config written by fastbyol train)")
             values = raw[section]
@@ -234,19 +288,7 @@ class Config:
     def validate(self) -> None:
         """Check every field against its rule; raise FastByolError naming the first bad setting (as its flag)."""
         for section in SECTIONS:
-            values = getattr(self, section)
-            for f in fields(values):
-                value, meta = getattr(values, f.name), f.metadata
-                flag = flag_name(f.name)
-                if not _type_ok(value, field_kind(f)):
-                    raise FastByolError(f"{flag} must be {field_kind(f).__name__}, got {value!r}")
-                allowed = allowed_values(f)
-                if allowed is not None:
-                    if value not in allowed:
-                        raise FastByolError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
-                check = meta.get("check")
-                if check is not None and not check(value):
-                    raise FastByolError(f"{flag} {meta['rule']}, got {value!r}")
+            validate_section(getattr(self, section))
 
     def resolve(self, device_type: str, world_size: int, num_images: int, dataset_name: str = "the dataset") -> Resolved:
         """The derived values of a run on `world_size` processes over `num_images` pretraining images, or a

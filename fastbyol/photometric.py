@@ -3,9 +3,9 @@
     out = photometric(crops, params, blur_window=23, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 crops (B, 3, S, S) uint8: the random resized crops, already flipped (planar, NCHW contiguous: DALI's output on
-CUDA, fastbyol.augment.crop_resize_flip's on the CPU; any strides work, planar is the fast case on the CPU).
+CUDA, fastbyol.augment.crops' on the CPU; any strides work, planar is the fast case on the CPU).
 params (B, N_PARAMS) float32: each image's random parameters, one column per name in PARAM_NAMES (DALI draws them:
-fastbyol.augment.draw_params; tests and benchmarks: fastbyol.augment.sample_params).
+fastbyol.augment.pipelines.draw_params; tests and benchmarks: fastbyol.augment.views.sample_params).
 out (B, 3, S, S) channels_last (NHWC memory), normalized, `out_dtype`.
 
 The chain, per image, as the official `byol/utils/augmentations.py`, on [0, 1] floats:
@@ -54,6 +54,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from .config import AugmentConfig
+
 PARAM_NAMES = ("jitter", "brightness", "contrast", "saturation", "hue", "order", "gray", "blur", "sigma", "solarize")
 JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, BLUR, SIGMA, SOLARIZE = range(len(PARAM_NAMES))
 N_PARAMS = len(PARAM_NAMES)
@@ -61,7 +63,8 @@ N_PARAMS = len(PARAM_NAMES)
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # op ids 0..3, in ORDERS' entries
 ORDERS = tuple(itertools.permutations(range(4)))  # the 24 jitter orders: ORDERS[k][slot] = op id applied at slot
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # the official rgb_to_grayscale weights
-CHUNK_PIXELS = 1 << 17  # images per CPU chunk = max(1, CHUNK_PIXELS // S^2): 2 at 224 px, 14 at 96, 167 at 28
+# images per CPU chunk = max(1, CHUNK_PIXELS // S^2): 2 at 224 px, 14 at 96, 167 at 28 (a run sets it: --chunk-pixels)
+CHUNK_PIXELS = AugmentConfig().chunk_pixels
 
 
 def _col(v: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from .config import PHOTOMETRIC_VARIANTS as VARIANTS
 from .photometric import photometric, photometric_by_slot
 
-VARIANTS = ("reference", "compiled", "triton")
 _compiled = None
 
 

@@ -31,6 +31,11 @@ class TrainingStopped(FastByolError):
     """The run stopped on purpose (non-finite loss or weights): its directory and last good checkpoint stay."""
 
 
+class Preempted(TrainingStopped):
+    """The run stopped on a signal at a log point, its checkpoint written (fastbyol.preemption): the CLI exits with
+    EXIT_PREEMPTED."""
+
+
 def _mapped(path: Path, write) -> None:
     """Run write(); its disk errors become one line naming path."""
     try:

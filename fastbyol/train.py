@@ -12,7 +12,6 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .augment import VIEW1, VIEW2, TwoViewLoader
+from .augment import TwoViewLoader, views_from_config
 from .bounds import check_machine_bounds
 from .checkpoint import CHECKPOINT, load_run, state_bytes, write_error
 from .config import Config, Resolved
@@ -37,6 +36,7 @@ from .meter import ThroughputMeter
 from .models import BYOL, build_encoder, params_sha256
 from .optim import LARS
 from .perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
+from .preemption import StopCheck
 from .profiling import StepProfiler
 from .reference import lr_at, tau_at
 from .rundir import (BadFiles, Checkpointer, RunFiles, TrainingStopped, check_out_outside_data,  # noqa: F401
@@ -254,7 +254,7 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
     loss_mean, pending = DeferredMean(device), None  # the last log point's loss on its way to the host, its record
     start_epoch, resume_offset = divmod(state.step, plan.steps_per_epoch)
     input_dtype = getattr(torch, plan.input_dtype)
-    startup = {}
+    startup, stop = {}, StopCheck(world_size)
     for epoch in range(start_epoch, cfg.optim.epochs):
         meter.resume()
         for v1, v2 in meter.batches(loader.epoch(resume_offset if epoch == start_epoch else 0)):
@@ -285,6 +285,11 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
                                tau=tau)
                 loss_sum.zero_()
                 steps_since_log = 0
+                if stop.now() and state.step < plan.total_steps:  # a stop signal: every rank stops at this step
+                    meter.pause()
+                    last_loss, pending = _report(pending, loss_mean, bar, files, run_dir), None
+                    files.save(checkpoint(False, loss_sum))
+                    raise stop.stopped(state.step, plan.total_steps, run_dir)
 
             # checkpoint: outside the timed region (sync)
             if cfg.run.ckpt_every_steps and state.step % cfg.run.ckpt_every_steps == 0 \
@@ -348,12 +353,11 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     model = build_model(cfg, device)
-    crop = {"crop_area": (cfg.data.crop_min_area, 1.0), "blur_window_rule": cfg.data.blur_window}
+    view1, view2 = views_from_config(cfg)
     loader = TwoViewLoader(dataset.pretraining_source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed,
-                           device=device.type, num_threads=cfg.data.num_threads,
-                           view1=dataclasses.replace(VIEW1, **crop), view2=dataclasses.replace(VIEW2, **crop),
+                           device=device.type, num_threads=cfg.data.num_threads, view1=view1, view2=view2,
                            gray_input=dataset.gray, shard_id=rank, num_shards=plan.world_size,
-                           checkpoint=state.data_states[rank] if state.data_states else None)
+                           checkpoint=state.data_states[rank] if state.data_states else None, augment=cfg.augment)
     optimizer = LARS(model.online_parameters(), lr=0.0, weight_decay=cfg.optim.weight_decay,
                      momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.trust_coefficient)
     if ckpt is not None:

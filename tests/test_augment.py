@@ -1,6 +1,8 @@
 """The two-view loader on the CPU (DALI with device_id=None, the torch chain): shapes, layout, dtype, per-image
 randomness, the spec, the DALI graph's size, exact resume, labels and encoded-file sources."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -26,19 +28,22 @@ def test_official_view_parameters():
         assert (v.flip_p, v.jitter_p, v.gray_p) == (0.5, 0.8, 0.2)
         assert (v.brightness, v.contrast, v.saturation, v.hue) == (0.4, 0.4, 0.2, 0.1)
         assert v.blur_sigma == (0.1, 2.0) and v.solarize_threshold == 0.5
-    assert VIEW1.blur_window(224) == 23 and VIEW1.blur_window(96) == 9 and VIEW1.blur_window(28) == 3
+    official = dataclasses.replace(VIEW1, blur_window_rule="official")
+    assert official.blur_window(224) == 23 and official.blur_window(96) == 9 and official.blur_window(28) == 3
 
 
 def test_blur_window_rules():
-    """official: 10% of the side; cover: at least +-3 sigma_hi (13 taps for sigma 2), the official window above."""
-    import dataclasses
+    """official: 10% of the side; cover: at least +-3 sigma_hi (13 taps for sigma 2), the official window above.
+    ViewSpec's default rule is the trainer's (--blur-window's default), so a spec built without one is the run's."""
+    from fastbyol.config import DataConfig
 
-    cover = dataclasses.replace(VIEW1, blur_window_rule="cover")
+    assert VIEW1.blur_window_rule == VIEW2.blur_window_rule == DataConfig().blur_window == "cover"
+    cover, official = (dataclasses.replace(VIEW1, blur_window_rule=r) for r in ("cover", "official"))
     assert [cover.blur_window(s) for s in (8, 28, 32, 96, 129, 139, 140, 224)] == [13, 13, 13, 13, 13, 13, 15, 23]
-    assert [VIEW1.blur_window(s) for s in (8, 28, 96, 139, 140, 224)] == [1, 3, 9, 13, 15, 23]
+    assert [official.blur_window(s) for s in (8, 28, 96, 139, 140, 224)] == [1, 3, 9, 13, 15, 23]
     assert dataclasses.replace(cover, blur_sigma=(0.1, 1.0)).blur_window(28) == 7  # 2 ceil(3 sigma_hi) + 1
     for s in range(140, 400):  # where the official window is at least the cover, the two are the same op
-        assert cover.blur_window(s) == VIEW1.blur_window(s)
+        assert cover.blur_window(s) == official.blur_window(s)
     with pytest.raises(FastByolError, match="blur_window_rule must be one of official, cover"):
         dataclasses.replace(VIEW1, blur_window_rule="wide").validate("view1")
 
@@ -81,13 +86,16 @@ def test_bad_settings():
 def test_views_are_fresh_tensors_that_outlive_later_batches(cpu_parallel):
     loader = TwoViewLoader(_images(32), batch_size=16, image_size=20, seed=0, device="cpu", num_threads=1,
                            cpu_parallel=cpu_parallel)
-    v1, v2 = next(iter(loader.epoch()))
-    if cpu_parallel == "threads":
-        dali = dict(zip(loader._names, (o.as_tensor() for o in loader.last_outputs)))
-        assert tuple(dali["window1"].shape()) == (16, 5) and tuple(dali["params1"].shape()) == (16, len(PARAM_NAMES))
-        assert tuple(loader.last_crops[0].shape) == (16, 3, 20, 20)  # torch's crops: planar uint8
+    if cpu_parallel == "threads":  # one batch by hand, as epoch() makes it: DALI's outputs, torch's crops, the chain
+        out = loader.draw()
+        crops, params = loader.maker.crops(out)
+        v1, v2 = loader.maker.chain(crops, params)
+        dali = {name: torch.from_dlpack(o.as_tensor()) for name, o in out.items()}
+        assert tuple(dali["window1"].shape) == (16, 5) and tuple(params[0].shape) == (16, len(PARAM_NAMES))
+        assert tuple(crops[0].shape) == (16, 3, 20, 20) and crops[0].dtype == torch.uint8  # torch's planar crops
         assert v1.data_ptr() not in {d.data_ptr() for d in dali.values()}  # the chain's output, not DALI's memory
     else:  # the workers' shared buffers are reused: a batch is a copy
+        v1, v2 = next(iter(loader.epoch()))
         buffers = {o.data_ptr() for slot in loader._procs.outs for o in slot}
         assert v1.data_ptr() not in buffers and v2.data_ptr() not in buffers
     assert v1.stride() == (20 * 20 * 3, 1, 20 * 3, 3)  # NHWC memory seen as NCHW: channels_last strides
@@ -159,25 +167,32 @@ def test_position_saved_and_restored_exactly(taken):
     assert not torch.equal(first[0][0], expected[0][0])
 
 
-def test_labels_travel_with_their_images():
+def test_each_row_once_an_epoch_and_its_views_are_its_pixels():
+    """The array source emits each row once an epoch (this shard's part of a fresh permutation), and the views are
+    that row's pixels: every row's red channel holds its index, read back from the whole-image crop."""
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
-    labels = np.arange(48) % 7
-    images[..., 0] = (labels * 30)[:, None, None]  # the label is written in the red channel
-    loader = TwoViewLoader(images, batch_size=16, image_size=16, seed=2, num_threads=1, labels=labels,
+    images[..., 0] = (np.arange(48) * 5)[:, None, None]  # the row's index, written in the red channel
+    loader = TwoViewLoader(images, batch_size=16, image_size=16, seed=2, num_threads=1, cpu_parallel="threads",
                            view1=ViewSpec(crop_area=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0))
-    seen = []
-    for v1, v2, y in loader.epoch():
-        assert y.dtype == torch.int64 and y.shape == (16,)
-        red = v1[:, 0].float() * 0.229 + 0.485  # undo the normalization of the red channel
-        torch.testing.assert_close(red.mean(dim=(1, 2)), y.float() * 30 / 255, atol=0.01, rtol=0)
-        seen += y.tolist()
-    assert sorted(seen) == sorted(labels.tolist())
+    for _ in range(2):  # two epochs, each a different order
+        seen = []
+        for _ in range(loader.steps_per_epoch):
+            out = loader.draw()
+            index = torch.from_dlpack(out["pixels"].as_tensor()).reshape(-1)  # (16,) int64 rows
+            v1, _ = loader.maker.chain(*loader.maker.crops(out))
+            red = v1[:, 0].float() * 0.229 + 0.485  # undo the normalization of the red channel
+            torch.testing.assert_close(red.mean(dim=(1, 2)), index.float() * 5 / 255, atol=0.01, rtol=0)
+            seen += index.tolist()
+        assert sorted(seen) == list(range(48))
+        with pytest.raises(StopIteration):  # the epoch's end
+            loader.draw()
+        loader._pipe.reset()
 
 
 def test_encoded_source_with_the_reader_contract(tmp_path):
-    """Anything with dali_reader(shard_id, num_shards, name), len() and labels feeds the loader: here a FileList of
-    JPEGs; its int64 labels travel with the views."""
+    """Anything with dali_reader(shard_id, num_shards, name) and len() feeds the loader: here a FileList of JPEGs
+    (its labels, when it has them, are the kNN monitor's business: the loader yields the two views only)."""
     pytest.importorskip("PIL")
     from fastbyol.data.folders import FileList, write_synthetic_jpegs
 
@@ -188,13 +203,47 @@ def test_encoded_source_with_the_reader_contract(tmp_path):
     assert hasattr(source, "dali_reader")
     loader = TwoViewLoader(source, batch_size=8, image_size=16, seed=1, num_threads=1)
     assert loader.steps_per_epoch == 3
-    seen = []
-    for v1, v2, y in loader.epoch():
-        assert v1.shape == v2.shape == (8, 3, 16, 16) and y.dtype == torch.int64
-        seen += y.tolist()
-    assert sorted(seen) == sorted(labels.tolist())
+    batches = list(loader.epoch())
+    assert len(batches) == 3
+    for v1, v2 in batches:
+        assert v1.shape == v2.shape == (8, 3, 16, 16) and not torch.equal(v1, v2)
 
 
 def test_bad_image_array_is_one_clear_error():
     with pytest.raises(FastByolError, match="uint8"):
         TwoViewLoader([[0]], batch_size=1, image_size=8)
+
+
+def test_views_from_config_are_the_runs_views():
+    """The trainer and `bench augment` build the views with views_from_config: the official pair with the run's crop
+    area and blur window rule (fmnist-tiny: crop_min_area 0.2, the cover window)."""
+    from fastbyol.augment import views_from_config
+    from fastbyol.config import get_preset
+
+    cfg = get_preset("fmnist-tiny")
+    cfg.data.blur_window = "official"
+    v1, v2 = views_from_config(cfg)
+    assert v1 == dataclasses.replace(VIEW1, crop_area=(0.2, 1.0), blur_window_rule="official")
+    assert v2 == dataclasses.replace(VIEW2, crop_area=(0.2, 1.0), blur_window_rule="official")
+    assert views_from_config(get_preset("imagenet-resnet50")) == (VIEW1, VIEW2)  # 0.08 and cover: the defaults
+
+
+def test_augment_settings_reach_the_loader_and_are_checked():
+    """The loader takes the run's AugmentConfig, any field of which a keyword overrides; a bad value is one
+    FastByolError naming the field, an unknown keyword a TypeError. chunk_pixels changes how the chain is cut, not
+    the views."""
+    from fastbyol.config import AugmentConfig
+
+    kw = dict(batch_size=16, image_size=16, seed=4, num_threads=1)
+    a = TwoViewLoader(_images(32), augment=AugmentConfig(cpu_parallel="threads"), **kw)
+    b = TwoViewLoader(_images(32), augment=AugmentConfig(), cpu_parallel="threads", chunk_pixels=16 * 16 * 3, **kw)
+    assert a.cpu_parallel == b.cpu_parallel == "threads" and a._procs is None
+    assert b.maker.chains[0]["chunk_pixels"] == 768 and a.maker.chains[0]["chunk_pixels"] == 1 << 17
+    for x, y in zip(next(iter(a.epoch())), next(iter(b.epoch()))):
+        assert torch.equal(x, y)
+    with pytest.raises(FastByolError, match="chunk_pixels must be >= 1, got 0"):
+        TwoViewLoader(_images(32), chunk_pixels=0, **kw)
+    with pytest.raises(FastByolError, match="cpu_parallel must be one of processes, threads"):
+        TwoViewLoader(_images(32), augment=AugmentConfig(cpu_parallel="fibers"), **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'labels'"):
+        TwoViewLoader(_images(32), labels=np.zeros(32, np.int64), **kw)

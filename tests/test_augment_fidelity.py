@@ -374,10 +374,12 @@ def test_loader_views_are_the_official_chain_on_its_own_draws():
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (32, 48, 48, 3), dtype=np.uint8)
     loader = TwoViewLoader(images, batch_size=16, image_size=40, seed=4, num_threads=1, cpu_parallel="threads")
-    v1, v2 = next(iter(loader.epoch()))  # (the processes' views are these: tests/test_cpu_workers.py)
-    crops1, crops2 = (c.numpy() for c in loader.last_crops)
-    dali = dict(zip(loader._names, loader.last_outputs))
-    params1, params2 = (np.asarray(dali[f"params{v}"].as_tensor()) for v in (1, 2))
+    # one batch as epoch() makes it (the processes' views are these: tests/test_cpu_workers.py): DALI's draws,
+    # torch's crops of its windows, the chain
+    crops, params = loader.maker.crops(loader.draw())
+    v1, v2 = loader.maker.chain(crops, params)
+    crops1, crops2 = (c.numpy() for c in crops)
+    params1, params2 = (p.numpy() for p in params)
     for views, crops, params, spec in ((v1, crops1, params1, VIEW1), (v2, crops2, params2, VIEW2)):
         for i in range(16):
             want = np_chain(crops[i], params[i], spec.blur_window(40), spec.solarize_threshold)

@@ -28,10 +28,12 @@ def test_bench_augment_gray_source():
     assert (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
     r = bench_augment(28, 8, source="gray", steps=2, warmup=1, num_threads=1)
     assert r["samples_per_s"] > 0 and r["source"] == "gray"
-    from fastbyol.config import DataConfig
+    from fastbyol.augment import views_from_config
+    from fastbyol.config import DEFAULT_PRESET, get_preset
 
-    rule = DataConfig().blur_window  # what the trainer uses by default is what is measured
-    assert r["blur_window"] == rule and r["blur_taps"] == (13 if rule == "cover" else 3)
+    view1, _ = views_from_config(get_preset(DEFAULT_PRESET))  # what the trainer uses by default is what is measured
+    assert r["blur_window"] == view1.blur_window_rule and r["blur_taps"] == view1.blur_window(28)
+    assert r["crop_area"] == list(view1.crop_area) == [0.2, 1.0]  # the preset's crop_min_area, not ViewSpec's 0.08
     r = bench_augment(28, 8, source="gray", steps=2, warmup=1, num_threads=1, blur_window="official")
     assert r["blur_window"] == "official" and r["blur_taps"] == 3
 

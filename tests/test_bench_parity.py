@@ -254,16 +254,11 @@ def test_driver_patches_reach_the_trainer(restore_trainer):
 def test_augmentation_patches(restore_trainer, monkeypatch):
     """blur-cover / blur-official: the trainer's --blur-window; brightness-mul: x (1 + delta) in the chain's table;
     crop-bilinear: the crops are resized bilinear with antialiasing."""
-    import dataclasses
-
     import torch.nn.functional as F
 
     from fastbyol import photometric as P
-    from fastbyol import train as T
-    from fastbyol.augment import VIEW1, crop_resize_flip
+    from fastbyol.augment import crop_resize_flip
 
-    monkeypatch.setattr(T, "VIEW1", T.VIEW1)
-    monkeypatch.setattr(T, "VIEW2", T.VIEW2)
     monkeypatch.setattr(P, "JITTER_FNS", P.JITTER_FNS)
     monkeypatch.setattr(F, "interpolate", F.interpolate)
     assert parity.VARIANTS["blur-cover"].flags == ("--blur-window", "cover")  # a trainer setting since the ablation

@@ -127,6 +127,9 @@ def test_a_format_1_checkpoint_resumes_exactly(small_idx_data, tmp_path, monkeyp
     v1 = {**ckpt, "step": state["step"], "world_size": state["world_size"], "data_states": state["data_states"],
           "torch_rngs": state["torch_rngs"], "timed_images": 0, "train_seconds": 1.0, "finished": False}
     torch.save(v1, old / "checkpoint.pt")
+    saved = json.loads((old / "config.json").read_text())
+    del saved["augment"]  # fastbyol 0.1 wrote no augment section: the defaults are what it trained with
+    (old / "config.json").write_text(json.dumps(saved))
     assert main(["train", "--resume", str(old), "--no-progress"]) == 0
     resumed = json.loads((old / "summary.json").read_text())
     assert resumed["resumed"] and resumed["steps"] == expected["steps"] == 16

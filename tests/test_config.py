@@ -46,7 +46,8 @@ def _bad_values():
               ("optim", "tau_base", 1.5), ("run", "seed", -1), ("run", "seed", 2**32), ("run", "log_every", 0),
               ("run", "ckpt_every_steps", -1), ("run", "knn_k", 0), ("run", "knn_subset", 0),
               ("run", "profile", "5"), ("run", "profile", "5:5"), ("run", "profile", "a:b"), ("run", "profile", "-1:4"),
-              ("model", "arch", "resnet101"), ("model", "stem", "weird")]
+              ("model", "arch", "resnet101"), ("model", "stem", "weird"), ("augment", "hw_decoder_load", -0.1),
+              ("augment", "hw_decoder_load", 1.5), ("augment", "preallocate_side", 0), ("augment", "chunk_pixels", 0)]
     return cases
 
 
@@ -92,6 +93,40 @@ def test_from_dict_round_trip_and_refusals():
     assert Config.from_dict(raw).data.blur_window == "cover"
 
 
+def test_a_config_saved_before_the_augment_section_loads_with_its_defaults():
+    """config.json files written before the augment section existed have none: they load with the defaults, which are
+    what those runs trained with (the module constants the section replaced); a partial section fills the rest."""
+    from fastbyol.config import AugmentConfig
+    from fastbyol.photometric import CHUNK_PIXELS
+
+    cfg = get_preset("imagenet-resnet50")
+    raw = cfg.to_dict()
+    assert raw["augment"] == dataclasses.asdict(AugmentConfig())
+    del raw["augment"]
+    assert Config.from_dict(raw) == cfg
+    assert dataclasses.asdict(AugmentConfig()) == dict(cuda_photometric="triton", decode="roi", hw_decoder_load=0.9,
+                                                       preallocate_side=512, chunk_pixels=1 << 17,
+                                                       cpu_parallel="processes")
+    assert CHUNK_PIXELS == AugmentConfig().chunk_pixels  # the chain's default is the setting's
+    raw["augment"] = {"decode": "once"}
+    loaded = Config.from_dict(raw).augment
+    assert loaded.decode == "once" and loaded.cpu_parallel == "processes"
+    raw["augment"] = {"decode": 2}
+    with pytest.raises(FastByolError, match="augment.decode must be str"):
+        Config.from_dict(raw)
+
+
+def test_augment_flags_reach_the_config():
+    from fastbyol.cli import config_from_args
+
+    args = _build_parser().parse_args(["train", "--decode", "once", "--cpu-parallel", "threads", "--chunk-pixels",
+                                       "4096", "--hw-decoder-load", "0.5", "--preallocate-side", "640",
+                                       "--cuda-photometric", "compiled"])
+    a = config_from_args(args).augment
+    assert (a.decode, a.cpu_parallel, a.chunk_pixels, a.hw_decoder_load, a.preallocate_side, a.cuda_photometric) == \
+        ("once", "threads", 4096, 0.5, 640, "compiled")
+
+
 def test_resolve_derives_the_run_values():
     cfg = get_preset("fmnist-tiny")
     plan = cfg.resolve("cpu", 1, 8000)
@@ -121,6 +156,9 @@ def test_resolve_derives_the_run_values():
     (["--base-lr", "inf"], "--base-lr must be a finite number > 0"),
     (["--data", ""], "--data must not be empty"),
     (["--profile", "9:3"], "--profile must be START:STOP"),
+    (["--decode", "twice"], "--decode must be one of roi, once"),
+    (["--hw-decoder-load", "2"], "--hw-decoder-load must be in [0, 1]"),
+    (["--cpu-parallel", "fibers"], "--cpu-parallel must be one of processes, threads"),
 ])
 def test_bad_settings_are_one_line_exit_2_and_leave_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -134,3 +172,22 @@ def test_resume_refuses_settings(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--epochs", "3", "--base-lr", "1"]) == 2
     err = capsys.readouterr().err
     assert "--resume" in err and "--epochs, --base-lr" in err and err.count("\n") == 1
+
+
+def test_every_environment_variable_is_in_the_one_table():
+    """docs/environment.md lists every environment variable the code reads or sets (os.environ in fastbyol/,
+    kernels/ and benchmarks/): a new one without its row fails here."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    use = re.compile(r"""(?:environ(?:\.get|\.setdefault|\.pop)?\(\s*|environ\[|_env_int\(|dict\(os\.environ,\s*)"""
+                     r"""["']?([A-Z][A-Z0-9_]+)""")
+    found = set()
+    for folder in ("fastbyol", "kernels", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            found |= set(use.findall(path.read_text()))
+    table = (root / "docs" / "environment.md").read_text()
+    assert {"TRITON_INTERPRET", "FASTBYOL_KERNELS", "RANK", "FASTBYOL_CACHE"} <= found  # the scan sees them
+    missing = sorted(name for name in found if f"`{name}`" not in table)
+    assert not missing, f"not in docs/environment.md: {missing}"

@@ -23,15 +23,19 @@ def _kw(spec, size):
 
 
 def test_gpu_views_from_arrays():
-    from fastbyol.augment import CUDA_PHOTOMETRIC, TwoViewLoader
+    from fastbyol.augment import TwoViewLoader
+    from fastbyol.config import AugmentConfig
 
     images = np.random.default_rng(0).integers(0, 256, (64, 40, 40, 3), dtype=np.uint8)
     loader = TwoViewLoader(images, batch_size=32, image_size=32, device="cuda", num_threads=2)
-    assert loader.photometric_variant == CUDA_PHOTOMETRIC
-    v1, v2 = next(iter(loader.epoch()))
+    assert loader.photometric_variant == AugmentConfig().cuda_photometric
+    out = loader.draw()
+    v1, v2 = loader.maker.chain(*loader.maker.crops(out))
     assert v1.is_cuda and v1.shape == (32, 3, 32, 32) and v1.dtype == torch.float16
     assert v1.is_contiguous(memory_format=torch.channels_last) and not torch.equal(v1, v2)
-    assert v1.data_ptr() not in {o.as_tensor().data_ptr() for o in loader.last_outputs}  # torch-owned output
+    assert v1.data_ptr() not in {o.as_tensor().data_ptr() for o in out.values()}  # torch-owned output
+    v1, v2 = next(iter(loader.epoch()))
+    assert v1.is_cuda and v1.shape == (32, 3, 32, 32) and v1.dtype == torch.float16
 
 
 def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws():
@@ -42,8 +46,9 @@ def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws():
 
     images = np.random.default_rng(1).integers(0, 256, (64, 72, 72, 3), dtype=np.uint8)
     loader = TwoViewLoader(images, batch_size=32, image_size=64, device="cuda", num_threads=2)
-    v1, v2 = next(iter(loader.epoch()))
-    t = [torch.from_dlpack(o.as_tensor()) for o in loader.last_outputs]
+    crops, params = loader.maker.crops(loader.draw())
+    v1, v2 = loader.maker.chain(crops, params)
+    t = [crops[0], params[0], crops[1], params[1]]
     assert all(x.is_cuda for x in t)  # crops and parameters both on the GPU
     for view, crops, params, spec in ((v1, t[0], t[1], VIEW1), (v2, t[2], t[3], VIEW2)):
         want = photometric(crops.cpu(), params.cpu(), **_kw(spec, 64))
@@ -86,8 +91,8 @@ def test_gpu_views_from_jpeg_with_crop_during_decode(tmp_path):
     labels = np.array([int("class1" in f) for f in files], dtype=np.int64)
     loader = TwoViewLoader(FileList(files, labels), batch_size=32, image_size=64, device="cuda", num_threads=2)
     batches = list(loader.epoch())
-    assert len(batches) == 2 and batches[0][0].is_cuda and batches[0][0].shape == (32, 3, 64, 64)
-    assert batches[0][2].dtype == torch.int64 and sorted(int(y) for b in batches for y in b[2]) == sorted(labels)
+    assert len(batches) == 2 and all(len(b) == 2 for b in batches)  # the two views (labels stay with the source)
+    assert batches[0][0].is_cuda and batches[0][0].shape == (32, 3, 64, 64)
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +116,13 @@ def test_gpu_decode_modes_give_the_views_and_decode_as_said(imagenet_like, decod
 
     loader = TwoViewLoader(imagenet_like, batch_size=16, image_size=64, device="cuda", num_threads=2, decode=decode)
     assert loader.decoders == (2 if decode == "roi" else 1)
-    batches = list(loader.epoch())
-    assert len(batches) == 3
-    v1, v2, labels = batches[0]
+    crops = loader.maker.crops(loader.draw())[0][0]  # (16, 3, 64, 64) uint8 on the GPU, batch 1's view-1 crops
+    assert crops.is_cuda and crops.dtype == torch.uint8 and len({c.cpu().numpy().tobytes() for c in crops}) == 16
+    batches = list(loader.epoch(first_step=1))
+    assert len(batches) == 2
+    v1, v2 = batches[0]
     assert v1.is_cuda and v1.shape == (16, 3, 64, 64) and v1.dtype == torch.float16
     assert v1.is_contiguous(memory_format=torch.channels_last) and not torch.equal(v1, v2)
-    crops = loader.last_crops[0]  # (16, 3, 64, 64) uint8 on the GPU, the last batch's view-1 crops
-    assert crops.is_cuda and crops.dtype == torch.uint8 and len({c.cpu().numpy().tobytes() for c in crops}) == 16
-    assert sorted(int(y) for b in batches for y in b[2]) == sorted(imagenet_like.labels.tolist())
 
 
 def test_gpu_once_mode_resumes_exactly_from_its_checkpoint(imagenet_like):

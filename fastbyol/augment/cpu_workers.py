@@ -32,7 +32,7 @@ import weakref
 import numpy as np
 import torch
 
-from .errors import FastByolError
+from ..errors import FastByolError
 
 SLOTS = 2  # output buffers: one batch computed while the one before is copied out and consumed
 
@@ -52,15 +52,16 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
            chains: tuple[dict, dict], parent_pid: int, inherited: list) -> None:
     """Worker `me`'s loop: (seq, slot, index, windows1, windows2, params1, params2) of a whole batch -> crops and
     runs its share of the batch's chunks (assign) into outs[slot], answers (seq, None) when done or (seq, the error's
-    text); a None message, a closed pipe or the parent's death ends it. Ctrl-C is the parent's to handle: ignored.
+    text); a None message, a closed pipe or the parent's death ends it. Ctrl-C, SIGTERM and SIGUSR1 are the parent's to handle: ignored.
     The chunks are the thread path's (fastbyol.photometric._prepare over the whole batch's parameters), so every row
     is computed exactly as there.
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
+    from ..photometric import _prepare
     from .crops import crop_resize_flip_many
-    from .photometric import _prepare
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the parent's stop signals (a scheduler may send
+        signal.signal(sig, signal.SIG_IGN)  # them to every process): it stops at a log point and ends the workers
     for other in inherited:
         other.close()
     torch.set_num_threads(1)

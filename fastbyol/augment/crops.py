@@ -1,6 +1,7 @@
 """The CPU crops of the augmentation: each image's random resized crop window (drawn by DALI) cut, resized bicubic
 and mirrored by torch in uint8, on the chain's worker threads (torch's uint8 resize is ~10x faster than DALI's CPU
-one). Used by the loader's thread path (fastbyol.augment) and by its worker processes (fastbyol.cpu_workers)."""
+one). Used by the loader's thread path (fastbyol.augment.makers) and by its worker processes
+(fastbyol.augment.cpu_workers)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def crop_resize_flip_many(jobs: list, size: int, channels: int = 3, threads: int
     same workers at once."""
     import torch.nn.functional as F
 
-    from .photometric import worker_pool
+    from ..photometric import worker_pool
 
     outs, tasks = [], []
     for images, windows in jobs:

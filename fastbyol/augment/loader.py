@@ -1,0 +1,315 @@
+"""`TwoViewLoader`: BYOL's two augmented views of a uint8 array or of encoded files, as torch tensors (B, 3, S, S),
+channels_last, normalized (float32 on the CPU, float16 on CUDA). Every image draws its own random parameters (crop,
+flip, jitter factors and order, coins): DALI's random ops draw per sample, never one crop per batch.
+
+The loader is thin: it picks one DALI graph (fastbyol.augment.pipelines) and one view maker (fastbyol.augment.makers)
+for its path, runs the graph (standing in good files for bad ones under --skip-bad-files), and hands each batch of
+outputs to the maker. The paths:
+- CUDA (arrays or files): DALI also decodes (the mixed decoder; `decode` "roi": one ROI decode per view, "once": one
+  whole decode and both views cropped from it), resizes (bicubic), flips and emits planar uint8 crops; the chain
+  runs as AugmentConfig.cuda_photometric says.
+- CPU: DALI reads and decodes files (arrays are rows the source names by index); torch crops, resizes and flips
+  (fastbyol.augment.crops: torch's uint8 bicubic is ~10x faster than DALI's CPU resize) and runs the chain
+  (fastbyol.photometric.photometric). Array sources: in `num_threads` forked worker processes, one batch ahead
+  (cpu_parallel "processes", the default: fastbyol.augment.cpu_workers; the chain's small ops hold the GIL, so threads
+  mostly wait for each other); encoded files (or cpu_parallel "threads"): on `num_threads` worker threads. Both give
+  the same batches, bit for bit.
+The chain: colour jitter with p 0.8 (the four ops in the image's own random order, a clip after each) -> grayscale ->
+blur -> solarize -> clip -> normalize -> channels_last, on [0, 1] floats, with contrast around each channel's mean
+and saturation and hue in true HSV (tests/test_fidelity.py checks each op against a numpy port of the official op,
+the whole chain on the loader's own draws, each probability and parameter range, and the crops' area and aspect).
+
+Deviations left, and why:
+- the crop window is drawn by DALI's sampler, the official by TF's sample_distorted_bounding_box (the same scheme,
+  10 attempts; TF also asks the window to cover 10% of the image, min_object_covered=0.1);
+- the crops are rounded to uint8 (<= 0.5/255) before the float ops (the official resize outputs floats);
+- CUDA: DALI's bicubic filter may use another cubic coefficient than TF's Keys a = -0.5;
+- CPU: torch's uint8 bicubic is TF's (Keys a = -0.5, half-pixel centres; tested within one level when enlarging)
+  but antialiases when shrinking (TF does not), and rounds to uint8 between its two passes (it differs from a float
+  resize only where the first pass overshoots [0, 255], at pixel-level edges).
+The blur pads with zeros, as the official depthwise convolution.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import warnings
+
+import numpy as np
+import torch
+
+from ..config import AugmentConfig, validate_section
+from ..errors import FastByolError
+from ..native import fold, native_stderr
+from ..photometric import TAP_TAIL
+from . import pipelines
+from .makers import CpuViews, GpuViews, ProcessViews
+from .views import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, ViewSpec
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _dali_reason(text: str) -> str:
+    """DALI's decode error in one short line: its first line (the decoder's own lines are context)."""
+    return text.strip().splitlines()[0][:300] if text.strip() else "no message"
+
+
+def augment_options(augment: AugmentConfig | None, overrides: dict) -> AugmentConfig:
+    """The run's AugmentConfig (default: the defaults) with keyword overrides (decode="once", ...), checked: a bad
+    value or an unknown name is one FastByolError naming it."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(AugmentConfig)})
+    if unknown:
+        raise TypeError(f"TwoViewLoader got an unexpected keyword argument {unknown[0]!r}")
+    options = dataclasses.replace(augment or AugmentConfig(), **overrides)
+    validate_section(options, name=str)
+    return options
+
+
+def _array_tensor(images) -> torch.Tensor:
+    """The array source as a (N, H, W, 3) uint8 tensor sharing the caller's memory, or a FastByolError."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+        got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise FastByolError(f"images must be uint8 (N, H, W, 3), got {got}")
+    with warnings.catch_warnings():  # a read-only array (a memory map) is fine: the loader never writes it
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(images)
+
+
+class TwoViewLoader:
+    """Iterate epochs of (view1, view2): each (B, 3, S, S) channels_last, normalized, on `device`, a fresh torch
+    tensor (the chain's output), never a view of DALI's memory; float32 on the CPU (the CPU trainer's dtype), float16
+    on CUDA.
+
+    source: a uint8 (N, H, W, 3) array (fed by external_source), or an encoded-file source
+    (fastbyol.data.dataset.EncodedSource: FileList or tar shards). device "cpu" runs DALI with device_id=None and the
+    chain with torch on the CPU; "cuda" decodes on the GPU (the "mixed" decoder). views: (view 1, view 2), e.g.
+    fastbyol.augment.views_from_config(cfg). augment: how the work runs (AugmentConfig: the CUDA chain, the decode
+    mode, the decoder hints, the CPU chunk size, processes or threads); any of its fields may also be given as a
+    keyword (decode="once", cpu_parallel="threads") to override it. checkpoint: a state() to resume from.
+    """
+
+    def __init__(self, images, batch_size: int, image_size: int, seed: int = 0, device: str = "cpu",
+                 num_threads: int = 2, view1: ViewSpec = VIEW1, view2: ViewSpec = VIEW2, shard_id: int = 0,
+                 num_shards: int = 1, gray_input: bool = False, checkpoint: bytes | str | None = None,
+                 augment: AugmentConfig | None = None, **overrides):
+        options = augment_options(augment, overrides)
+        if not dali_available():
+            raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
+        view1.validate("view1")
+        view2.validate("view2")
+        self.encoded = hasattr(images, "dali_reader")
+        self.encoded_source = images if self.encoded else None
+        self.on_gpu = device.startswith("cuda")
+        self.batch_size, self.image_size, self.num_threads = batch_size, image_size, num_threads
+        self.decode = options.decode
+        self.photometric_variant = options.cuda_photometric if self.on_gpu else "reference"
+        self.cpu_parallel = options.cpu_parallel if not (self.on_gpu or self.encoded) else "threads"
+        views = (view1, view2)
+        chains = tuple(self._chain(spec, gray_input, options.chunk_pixels) for spec in views)
+        if self.encoded:
+            per_shard = len(images) // num_shards
+            self._steps = per_shard // batch_size
+            graph = (pipelines.gpu_files, (images, shard_id, num_shards, views, image_size, options.decode,
+                                           options.hw_decoder_load, options.preallocate_side)) if self.on_gpu \
+                else (pipelines.cpu_files, (images, shard_id, num_shards, views))
+            array = None
+        else:
+            array = _array_tensor(images)  # (N, H, W, 3) uint8, shared with the caller's array
+            source = pipelines.EpochSource(images, batch_size, seed, shard_id, num_shards, indices_only=not self.on_gpu)
+            per_shard, self._steps = source.per_shard, source.steps_per_epoch
+            graph = (pipelines.gpu_arrays, (source, views, image_size)) if self.on_gpu \
+                else (pipelines.cpu_arrays, (source, tuple(images.shape[1:3]), views))
+        if self._steps == 0:
+            raise FastByolError(f"batch size {batch_size} is larger than the {per_shard} images of "
+                                "this shard: lower --batch-size")
+        channels = 1 if gray_input else 3
+        # CPU arrays with processes: forked here, before DALI starts threads
+        self._procs = None
+        if self.on_gpu:
+            self.maker = GpuViews(chains, self.photometric_variant)
+        elif self.cpu_parallel == "processes":
+            self.maker = ProcessViews(array, image_size, channels, chains, num_threads, batch_size)
+            self._procs = self.maker.procs
+        else:
+            self.maker = CpuViews(array, image_size, channels, chains, num_threads)
+        device_id = torch.cuda.current_device() if self.on_gpu else None
+        self._graph = (*graph, batch_size, num_threads, device_id, seed + shard_id)
+        # --skip-bad-files in the training pipeline: a source that can stand another file in for one DALI cannot
+        # decode (replace_bad) and says it may (skip_bad); see _run.
+        self.skip_bad = self.encoded and bool(getattr(images, "skip_bad", False)) and hasattr(images, "replace_bad")
+        self.skipped: list[tuple[str, str]] = []  # (file or shard:offset:member, DALI's reason) replaced so far
+        self.on_skip = None  # called with (name, reason) after each replacement (the trainer logs it)
+        self._ahead = None  # (epoch iterator, checkpoint before the oldest batch drawn, not yielded) (epoch_ahead)
+        self._owner = None  # the epoch iterator of the processes path that may run
+        self._pipe = pipelines.build_pipeline(*self._graph, checkpoint)
+
+    def _chain(self, spec: ViewSpec, gray_input: bool, chunk_pixels: int) -> dict:
+        """The photometric chain's arguments for one view (all but crops and params)."""
+        kwargs = dict(blur_window=spec.blur_window(self.image_size), solarize_threshold=spec.solarize_threshold,
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD, gray_input=gray_input,
+                      out_dtype=torch.float16 if self.on_gpu else torch.float32)
+        if not self.on_gpu:  # blur taps below float32 resolution skipped (photometric's docstring)
+            kwargs.update(blur_tail=TAP_TAIL, chunk_pixels=chunk_pixels)
+        return kwargs
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._steps
+
+    @property
+    def operators(self) -> int:
+        """Operators in the DALI graph; -1 if this DALI version does not say (pipelines.operator_count)."""
+        return pipelines.operator_count(self._pipe)
+
+    @property
+    def decoders(self) -> int:
+        """Image decoders in the DALI graph (CUDA JPEG path: 2 for decode "roi", 1 for "once"; CPU files: 1;
+        arrays: 0); -1 if this DALI version does not say."""
+        return pipelines.decoder_ops(self._pipe)
+
+    def state(self) -> bytes | str:
+        """The pipeline's position (epoch, iteration) and every random state, as DALI's checkpoint string: a loader
+        built with checkpoint=state() yields exactly the batches this one would have yielded next. (While the CPU
+        workers compute a batch ahead, that is the checkpoint taken before DALI drew it.)"""
+        return self._ahead[1] if self._ahead is not None else self._pipe.checkpoint()
+
+    def draw(self) -> dict:
+        """The next batch of DALI outputs by name (the maker's `outputs`), without views: what `maker.crops` and
+        `maker.chain` take, for tests and tools that check what the chain reads. Raises StopIteration at an epoch's
+        end (arrays)."""
+        return dict(zip(self.maker.outputs, self._run()))
+
+    def _run(self):
+        """One batch of DALI outputs. CUDA: bound to torch's current stream (DALI makes them ready there, instead
+        of blocking the host until they are).
+
+        A file that passed the header checks but does not decode ends the run with one FastByolError naming it, or,
+        when the source skips bad files, is replaced: the source stands another good file in for it (its list keeps
+        its length and order, so positions, epochs, shards and DALI's checkpoint stay valid), the pipeline is
+        rebuilt from DALI's checkpoint taken just before this batch (DALI 2.4 raises a decode error at the run()
+        of the very batch that holds the file, and a pipeline that raised is no longer usable), and the batch is
+        run again. The checkpoint before each run() is taken only then (~0.1 ms a batch, measured on the CPU)."""
+        while True:
+            before = self._pipe.checkpoint() if self.skip_bad else None
+            try:
+                with native_stderr() as printed:  # libjpeg/libpng/DALI messages: folded into ours, never printed
+                    return self._pipe.run(torch.cuda.current_stream()) if self.on_gpu else self._pipe.run()
+            except RuntimeError as e:  # a file that passed the header checks but does not decode
+                if not self.encoded:
+                    raise
+                from ..data.decode import failed_sample
+
+                bad = failed_sample(self.encoded_source, str(e))
+                reason = fold(f"does not decode (DALI: {_dali_reason(str(e))})", printed)
+                if bad is not None and self.skip_bad and self.encoded_source.replace_bad(bad):
+                    self.skipped.append((bad, reason))
+                    if self.on_skip is not None:
+                        self.on_skip(bad, reason)
+                    self._rebuild(before)
+                    continue
+                if bad is not None:
+                    raise FastByolError(f"{bad}: {reason}") from None
+                where = getattr(self.encoded_source, "where", None) or "the encoded source"
+                raise FastByolError(f"DALI failed on a batch of {where}: {str(e).splitlines()[0]}") from None
+
+    def _rebuild(self, checkpoint) -> None:
+        """A fresh pipeline at DALI checkpoint `checkpoint` (the one that raised is no longer valid)."""
+        self.maker.release()  # CUDA: the chain's kernels still reading the old pipeline's buffers
+        self._pipe = None
+        self._pipe = pipelines.build_pipeline(*self._graph, checkpoint)
+
+    def epoch(self, first_step: int = 0):
+        """Yield this epoch's batches of (view1, view2), from batch `first_step` on (after a resume).
+
+        Arrays: one shuffled pass, the last partial batch dropped; a restored position continues the epoch it was
+        saved in. Encoded files: steps_per_epoch batches of the reader's stream, which reshuffles after each of its
+        own passes, so every image is read once per N images."""
+        if self.encoded:
+            for _ in range(first_step, self._steps):
+                yield self.maker(self._run())
+            return
+        if self._procs is not None:
+            yield from epoch_ahead(self)
+            return
+        for outputs in self._array_batches():
+            yield self.maker(outputs)
+
+    def _array_batches(self):
+        """The DALI outputs of one array epoch; restored exactly at an epoch's end, the next epoch's."""
+        yielded, retried = 0, False
+        while True:
+            try:
+                outputs = self._run()
+            except StopIteration:  # the external source ended the epoch
+                self._pipe.reset()
+                if yielded == 0 and not retried:  # restored exactly at an epoch's end: start the next
+                    retried = True
+                    continue
+                return
+            yielded += 1
+            yield outputs
+
+
+def epoch_ahead(loader: TwoViewLoader):
+    """epoch() for CPU arrays with worker processes: DALI draws batch n + 1 and the workers start on it before
+    batch n is yielded, so they compute while the consumer uses n. While batches drawn are not yet yielded,
+    loader._ahead holds (this iterator, the checkpoint taken before DALI drew the oldest of them): state() returns
+    that checkpoint, and whatever ends the iterator early (the consumer stops, an error or Ctrl-C anywhere in it,
+    a later epoch() call on the same loader) gives them back: the workers drained, the pipeline rebuilt at that
+    checkpoint. So the batches, and resume, are exactly those of the synchronous path."""
+    if loader._ahead is not None:  # an earlier epoch() iterator, suspended with a batch drawn ahead, ends here
+        _give_back_ahead(loader)
+    token = loader._owner = object()
+    queue: collections.deque = collections.deque()  # (slot, checkpoint before it): drawn, not yielded
+
+    def mark() -> None:  # what state() and a give-back need: the checkpoint before the oldest not yielded
+        loader._ahead = (token, queue[0][1]) if queue else None
+
+    slot, retried = 0, False
+    try:
+        while True:
+            before = loader._pipe.checkpoint()  # after every batch drawn so far
+            try:
+                outputs = loader._run()
+            except StopIteration:  # the external source ended the epoch
+                loader._pipe.reset()
+                if not queue and not retried:  # restored exactly at an epoch's end: start the next
+                    retried = True
+                    continue
+                outputs = None
+            if outputs is not None:
+                loader.maker.submit(outputs, slot)
+                queue.append((slot, before))
+                slot = 1 - slot
+                mark()
+            if len(queue) == 2 or (outputs is None and queue):  # the next one is with the workers
+                views = loader.maker.collect(queue.popleft()[0])
+                mark()
+                yield views
+                if loader._owner is not token:
+                    raise FastByolError("this epoch() iterator was ended by a later epoch() call on the same "
+                                        "loader (one iterator at a time)")
+            if outputs is None:
+                break
+    finally:
+        if loader._ahead is not None and loader._ahead[0] is token:
+            _give_back_ahead(loader)
+
+
+def _give_back_ahead(loader: TwoViewLoader) -> None:
+    """The batch drawn ahead (loader._ahead) back: the workers drained, DALI rebuilt at the checkpoint taken before
+    it was drawn."""
+    before = loader._ahead[1]
+    loader._ahead = None
+    try:
+        loader._procs.drain()
+    except FastByolError:
+        pass  # the workers failed or were closed; their next use raises
+    loader._rebuild(before)

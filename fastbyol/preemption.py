@@ -1,0 +1,184 @@
+"""Preemption and automatic restart, beside the run directory: the stop signals, the loop's "stop now?" question,
+and the decision `--auto-resume` takes about an `--out` folder.
+
+    fastbyol train --out RUN --auto-resume ...      # the same command starts, continues, or refuses RUN
+
+- Signals: SIGTERM, SIGUSR1 and SIGINT (`install_stop_handlers`) only set a flag. The loop asks `StopCheck.now()` at
+  its log points, which every rank reaches at the same step; with several processes the flag goes through one
+  all-reduce (MAX) of a 1-element host tensor over a gloo group of its own: host memory only, no device sync, no
+  more often than the log points. When any rank saw a signal, every rank stops at that log point, the checkpoint is
+  written (atomically: a second signal during it is ignored, and even SIGKILL leaves the previous file), and the
+  process exits with EXIT_PREEMPTED (75, EX_TEMPFAIL: "try again"), which a scheduler tells from a failure (1) and
+  from a refusal of the settings (2).
+- `--auto-resume` (`auto_resume_decision`): an empty or missing folder starts a new run; a folder whose
+  config.json has the same settings and a checkpoint is continued exactly; one with the same settings and no
+  checkpoint yet (a new run killed before its first checkpoint: SIGKILL leaves its config.json and metrics) is
+  cleared of those files, under the run's lock, and started again; other settings are refused in one line naming
+  them; a finished run is reported and left alone (exit 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from .config import Config, flag_name
+from .errors import FastByolError
+
+# torch (and the modules that load it) is imported where it is used: the CLI installs the handlers before torch loads
+CHECKPOINT, LOCK = "checkpoint.pt", ".lock"  # fastbyol.checkpoint.CHECKPOINT and RunLock.NAME
+EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: stopped on a signal with a checkpoint written; run the command again
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# what a new run writes before its first checkpoint (RunFiles): removable when it is restarted
+_BEFORE_FIRST_CHECKPOINT = {"config.json", "metrics.jsonl", "tensorboard", "profile", "bad_files.json", LOCK}
+
+_received: list[str] = []  # names of the stop signals this process got, in order
+_previous: dict[int, object] = {}
+
+
+def _on_signal(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if not _received and os.environ.get("RANK", "0") == "0":  # os.write: print is not reentrant in a handler
+        os.write(2, f"fastbyol: {name}: stopping at the next log point with a checkpoint\n".encode())
+    _received.append(name)  # later ones change nothing: the stop is under way, its checkpoint is atomic
+
+
+def install_stop_handlers() -> None:
+    """Turn SIGTERM, SIGUSR1 and SIGINT into a stop request (main thread only; call once per process)."""
+    _received.clear()
+    for sig in STOP_SIGNALS:
+        _previous.setdefault(sig, signal.getsignal(sig))
+        signal.signal(sig, _on_signal)
+
+
+def restore_signal_handlers() -> None:
+    for sig, handler in _previous.items():
+        signal.signal(sig, handler)
+    _previous.clear()
+
+
+def stop_signal() -> str | None:
+    """The first stop signal this process got, or None."""
+    return _received[0] if _received else None
+
+
+class StopCheck:
+    """The loop's question at a log point: did a stop signal reach any rank? Every rank calls `now()` at the same
+    log points (with several processes it is a collective)."""
+
+    def __init__(self, world_size: int):
+        import torch
+
+        self.world_size = world_size
+        self.group = None
+        if world_size > 1 and torch.distributed.is_initialized():
+            self.group = torch.distributed.new_group(backend="gloo")  # host tensors, apart from NCCL's stream
+        self._flag = torch.zeros(1, dtype=torch.int32)  # host memory: no device is involved
+
+    def now(self) -> bool:
+        import torch
+
+        local = stop_signal() is not None
+        if self.group is None:
+            return local
+        self._flag.fill_(int(local))
+        torch.distributed.all_reduce(self._flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(self._flag.numpy()[0])  # a host tensor: no device sync
+
+    def stopped(self, step: int, total_steps: int, run_dir: Path):
+        """The exception that ends the run after the stop checkpoint (`Preempted`)."""
+        from .rundir import Preempted
+
+        return Preempted(f"stopped by {stop_signal() or 'a signal on another process'} at step {step} of "
+                         f"{total_steps}, checkpoint written to {Path(run_dir) / CHECKPOINT}; the same command with "
+                         f"--auto-resume (or `fastbyol train --resume {run_dir}`) continues it")
+
+
+# ------------------------------------------------------------------------------------------------ the restart decision
+def _setting_differences(saved: Config, wanted: Config) -> list[str]:
+    """'--flag X (the run: Y)' for each setting that differs, the output folder left out (it is the same folder)."""
+    diffs = [] if saved.preset == wanted.preset else [f"--preset {wanted.preset} (the run: {saved.preset})"]
+    for section in ("data", "model", "optim", "run"):
+        a, b = getattr(saved, section).__dict__, getattr(wanted, section).__dict__
+        diffs += [f"{flag_name(name)} {b[name]!r} (the run: {a[name]!r})" for name in a
+                  if name != "out" and a[name] != b[name]]
+    return diffs
+
+
+def _saved_config(run_dir: Path) -> Config:
+    path = run_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FastByolError(f"{path}: unreadable config ({type(e).__name__}); --auto-resume cannot tell whose run "
+                            "this is: choose another --out") from None
+    return Config.from_dict(raw, where=str(path))
+
+
+def auto_resume_decision(cfg: Config, rank: int = 0, log=print) -> Path | None:
+    """What `--auto-resume` does with cfg.run.out: the run directory to resume, None to start a new run there, or
+    FastByolError (settings differ, or the folder is not a fastbyol run). Finished runs raise `AlreadyFinished`.
+    Rank 0 alone clears a new run's leftovers (or refuses the folder: the group then fails as one); the other ranks
+    start a new run where there is no checkpoint, and otherwise take rank 0's decision from the same files (nothing
+    writes a checkpoint before every rank has joined the process group)."""
+    if not cfg.run.out:
+        raise FastByolError("--auto-resume needs --out (the folder the same command finds again)")
+    run_dir = Path(cfg.run.out)
+    if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
+        return None  # missing or empty: a new run (RunFiles.open refuses a file in its place)
+    if rank != 0 and not (run_dir / CHECKPOINT).is_file():
+        return None  # rank 0 clears, starts or refuses this folder; reading it meanwhile would race with it
+    if not (run_dir / "config.json").is_file():
+        raise FastByolError(f"--out {run_dir} exists, is not empty and holds no fastbyol run (no config.json): "
+                            "choose another folder")
+    diffs = _setting_differences(_saved_config(run_dir), cfg)
+    if diffs:
+        raise FastByolError(f"--auto-resume: {run_dir} holds a run with other settings: " + ", ".join(diffs))
+    if not (run_dir / CHECKPOINT).is_file():
+        _clear_unstarted(run_dir)
+        log(f"restarting {run_dir}: it stopped before its first checkpoint")
+        return None
+    from .checkpoint import load_checkpoint
+
+    state = load_checkpoint(run_dir / CHECKPOINT)["state"]
+    total = _total_steps(run_dir)
+    if state.get("finished"):
+        missing = "" if (run_dir / "summary.json").is_file() else (
+            f"; its summary.json is missing (stopped while writing it): `fastbyol eval {run_dir}` evaluates it")
+        raise AlreadyFinished(f"{run_dir}: the run already finished ({state.get('step')} of {total} steps){missing}")
+    log(f"resuming {run_dir} at step {state.get('step')} of {total}")
+    return run_dir
+
+
+class AlreadyFinished(FastByolError):
+    """--auto-resume found the run finished: nothing to do (the CLI exits 0)."""
+
+
+def _total_steps(run_dir: Path):
+    try:
+        return json.loads((run_dir / "config.json").read_text())["resolved"]["total_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
+def _clear_unstarted(run_dir: Path) -> None:
+    """Remove what a new run writes before its first checkpoint, holding its lock (a live run holds it: refused),
+    and only when nothing else is in the folder."""
+    from .checkpoint import RunLock
+
+    lock = RunLock(run_dir)
+    try:
+        others = [p.name for p in run_dir.iterdir() if p.name not in _BEFORE_FIRST_CHECKPOINT
+                  and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        if others:
+            raise FastByolError(f"--out {run_dir} holds a run without a checkpoint and other files ({others[0]}): "
+                                "choose another folder")
+        for p in run_dir.iterdir():
+            if p.name == LOCK:
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    finally:
+        lock.close()
