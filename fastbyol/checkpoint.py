@@ -208,6 +208,8 @@ def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None
     """The checkpoint's `model` (names, shapes, dtypes) and `optimizer` (structure, one momentum buffer of its
     parameter's shape) match the architecture of the run's config, before anything is restored from it; else a
     FastByolError naming the first difference. Every consumer (train --resume, eval, export) loads through here."""
+    from .state import _short
+
     def bad(why: str):
         raise FastByolError(f"{where}: does not fit the run's config.json ({cfg.model.arch}, {cfg.model.stem} stem, "
                             f"{cfg.data.image_size} px): {why}")
@@ -219,12 +221,12 @@ def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None
     online = expected.pop("#online")
     for name, value in model.items():
         if not isinstance(name, str) or name not in expected:
-            bad(f"unexpected tensor {name!r} in 'model'")
+            bad(f"unexpected tensor {_short(name)} in 'model'")
         if not isinstance(value, torch.Tensor):
-            bad(f"model[{name!r}] is a {type(value).__name__}, not a tensor")
+            bad(f"model[{_short(name)}] is a {type(value).__name__}, not a tensor")
         shape, dtype = expected[name]
         if tuple(value.shape) != shape or value.dtype != dtype:
-            bad(f"model[{name!r}] is {value.dtype} {tuple(value.shape)}, the architecture has {dtype} {shape}")
+            bad(f"model[{_short(name)}] is {value.dtype} {tuple(value.shape)}, the architecture has {dtype} {shape}")
     missing = [k for k in expected if k not in model]
     if missing:
         bad(f"'model' lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
@@ -249,7 +251,7 @@ def _check_optimizer(opt, online: list[tuple[int, ...]], bad) -> None:
         bad(f"its optimizer covers {len(indices)} parameters, the architecture has {len(online)}")
     for index, entry in opt["state"].items():
         if not isinstance(index, int) or not 0 <= index < len(online) or not isinstance(entry, dict):
-            bad(f"optimizer state {index!r} is not a parameter's state")
+            bad(f"optimizer state {_short(index)} is not a parameter's state")
         for key, value in entry.items():
             if not isinstance(value, torch.Tensor) or not value.is_floating_point() or (
                     value.dim() and tuple(value.shape) != online[index]):

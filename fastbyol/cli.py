@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 from .config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,

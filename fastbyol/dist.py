@@ -13,7 +13,6 @@ backward of the whole global batch.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.distributed as dist

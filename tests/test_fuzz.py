@@ -16,7 +16,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fastbyol.checkpoint import CHECKPOINT, check_checkpoint_tensors, load_run  # noqa: E402
@@ -159,6 +159,8 @@ def _state_property(changes: dict) -> None:
 
 @QUICK
 @given(state_fields)
+@example({"step": torch.zeros(18, dtype=torch.uint8)})  # found by the long profile: a tensor's repr spans lines
+@example({"data_states": ["x" * 10_000]})
 def test_checkpoint_state_fields(changes):
     _state_property(changes)
 
