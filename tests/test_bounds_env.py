@@ -133,6 +133,7 @@ def test_fault_injection_count_never_crashes(clean_env):
 def test_bad_op_style_is_one_line_not_an_import_crash(tmp_path):
     # main: FASTBYOL_OP_STYLE=garbage raises ValueError while importing the kernels (a traceback)
     run = tmp_path / "run"
-    env = {**os.environ, "FASTBYOL_OP_STYLE": "garbage", "FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE": "junk"}
+    env = {**os.environ, "FASTBYOL_OP_STYLE": "garbage", "FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE": "junk",
+           "FASTBYOL_TEST_KILL_SIGNAL": "NOPE"}
     _refused(train_cli("--epochs", "1", "--out", str(run), "--no-progress"), run, "FASTBYOL_OP_STYLE='garbage'",
              env=env)
