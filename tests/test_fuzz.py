@@ -27,7 +27,7 @@ from fastbyol.state import TrainState  # noqa: E402
 
 from .support import one_step_run  # noqa: E402
 
-QUICK = settings(max_examples=30, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+QUICK = settings(max_examples=20, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 LONG = settings(max_examples=1000, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 
