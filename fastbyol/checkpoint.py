@@ -211,7 +211,7 @@ def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None
     from .state import _short
 
     def bad(why: str):
-        raise FastByolError(f"{where}: does not fit the run's config.json ({cfg.model.arch}, {cfg.model.stem} stem, "
+        raise FastByolError(f"{where}: does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} stem, "
                             f"{cfg.data.image_size} px): {why}")
 
     model = ckpt.get("model")

@@ -63,7 +63,7 @@ def damaged(trained, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
 def test_a_damaged_checkpoint_is_refused_before_restore(damaged, name):
-    with pytest.raises(FastByolError, match="does not fit the run's config.json"):
+    with pytest.raises(FastByolError, match="does not fit its config.json"):
         load_run(damaged(MUTATIONS[name]))
 
 
