@@ -24,16 +24,19 @@ from pathlib import Path
 
 import torch
 
+from .environment import fault_injection_count
 from .errors import FastByolError
 
 CHECKPOINT = "checkpoint.pt"
 FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
 # fault injection for the tests: SIGKILL this process inside its N-th checkpoint write, with the temporary file written
 # in full but not yet renamed (tests/test_checkpoint_kills.py); FASTBYOL_TEST_KILL_SIGNAL=TERM,USR1 sends those signals instead,
-# the first in the N-th write, the next in the write after it (tests/test_preemption.py)
-_KILL_IN_CHECKPOINT_WRITE = int(os.environ.get("FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE", "0"))
-_KILL_SIGNALS = [signal.Signals[f"SIG{name.strip()}"] for name in
-                 os.environ.get("FASTBYOL_TEST_KILL_SIGNAL", "KILL").split(",") if name.strip()]
+# the first in the N-th write, the next in the write after it (tests/test_preemption.py); a value that is not a count
+# or a signal name is ignored (never a crash on import)
+_KILL_IN_CHECKPOINT_WRITE = fault_injection_count("FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE")
+_KILL_SIGNALS = [getattr(signal, f"SIG{name.strip()}") for name in
+                 os.environ.get("FASTBYOL_TEST_KILL_SIGNAL", "KILL").split(",")
+                 if isinstance(getattr(signal, f"SIG{name.strip()}", None), signal.Signals)]
 _checkpoint_writes = 0
 
 
@@ -45,6 +48,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+                errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+
+
+def write_error(e: BaseException, path: Path) -> FastByolError | None:
+    """One line for a failed write of `path`, when the exception is (or wraps: torch.save turns the OSError into a
+    RuntimeError) one of WRITE_ERRORS; else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+            return FastByolError(f"{e.filename or path}: {WRITE_ERRORS[e.errno]}")
+        if isinstance(e, RuntimeError) and "No space left" in str(e):  # the zip writer's message, no OSError kept
+            return FastByolError(f"{path}: {WRITE_ERRORS[errno.ENOSPC]}")
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _no_space(path: Path, need: int | None) -> FastByolError:
     free = shutil.disk_usage(path.parent).free
     wanted = f"{need} bytes needed, " if need else ""
@@ -52,10 +74,14 @@ def _no_space(path: Path, need: int | None) -> FastByolError:
 
 
 def atomic_write_bytes(path: Path, write, need: int | None = None, before_rename=None) -> None:
-    """Call write(file) on a temporary file next to `path`, then move it over `path` in one rename (mode 0600)."""
+    """Call write(file) on a temporary file next to `path`, then move it over `path` in one rename (mode 0600).
+
+    A full disk, a read-only file system, a quota or a permission (WRITE_ERRORS, also wrapped in another exception
+    as torch.save and matplotlib do) becomes one FastByolError naming `path`; the previous file is kept."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -65,13 +91,14 @@ def atomic_write_bytes(path: Path, write, need: int | None = None, before_rename
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        mapped = write_error(e, path) if isinstance(e, Exception) else None
+        if mapped is None:
+            raise
+        if "no space left" in str(mapped):
             raise _no_space(path, need) from None
-        if isinstance(e, RuntimeError) and "No space left" in str(e):  # torch.save's writer wraps the OSError
-            raise _no_space(path, need) from None
-        raise
+        raise FastByolError(f"{path}: {str(mapped).split(': ', 1)[-1].rstrip()}; the previous file is kept") from None
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -159,7 +186,88 @@ def load_run(run_dir: str | Path):
         raise FastByolError(f"{run_dir}: no {CHECKPOINT} (the run stopped before its first checkpoint; start it again "
                             "with a new --out)")
     ckpt = load_checkpoint(ckpt_path)
-    return cfg, TrainState.from_checkpoint(ckpt, where=str(ckpt_path)), ckpt
+    state = TrainState.from_checkpoint(ckpt, where=str(ckpt_path))
+    check_checkpoint_tensors(ckpt, cfg, where=str(ckpt_path))
+    return cfg, state, ckpt
+
+
+def expected_model_state(cfg) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every tensor of the BYOL state_dict that `cfg` builds, from the model built on the
+    meta device (shapes only: no memory, no random numbers drawn)."""
+    from .models import BYOL, build_encoder
+
+    with torch.device("meta"):
+        model = BYOL(build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size), cfg.model.proj_hidden,
+                     cfg.model.proj_dim, cfg.model.pred_hidden, image_size=cfg.data.image_size)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    shapes["#online"] = [tuple(p.shape) for p in model.online_parameters()]  # the optimizer's parameters, in order
+    return shapes
+
+
+def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None:
+    """The checkpoint's `model` (names, shapes, dtypes) and `optimizer` (structure, one momentum buffer of its
+    parameter's shape) match the architecture of the run's config, before anything is restored from it; else a
+    FastByolError naming the first difference. Every consumer (train --resume, eval, export) loads through here."""
+    from .state import _short
+
+    def bad(why: str):
+        raise FastByolError(f"{where}: does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} stem, "
+                            f"{cfg.data.image_size} px): {why}")
+
+    model = ckpt.get("model")
+    if not isinstance(model, dict):
+        bad(f"its 'model' is a {type(model).__name__}, not a state_dict")
+    try:
+        expected = expected_model_state(cfg)
+    except ValueError:  # an encoder of the user's own (module:factory) that cannot be built here: the consumer that
+        return  # builds it (train's encoder=, eval's import) checks the tensors when it loads them
+    online = expected.pop("#online")
+    for name, value in model.items():
+        if not isinstance(name, str) or name not in expected:
+            bad(f"unexpected tensor {_short(name)} in 'model'")
+        if not isinstance(value, torch.Tensor):
+            bad(f"model[{_short(name)}] is a {type(value).__name__}, not a tensor")
+        shape, dtype = expected[name]
+        if tuple(value.shape) != shape or value.dtype != dtype:
+            bad(f"model[{_short(name)}] is {value.dtype} {tuple(value.shape)}, the architecture has {dtype} {shape}")
+    missing = [k for k in expected if k not in model]
+    if missing:
+        bad(f"'model' lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if "optimizer" in ckpt or ckpt.get("format") == 2:
+        _check_optimizer(ckpt.get("optimizer"), online, bad)
+
+
+def _setting_ok(v) -> bool:
+    """An optimizer group's setting: a number, a flag, None, or a tuple of numbers (AdamW's betas)."""
+    if v is None or isinstance(v, (int, float)):  # bool is an int
+        return True
+    return isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _check_optimizer(opt, online: list[tuple[int, ...]], bad) -> None:
+    """A LARS or AdamW state_dict: {'state': {index: {name: tensor}}, 'param_groups': [{'params': [...], ...}]}
+    over the online parameters, each buffer of its parameter's shape (0-D ones, AdamW's step, of any)."""
+    from .state import _short
+
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(
+            opt.get("param_groups"), list):
+        bad("its 'optimizer' is not an optimizer state_dict (state, param_groups)")
+    indices = []
+    for group in opt["param_groups"]:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            bad("an optimizer param group is not an object with a 'params' list")
+        if not all(_setting_ok(v) for k, v in group.items() if k != "params"):
+            bad("an optimizer param group holds a setting that is not a number")
+        indices += group["params"]
+    if sorted(indices) != list(range(len(online))) or not all(isinstance(i, int) for i in indices):
+        bad(f"its optimizer covers {len(indices)} parameters, the architecture has {len(online)}")
+    for index, entry in opt["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(online) or not isinstance(entry, dict):
+            bad(f"optimizer state {_short(index)} is not a parameter's state")
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or (
+                    value.dim() and tuple(value.shape) != online[index]):
+                bad(f"optimizer state {index}.{key} does not match its parameter {online[index]}")
 
 
 class RunLock:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 from .config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,
@@ -215,7 +214,10 @@ def _train_command(args: argparse.Namespace) -> int:
     from .rundir import Preempted
     from .train import train
 
-    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun: rank 0 speaks
+    from .environment import check_environment
+
+    rank = check_environment()[0]  # RANK, WORLD_SIZE, ...: one line naming a bad variable, before anything else
+    rank0 = rank == 0  # under torchrun: rank 0 speaks
     resume, cfg = args.resume, Config()
     if resume is not None:
         given = _given_settings(args) + ([("", "preset", args.preset)] if args.preset != DEFAULT_PRESET else [])
@@ -228,7 +230,7 @@ def _train_command(args: argparse.Namespace) -> int:
         cfg.validate()
         if args.auto_resume:
             try:
-                resume = auto_resume_decision(cfg, int(os.environ.get("RANK", "0")),
+                resume = auto_resume_decision(cfg, rank,
                                               log=print if rank0 else lambda *a: None)
             except AlreadyFinished as e:
                 if rank0:

@@ -13,7 +13,6 @@ backward of the whole global batch.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.distributed as dist
@@ -21,8 +20,11 @@ import torch.nn as nn
 
 
 def world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it; a bad value is one line
+    naming the variable (`fastbyol.environment`)."""
+    from .environment import torchrun_world
+
+    return torchrun_world()
 
 
 _BN_GROUP = None

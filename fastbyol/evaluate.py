@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_run
+from .checkpoint import atomic_write_bytes, load_run
 from .config import Config
 from .errors import FastByolError
 from .evaluation.commands import evaluate  # noqa: F401  (re-exported: the old home of the evaluations)
@@ -58,13 +58,11 @@ def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") 
     state = {k: v.detach().cpu().contiguous() for k, v in encoder_state(ckpt, which).items()}
     if out.suffix == ".safetensors":
         try:
-            from safetensors.torch import save_file
+            from safetensors.torch import save as to_bytes
         except ImportError:
             raise FastByolError("--out *.safetensors needs the safetensors package: pip install safetensors") from None
-        save_file(state, str(out))
+        atomic_write_bytes(out, lambda f: f.write(to_bytes(state)))  # atomic, its write errors one line
     else:  # .pt, .pth
-        from .checkpoint import atomic_write_bytes
-
         atomic_write_bytes(out, lambda f: torch.save(state, f))
     return out
 
@@ -128,6 +126,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     fig.suptitle(f"fastbyol run {run_dir.name}")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:  # atomic: a full disk or a read-only folder is one line, and the previous PNG stays
+        atomic_write_bytes(out, lambda f: fig.savefig(f, format=out.suffix.lstrip(".").lower(), dpi=110))
+    finally:
+        plt.close(fig)
     return out

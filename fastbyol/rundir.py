@@ -17,17 +17,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import (CHECKPOINT, FILE_MODE, RunLock, atomic_write_bytes, atomic_write_json, check_free_space,
-                         remove_stale_temporaries, save_checkpoint)
+from .checkpoint import (CHECKPOINT, FILE_MODE, WRITE_ERRORS, RunLock, atomic_write_bytes,  # noqa: F401
+                         atomic_write_json, check_free_space, remove_stale_temporaries, save_checkpoint, write_error)
 from .config import Config, Resolved
 from .data.dataset import EncodedSource
 from .dist import broadcast_object, gather_objects, global_mean
 from .errors import FastByolError
 
 BAD_FILES = "bad_files.json"  # the files a --skip-bad-files run replaced while training (JSON list of names)
-WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
-                errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted"}
 
 
 class TrainingStopped(FastByolError):
@@ -37,20 +34,6 @@ class TrainingStopped(FastByolError):
 class Preempted(TrainingStopped):
     """The run stopped on a signal at a log point, its checkpoint written (fastbyol.preemption): the CLI exits with
     EXIT_PREEMPTED."""
-
-
-def write_error(e: BaseException, path: Path) -> FastByolError | None:
-    """One line for a failed write of `path`, when the exception is (or wraps: torch.save turns the OSError into a
-    RuntimeError) one of WRITE_ERRORS; else None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
-            return FastByolError(f"{e.filename or path}: {WRITE_ERRORS[e.errno]}")
-        if isinstance(e, RuntimeError) and "No space left" in str(e):  # the zip writer's message, no OSError kept
-            return FastByolError(f"{path}: {WRITE_ERRORS[errno.ENOSPC]}")
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _mapped(path: Path, write) -> None:

@@ -54,7 +54,7 @@ class TrainState:
                        meter={"steps": timed_images // batch, "seconds": ckpt.get("train_seconds", 0.0),
                               "wait_seconds": ckpt.get("wait_seconds", 0.0), "warmup_seconds": 0.0},
                        finished=bool(ckpt.get("finished", False))).checked(where)
-        raise FastByolError(f"{where}: checkpoint format {fmt!r} is not one this fastbyol reads "
+        raise FastByolError(f"{where}: checkpoint format {_short(fmt)} is not one this fastbyol reads "
                             f"(it reads {CHECKPOINT_FORMAT} and 1)")
 
     def checked(self, where: str = "checkpoint") -> TrainState:
@@ -65,14 +65,14 @@ class TrainState:
 
         def count(name: str, value, low: int) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                bad(name, f"is {value!r}, not an integer >= {low}")
+                bad(name, f"is {_short(value)}, not an integer >= {low}")
 
         count("step", self.step, 0)
         count("world_size", self.world_size, 1)
         count("num_images", self.num_images, 0)
         if self.knn_top1_random_init is not None and not (isinstance(self.knn_top1_random_init, (int, float))
                                                           and 0.0 <= self.knn_top1_random_init <= 100.0):
-            bad("knn_top1_random_init", f"is {self.knn_top1_random_init!r}, not a percentage")
+            bad("knn_top1_random_init", f"is {_short(self.knn_top1_random_init)}, not a percentage")
         if not isinstance(self.data_states, list) or not all(isinstance(d, (str, bytes)) for d in self.data_states):
             bad("data_states", "is not a list of loader checkpoints (strings)")
         rng_size = torch.get_rng_state().numel()
@@ -88,10 +88,19 @@ class TrainState:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in self.meter.values()):
             bad("meter", f"is not the throughput meter's state ({', '.join(sorted(meter_keys))}: numbers >= 0)")
         if not isinstance(self.peak_device_bytes, (int, float)) or self.peak_device_bytes < 0:
-            bad("peak_device_bytes", f"is {self.peak_device_bytes!r}")
+            bad("peak_device_bytes", f"is {_short(self.peak_device_bytes)}")
         if not isinstance(self.finished, bool):
-            bad("finished", f"is {self.finished!r}, not true or false")
+            bad("finished", f"is {_short(self.finished)}, not true or false")
         return self
+
+
+def _short(value, limit: int = 60) -> str:
+    """A value as it appears in a one-line message: its repr on one line, cut at `limit` characters (a tensor's
+    repr spans lines; a damaged field may be any size)."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def nonfinite_tensors(state: dict, prefix: str = "") -> list[str]:

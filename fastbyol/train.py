@@ -14,7 +14,6 @@ Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): se
 from __future__ import annotations
 
 import copy
-import errno
 import math
 import os
 import sys
@@ -27,10 +26,12 @@ import torch
 from . import __version__
 from .accumulate import accumulated_step
 from .augment import TwoViewLoader, views_from_config
-from .checkpoint import CHECKPOINT, load_run, state_bytes
+from .bounds import check_machine_bounds
+from .checkpoint import CHECKPOINT, load_run, state_bytes, write_error
 from .config import Config, Resolved
 from .data import ImageDataset, resolve_dataset
 from .dist import DeferredMean, barrier, broadcast_object
+from .environment import check_environment
 from .errors import FastByolError
 from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
 from .evaluation.features import knn_top1
@@ -203,6 +204,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run."""
     from .dist import close_distributed, init_distributed
 
+    check_environment()  # RANK, WORLD_SIZE, MASTER_PORT, FASTBYOL_CACHE...: one line before anything is read or made
     state, ckpt = None, None
     if resume is not None:
         cfg, state, ckpt = load_run(resume)
@@ -217,11 +219,15 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     rank, world_size, created = init_distributed(device.type)
     old_umask = os.umask(0o077)  # run files readable by their owner only
     try:
-        return _train(cfg, state, ckpt, resume, device, rank, world_size, progress, log, EncoderMaker(cfg, encoder))
-    except OSError as e:
-        if e.errno == errno.ENOSPC:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
-            raise FastByolError(f"{e.filename or 'the run directory'}: no space left on the device") from None
-        raise
+        if encoder is None:  # threads, widths, memory, before anything is allocated (an encoder of the caller's own:
+            check_machine_bounds(cfg, device, world_size)  # the caller sized it)
+        return _train(cfg, state, ckpt, resume, device, rank, world_size, progress, log,
+                      EncoderMaker(cfg, encoder))
+    except OSError as e:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
+        mapped = write_error(e, Path(e.filename or "the run directory"))
+        if mapped is None:
+            raise
+        raise mapped from None
     finally:
         os.umask(old_umask)
         if created:

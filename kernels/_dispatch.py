@@ -29,8 +29,10 @@ from fastbyol.errors import FastByolError
 MODES = ("auto", "triton", "reference")
 OP_STYLES = ("custom_op", "triton_op")
 _op_style = os.environ.get("FASTBYOL_OP_STYLE", "custom_op")
+_op_style_error = None  # a bad FASTBYOL_OP_STYLE: reported by check_backend as one line, never a crash on import
 if _op_style not in OP_STYLES:
-    raise ValueError(f"FASTBYOL_OP_STYLE={_op_style!r} is not one of {OP_STYLES}")
+    _op_style_error = f"FASTBYOL_OP_STYLE={_op_style!r} is not one of {', '.join(OP_STYLES)}"
+    _op_style = "custom_op"
 
 
 def op_style() -> str:
@@ -81,7 +83,10 @@ def backend() -> str:
 
 
 def check_backend(device: torch.device) -> str:
-    """kernel_backend(device), raised as one line naming FASTBYOL_KERNELS when the selection cannot run there."""
+    """kernel_backend(device), raised as one line naming FASTBYOL_KERNELS when the selection cannot run there (or
+    FASTBYOL_OP_STYLE when it is not one of OP_STYLES)."""
+    if _op_style_error is not None:
+        raise KernelBackendError(_op_style_error)
     return kernel_backend(device)
 
 

@@ -50,3 +50,34 @@ def one_line(capsys, *needles: str) -> str:
     for n in needles:
         assert n in err, err
     return err
+
+
+def one_step_run(out: Path, n_metrics: int = 3) -> Path:
+    """A run folder as `fastbyol train` leaves it after one step of the default preset (config.json, checkpoint.pt
+    with a LARS momentum for every online parameter, `n_metrics` metrics.jsonl records), made directly: no DALI,
+    no data, a second or two."""
+    import json
+
+    import torch
+
+    from fastbyol.checkpoint import CHECKPOINT, save_checkpoint
+    from fastbyol.config import get_preset
+    from fastbyol.optim import LARS
+    from fastbyol.state import TrainState
+    from fastbyol.train import build_model
+
+    out.mkdir(parents=True)
+    cfg = get_preset("fmnist-tiny")
+    model = build_model(cfg, torch.device("cpu"))
+    optimizer = LARS(model.online_parameters(), lr=0.1)
+    x = torch.randn(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
+    p1, p2, z1, z2 = model(x, x)
+    (p1 - z2).square().sum().add((p2 - z1).square().sum()).backward()
+    optimizer.step()
+    state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()])
+    save_checkpoint(out / CHECKPOINT, state.to_checkpoint(model.state_dict(), optimizer.state_dict(), cfg.to_dict(),
+                                                          "test"))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    records = [dict(step=s, epoch=0, loss=1.0 / s, lr=0.1, tau=0.99, img_per_s=100.0) for s in range(1, n_metrics + 1)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out

@@ -41,6 +41,7 @@ import torch
 
 from ..config import AugmentConfig, validate_section
 from ..errors import FastByolError
+from ..native import fold, native_stderr
 from ..photometric import TAP_TAIL
 from . import pipelines
 from .makers import CpuViews, GpuViews, ProcessViews
@@ -205,14 +206,15 @@ class TwoViewLoader:
         while True:
             before = self._pipe.checkpoint() if self.skip_bad else None
             try:
-                return self._pipe.run(torch.cuda.current_stream()) if self.on_gpu else self._pipe.run()
+                with native_stderr() as printed:  # libjpeg/libpng/DALI messages: folded into ours, never printed
+                    return self._pipe.run(torch.cuda.current_stream()) if self.on_gpu else self._pipe.run()
             except RuntimeError as e:  # a file that passed the header checks but does not decode
                 if not self.encoded:
                     raise
                 from ..data.decode import failed_sample
 
                 bad = failed_sample(self.encoded_source, str(e))
-                reason = f"does not decode (DALI: {_dali_reason(str(e))})"
+                reason = fold(f"does not decode (DALI: {_dali_reason(str(e))})", printed)
                 if bad is not None and self.skip_bad and self.encoded_source.replace_bad(bad):
                     self.skipped.append((bad, reason))
                     if self.on_skip is not None:

@@ -128,13 +128,6 @@ def detect_format(path: Path) -> str:
                         ".npy/.npz, JPEG/PNG folders, .tar shards); --data-format names one")
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
 def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, skip_bad_files: bool = False,
                     seed: int = 0, *, rank: int | None = None, world_size: int | None = None, barrier=None,
                     cache_dir: str | os.PathLike | None = None, eval_images: bool | None = None) -> ImageDataset:
@@ -155,8 +148,12 @@ def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, 
     if not spec or not spec.strip():
         raise FastByolError("--data is empty: name a dataset folder or file, 'embedded', 'fashion-mnist' or "
                             "'synthetic'")
-    rank = _env_int("RANK", 0) if rank is None else rank
-    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    if rank is None or world_size is None:
+        from ..environment import torchrun_world
+
+        env_rank, _, env_world = torchrun_world()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
     eval_images = rank == 0 if eval_images is None else eval_images
     encoded = dict(rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir, eval_images=eval_images)
     if spec == "embedded":

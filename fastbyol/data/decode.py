@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import FastByolError
+from ..native import fold, native_stderr
 from .checks import check_bytes, open_regular
 
 EncodedItem = tuple[str, Callable[[], bytes]]  # (name for messages, read the bytes)
@@ -62,11 +63,15 @@ def _decode_one_by_one(pipe_factory, blobs: list[np.ndarray]) -> list[np.ndarray
     for b in blobs:
         feed.batch = [b]
         try:
-            (res,) = pipe.run()
-            out.append(np.array(res[0]))  # a copy: DALI reuses its output buffers
+            with native_stderr() as printed:
+                (res,) = pipe.run()
+            if printed.first_line():  # decoded, but libjpeg/libpng warned: pixels that cannot be trusted
+                out.append(f"the native decoder warned: {printed.first_line()[:200]}")
+            else:
+                out.append(np.array(res[0]))  # a copy: DALI reuses its output buffers
         except RuntimeError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip() and "pipeline" not in ln.lower()]
-            out.append(lines[-1] if lines else "DALI could not decode it")
+            out.append(fold(lines[-1] if lines else "DALI could not decode it", printed))
             feed = _Feed()
             pipe = pipe_factory(1, feed)  # a pipeline that raised is no longer valid
     return out
@@ -112,8 +117,11 @@ def decode_encoded(items: Sequence[EncodedItem], size: int, num_threads: int = 2
             continue
         feed.batch = blobs  # external_source takes batches of any size up to batch_size
         try:
-            (res,) = pipe.run()
+            with native_stderr() as printed:  # libjpeg/libpng/DALI messages: folded into ours, never printed
+                (res,) = pipe.run()
             decoded = [np.array(res[j]) for j in range(len(blobs))]  # copies: DALI reuses its buffers
+            if printed.first_line():  # a native warning: find the item(s) that caused it, one by one
+                decoded = _decode_one_by_one(factory, blobs)
         except RuntimeError:
             feed = _Feed()
             pipe = factory(batch_size, feed)

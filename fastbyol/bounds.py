@@ -1,0 +1,110 @@
+"""Settings a machine can hold: plain upper bounds and a memory estimate, checked before anything is allocated.
+
+`check_machine_bounds(cfg, device, world_size)` refuses, in one line naming the setting, what would abort, hang or
+ask the allocator for more than the machine has: DALI threads far beyond the cores (`--num-threads 100000` aborts
+inside DALI), widths and sizes past any real model, and a run whose weights, optimizer state and saved activations
+(estimated from the architecture built on the meta device: shapes only, no memory, no random numbers) exceed the
+memory of the device it trains on. The estimate is a lower bound (no allocator slack, no workspace, no DALI
+buffers), so a refused run could never have trained there; one that passes may still be tight.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import FastByolError
+
+MAX_WIDTH = 1 << 20  # projector / predictor widths: 256x the official 4096
+MAX_IMAGE_SIZE = 1 << 13  # view side, px
+MAX_BATCH = 1 << 24  # images per step over all processes
+GB = 1e9
+
+
+def max_threads() -> int:
+    """The most DALI worker threads a run may ask for: 8 per core this process may use, at least 64."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(64, 8 * cores)
+
+
+def machine_memory_bytes(device: torch.device) -> int:
+    """The memory a run on `device` can have at most: the GPU's total, or the host's RAM (or its cgroup limit)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(limit_file).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def _plain_bounds(cfg) -> None:
+    limits = [("num_threads", cfg.data.num_threads, max_threads(), "8 per CPU core, at least 64"),
+              ("image_size", cfg.data.image_size, MAX_IMAGE_SIZE, "px"),
+              ("batch_size", cfg.data.batch_size, MAX_BATCH, "images"),
+              ("proj_hidden", cfg.model.proj_hidden, MAX_WIDTH, "units"),
+              ("proj_dim", cfg.model.proj_dim, MAX_WIDTH, "units"),
+              ("pred_hidden", cfg.model.pred_hidden, MAX_WIDTH, "units")]
+    for name, value, limit, unit in limits:
+        if value > limit:
+            raise FastByolError(f"--{name.replace('_', '-')} {value} is more than this machine can hold (at most "
+                                f"{limit}: {unit})")
+
+
+def training_bytes(cfg, local_batch: int, activation_bytes: int = 4) -> dict[str, int]:
+    """Lower-bound bytes of one process's training, by part: 'encoder' and 'heads' (fp32 weights, gradients and
+    LARS momentum of the online network, weights of the target), 'activations' (the online forward's layer
+    outputs kept for the backward, both views, at `activation_bytes` per element)."""
+    from .models import BYOL, build_encoder
+
+    with torch.device("meta"):
+        model = BYOL(build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size), cfg.model.proj_hidden,
+                     cfg.model.proj_dim, cfg.model.pred_hidden)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    encoder = 4 * 4 * count(model.online_encoder)  # online weights, grads, momentum + the target's weights
+    heads = 4 * (4 * count(model.online_projector) + 3 * count(model.predictor))
+    outputs = []  # numel of every leaf module's output, for a batch of 2
+
+    def hook(_module, inputs, out):  # an in-place layer (ReLU) returns its input: no new tensor
+        if isinstance(out, torch.Tensor) and not any(out is i for i in inputs):
+            outputs.append(out.numel())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        x = torch.empty(2, 3, cfg.data.image_size, cfg.data.image_size, device="meta")
+        with torch.no_grad():
+            model.predictor(model.online_projector(model.online_encoder(x)))
+    finally:
+        for h in handles:
+            h.remove()
+    activations = sum(outputs) // 2 * local_batch * 2 * activation_bytes  # per image, x images, x 2 views
+    return {"encoder": encoder, "heads": heads, "activations": activations}
+
+
+def check_machine_bounds(cfg, device: torch.device, world_size: int) -> None:
+    """FastByolError naming the setting when the run cannot fit this machine (see the module docstring)."""
+    _plain_bounds(cfg)
+    local_batch = max(1, cfg.data.batch_size // max(1, world_size))
+    parts = training_bytes(cfg, local_batch, activation_bytes=2 if device.type == "cuda" else 4)
+    need, have = sum(parts.values()), machine_memory_bytes(device)
+    if need <= have:
+        return
+    biggest = max(parts, key=parts.get)
+    if biggest == "heads":
+        name = max(("proj_hidden", "pred_hidden", "proj_dim"), key=lambda n: getattr(cfg.model, n))
+        what = f"--{name.replace('_', '-')} {getattr(cfg.model, name)}"
+    elif biggest == "encoder":
+        what = f"--arch {cfg.model.arch}"
+    else:
+        what = f"--batch-size {cfg.data.batch_size} at --image-size {cfg.data.image_size}"
+    where = "GPU" if device.type == "cuda" else "RAM"
+    raise FastByolError(f"{what} needs at least {need / GB:.1f} GB for training ({biggest} {parts[biggest] / GB:.1f} "
+                        f"GB), more than the {have / GB:.1f} GB of {where} here: choose smaller settings")

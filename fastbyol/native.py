@@ -1,0 +1,79 @@
+"""Native libraries print nothing of their own: what libpng, libjpeg, DALI or OpenCV write to file descriptor 2
+during a call is captured and folded into fastbyol's one line (or dropped when the call succeeds).
+
+    with native_stderr() as captured:
+        pipe.run()
+    captured.text  # what native code wrote meanwhile ("" if nothing)
+
+fd 2 is pointed at a temporary file for the call; Python's own `sys.stderr` keeps writing to the terminal meanwhile
+(it is swapped for a writer on a duplicate of the original descriptor), so a progress bar or an error line of
+another thread is never swallowed. Captures may overlap (the kNN decode thread and the training loop): the first
+one redirects, the last one restores, each reads what was written during its own window.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
+
+_lock = threading.Lock()
+_active = {"depth": 0, "file": None, "saved_fd": None, "saved_stderr": None}
+MAX_TEXT = 2000  # characters of a capture kept for a message
+
+
+class Captured:
+    text: str = ""
+
+    def first_line(self) -> str:
+        """The first non-empty captured line, or ''."""
+        return next((ln.strip() for ln in self.text.splitlines() if ln.strip()), "")
+
+
+def _enter():
+    with _lock:
+        if _active["depth"] == 0:
+            sys.stderr.flush()
+            tmp = tempfile.TemporaryFile(mode="w+b")
+            saved = os.dup(2)
+            os.dup2(tmp.fileno(), 2)
+            _active.update(file=tmp, saved_fd=saved, saved_stderr=sys.stderr)
+            sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(saved), "wb", buffering=0), write_through=True,
+                                          errors="backslashreplace")
+        _active["depth"] += 1
+        return _active["file"], os.lseek(_active["file"].fileno(), 0, os.SEEK_END)
+
+
+def _leave(tmp, start: int) -> str:
+    with _lock:
+        end = os.lseek(tmp.fileno(), 0, os.SEEK_END)
+        text = os.pread(tmp.fileno(), min(end - start, 4 * MAX_TEXT), start).decode(errors="replace")
+        _active["depth"] -= 1
+        if _active["depth"] == 0:
+            os.dup2(_active["saved_fd"], 2)
+            os.close(_active["saved_fd"])
+            ours, sys.stderr = sys.stderr, _active["saved_stderr"]
+            ours.close()
+            tmp.close()
+            _active.update(file=None, saved_fd=None, saved_stderr=None)
+        return text[:MAX_TEXT]
+
+
+@contextmanager
+def native_stderr():
+    """Capture what native code writes to fd 2 inside the block into the yielded Captured's `text`."""
+    captured = Captured()
+    tmp, start = _enter()
+    try:
+        yield captured
+    finally:
+        captured.text = _leave(tmp, start)
+
+
+def fold(reason: str, captured: Captured) -> str:
+    """`reason`, with the first line native code printed meanwhile appended (one line in all)."""
+    line = captured.first_line()
+    return f"{reason} [native: {line[:200]}]" if line and line not in reason else reason

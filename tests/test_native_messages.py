@@ -1,0 +1,66 @@
+"""Native libraries print nothing of their own: fd-2 output of native code (libpng, libjpeg, DALI) inside a decode
+is captured and folded into fastbyol's one line; Python's own stderr still reaches the terminal meanwhile."""
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+
+from fastbyol.native import fold, native_stderr
+
+
+def test_fd2_writes_are_captured_and_python_stderr_is_not(capfd):
+    libc = ctypes.CDLL(None)
+    with native_stderr() as printed:
+        os.write(2, b"libpng error: IHDR: unknown compression method\n")
+        libc.dprintf(2, b"libjpeg: Corrupt JPEG data\n")
+        print("ours", file=sys.stderr)  # Python's stderr, swapped to the original descriptor meanwhile
+    assert printed.first_line() == "libpng error: IHDR: unknown compression method"
+    assert "Corrupt JPEG data" in printed.text and "ours" not in printed.text
+    out = capfd.readouterr()
+    assert "libpng" not in out.err and "Corrupt" not in out.err and "ours" in out.err
+    os.write(2, b"after\n")  # fd 2 is restored
+    assert "after" in capfd.readouterr().err
+
+
+def test_overlapping_captures_each_see_their_window(capfd):
+    started, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def other():
+        with native_stderr() as printed:
+            started.set()
+            release.wait(10)
+            os.write(2, b"late\n")
+        seen["other"] = printed.text
+
+    t = threading.Thread(target=other)
+    t.start()
+    started.wait(10)
+    with native_stderr() as mine:
+        os.write(2, b"early\n")
+    release.set()
+    t.join(10)
+    assert mine.text == "early\n" and "late" in seen["other"] and "early" in seen["other"]
+    os.write(2, b"restored\n")
+    assert "restored" in capfd.readouterr().err
+
+
+def test_fold_keeps_one_line():
+    with native_stderr() as printed:
+        os.write(2, b"\n  warning: 12 extraneous bytes before marker 0xd9  \nsecond line\n")
+    assert fold("x.jpg: does not decode", printed) == ("x.jpg: does not decode [native: warning: 12 extraneous bytes "
+                                                       "before marker 0xd9]")
+    with native_stderr() as nothing:
+        pass
+    assert fold("r", nothing) == "r"
+
+
+def test_a_crashing_child_still_gets_its_stderr_back(tmp_path):
+    # the redirect is undone even when the block raises
+    code = ("import os,sys\nfrom fastbyol.native import native_stderr\ntry:\n    with native_stderr():\n"
+            "        os.write(2, b'hidden\\n')\n        raise RuntimeError('x')\nexcept RuntimeError:\n    pass\n"
+            "os.write(2, b'visible\\n')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == b"visible\n", done.stderr
