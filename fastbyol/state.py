@@ -39,6 +39,8 @@ class TrainState:
         if not isinstance(ckpt, dict) or "model" not in ckpt:
             raise FastByolError(f"{where}: not a fastbyol checkpoint")
         fmt = ckpt.get("format", 1)
+        if isinstance(fmt, bool) or not isinstance(fmt, int):  # a tensor here once raised from `==`
+            raise FastByolError(f"{where}: its format is {type(fmt).__name__}, not a format number")
         if fmt == CHECKPOINT_FORMAT:
             raw = ckpt.get("state")
             known = {f.name for f in fields(cls)}
@@ -46,16 +48,24 @@ class TrainState:
                 raise FastByolError(f"{where}: its training state is unreadable")
             return cls(**raw).checked(where)
         if fmt == 1 and "step" in ckpt:  # fastbyol 0.1: the state's fields at the top level
-            timed_images = ckpt.get("timed_images", ckpt.get("images_seen", 0))
-            batch = ckpt.get("config", {}).get("data", {}).get("batch_size", 1) or 1
-            return cls(step=ckpt["step"], world_size=ckpt.get("world_size", 1), num_images=0,
-                       knn_top1_random_init=ckpt.get("knn_top1_random_init"),
-                       data_states=list(ckpt.get("data_states", [])), torch_rngs=list(ckpt.get("torch_rngs", [])),
-                       meter={"steps": timed_images // batch, "seconds": ckpt.get("train_seconds", 0.0),
-                              "wait_seconds": ckpt.get("wait_seconds", 0.0), "warmup_seconds": 0.0},
-                       finished=bool(ckpt.get("finished", False))).checked(where)
+            try:
+                return cls._from_format_1(ckpt).checked(where)
+            except (TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError):
+                raise FastByolError(f"{where}: its training state is unreadable") from None
         raise FastByolError(f"{where}: checkpoint format {_short(fmt)} is not one this fastbyol reads "
                             f"(it reads {CHECKPOINT_FORMAT} and 1)")
+
+    @classmethod
+    def _from_format_1(cls, ckpt: dict) -> TrainState:
+        """The state of a fastbyol 0.1 checkpoint (its fields at the top level)."""
+        timed_images = ckpt.get("timed_images", ckpt.get("images_seen", 0))
+        batch = ckpt.get("config", {}).get("data", {}).get("batch_size", 1) or 1
+        return cls(step=ckpt["step"], world_size=ckpt.get("world_size", 1), num_images=0,
+                   knn_top1_random_init=ckpt.get("knn_top1_random_init"),
+                   data_states=list(ckpt.get("data_states", [])), torch_rngs=list(ckpt.get("torch_rngs", [])),
+                   meter={"steps": timed_images // batch, "seconds": ckpt.get("train_seconds", 0.0),
+                          "wait_seconds": ckpt.get("wait_seconds", 0.0), "warmup_seconds": 0.0},
+                   finished=bool(ckpt.get("finished", False)))
 
     def checked(self, where: str = "checkpoint") -> TrainState:
         """This state, if every field has its type and range (a checkpoint is untrusted input: nothing is restored

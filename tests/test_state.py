@@ -2,6 +2,8 @@
 restored from it, and a damaged one is one FastByolError naming the field (never a traceback, never a run that
 trains on with a negative step or a wrong RNG state)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +56,14 @@ def test_a_step_past_the_schedule_is_refused():
     _check_resumable(state, "RUN", 1, 640, total_steps=12)  # at the end exactly: fine
     with pytest.raises(FastByolError, match="past the run's 11 steps"):
         _check_resumable(state, "RUN", 1, 640, total_steps=11)
+
+
+@pytest.mark.parametrize("name", ["ckpt-format-empty-tensor.pt", "ckpt-format1-config-list.pt"])
+def test_fuzz_found_checkpoints_are_one_error(name):
+    """Two checkpoints a fuzzer found: a `format` that is a tensor (its `==` raised RuntimeError) and a format-1
+    checkpoint whose `config` is a list (AttributeError): each is one FastByolError naming the file."""
+    path = Path(__file__).parent / "corpus" / name
+    ckpt = torch.load(path, weights_only=True)
+    with pytest.raises(FastByolError) as e:
+        TrainState.from_checkpoint(ckpt, where=str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
