@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_train import _small_idx_dataset
+from .support import small_idx_dataset as _small_idx_dataset
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun's workers are found through /proc")
 

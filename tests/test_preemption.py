@@ -29,7 +29,7 @@ from fastbyol.config import get_preset
 from fastbyol.errors import FastByolError
 from fastbyol.preemption import EXIT_PREEMPTED, AlreadyFinished, auto_resume_decision
 
-from .test_train import _small_idx_dataset
+from .support import small_idx_dataset as _small_idx_dataset
 
 # 320 images, batch 32: 10 steps an epoch, 60 in all; tiny heads and 16 px views keep each process start-up-bound
 ARGS = ["--epochs", "6", "--batch-size", "32", "--image-size", "16", "--num-threads", "1", "--log-every", "2",
