@@ -38,6 +38,63 @@ def _cpu_bn_group():
     return _BN_GROUP
 
 
+def _attempt_store(rank: int, world_size: int):
+    """The key-value store of this start of the worker group, under torchrun's shared agent store; None elsewhere
+    (the plain env:// rendezvous).
+
+    torchrun (torch 2.13, c10d rendezvous) gives its workers the store its agent keeps for the whole job
+    (TORCHELASTIC_USE_AGENT_STORE=True), the same server and keys after every `--max-restarts` restart. A restarted
+    group's gloo ranks then find the previous start's addresses under the same keys, and a rank that reads a peer's
+    key before that peer wrote it anew connects to a dead process: "connectFullMesh ... timed out connecting ...
+    Connection refused", in every restart, as soon as the ranks' start-ups are a little apart (a loaded host). So
+    every key of the process groups goes under a prefix of this start alone, which rank 0 chooses and hands out
+    over keys nobody used before (`_agree_on_attempt`). The restart count is no such prefix: each node's agent
+    counts its own restarts, and a node restarted for another node's failure does not count it."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=default_pg_timeout)  # a client of the agent's server, as env:// makes it
+    return dist.PrefixStore(f"fastbyol/attempt/{_agree_on_attempt(store, rank, world_size)}", store)
+
+
+def _agree_on_attempt(store, rank: int, world_size: int, poll_s: float = 0.05) -> str:
+    """A name for this start of the group, the same on every rank, unused by any earlier start (collective, over the
+    store). Rank 0 draws it; rank r draws a nonce, posts it under `hello/r` (an earlier start's nonce may still be
+    there: rank 0 answers whatever it finds) and waits for the answer under `ack/<its nonce>`, a key only this start
+    writes; rank 0 goes on until every rank has confirmed under `joined/<name>/r`."""
+    import time
+    import uuid
+
+    from torch.distributed.constants import default_pg_timeout
+
+    nonce = uuid.uuid4().hex
+    if rank != 0:
+        store.set(f"fastbyol/hello/{rank}", nonce)
+        store.wait([f"fastbyol/ack/{nonce}"])  # the store's timeout bounds it
+        name = store.get(f"fastbyol/ack/{nonce}").decode()
+        store.set(f"fastbyol/joined/{name}/{rank}", "1")
+        return name
+    waiting, answered = set(range(1, world_size)), {}
+    deadline = time.monotonic() + default_pg_timeout.total_seconds()
+    while waiting:
+        for r in sorted(waiting):
+            if store.check([f"fastbyol/hello/{r}"]):
+                posted = store.get(f"fastbyol/hello/{r}").decode()
+                if answered.get(r) != posted:
+                    store.set(f"fastbyol/ack/{posted}", nonce)
+                    answered[r] = posted
+            if store.check([f"fastbyol/joined/{nonce}/{r}"]):
+                waiting.discard(r)
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"ranks {sorted(waiting)} did not join this start of the worker group in "
+                               f"{default_pg_timeout}")
+        if waiting:
+            time.sleep(poll_s)
+    return nonce
+
+
 def init_distributed(device_type: str) -> tuple[int, int, bool]:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU).
 
@@ -50,7 +107,12 @@ def init_distributed(device_type: str) -> tuple[int, int, bool]:
         return rank, world_size, False
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    store = _attempt_store(rank, world_size)
+    if store is None:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     if device_type != "cuda":
         _cpu_bn_group()  # made now, by every rank together, not lazily in the first forward
     return rank, world_size, True

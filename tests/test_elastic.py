@@ -222,3 +222,71 @@ def test_two_hosts_equal_one_host_and_restart_exactly(reference, two_hosts, tmp_
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed"] and summary["steps"] == STEPS
     assert summary["params_sha256"] == expected["params_sha256"]
+
+
+# ------------------------------------------------------------------------------- a restarted group under one store
+def test_each_start_agrees_on_a_fresh_prefix_despite_an_earlier_starts_keys():
+    """`_agree_on_attempt` on one store across two starts of a 2-rank group: the second start's ranks agree on one
+    name, not the first start's, though the first start's hello/ack keys are still there and rank 1 comes late."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from fastbyol.dist import _agree_on_attempt
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, timeout=timedelta(seconds=60))
+
+    def start(late: float) -> list[str]:
+        names = [None, None]
+
+        def rank(r):
+            time.sleep(late if r == 1 else 0.0)
+            client = dist.TCPStore("127.0.0.1", server.port, 2, is_master=False, timeout=timedelta(seconds=60))
+            names[r] = _agree_on_attempt(client, r, 2, poll_s=0.01)
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return names
+
+    first = start(0.0)
+    second = start(0.5)  # rank 0 first finds the first start's hello/1 and answers it: nobody waits for that answer
+    assert first[0] == first[1] and second[0] == second[1] and first[0] != second[0]
+
+
+_START = """
+import os, sys, time
+import torch, torch.distributed as dist
+rank, port, delay = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+time.sleep(delay)
+os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                  TORCHELASTIC_USE_AGENT_STORE="True")
+from fastbyol.dist import init_distributed
+init_distributed("cpu")
+t = torch.full((1,), rank + 1.0)
+dist.all_reduce(t)
+dist.barrier()
+print("sum", t.item(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_restarted_gloo_group_joins_under_the_agent_store_with_ranks_apart():
+    """What torchrun does on a restart, without torchrun: two starts of a 2-process gloo group (init_distributed:
+    the default group, the BN group) on one shared store that keeps the first start's keys, the second start with
+    its ranks 2 s apart. On the plain env:// rendezvous the second start fails ("connectFullMesh ... Connection
+    refused": the late rank's key still holds the dead first start's address)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, timeout=timedelta(seconds=120))
+    for delays in ((0.0, 0.0), (0.0, 2.0)):
+        procs = [subprocess.Popen([sys.executable, "-c", _START, str(r), str(server.port), str(d)], env=ENV,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r, d in enumerate(delays)]
+        outs = _finish(procs, timeout=300)
+        assert all("sum 3.0" in out for out in outs), outs
