@@ -245,5 +245,13 @@ def test_augment_settings_reach_the_loader_and_are_checked():
         TwoViewLoader(_images(32), chunk_pixels=0, **kw)
     with pytest.raises(FastByolError, match="cpu_parallel must be one of processes, threads"):
         TwoViewLoader(_images(32), augment=AugmentConfig(cpu_parallel="fibers"), **kw)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'labels'"):
-        TwoViewLoader(_images(32), labels=np.zeros(32, np.int64), **kw)
+    # labels= (the online probe's): each batch also carries the labels of the rows DALI's source named; the views
+    # and the draws stay those of a loader without labels
+    with_labels = TwoViewLoader(_images(32), labels=np.arange(32, dtype=np.int64) + 100, **kw)
+    rows = TwoViewLoader(_images(32), **kw).draw()["pixels"]  # the first batch's row indices (the same seed)
+    v1, v2, labels = next(iter(with_labels.epoch()))
+    plain = next(iter(TwoViewLoader(_images(32), **kw).epoch()))
+    assert torch.equal(v1, plain[0]) and torch.equal(v2, plain[1])
+    assert labels.dtype == torch.int64 and labels.tolist() == [100 + int(r) for r in np.asarray(rows.as_tensor()).reshape(-1)]
+    with pytest.raises(FastByolError, match="labels= is for image arrays on the CPU"):
+        TwoViewLoader(_images(32), labels=np.zeros(31, np.int64), **kw)

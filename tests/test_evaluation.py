@@ -50,7 +50,7 @@ def test_paper_protocol_trained_beats_random_init(run_dir, capsys):
 @pytest.mark.slow
 def test_finetune_trained_beats_random_init(run_dir):
     for init in ("trained", "random"):
-        assert main(["finetune", str(run_dir), "--fraction", "0.05", "--epochs", "8", "--init", init,
+        assert main(["finetune", str(run_dir), "--fraction", "0.05", "--epochs", "3", "--init", init,
                      "--no-progress"]) == 0
     trained, random = _result(run_dir, "finetune-0.05.json"), _result(run_dir, "finetune-0.05-random.json")
     print(f"fine-tune 5%: trained {trained['top1']:.2f} vs random {random['top1']:.2f}")
