@@ -37,12 +37,25 @@ benchmarks/results/2026-12-03/host_step_time.json):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+
+def median_us_of(fn, repeats: int) -> float:
+    """The median of `repeats` timed calls of fn, in microseconds, after one untimed call (lists, workspaces and
+    plans are built there)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
 
 
 def measure(repeats: int) -> dict:
@@ -59,14 +72,7 @@ def measure(repeats: int) -> dict:
     opt = LARS(params, lr=0.1, weight_decay=1e-6)
     target, online = model.ema_pairs()
 
-    def median_us(fn) -> float:
-        fn()  # first call: lists, workspaces and plans are built
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1e6 * statistics.median(times)
+    median_us = functools.partial(median_us_of, repeats=repeats)
 
     row = {"lars_step_meta": median_us(opt.step), "ema_plan": median_us(lambda: ema_module._plan(target, online)),
            "parameters": len(params), "ema_tensors": len(target) + len(online)}
@@ -102,14 +108,7 @@ def lars_u(params, median_us, repeats: int) -> dict:
     real_buf = [torch.empty_like(w) for w in real_ws]
     same = all(torch.equal(a, b) for a, b in zip(fresh(real_gs, real_ws), kept(real_buf, real_gs, real_ws)))
 
-    def cpu_us(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1e6 * statistics.median(times)
+    cpu_us = functools.partial(median_us_of, repeats=repeats)
 
     return {"lars_u_fresh_meta": median_us(lambda: fresh(meta_gs, ws)),
             "lars_u_kept_meta": median_us(lambda: kept(meta_buf, meta_gs, ws)),

@@ -81,3 +81,16 @@ def one_step_run(out: Path, n_metrics: int = 3) -> Path:
     records = [dict(step=s, epoch=0, loss=1.0 / s, lr=0.1, tau=0.99, img_per_s=100.0) for s in range(1, n_metrics + 1)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

@@ -32,6 +32,7 @@ from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
 from fastbyol.train import byol_step
 
+from .support import child_pids as _children
 from .support import free_port as _free_port
 
 STEPS, BATCH = 3, 16
@@ -149,18 +150,6 @@ def test_two_processes_equal_one_process(tmp_path):
     # DDP's bucket views take each channels_last parameter's own strides: no copy, no stride warning
     assert two["grad_strides"] and all(g == p for g, p in two["grad_strides"]), two["grad_strides"]
     assert not [w for w in two["warnings"] if "stride" in w.lower()], two["warnings"]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _wait_gone(pids: list[int]) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from .support import child_pids as _children
 from .support import small_idx_dataset as _small_idx_dataset
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun's workers are found through /proc")
@@ -56,18 +57,6 @@ def _two_hosts(node: int, port: int) -> list[str]:
     return ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
             f"{HOSTS[0]}:{port}", "--rdzv-id", "fastbyol-two-hosts", "--rdzv-conf", f"is_host={int(node == 0)}",
             "--local-addr", HOSTS[node]]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _kill_tree(pid: int) -> None:
