@@ -1,6 +1,6 @@
 """fastbyol eval --protocol paper|features and fastbyol finetune on a short run over small real data (Fashion-MNIST):
 the trained encoder beats the random-init one of the same architecture under each protocol, by margins measured
-here with room (paper linear: +18 points after one epoch of the default preset; fine-tune 1%: +6), each result is
+here with room (paper linear: +16 points; fine-tune 5% at base lr 0.02: +9.8), each result is
 written as JSON into the run directory and the table gathers them; bad arguments are one line and exit 2."""
 
 import json
@@ -50,11 +50,13 @@ def test_paper_protocol_trained_beats_random_init(run_dir, capsys):
 @pytest.mark.slow
 def test_finetune_trained_beats_random_init(run_dir):
     for init in ("trained", "random"):
-        assert main(["finetune", str(run_dir), "--fraction", "0.05", "--epochs", "3", "--init", init,
+        # a low base lr: at the paper's 0.2 the tiny batches of 100 images (12) wash the pretraining out in a few
+        # steps (measured: +1.8 points at 3 epochs, +1.0 at 8); at 0.02, +9.8
+        assert main(["finetune", str(run_dir), "--fraction", "0.05", "--epochs", "3", "--lr", "0.02", "--init", init,
                      "--no-progress"]) == 0
     trained, random = _result(run_dir, "finetune-0.05.json"), _result(run_dir, "finetune-0.05-random.json")
     print(f"fine-tune 5%: trained {trained['top1']:.2f} vs random {random['top1']:.2f}")
-    assert trained["top1"] >= random["top1"] + 3.0
+    assert trained["top1"] >= random["top1"] + 5.0
     assert trained["subset_images"] == 100 and sum(trained["subset_per_class"]) == 100
 
 
