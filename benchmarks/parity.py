@@ -182,7 +182,7 @@ def _load() -> list[float]:
 
 SOURCES = ("fastbyol/augment/views.py", "fastbyol/augment/pipelines.py", "fastbyol/augment/crops.py",
            "fastbyol/augment/makers.py", "fastbyol/augment/loader.py", "fastbyol/photometric.py",
-           "kernels/photometric.py", "fastbyol/train.py", "fastbyol/models.py", "fastbyol/optim.py", "fastbyol/config.py")
+           "kernels/photometric.py", "fastbyol/train.py", "fastbyol/models/resnet.py", "fastbyol/optim.py", "fastbyol/config.py")
 
 
 def provenance() -> dict:

@@ -46,7 +46,7 @@ def test_peer_encoder_is_fastbyols_random_init(seed):
     assert peer.keys() == ours.keys()
     for name in ours:
         torch.testing.assert_close(peer[name], ours[name], rtol=0, atol=0, msg=name)
-    assert W.fastbyol_models().__file__ == str(ROOT / "fastbyol" / "models.py")  # by path, not a copy
+    assert W.fastbyol_models().__file__ == str(ROOT / "fastbyol" / "models" / "resnet.py")  # by path, not a copy
 
 
 def test_peer_lr_schedule_is_fastbyols():

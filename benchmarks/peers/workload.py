@@ -3,10 +3,10 @@ the kNN evaluator and the throughput clock, with nothing but torch and numpy (th
 
 - data: the embedded Fashion-MNIST split (`fastbyol/data/fashion_mnist/t10k-*`), every 5th image held out: 8,000
   images to pretrain and as the kNN bank, 2,000 queries; gray replicated to RGB (fastbyol.data.load_embedded);
-- encoder: fastbyol's own `resnet-tiny` with the `small-s2` stem, from `fastbyol/models.py` imported by path (that
-  file imports only torch), built right after torch.manual_seed(seed) as fastbyol's trainer builds it, so the
+- encoder: fastbyol's own `resnet-tiny` with the `small-s2` stem, from `fastbyol/models/resnet.py` imported by path
+  (that file imports only torch), built right after torch.manual_seed(seed) as fastbyol's trainer builds it, so the
   random-init encoder of a seed is fastbyol's;
-- lr_at: fastbyol.reference.lr_at (linear warmup from 0, cosine to 0), by path as models.py;
+- lr_at: fastbyol.reference.lr_at (linear warmup from 0, cosine to 0), by path as resnet.py;
 - kNN: fastbyol.knn (features of the eval-mode encoder on the un-augmented images, ImageNet-normalised, L2
   normalised; cosine top-k 200, votes exp(sim / 0.1)), copied line for line;
 - StepClock: fastbyol's ThroughputMeter rule: the first step is set apart, the evaluations are outside the clock.
@@ -58,7 +58,7 @@ def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _fastbyol_file(stem: str):
     """fastbyol/<stem>.py imported by path under a private module name (for files that import only torch/stdlib)."""
-    name = f"_fastbyol_{stem}_by_path"
+    name = f"_fastbyol_{stem.replace('/', '_')}_by_path"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "fastbyol" / f"{stem}.py")
         module = importlib.util.module_from_spec(spec)
@@ -68,15 +68,16 @@ def _fastbyol_file(stem: str):
 
 
 def fastbyol_models():
-    """fastbyol/models.py, imported by path (it imports only torch)."""
-    return _fastbyol_file("models")
+    """fastbyol/models/resnet.py, imported by path (it imports only torch)."""
+    return _fastbyol_file("models/resnet")
 
 
 def build_encoder(seed: int | None = None) -> torch.nn.Module:
     """fastbyol's resnet-tiny / small-s2 encoder, (B, 3, 28, 28) -> (B, 128); seeded first when seed is given."""
     if seed is not None:
         torch.manual_seed(seed)
-    return fastbyol_models().build_encoder(WORKLOAD["arch"], WORKLOAD["stem"], WORKLOAD["image_size"])
+    assert WORKLOAD["arch"] == "resnet-tiny"  # the one encoder the peers train (fastbyol's registry: resnet_tiny)
+    return fastbyol_models().resnet_tiny(WORKLOAD["stem"])
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
