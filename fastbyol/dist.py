@@ -13,6 +13,7 @@ backward of the whole global batch.
 
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.distributed as dist
