@@ -46,3 +46,16 @@ def small_idx_data(tmp_path_factory):
         return made[n_train, n_test]
 
     return make
+
+
+@pytest.fixture
+def cpu_loader():
+    """cpu_loader(images, **overrides) -> a TwoViewLoader on the CPU with the tests' small defaults (batch 16,
+    16 px views, seed 0, one DALI thread); any loader argument can be overridden."""
+    from fastbyol.augment import TwoViewLoader
+
+    def make(images, **overrides):
+        kw = dict(batch_size=16, image_size=16, seed=0, device="cpu", num_threads=1)
+        return TwoViewLoader(images, **{**kw, **overrides})
+
+    return make

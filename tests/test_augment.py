@@ -66,8 +66,8 @@ def test_two_views_shapes_layout_and_per_image_randomness():
     assert v1.float().abs().max() < 10
 
 
-def test_epochs_continue_and_shuffle():
-    loader = TwoViewLoader(_images(40), batch_size=16, image_size=16, seed=0, device="cpu", num_threads=1)
+def test_epochs_continue_and_shuffle(cpu_loader):
+    loader = cpu_loader(_images(40))
     e1, e2 = list(loader.epoch()), list(loader.epoch())
     assert len(e1) == len(e2) == 2  # 40 // 16: the last partial batch is dropped
     assert not torch.equal(e1[0][0], e2[0][0])
@@ -135,18 +135,18 @@ def test_the_dali_graph_stays_small():
     assert 10 < loader.operators <= 60
 
 
-def test_same_seed_same_views_and_shards_differ():
-    a = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=5, num_threads=1)
-    b = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=5, num_threads=1)
+def test_same_seed_same_views_and_shards_differ(cpu_loader):
+    a = cpu_loader(_images(64), seed=5)
+    b = cpu_loader(_images(64), seed=5)
     torch.testing.assert_close(next(iter(a.epoch()))[0], next(iter(b.epoch()))[0], rtol=0, atol=0)
-    s0 = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=5, num_threads=1, shard_id=0, num_shards=2)
-    s1 = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=5, num_threads=1, shard_id=1, num_shards=2)
+    s0 = cpu_loader(_images(64), seed=5, shard_id=0, num_shards=2)
+    s1 = cpu_loader(_images(64), seed=5, shard_id=1, num_shards=2)
     assert s0.steps_per_epoch == s1.steps_per_epoch == 2
     assert not torch.equal(next(iter(s0.epoch()))[0], next(iter(s1.epoch()))[0])  # seed + rank
 
 
 @pytest.mark.parametrize("taken", [1, 3])  # 3: the saved position sits at an epoch boundary (64 // 16 = 4 steps)
-def test_position_saved_and_restored_exactly(taken):
+def test_position_saved_and_restored_exactly(cpu_loader, taken):
     def batches(loader, n):
         out = []
         while len(out) < n:
@@ -156,11 +156,11 @@ def test_position_saved_and_restored_exactly(taken):
                     break
         return out
 
-    a = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=9, num_threads=1)
+    a = cpu_loader(_images(64), seed=9)
     first = batches(a, taken)
     state = a.state()
     expected = batches(a, 3)
-    b = TwoViewLoader(_images(64), batch_size=16, image_size=16, seed=9, num_threads=1, checkpoint=state)
+    b = cpu_loader(_images(64), seed=9, checkpoint=state)
     resumed = batches(b, 3)
     for (e1, e2), (r1, r2) in zip(expected, resumed):
         assert torch.equal(e1, r1) and torch.equal(e2, r2)

@@ -117,8 +117,8 @@ def test_a_later_epoch_call_takes_over_from_a_suspended_iterator():
     assert a._procs.in_flight == 0
 
 
-def test_a_dead_worker_is_one_clear_error_and_close_ends_them():
-    loader = TwoViewLoader(_images(), batch_size=16, image_size=16, seed=0, num_threads=2)
+def test_a_dead_worker_is_one_clear_error_and_close_ends_them(cpu_loader):
+    loader = cpu_loader(_images(), num_threads=2)
     procs = loader._procs.procs
     os.kill(procs[1].pid, signal.SIGKILL)
     procs[1].join(timeout=10)
@@ -129,8 +129,8 @@ def test_a_dead_worker_is_one_clear_error_and_close_ends_them():
         _batches(loader, 1)
 
 
-def test_workers_exit_with_their_loader():
-    loader = TwoViewLoader(_images(), batch_size=16, image_size=16, seed=0, num_threads=2)
+def test_workers_exit_with_their_loader(cpu_loader):
+    loader = cpu_loader(_images(), num_threads=2)
     _batches(loader, 1)
     procs = list(loader._procs.procs)
     assert all(p.is_alive() for p in procs)
