@@ -67,7 +67,7 @@ def training_bytes(cfg, local_batch: int, activation_bytes: int = 4) -> dict[str
 
     with torch.device("meta"):
         model = BYOL(build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size), cfg.model.proj_hidden,
-                     cfg.model.proj_dim, cfg.model.pred_hidden)
+                     cfg.model.proj_dim, cfg.model.pred_hidden, image_size=cfg.data.image_size)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     encoder = 4 * 4 * count(model.online_encoder)  # online weights, grads, momentum + the target's weights
     heads = 4 * (4 * count(model.online_projector) + 3 * count(model.predictor))
@@ -92,6 +92,10 @@ def training_bytes(cfg, local_batch: int, activation_bytes: int = 4) -> dict[str
 def check_machine_bounds(cfg, device: torch.device, world_size: int) -> None:
     """FastByolError naming the setting when the run cannot fit this machine (see the module docstring)."""
     _plain_bounds(cfg)
+    from .models import is_custom_arch
+
+    if is_custom_arch(cfg.model.arch):  # a module:factory of the user's own: theirs to size (and to build: a
+        return  # factory may not run on the meta device); the trainer names a factory that fails in one line
     local_batch = max(1, cfg.data.batch_size // max(1, world_size))
     parts = training_bytes(cfg, local_batch, activation_bytes=2 if device.type == "cuda" else 4)
     need, have = sum(parts.values()), machine_memory_bytes(device)
