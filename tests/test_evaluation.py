@@ -57,7 +57,8 @@ def test_finetune_trained_beats_random_init(run_dir):
     trained, random = _result(run_dir, "finetune-0.05.json"), _result(run_dir, "finetune-0.05-random.json")
     print(f"fine-tune 5%: trained {trained['top1']:.2f} vs random {random['top1']:.2f}")
     assert trained["top1"] >= random["top1"] + 5.0
-    assert trained["subset_images"] == 100 and sum(trained["subset_per_class"]) == 100
+    # 5% of each class, rounded per class (at least one): about 100 of the 2,000 images
+    assert trained["subset_images"] == sum(trained["subset_per_class"]) and 95 <= trained["subset_images"] <= 105
 
 
 def test_features_protocol_and_table(run_dir, capsys):
@@ -69,7 +70,7 @@ def test_features_protocol_and_table(run_dir, capsys):
     assert rows["kNN (features)"][0] == features["knn_top1"]
     assert rows["online probe (pretraining)"][0] == summary["online_probe_top1"]
     lines = format_table(table_rows(run_dir))
-    assert lines[0].split()[-3:] == ["trained", "init", "gain"] and "eval-features.json" in capsys.readouterr().out
+    assert lines[0].split()[-4:] == ["trained", "random", "init", "gain"] and "eval-features.json" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fraction", ["0", "1.5", "-0.1", "nan"])
@@ -77,7 +78,7 @@ def test_bad_fraction_is_one_line(run_dir, fraction, capsys):
     assert main(["finetune", str(run_dir), "--fraction", fraction, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--fraction" in err[0]
-    assert not list(run_dir.glob(f"finetune-{fraction}*"))
+    assert not (run_dir / f"finetune-{fraction}.json").exists()  # (not a glob: finetune-0* matches 0.05's file)
 
 
 def test_subset_file_naming_missing_images_is_one_line(run_dir, tmp_path, capsys):
