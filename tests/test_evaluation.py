@@ -70,7 +70,8 @@ def test_features_protocol_and_table(run_dir, capsys):
     assert rows["kNN (features)"][0] == features["knn_top1"]
     assert rows["online probe (pretraining)"][0] == summary["online_probe_top1"]
     lines = format_table(table_rows(run_dir))
-    assert lines[0].split()[-4:] == ["trained", "random", "init", "gain"] and "eval-features.json" in capsys.readouterr().out
+    header = lines[0].split()[-4:]
+    assert header == ["trained", "random", "init", "gain"] and "eval-features.json" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fraction", ["0", "1.5", "-0.1", "nan"])
