@@ -21,7 +21,7 @@ import threading
 from contextlib import contextmanager
 
 _lock = threading.Lock()
-_active = {"depth": 0, "file": None, "saved_fd": None, "saved_stderr": None}
+_active = {"depth": 0, "file": None, "saved_fd": None, "saved_stderr": None, "ours": None}
 MAX_TEXT = 2000  # characters of a capture kept for a message
 
 
@@ -36,13 +36,17 @@ class Captured:
 def _enter():
     with _lock:
         if _active["depth"] == 0:
-            sys.stderr.flush()
+            try:
+                sys.stderr.flush()
+            except (ValueError, OSError):  # a closed or broken stream: nothing of ours to flush
+                pass
             tmp = tempfile.TemporaryFile(mode="w+b")
             saved = os.dup(2)
             os.dup2(tmp.fileno(), 2)
             _active.update(file=tmp, saved_fd=saved, saved_stderr=sys.stderr)
             sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(saved), "wb", buffering=0), write_through=True,
                                           errors="backslashreplace")
+            _active["ours"] = sys.stderr
         _active["depth"] += 1
         return _active["file"], os.lseek(_active["file"].fileno(), 0, os.SEEK_END)
 
@@ -55,10 +59,14 @@ def _leave(tmp, start: int) -> str:
         if _active["depth"] == 0:
             os.dup2(_active["saved_fd"], 2)
             os.close(_active["saved_fd"])
-            ours, sys.stderr = sys.stderr, _active["saved_stderr"]
-            ours.close()
+            ours = _active["ours"]
+            if sys.stderr is ours:  # else someone swapped sys.stderr meanwhile (a test harness): theirs stays
+                sys.stderr = _active["saved_stderr"]
+            # not closed here: whoever still holds it (a harness that saved sys.stderr in the window) may write to
+            # it; it closes its descriptor when the last reference goes
+            del ours
             tmp.close()
-            _active.update(file=None, saved_fd=None, saved_stderr=None)
+            _active.update(file=None, saved_fd=None, saved_stderr=None, ours=None)
         return text[:MAX_TEXT]
 
 
