@@ -200,13 +200,19 @@ def _print_presets() -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .preemption import install_stop_handlers, restore_signal_handlers
+    import signal
+
+    from .preemption import STOP_SIGNALS, install_stop_handlers, restore_signal_handlers, stop_signal
 
     install_stop_handlers()  # before torch loads: a stop signal from here on ends with a checkpoint, or nothing
     try:
         return _train_command(args)
     finally:
+        stopped = stop_signal() is not None
         restore_signal_handlers()
+        if stopped:  # on the way out with the stop's exit status: a late signal (a scheduler's second SIGTERM) must
+            for sig in STOP_SIGNALS:  # not turn that into a death by signal
+                signal.signal(sig, signal.SIG_IGN)
 
 
 def _train_command(args: argparse.Namespace) -> int:

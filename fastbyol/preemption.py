@@ -55,11 +55,8 @@ def install_stop_handlers() -> None:
 
 
 def restore_signal_handlers() -> None:
-    """The handlers from before install_stop_handlers; after a stop, the stop signals are ignored instead: the
-    process is on its way out with EXIT_PREEMPTED, and a signal arriving late (a scheduler's second SIGTERM) must not
-    turn that into a death by signal."""
     for sig, handler in _previous.items():
-        signal.signal(sig, signal.SIG_IGN if _received else handler)
+        signal.signal(sig, handler)
     _previous.clear()
 
 
