@@ -3,7 +3,7 @@
 Each function here is written once and used three times: as the CPU path, as the test oracle for the Triton
 kernels in `fastbyol.kernels`, and as the baseline in `benchmarks/`. Nothing here syncs with the host.
 
-Recipe (deepmind-research `byol/`, see shared DESIGN.md):
+Recipe (deepmind-research `byol/`, the official code):
 - loss per pair ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z), z detached, mean over the batch; the symmetric total is
   loss(p1, z2) + loss(p2, z1), summed, not averaged;
 - target <- tau * target + (1 - tau) * online, parameters only (the target keeps its own BN statistics);
