@@ -195,12 +195,16 @@ def expected_model_state(cfg) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype) of every tensor of the BYOL state_dict that `cfg` builds, from the model built on the
     meta device (shapes only: no memory, no random numbers drawn)."""
     from .models import BYOL, build_encoder
+    from .optim import build_optimizer
 
     with torch.device("meta"):
         model = BYOL(build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size), cfg.model.proj_hidden,
                      cfg.model.proj_dim, cfg.model.pred_hidden, image_size=cfg.data.image_size)
+        opt = build_optimizer(cfg.optim, model)
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    shapes["#online"] = [tuple(p.shape) for p in model.online_parameters()]  # the optimizer's parameters, in order
+    # the optimizer's parameters in its state_dict's numbering: group after group (the weight-decay and the excluded
+    # groups of AdamW, or of LARS with named exclusions), not model.online_parameters()'s order
+    shapes["#online"] = [tuple(p.shape) for group in opt.param_groups for p in group["params"]]
     return shapes
 
 

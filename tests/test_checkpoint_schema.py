@@ -99,3 +99,34 @@ def test_the_expected_state_is_the_real_models(trained):
     cfg2 = get_preset("fmnist-tiny")
     cfg2.model.proj_hidden = 3
     assert expected_model_state(cfg2)["online_projector.0.weight"][0][0] == 3
+
+
+@pytest.mark.parametrize("arch,optimizer", [("resnet18", "lars"), ("resnet18", "adamw"), ("vit-tiny-cpu", "lars"),
+                                            ("vit-tiny-cpu", "adamw")])
+def test_a_real_optimizer_state_passes_the_check(arch, optimizer):
+    """The optimizer's state_dict numbers its parameters group after group (AdamW's decay and no-decay groups, LARS's
+    adapted and excluded groups when a ViT names exclusions), so the check must use that numbering, not the model's
+    parameter order: one real step of the real optimizer, then its state_dict is checked as `--resume` checks it;
+    a buffer of the wrong shape still fails."""
+    from fastbyol.checkpoint import check_checkpoint_tensors
+    from fastbyol.optim import build_optimizer
+
+    cfg = get_preset("fmnist-tiny")
+    cfg.model.arch, cfg.optim.optimizer = arch, optimizer
+    cfg.model.proj_hidden = cfg.model.pred_hidden = 64
+    cfg.model.proj_dim = 32
+    model = build_model(cfg, torch.device("cpu"))
+    opt = build_optimizer(cfg.optim, model)
+    for p in model.online_parameters():
+        p.grad = torch.randn_like(p)
+    opt.set_lr(0.01)
+    opt.step()
+    state = opt.state_dict()
+    assert len(state["param_groups"]) == (2 if (optimizer, arch) != ("lars", "resnet18") else 1)
+    ckpt = {"format": 2, "model": model.state_dict(), "optimizer": state}
+    check_checkpoint_tensors(ckpt, cfg, "RUN/checkpoint.pt")
+    index, entry = next((i, e) for i, e in state["state"].items() if any(v.dim() >= 2 for v in e.values()))
+    key = next(k for k, v in entry.items() if v.dim() >= 2)
+    entry[key] = torch.zeros(*entry[key].shape[:-1], entry[key].shape[-1] + 1)
+    with pytest.raises(FastByolError, match=f"optimizer state {index}.{key} does not match"):
+        check_checkpoint_tensors(ckpt, cfg, "RUN/checkpoint.pt")

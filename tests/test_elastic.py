@@ -253,12 +253,13 @@ rank, port, delay = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 time.sleep(delay)
 os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                   TORCHELASTIC_USE_AGENT_STORE="True")
-from fastbyol.dist import init_distributed
+from fastbyol.dist import close_distributed, init_distributed
 init_distributed("cpu")
 t = torch.full((1,), rank + 1.0)
 dist.all_reduce(t)
 dist.barrier()
 print("sum", t.item(), flush=True)
+close_distributed()  # as the trainer does: a gloo group left to interpreter exit can abort ("terminate called ...")
 """
 
 
