@@ -20,6 +20,7 @@ import sys
 
 from .config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,
                      allowed_values, field_kind, flag_name, get_preset)
+from .cli_help import DefaultsHelpFormatter
 from .errors import FastByolError
 
 EXIT_PREEMPTED_DOC = 75  # fastbyol.preemption.EXIT_PREEMPTED (not imported here: it loads torch)
@@ -72,7 +73,7 @@ def _add_other_parsers(sub) -> None:
     gc.add_argument("--out", required=True, help="JSON report to write ({\"rows\": [...]})")
     gc.add_argument("--no-scratch", action="store_true", help="only the installed Triton, not the GPU machine's")
     aug = bench_sub.add_parser("augment", help="two-view samples/s of the augmentation pipeline",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=DefaultsHelpFormatter)
     aug.add_argument("--size", type=int, default=224, help="view side, px")
     aug.add_argument("--batch", type=int, default=256, help="images per batch")
     aug.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="where DALI runs")
@@ -98,7 +99,7 @@ def _add_other_parsers(sub) -> None:
     _add_eval_parsers(sub)
 
     ex = sub.add_parser("export", help="write the encoder as a torchvision-compatible state_dict",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=DefaultsHelpFormatter)
     ex.add_argument("run_dir", help="a run directory written by fastbyol train")
     ex.add_argument("--out", required=True, help="FILE.pt, FILE.pth, or FILE.safetensors (needs safetensors)")
     ex.add_argument("--which", default="online", choices=["online", "target"], help="which encoder")
@@ -129,7 +130,7 @@ def _add_eval_parsers(sub) -> None:
              "batch and held-out part scaled to the data. features: kNN + a linear probe on frozen features "
              "extracted once (fast, no augmentation)")
     ev = sub.add_parser("eval", help="kNN and linear evaluation of a run's encoder on the labeled splits",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=DefaultsHelpFormatter)
     ev.add_argument("run_dir", help="a run directory written by fastbyol train")
     ev.add_argument("--protocol", default="features", choices=["features", "paper"], help=paper)
     ev.add_argument("--data", default=None, help="dataset to evaluate on (default: the run's own)")
@@ -144,8 +145,8 @@ def _add_eval_parsers(sub) -> None:
     ev.add_argument("--debug", action="store_true", help="show tracebacks")
 
     ft = sub.add_parser("finetune", help="fine-tune the encoder + a linear head on a labelled subset (semi-supervised)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        description="Semi-supervised evaluation (BYOL paper, Table 2: 1%% and 10%% of the labels): "
+                        formatter_class=DefaultsHelpFormatter,
+                        description="Semi-supervised evaluation (BYOL paper, Table 2: 1% and 10% of the labels): "
                                     "the whole encoder and a linear head trained on a class-balanced, seeded subset "
                                     "of the labelled train split, top-1 on the test split's centre crops. Settings: "
                                     "the official evaluation code's fine-tuning mode (SGD Nesterov momentum 0.9, no "

@@ -498,8 +498,10 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
 # ------------------------------------------------------------------------------------------------ fastbyol shards
 def add_shards_command(subparsers) -> argparse.ArgumentParser:
     """`fastbyol shards SRC DST`: the subcommand's parser."""
+    from ..cli_help import DefaultsHelpFormatter
+
     p = subparsers.add_parser("shards", help="write WebDataset tar shards from an image folder",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              formatter_class=DefaultsHelpFormatter,
                               description="Convert an image folder (labeled train/<class>/, test/<class>/, "
                                           "unlabeled/, or a plain folder) into tar shards DST/train-NNNNNN.tar "
                                           "(and test-NNNNNN.tar): jpg/png + cls, samples in a seeded random order.")
