@@ -1,6 +1,7 @@
 """CUDA-only paths, skipped without a GPU: the GPU augmentation pipeline (arrays and the mixed JPEG decoder, its
 views against the CPU reference chain, DALI's buffers held while the chain reads them) and a short training run on
-CUDA, and both decode modes of the JPEG path (one ROI decode per view, or one decode and two GPU crops). The GPU
+CUDA, and both decode modes of the JPEG path (one ROI decode per view, or one decode and two GPU crops), and the
+online probe's labels from an image folder. The GPU
 plan runs them; they cannot run on the CPU machines. (The chain's variants on CUDA, which need no DALI:
 tests/test_photometric.py.)"""
 
@@ -150,6 +151,42 @@ def test_training_on_cuda(tmp_path):
     assert summary["kernels"] == "triton" and "cpu" not in summary["device"]
     # the device-wide peak (every allocator: DALI's pools too) holds at least torch's own peak
     assert summary["peak_memory_gb"] > 0 and summary["peak_device_memory_gb"] >= summary["peak_memory_gb"]
+
+
+def test_gpu_files_loader_hands_over_the_readers_labels(tmp_path, monkeypatch):
+    """The online probe's labels on the CUDA files path: the reader's labels as the graph's last output, on the
+    GPU (int64), one epoch holding every file's class once; the views bit for bit those of the graph without them
+    (the CPU path checks each batch's labels against its decoded files: tests/test_online_probe_files.py)."""
+    from fastbyol.augment import TwoViewLoader
+    from fastbyol.data import resolve_dataset
+    from fastbyol.data.synthetic import write_synthetic_jpegs
+
+    monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
+    root = write_synthetic_jpegs(tmp_path / "j", n_train=48, n_test=12, size=48, classes=3)
+    source = resolve_dataset(str(root), image_size=32, eval_images=False).pretraining_source
+    kw = dict(batch_size=8, image_size=32, device="cuda", num_threads=2, seed=3)
+    plain, labelled = TwoViewLoader(source, **kw), TwoViewLoader(source, labels=True, **kw)
+    seen = []
+    for (a1, a2), (b1, b2, labels) in zip(plain.epoch(), labelled.epoch()):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+        assert labels.is_cuda and labels.dtype == torch.int64 and labels.shape == (8,)
+        seen.append(labels.cpu())
+    assert torch.bincount(torch.cat(seen), minlength=3).tolist() == [16, 16, 16]  # every file once
+
+
+def test_training_on_cuda_folder_runs_the_online_probe(tmp_path, monkeypatch):
+    from fastbyol.cli import main
+    from fastbyol.data.synthetic import write_synthetic_jpegs
+
+    monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
+    root = write_synthetic_jpegs(tmp_path / "j", n_train=256, n_test=64, size=48, classes=4)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--image-size", "32", "--epochs", "2", "--batch-size", "64",
+                 "--knn-every", "1", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= summary["online_probe_top1"] <= 100.0
+    assert [r.get("final", False) for r in rows if "online_probe_top1" in r] == [False, True]
 
 
 def test_dali_outputs_are_bound_to_torch_current_stream(monkeypatch):

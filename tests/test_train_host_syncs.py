@@ -4,7 +4,7 @@
 it falls in. Between log points: zero. At a log point: one (the previous log point's loss, read from the host copy
 that `DeferredMean` queued; on a GPU a read of memory already there, behind an event long passed). A `.item()`
 put back into the step is caught. The same with `--accumulate 4` (4 micro-batches an optimizer step): accumulation
-adds no sync.
+adds no sync; and on a labelled image folder, where the online probe's labels come from DALI's reader.
 
 On a CPU-only machine there is no device queue, so every read of a tensor's value into Python counts as a sync, as
 it would on a GPU: `_local_scalar_dense` (behind .item(), float(), bool(), int()), `is_nonzero`, `equal`,
@@ -52,8 +52,10 @@ class SyncCounter(TorchDispatchMode):
         self.steps = 0  # meter.step() calls so far: the interval an op falls in
         self.syncs: list[tuple[int, str]] = []
 
+    paused = False  # while the CPU files loader makes a batch (below)
+
     def note(self, name: str) -> None:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not self.paused:
             self.syncs.append((self.steps, name))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -63,9 +65,10 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _count_run(tmp_path, monkeypatch, accumulate: int = 1) -> tuple[dict[int, list[str]], int]:
-    """Run the real loop on a tiny dataset under the counter; per interval k (after step k, up to and including
-    step k + 1's meter.step), the syncs seen; and the number of steps."""
+def _count_run(tmp_path, monkeypatch, accumulate: int = 1, data: str = "arrays") -> tuple[dict[int, list[str]], int]:
+    """Run the real loop on a tiny dataset under the counter (arrays, or a labelled image folder: the online probe
+    on, its labels from DALI's reader); per interval k (after step k, up to and including step k + 1's meter.step),
+    the syncs seen; and the number of steps."""
     counter = SyncCounter()
     step_of_meter = meter_module.ThroughputMeter.step
 
@@ -82,13 +85,38 @@ def _count_run(tmp_path, monkeypatch, accumulate: int = 1) -> tuple[dict[int, li
         return tolist(self, *a, **k)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-    data = _small_idx_dataset(tmp_path / "data", n_train=IMAGES, n_test=50)
+    if data == "folder":
+        from fastbyol.augment.loader import TwoViewLoader
+        from fastbyol.data.synthetic import write_synthetic_jpegs
+
+        # the CPU files loader reads DALI's host windows into Python (.tolist) to crop with torch on the main
+        # thread: host buffers, no device queue (on CUDA, DALI crops); not counted, the probe's labels included
+        epoch = TwoViewLoader.epoch
+
+        def uncounted_epoch(self, *a, **k):
+            batches = epoch(self, *a, **k)
+            while True:
+                counter.paused = True
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                finally:
+                    counter.paused = False
+                yield batch
+
+        monkeypatch.setattr(TwoViewLoader, "epoch", uncounted_epoch)
+        monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
+        data = write_synthetic_jpegs(tmp_path / "data", n_train=IMAGES, n_test=50, size=28, classes=4)
+    else:
+        data = _small_idx_dataset(tmp_path / "data", n_train=IMAGES, n_test=50)
     cfg = get_preset("fmnist-tiny")
     cfg.data.data, cfg.data.batch_size, cfg.optim.epochs, cfg.optim.accumulate = str(data), BATCH, 1, accumulate
     cfg.run.out, cfg.run.log_every, cfg.run.ckpt_every_steps, cfg.run.device = str(tmp_path / "run"), LOG_EVERY, 0, \
         "cpu"
     with counter:
         _, summary = train_module.train(cfg, progress=False, log=lambda *a, **k: None)
+    assert summary["online_probe_top1"] is not None or accumulate > 1  # the probe's step ran in every step
     per_interval: dict[int, list[str]] = {}
     for step, name in counter.syncs:
         per_interval.setdefault(step, []).append(name)
@@ -103,14 +131,14 @@ def _steady(per_interval: dict, steps: int) -> tuple[dict, dict]:
     return between, at
 
 
-@pytest.mark.parametrize("accumulate", [1, 4])
-def test_the_loop_never_syncs_between_log_points(tmp_path, monkeypatch, accumulate):
+@pytest.mark.parametrize("accumulate, data", [(1, "arrays"), (4, "arrays"), (1, "folder")])
+def test_the_loop_never_syncs_between_log_points(tmp_path, monkeypatch, accumulate, data):
     if accumulate > 1:  # the accumulated step runs: a sync inside it would be counted
         steps_run = []
         accumulated_step = train_module.accumulated_step
         monkeypatch.setattr(train_module, "accumulated_step", lambda *a, **k: steps_run.append(1) or
                             accumulated_step(*a, **k))
-    per_interval, steps = _count_run(tmp_path, monkeypatch, accumulate)
+    per_interval, steps = _count_run(tmp_path, monkeypatch, accumulate, data)
     if accumulate > 1:
         assert len(steps_run) == steps
     assert steps == IMAGES // BATCH

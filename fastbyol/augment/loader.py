@@ -92,9 +92,11 @@ class TwoViewLoader:
     chain with torch on the CPU; "cuda" decodes on the GPU (the "mixed" decoder). views: (view 1, view 2), e.g.
     fastbyol.augment.views_from_config(cfg). augment: how the work runs (AugmentConfig: the CUDA chain, the decode
     mode, the decoder hints, the CPU chunk size, processes or threads); any of its fields may also be given as a
-    keyword (decode="once", cpu_parallel="threads") to override it. checkpoint: a state() to resume from. labels:
-    (N,) class labels of an array source on the CPU: each batch is then (view1, view2, labels (B,) int64), the rows
-    DALI's source named (the online probe's; the DALI graph and every draw stay the same).
+    keyword (decode="once", cpu_parallel="threads") to override it. checkpoint: a state() to resume from. labels
+    (the online probe's): (N,) class labels of an array source on the CPU, gathered by the rows DALI's source named;
+    or True for an encoded source that is `labelled` (CPU or CUDA), its reader's labels as the graph's last output
+    (pipelines' docstring). Each batch is then (view1, view2, labels (B,) int64, on the views' device); the draws
+    stay the same. `with_labels` says whether batches carry them (False after a fallback: `labels_note`).
     """
 
     def __init__(self, images, batch_size: int, image_size: int, seed: int = 0, device: str = "cpu",
@@ -113,26 +115,13 @@ class TwoViewLoader:
         self.decode = options.decode
         self.photometric_variant = options.cuda_photometric if self.on_gpu else "reference"
         self.cpu_parallel = options.cpu_parallel if not (self.on_gpu or self.encoded) else "threads"
-        if labels is not None and (self.encoded or self.on_gpu or len(labels) != len(images)):
-            raise FastByolError("labels= is for image arrays on the CPU (one label per image): the batch's labels "
-                                "are gathered by the rows DALI's source names, so the graph stays the same")
-        # (N,) int64: each batch then comes with its labels, (view1, view2, labels (B,)), for the online probe
-        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        # array labels: (N,) int64 gathered per batch; reads_labels: the files graph's last output is the labels
+        self.labels, self.reads_labels = _probe_labels(labels, images, self.encoded, self.on_gpu)
+        self.labels_note = None  # why batches carry no labels although they were asked for (_first_pipeline)
         views = (view1, view2)
         chains = tuple(self._chain(spec, gray_input, options.chunk_pixels) for spec in views)
-        if self.encoded:
-            per_shard = len(images) // num_shards
-            self._steps = per_shard // batch_size
-            graph = (pipelines.gpu_files, (images, shard_id, num_shards, views, image_size, options.decode,
-                                           options.hw_decoder_load, options.preallocate_side)) if self.on_gpu \
-                else (pipelines.cpu_files, (images, shard_id, num_shards, views))
-            array = None
-        else:
-            array = _array_tensor(images)  # (N, H, W, 3) uint8, shared with the caller's array
-            source = pipelines.EpochSource(images, batch_size, seed, shard_id, num_shards, indices_only=not self.on_gpu)
-            per_shard, self._steps = source.per_shard, source.steps_per_epoch
-            graph = (pipelines.gpu_arrays, (source, views, image_size)) if self.on_gpu \
-                else (pipelines.cpu_arrays, (source, tuple(images.shape[1:3]), views))
+        graph, per_shard, self._steps, array = _pick_graph(images, batch_size, image_size, seed, self.on_gpu,
+                                                           shard_id, num_shards, views, options, self.reads_labels)
         if self._steps == 0:
             raise FastByolError(f"batch size {batch_size} is larger than the {per_shard} images of "
                                 "this shard: lower --batch-size")
@@ -155,7 +144,8 @@ class TwoViewLoader:
         self.on_skip = None  # called with (name, reason) after each replacement (the trainer logs it)
         self._ahead = None  # (epoch iterator, checkpoint before the oldest batch drawn, not yielded) (epoch_ahead)
         self._owner = None  # the epoch iterator of the processes path that may run
-        self._pipe = pipelines.build_pipeline(*self._graph, checkpoint)
+        self._pipe = _first_pipeline(self, checkpoint)
+        self.with_labels = self.labels is not None or self.reads_labels
 
     def _chain(self, spec: ViewSpec, gray_input: bool, chunk_pixels: int) -> dict:
         """The photometric chain's arguments for one view (all but crops and params)."""
@@ -240,7 +230,8 @@ class TwoViewLoader:
         own passes, so every image is read once per N images."""
         if self.encoded:
             for _ in range(first_step, self._steps):
-                yield self.maker(self._run())
+                outputs = self._run()
+                yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
             return
         if self._procs is not None:
             yield from epoch_ahead(self)
@@ -249,11 +240,15 @@ class TwoViewLoader:
             yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
 
     def batch_labels(self, outputs) -> torch.Tensor | None:
-        """CPU arrays with labels=: the labels (B,) int64 of the rows DALI's source named for this batch (a copy:
-        DALI reuses its buffers); None without labels."""
-        if self.labels is None:
+        """The batch's labels (B,) int64, a copy (DALI reuses its buffers): CPU arrays, those of the rows DALI's
+        source named (outputs[0]); encoded files, the reader's (the last output), on the GPU for CUDA (a pinned copy,
+        queued: no host sync). None without labels."""
+        if self.labels is not None:
+            return self.labels.index_select(0, torch.from_dlpack(outputs[0].as_tensor()).reshape(-1))
+        if not self.reads_labels:
             return None
-        return self.labels.index_select(0, torch.from_dlpack(outputs[0].as_tensor()).reshape(-1))  # outputs[0]: index
+        labels = torch.from_dlpack(outputs[-1].as_tensor()).reshape(-1).to(torch.int64, copy=True)
+        return labels.pin_memory().to("cuda", non_blocking=True) if self.on_gpu else labels
 
     @staticmethod
     def _labelled(views: tuple, labels: torch.Tensor | None) -> tuple:
@@ -273,6 +268,54 @@ class TwoViewLoader:
                 return
             yielded += 1
             yield outputs
+
+
+def _probe_labels(labels, images, encoded: bool, on_gpu: bool) -> tuple[torch.Tensor | None, bool]:
+    """TwoViewLoader's labels= checked: (array labels (N,) int64 or None, whether the files graph emits labels)."""
+    if labels is None or labels is False:
+        return None, False
+    if encoded:
+        if labels is not True or not getattr(images, "labelled", False) or not hasattr(images, "dali_read"):
+            raise FastByolError("labels= for encoded files is True, for a source whose files are all labelled "
+                                "(dali_read: its DALI reader emits each file's label)")
+        return None, True
+    if labels is True or on_gpu or len(labels) != len(images):
+        raise FastByolError("labels= for image arrays is one label per image, on the CPU: the batch's labels are "
+                            "gathered by the rows DALI's source names, so the graph stays the same")
+    return torch.as_tensor(np.asarray(labels, dtype=np.int64)), False
+
+
+def _pick_graph(images, batch_size: int, image_size: int, seed: int, on_gpu: bool, shard_id: int, num_shards: int,
+                views: tuple, options: AugmentConfig, labels: bool):
+    """(graph function and its arguments, images a shard, steps an epoch, the array source's tensor or None)."""
+    if hasattr(images, "dali_reader"):
+        per_shard = len(images) // num_shards
+        graph = (pipelines.gpu_files, (images, shard_id, num_shards, views, image_size, options.decode,
+                                       options.hw_decoder_load, options.preallocate_side, labels)) if on_gpu \
+            else (pipelines.cpu_files, (images, shard_id, num_shards, views, labels))
+        return graph, per_shard, per_shard // batch_size, None
+    array = _array_tensor(images)  # (N, H, W, 3) uint8, shared with the caller's array
+    source = pipelines.EpochSource(images, batch_size, seed, shard_id, num_shards, indices_only=not on_gpu)
+    graph = (pipelines.gpu_arrays, (source, views, image_size)) if on_gpu \
+        else (pipelines.cpu_arrays, (source, tuple(images.shape[1:3]), views))
+    return graph, source.per_shard, source.steps_per_epoch, array
+
+
+def _first_pipeline(loader: TwoViewLoader, checkpoint):
+    """The loader's pipeline, at `checkpoint`. DALI restores a checkpoint only into the graph that saved it: one saved
+    without the files' labels output (before the labels reached the online probe) has no state for the label's
+    operators. The graph is then built without them (the same draws: the label is its last output) and the batches
+    carry no labels (loader.labels_note says why)."""
+    try:
+        return pipelines.build_pipeline(*loader._graph, checkpoint)
+    except RuntimeError as e:
+        if not (loader.reads_labels and checkpoint is not None and "no checkpoint for operator" in str(e)):
+            raise
+    graph, args, *rest = loader._graph
+    loader._graph = (graph, (*args[:-1], False), *rest)
+    loader.reads_labels = False
+    loader.labels_note = "the run's data checkpoint was saved by a DALI graph without the files' labels"
+    return pipelines.build_pipeline(*loader._graph, checkpoint)
 
 
 def epoch_ahead(loader: TwoViewLoader):

@@ -15,6 +15,11 @@ The four graphs and their outputs, in order:
 - gpu_files:   the same, decoded by the "mixed" decoder ("roi" or "once": decode_views)
 - cpu_arrays:  index (the row of the array the source emitted), window1, params1, window2, params2
 - cpu_files:   images (decoded whole, (H, W, 3)), window1, params1, window2, params2
+The files graphs with labels=True (the online probe's) add one last output, `labels` (int64 per sample, on the CPU:
+the reader's label of each sample, in the order the reader emitted them). Its operators are made after every other
+one and its output comes last, so the other operators keep their names and their order (every random draw stays the
+same: tests/test_online_probe_files.py); a DALI checkpoint restores only into a graph with the same operators, so one
+saved without labels has no state for the label's (the loader then builds the graph without them).
 On the CPU the windows ((5,) int32 [y, x, h, w, flip]) are applied by torch (fastbyol.augment.crops): torch's uint8
 bicubic is ~10x faster than DALI's CPU resize.
 """
@@ -179,13 +184,22 @@ def gpu_arrays(source, views: tuple[ViewSpec, ViewSpec], size: int) -> tuple:
 
 
 def gpu_files(source, shard_id: int, num_shards: int, views: tuple[ViewSpec, ViewSpec], size: int, decode: str,
-              hw_decoder_load: float, preallocate_side: int) -> tuple:
-    """CUDA, encoded files: this shard's files decoded by the "mixed" decoder as `decode` says (decode_views)."""
-    encoded, _ = source.dali_reader(shard_id, num_shards, name="reader")
+              hw_decoder_load: float, preallocate_side: int, labels: bool = False) -> tuple:
+    """CUDA, encoded files: this shard's files decoded by the "mixed" decoder as `decode` says (decode_views);
+    labels: the reader's labels as a last (CPU) output."""
+    encoded, raw = read_files(source, shard_id, num_shards, labels)
     outs = []
     for crop, params in decode_views(encoded, views, size, decode, "mixed", hw_decoder_load, preallocate_side):
         outs += [crop, params.gpu()]
-    return tuple(outs)
+    return tuple(outs) + ((source.dali_label(raw),) if labels else ())
+
+
+def read_files(source, shard_id: int, num_shards: int, labels: bool) -> tuple:
+    """The files graphs' reader: (encoded, raw label output or None). Without labels, the source's dali_reader (any
+    encoded source); with them, its reader alone (dali_read), the label's operators made last (dali_label)."""
+    if labels:
+        return source.dali_read(shard_id, num_shards, name="reader", labels=True)
+    return source.dali_reader(shard_id, num_shards, name="reader")[0], None
 
 
 def cpu_arrays(source, image_shape: tuple[int, int], views: tuple[ViewSpec, ViewSpec]) -> tuple:
@@ -201,17 +215,18 @@ def cpu_arrays(source, image_shape: tuple[int, int], views: tuple[ViewSpec, View
     return tuple(outs)
 
 
-def cpu_files(source, shard_id: int, num_shards: int, views: tuple[ViewSpec, ViewSpec]) -> tuple:
-    """CPU, encoded files: decoded whole by DALI's CPU decoder; torch crops both views from each image."""
+def cpu_files(source, shard_id: int, num_shards: int, views: tuple[ViewSpec, ViewSpec], labels: bool = False) -> tuple:
+    """CPU, encoded files: decoded whole by DALI's CPU decoder; torch crops both views from each image. labels: the
+    reader's labels as a last output."""
     from nvidia.dali import fn, types
 
-    encoded, _ = source.dali_reader(shard_id, num_shards, name="reader")
+    encoded, raw = read_files(source, shard_id, num_shards, labels)
     images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
     shape = images.shape(dtype=types.INT64)[0:2]  # (H, W) of each image
     outs = [images]
     for spec in views:
         outs += list(crop_window_and_params(shape, spec))
-    return tuple(outs)
+    return tuple(outs) + ((source.dali_label(raw),) if labels else ())
 
 
 def build_pipeline(graph, args: tuple, batch_size: int, num_threads: int, device_id: int | None, seed: int,

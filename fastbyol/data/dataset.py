@@ -1,7 +1,7 @@
 """ImageDataset: what a data source gives the trainer, built in one call.
 
 - the pretraining source: `pretraining_source` is an `EncodedSource` (FileList of a folder, ShardSource of tar
-  shards: `dali_reader(shard_id, num_shards)`, `len()`, `labels`, `where`, `bad`, `replace_bad`) or a uint8
+  shards: `dali_reader(shard_id, num_shards)`, `len()`, `labels`, `labelled`, `where`, `bad`, `replace_bad`) or a uint8
   (N, H, W, 3) array;
 - the kNN monitor's labeled splits: `train_images`/`train_labels` (memory bank) and `test_images`/`test_labels`
   (queries), uint8 NHWC at `image_size`. For encoded sources they decode in a background thread
@@ -31,6 +31,7 @@ class EncodedSource(Protocol):
     `replace_bad` to stand another file in for one it could not decode; `bad` lists those replaced so far."""
 
     labels: np.ndarray | None  # (N,) int64, or None for unlabeled files
+    labelled: bool  # every pretraining file has a class label its DALI reader can emit (labels=True)
     where: str  # the folder or shards the files came from, for error messages
     skip_bad: bool  # the training pipeline may stand another file in for one it cannot decode
     bad: list[str]  # files replaced so far, as the pipeline names them, in the order found
@@ -39,6 +40,16 @@ class EncodedSource(Protocol):
 
     def dali_reader(self, shard_id: int, num_shards: int, name: str = "reader"):
         """The DALI reader of this rank's shard, inside a pipeline definition: (encoded images, labels or None)."""
+        ...
+
+    def dali_read(self, shard_id: int, num_shards: int, name: str = "reader", labels: bool = False):
+        """The reader alone (no other operator): (encoded images, its raw label output where labels and the source
+        is `labelled`, else None). The training graph makes the int64 labels with dali_label(raw) after all its
+        other operators, so they keep the names (and a data checkpoint) of the graph without labels."""
+        ...
+
+    def dali_label(self, raw):
+        """The int64 label of each sample from dali_read's raw label output (inside a pipeline definition)."""
         ...
 
     def replace_bad(self, *names: str) -> bool:

@@ -34,16 +34,19 @@ class FileList:
     file list written from a manifest (`list_file`, paths relative to `root`, read by DALI itself).
 
     The encoded-source contract (shared with the tar-shard source): `dali_reader(shard_id, num_shards)` inside a DALI
-    pipeline definition, `len()`, `labels` (int64 or None) and `where` (for error messages)."""
+    pipeline definition, `len()`, `labels` (int64 or None), `labelled` and `where` (for error messages)."""
 
     def __init__(self, files: list[str] | None = None, labels: np.ndarray | None = None, where: str = "", *,
                  root: str | None = None, list_file: str | None = None, count: int | None = None,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, list_labelled: bool = False):
         if files is None and (root is None or list_file is None or count is None):
             raise ValueError("FileList needs files, or root + list_file + count")
         self._files = files
         self.labels = labels  # (N,) int64, or None for unlabeled files
         self.root, self.list_file = root, list_file
+        # the list file's labels are every file's class (a labelled folder without unlabeled/): the reader's label
+        # output can feed the online probe; else they are 0 where a file has none
+        self.labelled = labels is not None or (files is None and list_labelled)
         self._count = len(files) if files is not None else int(count)
         if not where:
             where = str(Path(files[0]).parent.parent) if files else (root or "(no files)")
@@ -131,19 +134,32 @@ class FileList:
         return True
 
     def dali_reader(self, shard_id: int, num_shards: int, name: str = "reader"):
-        """(encoded bytes, int64 label node or None): this shard's part, reshuffled after every epoch.
+        """(encoded bytes, int64 label node or None): this shard's part, reshuffled after every epoch; the label
+        node where `labels` is set.
 
         Call inside a DALI pipeline definition; `name` is the reader's name for epoch_size / checkpointing."""
-        from nvidia.dali import fn, types
+        encoded, raw = self.dali_read(shard_id, num_shards, name, labels=self.labels is not None)
+        return encoded, (None if raw is None else self.dali_label(raw))
+
+    def dali_read(self, shard_id: int, num_shards: int, name: str = "reader", labels: bool = False):
+        """(encoded bytes, the reader's int32 label output where `labels` and the files are `labelled`, else None):
+        the reader alone (fn.readers.file emits a label either way: the reader is the same)."""
+        from nvidia.dali import fn
 
         if self._files is None:
             encoded, label = fn.readers.file(file_root=self.root, file_list=self.list_file, shard_id=shard_id,
                                              num_shards=num_shards, shuffle_after_epoch=True, name=name)
         else:
-            labels = None if self.labels is None else [int(v) for v in self.labels]
-            encoded, label = fn.readers.file(files=self._files, labels=labels, shard_id=shard_id,
+            values = None if self.labels is None else [int(v) for v in self.labels]
+            encoded, label = fn.readers.file(files=self._files, labels=values, shard_id=shard_id,
                                              num_shards=num_shards, shuffle_after_epoch=True, name=name)
-        return encoded, (None if self.labels is None else fn.cast(label, dtype=types.INT64))
+        return encoded, (label if labels and self.labelled else None)
+
+    @staticmethod
+    def dali_label(raw):
+        from nvidia.dali import fn, types
+
+        return fn.cast(raw, dtype=types.INT64)
 
 
 UNDECODABLE = "undecodable.json"  # beside the manifest: files DALI could not decode ([relpath, size, mtime_ns])
@@ -280,8 +296,10 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     if undecodable and not skip_bad_files:
         raise FastByolError(f"{root / undecodable[0]}: does not decode (found by an earlier run; --skip-bad-files "
                             "replaces such files and counts them)")
+    # the list's labels are real classes when no unlabeled/ file is among the pretraining files (online probe)
+    list_labelled = man.layout == "labeled" and not bool((man.split == mf.UNLABELED).any())
     pretrain = FileList(None, None, str(root), root=str(root), list_file=str(man.location / mf.LIST_NAME),
-                        count=n_pretrain, skip_bad=skip_bad_files)
+                        count=n_pretrain, skip_bad=skip_bad_files, list_labelled=list_labelled)
     undecodable_names = {str(root / rel) for rel in undecodable}
     if undecodable and not pretrain.replace_bad(*undecodable_names):  # some of them are test files
         for name in undecodable_names:

@@ -349,7 +349,8 @@ class ShardSource:
         self.paths, self.index_paths = paths, index_paths
         self._count = count
         self.where = where
-        self.labels = labels  # (N,) int64 in index order when the reader should output labels, else None
+        self.labels = labels  # (N,) int64 in index order when dali_reader should output labels, else None
+        self.labelled = labels is not None  # every sample has a `cls` (load_shards sets it for labelled shards)
         self.initial_fill = initial_fill
         self.skip_bad = False  # the training pipeline may stand another sample in for one it cannot decode
         self.source_index = list(index_paths)  # the shared indexes; index_paths[k] becomes this process's own copy
@@ -392,18 +393,31 @@ class ShardSource:
         return True
 
     def dali_reader(self, shard_id: int, num_shards: int, name: str = "reader"):
-        """(encoded bytes, int64 label node or None): this rank's part, through a shuffle buffer."""
+        """(encoded bytes, int64 label node or None): this rank's part, through a shuffle buffer; the label node
+        where `labels` is set."""
+        encoded, raw = self.dali_read(shard_id, num_shards, name, labels=self.labels is not None)
+        return encoded, (None if raw is None else self.dali_label(raw))
+
+    def dali_read(self, shard_id: int, num_shards: int, name: str = "reader", labels: bool = False):
+        """(encoded bytes, each sample's raw `cls` bytes where `labels` and the shards are `labelled`, else None): the
+        reader alone. With labels it also reads the `cls` component (the same samples in the same order:
+        tests/test_online_probe_files.py)."""
         from nvidia.dali import fn
 
-        ext = ["jpg;jpeg;png"] + (["cls"] if self.labels is not None else [])
+        want = labels and self.labelled
+        ext = ["jpg;jpeg;png"] + (["cls"] if want else [])
         fill = max(1, min(self.initial_fill, self._count // max(num_shards, 1)))
         out = fn.readers.webdataset(paths=self.paths, index_paths=self.index_paths, ext=ext,
                                     case_sensitive_extensions=False, missing_component_behavior="error",
                                     shard_id=shard_id, num_shards=num_shards, random_shuffle=True, initial_fill=fill,
                                     name=name)
-        if self.labels is None:
+        if not want:
             return (out[0] if isinstance(out, (list, tuple)) else out), None
-        return out[0], parse_cls(out[1])
+        return out[0], out[1]
+
+    @staticmethod
+    def dali_label(raw):
+        return parse_cls(raw)
 
 
 def _shard_and_offset(name: str) -> tuple[str, str]:
@@ -458,6 +472,7 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
     resolved = [s.resolve() for s in train]
     source = ShardSource([str(s) for s in resolved], [str(folder / f"{s.name}.idx") for s in resolved], n_train,
                          spec, labels=train_labels if (with_labels and labeled) else None)
+    source.labelled = labeled  # the reader can emit every sample's label (the online probe asks for it)
     source.skip_bad = skip_bad_files
     num_classes = 0
     rng = np.random.default_rng(seed)

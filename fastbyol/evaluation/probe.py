@@ -91,13 +91,16 @@ class OnlineProbe:
         self._handle.remove()
 
 
-def probe_labels(dataset) -> np.ndarray | None:
-    """The labels of the pretraining images when they are the labelled train split (the probe can run), else None:
-    STL10's unlabelled+train pretraining set, unlabelled folders and synthetic data have none."""
+def probe_labels(dataset) -> np.ndarray | bool | None:
+    """What the loader needs to hand each batch's labels to the probe (TwoViewLoader's labels=), where the pretraining
+    images are the labelled train split: an array source's labels; True for labelled encoded files (an image folder
+    with class folders and no unlabeled/, shards whose every sample has a `cls`: their DALI reader emits the labels).
+    None where there are none: STL10's unlabelled+train pretraining set, unlabelled folders and shards, a folder's
+    unlabeled/ images, synthetic data."""
     if not dataset.has_knn:
         return None
     if dataset.pretrain_files is not None:
-        return getattr(dataset.pretrain_files, "labels", None)
+        return True if getattr(dataset.pretrain_files, "labelled", False) else None
     if dataset.pretrain_images is not None:
         return None
     return dataset.train_labels
