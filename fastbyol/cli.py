@@ -156,8 +156,9 @@ def _add_eval_parsers(sub) -> None:
     ft.add_argument("run_dir", help="a run directory written by fastbyol train")
     ft.add_argument("--fraction", type=float, default=None, help="share of the labels, in (0, 1]: 0.01, 0.1, 1.0")
     ft.add_argument("--subset", default=None, metavar="FILE",
-                    help="instead of --fraction: the images to train on, one a line (0-based indices into the "
-                         "labelled train split)")
+                    help="instead of --fraction: the images to train on, one a line: 0-based indices into the "
+                         "labelled train split, or (image folders) file names, each a path relative to the train "
+                         "folder or a bare name unique in it (the paper's ImageNet subset lists)")
     ft.add_argument("--init", default="trained", choices=["trained", "random"],
                     help="the run's trained encoder, or a random-init one (supervised from scratch: the baseline)")
     ft.add_argument("--epochs", type=int, default=80, help="epochs over the subset")

@@ -128,9 +128,14 @@ def detect_format(path: Path) -> str:
                         ".npy/.npz, JPEG/PNG folders, .tar shards); --data-format names one")
 
 
+class NoFileNames(FastByolError):
+    """resolve_dataset's train_pick on a dataset whose images have no file names (not an image folder)."""
+
+
 def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, skip_bad_files: bool = False,
                     seed: int = 0, *, rank: int | None = None, world_size: int | None = None, barrier=None,
-                    cache_dir: str | os.PathLike | None = None, eval_images: bool | None = None) -> ImageDataset:
+                    cache_dir: str | os.PathLike | None = None, eval_images: bool | None = None,
+                    train_pick=None) -> ImageDataset:
     """Turn `--data` (and `--data-format`) into a dataset, or raise FastByolError naming what is wrong.
 
     image_size is the side at which encoded images (folders, shards) are decoded for the kNN monitor.
@@ -138,10 +143,12 @@ def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, 
     callable all ranks enter (the manifest or shard index is then built by rank 0 before it, read by the others
     after; without one, processes take a file lock in turn). cache_dir: where derived files go when the data folder
     is read-only (default $FASTBYOL_CACHE, ~/.cache/fastbyol). eval_images: decode the kNN images in this process
-    (default: on rank 0 only), in the background."""
+    (default: on rank 0 only), in the background. train_pick: for an image folder, pick(relpaths) -> positions of the
+    train split's images to decode as its labelled train split, instead of a seeded sample (relpaths: the train
+    split's files relative to its root; fastbyol finetune --subset with file names); NoFileNames for other data."""
     from .folders import load_image_folder
     from .readers import load_cifar, load_numpy, load_stl10
-    from .shards import is_shard_spec, load_shards
+    from .shards import load_shards
 
     if data_format not in FORMATS:
         raise FastByolError(f"--data-format {data_format!r} is not one of {FORMATS}")
@@ -156,27 +163,43 @@ def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, 
         world_size = env_world if world_size is None else world_size
     eval_images = rank == 0 if eval_images is None else eval_images
     encoded = dict(rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir, eval_images=eval_images)
+    folder = dict(encoded, train_pick=train_pick)
+    fmt = _format_of(spec, data_format)
+    if train_pick is not None and fmt != "folder":
+        raise NoFileNames(f"--data {spec}: not an image folder")
     if spec == "embedded":
         return load_embedded()
     if spec == "synthetic":  # a cached folder of synthetic JPEGs: benchmarks and smoke runs
         from .synthetic import synthetic_folder
 
-        return load_image_folder(synthetic_folder(cache_dir=cache_dir), image_size, seed=seed, **encoded)
+        return load_image_folder(synthetic_folder(cache_dir=cache_dir), image_size, seed=seed, **folder)
     if spec == "fashion-mnist":
         if _find_idx(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte") is not None:
             return load_idx_folder(DEBIAN_FASHION_MNIST)
         return load_embedded()
-    if data_format == "shards" or (data_format == "auto" and is_shard_spec(spec)):
+    if fmt == "shards":
         return load_shards(spec, image_size, skip_bad_files, seed=seed, **encoded)
+    path = Path(spec).expanduser()
+    loaders = {"idx": lambda: load_idx_folder(path, name=path.name or "idx"), "stl10": lambda: load_stl10(path),
+               "cifar": lambda: load_cifar(path), "numpy": lambda: load_numpy(path),
+               "folder": lambda: load_image_folder(path, image_size, skip_bad_files, seed=seed, **folder)}
+    return loaders[fmt]()
+
+
+def _format_of(spec: str, data_format: str) -> str:
+    """The format --data names: "embedded", "fashion-mnist" (arrays), "folder" (also "synthetic"), "shards", or a
+    file format (detect_format); FastByolError for a path that is missing or not a file or folder."""
+    from .shards import is_shard_spec
+
+    if spec in ("embedded", "fashion-mnist"):
+        return spec
+    if spec == "synthetic":
+        return "folder"
+    if data_format == "shards" or (data_format == "auto" and is_shard_spec(spec)):
+        return "shards"
     path = Path(spec).expanduser()
     if not path.exists():
         raise FastByolError(f"--data {spec}: no such file or folder (or use 'embedded' or 'fashion-mnist')")
     if not path.is_dir() and not path.is_file():  # a FIFO, a device, a socket: never opened (it could block)
         raise FastByolError(f"--data {spec}: not a regular file or a folder")
-    fmt = detect_format(path) if data_format == "auto" else data_format
-    if fmt == "shards":
-        return load_shards(spec, image_size, skip_bad_files, seed=seed, **encoded)
-    loaders = {"idx": lambda: load_idx_folder(path, name=path.name or "idx"), "stl10": lambda: load_stl10(path),
-               "cifar": lambda: load_cifar(path), "numpy": lambda: load_numpy(path),
-               "folder": lambda: load_image_folder(path, image_size, skip_bad_files, seed=seed, **encoded)}
-    return loaders[fmt]()
+    return detect_format(path) if data_format == "auto" else data_format

@@ -262,13 +262,21 @@ def _eval_subset(man: mf.Manifest, split: int, max_images: int, rng: np.random.G
     return idx
 
 
+def _picked(man: mf.Manifest, pick) -> np.ndarray:
+    """The train files `pick` chooses, given their paths relative to train/ ("/"-separated), in manifest order."""
+    idx = man.indices(mf.TRAIN)
+    relpaths = [man.path(int(i)).replace(os.sep, "/").split("/", 1)[1] for i in idx]
+    return idx[pick(relpaths)]
+
+
 def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False, max_eval_images: int = 10000,
                       seed: int = 0, *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
-                      eval_images: bool = True, background: bool = True, num_threads: int = 2):
+                      eval_images: bool = True, background: bool = True, num_threads: int = 2, train_pick=None):
     """An ImageDataset whose pretraining set is a FileList of the folder's manifest (decoded by the training pipeline).
 
     rank/world_size/barrier: who builds the manifest (manifest.obtain); eval_images: decode the kNN splits here (rank
-    0), in a background thread unless background=False."""
+    0), in a background thread unless background=False. train_pick: the labelled train split is the images it picks
+    (resolve_dataset), not a seeded sample of max_eval_images."""
     from .dataset import ImageDataset
 
     root = Path(root)
@@ -307,8 +315,10 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     labeled = man.layout == "labeled"
     rng = np.random.default_rng(seed)
     if labeled:
-        train_idx = _eval_subset(man, mf.TRAIN, max_eval_images, rng)
+        train_idx = _eval_subset(man, mf.TRAIN, max_eval_images, rng)  # drawn either way: the same test sample
         test_idx = _eval_subset(man, mf.TEST, max_eval_images, rng) if n_test else None
+        if train_pick is not None:
+            train_idx = _picked(man, train_pick)
     else:  # unlabeled: a few decoded images stand in for shapes and logs
         train_idx, test_idx = np.arange(min(n_pretrain, 64)), None
     if undecodable_names:  # not decoded again (already counted)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import FastByolError
 from .results import format_table, table_rows, write_result
 from .runs import load_encoder
@@ -45,15 +47,21 @@ def finetune_run(run_dir: str | Path, fraction: float | None = None, subset_file
                  batch_size: int | None = None, progress: bool = True, log=print) -> dict:
     """`fastbyol finetune`: writes RUN_DIR/finetune-FRACTION.json (or finetune-SUBSETNAME.json), -random for the
     baseline."""
-    from .finetune import FINETUNE_BASE_LR, FINETUNE_EPOCHS, balanced_subset, check_fraction, finetune, read_subset
+    from .finetune import (FINETUNE_BASE_LR, FINETUNE_EPOCHS, balanced_subset, check_fraction, finetune,
+                           image_picker, read_subset, subset_indices)
 
     if (fraction is None) == (subset_file is None):
         raise FastByolError("give one of --fraction (0.01 = 1% of the labels) or --subset FILE")
     if fraction is not None:
         check_fraction(fraction)
-    run = load_encoder(run_dir, data, init)
-    if subset_file is not None:
-        subset, name = read_subset(subset_file, len(run.train_labels)), Path(subset_file).stem
+    kind, entries = read_subset(subset_file) if subset_file is not None else (None, [])
+    # file names: the dataset decodes exactly the images they name as its train split (image folders only)
+    pick = image_picker(subset_file, entries) if kind == "names" else None
+    run = load_encoder(run_dir, data, init, train_pick=pick, pick_what=f"--subset {subset_file}")
+    if kind == "names":
+        subset, name = np.arange(len(run.train_labels)), Path(subset_file).stem
+    elif kind == "indices":
+        subset, name = subset_indices(subset_file, entries, len(run.train_labels)), Path(subset_file).stem
     else:
         subset, name = balanced_subset(run.train_labels, fraction, run.cfg.run.seed), f"{fraction:g}"
     result = finetune(run, subset, epochs or FINETUNE_EPOCHS, FINETUNE_BASE_LR if lr is None else lr, batch_size,

@@ -48,9 +48,10 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return np.sort(np.concatenate(picked))
 
 
-def read_subset(path: str | Path, n_train: int, names: list[str] | None = None) -> np.ndarray:
-    """The images a subset file names, one a line (blank lines and # comments skipped): 0-based indices into the
-    labelled train split, or image names where the dataset lists them. One line naming a missing image, else."""
+def read_subset(path: str | Path) -> tuple[str, list[tuple[int, str]]]:
+    """The entries of a subset file, one a line (blank lines and # comments skipped), with their line numbers:
+    ("indices", ...) when every entry is a 0-based index into the labelled train split, ("names", ...) when none is
+    (file names: image_picker). A mixture, or a file naming nothing, is one line."""
     path = Path(path)
     if not path.is_file():
         raise FastByolError(f"--subset {path}: no such file")
@@ -58,22 +59,56 @@ def read_subset(path: str | Path, n_train: int, names: list[str] | None = None) 
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise FastByolError(f"--subset {path}: unreadable ({type(e).__name__})") from None
-    where = {name: i for i, name in enumerate(names)} if names else {}
-    picked = []
-    for n, line in enumerate(lines, 1):
-        entry = line.split("#", 1)[0].strip()
-        if not entry:
-            continue
-        if entry in where:
-            picked.append(where[entry])
-        elif entry.isdigit() and int(entry) < n_train:
-            picked.append(int(entry))
-        else:
+    entries = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(lines, 1)]
+    entries = [(n, e) for n, e in entries if e]
+    if not entries:
+        raise FastByolError(f"--subset {path}: names no image (one 0-based index or file name a line)")
+    numbers = [(n, e) for n, e in entries if e.isdigit()]
+    if numbers and len(numbers) < len(entries):
+        n_name, name = next((n, e) for n, e in entries if not e.isdigit())
+        raise FastByolError(f"--subset {path}: mixes indices (line {numbers[0][0]}: {numbers[0][1]!r}) and file "
+                            f"names (line {n_name}: {name!r}); use one form")
+    return ("indices" if numbers else "names"), entries
+
+
+def subset_indices(path: str | Path, entries: list[tuple[int, str]], n_train: int) -> np.ndarray:
+    """Sorted unique indices of an "indices" subset file; one line naming an entry outside the split."""
+    for n, entry in entries:
+        if int(entry) >= n_train:
             raise FastByolError(f"--subset {path}, line {n}: {entry!r} is not an image of the labelled train split "
                                 f"({n_train} images, indices 0..{n_train - 1})")
-    if not picked:
-        raise FastByolError(f"--subset {path}: names no image")
-    return np.unique(np.asarray(picked, dtype=np.int64))
+    return np.unique(np.asarray([int(e) for _, e in entries], dtype=np.int64))
+
+
+def image_picker(path: str | Path, entries: list[tuple[int, str]]):
+    """For a "names" subset file: pick(relpaths) -> sorted positions in `relpaths` (the train split's files,
+    relative to its root, "/"-separated) of the images the file names. An entry is such a relative path, or a bare
+    file name unique in the split (ImageNet's subset lists: `n01440764_10026.JPEG`). One line naming the first
+    entry that is missing or ambiguous (and where it could be)."""
+
+    def pick(relpaths: list[str]) -> np.ndarray:
+        where = {rel: i for i, rel in enumerate(relpaths)}
+        by_name: dict[str, list[int]] = {}
+        for i, rel in enumerate(relpaths):
+            by_name.setdefault(rel.rsplit("/", 1)[-1], []).append(i)
+        picked = []
+        for n, entry in entries:
+            rel = entry.replace("\\", "/").removeprefix("./")
+            if rel in where:
+                picked.append(where[rel])
+                continue
+            found = by_name.get(rel, []) if "/" not in rel else []
+            if len(found) > 1:
+                raise FastByolError(f"--subset {path}, line {n}: {entry!r} is the name of {len(found)} images of the "
+                                    f"train split ({relpaths[found[0]]}, {relpaths[found[1]]}): give its path "
+                                    "relative to the train folder")
+            if not found:
+                raise FastByolError(f"--subset {path}, line {n}: {entry!r} is not an image of the train split "
+                                    f"({len(relpaths)} images; a path relative to the train folder, or a file name)")
+            picked.append(found[0])
+        return np.unique(np.asarray(picked, dtype=np.int64))
+
+    return pick
 
 
 def finetune(run: EvalRun, subset: np.ndarray, epochs: int = FINETUNE_EPOCHS, base_lr: float = FINETUNE_BASE_LR,

@@ -12,6 +12,7 @@ import torch
 
 from ..checkpoint import load_run
 from ..config import Config
+from ..data import NoFileNames
 from ..errors import FastByolError
 from ..state import nonfinite_tensors
 
@@ -69,15 +70,23 @@ class EvalRun:
         return self.run_dir / (f"{stem}.json" if self.init == "trained" else f"{stem}-random.json")
 
 
-def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trained") -> EvalRun:
-    """A run's encoder and labelled splits; `data` overrides the run's dataset (same image size)."""
+def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trained", train_pick=None,
+                 pick_what: str = "train_pick") -> EvalRun:
+    """A run's encoder and labelled splits; `data` overrides the run's dataset (same image size). train_pick: the
+    train split is then the images it picks by file (image folders only: fastbyol.data.resolve_dataset); pick_what
+    names what picked them in the error for other datasets."""
     from ..data import resolve_dataset
 
     if init not in INITS:
         raise FastByolError(f"--init must be trained or random, got {init!r}")
     cfg, state, ckpt = load_run(run_dir)
-    dataset = resolve_dataset(data or cfg.data.data, "auto" if data else cfg.data.data_format, cfg.data.image_size,
-                              seed=cfg.run.seed)
+    spec = data or cfg.data.data
+    try:
+        dataset = resolve_dataset(spec, "auto" if data else cfg.data.data_format, cfg.data.image_size,
+                                  seed=cfg.run.seed, train_pick=train_pick)
+    except NoFileNames:
+        raise FastByolError(f"{pick_what}: file names pick images of an image folder (class folders) only; "
+                            f"{spec}'s labelled train split is picked by 0-based index") from None
     if dataset.train_labels is None or dataset.test_images is None or dataset.test_labels is None:
         raise FastByolError(f"{dataset.name}: evaluation needs labeled train and test splits")
     encoder = build_run_encoder(cfg, encoder_state(ckpt) if init == "trained" else None)
