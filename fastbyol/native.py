@@ -121,3 +121,18 @@ class NativeWindow:
         if self._tmp is not None:
             tmp, self._tmp = self._tmp, None
             _leave(tmp, self._start)
+
+
+class CurrentStderr:
+    """A stream that writes to whatever `sys.stderr` is at each call: for writers made once and kept (a progress
+    bar), so that inside a capture they still reach the terminal (the object sys.stderr was when they were made
+    writes to fd 2, which a capture holds)."""
+
+    def __getattr__(self, name):
+        return getattr(sys.stderr, name)
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
