@@ -264,4 +264,3 @@ def test_a_file_gone_since_the_manifest_is_named(good_files, tmp_path):
     (folder / "all" / BAD).unlink()  # after the checks, before training reads it
     with pytest.raises(FastByolError, match=f"^{folder / 'all' / BAD}: cannot be read"):
         _views(TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2), 2)
-
