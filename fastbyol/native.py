@@ -9,12 +9,17 @@ fd 2 is pointed at a temporary file for the call; Python's own `sys.stderr` keep
 (it is swapped for a writer on a duplicate of the original descriptor), so a progress bar or an error line of
 another thread is never swallowed. Captures may overlap (the kNN decode thread and the training loop): the first
 one redirects, the last one restores, each reads what was written during its own window.
+
+A pipeline that works ahead (DALI decodes the next batch on its own threads between two run() calls) prints outside
+any call: `NativeWindow` is a capture that stays open across calls, from the first `take()` until `close()`, and hands
+out what was written since the last take.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -23,6 +28,7 @@ from contextlib import contextmanager
 _lock = threading.Lock()
 _active = {"depth": 0, "file": None, "saved_fd": None, "saved_stderr": None, "ours": None}
 MAX_TEXT = 2000  # characters of a capture kept for a message
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes (nvImageCodec colours its "[ERROR]")
 
 
 class Captured:
@@ -30,7 +36,7 @@ class Captured:
 
     def first_line(self) -> str:
         """The first non-empty captured line, or ''."""
-        return next((ln.strip() for ln in self.text.splitlines() if ln.strip()), "")
+        return next((ln.strip() for ln in _ANSI.sub("", self.text).splitlines() if ln.strip()), "")
 
 
 def _enter():
@@ -51,10 +57,15 @@ def _enter():
         return _active["file"], os.lseek(_active["file"].fileno(), 0, os.SEEK_END)
 
 
+def _read(tmp, start: int) -> tuple[str, int]:
+    """(what was written to the capture file from `start` on, at most 4 x MAX_TEXT bytes of it; its end)."""
+    end = os.lseek(tmp.fileno(), 0, os.SEEK_END)
+    return os.pread(tmp.fileno(), min(end - start, 4 * MAX_TEXT), start).decode(errors="replace"), end
+
+
 def _leave(tmp, start: int) -> str:
     with _lock:
-        end = os.lseek(tmp.fileno(), 0, os.SEEK_END)
-        text = os.pread(tmp.fileno(), min(end - start, 4 * MAX_TEXT), start).decode(errors="replace")
+        text, _ = _read(tmp, start)
         _active["depth"] -= 1
         if _active["depth"] == 0:
             os.dup2(_active["saved_fd"], 2)
@@ -85,3 +96,43 @@ def fold(reason: str, captured: Captured) -> str:
     """`reason`, with the first line native code printed meanwhile appended (one line in all)."""
     line = captured.first_line()
     return f"{reason} [native: {line[:200]}]" if line and line not in reason else reason
+
+
+class NativeWindow:
+    """A capture of fd 2 that stays open across calls (see the module's docstring): take() opens it if needed and
+    returns what native code wrote since the previous take (as a Captured), close() ends it. Text no one takes is
+    dropped, as a successful call's is."""
+
+    def __init__(self):
+        self._tmp = None
+        self._start = 0
+
+    def take(self) -> Captured:
+        captured = Captured()
+        if self._tmp is None:
+            self._tmp, self._start = _enter()
+            return captured
+        with _lock:
+            text, self._start = _read(self._tmp, self._start)
+        captured.text = text[:MAX_TEXT]
+        return captured
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            tmp, self._tmp = self._tmp, None
+            _leave(tmp, self._start)
+
+
+class CurrentStderr:
+    """A stream that writes to whatever `sys.stderr` is at each call: for writers made once and kept (a progress
+    bar), so that inside a capture they still reach the terminal (the object sys.stderr was when they were made
+    writes to fd 2, which a capture holds)."""
+
+    def __getattr__(self, name):
+        return getattr(sys.stderr, name)
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()

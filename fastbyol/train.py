@@ -318,8 +318,11 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
     since the last log point)."""
     from tqdm import tqdm
 
+    from .native import CurrentStderr
+
+    # CurrentStderr: the bar writes between batches, while an encoded source's loader holds fd 2 (native.py)
     bar = tqdm(total=plan.total_steps, initial=state.step, disable=not (progress and is_rank0), unit="step",
-               dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+               dynamic_ncols=True, mininterval=1.0, file=CurrentStderr())
     profiler = StepProfiler(plan.profile_steps if is_rank0 else None, run_dir / "profile", device, log, meter)
     loss_sum, steps_since_log, last_loss = torch.zeros((), device=device), 0, float("nan")
     loss_mean, pending = DeferredMean(device), None  # the last log point's loss on its way to the host, its record

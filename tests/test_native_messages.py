@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 
-from fastbyol.native import fold, native_stderr
+from fastbyol.native import CurrentStderr, NativeWindow, fold, native_stderr
 
 
 def test_fd2_writes_are_captured_and_python_stderr_is_not(capfd):
@@ -64,3 +64,20 @@ def test_a_crashing_child_still_gets_its_stderr_back(tmp_path):
             "os.write(2, b'visible\\n')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert done.returncode == 0 and done.stderr == b"visible\n", done.stderr
+
+
+def test_a_window_spans_calls_and_the_progress_bar_still_reaches_the_terminal(capfd):
+    """NativeWindow: what native code writes between two calls (DALI decoding ahead) is taken at the next call, and
+    a writer made once (the progress bar, through CurrentStderr) still reaches the terminal meanwhile."""
+    bar, window = CurrentStderr(), NativeWindow()
+    assert window.take().text == ""  # opens it
+    os.write(2, b"\x1b[0;31m[ERROR] \x1b[0m[jpeg_parser] Invalid marker\n")
+    bar.write("3/10 steps\n")
+    bar.flush()
+    assert window.take().first_line() == "[ERROR] [jpeg_parser] Invalid marker"  # colour codes dropped
+    os.write(2, b"dropped\n")
+    window.close()
+    window.close()  # a second close does nothing
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert "3/10 steps" in err and "jpeg_parser" not in err and "dropped" not in err and "after" in err

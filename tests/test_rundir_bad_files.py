@@ -214,3 +214,53 @@ def test_tar_shards_replace_the_sample_in_their_own_index(good_files, tmp_path):
     assert len(got) == len(want) == 10
     for (a1, a2), (b1, b2) in zip(got, want):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
+def _replaced_after_the_check(good_files, root):
+    """A folder whose manifest is written, then one of its files overwritten with a JPEG start, random bytes and an
+    end marker, its size and mtime kept (so the manifest still calls it fresh): DALI's batch fails with
+    "nvImageCodec failure", which names no file, and nvImageCodec prints "[jpeg_parser] Invalid marker" from its
+    own thread while DALI works ahead, outside any run() call."""
+    folder = _make_folder(good_files, root)
+    victim = folder / "all" / BAD
+    victim.write_bytes((folder / "all" / good_files[0].name).read_bytes())
+    resolve_dataset(str(folder), image_size=16, eval_images=False)  # the manifest: every file passes
+    st = victim.stat()
+    data = victim.read_bytes()
+    victim.write_bytes(b"\xff\xd8\xff\xe0" + np.random.default_rng(3).bytes(len(data) - 6) + b"\xff\xd9")
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return folder, str(victim)
+
+
+def test_a_batch_failure_that_names_no_file_is_traced_to_the_file(good_files, tmp_path):
+    folder, victim = _replaced_after_the_check(good_files, tmp_path / "imgs")
+    res = _train(folder, tmp_path / "strict")
+    assert res.returncode == 2, res.stderr[-3000:]
+    ours = [ln for ln in res.stderr.splitlines() if ln.startswith("fastbyol: error:")]
+    assert len(ours) == 1 and ours[0].startswith(f"fastbyol: error: {victim}: "), res.stderr[-3000:]
+    assert "changed since the pre-flight check" in ours[0] and "[native: [ERROR] [jpeg_parser]" in ours[0]
+    assert "Traceback" not in res.stderr and res.stderr.count("jpeg_parser") == 1  # folded, never printed alone
+
+
+def test_a_batch_failure_that_names_no_file_is_skipped_as_that_file(good_files, tmp_path, capfd):
+    from fastbyol.augment import TwoViewLoader
+
+    folder, victim = _replaced_after_the_check(good_files, tmp_path / "imgs")
+    src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
+    loader = TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2)
+    assert len(_views(loader, 2)) == 10
+    assert [name for name, _ in loader.skipped] == [victim] and src.bad == [victim]
+    assert "jpeg_parser" not in capfd.readouterr().err
+
+
+def test_a_file_gone_since_the_manifest_is_named(good_files, tmp_path):
+    """DALI's reader says "File mapping failed: PATH": named as unreadable, not as the folder."""
+    from fastbyol.augment import TwoViewLoader
+    from fastbyol.errors import FastByolError
+
+    folder = _make_folder(good_files, tmp_path / "imgs")
+    (folder / "all" / BAD).write_bytes((folder / "all" / good_files[0].name).read_bytes())
+    src = resolve_dataset(str(folder), image_size=16, eval_images=False).pretraining_source
+    (folder / "all" / BAD).unlink()  # after the checks, before training reads it
+    with pytest.raises(FastByolError, match=f"^{folder / 'all' / BAD}: cannot be read"):
+        _views(TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2), 2)

@@ -41,7 +41,7 @@ import torch
 
 from ..config import AugmentConfig, validate_section
 from ..errors import FastByolError
-from ..native import fold, native_stderr
+from ..native import NativeWindow, fold, native_stderr
 from ..photometric import TAP_TAIL
 from . import pipelines
 from .makers import CpuViews, GpuViews, ProcessViews
@@ -54,11 +54,6 @@ def dali_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _dali_reason(text: str) -> str:
-    """DALI's decode error in one short line: its first line (the decoder's own lines are context)."""
-    return text.strip().splitlines()[0][:300] if text.strip() else "no message"
 
 
 def augment_options(augment: AugmentConfig | None, overrides: dict) -> AugmentConfig:
@@ -144,6 +139,8 @@ class TwoViewLoader:
         self.on_skip = None  # called with (name, reason) after each replacement (the trainer logs it)
         self._ahead = None  # (epoch iterator, checkpoint before the oldest batch drawn, not yielded) (epoch_ahead)
         self._owner = None  # the epoch iterator of the processes path that may run
+        self._shard = (shard_id, num_shards)
+        self._native = NativeWindow()  # encoded sources: fd 2 from the first run() to the end of epoch() or draw()
         self._pipe = _first_pipeline(self, checkpoint)
         self.with_labels = self.labels is not None or self.reads_labels
 
@@ -181,7 +178,10 @@ class TwoViewLoader:
         """The next batch of DALI outputs by name (the maker's `outputs`), without views: what `maker.crops` and
         `maker.chain` take, for tests and tools that check what the chain reads. Raises StopIteration at an epoch's
         end (arrays)."""
-        return dict(zip(self.maker.outputs, self._run()))
+        try:
+            return dict(zip(self.maker.outputs, self._run()))
+        finally:
+            self._native.close()
 
     def _run(self):
         """One batch of DALI outputs. CUDA: bound to torch's current stream (DALI makes them ready there, instead
@@ -192,29 +192,19 @@ class TwoViewLoader:
         its length and order, so positions, epochs, shards and DALI's checkpoint stay valid), the pipeline is
         rebuilt from DALI's checkpoint taken just before this batch (DALI 2.4 raises a decode error at the run()
         of the very batch that holds the file, and a pipeline that raised is no longer usable), and the batch is
-        run again. The checkpoint before each run() is taken only then (~0.1 ms a batch, measured on the CPU)."""
+        run again. When DALI's error names no sample, the batch is read again from that checkpoint to find it
+        (decode.batch_failure). The checkpoint (~0.1 ms a batch on the CPU) is taken for encoded sources only.
+        What native code printed since the previous run() (DALI works ahead) and during this one is folded in."""
         while True:
-            before = self._pipe.checkpoint() if self.skip_bad else None
+            before = self._pipe.checkpoint() if self.encoded else None
+            ahead = self._native.take() if self.encoded else None  # printed while DALI worked ahead
             try:
-                with native_stderr() as printed:  # libjpeg/libpng/DALI messages: folded into ours, never printed
+                with native_stderr():  # libjpeg/libpng/DALI messages: folded into ours, never printed
                     return self._pipe.run(torch.cuda.current_stream()) if self.on_gpu else self._pipe.run()
             except RuntimeError as e:  # a file that passed the header checks but does not decode
                 if not self.encoded:
                     raise
-                from ..data.decode import failed_sample
-
-                bad = failed_sample(self.encoded_source, str(e))
-                reason = fold(f"does not decode (DALI: {_dali_reason(str(e))})", printed)
-                if bad is not None and self.skip_bad and self.encoded_source.replace_bad(bad):
-                    self.skipped.append((bad, reason))
-                    if self.on_skip is not None:
-                        self.on_skip(bad, reason)
-                    self._rebuild(before)
-                    continue
-                if bad is not None:
-                    raise FastByolError(f"{bad}: {reason}") from None
-                where = getattr(self.encoded_source, "where", None) or "the encoded source"
-                raise FastByolError(f"DALI failed on a batch of {where}: {str(e).splitlines()[0]}") from None
+                _replace_or_raise(self, str(e), before, ahead)  # replaced: run the batch again
 
     def _rebuild(self, checkpoint) -> None:
         """A fresh pipeline at DALI checkpoint `checkpoint` (the one that raised is no longer valid)."""
@@ -229,9 +219,12 @@ class TwoViewLoader:
         saved in. Encoded files: steps_per_epoch batches of the reader's stream, which reshuffles after each of its
         own passes, so every image is read once per N images."""
         if self.encoded:
-            for _ in range(first_step, self._steps):
-                outputs = self._run()
-                yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
+            try:
+                for _ in range(first_step, self._steps):
+                    outputs = self._run()
+                    yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
+            finally:
+                self._native.close()
             return
         if self._procs is not None:
             yield from epoch_ahead(self)
@@ -316,6 +309,27 @@ def _first_pipeline(loader: TwoViewLoader, checkpoint):
     loader.reads_labels = False
     loader.labels_note = "the run's data checkpoint was saved by a DALI graph without the files' labels"
     return pipelines.build_pipeline(*loader._graph, checkpoint)
+
+
+def _replace_or_raise(loader: TwoViewLoader, error_text: str, before, ahead) -> None:
+    """TwoViewLoader._run's decode error: the file named (batch_failure), with what native code printed folded in;
+    replaced and the pipeline rebuilt at `before` when the source skips bad files, else one FastByolError."""
+    from ..data.decode import batch_failure
+
+    printed = loader._native.take()
+    printed.text = "\n".join(t for t in (ahead.text, printed.text) if t)
+    src = loader.encoded_source
+    bad, why = batch_failure(src, error_text, before, *loader._shard, loader.batch_size, loader.num_threads)
+    reason = fold(why, printed)
+    if bad is not None and loader.skip_bad and src.replace_bad(bad):
+        loader.skipped.append((bad, reason))
+        if loader.on_skip is not None:
+            loader.on_skip(bad, reason)
+        loader._rebuild(before)
+        return
+    loader._native.close()
+    where = getattr(src, "where", None) or "the encoded source"
+    raise FastByolError(f"{bad}: {reason}" if bad else f"DALI failed on a batch of {where}: {reason}") from None
 
 
 def epoch_ahead(loader: TwoViewLoader):

@@ -2,11 +2,14 @@
 
     python -m fastbyol.data.check_worker ROOT THREADS  < relative paths ("\\n"-separated)
         checks its share of a folder's files (manifest.check_files); writes N (int64), N sizes, N mtimes (int64,
-        little-endian), N grey flags (uint8) and the problems (JSON [[index, reason], ...]) to stdout.
+        little-endian), N grey flags (uint8) and the problems and the unproven files (JSON [[[index, reason], ...],
+        [[index, why unproven], ...]]) to stdout.
     python -m fastbyol.data.check_worker --shards FOLDER  < shard paths ("\\n"-separated)
         indexes each shard into FOLDER (shards.build_shard_meta).
     python -m fastbyol.data.check_worker --verify MANIFEST_FOLDER
         prints the relative paths (JSON list) of the files whose size or mtime differs from the manifest.
+    python -m fastbyol.data.check_worker --decode ROOT  < relative paths ("\\n"-separated)
+        decodes each file (unproven.child_main): one JSON line [index, reason or null] per file.
 """
 
 import json
@@ -24,6 +27,11 @@ def main(argv: list[str]) -> int:
         changed = man.changed_files(man.root)
         sys.stdout.write(json.dumps([man.path(i) for i in changed]))
         return 0
+    if argv[0] == "--decode":
+        from .manifest import _strings
+        from .unproven import child_main
+
+        return child_main(argv[1], _strings(np.frombuffer(sys.stdin.buffer.read(), dtype=np.uint8)))
     if argv[0] == "--shards":
         from .shards import build_shard_meta
 
@@ -35,13 +43,13 @@ def main(argv: list[str]) -> int:
     from .manifest import _strings, _utf8, check_files
 
     rels = _strings(np.frombuffer(sys.stdin.buffer.read(), dtype=np.uint8))
-    sizes, mtimes, gray, problems = check_files(argv[0], rels, int(argv[1]))
+    sizes, mtimes, gray, problems, unproven = check_files(argv[0], rels, int(argv[1]))
     out = sys.stdout.buffer
     out.write(np.int64(len(sizes)).tobytes())
     out.write(sizes.astype("<i8").tobytes())
     out.write(mtimes.astype("<i8").tobytes())
     out.write(gray.astype(np.uint8).tobytes())
-    out.write(_utf8(json.dumps(problems)))
+    out.write(_utf8(json.dumps([problems, unproven])))
     out.flush()
     return 0
 

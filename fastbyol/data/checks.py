@@ -21,6 +21,13 @@ parse is named (or skipped under --skip-bad-files) before any DALI pipeline sees
   corruption inside, which libpng would otherwise report in dozens of lines).
 Entropy-coded data is not decoded: a JPEG whose scan data is damaged passes, and DALI reports it per sample
 (a decode status, not a crash: tests/test_data_decode.py).
+
+Unproven: a file that passes but whose safety the headers cannot show is flagged in `info["unproven"]` (the reason),
+and the manifest has it decoded once, before training, in a child process (unproven.py):
+- an image of more than MAX_PROVEN_PIXELS pixels (the header alone says what the decoder allocates, not whether the
+  machine holds it: a 60 KB JPEG may declare 65535 x 65535, 12.9 GB of pixels);
+- a JPEG without any Huffman table segment before its scan (Motion-JPEG frames: the decoder's default tables are
+  used, and whether the scan's codes fit them is not checked here).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ _DECODABLE_SOF = frozenset({0xC0, 0xC1, 0xC2})
 # Colour type -> the bit depths the PNG specification allows with it (anything else crashes libpng readers).
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 MAX_SIDE = 1 << 16  # wider or taller than any decoder here allocates for (libjpeg's own limit is 65500)
+MAX_PROVEN_PIXELS = 1 << 26  # 67 MP (201 MB decoded): larger images are decoded once before training (unproven)
 
 Reader = Callable[[int, int], bytes]  # read(offset, n): up to n bytes of the object from offset
 
@@ -122,6 +130,8 @@ def _jpeg_problem(read: Reader, size: int, head: bytes, info: dict | None = None
             sof, sequential = True, marker in (0xC0, 0xC1)
             if info is not None:
                 info["gray"] = ncomp == 1  # decoded as RGB, one channel gives R = G = B
+                if width * height > MAX_PROVEN_PIXELS:
+                    info["unproven"] = f"{width}x{height} pixels"
         elif marker == 0xDA:  # start of scan: entropy-coded data follows
             ns = buf[i + 4] if len(buf) > i + 4 else 0
             if not sof:
@@ -136,6 +146,8 @@ def _jpeg_problem(read: Reader, size: int, head: bytes, info: dict | None = None
                     return f"corrupt JPEG (scan uses Huffman table {sel:02X}, which is not defined)"
             if end >= size - 2:
                 return "truncated JPEG (no image data)"
+            if not tables and info is not None:
+                info.setdefault("unproven", "no Huffman tables (the decoder's defaults)")
             start = max(end, size - _TAIL)
             tail = head[start:] if size <= len(head) else read(start, size - start)
             return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
@@ -165,6 +177,8 @@ def _png_problem(data: bytes, info: dict | None = None) -> str | None:
                 return f"corrupt PNG (header: compression {method}, filter {filt}, interlace {interlace})"
             if info is not None:
                 info["gray"] = colour in (0, 4)  # grey, grey + alpha
+                if width * height > MAX_PROVEN_PIXELS:
+                    info["unproven"] = f"{width}x{height} pixels"
             first = False
         plte |= kind == b"PLTE"
         if kind == b"IDAT" and colour == 3 and not plte:
@@ -179,7 +193,8 @@ def _png_problem(data: bytes, info: dict | None = None) -> str | None:
 def check_encoded(read: Reader, size: int, suffix: str = "", info: dict | None = None) -> str | None:
     """None if the object (read through `read`, `size` bytes) is a structurally whole JPEG or PNG, else why not.
 
-    info: a dict that receives "gray" (True when the image is stored with one grey channel)."""
+    info: a dict that receives "gray" (True when the image is stored with one grey channel) and, for a file that
+    passes but that the headers cannot prove safe, "unproven" (why; see the module's docstring)."""
     if size < 16:
         return f"{size} bytes: too short to be an image"
     head = read(0, min(size, _HEAD))

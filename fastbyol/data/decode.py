@@ -220,15 +220,119 @@ class BackgroundDecode:
             self._thread.join(timeout=30)
 
 
-_FAILED = re.compile(r"Failed to decode sample #\d+ : ([^\n]+)")
+_FAILED = re.compile(r"Failed to decode sample #\d+ : ([^\n]+)|File mapping failed: ([^\n]+)")
 
 
 def failed_sample(source, error_text: str) -> str | None:
     """The file (or `shard.tar:offset:member`) a DALI decode error names, completed with the source's root; None if
     the message names none. For the training pipeline's error path: `str(e)` of DALI's RuntimeError."""
     m = _FAILED.search(error_text)
-    if m is None or not m.group(1).strip():
-        return None
-    info = m.group(1).strip()
+    info = "" if m is None else (m.group(1) or m.group(2) or "").strip()
+    return _sample_name(source, info) if info else None
+
+
+def _sample_name(source, info: str) -> str:
     root = getattr(source, "root", None)
     return info if os.path.isabs(info) or not root else os.path.join(root, info)
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        c = b[i]
+        i += 1
+        v |= (c & 127) << shift
+        shift += 7
+        if c < 128:
+            return v, i
+
+
+def _fields(b: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(field number, the field's raw bytes, its payload) of a protobuf message of varint and bytes fields."""
+    out, i = [], 0
+    while i < len(b):
+        key, j = _varint(b, i)
+        if key & 7 == 2:
+            n, j = _varint(b, j)
+            out.append((key >> 3, b[i:j + n], b[j:j + n]))
+            i = j + n
+        elif key & 7 == 0:
+            _, j = _varint(b, j)
+            out.append((key >> 3, b[i:j], b""))
+            i = j
+        else:
+            raise ValueError(f"protobuf wire type {key & 7}")
+    return out
+
+
+def _op_name(entry: bytes) -> bytes:
+    return next((payload for f, _, payload in _fields(entry) if f == 1), b"")
+
+
+def _reader_checkpoint(full: bytes, reader_only: bytes) -> bytes:
+    """The checkpoint of a reader-only pipeline (`reader_only`: its own, fresh) at the reader position of `full`, a
+    checkpoint of the training pipeline: DALI's Checkpoint message holds one (name, state) entry per operator
+    (field 1); the reader's entry, found by name, is carried over, the rest stays the reader-only pipeline's."""
+    theirs = {_op_name(payload): raw for f, raw, payload in _fields(full) if f == 1}
+    return b"".join(theirs.get(_op_name(payload), raw) if f == 1 else raw for f, raw, payload in _fields(reader_only))
+
+
+def batch_culprit(source, checkpoint: bytes, shard_id: int, num_shards: int, batch_size: int,
+                  num_threads: int = 2) -> tuple[str, str] | None:
+    """(sample name, why) of the sample that made a training batch fail when DALI's error names none (a header its
+    parser rejects on a worker thread reports `nvImageCodec failure`, a file gone since the manifest `File mapping
+    failed`), or None if none is found. `checkpoint`: the training pipeline's DALI checkpoint taken before that batch.
+
+    The batch's encoded samples are read again by a reader-only pipeline restored at the reader's position in
+    `checkpoint` (nothing decoded), each is checked (checks.py) and the rest decoded one by one (decode_encoded): the
+    first that fails is the one."""
+    from nvidia.dali import pipeline_def
+
+    def graph():
+        encoded, _ = source.dali_reader(shard_id, num_shards, name="reader")
+        return encoded
+
+    def build(cpt):
+        pipe = pipeline_def(graph)(batch_size=batch_size, num_threads=1, device_id=None, seed=0,
+                                   enable_checkpointing=True, exec_dynamic=True, checkpoint=cpt)
+        pipe.build()
+        return pipe
+
+    try:
+        fresh = build(None).checkpoint()
+        full = checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode("latin-1")
+        (encoded,) = build(_reader_checkpoint(full, fresh)).run()
+        samples = [(_sample_name(source, encoded[i].source_info()), np.array(encoded[i]).tobytes())
+                   for i in range(len(encoded))]
+    except (RuntimeError, ValueError, IndexError) as e:
+        name = failed_sample(source, str(e))  # the reader itself failed: a file gone since the manifest
+        return None if name is None else (name, "cannot be read (gone since the pre-flight check)")
+    for name, data in samples:
+        problem = check_bytes(data, os.path.splitext(name)[1])
+        if problem is not None:
+            return name, f"{problem}; it changed since the pre-flight check"
+    items = [(name, (lambda d=data: d)) for name, data in samples]
+    _, _, skipped = decode_encoded(items, 16, num_threads, skip_bad=True)
+    return skipped[0] if skipped else None
+
+
+
+def dali_reason(text: str) -> str:
+    """DALI's error in one short line: the first line after its "encountered:" (the operator's traceback and the
+    "Critical error in pipeline" lines are context), else its first line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1][:300]
+    return lines[0][:300] if lines else "no message"
+
+
+def batch_failure(source, error_text: str, checkpoint, shard_id: int, num_shards: int, batch_size: int,
+                  num_threads: int) -> tuple[str | None, str]:
+    """(the sample a failed training batch's DALI error names, else the one batch_culprit finds, else None; why)."""
+    bad = failed_sample(source, error_text)
+    if bad is not None:
+        why = dali_reason(error_text)
+        return bad, ("cannot be read (gone since the pre-flight check)" if why.startswith("File mapping")
+                     else f"does not decode (DALI: {why})")
+    found = batch_culprit(source, checkpoint, shard_id, num_shards, batch_size, num_threads)
+    return found if found is not None else (None, dali_reason(error_text))

@@ -13,6 +13,9 @@ array makes a damaged file fail to load, and it is then rebuilt, never trusted):
   labels      (N,) int32: class index, -1 where there is none
   sizes       (N,) int64 bytes;  mtimes (N,) int64 ns;  gray (N,) uint8: 1 where the image has one grey channel
   dirs        uint8 blob: every listed directory, relative ("" is the root);  dir_mtimes (D,) int64 ns
+Files the header check passes but cannot prove safe (checks.py's "unproven") are decoded once during the scan, in a
+child process (unproven.py): those that fail are bad files; `decoded.json` beside the manifest keeps every result by
+size and mtime for the next scan.
 Beside it, `pretrain.list`: the pretraining files (train + unlabeled) as DALI's `file_list` ("relpath label" lines),
 which each rank's DALI reader reads itself: no process holds a Python list of a million paths.
 
@@ -244,8 +247,9 @@ def verify_files(location: Path, root: Path) -> list[list[str]]:
         return []
     with file_lock(location / "manifest.lock"):
         (location / MANIFEST_NAME).unlink(missing_ok=True)
-    _, _, _, problems = check_files(str(root), changed)
-    return [[changed[j], why] for j, why in problems]
+    sizes, mtimes, _, problems, unproven = check_files(str(root), changed)
+    problems += _decode_unproven(str(root), changed, sizes, mtimes, unproven, location)
+    return [[changed[j], why] for j, why in sorted(problems)]
 
 
 # ---------------------------------------------------------------------------------------------------- the scan
@@ -265,14 +269,16 @@ def _walk(root: str, rel: str, files: list[str], dirs: list[tuple[str, int]], ba
             files.append(r)
 
 
-def check_files(root: str, rels: list[str], threads: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    """(sizes, mtimes, gray, [(index, reason)]) of files root/rel: stat and the structural check of checks.py."""
+def check_files(root: str, rels: list[str], threads: int = 8) \
+        -> tuple[np.ndarray, np.ndarray, np.ndarray, list, list]:
+    """(sizes, mtimes, gray, [(index, reason)], [(index, why unproven)]) of files root/rel: stat and the structural
+    check of checks.py; the unproven files (which pass) are for _decode_unproven."""
     sizes = np.full(len(rels), -1, np.int64)
     mtimes = np.full(len(rels), -1, np.int64)
     gray = np.zeros(len(rels), np.uint8)
 
-    def run(lo: int, hi: int) -> list:
-        problems, folder, dfd = [], None, None
+    def run(lo: int, hi: int) -> tuple[list, list]:
+        problems, unproven, folder, dfd = [], [], None, None
         try:
             for i in range(lo, hi):
                 rel = rels[i]
@@ -300,16 +306,30 @@ def check_files(root: str, rels: list[str], threads: int = 8) -> tuple[np.ndarra
                     os.close(fd)
                 if problem is not None:
                     problems.append((i, problem))
+                elif "unproven" in info:
+                    unproven.append((i, info["unproven"]))
         finally:
             if dfd is not None:
                 os.close(dfd)
-        return problems
+        return problems, unproven
 
     step = 2048
     with ThreadPoolExecutor(max(1, threads)) as ex:
-        parts = ex.map(lambda lo: run(lo, min(lo + step, len(rels))), range(0, len(rels), step))
-        problems = [p for part in parts for p in part]
-    return sizes, mtimes, gray, problems
+        parts = list(ex.map(lambda lo: run(lo, min(lo + step, len(rels))), range(0, len(rels), step)))
+    return sizes, mtimes, gray, [p for part, _ in parts for p in part], [u for _, part in parts for u in part]
+
+
+def _decode_unproven(root: str, rels: list[str], sizes, mtimes, unproven: list, location: Path | None) -> list:
+    """[(index, reason)] of the unproven files (check_files) that do not decode in the pre-flight decode
+    (unproven.py); nothing to do, and no child started, when there are none."""
+    if not unproven:
+        return []
+    from .unproven import prove
+
+    idx = [i for i, _ in unproven]
+    reasons = prove(root, [rels[i] for i in idx], [sizes[i] for i in idx], [mtimes[i] for i in idx], location)
+    return [(i, f"{why} [pre-flight decode: {unproven_why}]")
+            for (i, unproven_why), why in zip(unproven, reasons) if why is not None]
 
 
 def _check_parallel(root: str, rels: list[str], workers: int, threads: int):
@@ -325,24 +345,26 @@ def _check_parallel(root: str, rels: list[str], workers: int, threads: int):
     for (lo, p), hi in zip(procs, bounds[1:]):
         p.stdin.write(_utf8("\n".join(rels[lo:hi])))
         p.stdin.close()
-    sizes, mtimes, grays, problems = [], [], [], []
+    sizes, mtimes, grays, problems, unproven = [], [], [], [], []
     for lo, p in procs:
         n = int(np.frombuffer(p.stdout.read(8), "<i8")[0]) if p.stdout else 0
         s = np.frombuffer(p.stdout.read(8 * n), "<i8").astype(np.int64)
         m = np.frombuffer(p.stdout.read(8 * n), "<i8").astype(np.int64)
         g = np.frombuffer(p.stdout.read(n), np.uint8).copy()
-        probs = json.loads(p.stdout.read().decode("utf-8", "surrogateescape"))
+        probs, unpr = json.loads(p.stdout.read().decode("utf-8", "surrogateescape"))
         if p.wait() != 0:
             raise FastByolError(f"{root}: a file-check worker failed (exit {p.returncode})")
         sizes.append(s)
         mtimes.append(m)
         grays.append(g)
         problems += [(lo + i, why) for i, why in probs]
-    return np.concatenate(sizes), np.concatenate(mtimes), np.concatenate(grays), problems
+        unproven += [(lo + i, why) for i, why in unpr]
+    return np.concatenate(sizes), np.concatenate(mtimes), np.concatenate(grays), problems, unproven
 
 
-def scan(root: Path, workers: int | None = None, threads: int = 8) -> Manifest:
-    """List and check the folder: the manifest of it (not saved here)."""
+def scan(root: Path, workers: int | None = None, threads: int = 8, location: Path | None = None) -> Manifest:
+    """List and check the folder: the manifest of it (not saved here). location: the manifest's folder (its
+    decoded.json: the pre-flight decodes of unproven files already done)."""
     root_s = str(root)
     t0 = time.perf_counter()
     files: list[str] = []
@@ -381,7 +403,8 @@ def scan(root: Path, workers: int | None = None, threads: int = 8) -> Manifest:
     labels = np.concatenate([np.full(n, k, np.int32) for _, k, n in split_counts] or [np.zeros(0, np.int32)])
     t1 = time.perf_counter()
     workers = workers or min(8, len(os.sched_getaffinity(0)))
-    sizes, mtimes, gray, problems = _check_parallel(root_s, files, workers, threads)
+    sizes, mtimes, gray, problems, unproven = _check_parallel(root_s, files, workers, threads)
+    problems = sorted(problems + _decode_unproven(root_s, files, sizes, mtimes, unproven, location))
     t2 = time.perf_counter()
     keep = np.ones(len(files), bool)
     for i, why in problems:
@@ -449,7 +472,7 @@ def _obtain_locked(root: Path, folder: Path, workers) -> tuple[Manifest, dict, s
                 if why is None:
                     return man, dict(listing=time.perf_counter() - t0, checks=0.0, index=0.0), "fresh"
         remove_stale_tmp(folder)
-        man = scan(root, workers)
+        man = scan(root, workers, location=folder)
         t1 = time.perf_counter()
         man.save(folder)
         seconds = dict(man.seconds, index=time.perf_counter() - t1)
