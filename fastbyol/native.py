@@ -53,8 +53,27 @@ def _enter():
             sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(saved), "wb", buffering=0), write_through=True,
                                           errors="backslashreplace")
             _active["ours"] = sys.stderr
+            _active["handlers"] = _retarget_handlers(_active["saved_stderr"], sys.stderr)
         _active["depth"] += 1
         return _active["file"], os.lseek(_active["file"].fileno(), 0, os.SEEK_END)
+
+
+def _retarget_handlers(old, new) -> list:
+    """logging's stream handlers made before the capture on the stream sys.stderr was then (the default) write to
+    fd 2, which the capture holds: pointed at `new` (the terminal) until it ends, so a caller's log lines are not
+    swallowed. The handlers moved."""
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return []
+    loggers = [logging.getLogger(), *(lg for lg in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(lg, logging.Logger))]
+    moved = []
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old:
+                handler.stream = new
+                moved.append(handler)
+    return moved
 
 
 def _read(tmp, start: int) -> tuple[str, int]:
@@ -73,6 +92,9 @@ def _leave(tmp, start: int) -> str:
             ours = _active["ours"]
             if sys.stderr is ours:  # else someone swapped sys.stderr meanwhile (a test harness): theirs stays
                 sys.stderr = _active["saved_stderr"]
+            for handler in _active.pop("handlers", ()):
+                if handler.stream is ours:
+                    handler.stream = _active["saved_stderr"]
             # not closed here: whoever still holds it (a harness that saved sys.stderr in the window) may write to
             # it; it closes its descriptor when the last reference goes
             del ours

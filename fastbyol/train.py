@@ -303,6 +303,7 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
         raise
     finally:
         files.close()
+        loader.close()  # DALI stopped (what it decoded ahead, printed inside the capture), fd 2 given back
     if knn_trained is not None and knn_random is not None:
         log(f"kNN top-1: trained {knn_trained:.2f}% vs random-init {knn_random:.2f}% "
             f"({knn_trained - knn_random:+.2f} points); {summary['img_per_s']:.0f} img/s over {state.step} steps")

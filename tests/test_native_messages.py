@@ -81,3 +81,17 @@ def test_a_window_spans_calls_and_the_progress_bar_still_reaches_the_terminal(ca
     os.write(2, b"after\n")
     err = capfd.readouterr().err
     assert "3/10 steps" in err and "jpeg_parser" not in err and "dropped" not in err and "after" in err
+
+
+def test_a_log_handler_made_before_the_capture_still_reaches_the_terminal():
+    """A caller's logging.StreamHandler bound to sys.stderr before the capture writes to fd 2, which the capture
+    holds: it is pointed at the terminal for the capture's length and given its stream back afterwards; native fd-2
+    output stays captured. In a child, whose real fd 2 is the pipe read here."""
+    code = ("import logging, os, sys\nfrom fastbyol.native import NativeWindow\n"
+            "handler = logging.StreamHandler()\nlog = logging.getLogger('user')\nlog.addHandler(handler)\n"
+            "log.setLevel(logging.INFO)\nstream = handler.stream\nwindow = NativeWindow()\nwindow.take()\n"
+            "log.info('step 10 of the caller')\nos.write(2, b'[jpeg_parser] Invalid marker\\n')\nwindow.close()\n"
+            "assert handler.stream is stream\nlog.info('after')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.decode().splitlines() == ["step 10 of the caller", "after"], done.stderr

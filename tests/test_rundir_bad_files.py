@@ -253,6 +253,24 @@ def test_a_batch_failure_that_names_no_file_is_skipped_as_that_file(good_files, 
     assert "jpeg_parser" not in capfd.readouterr().err
 
 
+def test_the_capture_spans_epochs_until_the_loader_closes(folder, capfd):
+    """DALI decodes the next epoch's first batches ahead, right after an epoch's last one: fd 2 stays captured
+    between epochs (what a bad file prints then is folded into its error, not printed), and close() stops DALI and
+    gives fd 2 back."""
+    from fastbyol.augment import TwoViewLoader
+
+    src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
+    loader = TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2)
+    assert len(_views(loader, 1)) == 5
+    os.write(2, b"native, between epochs\n")
+    assert len(_views(loader, 1)) == 5
+    loader.close()
+    os.write(2, b"after close\n")
+    err = capfd.readouterr().err
+    assert "between epochs" not in err and "after close" in err
+    loader.close()  # a second close does nothing
+
+
 def test_a_file_gone_since_the_manifest_is_named(good_files, tmp_path):
     """DALI's reader says "File mapping failed: PATH": named as unreadable, not as the folder."""
     from fastbyol.augment import TwoViewLoader

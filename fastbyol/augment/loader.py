@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -140,7 +141,9 @@ class TwoViewLoader:
         self._ahead = None  # (epoch iterator, checkpoint before the oldest batch drawn, not yielded) (epoch_ahead)
         self._owner = None  # the epoch iterator of the processes path that may run
         self._shard = (shard_id, num_shards)
-        self._native = NativeWindow()  # encoded sources: fd 2 from the first run() to the end of epoch() or draw()
+        # encoded sources: fd 2 from the first run() to close() (DALI works ahead across epochs: the window too)
+        self._native = NativeWindow()
+        self._closer = weakref.finalize(self, self._native.close)
         self._pipe = _first_pipeline(self, checkpoint)
         self.with_labels = self.labels is not None or self.reads_labels
 
@@ -209,8 +212,25 @@ class TwoViewLoader:
     def _rebuild(self, checkpoint) -> None:
         """A fresh pipeline at DALI checkpoint `checkpoint` (the one that raised is no longer valid)."""
         self.maker.release()  # CUDA: the chain's kernels still reading the old pipeline's buffers
-        self._pipe = None
+        self._shutdown_pipeline()
         self._pipe = pipelines.build_pipeline(*self._graph, checkpoint)
+
+    def _shutdown_pipeline(self) -> None:
+        """End the pipeline now, inside a capture: its threads may still be decoding ahead, and printing (left to
+        the garbage collector, they would do so after the capture had ended)."""
+        old, self._pipe = self._pipe, None
+        shutdown = getattr(old, "_shutdown", None)  # DALI's own end of a pipeline (what its __del__ calls)
+        if shutdown is not None:
+            with native_stderr():
+                shutdown()
+
+    def close(self) -> None:
+        """Stop DALI (and what it decodes ahead) and give fd 2 back. The loader is unusable afterwards; the trainer
+        calls it at the end of a run, and the garbage collector gives fd 2 back for a loader never closed."""
+        if self._pipe is not None:
+            self.maker.release()
+            self._shutdown_pipeline()
+        self._closer()
 
     def epoch(self, first_step: int = 0):
         """Yield this epoch's batches of (view1, view2), from batch `first_step` on (after a resume).
@@ -219,12 +239,9 @@ class TwoViewLoader:
         saved in. Encoded files: steps_per_epoch batches of the reader's stream, which reshuffles after each of its
         own passes, so every image is read once per N images."""
         if self.encoded:
-            try:
-                for _ in range(first_step, self._steps):
-                    outputs = self._run()
-                    yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
-            finally:
-                self._native.close()
+            for _ in range(first_step, self._steps):
+                outputs = self._run()
+                yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
             return
         if self._procs is not None:
             yield from epoch_ahead(self)
