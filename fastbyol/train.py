@@ -432,11 +432,9 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
     model = build_model(cfg, device, make_encoder)
     view1, view2 = views_from_config(cfg)
     source = dataset.pretraining_source
-    # the online probe's labels: array sources on the CPU (gathered by the rows DALI names), labelled folders and
-    # shards on either device (the reader's labels, the graph's last output); the draws stay the same either way
+    # the online probe's labels: array sources (gathered by the rows DALI's source names), labelled folders and
+    # shards (the reader's labels, the graph's last output), on either device; the draws stay the same either way
     labels = probe_labels(dataset) if cfg.run.online_probe else None
-    if labels is not None and not isinstance(labels, bool) and device.type != "cpu":
-        labels = None  # arrays on the GPU: the source sends pixels, not rows (_online_probe says so)
     loader = TwoViewLoader(source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed, labels=labels,
                            device=device.type, num_threads=cfg.data.num_threads, view1=view1, view2=view2,
                            gray_input=dataset.gray, shard_id=rank, num_shards=plan.world_size,
@@ -456,12 +454,11 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
 def _online_probe(cfg: Config, plan: Resolved, dataset: ImageDataset, model: BYOL, loader: TwoViewLoader,
                   device: torch.device, log) -> OnlineProbe | None:
     """The online linear probe (fastbyol.evaluation.probe) where it is on, the pretraining images have labels and the
-    loader hands them over (arrays on the CPU; labelled folders and shards), one forward a step (no --accumulate)."""
+    loader hands them over (arrays, labelled folders and shards), one forward a step (no --accumulate)."""
     if not cfg.run.online_probe:
         return None
     why = ("the pretraining images have no labels" if probe_labels(dataset) is None else
-           loader.labels_note or "the GPU loader hands over the labels of image folders and shards, not of arrays"
-           if not loader.with_labels else
+           loader.labels_note or "the loader hands over no labels" if not loader.with_labels else
            "it reads one forward a step, and --accumulate splits the step" if plan.accumulate > 1 else None)
     if why is not None:
         log(f"online probe: off ({why}; --no-online-probe silences this)")

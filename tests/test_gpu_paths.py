@@ -1,7 +1,7 @@
 """CUDA-only paths, skipped without a GPU: the GPU augmentation pipeline (arrays and the mixed JPEG decoder, its
 views against the CPU reference chain, DALI's buffers held while the chain reads them) and a short training run on
 CUDA, and both decode modes of the JPEG path (one ROI decode per view, or one decode and two GPU crops), and the
-online probe's labels from an image folder. The GPU
+online probe's labels from arrays and an image folder. The GPU
 plan runs them; they cannot run on the CPU machines. (The chain's variants on CUDA, which need no DALI:
 tests/test_photometric.py.)"""
 
@@ -172,6 +172,23 @@ def test_gpu_files_loader_hands_over_the_readers_labels(tmp_path, monkeypatch):
         assert labels.is_cuda and labels.dtype == torch.int64 and labels.shape == (8,)
         seen.append(labels.cpu())
     assert torch.bincount(torch.cat(seen), minlength=3).tolist() == [16, 16, 16]  # every file once
+
+
+def test_gpu_arrays_loader_hands_over_the_rows_labels():
+    """The online probe's labels on the CUDA arrays path: the source's rows as a second output
+    (pipelines.array_source), the labels gathered by them on the GPU; the views bit for bit those without them."""
+    from fastbyol.augment import TwoViewLoader
+
+    images = np.random.default_rng(0).integers(0, 256, (48, 24, 24, 3), dtype=np.uint8)
+    classes = np.arange(48, dtype=np.int64) % 3
+    kw = dict(batch_size=8, image_size=16, device="cuda", num_threads=1, seed=3)
+    plain, labelled = TwoViewLoader(images, **kw), TwoViewLoader(images, labels=classes, **kw)
+    seen = []
+    for (a1, a2), (b1, b2, labels) in zip(plain.epoch(), labelled.epoch()):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+        assert labels.is_cuda and labels.dtype == torch.int64 and labels.shape == (8,)
+        seen.append(labels.cpu())
+    assert torch.bincount(torch.cat(seen), minlength=3).tolist() == [16, 16, 16]  # every row once
 
 
 def test_training_on_cuda_folder_runs_the_online_probe(tmp_path, monkeypatch):

@@ -89,8 +89,8 @@ class TwoViewLoader:
     fastbyol.augment.views_from_config(cfg). augment: how the work runs (AugmentConfig: the CUDA chain, the decode
     mode, the decoder hints, the CPU chunk size, processes or threads); any of its fields may also be given as a
     keyword (decode="once", cpu_parallel="threads") to override it. checkpoint: a state() to resume from. labels
-    (the online probe's): (N,) class labels of an array source on the CPU, gathered by the rows DALI's source named;
-    or True for an encoded source that is `labelled` (CPU or CUDA), its reader's labels as the graph's last output
+    (the online probe's): (N,) class labels of an array source, gathered by the rows DALI's source named (CPU: the
+    rows it emits anyway; CUDA: a second output of the same source, pipelines.array_source); or True for an encoded source that is `labelled` (CPU or CUDA), its reader's labels as the graph's last output
     (pipelines' docstring). Each batch is then (view1, view2, labels (B,) int64, on the views' device); the draws
     stay the same. `with_labels` says whether batches carry them (False after a fallback: `labels_note`).
     """
@@ -117,7 +117,8 @@ class TwoViewLoader:
         views = (view1, view2)
         chains = tuple(self._chain(spec, gray_input, options.chunk_pixels) for spec in views)
         graph, per_shard, self._steps, array = _pick_graph(images, batch_size, image_size, seed, self.on_gpu,
-                                                           shard_id, num_shards, views, options, self.reads_labels)
+                                                           shard_id, num_shards, views, options, self.reads_labels,
+                                                           self.labels is not None)
         if self._steps == 0:
             raise FastByolError(f"batch size {batch_size} is larger than the {per_shard} images of "
                                 "this shard: lower --batch-size")
@@ -212,24 +213,15 @@ class TwoViewLoader:
     def _rebuild(self, checkpoint) -> None:
         """A fresh pipeline at DALI checkpoint `checkpoint` (the one that raised is no longer valid)."""
         self.maker.release()  # CUDA: the chain's kernels still reading the old pipeline's buffers
-        self._shutdown_pipeline()
+        self._pipe = _end_pipeline(self._pipe)
         self._pipe = pipelines.build_pipeline(*self._graph, checkpoint)
 
-    def _shutdown_pipeline(self) -> None:
-        """End the pipeline now, inside a capture: its threads may still be decoding ahead, and printing (left to
-        the garbage collector, they would do so after the capture had ended)."""
-        old, self._pipe = self._pipe, None
-        shutdown = getattr(old, "_shutdown", None)  # DALI's own end of a pipeline (what its __del__ calls)
-        if shutdown is not None:
-            with native_stderr():
-                shutdown()
-
     def close(self) -> None:
-        """Stop DALI (and what it decodes ahead) and give fd 2 back. The loader is unusable afterwards; the trainer
-        calls it at the end of a run, and the garbage collector gives fd 2 back for a loader never closed."""
+        """Stop DALI (what it decodes ahead too) and give fd 2 back; the loader is unusable afterwards (the trainer
+        calls it at a run's end; for a loader never closed the garbage collector gives fd 2 back)."""
         if self._pipe is not None:
             self.maker.release()
-            self._shutdown_pipeline()
+            self._pipe = _end_pipeline(self._pipe)
         self._closer()
 
     def epoch(self, first_step: int = 0):
@@ -250,11 +242,13 @@ class TwoViewLoader:
             yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
 
     def batch_labels(self, outputs) -> torch.Tensor | None:
-        """The batch's labels (B,) int64, a copy (DALI reuses its buffers): CPU arrays, those of the rows DALI's
-        source named (outputs[0]); encoded files, the reader's (the last output), on the GPU for CUDA (a pinned copy,
-        queued: no host sync). None without labels."""
-        if self.labels is not None:
-            return self.labels.index_select(0, torch.from_dlpack(outputs[0].as_tensor()).reshape(-1))
+        """The batch's labels (B,) int64, a copy (DALI reuses its buffers): arrays, those of the rows DALI's source
+        named (CPU: outputs[0]; CUDA: the last output); encoded files, the reader's (the last output); on the GPU for
+        CUDA (a pinned copy, queued: no host sync). None without labels."""
+        if self.labels is not None:  # the rows: CPU, the first output; CUDA, the last (a CPU output)
+            rows = torch.from_dlpack(outputs[-1 if self.on_gpu else 0].as_tensor()).reshape(-1)
+            labels = self.labels.index_select(0, rows)
+            return labels.pin_memory().to("cuda", non_blocking=True) if self.on_gpu else labels
         if not self.reads_labels:
             return None
         labels = torch.from_dlpack(outputs[-1].as_tensor()).reshape(-1).to(torch.int64, copy=True)
@@ -280,6 +274,15 @@ class TwoViewLoader:
             yield outputs
 
 
+def _end_pipeline(pipe) -> None:
+    """End a DALI pipeline now, inside a capture: its threads may still be decoding ahead, and printing (left to the
+    garbage collector, they would do so after the capture had ended). None, for `self._pipe = _end_pipeline(...)`."""
+    shutdown = getattr(pipe, "_shutdown", None)  # DALI's own end of a pipeline (what its __del__ calls)
+    if shutdown is not None:
+        with native_stderr():
+            shutdown()
+
+
 def _probe_labels(labels, images, encoded: bool, on_gpu: bool) -> tuple[torch.Tensor | None, bool]:
     """TwoViewLoader's labels= checked: (array labels (N,) int64 or None, whether the files graph emits labels)."""
     if labels is None or labels is False:
@@ -289,15 +292,16 @@ def _probe_labels(labels, images, encoded: bool, on_gpu: bool) -> tuple[torch.Te
             raise FastByolError("labels= for encoded files is True, for a source whose files are all labelled "
                                 "(dali_read: its DALI reader emits each file's label)")
         return None, True
-    if labels is True or on_gpu or len(labels) != len(images):
-        raise FastByolError("labels= for image arrays is one label per image, on the CPU: the batch's labels are "
-                            "gathered by the rows DALI's source names, so the graph stays the same")
+    if labels is True or len(labels) != len(images):
+        raise FastByolError("labels= for image arrays is one label per image: the batch's labels are gathered by "
+                            "the rows DALI's source names, so the draws stay the same")
     return torch.as_tensor(np.asarray(labels, dtype=np.int64)), False
 
 
 def _pick_graph(images, batch_size: int, image_size: int, seed: int, on_gpu: bool, shard_id: int, num_shards: int,
-                views: tuple, options: AugmentConfig, labels: bool):
-    """(graph function and its arguments, images a shard, steps an epoch, the array source's tensor or None)."""
+                views: tuple, options: AugmentConfig, labels: bool, rows: bool = False):
+    """(graph function and its arguments, images a shard, steps an epoch, the array source's tensor or None).
+    labels: the files graphs emit the reader's labels; rows: the CUDA arrays graph emits the source's rows."""
     if hasattr(images, "dali_reader"):
         per_shard = len(images) // num_shards
         graph = (pipelines.gpu_files, (images, shard_id, num_shards, views, image_size, options.decode,
@@ -305,8 +309,9 @@ def _pick_graph(images, batch_size: int, image_size: int, seed: int, on_gpu: boo
             else (pipelines.cpu_files, (images, shard_id, num_shards, views, labels))
         return graph, per_shard, per_shard // batch_size, None
     array = _array_tensor(images)  # (N, H, W, 3) uint8, shared with the caller's array
-    source = pipelines.EpochSource(images, batch_size, seed, shard_id, num_shards, indices_only=not on_gpu)
-    graph = (pipelines.gpu_arrays, (source, views, image_size)) if on_gpu \
+    source = pipelines.EpochSource(images, batch_size, seed, shard_id, num_shards, indices_only=not on_gpu,
+                                   with_rows=on_gpu and rows)
+    graph = (pipelines.gpu_arrays, (source, views, image_size, rows)) if on_gpu \
         else (pipelines.cpu_arrays, (source, tuple(images.shape[1:3]), views))
     return graph, source.per_shard, source.steps_per_epoch, array
 

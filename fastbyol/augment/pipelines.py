@@ -14,6 +14,7 @@ The four graphs and their outputs, in order:
 - gpu_arrays:  crops1, params1, crops2, params2 (uint8 (3, S, S) planar crops on the GPU; params on the GPU)
 - gpu_files:   the same, decoded by the "mixed" decoder ("roi" or "once": decode_views)
 - cpu_arrays:  index (the row of the array the source emitted), window1, params1, window2, params2
+  (gpu_arrays with labels=True, the online probe's, adds that index as a last output)
 - cpu_files:   images (decoded whole, (H, W, 3)), window1, params1, window2, params2
 The files graphs with labels=True (the online probe's) add one last output, `labels` (int64 per sample, on the CPU:
 the reader's label of each sample, in the order the reader emitted them). Its operators are made after every other
@@ -170,17 +171,29 @@ def crop_window_and_params(shape, spec: ViewSpec):
 
 
 # ------------------------------------------------------------------------------------------------- the four graphs
-def gpu_arrays(source, views: tuple[ViewSpec, ViewSpec], size: int) -> tuple:
-    """CUDA, a uint8 array: the source's (H, W, 3) images to the GPU, each view cropped and flipped there."""
-    from nvidia.dali import fn, types
-
-    raw = fn.external_source(source=source, batch=True, batch_info=True, layout="HWC", dtype=types.UINT8,
-                             no_copy=False)
+def gpu_arrays(source, views: tuple[ViewSpec, ViewSpec], size: int, labels: bool = False) -> tuple:
+    """CUDA, a uint8 array: the source's (H, W, 3) images to the GPU, each view cropped and flipped there; labels:
+    the rows the source emitted as a last (CPU) output (array_source)."""
+    raw, index = array_source(source, labels)
     outs = []
     for spec in views:
         crop, params = crop_and_params(raw.gpu(), spec, size)
         outs += [crop, params.gpu()]
-    return tuple(outs)
+    return tuple(outs) + ((index,) if labels else ())
+
+
+def array_source(source: "EpochSource", rows: bool):
+    """The arrays' external source: (pixels (H, W, 3) uint8, None), or with `rows` (the online probe's), (pixels,
+    the row index of each sample, int64 (1,)): the same operator with a second output, so every operator after it
+    and every draw stay the same. `source` must have been made with_rows=rows."""
+    from nvidia.dali import fn, types
+
+    if not rows:
+        return fn.external_source(source=source, batch=True, batch_info=True, layout="HWC", dtype=types.UINT8,
+                                  no_copy=False), None
+    pixels, index = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, layout=["HWC", ""],
+                                       dtype=[types.UINT8, types.INT64], no_copy=False)
+    return pixels, index
 
 
 def gpu_files(source, shard_id: int, num_shards: int, views: tuple[ViewSpec, ViewSpec], size: int, decode: str,
@@ -265,12 +278,13 @@ class EpochSource:
     The permutation depends on (seed, epoch) only, so every rank draws the same one and takes a disjoint slice.
     The last partial batch is dropped (every step sees a full batch; at most batch_size - 1 images a shard skip an
     epoch, a different subset each epoch). indices_only (CPU): emit each sample's row index (torch crops the row),
-    not its pixels."""
+    not its pixels. with_rows (CUDA, the online probe's): emit (pixels, row indices), two outputs (array_source)."""
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, shard_id: int, num_shards: int,
-                 indices_only: bool = False):
+                 indices_only: bool = False, with_rows: bool = False):
         self.images = images
         self.indices_only = indices_only
+        self.with_rows = with_rows and not indices_only
         self.batch_size = batch_size
         self.seed = seed
         self.shard_id = shard_id
@@ -290,4 +304,6 @@ class EpochSource:
         idx = self._perm[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
         if self.indices_only:
             return [np.array([i], dtype=np.int64) for i in idx]
+        if self.with_rows:
+            return [self.images[i] for i in idx], [np.array([i], dtype=np.int64) for i in idx]
         return [self.images[i] for i in idx]
