@@ -8,6 +8,7 @@ decoder crash.
 """
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 pytest.importorskip("PIL")
 pytest.importorskip("nvidia.dali")
 
+from fastbyol.cli import main  # noqa: E402
 from fastbyol.data import resolve_dataset  # noqa: E402
 from fastbyol.data import unproven  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
@@ -91,6 +93,17 @@ def test_an_unproven_member_the_decoder_refuses_is_a_bad_sample(good_jpegs, tmp_
     assert ds.skipped_files == 1 and ds.num_pretraining == 24
     index = (tmp_path / "wds" / ".fastbyol" / "shards" / "a.tar.idx").read_text()
     assert " zz.jpg" not in index and " g00.jpg" in index  # DALI never reads it
+
+
+def test_training_skips_the_garbled_member_and_never_reads_it(good_jpegs, tmp_path, capfd):
+    shard = _shard(tmp_path / "wds" / "a.tar", good_jpegs, {"zz.jpg": without_huffman_tables(True)})
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(shard), "--epochs", "1", "--batch-size", "8", "--image-size", "16",
+                 "--skip-bad-files", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_files"] == 1 and summary["steps"] == 24 // 8
+    assert summary["dataset"].startswith("wds: 24 train (24 encoded images"), summary  # left out before step 1
+    assert "Corrupt JPEG" not in capfd.readouterr().err
 
 
 def test_a_decoder_crash_names_the_member_in_one_line(good_jpegs, tmp_path, monkeypatch):
