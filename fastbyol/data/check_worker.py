@@ -5,7 +5,7 @@
         little-endian), N grey flags (uint8) and the problems and the unproven files (JSON [[[index, reason], ...],
         [[index, why unproven], ...]]) to stdout.
     python -m fastbyol.data.check_worker --shards FOLDER  < shard paths ("\\n"-separated)
-        indexes the shards into FOLDER (shards.build_shard_metas).
+        indexes the shards into FOLDER (shards.build_shard_metas); a FastByolError's message goes to stdout (exit 2).
     python -m fastbyol.data.check_worker --verify MANIFEST_FOLDER
         prints the relative paths (JSON list) of the files whose size or mtime differs from the manifest.
     python -m fastbyol.data.check_worker --decode  < JSON [[path, offset, size, name], ...]
@@ -33,10 +33,15 @@ def main(argv: list[str]) -> int:
 
         return child_main(json.loads(sys.stdin.buffer.read()))
     if argv[0] == "--shards":
+        from ..errors import FastByolError
         from .shards import build_shard_metas
 
         lines = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").splitlines()
-        build_shard_metas([Path(line) for line in lines if line], Path(argv[1]))
+        try:
+            build_shard_metas([Path(line) for line in lines if line], Path(argv[1]))
+        except FastByolError as e:  # the parent's one line (a pre-flight decode that could not run)
+            sys.stdout.write(str(e))
+            return 2
         return 0
     from .manifest import _strings, _utf8, check_files
 

@@ -322,13 +322,16 @@ def _build_missing(shards: list[Path], folder: Path, workers: int) -> None:
         return
     parts = [shards[i::workers] for i in range(workers)]
     procs = [subprocess.Popen([sys.executable, "-m", "fastbyol.data.check_worker", "--shards", str(folder)],
-                              stdin=subprocess.PIPE) for part in parts if part]
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for part in parts if part]
     for p, part in zip(procs, [q for q in parts if q]):
         p.stdin.write("\n".join(str(s) for s in part).encode("utf-8", "surrogateescape"))
         p.stdin.close()
-    for p in procs:
+    outs = [p.stdout.read() for p in procs]  # nothing unless a worker fails: its one line
+    for p, out in zip(procs, outs):
         if p.wait() != 0:
-            raise FastByolError(f"{folder}: a shard-index worker failed (exit {p.returncode})")
+            lines = out.decode("utf-8", "replace").strip().splitlines()
+            raise FastByolError(lines[-1] if p.returncode == 2 and lines
+                                else f"{folder}: a shard-index worker failed (exit {p.returncode})")
 
 
 def obtain_index(shards: list[Path], *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
