@@ -242,7 +242,7 @@ def test_index_is_built_once(shards, monkeypatch):
     def no_rebuild(*a, **k):
         raise AssertionError("a fresh index must not be rebuilt")
 
-    monkeypatch.setattr(sh, "build_shard_meta", no_rebuild)
+    monkeypatch.setattr(sh, "build_shard_metas", no_rebuild)
     ds = resolve_dataset(str(shards), eval_images=False)
     assert ds.num_pretraining == 40 and ds.startup_seconds["index"] >= 0
 

@@ -104,7 +104,8 @@ def test_an_unproven_file_that_decodes_is_kept_and_never_decoded_again(good_file
     folder = _folder(good_files, tmp_path / "imgs", {"zz-default-tables.jpg": without_huffman_tables(False)})
     calls = []
     real = unproven._child
-    monkeypatch.setattr(unproven, "_child", lambda root, rels: calls.append(rels) or real(root, rels))
+    monkeypatch.setattr(unproven, "_child", lambda where, items: calls.append([it[3] for it in items])
+                        or real(where, items))
     ds = resolve_dataset(str(folder), image_size=16, eval_images=False)
     assert ds.skipped_files == 0 and len(ds.pretraining_source) == 25 and calls == [["all/zz-default-tables.jpg"]]
     _no_child(monkeypatch)

@@ -5,11 +5,12 @@
         little-endian), N grey flags (uint8) and the problems and the unproven files (JSON [[[index, reason], ...],
         [[index, why unproven], ...]]) to stdout.
     python -m fastbyol.data.check_worker --shards FOLDER  < shard paths ("\\n"-separated)
-        indexes each shard into FOLDER (shards.build_shard_meta).
+        indexes the shards into FOLDER (shards.build_shard_metas); a FastByolError's message goes to stdout (exit 2).
     python -m fastbyol.data.check_worker --verify MANIFEST_FOLDER
         prints the relative paths (JSON list) of the files whose size or mtime differs from the manifest.
-    python -m fastbyol.data.check_worker --decode ROOT  < relative paths ("\\n"-separated)
-        decodes each file (unproven.child_main): one JSON line [index, reason or null] per file.
+    python -m fastbyol.data.check_worker --decode  < JSON [[path, offset, size, name], ...]
+        decodes each whole file (offset -1) or tar member (size bytes at offset) (unproven.child_main): one JSON line
+        [index, reason or null] per item.
 """
 
 import json
@@ -28,17 +29,19 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps([man.path(i) for i in changed]))
         return 0
     if argv[0] == "--decode":
-        from .manifest import _strings
         from .unproven import child_main
 
-        return child_main(argv[1], _strings(np.frombuffer(sys.stdin.buffer.read(), dtype=np.uint8)))
+        return child_main(json.loads(sys.stdin.buffer.read()))
     if argv[0] == "--shards":
-        from .shards import build_shard_meta
+        from ..errors import FastByolError
+        from .shards import build_shard_metas
 
-        folder = Path(argv[1])
-        for line in sys.stdin.buffer.read().decode("utf-8", "surrogateescape").splitlines():
-            if line:
-                build_shard_meta(Path(line), folder)
+        lines = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").splitlines()
+        try:
+            build_shard_metas([Path(line) for line in lines if line], Path(argv[1]))
+        except FastByolError as e:  # the parent's one line (a pre-flight decode that could not run)
+            sys.stdout.write(str(e))
+            return 2
         return 0
     from .manifest import _strings, _utf8, check_files
 

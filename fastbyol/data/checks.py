@@ -23,7 +23,7 @@ Entropy-coded data is not decoded: a JPEG whose scan data is damaged passes, and
 (a decode status, not a crash: tests/test_data_decode.py).
 
 Unproven: a file that passes but whose safety the headers cannot show is flagged in `info["unproven"]` (the reason),
-and the manifest has it decoded once, before training, in a child process (unproven.py):
+and the manifest (or the shard index) has it decoded once, before training, in a child process (unproven.py):
 - an image of more than MAX_PROVEN_PIXELS pixels (the header alone says what the decoder allocates, not whether the
   machine holds it: a 60 KB JPEG may declare 65535 x 65535, 12.9 GB of pixels);
 - a JPEG without any Huffman table segment before its scan (Motion-JPEG frames: the decoder's default tables are

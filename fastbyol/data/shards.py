@@ -13,7 +13,12 @@ member headers are walked (tar header checksums verified), each sample's image c
 head and tail reads inside the tar, no decode) and its `cls` parsed; the result is DALI's index file (v1.2,
 listing only the good samples, so DALI never reads a bad one) plus `<shard>.meta.npz` (the shard's size and mtime,
 its bad samples with the reason, and per sample the label, whether the image has one grey channel, and the
-image's offset and size, which the kNN decode reads directly). Both live in DIR/.fastbyol/shards/ when DIR is
+image's offset and size, which the kNN decode reads directly). An image the check passes but cannot prove safe
+(checks.py's "unproven": over checks.MAX_PROVEN_PIXELS, or a JPEG on the decoder's default Huffman tables) is
+decoded once while the index is built, in a child process, its bytes read at its offset (unproven.py, shared with
+the image folders' manifest): one DALI refuses, that decodes with a native warning, or that crashes the decoder is a
+bad sample like any other, so the index (and its cache) holds the result and an unchanged shard is never decoded
+again; shards whose images are all proven start no child. Both files live in DIR/.fastbyol/shards/ when DIR is
 writable, else in the cache folder (cache.py), and are rebuilt when the shard's size or mtime changes or the meta
 file fails its CRC. Bad input (a missing shard, a brace pattern matching nothing,
 a truncated tar, a sample without an image, an image that fails the check) is one FastByolError naming the shard
@@ -50,7 +55,7 @@ from .cache import (TMP_MARK, cache_root, file_lock, load_npz_checked, path_key,
                     tmp_name, writable_dir)
 from .checks import check_fd, open_regular
 
-META_VERSION = 2
+META_VERSION = 3  # 3: members the header check leaves unproven are decoded before they are indexed
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 BAD_HINT = "(--skip-bad-files leaves such samples out and counts them)"
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -164,7 +169,8 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def index_shard(path: Path) -> dict:
     """Walk and check one shard: {"size", "mtime_ns", "samples": [(key, ext, off, size, label, cls_off,
-    cls_size)], "bad": [[key, reason]], "problem": shard-level problem or None}."""
+    cls_size, name, cls_name, gray)], "bad": [[key, reason]], "problem": shard-level problem or None, "unproven":
+    [(index into samples, why the header check leaves the image unproven)]}."""
     fd = open_regular(path)
     try:
         st = os.fstat(fd)
@@ -179,7 +185,7 @@ def index_shard(path: Path) -> dict:
                 groups[-1][1].append((ext, off, size, name))
             else:
                 groups.append((key, [(ext, off, size, name)]))
-        samples, bad = [], []
+        samples, bad, unproven = [], [], []
         for key, parts in groups:
             if any(off < 0 for _, off, _, _ in parts):  # the sample a truncation cut: counted with the problem
                 continue
@@ -204,9 +210,12 @@ def index_shard(path: Path) -> dict:
                     bad.append([key, f"{cls_name}: not a class index ({text[:16]!r})"])
                     continue
                 label = int(text)
+            if "unproven" in info:
+                unproven.append((len(samples), info["unproven"]))
             samples.append((key, image[0], image[1], image[2], label, cls_off, cls_size, image[3],
                             comps["cls"][3] if "cls" in comps else "", info.get("gray", False)))
-        return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, samples=samples, bad=bad, problem=problem)
+        return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, samples=samples, bad=bad, problem=problem,
+                    unproven=unproven)
     finally:
         os.close(fd)
 
@@ -232,9 +241,42 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def build_shard_meta(shard: Path, folder: Path) -> None:
-    """Index one shard into folder/<name>.idx (DALI's index of the good samples) and <name>.meta.npz."""
-    info = index_shard(shard)
+def _decode_unproven(shards: list[Path], infos: list[dict]) -> None:
+    """The pre-flight decode (unproven.py) of the shards' unproven images, all in one child, each member's bytes read
+    at its offset: a member that fails moves from the shard's samples to its bad samples, with DALI's reason (or
+    "crashed the image decoder (SIGSEGV)"). No child when every image is proven."""
+    todo = [(k, j, why) for k, info in enumerate(infos) for j, why in info["unproven"]]
+    if not todo:
+        return
+    from .unproven import decode_check
+
+    items = [(str(shards[k]), infos[k]["samples"][j][2], infos[k]["samples"][j][3], infos[k]["samples"][j][7])
+             for k, j, _ in todo]
+    where = str(shards[0]) if len(shards) == 1 else f"{shards[0].parent} ({len(shards)} shards)"
+    failed: dict[int, set[int]] = {}
+    for (k, j, unproven_why), why in zip(todo, decode_check(where, items)):
+        if why is not None:
+            sample = infos[k]["samples"][j]
+            infos[k]["bad"].append([sample[0], f"{sample[7]}: {why} [pre-flight decode: {unproven_why}]"])
+            failed.setdefault(k, set()).add(j)
+    for k, drop in failed.items():
+        infos[k]["samples"] = [s for j, s in enumerate(infos[k]["samples"]) if j not in drop]
+
+
+def build_shard_metas(shards: list[Path], folder: Path, threads: int = 1) -> None:
+    """Index each shard (`threads` at a time), decode the unproven images of all of them once (_decode_unproven),
+    and write folder/<name>.idx (DALI's index of the good samples) and <name>.meta.npz for each."""
+    if threads > 1 and len(shards) > 1:
+        with ThreadPoolExecutor(min(threads, len(shards))) as ex:
+            infos = list(ex.map(index_shard, shards))
+    else:
+        infos = [index_shard(s) for s in shards]
+    _decode_unproven(shards, infos)
+    for shard, info in zip(shards, infos):
+        _write_meta(shard, folder, info)
+
+
+def _write_meta(shard: Path, folder: Path, info: dict) -> None:
     samples = info["samples"]
     idx_bytes = _index_text(samples, with_cls=True)
     _write_atomic(folder / f"{shard.name}.idx", idx_bytes)
@@ -276,18 +318,20 @@ def index_dir(shards: list[Path], cache_dir=None) -> Path:
 
 def _build_missing(shards: list[Path], folder: Path, workers: int) -> None:
     if workers <= 1 or len(shards) < 4:
-        with ThreadPoolExecutor(min(8, len(shards))) as ex:
-            list(ex.map(lambda s: build_shard_meta(s, folder), shards))
+        build_shard_metas(shards, folder, threads=8)
         return
     parts = [shards[i::workers] for i in range(workers)]
     procs = [subprocess.Popen([sys.executable, "-m", "fastbyol.data.check_worker", "--shards", str(folder)],
-                              stdin=subprocess.PIPE) for part in parts if part]
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for part in parts if part]
     for p, part in zip(procs, [q for q in parts if q]):
         p.stdin.write("\n".join(str(s) for s in part).encode("utf-8", "surrogateescape"))
         p.stdin.close()
-    for p in procs:
+    outs = [p.stdout.read() for p in procs]  # nothing unless a worker fails: its one line
+    for p, out in zip(procs, outs):
         if p.wait() != 0:
-            raise FastByolError(f"{folder}: a shard-index worker failed (exit {p.returncode})")
+            lines = out.decode("utf-8", "replace").strip().splitlines()
+            raise FastByolError(lines[-1] if p.returncode == 2 and lines
+                                else f"{folder}: a shard-index worker failed (exit {p.returncode})")
 
 
 def obtain_index(shards: list[Path], *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,

@@ -2,16 +2,20 @@
 than checks.MAX_PROVEN_PIXELS, a JPEG on the decoder's default Huffman tables).
 
 Each such file is decoded once, before step 1, by DALI's CPU decoder in a child process
-(`python -m fastbyol.data.check_worker --decode ROOT`), in batches small enough that DALI parses the headers in the
+(`python -m fastbyol.data.check_worker --decode`, given (path, offset, size, name) items: a whole file, or a tar
+shard's member read at its offset), in batches small enough that DALI parses the headers in the
 calling thread (decode.py). A file DALI refuses, or that decodes with a native warning, is a bad file with DALI's
 reason. When the child dies by a signal (a decoder crash, or the kernel's out-of-memory killer), the files of the batch
 it was decoding are decoded again one by one, each in a fresh child, and the one that kills its child is a bad file:
 "crashed the image decoder (SIGSEGV)". Bad files are then named in one line, or left out under --skip-bad-files, as
 every bad file of the manifest (manifest.scan); the results are kept in the manifest, and, by size and mtime, in
-`decoded.json` beside it, so neither a later run nor a rescan decodes an unchanged file again.
+`decoded.json` beside it, so neither a later run nor a rescan decodes an unchanged file again. Tar shards
+(shards.py) decode their unproven members the same way while their index is built; a failing member is a bad
+sample of the shard, and the index is the cache.
 
 FASTBYOL_TEST_DECODE_CRASH (tests only): a file name; the child SIGSEGVs itself when a batch it is about to decode
-holds a file of that name (a stand-in for a decoder crash; a value with a "/" or empty is ignored).
+holds a file, or a tar member, of that base name (a stand-in for a decoder crash; a value with a "/" or empty is
+ignored).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ DECODED = "decoded.json"  # beside the manifest: [[relpath, size, mtime_ns, reas
 THREADS = 2
 BATCH = 4 * (THREADS + 1)  # DALI parses a batch's headers in the calling thread up to this many (decode.py)
 CRASH_ENV = "FASTBYOL_TEST_DECODE_CRASH"
+Item = tuple[str, int, int, str]  # (path, offset, size, name): offset -1 is the whole file; a tar member otherwise
 
 
 def crash_name() -> str | None:
@@ -37,30 +42,54 @@ def crash_name() -> str | None:
     return name if name and "/" not in name and name not in (".", "..") else None
 
 
-def child_main(root: str, rels: list[str]) -> int:
-    """The child: decode root/rel for each rel, BATCH at a time; after each batch one JSON line per file,
-    [index, reason or null], flushed (so a parent whose child dies knows how far it got)."""
-    from .decode import decode_encoded, file_item
+def file_items(root: str, rels: list[str]) -> list[Item]:
+    """The items of files root/rel (whole files; the crash hook matches their base names)."""
+    return [(os.path.join(root, r), -1, -1, r) for r in rels]
+
+
+def _reader(item: Item):
+    """decode.py's (name, read) of an item: the whole file, or `size` bytes at `offset` (a tar shard's member)."""
+    from .checks import open_regular
+    from .decode import file_item
+
+    path, offset, size, _ = item
+    if offset < 0:
+        return file_item(path)
+
+    def read() -> bytes:
+        fd = open_regular(path)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    return f"{path}:{offset}", read
+
+
+def child_main(items: list[Item]) -> int:
+    """The child: decode each item, BATCH at a time; after each batch one JSON line per item, [index, reason or null],
+    flushed (so a parent whose child dies knows how far it got)."""
+    from .decode import decode_encoded
 
     crash = crash_name()
     out = sys.stdout
-    for lo in range(0, len(rels), BATCH):
-        chunk = rels[lo:lo + BATCH]
-        if crash is not None and any(os.path.basename(r) == crash for r in chunk):
+    for lo in range(0, len(items), BATCH):
+        chunk = [tuple(it) for it in items[lo:lo + BATCH]]
+        if crash is not None and any(os.path.basename(it[3]) == crash for it in chunk):
             os.kill(os.getpid(), signal.SIGSEGV)
-        items = [file_item(os.path.join(root, r)) for r in chunk]
-        _, _, skipped = decode_encoded(items, 16, THREADS, skip_bad=True)
+        readers = [_reader(it) for it in chunk]
+        _, _, skipped = decode_encoded(readers, 16, THREADS, skip_bad=True)
         why = dict(skipped)
-        for k, r in enumerate(chunk):
-            out.write(json.dumps([lo + k, why.get(os.path.join(root, r))]) + "\n")
+        for k, (name, _) in enumerate(readers):
+            out.write(json.dumps([lo + k, why.get(name)]) + "\n")
         out.flush()
     return 0
 
 
-def _child(root: str, rels: list[str]) -> tuple[list[str | None], int]:
-    """(reasons (None: decoded) of the first files the child finished, in order; its exit status)."""
-    proc = subprocess.run([sys.executable, "-m", "fastbyol.data.check_worker", "--decode", root],
-                          input="\n".join(rels).encode("utf-8", "surrogateescape"), capture_output=True, check=False)
+def _child(where: str, items: list[Item]) -> tuple[list[str | None], int]:
+    """(reasons (None: decoded) of the first items the child finished, in order; its exit status)."""
+    proc = subprocess.run([sys.executable, "-m", "fastbyol.data.check_worker", "--decode"],
+                          input=json.dumps([list(it) for it in items]).encode(), capture_output=True, check=False)
     done: list[str | None] = []
     for line in proc.stdout.decode("utf-8", "surrogateescape").splitlines():
         try:
@@ -69,9 +98,9 @@ def _child(root: str, rels: list[str]) -> tuple[list[str | None], int]:
             continue  # not ours (a library printing to stdout)
         if k == len(done):
             done.append(why)
-    if proc.returncode > 0 or proc.returncode == 0 and len(done) != len(rels):
+    if proc.returncode > 0 or proc.returncode == 0 and len(done) != len(items):
         tail = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise FastByolError(f"{root}: the pre-flight decode of its unproven images failed (exit {proc.returncode}"
+        raise FastByolError(f"{where}: the pre-flight decode of its unproven images failed (exit {proc.returncode}"
                             f"{': ' + tail[-1][:200] if tail else ''})")
     return done, proc.returncode
 
@@ -83,19 +112,20 @@ def _signal_name(status: int) -> str:
         return f"signal {-status}"
 
 
-def decode_check(root: str, rels: list[str]) -> list[str | None]:
-    """For each file root/rel: None if DALI decodes it, else why not (see the module's docstring)."""
+def decode_check(where: str, items: list[Item]) -> list[str | None]:
+    """For each item: None if DALI decodes it, else why not (see the module's docstring); `where` (the folder, or the
+    shards) names a failure of the child itself."""
     result: list[str | None] = []
-    while len(result) < len(rels):
-        done, status = _child(root, rels[len(result):])
+    while len(result) < len(items):
+        done, status = _child(where, items[len(result):])
         result += done
         if status == 0:
             break
-        for rel in rels[len(result):len(result) + BATCH]:  # the batch the child died in: one by one
-            one, status = _child(root, [rel])
+        for item in items[len(result):len(result) + BATCH]:  # the batch the child died in: one by one
+            one, status = _child(where, [item])
             result.append(f"crashed the image decoder ({_signal_name(status)})" if status
                           else one[0] if one else None)
-    return result[:len(rels)]
+    return result[:len(items)]
 
 
 def _read_cache(location: Path | None) -> dict:
@@ -114,7 +144,7 @@ def prove(root: str, rels: list[str], sizes: list[int], mtimes: list[int], locat
     keys = [(r, int(s), int(m)) for r, s, m in zip(rels, sizes, mtimes)]
     todo = [k for k in keys if k not in cache]
     if todo:
-        for k, why in zip(todo, decode_check(root, [k[0] for k in todo])):
+        for k, why in zip(todo, decode_check(root, file_items(root, [k[0] for k in todo]))):
             cache[k] = why
         if location is not None:
             from .cache import atomic_write_bytes
