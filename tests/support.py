@@ -31,6 +31,19 @@ def small_idx_dataset(folder: Path, n_train: int = 300, n_test: int = 100) -> Pa
     return folder
 
 
+def good_jpegs(tmp_path_factory, n: int) -> list[Path]:
+    """`n` synthetic 32 px JPEGs of one class, sorted, in a folder of their own, and a fresh FASTBYOL_CACHE (module
+    fixtures of the bad-file tests build their folders from these)."""
+    import os
+
+    from fastbyol.data.synthetic import write_synthetic_jpegs
+
+    os.environ["FASTBYOL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    root = tmp_path_factory.mktemp("good")
+    write_synthetic_jpegs(root, n_train=n, n_test=0, size=32, classes=1)
+    return sorted((root / "train" / "class0").iterdir())
+
+
 def train_cli(*argv: str) -> list[str]:
     """`fastbyol train ARGV` as a subprocess command line, with this interpreter."""
     return [sys.executable, "-m", "fastbyol", "train", *argv]

@@ -24,8 +24,9 @@ from PIL import Image  # noqa: E402
 from fastbyol.data import resolve_dataset  # noqa: E402
 from fastbyol.data import unproven  # noqa: E402
 from fastbyol.data.checks import check_bytes  # noqa: E402
-from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
+
+from .support import good_jpegs  # noqa: E402
 
 
 def without_huffman_tables(optimize: bool, seed: int = 0) -> bytes:
@@ -53,10 +54,7 @@ def _info(data: bytes) -> dict:
 
 @pytest.fixture(scope="module")
 def good_files(tmp_path_factory):
-    os.environ["FASTBYOL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    root = tmp_path_factory.mktemp("good")
-    write_synthetic_jpegs(root, n_train=24, n_test=0, size=32, classes=1)
-    return sorted((root / "train" / "class0").iterdir())
+    return good_jpegs(tmp_path_factory, 24)
 
 
 def _folder(good_files, root, extra: dict[str, bytes]):

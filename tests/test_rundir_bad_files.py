@@ -18,12 +18,11 @@ import torch
 pytest.importorskip("PIL")
 pytest.importorskip("nvidia.dali")
 
-
 from fastbyol.data import resolve_dataset  # noqa: E402
 from fastbyol.data.checks import check_image_file  # noqa: E402
 from fastbyol.data.folders import FileList  # noqa: E402
-from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 
+from .support import good_jpegs  # noqa: E402
 from .test_data_decode import bad_scan_jpeg as _bad_scan_jpeg  # noqa: E402
 
 BAD = "000020x.jpg"  # sorts among the good files (000000.jpg ...)
@@ -36,10 +35,7 @@ def bad_scan_jpeg(seed: int = 1) -> bytes:
 
 @pytest.fixture(scope="module")
 def good_files(tmp_path_factory):
-    os.environ["FASTBYOL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    root = tmp_path_factory.mktemp("good")
-    write_synthetic_jpegs(root, n_train=40, n_test=0, size=32, classes=1)
-    return sorted((root / "train" / "class0").iterdir())
+    return good_jpegs(tmp_path_factory, 40)
 
 
 @pytest.fixture
