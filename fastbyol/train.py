@@ -434,7 +434,7 @@ def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: 
     source = dataset.pretraining_source
     # the online probe's labels: array sources (gathered by the rows DALI's source names), labelled folders and
     # shards (the reader's labels, the graph's last output), on either device; the draws stay the same either way
-    labels = probe_labels(dataset) if cfg.run.online_probe else None
+    labels = probe_labels(dataset) if cfg.run.online_probe and plan.accumulate == 1 else None  # (_online_probe)
     loader = TwoViewLoader(source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed, labels=labels,
                            device=device.type, num_threads=cfg.data.num_threads, view1=view1, view2=view2,
                            gray_input=dataset.gray, shard_id=rank, num_shards=plan.world_size,
@@ -458,8 +458,8 @@ def _online_probe(cfg: Config, plan: Resolved, dataset: ImageDataset, model: BYO
     if not cfg.run.online_probe:
         return None
     why = ("the pretraining images have no labels" if probe_labels(dataset) is None else
-           loader.labels_note or "the loader hands over no labels" if not loader.with_labels else
-           "it reads one forward a step, and --accumulate splits the step" if plan.accumulate > 1 else None)
+           "it reads one forward a step, and --accumulate splits the step" if plan.accumulate > 1 else
+           loader.labels_note or "the loader hands over no labels" if not loader.with_labels else None)
     if why is not None:
         log(f"online probe: off ({why}; --no-online-probe silences this)")
         return None

@@ -123,19 +123,24 @@ def test_an_unproven_file_the_decoder_refuses_is_a_bad_file(good_files, tmp_path
     assert ds.skipped_files == 1 and len(ds.pretraining_source) == 24
 
 
+def crashed_run(data, crash: str, out) -> str:
+    """`fastbyol train --data DATA` with the decoder crash hook on `crash`: exit 2, no traceback, no run folder left;
+    the last stderr line."""
+    env = {**os.environ, unproven.CRASH_ENV: crash, "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "fastbyol", "train", "--data", str(data), "--epochs", "1", "--batch-size", "8",
+           "--image-size", "16", "--no-progress", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and not out.exists(), res.stderr[-3000:]
+    return [ln for ln in res.stderr.splitlines() if ln.strip()][-1]
+
+
 def test_a_decoder_crash_names_the_file_and_is_skipped_as_a_bad_file(good_files, tmp_path, monkeypatch):
     """14 unproven files (more than one batch of the child); the 13th crashes it: found among its batch, one by one."""
     extra = {f"u{k:02d}.jpg": without_huffman_tables(False, seed=k) for k in range(14)}
     folder = _folder(good_files, tmp_path / "imgs", extra)
-    env = {**os.environ, unproven.CRASH_ENV: "u12.jpg", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "fastbyol", "train", "--data", str(folder), "--epochs", "1", "--batch-size", "8",
-           "--image-size", "16", "--no-progress", "--out", str(tmp_path / "run")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert res.returncode == 2, res.stderr[-3000:]
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert lines[-1].startswith(f"fastbyol: error: {folder / 'all' / 'u12.jpg'}: crashed the image decoder "
-                                "(SIGSEGV) [pre-flight decode: no Huffman tables"), res.stderr[-3000:]
-    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
+    assert crashed_run(folder, "u12.jpg", tmp_path / "run").startswith(
+        f"fastbyol: error: {folder / 'all' / 'u12.jpg'}: crashed the image decoder (SIGSEGV) [pre-flight decode: "
+        "no Huffman tables")
     monkeypatch.setenv(unproven.CRASH_ENV, "u12.jpg")
     _no_child(monkeypatch)  # the manifest holds the result: nothing decoded again
     ds = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False)

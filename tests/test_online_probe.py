@@ -100,3 +100,16 @@ def test_probe_captures_training_forwards_of_view_1_only():
     probe.step(torch.zeros(5, dtype=torch.long))  # labels of another batch: skipped, not mixed up
     assert probe._features == [] and torch.equal(probe.head.weight, w0)
     probe.close()
+
+
+def test_probe_is_off_with_its_reason_under_accumulation(runs, capsys, monkeypatch):
+    """--accumulate > 1 splits the step into forwards the probe does not read: off, with its reason, and the loader is
+    not asked for labels it would gather for nothing."""
+    from fastbyol import train as train_mod
+
+    root, _, _ = runs
+    made, real = [], train_mod.TwoViewLoader
+    monkeypatch.setattr(train_mod, "TwoViewLoader", lambda *a, **kw: made.append(kw.get("labels")) or real(*a, **kw))
+    summary, _ = _train(root / "data", root / "accumulated", "--accumulate", "2")
+    assert made == [None] and summary["online_probe_top1"] is None
+    assert "online probe: off (it reads one forward a step, and --accumulate splits the step" in capsys.readouterr().out

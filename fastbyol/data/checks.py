@@ -231,6 +231,19 @@ def open_regular(path, dir_fd: int | None = None) -> int:
     return fd
 
 
+def range_reader(path: str, offset: int, size: int) -> Callable[[], bytes]:
+    """read() -> the `size` bytes at `offset` of the regular file `path` (a tar shard's member), opened per call."""
+
+    def read() -> bytes:
+        fd = open_regular(path)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    return read
+
+
 class NotRegularFile(OSError):
     """A data path that names a FIFO, a device, a socket or a folder: never read."""
 

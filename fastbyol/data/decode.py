@@ -137,7 +137,6 @@ def decode_encoded(items: Sequence[EncodedItem], size: int, num_threads: int = 2
     return np.stack(images), np.asarray(kept, np.int64), skipped
 
 
-
 def decode_splits(train_items, train_y, test_items, test_y, size: int, num_threads: int, skip_bad: bool,
                   cancel: threading.Event | None = None):
     """decode_encoded of the training items and, when given, the test items: (x, y, test_x, test_y, skipped), the
@@ -314,7 +313,6 @@ def batch_culprit(source, checkpoint: bytes, shard_id: int, num_shards: int, bat
     items = [(name, (lambda d=data: d)) for name, data in samples]
     _, _, skipped = decode_encoded(items, 16, num_threads, skip_bad=True)
     return skipped[0] if skipped else None
-
 
 
 def dali_reason(text: str) -> str:

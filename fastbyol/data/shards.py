@@ -53,7 +53,7 @@ import numpy as np
 from ..errors import FastByolError
 from .cache import (TMP_MARK, cache_root, file_lock, load_npz_checked, path_key, remove_stale_tmp, save_npz_checked,
                     tmp_name, writable_dir)
-from .checks import check_fd, open_regular
+from .checks import check_fd, open_regular, range_reader
 
 META_VERSION = 3  # 3: members the header check leaves unproven are decoded before they are indexed
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -471,14 +471,7 @@ def _shard_and_offset(name: str) -> tuple[str, str]:
 
 
 def _shard_item(path: str, off: int, size: int, key: str):
-    def read() -> bytes:
-        fd = open_regular(path)
-        try:
-            return os.pread(fd, size, off)
-        finally:
-            os.close(fd)
-
-    return f"{path}:{key}", read
+    return f"{path}:{key}", range_reader(path, off, size)
 
 
 def _collect(shards: list[Path], metas: list[dict], skip_bad: bool) -> tuple[int, int]:

@@ -49,21 +49,11 @@ def file_items(root: str, rels: list[str]) -> list[Item]:
 
 def _reader(item: Item):
     """decode.py's (name, read) of an item: the whole file, or `size` bytes at `offset` (a tar shard's member)."""
-    from .checks import open_regular
+    from .checks import range_reader
     from .decode import file_item
 
     path, offset, size, _ = item
-    if offset < 0:
-        return file_item(path)
-
-    def read() -> bytes:
-        fd = open_regular(path)
-        try:
-            return os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
-
-    return f"{path}:{offset}", read
+    return file_item(path) if offset < 0 else (f"{path}:{offset}", range_reader(path, offset, size))
 
 
 def child_main(items: list[Item]) -> int:
