@@ -158,10 +158,15 @@ class _Plan:
 
 
 TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()  # by the data pointers of both lists
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()  # by every tensor's memory: data pointer, dtype, shape, strides
 _BOUND: OrderedDict[tuple, tuple] = OrderedDict()  # by the identity of both list objects: (lists, stamp, plan)
 _MAX_PLANS = 16
-_data_ptr = torch.Tensor.data_ptr
+
+
+def _where(t: torch.Tensor) -> tuple:
+    """The memory a tensor covers: two views that start at the same address but differ in size, strides or dtype
+    are different tensors to a plan."""
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
 
 
 def _stamp(target: list[torch.Tensor], online: list[torch.Tensor]) -> tuple:
@@ -169,8 +174,7 @@ def _stamp(target: list[torch.Tensor], online: list[torch.Tensor]) -> tuple:
     moves together under `.to()`, `load_state_dict(assign=True)` or `swap_tensors`)."""
     if not target or not online:
         return len(target), len(online)
-    return (len(target), len(online), target[0].data_ptr(), target[-1].data_ptr(), online[0].data_ptr(),
-            online[-1].data_ptr())
+    return len(target), len(online), _where(target[0]), _where(target[-1]), _where(online[0]), _where(online[-1])
 
 
 def clear_plans() -> None:
@@ -183,17 +187,18 @@ def clear_plans() -> None:
 def _plan(target: list[torch.Tensor], online: list[torch.Tensor]) -> _Plan:
     """The plan of a list pair. A step passes the same two list objects each time (the trainer does): they are
     recognised by identity and an O(1) stamp (~0.5 us for ResNet-50, where the data pointers of the 330 tensors took
-    ~35 us); new lists (or a stamp that moved) look the plan up by data pointers, and validate a new one if needed.
+    ~35 us); new lists (or a stamp that moved) look the plan up by every tensor's memory (data pointer, dtype, shape,
+    strides: a view of another size at the same address is another tensor), and validate a new one if needed.
     The bound lists are held, so their ids cannot be reused while cached."""
     key = (id(target), id(online))
     bound = _BOUND.get(key)
     stamp = _stamp(target, online)
     if bound is not None and bound[0] is target and bound[1] is online and bound[2] == stamp:
         return bound[3]
-    ptrs = (tuple(map(_data_ptr, target)), tuple(map(_data_ptr, online)))
-    plan = _PLANS.get(ptrs)
+    where = (tuple(map(_where, target)), tuple(map(_where, online)))
+    plan = _PLANS.get(where)
     if plan is None:
-        plan = _PLANS[ptrs] = _Plan(target, online)  # validates: raises before caching a bad list
+        plan = _PLANS[where] = _Plan(target, online)  # validates: raises before caching a bad list
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
     _BOUND[key] = (target, online, stamp, plan)

@@ -365,3 +365,24 @@ def test_ema_plan_follows_new_lists_and_moved_storage(kernels_path):
     target[1] = torch.randn(17)  # one tensor in the middle replaced in place: clear_plans says so
     clear_plans()
     check(target, online)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_ema_plan_tells_views_at_the_same_address_apart(kernels_path, backend):
+    """Views that start where an earlier list's tensors started but differ in size or strides get their own plan:
+    the whole tensor is updated after its prefix was, and a size mismatch hidden behind a cached address is still the
+    documented ValueError."""
+    kernels_path(backend)
+    a, b = torch.randn(10, generator=torch.Generator().manual_seed(1)), torch.randn(10)
+    ema_update_([a[:3]], [b[:3]], 0.5)  # a plan for the prefix views
+    expected = 0.5 * a.double() + 0.5 * b.double()
+    ema_update_([a], [b], 0.5)  # the same data pointers, the whole tensors
+    torch.testing.assert_close(a.double(), expected, rtol=0, atol=1e-6)
+    expected[3:] = a.double()[3:]  # and back to the prefix: the rest stays as it is
+    expected[:3] = 0.5 * a.double()[:3] + 0.5 * b.double()[:3]
+    ema_update_([a[:3]], [b[:3]], 0.5)
+    torch.testing.assert_close(a.double(), expected, rtol=0, atol=1e-6)
+    t, o = torch.zeros(4), torch.ones(4)
+    ema_update_([t], [o], 0.5)
+    with pytest.raises(ValueError):
+        ema_update_([t], [o[:2]], 0.5)
