@@ -128,8 +128,9 @@ class Checkpointer:
     momentum and the recent losses are finite (export and eval refuse any non-finite tensor)."""
 
     def __init__(self, cfg: Config, state, model, optimizer, loader, meter, bad: BadFiles, run_dir: Path,
-                 world_size: int, is_rank0: bool):
+                 world_size: int, is_rank0: bool, probe=None):
         self.cfg, self.state, self.model, self.optimizer = cfg, state, model, optimizer
+        self.probe = probe  # the online probe (its state travels in the checkpoint), or None
         self.loader, self.meter, self.bad, self.run_dir = loader, meter, bad, run_dir
         self.world_size, self.is_rank0 = world_size, is_rank0
 
@@ -139,6 +140,7 @@ class Checkpointer:
         self.bad.gather(self.loader, world_size, write=self.is_rank0)
         state.torch_rngs = gather_objects(torch.get_rng_state(), world_size)
         state.meter, state.finished = self.meter.state_dict(), finished
+        state.probe = {} if self.probe is None else self.probe.state_dict()
         momentum = [s["momentum_buffer"] for s in self.optimizer.state.values() if "momentum_buffer" in s]
         flag = _finite_flag([*self.model.parameters(), *self.model.buffers(), *momentum, loss_sum])  # BN stats too
         if global_mean(flag, world_size) < 1.0:  # sync: at the save point; every rank takes the same decision

@@ -27,6 +27,7 @@ class TrainState:
     meter: dict = field(default_factory=dict)  # ThroughputMeter.state_dict() of the timed steps so far
     peak_device_bytes: float = 0.0  # GPU memory in use by every allocator (torch, DALI), highest seen at a log point
     finished: bool = False  # the final checkpoint: nothing left to resume
+    probe: dict = field(default_factory=dict)  # OnlineProbe.state_dict() ({} where there is no probe)
 
     def to_checkpoint(self, model_state: dict, optimizer_state: dict, config: dict, version: str) -> dict:
         """The checkpoint dict: weights, optimizer, this state, the config it ran with."""
@@ -101,6 +102,8 @@ class TrainState:
             bad("peak_device_bytes", f"is {_short(self.peak_device_bytes)}")
         if not isinstance(self.finished, bool):
             bad("finished", f"is {_short(self.finished)}, not true or false")
+        if not isinstance(self.probe, dict):
+            bad("probe", f"is {_short(self.probe)}, not the online probe's state")
         return self
 
 

@@ -258,6 +258,8 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     loader.on_skip = lambda name, why: log(f"skipped {name}: {why} (--skip-bad-files)")
     image_flops = flops_per_image(model, cfg.data.image_size, device)  # on the plain model: no collectives
     probe = _online_probe(cfg, plan, dataset, model, loader, device, log)  # after the FLOP count's copy of the model
+    if probe is not None and state.probe:  # a resume: the probe continues where it was
+        probe.load_state_dict(state.probe, str(resume))
     net = _distributed(model, device, world_size)
     step_fn = TrainStep(net if plan.compile_mode == "off" else
                         torch.compile(net, mode=None if plan.compile_mode == "default" else plan.compile_mode),
@@ -269,18 +271,19 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
     try:
         files.open(cfg, plan, None if resume is None else state.step, 2 * state_bytes(model.state_dict()), rank)
         _log_start(log, cfg, plan, dataset, model, run_dir, device, state, resume, image_flops)
-        checkpoint = Checkpointer(cfg, state, model, optimizer, loader, meter, bad, run_dir, world_size, is_rank0)
+        checkpoint = Checkpointer(cfg, state, model, optimizer, loader, meter, bad, run_dir, world_size, is_rank0,
+                                  probe)
 
         # the loop
         last_loss, startup, loss_sum = _loop(cfg, plan, state, loader, meter, step_fn, files, checkpoint, model,
                                              dataset, device, run_dir, progress, is_rank0, world_size, log)
 
-        # the end: the final checkpoint first (a failed evaluation loses nothing), then kNN, then the summary
+        # the end: the final checkpoint first (a failed evaluation loses nothing), then kNN, the summary, and last the
+        # checkpoint marked finished
         files.save(checkpoint(False, loss_sum))  # not yet finished: a resume from it runs the evaluation again
         knn_trained, knn_random = _final_knn(cfg, dataset, model, device, run_dir, is_rank0, world_size, make_encoder)
         probe_top1 = _probe_top1(probe, model, dataset, device) if is_rank0 else None
         state.knn_top1_random_init = knn_random
-        files.save(checkpoint(True, loss_sum))
         summary = _summary(cfg, plan, state, meter, model, dataset, device, step_fn.mode, knn_trained, knn_random,
                            last_loss, resumed=resume is not None)
         summary["startup_seconds"] = {**dataset.startup_seconds, **startup}
@@ -296,6 +299,9 @@ def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, dev
         if knn_random is not None:
             files.write_metrics(step=0, epoch=-1, knn_top1=knn_random, init="random", final=True)
         files.write_summary(summary)
+        # finished only once the summary is there: a stop before this resumes into the evaluation and the summary
+        # again, so no run is left finished without its summary.json
+        files.save(checkpoint(True, loss_sum))
     except BaseException:  # whatever stopped a new run before its first checkpoint: nothing is left behind
         if resume is None and not isinstance(sys.exc_info()[1], TrainingStopped):
             files.close()

@@ -79,3 +79,29 @@ def test_twenty_kills_then_the_uninterrupted_parameters(small_idx_data, tmp_path
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == [json.loads(x)["step"] for x in (full / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert kills >= KILLS // 2  # the run was really interrupted, many times
+
+
+def test_a_kill_in_the_last_checkpoint_write_leaves_the_summary_and_a_resumable_run(small_idx_data, tmp_path):
+    """The checkpoint marked finished is the last thing a run writes, after summary.json: a run killed inside that
+    write has its summary, and a resume evaluates and writes it again with the same parameters (a run is never left
+    finished without its summary, which no command would then write)."""
+    data = small_idx_data(96, 32)  # 3 steps, no periodic checkpoint: writes 1 (before the evaluation) and 2 (finished)
+    args = ["--data", str(data), "--epochs", "1", "--batch-size", "32", "--ckpt-every-steps", "0", "--knn-every", "0",
+            "--no-progress", "--seed", "3", "--num-threads", "1"]
+    full, run = tmp_path / "full", tmp_path / "run"
+    res = subprocess.run(_cli(*args, "--out", str(full)), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    expected = json.loads((full / "summary.json").read_text())
+    env = dict(os.environ, FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE="2")
+    res = subprocess.run(_cli(*args, "--out", str(run)), capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    killed = json.loads((run / "summary.json").read_text())  # written before the write that was killed
+    assert killed["params_sha256"] == expected["params_sha256"]
+    assert not load_checkpoint(run / "checkpoint.pt")["state"]["finished"]
+    res = subprocess.run(_cli("--resume", str(run), "--no-progress"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["params_sha256"] == expected["params_sha256"]
+    assert load_checkpoint(run / "checkpoint.pt")["state"]["finished"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in full.iterdir())  # no stray files
+    finals = [x for x in (run / "metrics.jsonl").read_text().splitlines() if '"final"' in x]
+    assert finals == [x for x in (full / "metrics.jsonl").read_text().splitlines() if '"final"' in x]

@@ -102,6 +102,47 @@ def test_probe_captures_training_forwards_of_view_1_only():
     probe.close()
 
 
+def test_probe_state_round_trips_exactly_and_a_foreign_one_is_refused():
+    """A probe restored from state_dict() continues exactly as the original (head, momentum, statistics); a state of
+    another class count, a damaged statistic or a wrong momentum buffer is one FastByolError naming the checkpoint."""
+    from fastbyol.errors import FastByolError
+
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet-tiny", "small-s2", 28)
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 3, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(6)]
+
+    def steps(probe, part):
+        for x, y in part:
+            encoder(x)
+            probe.step(y)
+
+    a = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=0)
+    steps(a, batches[:3])
+    saved = a.state_dict()
+    a.close()
+    b = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=7)  # another init: overwritten
+    b.load_state_dict(saved)
+    a = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=0)
+    a.load_state_dict(saved)
+    b.close()
+    steps(a, batches[3:])
+    c = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=0)  # uninterrupted: 6 steps
+    a.close()
+    steps(c, batches)
+    for got, want in ((a.head.weight, c.head.weight), (a.head.bias, c.head.bias), (a.mean, c.mean), (a.var, c.var)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert a._seen == c._seen == 6
+    other = OnlineProbe(encoder, encoder.feature_dim, 5, torch.device("cpu"), seed=0)
+    damaged = {**saved, "mean": saved["mean"].clone().fill_(float("nan"))}
+    momentum = {**saved, "optimizer": {**saved["optimizer"], "state": {0: {"momentum_buffer": torch.zeros(3)}}}}
+    for probe, state in ((other, saved), (c, damaged), (c, momentum), (c, {**saved, "seen": -1}), (c, [])):
+        with pytest.raises(FastByolError, match="run/checkpoint.pt: its online probe state"):
+            probe.load_state_dict(state, "run/checkpoint.pt")
+    other.close()
+    c.close()
+
+
 def test_probe_is_off_with_its_reason_under_accumulation(runs, capsys, monkeypatch):
     """--accumulate > 1 splits the step into forwards the probe does not read: off, with its reason, and the loader is
     not asked for labels it would gather for nothing."""

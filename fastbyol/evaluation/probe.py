@@ -12,8 +12,8 @@ device work only (no host sync); its accuracy is read at the kNN check, which sy
 Optimizer: SGD with Nesterov momentum 0.9, lr 0.1 (constant), no weight decay, on features standardised by a
 running mean and variance kept by the probe itself (the plain mean over its first 100 steps, then momentum 0.01):
 the raw pooled features' scale changes as BYOL trains, and a fixed lr would otherwise be too large early and too
-small late. Not checkpointed: a resumed run trains a fresh probe from the resumed step on (the BYOL weights and
-figures are unaffected).
+small late. Checkpointed with the run (head, optimizer, statistics): a resumed run's probe continues where it was, so
+its figures are those of the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -86,6 +86,47 @@ class OnlineProbe:
         self._features.clear()
         pred = self.head(self._standardise(feats)).argmax(1).cpu()
         return 100.0 * (pred == torch.as_tensor(labels)).float().mean().item()
+
+    def state_dict(self) -> dict:
+        """Everything the probe needs to continue exactly: the head, its optimizer, the feature statistics."""
+        import copy
+
+        return {"head": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "mean": self.mean.cpu().clone(),
+                "var": self.var.cpu().clone(), "seen": self._seen}  # copies: a snapshot, not views of live tensors
+
+    def load_state_dict(self, state: dict, where: str = "checkpoint") -> None:
+        """Restore state_dict(); a state of another shape or type is a FastByolError naming `where`."""
+        from ..errors import FastByolError
+
+        def same(a, b) -> bool:
+            return isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and bool(
+                torch.isfinite(a).all())
+
+        head = state.get("head") if isinstance(state, dict) else None
+        own = self.head.state_dict()
+        ok = (isinstance(head, dict) and set(head) == set(own) and all(same(head[k], own[k]) for k in own)
+              and same(state.get("mean"), self.mean) and same(state.get("var"), self.var)
+              and isinstance(state.get("seen"), int) and not isinstance(state.get("seen"), bool)
+              and state["seen"] >= 0 and isinstance(state.get("optimizer"), dict))
+        if ok:
+            try:
+                optimizer = torch.optim.SGD(self.head.parameters(), lr=PROBE_LR, momentum=0.9, nesterov=True)
+                optimizer.load_state_dict(state["optimizer"])
+                for param in self.head.parameters():
+                    buf = optimizer.state.get(param, {}).get("momentum_buffer")
+                    ok = ok and (buf is None or same(buf, param.detach()))
+            except (ValueError, KeyError, TypeError, RuntimeError):
+                ok = False
+        if not ok:
+            raise FastByolError(f"{where}: its online probe state does not fit this run's probe (damaged, or "
+                                "another number of classes or features)")
+        with torch.no_grad():
+            self.head.load_state_dict(head)
+            self.mean.copy_(state["mean"])
+            self.var.copy_(state["var"])
+        self.optimizer = optimizer
+        self._seen = state["seen"]
 
     def close(self) -> None:
         self._handle.remove()
