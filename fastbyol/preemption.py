@@ -147,7 +147,7 @@ def auto_resume_decision(cfg: Config, rank: int = 0, log=print) -> Path | None:
     total = _total_steps(run_dir)
     if state.get("finished"):
         missing = "" if (run_dir / "summary.json").is_file() else (
-            f"; its summary.json is missing (stopped while writing it): `fastbyol eval {run_dir}` evaluates it")
+            f"; its summary.json is missing (removed since): `fastbyol eval {run_dir}` evaluates it")
         raise AlreadyFinished(f"{run_dir}: the run already finished ({state.get('step')} of {total} steps){missing}")
     log(f"resuming {run_dir} at step {state.get('step')} of {total}")
     return run_dir
