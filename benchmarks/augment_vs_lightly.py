@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-PEER_PYTHON = "/work/peer-venv/bin/python"
+PEER_PYTHON = os.environ.get("FASTBYOL_PEER_PYTHON", "")  # the peers' venv python, unless --peer-python
 
 
 def _rates(arrivals: list[float], batch: int, cpu_seconds: float) -> dict:
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row))
         return 0
 
+    if not args.peer_python:
+        raise SystemExit("--peer-python: give the python of a separate venv with lightly and torchvision (or set "
+                         "FASTBYOL_PEER_PYTHON)")
     if not os.path.exists(args.peer_python):
         raise SystemExit(f"--peer-python {args.peer_python} does not exist (a venv with lightly and torchvision)")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

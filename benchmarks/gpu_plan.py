@@ -13,7 +13,7 @@ the 'eager' backend, tests collected, not run): the CPU dry run of tests/test_gp
 
 Results: OUT/callN.json {"call", "meta", "items": [{name, status: ok|failed|skipped, seconds, result|error|reason}],
 "report": gpu_report sections}, also kept in the state folder (PLAN_STATE, default runs/gpu-plan, ignored by git),
-which survives between calls on a warm device machine with the compiler caches and the peers' wheels.
+which survives between calls on a GPU host still held with the compiler caches and the peers' wheels.
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def tests_dali(plan: Plan):
 
 def _augment_jpeg(plan: Plan, decode: str):
     """`fastbyol bench augment --device gpu --source jpeg` on the ImageNet-like JPEGs (not the small synthetic ones),
-    224 px, batch 256, in one decode mode of the GPU path (issue 13, hazard 3): "roi" (one region-of-interest decode
+    224 px, batch 256, in one decode mode of the GPU path: "roi" (one region-of-interest decode
     per view: each file entropy-decoded twice) or "once" (one whole-image decode, both views cropped from it on the
     GPU). The two items run back to back on the same files; the faster mode becomes the default of
     `fastbyol train --decode` (fastbyol.config.AugmentConfig.decode). On the CPU (the dry run) the mode changes
@@ -562,7 +562,7 @@ def _identity(row: dict) -> tuple:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--call", type=int, choices=sorted(CALLS), help="which call of the plan to run")
-    ap.add_argument("--out", help="output folder ($OUT on the device machine)")
+    ap.add_argument("--out", help="output folder ($OUT on the GPU host)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of work (default: the call's, 600 on a CPU)")
     ap.add_argument("--merge", nargs="+", metavar="DIR", help="merge the calls' JSON files of these folders")
     ap.add_argument("--list", action="store_true", help="print the calls and their items")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call of the GPU plan (benchmarks/gpu_plan.md): install, the call's items, every figure into $OUT as measured.
-#   bash benchmarks/gpu_run.sh 1            # on the device machine: call 1 (the headline); then 2, 3, 4
+#   bash benchmarks/gpu_run.sh 1            # on the GPU host: call 1 (the headline); then 2, 3, 4
 #   bash benchmarks/gpu_run.sh 3 ITEM...    # named items instead of the call's list (a rerun)
 #   OUT=DIR PY=python PLAN_INSTALL=0 bash benchmarks/gpu_run.sh N   # CPU dry run (tests/test_gpu_plan.py)
 # State that later calls reuse lives in $PLAN_STATE (default runs/gpu-plan, git-ignored, kept on a warm machine):
@@ -44,7 +44,7 @@ if [ "$CALL" = 4 ]; then
       echo "UNPACK FAILED" >"$STATE/dali-unpack.txt"
     fi
   else
-    echo "DALI PARTS MISSING: $parts of 4 in .devpack/ (the machine was released between calls?)" >"$STATE/dali-unpack.txt"
+    echo "DALI PARTS MISSING: $parts of 4 in .devpack/ (the host was given back between calls?)" >"$STATE/dali-unpack.txt"
   fi
   cat "$STATE/dali-unpack.txt"
   wait $writer || echo "warning: the JPEG writer failed (see $LOG); the train item writes them itself"

@@ -1,4 +1,4 @@
-"""fastbyol beside lightly's BYOL and byol-pytorch on fastbyol's default workload, measured in one run (issue 19).
+"""fastbyol beside lightly's BYOL and byol-pytorch on fastbyol's default workload, measured in one run.
 
     .venv/bin/python benchmarks/parity.py --seeds 0 1 2                        # the three systems: table + JSON
     .venv/bin/python benchmarks/parity.py --systems fastbyol --variants baseline blur-cover --seeds 0 1 2
@@ -48,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PEER_PYTHON = "/work/peer-venv/bin/python"
+PEER_PYTHON = os.environ.get("FASTBYOL_PEER_PYTHON", "")  # the peers' venv python, unless --peer-python
 PEER_SCRIPTS = {"lightly": ("lightly_byol.py", []), "lightly-blur-off": ("lightly_byol.py", ["--blur-off"]),
                 "byol-pytorch": ("byol_pytorch_readme.py", [])}
 SYSTEMS = ("fastbyol", *PEER_SCRIPTS)
@@ -380,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant {unknown[0]!r}; --list-variants shows them")
+    if any(s != "fastbyol" for s in args.systems) and not args.peer_python:
+        ap.error("--peer-python: give the python of the peers' venv (or set FASTBYOL_PEER_PYTHON; see "
+                 "benchmarks/peers/)")
     if any(s != "fastbyol" for s in args.systems) and not Path(args.peer_python).exists():
         ap.error(f"--peer-python {args.peer_python} does not exist (the peers' venv: see benchmarks/peers/)")
     out_dir = Path(args.out_dir or REPO / "runs" / f"parity-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")

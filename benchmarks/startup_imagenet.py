@@ -15,10 +15,10 @@ cost directory entries, not inodes or data). Then measures, each `--repeat` time
      the embedded Fashion-MNIST as arrays and the same 8,000 + 2,000 images converted to PNG tar shards.
 
 Usage:
-    python benchmarks/startup_imagenet.py --root /work/imagenet-links [--repeat 3] [--only dataset|train|shards|knn]
-    python benchmarks/startup_imagenet.py --root /work/imagenet-links --remove   # delete the tree
+    python benchmarks/startup_imagenet.py --root ROOT [--repeat 3] [--only dataset|train|shards|knn]
+    python benchmarks/startup_imagenet.py --root ROOT --remove   # delete the tree
 
-Goals (issue 17): <= 30 s the first time, <= 5 s with the manifest, 2 processes as fast as 1; <= 500 MB RSS for the
+Goals: <= 30 s the first time, <= 5 s with the manifest, 2 processes as fast as 1; <= 500 MB RSS for the
 dataset description. Results of the last run: benchmarks/results/2026-11-28/README.md ("Startup on ImageNet-sized data").
 """
 
@@ -194,7 +194,7 @@ def knn_gain(work: Path, epochs: int = 16) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", type=Path, default=Path("/work/imagenet-links"))
+    ap.add_argument("--root", type=Path, required=True, help="the folder of the ImageNet-sized tree (made there once)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", choices=["dataset", "train", "shards", "knn"], default=None)
     ap.add_argument("--remove", action="store_true", help="delete the tree and its sources")

@@ -1,4 +1,4 @@
-"""The GPU JPEG path's decode modes (issue 13, hazard 3), run on the CPU: `fastbyol.augment.decode_views` builds the
+"""The GPU JPEG path's decode modes, run on the CPU: `fastbyol.augment.decode_views` builds the
 graph the CUDA loader runs with the "mixed" decoders; here the same graph runs with the "cpu" decoders and
 device_id=None. "roi": one region-of-interest decode per view; "once": one whole-image decode, both views cropped
 from it (fn.random_resized_crop). Checked: the outputs' shape, dtype and layout; per-sample crops; the crop's area

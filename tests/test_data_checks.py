@@ -1,4 +1,4 @@
-"""Hostile data inputs (issue 25, data side): image headers outside what the decoders read, non-regular files,
+"""Hostile data inputs: image headers outside what the decoders read, non-regular files,
 labels outside the class count, malformed .npz members, shards written into their source. Each ends in one
 FastByolError line naming the file (or a correct load), never a hang, a traceback or a native crash."""
 

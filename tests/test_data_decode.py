@@ -1,4 +1,4 @@
-"""Issue 18, item 1: a file that fails to decode is named in one line (exit 2) or skipped and counted; the process
+"""A file that fails to decode is named in one line (exit 2) or skipped and counted; the process
 never dies from it.
 
 Root cause of the SIGSEGV (reproduced with DALI 2.4 on the CPU): DALI's image decoder parses the headers of a batch

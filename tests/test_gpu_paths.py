@@ -57,7 +57,7 @@ def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws():
 
 
 def test_gpu_dali_buffers_live_until_the_chain_has_read_them():
-    """Issue 13, hazard 1, for the chain's inputs: with a long kernel queued first, the chain of every batch runs
+    """For the chain's inputs: with a long kernel queued first, the chain of every batch runs
     late, after the loop has moved on and dropped DALI's outputs; the views must still equal those of a run that
     synchronized after every batch (same seed)."""
     from fastbyol.augment import TwoViewLoader
@@ -110,7 +110,7 @@ def imagenet_like(tmp_path_factory):
 
 @pytest.mark.parametrize("decode", ["roi", "once"])
 def test_gpu_decode_modes_give_the_views_and_decode_as_said(imagenet_like, decode):
-    """Issue 13, hazard 3: both decode modes of the mixed decoder on varied-size JPEGs: (B, 3, S, S) fp16
+    """Both decode modes of the mixed decoder on varied-size JPEGs: (B, 3, S, S) fp16
     channels_last views on the GPU, per-sample crops; "roi" has two decoders in its graph (one per view), "once" one
     (each file decoded once, both views cropped from it)."""
     from fastbyol.augment import TwoViewLoader

@@ -57,7 +57,7 @@ def test_items_past_the_budget_are_skipped_with_a_reason(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU dry run: with CUDA the items run at full size")
 def test_call_four_times_both_decode_modes_and_the_merge_keeps_both(tmp_path):
-    """Issue 13, hazard 3: call 4 times bench_augment on the ImageNet-like JPEGs in both decode modes, one row each,
+    """Call 4 times bench_augment on the ImageNet-like JPEGs in both decode modes, one row each,
     written as measured; the merged report keeps both rows (the mode is part of a row's identity)."""
     pytest.importorskip("nvidia.dali")
     names = ["augment-jpeg-224-roi", "augment-jpeg-224-once"]

@@ -57,6 +57,25 @@ def test_gpu_report_tiny_on_cpu(tmp_path):
     assert readme_table.latest_report(results).name == "2026-01-15-h200-report.json"
 
 
+
+def test_the_readme_block_is_what_its_generator_writes():
+    """README.md's performance block is exactly `python benchmarks/readme_table.py`'s output from the newest committed
+    report (never edited by hand), and it prints no missing version as 'None'."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import readme_table
+    finally:
+        sys.path.pop(0)
+    text = (ROOT / "README.md").read_text()
+    made, name = readme_table.regenerated(text, ROOT)
+    assert made == text, f"README.md's block differs from the one made from {name}: run benchmarks/readme_table.py"
+    block = text[text.index(readme_table.START):text.index(readme_table.END)]
+    assert "None" not in block
+    report = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    head = readme_table.table({**report, "versions": {"torch": "2.0", "dali": None}}, name).splitlines()[0]
+    assert "torch 2.0" in head and "DALI" not in head and "triton" not in head
+
+
 def test_gpu_report_sections(tmp_path):
     script = str(ROOT / "benchmarks" / "gpu_report.py")
     res = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--tiny", "--sections", "lars"],

@@ -188,7 +188,7 @@ def test_lars_refuses_a_negative_lr():
         LARS([torch.nn.Parameter(torch.ones(2))], lr=-1.0)
 
 
-# ------------------------------------------------------------------------ lightly's trust-ratio form (issue 19)
+# ------------------------------------------------------------------------ lightly's trust-ratio form ----------
 def _lightly_lars_step(params, grads, bufs, lr, weight_decay, momentum, eta, eps, excluded):
     """lightly.utils.lars.LARS.step's arithmetic, written out from its source (float64 oracle): ratio
     eta |w| / (|g| + wd |w| + eps) on the decayed parameters; the excluded ones are lightly's weight_decay=0 group."""

@@ -1,4 +1,4 @@
-"""Issue 18, item 1, in the training pipeline: a file that passes the structural checks but that DALI cannot decode is
+"""In the training pipeline: a file that passes the structural checks but that DALI cannot decode is
 replaced and counted under --skip-bad-files (the run goes on, and a resume stays exact), or named in one line.
 
 The bad file: a progressive JPEG whose first scan asks for DC coefficients 0..5 (tests/test_data_decode.py's

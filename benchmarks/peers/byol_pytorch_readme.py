@@ -1,6 +1,6 @@
 """byol-pytorch (lucidrains) trained as its README shows, on fastbyol's default workload; run with the peers' venv:
 
-    /work/peer-venv/bin/python benchmarks/peers/byol_pytorch_readme.py --seed 0 [--out result.json]
+    PEER_VENV/bin/python benchmarks/peers/byol_pytorch_readme.py --seed 0 [--out result.json]
 
 As its README: `learner = BYOL(net, image_size, hidden_layer="avgpool")`, `Adam(learner.parameters(), lr=3e-4)`, and
 per step `loss = learner(images); opt.zero_grad(); loss.backward(); opt.step(); learner.update_moving_average()`,

@@ -1,7 +1,7 @@
 """lightly's BYOL (its example, examples/pytorch/byol.py) trained on fastbyol's default workload; run with the peers'
 venv, never the project's:
 
-    /work/peer-venv/bin/python benchmarks/peers/lightly_byol.py --seed 0 [--out result.json] [--blur-off]
+    PEER_VENV/bin/python benchmarks/peers/lightly_byol.py --seed 0 [--out result.json] [--blur-off]
 
 What is lightly's, as its example writes it: BYOLTransform (BYOLView1Transform + BYOLView2Transform: torchvision
 and PIL, per image, in DataLoader workers), BYOLProjectionHead / BYOLPredictionHead, the momentum copies with

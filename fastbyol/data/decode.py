@@ -4,7 +4,7 @@
 `size`, bicubic, centre crop; DALI on the CPU), `decode_files` does it for paths, and `BackgroundDecode` runs such
 a job in a thread so training starts while the images decode; the trainer waits on it only when it first needs them.
 
-Safety (issue 18): every item is read here, checked (checks.py) and fed to DALI through external_source, in batches
+Safety: every item is read here, checked (checks.py) and fed to DALI through external_source, in batches
 of at most 4 x (threads + 1): DALI's decoder then parses headers in the calling thread, where a parse error is
 raised as an exception (on its worker threads, DALI 2.4 loses the error and then segfaults decoding the unparsed
 sample; see checks.py). When a batch fails anyway (data damaged past the headers), each of its items is decoded
