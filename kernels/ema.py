@@ -174,7 +174,8 @@ def _stamp(target: list[torch.Tensor], online: list[torch.Tensor]) -> tuple:
     moves together under `.to()`, `load_state_dict(assign=True)` or `swap_tensors`)."""
     if not target or not online:
         return len(target), len(online)
-    return len(target), len(online), _where(target[0]), _where(target[-1]), _where(online[0]), _where(online[-1])
+    return (len(target), len(online), target[0].data_ptr(), target[-1].data_ptr(), online[0].data_ptr(),
+            online[-1].data_ptr())  # data pointers only: this runs every step (a tensor swapped in: clear_plans)
 
 
 def clear_plans() -> None:

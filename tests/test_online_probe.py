@@ -104,7 +104,8 @@ def test_probe_captures_training_forwards_of_view_1_only():
 
 def test_probe_state_round_trips_exactly_and_a_foreign_one_is_refused():
     """A probe restored from state_dict() continues exactly as the original (head, momentum, statistics); a state of
-    another class count, a damaged statistic or a wrong momentum buffer is one FastByolError naming the checkpoint."""
+    another class count, a statistic of another size or a wrong momentum buffer is one FastByolError naming the
+    checkpoint; a probe that diverged (non-finite) still loads: it never touches BYOL, so it must not block a resume."""
     from fastbyol.errors import FastByolError
 
     torch.manual_seed(0)
@@ -134,11 +135,14 @@ def test_probe_state_round_trips_exactly_and_a_foreign_one_is_refused():
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert a._seen == c._seen == 6
     other = OnlineProbe(encoder, encoder.feature_dim, 5, torch.device("cpu"), seed=0)
-    damaged = {**saved, "mean": saved["mean"].clone().fill_(float("nan"))}
+    damaged = {**saved, "mean": saved["mean"][:-1].clone()}
     momentum = {**saved, "optimizer": {**saved["optimizer"], "state": {0: {"momentum_buffer": torch.zeros(3)}}}}
     for probe, state in ((other, saved), (c, damaged), (c, momentum), (c, {**saved, "seen": -1}), (c, [])):
         with pytest.raises(FastByolError, match="run/checkpoint.pt: its online probe state"):
             probe.load_state_dict(state, "run/checkpoint.pt")
+    diverged = {**saved, "mean": saved["mean"].clone().fill_(float("nan"))}
+    c.load_state_dict(diverged, "run/checkpoint.pt")
+    assert torch.isnan(c.mean).all()
     other.close()
     c.close()
 
