@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(args.peer_python):
         raise SystemExit(f"--peer-python {args.peer_python} does not exist (a venv with lightly and torchvision)")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fastbyol.augment_bench import synthetic_source
+    from fastbyol.tools.bench_augment import synthetic_source
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -82,7 +82,7 @@ def _free(plan: Plan) -> None:
 def env(plan: Plan):
     from gpu_report import git_commit
 
-    from fastbyol.perf import library_versions, peak_flops
+    from fastbyol.run.perf import library_versions, peak_flops
 
     info = {"device": torch.cuda.get_device_name() if plan.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
             "versions": library_versions(), "commit": git_commit(), "tiny": plan.tiny,
@@ -115,7 +115,7 @@ STEP_CASES = {  # the GPU rows: bf16 autocast, channels_last, BYOL heads 4096 wi
 
 
 def _step(plan: Plan, arch: str, variant: str, compile: str = "off"):
-    from fastbyol.bench import bench_step
+    from fastbyol.tools.bench_step import bench_step
 
     if plan.tiny:  # the ViT row keeps a (tiny) ViT, so the dry run goes through the transformer path
         tiny_arch = "vit-tiny-cpu" if arch.startswith("vit") else "resnet-tiny"
@@ -235,11 +235,11 @@ def ema(plan: Plan):
 
 
 def _photometric(plan: Plan, size: int, variant: str):
-    import fastbyol.augment_bench as ab
+    import fastbyol.tools.bench_augment as ab
 
     if not hasattr(ab, "bench_photometric"):
         return "photometric", {"size": size, "variant": variant,
-                               "error": "missing: fastbyol.augment_bench.bench_photometric does not exist yet"}
+                               "error": "missing: fastbyol.tools.bench_augment.bench_photometric does not exist yet"}
     if plan.tiny and variant != "reference":
         return "photometric", {"size": size, "variant": variant, "skipped": "tiny CPU run: the GPU measures it"}
     batch = 256 if size == 224 else 512
@@ -308,7 +308,7 @@ def _augment_jpeg(plan: Plan, decode: str):
     GPU). The two items run back to back on the same files; the faster mode becomes the default of
     `fastbyol train --decode` (fastbyol.config.AugmentConfig.decode). On the CPU (the dry run) the mode changes
     nothing: both rows run the CPU path."""
-    from fastbyol.augment_bench import bench_augment
+    from fastbyol.tools.bench_augment import bench_augment
     from fastbyol.data.folders import FileList
 
     files = sorted(str(p) for p in (_jpeg_folder(plan) / "train").rglob("*.jpg"))
@@ -332,7 +332,7 @@ item("augment-jpeg-224-once", 12, 6, needs_dali=True)(lambda plan: _augment_jpeg
 
 @item("augment-arrays-32", 8, 4, needs_dali=True)
 def augment_arrays(plan: Plan):
-    from fastbyol.augment_bench import bench_augment
+    from fastbyol.tools.bench_augment import bench_augment
 
     gpu = plan.device.type == "cuda"
     return "augment", bench_augment(32, 512 if gpu else 8, "gpu" if gpu else "cpu", "arrays", steps=20 if gpu else 3)

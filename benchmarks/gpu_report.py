@@ -40,7 +40,7 @@ from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, kernel
 from fastbyol.kernels.loss import HAS_TRITON_OP
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.reference import byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_
-from fastbyol.perf import library_versions
+from fastbyol.run.perf import library_versions
 
 
 SECTIONS = ("loss", "ema", "lars", "dali", "step")
@@ -241,7 +241,7 @@ def dali_section(device, tiny: bool) -> dict | None:
     if not _dali_ok():
         print("dali: not importable, section skipped", flush=True)
         return None
-    from fastbyol.augment_bench import bench_augment
+    from fastbyol.tools.bench_augment import bench_augment
 
     if tiny:
         r = bench_augment(28, 32, "cpu", "jpeg", steps=3)
@@ -261,7 +261,7 @@ STEP_RUNS_TINY = [("plain", "off", "synthetic"), ("fastbyol", "off", "synthetic"
 def step_section(device, tiny: bool) -> list[dict]:
     """BYOL img/s and MFU of our training step (eager, compiled, fed by DALI) against the plain PyTorch step, same
     model and batch. A row that fails records its error and the report goes on."""
-    from fastbyol.bench import bench_step
+    from fastbyol.tools.bench_step import bench_step
 
     if tiny:
         cases = [(dict(arch="resnet-tiny", size=28, batch=32, proj_hidden=256, stem="small-s2", steps=3),

@@ -159,7 +159,7 @@ def photometric_host(median_us, repeats: int) -> dict:
     rows = {}
     variants = {"fresh": {}}
     if "buffers" in inspect.signature(kp.photometric_triton).parameters:
-        from fastbyol.photometric import ScratchBuffers
+        from fastbyol.augment.photometric import ScratchBuffers
 
         variants["kept"] = {"buffers": ScratchBuffers()}
     for label, extra in variants.items():

@@ -16,7 +16,7 @@ The route, in two stages (docs/inductor.md has what each step works around and t
    the generated wrapper module's source kept instead of loaded (loading would need a driver). Each generated Triton
    kernel is then compiled for sm_90 with `triton.compile` and `GPUTarget`, at each configuration Inductor's
    heuristics chose for it (or the first, --first-config), with ptxas's report read for spills, as
-   fastbyol.gpu_compile does for the hand-written kernels.
+   fastbyol.tools.gpu_compile does for the hand-written kernels.
 
 Prints (and writes with --out) one JSON object: per graph, the stage reached, the error if one stopped it (with the
 exceptions that caused it), the kernels generated, the configurations compiled, the compile failures, spills, and

@@ -134,7 +134,7 @@ def _patch_lars_lightly() -> None:
 
 def _patch_brightness_mul() -> None:
     """The CPU chain's brightness op as clip(x (1 + delta)): the factor ~ U[1 - b, 1 + b], torchvision's."""
-    from fastbyol import photometric as P
+    from fastbyol.augment import photometric as P
 
     def adjust_brightness_mul(x, delta):
         return (x * (1.0 + delta.reshape(-1, 1, 1, 1))).clamp_(0.0, 1.0)
@@ -181,7 +181,7 @@ def _load() -> list[float]:
 
 
 SOURCES = ("fastbyol/augment/views.py", "fastbyol/augment/pipelines.py", "fastbyol/augment/crops.py",
-           "fastbyol/augment/makers.py", "fastbyol/augment/loader.py", "fastbyol/photometric.py",
+           "fastbyol/augment/makers.py", "fastbyol/augment/loader.py", "fastbyol/augment/photometric.py",
            "kernels/photometric.py", "fastbyol/train.py", "fastbyol/models/resnet.py", "fastbyol/optim.py", "fastbyol/config.py")
 
 
@@ -272,8 +272,8 @@ def heldout_knn(record: dict, images, labels, k: int = 200, temperature: float =
     """kNN top-1 (%) of a run's trained encoder on each held-out split."""
     import torch
 
-    from fastbyol.evaluate import encoder_state
-    from fastbyol.knn import extract_features, knn_accuracy
+    from fastbyol.evaluation.export import encoder_state
+    from fastbyol.evaluation.features import extract_features, knn_accuracy
     from fastbyol.models import build_encoder
 
     state = torch.load(record["encoder"], map_location="cpu", weights_only=True)

@@ -1,5 +1,5 @@
 """The BYOL training step of the two peers people use, run as their README / example runs it, beside ours
-(`fastbyol.bench.bench_step`): same card, same torchvision ResNet-50, same batch, two views per image.
+(`fastbyol.tools.bench_step.bench_step`): same card, same torchvision ResNet-50, same batch, two views per image.
 
     python benchmarks/peer_step.py                      # every peer, ResNet-50, 224 px, batch 256 (CUDA)
     python benchmarks/peer_step.py --tiny               # every peer, ResNet-18, 32 px, batch 8 (CPU smoke run)
@@ -20,7 +20,7 @@ Rows (`PEERS`; each row's `runs` field says the same):
 On CUDA the forward and the loss run under `torch.autocast(bfloat16)` (neither README does it; both allow it), the
 inputs are fp32 NCHW batches as their data loaders give, cuDNN's default settings (no autotuning): what a user of
 the peer runs. FLOPs per image are counted by torch (FlopCounterMode over one forward + backward on 2 images), so
-MFU comes from each row's own network through `fastbyol.perf.mfu`. A peer that is not importable gives a row with
+MFU comes from each row's own network through `fastbyol.run.perf.mfu`. A peer that is not importable gives a row with
 `error: "not installed: ..."`; the GPU plan carries their wheels (benchmarks/gpu_plan.md).
 """
 
@@ -156,7 +156,7 @@ def peer_step(peer: str, arch: str = "resnet50", size: int = 224, batch: int = 2
               device: str | None = None) -> dict:
     """img/s, step ms, FLOPs per image, MFU and peak memory of one peer's training step (see the module docstring).
     A peer that cannot be imported gives {'error': 'not installed: ...'} with the row's identity."""
-    from fastbyol.perf import mfu, peak_flops
+    from fastbyol.run.perf import mfu, peak_flops
 
     if peer not in PEERS:
         raise ValueError(f"peer must be one of {PEERS}, got {peer!r}")
@@ -195,7 +195,7 @@ def _measure(peer, arch, size, batch, steps, warmup, dev, mfu, peak_flops) -> di
         step, forward_backward = _lightly(arch, size, views)
     else:
         step, forward_backward = _byol_pytorch(arch, size, views, own_augment=peer.endswith("own-augment"))
-    # FLOPs of one image: a forward + backward on 2 images, as fastbyol.perf.flops_per_image counts ours
+    # FLOPs of one image: a forward + backward on 2 images, as fastbyol.run.perf.flops_per_image counts ours
     full = dict(views)
     views.update({k: v[:2] for k, v in full.items()})
     with FlopCounterMode(display=False) as counter:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, TwoViewLoader, sample_params
-from fastbyol.photometric_variants import photometric_variant
+from fastbyol.augment.photometric_backends import photometric_variant
 
 from .conftest import DEVICE
 

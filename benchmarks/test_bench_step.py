@@ -4,7 +4,7 @@ CPU here: the tiny ResNet at 28 px, batch 64; on CUDA: ResNet-50 at 224 px, batc
 import pytest
 import torch
 
-from fastbyol.bench import bench_step
+from fastbyol.tools.bench_step import bench_step
 
 from .conftest import DEVICE
 

@@ -6,7 +6,7 @@
     fastbyol.train(cfg, encoder=MyNet)  # BYOL on any nn.Module (docs/backbones.md)
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -23,29 +23,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from .version import __version__
 from .accumulate import accumulated_step
 from .augment import TwoViewLoader, views_from_config
-from .bounds import check_machine_bounds
-from .checkpoint import CHECKPOINT, load_run, state_bytes, write_error
+from .system.bounds import check_machine_bounds
+from .run.checkpoint import CHECKPOINT, load_run, state_bytes, write_error
 from .config import Config, Resolved
 from .data import ImageDataset, resolve_dataset
-from .dist import DeferredMean, barrier, broadcast_object
-from .environment import check_environment
+from .system.distributed import DeferredMean, barrier, broadcast_object
+from .system.environment import check_environment
 from .errors import FastByolError
 from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
 from .evaluation.features import knn_top1
 from .evaluation.probe import OnlineProbe, probe_labels
-from .meter import ThroughputMeter
+from .run.meter import ThroughputMeter
 from .models import BYOL, build_encoder, call_factory, params_sha256
 from .optim import LARS, build_optimizer
-from .perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
-from .preemption import StopCheck
-from .profiling import StepProfiler
+from .run.perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
+from .run.preemption import StopCheck
+from .run.profiling import StepProfiler
 from .reference import lr_at, tau_at
-from .rundir import (BadFiles, Checkpointer, RunFiles, TrainingStopped, check_out_outside_data,  # noqa: F401
+from .run.files import (BadFiles, Checkpointer, RunFiles, TrainingStopped, check_out_outside_data,  # noqa: F401
                      last_good)
-from .state import TrainState
+from .run.state import TrainState
 
 
 def pick_device(name: str) -> torch.device:
@@ -202,7 +202,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     encoder: an encoder of your own instead of cfg.model.arch: an nn.Module mapping (B, 3, H, W) to (B, D), or a
     callable returning one (called after the seed is set; it may take `image_size` and `stem`). D is its
     `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run."""
-    from .dist import close_distributed, init_distributed
+    from .system.distributed import close_distributed, init_distributed
 
     check_environment()  # RANK, WORLD_SIZE, MASTER_PORT, FASTBYOL_CACHE...: one line before anything is read or made
     state, ckpt = None, None
@@ -325,7 +325,7 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
     since the last log point)."""
     from tqdm import tqdm
 
-    from .native import CurrentStderr
+    from .system.native import CurrentStderr
 
     # CurrentStderr: the bar writes between batches, while an encoded source's loader holds fd 2 (native.py)
     bar = tqdm(total=plan.total_steps, initial=state.step, disable=not (progress and is_rank0), unit="step",
@@ -512,7 +512,7 @@ def _distributed(model: BYOL, device: torch.device, world_size: int):
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from .dist import convert_batchnorm
+    from .system.distributed import convert_batchnorm
 
     convert_batchnorm(model, device.type)
     no_buffer_sync = ({"forward_sync_buffers": False}  # newer torch's name for the same switch

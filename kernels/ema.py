@@ -212,7 +212,7 @@ def ema_launch(numels: list[int], t_dtype: str = "fp32", o_dtype: str = "fp32", 
                aligned: bool = True, interpret: bool = False) -> dict:
     """How _triton_ema launches _ema_kernel over tensors of `numels` elements (Triton dtypes t_dtype, o_dtype):
     grid, constexprs (dtype names for T_DTYPE / O_DTYPE), num_warps, num_stages, signature. The launcher and the
-    ahead-of-time compile check (fastbyol.gpu_compile) both use it."""
+    ahead-of-time compile check (fastbyol.tools.gpu_compile) both use it."""
     block = 1 << 16 if interpret else 4096
     signature = dict(T_ptrs="*i64", O_ptrs="*i64", Numels="*i64", Block_tensor="*i32", Block_index="*i32",
                      Tau_ptr="*fp32", tau_value="fp32")

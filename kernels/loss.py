@@ -144,7 +144,7 @@ def _block_shape(B: int, D: int, interpret: bool) -> tuple[int, int]:
 def loss_launch(B: int, D: int, num_pairs: int, dtype: str = "bf16", interpret: bool = False) -> dict:
     """How _triton_forward launches _byol_loss_fwd_kernel for (B, D) inputs of Triton dtype `dtype`: grid,
     constexprs, num_warps, num_stages, signature. The launcher and the ahead-of-time compile check
-    (fastbyol.gpu_compile) both use it."""
+    (fastbyol.tools.gpu_compile) both use it."""
     block_m, block_d = _block_shape(B, D, interpret)
     ptr = f"*{dtype}"
     strides = {f"stride_{t}{i}{rc}": "i32" for i in (1, 2) for t in "pz" for rc in "rc"}

@@ -3,7 +3,7 @@ solarize, clip, normalize, written as channels_last fp16 (or fp32).
 
     out = photometric_triton(crops, params, blur_window=23, solarize_threshold=0.5, mean=..., std=...)
 
-Same arguments and result as the torch reference `fastbyol.photometric.photometric` (its module docstring has the
+Same arguments and result as the torch reference `fastbyol.augment.photometric.photometric` (its module docstring has the
 math of every op; tests/test_photometric.py checks this kernel against it in float64): crops (B, 3, S, S) uint8 (any
 strides: DALI's planar output, or an NHWC batch seen as NCHW), params (B, N_PARAMS) float32, both on the device;
 out (B, 3, S, S) channels_last.
@@ -19,7 +19,7 @@ The launches, per view (B images of S x S):
   3. _blur_h:  grid (B, row blocks): horizontal pass, `window` taps, zero padding, taps computed in the kernel from
                sigma (normalized as the reference); images without blur return at once.
   4. _blur_v:  vertical pass, then solarize, clip, normalize, NHWC store. Every grid, block and warp count comes
-               from `photometric_launches`, which the ahead-of-time compile check (fastbyol.gpu_compile) also uses.
+               from `photometric_launches`, which the ahead-of-time compile check (fastbyol.tools.gpu_compile) also uses.
 
 Memory traffic per pixel (3 channels): uint8 read twice (6 B), output written once (6 B in fp16); images with blur add
 a 12 B scratch write + read per pass (48 B). The eager reference moves ~100 planar float passes per pixel
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from fastbyol.photometric import (BLUR, BRIGHTNESS, CONTRAST, GRAY, HUE, JITTER, N_PARAMS, ORDER, ORDERS, SATURATION,
+from fastbyol.augment.photometric import (BLUR, BRIGHTNESS, CONTRAST, GRAY, HUE, JITTER, N_PARAMS, ORDER, ORDERS, SATURATION,
                                   SIGMA, SOLARIZE, ScratchBuffers, _check)
 
 from ._dispatch import interpreter_on, triton_available
@@ -40,7 +40,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    # the parameter columns, by name (fastbyol.photometric.PARAM_NAMES): compile-time constants of every kernel
+    # the parameter columns, by name (fastbyol.augment.photometric.PARAM_NAMES): compile-time constants of every kernel
     _JITTER = tl.constexpr(JITTER)
     _BRIGHTNESS = tl.constexpr(BRIGHTNESS)
     _CONTRAST = tl.constexpr(CONTRAST)
@@ -80,7 +80,7 @@ if triton_available():
             b = _clip01(v - k * (v - b))
         else:
             d = tl.load(P + _HUE)
-            # hue in sixths by two conditional swaps (Hocevar), as fastbyol.photometric.hue_sixths
+            # hue in sixths by two conditional swaps (Hocevar), as fastbyol.augment.photometric.hue_sixths
             swap_gb = g < b
             g1 = tl.maximum(g, b)
             b1 = tl.minimum(g, b)
@@ -282,7 +282,7 @@ def photometric_launches(B: int, S: int, blur_window: int, out_dtype: str = "fp1
                          blur_rows: int | None = None, blur_warps: int = 4) -> dict[str, dict]:
     """How photometric_triton launches its four kernels for B images of S x S: per kernel its grid, constexprs,
     num_warps, num_stages and signature (Triton types of the runtime arguments). The launcher uses exactly this;
-    the ahead-of-time compile check (fastbyol.gpu_compile) compiles exactly this, so the two cannot drift.
+    the ahead-of-time compile check (fastbyol.tools.gpu_compile) compiles exactly this, so the two cannot drift.
 
     blur_rows: rows per blur program (default: 2 on the GPU at BLOCK_W 256, so that `_blur_v`'s three (ROWS, BLOCK_W)
     fp32 accumulators stay in registers: at 8 rows, 4 warps, it hits 255 registers and spills on sm_90 under Triton
@@ -299,7 +299,7 @@ def photometric_launches(B: int, S: int, blur_window: int, out_dtype: str = "fp1
     out = f"*{out_dtype}"
     blur = dict(NPAR=N_PARAMS, K=blur_window, ROWS=blur_rows, BLOCK_W=BLOCK_W)
     blur_grid = (B, -(-S // blur_rows))
-    from fastbyol.photometric import GRAY_WEIGHTS
+    from fastbyol.augment.photometric import GRAY_WEIGHTS
 
     return {
         # _stats at 8 warps (4 pixels a thread): at 4 warps (8 a thread) it spills 8 B on sm_90 under Triton 3.6;
@@ -342,7 +342,7 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: 
 def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
                        mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
                        out_dtype: torch.dtype = torch.float16, buffers: ScratchBuffers | None = None) -> torch.Tensor:
-    """The chain in four Triton launches (see the module docstring); arguments as fastbyol.photometric.photometric.
+    """The chain in four Triton launches (see the module docstring); arguments as fastbyol.augment.photometric.photometric.
     gray_input is accepted and ignored (the colour arithmetic leaves gray pixels exact). buffers: where the partial
     sums, scratch and tmp live (reused call after call on one stream; None: fresh ones each call). The output is
     always fresh: the caller keeps it. CPU tensors need TRITON_INTERPRET=1 (tests)."""

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastbyol.checkpoint import load_checkpoint
+from fastbyol.run.checkpoint import load_checkpoint
 
 from .support import small_idx_dataset
 

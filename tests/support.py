@@ -73,10 +73,10 @@ def one_step_run(out: Path, n_metrics: int = 3) -> Path:
 
     import torch
 
-    from fastbyol.checkpoint import CHECKPOINT, save_checkpoint
+    from fastbyol.run.checkpoint import CHECKPOINT, save_checkpoint
     from fastbyol.config import get_preset
     from fastbyol.optim import LARS
-    from fastbyol.state import TrainState
+    from fastbyol.run.state import TrainState
     from fastbyol.train import build_model
 
     out.mkdir(parents=True)

@@ -24,10 +24,10 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from fastbyol.accumulate import accumulated_step, micro_batches
-from fastbyol.checkpoint import load_checkpoint
+from fastbyol.run.checkpoint import load_checkpoint
 from fastbyol.cli import main
 from fastbyol.config import Config, get_preset
-from fastbyol.dist import close_distributed, init_distributed
+from fastbyol.system.distributed import close_distributed, init_distributed
 from fastbyol.errors import FastByolError
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS

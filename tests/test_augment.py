@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from fastbyol.augment import VIEW1, VIEW2, TwoViewLoader, ViewSpec  # noqa: E402
-from fastbyol.photometric import PARAM_NAMES  # noqa: E402
+from fastbyol.augment.photometric import PARAM_NAMES  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
 

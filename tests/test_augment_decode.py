@@ -173,7 +173,7 @@ def test_a_bad_decode_mode_is_one_clear_error(jpegs):
         TwoViewLoader(images, batch_size=4, image_size=16, decode="twice")
     with pytest.raises(FastByolError, match="decode must be one of"):
         _pipe(jpegs, "ROI", 24, 6)
-    from fastbyol.augment_bench import bench_augment
+    from fastbyol.tools.bench_augment import bench_augment
 
     with pytest.raises(FastByolError, match="decode must be one of"):
         bench_augment(16, 4, "cpu", "arrays", decode="")

@@ -1,5 +1,5 @@
 """Fidelity of the augmentation to the official BYOL recipe (deepmind-research `byol/utils/augmentations.py`), on the
-path the loader runs: DALI draws the crops and every random parameter, the torch chain (fastbyol.photometric) applies
+path the loader runs: DALI draws the crops and every random parameter, the torch chain (fastbyol.augment.photometric) applies
 the colour ops.
 
 - every per-view probability drawn by DALI, over 4,000 samples, within 3 standard errors; every parameter's range;
@@ -23,7 +23,7 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from fastbyol.augment import (IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader,  # noqa: E402
                               draw_params, op_random_resized_crop, sample_params)
-from fastbyol.photometric import (GRAY_WEIGHTS, ORDERS, PARAM_NAMES, adjust_brightness,  # noqa: E402
+from fastbyol.augment.photometric import (GRAY_WEIGHTS, ORDERS, PARAM_NAMES, adjust_brightness,  # noqa: E402
                                   adjust_contrast, adjust_hue, adjust_saturation, blur_taps, gaussian_blur,
                                   grayscale, photometric, solarize)
 

@@ -22,7 +22,7 @@ def test_bench_augment_json(capsys, source):
 
 
 def test_bench_augment_gray_source():
-    from fastbyol.augment_bench import bench_augment, synthetic_source
+    from fastbyol.tools.bench_augment import bench_augment, synthetic_source
 
     images = synthetic_source(28, 16, "gray")
     assert (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
@@ -47,7 +47,7 @@ def test_bench_augment_errors(capsys):
 def test_bench_photometric_on_the_cpu(variant, threads):
     if variant == "triton":
         pytest.importorskip("triton")
-    from fastbyol.augment_bench import bench_photometric
+    from fastbyol.tools.bench_augment import bench_photometric
 
     r = bench_photometric(16, 4, "cpu", variant, steps=2, threads=threads)
     assert {"variant", "size", "batch", "device", "ms_per_batch", "images_per_s"} <= set(r)
@@ -56,7 +56,7 @@ def test_bench_photometric_on_the_cpu(variant, threads):
 
 
 def test_bench_photometric_errors(monkeypatch):
-    from fastbyol.augment_bench import bench_photometric
+    from fastbyol.tools.bench_augment import bench_photometric
     from fastbyol.errors import FastByolError
 
     with pytest.raises(FastByolError, match="variant must be one of"):
@@ -69,7 +69,7 @@ def test_bench_photometric_errors(monkeypatch):
 def test_steady_rate_reads_the_median_interval():
     """A batch that was already waiting (prefetched) shows as a near-zero interval and does not move the median; the
     mean rate counts it."""
-    from fastbyol.augment_bench import _steady_rate
+    from fastbyol.tools.bench_augment import _steady_rate
 
     arrivals = [0.0, 0.1, 0.2, 0.2001, 0.3, 0.4, 0.5]  # one prefetched batch among 0.1 s steps
     median_rate, mean_rate = _steady_rate(arrivals, 64)

@@ -18,7 +18,7 @@ import torch
 
 from benchmarks import parity
 from benchmarks.peers import workload as W
-from fastbyol import knn as fb_knn
+from fastbyol.evaluation import features as fb_knn
 from fastbyol.data import load_embedded
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.reference import ema_update_reference_, lr_at
@@ -256,7 +256,7 @@ def test_augmentation_patches(restore_trainer, monkeypatch):
     crop-bilinear: the crops are resized bilinear with antialiasing."""
     import torch.nn.functional as F
 
-    from fastbyol import photometric as P
+    from fastbyol.augment import photometric as P
     from fastbyol.augment import crop_resize_flip
 
     monkeypatch.setattr(P, "JITTER_FNS", P.JITTER_FNS)

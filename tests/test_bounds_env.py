@@ -7,10 +7,10 @@ import subprocess
 import pytest
 import torch
 
-from fastbyol.bounds import check_machine_bounds, max_threads, training_bytes
+from fastbyol.system.bounds import check_machine_bounds, max_threads, training_bytes
 from fastbyol.cli import main
 from fastbyol.config import get_preset
-from fastbyol.environment import check_environment, fault_injection_count
+from fastbyol.system.environment import check_environment, fault_injection_count
 from fastbyol.errors import FastByolError
 
 from .support import one_line, train_cli
@@ -68,7 +68,7 @@ def test_memory_estimate_against_a_small_machine(monkeypatch):
     assert parts["encoder"] == 16 * n
     assert parts["activations"] > 0 and parts["heads"] > 0
     check_machine_bounds(cfg, torch.device("cpu"), 1)  # the default run fits this machine
-    monkeypatch.setattr("fastbyol.bounds.machine_memory_bytes", lambda device: sum(parts.values()) - 1)
+    monkeypatch.setattr("fastbyol.system.bounds.machine_memory_bytes", lambda device: sum(parts.values()) - 1)
     with pytest.raises(FastByolError, match="--batch-size 128 at --image-size 28"):
         check_machine_bounds(cfg, torch.device("cpu"), 1)
     cfg.model.proj_hidden = 1 << 20  # the heads now dominate: the widest head setting is named

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fastbyol.checkpoint import load_checkpoint
+from fastbyol.run.checkpoint import load_checkpoint
 
 from .support import train_cli as _cli
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastbyol.train as train_module
-from fastbyol.checkpoint import load_checkpoint
+from fastbyol.run.checkpoint import load_checkpoint
 from fastbyol.cli import main
 
 from .support import train_cli as _cli

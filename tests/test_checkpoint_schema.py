@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from fastbyol.checkpoint import CHECKPOINT, expected_model_state, load_run
+from fastbyol.run.checkpoint import CHECKPOINT, expected_model_state, load_run
 from fastbyol.cli import main
 from fastbyol.config import get_preset
 from fastbyol.errors import FastByolError
@@ -108,7 +108,7 @@ def test_a_real_optimizer_state_passes_the_check(arch, optimizer):
     adapted and excluded groups when a ViT names exclusions), so the check must use that numbering, not the model's
     parameter order: one real step of the real optimizer, then its state_dict is checked as `--resume` checks it;
     a buffer of the wrong shape still fails."""
-    from fastbyol.checkpoint import check_checkpoint_tensors
+    from fastbyol.run.checkpoint import check_checkpoint_tensors
     from fastbyol.optim import build_optimizer
 
     cfg = get_preset("fmnist-tiny")

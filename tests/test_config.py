@@ -97,7 +97,7 @@ def test_a_config_saved_before_the_augment_section_loads_with_its_defaults():
     """config.json files written before the augment section existed have none: they load with the defaults, which are
     what those runs trained with (the module constants the section replaced); a partial section fills the rest."""
     from fastbyol.config import AugmentConfig
-    from fastbyol.photometric import CHUNK_PIXELS
+    from fastbyol.augment.photometric import CHUNK_PIXELS
 
     cfg = get_preset("imagenet-resnet50")
     raw = cfg.to_dict()

@@ -12,7 +12,7 @@ pytest.importorskip("nvidia.dali")
 
 from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW2, TwoViewLoader, sample_params  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
-from fastbyol.photometric import TAP_TAIL, photometric  # noqa: E402
+from fastbyol.augment.photometric import TAP_TAIL, photometric  # noqa: E402
 
 
 def _images(n=48, size=24, gray=False, seed=1):

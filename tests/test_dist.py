@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from fastbyol.checkpoint import load_checkpoint
-from fastbyol.dist import (GlobalBatchNorm, barrier, broadcast_object, close_distributed, convert_batchnorm,
+from fastbyol.run.checkpoint import load_checkpoint
+from fastbyol.system.distributed import (GlobalBatchNorm, barrier, broadcast_object, close_distributed, convert_batchnorm,
                            gather_objects, global_mean, init_distributed)
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS

@@ -1,4 +1,4 @@
-"""Cross-replica BN (`fastbyol.dist.GlobalBatchNorm`) with two gloo processes against single-process BN over the
+"""Cross-replica BN (`fastbyol.system.distributed.GlobalBatchNorm`) with two gloo processes against single-process BN over the
 whole batch, in float64: outputs, input and parameter gradients, running statistics; eager and compiled
 (AOTAutograd, fullgraph); and no graph break in a converted BYOL model under torch._dynamo.explain.
 """
@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from fastbyol.dist import GlobalBatchNorm, close_distributed, convert_batchnorm, init_distributed
+from fastbyol.system.distributed import GlobalBatchNorm, close_distributed, convert_batchnorm, init_distributed
 from fastbyol.models import BYOL, build_encoder
 
 from .support import free_port as _free_port

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastbyol.dist import DeferredMean, close_distributed, gather_objects, global_mean, init_distributed
+from fastbyol.system.distributed import DeferredMean, close_distributed, gather_objects, global_mean, init_distributed
 
 from .support import free_port
 from .test_train_host_syncs import SyncCounter

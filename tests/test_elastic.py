@@ -80,7 +80,7 @@ def _kill_a_worker_mid_run(run: Path, agent: subprocess.Popen, procs: list[subpr
     workers = _children(agent.pid)
     assert workers, "no worker found under the torchrun agent"
     os.kill(workers[0], signal.SIGKILL)
-    from fastbyol.checkpoint import load_checkpoint
+    from fastbyol.run.checkpoint import load_checkpoint
 
     return load_checkpoint(run / "checkpoint.pt")["state"]["step"]
 
@@ -222,7 +222,7 @@ def test_each_start_agrees_on_a_fresh_prefix_despite_an_earlier_starts_keys():
 
     import torch.distributed as dist
 
-    from fastbyol.dist import _agree_on_attempt
+    from fastbyol.system.distributed import _agree_on_attempt
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, timeout=timedelta(seconds=60))
 
@@ -253,7 +253,7 @@ rank, port, delay = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 time.sleep(delay)
 os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                   TORCHELASTIC_USE_AGENT_STORE="True")
-from fastbyol.dist import close_distributed, init_distributed
+from fastbyol.system.distributed import close_distributed, init_distributed
 init_distributed("cpu")
 t = torch.full((1,), rank + 1.0)
 dist.all_reduce(t)

@@ -19,11 +19,11 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fastbyol.checkpoint import CHECKPOINT, check_checkpoint_tensors, load_run  # noqa: E402
+from fastbyol.run.checkpoint import CHECKPOINT, check_checkpoint_tensors, load_run  # noqa: E402
 from fastbyol.config import Config  # noqa: E402
 from fastbyol.data.checks import check_bytes  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
-from fastbyol.state import TrainState  # noqa: E402
+from fastbyol.run.state import TrainState  # noqa: E402
 
 from .support import one_step_run  # noqa: E402
 
@@ -249,7 +249,7 @@ metrics_lines = st.lists(st.one_of(st.text(max_size=20), st.builds(json.dumps, s
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=metrics_lines)
 def test_metrics_jsonl_mutations_plot(good_run, tmp_path_factory, lines):
-    from fastbyol.evaluate import plot_run
+    from fastbyol.evaluation.export import plot_run
 
     run = tmp_path_factory.mktemp("plot") / "run"
     shutil.copytree(good_run[0], run)

@@ -1,6 +1,6 @@
 """The Triton kernels compiled ahead of time for Hopper (sm_90) at their headline launches, with no GPU and no
 interpreter: any compile error or register spill fails. The launch configurations come from the launchers' own
-functions (fastbyol.gpu_compile.headline_launches), so this compiles what runs."""
+functions (fastbyol.tools.gpu_compile.headline_launches), so this compiles what runs."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("triton.backends.nvidia")
 
 _WORKER = ("import json, sys\n"
-           "from fastbyol.gpu_compile import headline_launches, worker\n"
+           "from fastbyol.tools.gpu_compile import headline_launches, worker\n"
            "names = set(sys.argv[1:])\n"
            "print(json.dumps(worker([c for c in headline_launches() if c['kernel'] in names], targets=(90,))))\n")
 
@@ -26,7 +26,7 @@ def _rows(python: str, kernels: list[str]) -> list[dict]:
 
 
 def test_launch_functions_are_the_launchers():
-    from fastbyol.gpu_compile import headline_launches
+    from fastbyol.tools.gpu_compile import headline_launches
 
     launches = {(c["kernel"], c["case"]): c for c in headline_launches()}
     blur_v = launches[("_blur_v", "224 px, batch 256, K=23")]
@@ -63,7 +63,7 @@ def test_every_kernel_compiles_without_spills_under_the_gpu_machines_triton():
     scratch = Path.home() / ".cache" / "fastbyol" / "triton-3.6.0"
     if not (scratch / ".complete").exists():
         pytest.skip("no Triton 3.6.0 scratch venv: `fastbyol bench gpu-compile` makes it")
-    from fastbyol.gpu_compile import headline_launches, run_in
+    from fastbyol.tools.gpu_compile import headline_launches, run_in
 
     launches = headline_launches()
     rows = [r for r in run_in(str(scratch / "bin" / "python"), launches, targets=(90,))]

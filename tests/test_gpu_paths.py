@@ -43,7 +43,7 @@ def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws():
     """The CUDA path end to end: DALI's GPU crops and its parameters (moved to the GPU in the graph) through the
     loader's chain equal the CPU reference on copies of the same inputs (fp16 outputs: 2e-3)."""
     from fastbyol.augment import VIEW1, VIEW2, TwoViewLoader
-    from fastbyol.photometric import photometric
+    from fastbyol.augment.photometric import photometric
 
     images = np.random.default_rng(1).integers(0, 256, (64, 72, 72, 3), dtype=np.uint8)
     loader = TwoViewLoader(images, batch_size=32, image_size=64, device="cuda", num_threads=2)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastbyol.knn import knn_predict, knn_top1
+from fastbyol.evaluation.features import knn_predict, knn_top1
 
 
 def test_weighted_vote_hand_case():
@@ -36,7 +36,7 @@ def test_knn_top1_on_separable_images():
 def test_vote_is_stable_at_a_tiny_temperature():
     """At T = 1e-3, exp(sim / T) overflows float32 (every weight inf, the argmax falls on class 0); the vote must
     still be the float64 one."""
-    from fastbyol.knn import knn_predict
+    from fastbyol.evaluation.features import knn_predict
 
     torch.manual_seed(3)
     bank = torch.nn.functional.normalize(torch.randn(300, 16), dim=1)

@@ -4,9 +4,9 @@ over every process, and its state surviving a checkpoint."""
 import pytest
 import torch
 
-import fastbyol.meter as meter_module
-from fastbyol.meter import ThroughputMeter
-from fastbyol.perf import mfu
+import fastbyol.run.meter as meter_module
+from fastbyol.run.meter import ThroughputMeter
+from fastbyol.run.perf import mfu
 
 
 class Clock:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 
-from fastbyol.native import CurrentStderr, NativeWindow, fold, native_stderr
+from fastbyol.system.native import CurrentStderr, NativeWindow, fold, native_stderr
 
 
 def test_fd2_writes_are_captured_and_python_stderr_is_not(capfd):
@@ -59,7 +59,7 @@ def test_fold_keeps_one_line():
 
 def test_a_crashing_child_still_gets_its_stderr_back(tmp_path):
     # the redirect is undone even when the block raises
-    code = ("import os,sys\nfrom fastbyol.native import native_stderr\ntry:\n    with native_stderr():\n"
+    code = ("import os,sys\nfrom fastbyol.system.native import native_stderr\ntry:\n    with native_stderr():\n"
             "        os.write(2, b'hidden\\n')\n        raise RuntimeError('x')\nexcept RuntimeError:\n    pass\n"
             "os.write(2, b'visible\\n')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
@@ -87,7 +87,7 @@ def test_a_log_handler_made_before_the_capture_still_reaches_the_terminal():
     """A caller's logging.StreamHandler bound to sys.stderr before the capture writes to fd 2, which the capture
     holds: it is pointed at the terminal for the capture's length and given its stream back afterwards; native fd-2
     output stays captured. In a child, whose real fd 2 is the pipe read here."""
-    code = ("import logging, os, sys\nfrom fastbyol.native import NativeWindow\n"
+    code = ("import logging, os, sys\nfrom fastbyol.system.native import NativeWindow\n"
             "handler = logging.StreamHandler()\nlog = logging.getLogger('user')\nlog.addHandler(handler)\n"
             "log.setLevel(logging.INFO)\nstream = handler.stream\nwindow = NativeWindow()\nwindow.take()\n"
             "log.info('step 10 of the caller')\nos.write(2, b'[jpeg_parser] Invalid marker\\n')\nwindow.close()\n"

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, sample_params
-from fastbyol.photometric import N_PARAMS, ORDERS, PARAM_NAMES, photometric, photometric_by_slot
-from fastbyol.photometric_variants import photometric_variant
+from fastbyol.augment.photometric import N_PARAMS, ORDERS, PARAM_NAMES, photometric, photometric_by_slot
+from fastbyol.augment.photometric_backends import photometric_variant
 
 KW = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 SHAPES = [(1, 8), (7, 31), (30, 16)]  # one image; a prime batch and an odd side; every order in one batch
@@ -60,7 +60,7 @@ def test_chunks_and_worker_threads_do_not_change_a_bit():
 
 
 def test_several_batches_at_once_equal_one_at_a_time():
-    from fastbyol.photometric import photometric_many
+    from fastbyol.augment.photometric import photometric_many
 
     jobs = []
     for seed, spec in ((1, VIEW1), (2, VIEW2)):
@@ -121,7 +121,7 @@ def test_triton_kernel_reused_buffers_change_nothing():
     made only when a shape needs more."""
     pytest.importorskip("triton")
     from fastbyol.kernels.photometric import photometric_triton
-    from fastbyol.photometric import ScratchBuffers
+    from fastbyol.augment.photometric import ScratchBuffers
 
     buf = ScratchBuffers()
     allocations = []

@@ -1,4 +1,4 @@
-"""Preemption and `--auto-resume` (fastbyol.preemption), in real processes of the `fastbyol train` command.
+"""Preemption and `--auto-resume` (fastbyol.run.preemption), in real processes of the `fastbyol train` command.
 
 - The restart decision on folders made by hand: missing or empty (new run), another run's settings (one line naming
   them), a run killed before its first checkpoint (its leftovers cleared and the run started again), a folder of
@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastbyol import preemption
-from fastbyol.checkpoint import load_checkpoint
+from fastbyol.run import preemption
+from fastbyol.run.checkpoint import load_checkpoint
 from fastbyol.config import get_preset
 from fastbyol.errors import FastByolError
-from fastbyol.preemption import EXIT_PREEMPTED, AlreadyFinished, auto_resume_decision
+from fastbyol.run.preemption import EXIT_PREEMPTED, AlreadyFinished, auto_resume_decision
 
 from .support import small_idx_dataset as _small_idx_dataset
 

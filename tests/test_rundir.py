@@ -1,4 +1,4 @@
-"""The run directory (fastbyol/rundir.py): nothing in it is followed, nothing of a failed new run is left, a trained
+"""The run directory (fastbyol/run/files.py): nothing in it is followed, nothing of a failed new run is left, a trained
 run is saved before its final evaluation, hostile metrics lines and failed writes end in one line."""
 
 import errno
@@ -8,10 +8,10 @@ import os
 import pytest
 
 import fastbyol.train as train_module
-from fastbyol.checkpoint import RunLock, load_checkpoint
+from fastbyol.run.checkpoint import RunLock, load_checkpoint
 from fastbyol.cli import main
 from fastbyol.errors import FastByolError
-from fastbyol.rundir import RunFiles, write_error
+from fastbyol.run.files import RunFiles, write_error
 
 from .support import one_line as _one_line
 

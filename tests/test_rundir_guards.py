@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastbyol.train as train_module
-from fastbyol.checkpoint import RunLock, load_checkpoint
+from fastbyol.run.checkpoint import RunLock, load_checkpoint
 from fastbyol.cli import main
 
 from .support import one_line as _one_line
@@ -47,7 +47,7 @@ def test_a_second_writer_is_refused(data, tmp_path, capsys):
     finally:
         lock.close()
     # the lock dies with its process: a killed run leaves no lock behind
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastbyol.checkpoint import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastbyol.run.checkpoint import RunLock; "
                                f"RunLock({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -130,7 +130,7 @@ def test_disk_full_before_training_and_at_a_save(data, tmp_path, monkeypatch, ca
     # the same refusal on any machine: the filesystem says it has 4 MB free
     import shutil
 
-    from fastbyol import checkpoint as ck
+    from fastbyol.run import checkpoint as ck
 
     real_usage = shutil.disk_usage
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4 << 20))

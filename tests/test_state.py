@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastbyol.errors import FastByolError
-from fastbyol.state import TrainState
+from fastbyol.run.state import TrainState
 from fastbyol.train import _check_resumable
 
 

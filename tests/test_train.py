@@ -143,7 +143,7 @@ def test_official_preset_values():
 def test_flops_per_image_of_resnet50_matches_the_paper_count():
     """ResNet-50 at 224 px is 4.11 GMAC = 8.2 GFLOP forward; a BYOL image costs ~8 forwards (online fwd + bwd on two
     views, target fwd on two) plus the heads: ~66 GFLOP."""
-    from fastbyol.perf import flops_per_image
+    from fastbyol.run.perf import flops_per_image
 
     model = BYOL(build_encoder("resnet50", image_size=224))
     gflop = flops_per_image(model, 224, torch.device("cpu")) / 1e9

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastbyol.meter as meter_module
+import fastbyol.run.meter as meter_module
 import fastbyol.train as train_module
 from fastbyol.config import get_preset
 

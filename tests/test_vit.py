@@ -13,7 +13,7 @@ from fastbyol.config import Config
 from fastbyol.models import ARCHS, BYOL, VisionTransformer, build_encoder
 from fastbyol.models.vit import Attention
 from fastbyol.optim import LARS, AdamW, build_optimizer, excluded_parameters
-from fastbyol.perf import flops_per_image
+from fastbyol.run.perf import flops_per_image
 from fastbyol.reference import lars_update_
 from fastbyol.train import byol_step
 

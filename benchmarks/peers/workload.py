@@ -7,7 +7,7 @@ the kNN evaluator and the throughput clock, with nothing but torch and numpy (th
   (that file imports only torch), built right after torch.manual_seed(seed) as fastbyol's trainer builds it, so the
   random-init encoder of a seed is fastbyol's;
 - lr_at: fastbyol.reference.lr_at (linear warmup from 0, cosine to 0), by path as resnet.py;
-- kNN: fastbyol.knn (features of the eval-mode encoder on the un-augmented images, ImageNet-normalised, L2
+- kNN: fastbyol.evaluation.features (features of the eval-mode encoder on the un-augmented images, ImageNet-normalised, L2
   normalised; cosine top-k 200, votes exp(sim / 0.1)), copied line for line;
 - StepClock: fastbyol's ThroughputMeter rule: the first step is set apart, the evaluations are outside the clock.
 tests/test_bench_parity.py checks each copy against fastbyol's own (data, encoder weights, lr, kNN on random features).
@@ -101,10 +101,10 @@ def peer_args(description: str, *extra: tuple[tuple, dict]):
     return ap
 
 
-# --------------------------------------------------------------------------- kNN: fastbyol/knn.py, line for line
+# --------------------------------------------------------------------------- kNN: fastbyol/evaluation/features.py, line for line
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, D) float32 L2-normalized features (fastbyol.knn.extract_features, CPU)."""
+    """(N, H, W, 3) uint8 -> (N, D) float32 L2-normalized features (fastbyol.evaluation.features.extract_features, CPU)."""
     was_training = encoder.training
     encoder.eval()
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
@@ -121,7 +121,7 @@ def extract_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: i
 @torch.no_grad()
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor, num_classes: int,
                 k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Predicted class of each query (fastbyol.knn.knn_predict)."""
+    """Predicted class of each query (fastbyol.evaluation.features.knn_predict)."""
     k = min(k, len(train_feats))
     preds = []
     for start in range(0, len(query_feats), chunk):
@@ -136,7 +136,7 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
 
 def knn_top1(encoder: torch.nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
              test_labels: np.ndarray, num_classes: int = 10, k: int = 200, temperature: float = 0.1) -> float:
-    """kNN top-1 (%) on the test split with the train split as the bank (fastbyol.knn.knn_top1)."""
+    """kNN top-1 (%) on the test split with the train split as the bank (fastbyol.evaluation.features.knn_top1)."""
     train_feats = extract_features(encoder, train_images)
     test_feats = extract_features(encoder, test_images)
     pred = knn_predict(train_feats, torch.as_tensor(train_labels), test_feats, num_classes, k, temperature)

@@ -5,7 +5,7 @@ arguments, so worker *threads* mostly wait for each other. Measured on this proj
 (batch 64, both views): the chain took about as long on 2 threads as on 1, while the same work in 2 processes ran
 ~1.5x faster than in 1 (benchmarks/augment_vs_lightly.py has the loader-level figures). So for array sources the
 loader hands each batch to `workers` processes; each crops (fastbyol.crops.crop_resize_flip_many) and runs the
-chain (fastbyol.photometric) for its share of the batch's chunks (the thread path's chunks: `assign`), with one
+chain (fastbyol.augment.photometric) for its share of the batch's chunks (the thread path's chunks: `assign`), with one
 torch thread each.
 
 What crosses the process boundary: the batch's image indices, crop windows and chain parameters (a few KB, through a
@@ -53,11 +53,11 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
     """Worker `me`'s loop: (seq, slot, index, windows1, windows2, params1, params2) of a whole batch -> crops and
     runs its share of the batch's chunks (assign) into outs[slot], answers (seq, None) when done or (seq, the error's
     text); a None message, a closed pipe or the parent's death ends it. Ctrl-C, SIGTERM and SIGUSR1 are the parent's to handle: ignored.
-    The chunks are the thread path's (fastbyol.photometric._prepare over the whole batch's parameters), so every row
+    The chunks are the thread path's (fastbyol.augment.photometric._prepare over the whole batch's parameters), so every row
     is computed exactly as there.
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
-    from ..photometric import _prepare
+    from .photometric import _prepare
     from .crops import crop_resize_flip_many
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the parent's stop signals (a scheduler may send

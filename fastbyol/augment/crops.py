@@ -25,7 +25,7 @@ def crop_resize_flip_many(jobs: list, size: int, channels: int = 3, threads: int
     same workers at once."""
     import torch.nn.functional as F
 
-    from ..photometric import worker_pool
+    from .photometric import worker_pool
 
     outs, tasks = [], []
     for images, windows in jobs:

@@ -10,7 +10,7 @@ outputs to the maker. The paths:
   runs as AugmentConfig.cuda_photometric says.
 - CPU: DALI reads and decodes files (arrays are rows the source names by index); torch crops, resizes and flips
   (fastbyol.augment.crops: torch's uint8 bicubic is ~10x faster than DALI's CPU resize) and runs the chain
-  (fastbyol.photometric.photometric). Array sources: in `num_threads` forked worker processes, one batch ahead
+  (fastbyol.augment.photometric.photometric). Array sources: in `num_threads` forked worker processes, one batch ahead
   (cpu_parallel "processes", the default: fastbyol.augment.cpu_workers; the chain's small ops hold the GIL, so threads
   mostly wait for each other); encoded files (or cpu_parallel "threads"): on `num_threads` worker threads. Both give
   the same batches, bit for bit.
@@ -42,8 +42,8 @@ import torch
 
 from ..config import AugmentConfig, validate_section
 from ..errors import FastByolError
-from ..native import NativeWindow, fold, native_stderr
-from ..photometric import TAP_TAIL
+from ..system.native import NativeWindow, fold, native_stderr
+from .photometric import TAP_TAIL
 from . import pipelines
 from .makers import CpuViews, GpuViews, ProcessViews
 from .views import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, ViewSpec

@@ -3,7 +3,7 @@
 - `GpuViews` (CUDA, arrays or files): the chain (AugmentConfig.cuda_photometric) reads DALI's crops in place
   (DLPack) on torch's stream; DALI's buffers are held until an event after the chain has passed.
 - `CpuViews` (CPU, arrays or files, threads): torch crops the images (array rows, or DALI's decoded files) with
-  DALI's windows (fastbyol.augment.crops), then runs the chain (fastbyol.photometric), on `threads` worker threads.
+  DALI's windows (fastbyol.augment.crops), then runs the chain (fastbyol.augment.photometric), on `threads` worker threads.
 - `ProcessViews` (CPU, arrays, processes): the same work in forked processes (fastbyol.augment.cpu_workers), one
   batch ahead of the consumer; the same views as CpuViews, bit for bit.
 Each maker's `crops(out)` returns what the chain reads (both views' uint8 crops and float32 parameters) and
@@ -17,8 +17,8 @@ import collections
 
 import torch
 
-from ..photometric import ScratchBuffers, photometric_many
-from ..photometric_variants import photometric_variant
+from .photometric import ScratchBuffers, photometric_many
+from .photometric_backends import photometric_variant
 from .crops import crop_resize_flip_many
 from .pipelines import CPU_OUTPUTS, GPU_OUTPUTS
 

@@ -4,7 +4,7 @@ them is fastbyol.augment.loader.
 
 DALI draws every random number of both views: the crop windows (fn.random_crop_generator / the crop ops' own
 sampler: area and log-aspect drawn until the window fits, 10 attempts), the flips, and the chain's parameters
-(`draw_params`, packed per sample as one (N_PARAMS,) float32 output: columns in fastbyol.photometric.PARAM_NAMES).
+(`draw_params`, packed per sample as one (N_PARAMS,) float32 output: columns in fastbyol.augment.photometric.PARAM_NAMES).
 Its checkpoint holds all their states and the read position, so DALI's checkpoint string is all a resume needs. The
 graphs have ~40 operators (the colour chain built from DALI arithmetic had ~1,600). Each graph creates its operators
 in one fixed order (reader or source, then view 1's draws and crop, then view 2's): keep it when editing a graph, so
@@ -31,7 +31,7 @@ import numpy as np
 
 from ..config import DECODE_MODES
 from ..errors import FastByolError
-from ..photometric import ORDERS, PARAM_NAMES
+from .photometric import ORDERS, PARAM_NAMES
 from .views import ViewSpec
 
 GPU_OUTPUTS = ("crops1", "params1", "crops2", "params2")
@@ -52,7 +52,7 @@ def op_random_resized_crop(images, spec: ViewSpec, size: int):
 def draw_params(spec: ViewSpec) -> dict:
     """Every random number of one view, drawn per sample by DALI's random ops (so DALI's checkpoint holds their
     state); returned so tests can check their distributions. Coins are float 0/1 (flip: int32, as fn.flip wants);
-    `order` is the jitter order, an index into fastbyol.photometric.ORDERS drawn uniformly from the 24."""
+    `order` is the jitter order, an index into fastbyol.augment.photometric.ORDERS drawn uniformly from the 24."""
     from nvidia.dali import fn, types
 
     def coin(p):  # coin_flip draws no floats: 0/1 as uint8, then float for the packed parameters

@@ -13,7 +13,7 @@ import torch
 
 from ..config import BLUR_WINDOW_DEFAULT, BLUR_WINDOW_RULES, Config
 from ..errors import FastByolError
-from ..photometric import ORDERS, PARAM_NAMES
+from .photometric import ORDERS, PARAM_NAMES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -156,7 +156,7 @@ def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, 
         raise FastByolError("--data is empty: name a dataset folder or file, 'embedded', 'fashion-mnist' or "
                             "'synthetic'")
     if rank is None or world_size is None:
-        from ..environment import torchrun_world
+        from ..system.environment import torchrun_world
 
         env_rank, _, env_world = torchrun_world()
         rank = env_rank if rank is None else rank

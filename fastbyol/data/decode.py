@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import FastByolError
-from ..native import fold, native_stderr
+from ..system.native import fold, native_stderr
 from .checks import check_bytes, open_regular
 
 EncodedItem = tuple[str, Callable[[], bytes]]  # (name for messages, read the bytes)

@@ -550,7 +550,7 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
 # ------------------------------------------------------------------------------------------------ fastbyol shards
 def add_shards_command(subparsers) -> argparse.ArgumentParser:
     """`fastbyol shards SRC DST`: the subcommand's parser."""
-    from ..cli_help import DefaultsHelpFormatter
+    from ..cli.help import DefaultsHelpFormatter
 
     p = subparsers.add_parser("shards", help="write WebDataset tar shards from an image folder",
                               formatter_class=DefaultsHelpFormatter,

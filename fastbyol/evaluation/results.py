@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_write_json
+from ..run.checkpoint import atomic_write_json
 
 # (label, file stem, key) of each row, in the order the table prints them
 ROWS = [("kNN (features)", "eval-features", "knn_top1"), ("linear (features)", "eval-features", "linear_top1"),

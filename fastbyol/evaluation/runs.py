@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_run
+from ..run.checkpoint import load_run
 from ..config import Config
 from ..data import NoFileNames
 from ..errors import FastByolError
-from ..state import nonfinite_tensors
+from ..run.state import nonfinite_tensors
 
 INITS = ("trained", "random")
 

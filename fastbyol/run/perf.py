@@ -54,7 +54,7 @@ def flops_per_image(model, image_size: int, device: torch.device | None = None) 
     accepted for callers of the earlier signature and ignored."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .kernels import byol_loss_symmetric
+    from ..kernels import byol_loss_symmetric
 
     probe = copy.deepcopy(model).to("meta")
     x = torch.empty(2, 3, image_size, image_size, device="meta").contiguous(memory_format=torch.channels_last)
@@ -66,7 +66,7 @@ def flops_per_image(model, image_size: int, device: torch.device | None = None) 
 
 def library_versions() -> dict:
     """Versions of Python and the libraries a figure depends on (None for one that is not installed)."""
-    from . import __version__
+    from ..version import __version__
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                 "fastbyol": __version__}

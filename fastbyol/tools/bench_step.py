@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from .augment_bench import synthetic_source
-from .errors import FastByolError
+from .bench_augment import synthetic_source
+from ..errors import FastByolError
 
 
 def plain_byol_step(model, optimizer, v1: torch.Tensor, v2: torch.Tensor, tau: float) -> torch.Tensor:
@@ -70,11 +70,11 @@ def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", step
 def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup: int, dev: torch.device,
              proj_hidden: int, stem: str, compile: str, source: str, compile_backend: str,
              cudnn_benchmark: bool) -> dict:
-    from .augment import TwoViewLoader
-    from .models import BYOL, build_encoder
-    from .optim import LARS
-    from .perf import flops_per_image, mfu, peak_flops
-    from .train import byol_step
+    from ..augment import TwoViewLoader
+    from ..models import BYOL, build_encoder
+    from ..optim import LARS
+    from ..run.perf import flops_per_image, mfu, peak_flops
+    from ..train import byol_step
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

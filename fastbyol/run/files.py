@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ..version import __version__
 from .checkpoint import (CHECKPOINT, FILE_MODE, WRITE_ERRORS, RunLock, atomic_write_bytes,  # noqa: F401
                          atomic_write_json, check_free_space, remove_stale_temporaries, save_checkpoint, write_error)
-from .config import Config, Resolved
-from .data.dataset import EncodedSource
-from .dist import broadcast_object, gather_objects, global_mean
-from .errors import FastByolError
+from ..config import Config, Resolved
+from ..data.dataset import EncodedSource
+from ..system.distributed import broadcast_object, gather_objects, global_mean
+from ..errors import FastByolError
 
 BAD_FILES = "bad_files.json"  # the files a --skip-bad-files run replaced while training (JSON list of names)
 
@@ -32,7 +32,7 @@ class TrainingStopped(FastByolError):
 
 
 class Preempted(TrainingStopped):
-    """The run stopped on a signal at a log point, its checkpoint written (fastbyol.preemption): the CLI exits with
+    """The run stopped on a signal at a log point, its checkpoint written (fastbyol.run.preemption): the CLI exits with
     EXIT_PREEMPTED."""
 
 
@@ -57,7 +57,7 @@ def check_out_outside_data(run_dir: Path, data: str | None, data_format: str = "
     if not data or not Path(data).is_dir():
         return
     if data_format == "auto":
-        from .data import detect_format
+        from ..data import detect_format
 
         try:
             data_format = detect_format(Path(data))

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from .errors import FastByolError
+from ..errors import FastByolError
 
 CHECKPOINT_FORMAT = 2
 

@@ -54,7 +54,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from .config import AugmentConfig
+from ..config import AugmentConfig
 
 PARAM_NAMES = ("jitter", "brightness", "contrast", "saturation", "hue", "order", "gray", "blur", "sigma", "solarize")
 JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, BLUR, SIGMA, SOLARIZE = range(len(PARAM_NAMES))

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 def world() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it; a bad value is one line
-    naming the variable (`fastbyol.environment`)."""
+    naming the variable (`fastbyol.system.environment`)."""
     from .environment import torchrun_world
 
     return torchrun_world()

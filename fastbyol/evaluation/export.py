@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_bytes, load_run
-from .config import Config
-from .errors import FastByolError
-from .evaluation.commands import evaluate  # noqa: F401  (re-exported: the old home of the evaluations)
-from .evaluation.linear import linear_probe  # noqa: F401
-from .evaluation.runs import encoder_state
+from ..run.checkpoint import atomic_write_bytes, load_run
+from ..config import Config
+from ..errors import FastByolError
+from .commands import evaluate  # noqa: F401  (re-exported: the old home of the evaluations)
+from .linear import linear_probe  # noqa: F401
+from .runs import encoder_state
 
 
 def _refuse_run_files(out: Path, run_dir: Path, cfg: Config | None = None) -> None:

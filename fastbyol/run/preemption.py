@@ -25,11 +25,11 @@ import shutil
 import signal
 from pathlib import Path
 
-from .config import Config, flag_name
-from .errors import FastByolError
+from ..config import Config, flag_name
+from ..errors import FastByolError
 
 # torch (and the modules that load it) is imported where it is used: the CLI installs the handlers before torch loads
-CHECKPOINT, LOCK = "checkpoint.pt", ".lock"  # fastbyol.checkpoint.CHECKPOINT and RunLock.NAME
+CHECKPOINT, LOCK = "checkpoint.pt", ".lock"  # fastbyol.run.checkpoint.CHECKPOINT and RunLock.NAME
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: stopped on a signal with a checkpoint written; run the command again
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # what a new run writes before its first checkpoint (RunFiles): removable when it is restarted
@@ -90,7 +90,7 @@ class StopCheck:
 
     def stopped(self, step: int, total_steps: int, run_dir: Path):
         """The exception that ends the run after the stop checkpoint (`Preempted`)."""
-        from .rundir import Preempted
+        from .files import Preempted
 
         return Preempted(f"stopped by {stop_signal() or 'a signal on another process'} at step {step} of "
                          f"{total_steps}, checkpoint written to {Path(run_dir) / CHECKPOINT}; the same command with "

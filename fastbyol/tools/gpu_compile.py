@@ -3,7 +3,7 @@
 (imagenet-resnet50: 224 px, 256 images a GPU, bf16; the EMA over ResNet-50 + heads) and for the loss at B=4096.
 
     fastbyol bench gpu-compile --out FILE        # {"rows": [...]}, one row per kernel x target x Triton version
-    python -m fastbyol.gpu_compile --out FILE    # the same
+    python -m fastbyol.tools.gpu_compile --out FILE    # the same
 
 Each row: kernel, target ("sm_90"), triton, ok, error, registers, spills (bytes stored + loaded), shared_bytes,
 occupancy, config. Registers, spills and static shared memory come from ptxas's own `-v` report (Triton's
@@ -129,7 +129,7 @@ def run_in(python: str, launches: list[dict], targets=TARGETS) -> list[dict]:
     sites = [p for p in site.getsitepackages() if "site-packages" in p]
     code = ("import json, site, sys\n"
             f"for p in {sites!r}: site.addsitedir(p)\n"
-            "from fastbyol.gpu_compile import worker\n"
+            "from fastbyol.tools.gpu_compile import worker\n"
             f"json.dump(worker(json.load(sys.stdin), targets={tuple(targets)!r}), sys.stdout)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([python, "-c", code], input=json.dumps(launches), capture_output=True, text=True,

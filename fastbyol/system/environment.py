@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import FastByolError
+from ..errors import FastByolError
 
 MAX_PORT = 65535
 

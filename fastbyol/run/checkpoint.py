@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .environment import fault_injection_count
-from .errors import FastByolError
+from ..system.environment import fault_injection_count
+from ..errors import FastByolError
 
 CHECKPOINT = "checkpoint.pt"
 FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
@@ -163,7 +163,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 def load_run(run_dir: str | Path):
     """(config, training state, checkpoint dict) of a run directory, or FastByolError naming what is missing."""
-    from .config import Config
+    from ..config import Config
     from .state import TrainState
 
     run_dir = Path(run_dir)
@@ -194,8 +194,8 @@ def load_run(run_dir: str | Path):
 def expected_model_state(cfg) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype) of every tensor of the BYOL state_dict that `cfg` builds, from the model built on the
     meta device (shapes only: no memory, no random numbers drawn)."""
-    from .models import BYOL, build_encoder
-    from .optim import build_optimizer
+    from ..models import BYOL, build_encoder
+    from ..optim import build_optimizer
 
     with torch.device("meta"):
         model = BYOL(build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size), cfg.model.proj_hidden,

@@ -2,7 +2,7 @@
 chain), and `bench_photometric`: the photometric chain alone, per variant (reference, compiled, triton).
 
     fastbyol bench augment --size 224 --batch 256 --device gpu --source jpeg --json
-    python -c "from fastbyol.augment_bench import bench_photometric as b; print(b(224, 256, 'cuda', 'triton'))"
+    python -c "from fastbyol.tools.bench_augment import bench_photometric as b; print(b(224, 256, 'cuda', 'triton'))"
 
 Sources: `arrays` (random colour uint8 images in memory, fed by external_source), `gray` (the same with R = G = B:
 the gray fast path of the Fashion-MNIST preset) or `jpeg` (synthetic JPEGs written to a temporary folder, decoded by
@@ -26,10 +26,10 @@ import time
 import numpy as np
 import torch
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params, views_from_config
-from .config import DEFAULT_PRESET, get_preset
-from .errors import FastByolError
-from .photometric_variants import VARIANTS, photometric_variant
+from ..augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params, views_from_config
+from ..config import DEFAULT_PRESET, get_preset
+from ..errors import FastByolError
+from ..augment.photometric_backends import VARIANTS, photometric_variant
 
 
 def synthetic_source(size: int, n_images: int, source: str = "jpeg", seed: int = 0):
@@ -41,7 +41,7 @@ def synthetic_source(size: int, n_images: int, source: str = "jpeg", seed: int =
         coarse = rng.integers(0, 256, (n_images, 8, 8, 1 if source == "gray" else 3)).astype(np.uint8)
         img = np.repeat(np.repeat(coarse, side // 8 + 1, 1), side // 8 + 1, 2)[:, :side, :side]
         return np.ascontiguousarray(np.broadcast_to(img, (n_images, side, side, 3)))
-    from .data.folders import FileList, synthetic_folder
+    from ..data.folders import FileList, synthetic_folder
 
     root = synthetic_folder(n_train=n_images, n_test=0, size=side)
     return FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)

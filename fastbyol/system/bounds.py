@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .errors import FastByolError
+from ..errors import FastByolError
 
 MAX_WIDTH = 1 << 20  # projector / predictor widths: 256x the official 4096
 MAX_IMAGE_SIZE = 1 << 13  # view side, px
@@ -63,7 +63,7 @@ def training_bytes(cfg, local_batch: int, activation_bytes: int = 4) -> dict[str
     """Lower-bound bytes of one process's training, by part: 'encoder' and 'heads' (fp32 weights, gradients and
     LARS momentum of the online network, weights of the target), 'activations' (the online forward's layer
     outputs kept for the backward, both views, at `activation_bytes` per element)."""
-    from .models import BYOL, build_encoder
+    from ..models import BYOL, build_encoder
 
     with torch.device("meta"):
         model = BYOL(build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size), cfg.model.proj_hidden,
@@ -92,7 +92,7 @@ def training_bytes(cfg, local_batch: int, activation_bytes: int = 4) -> dict[str
 def check_machine_bounds(cfg, device: torch.device, world_size: int) -> None:
     """FastByolError naming the setting when the run cannot fit this machine (see the module docstring)."""
     _plain_bounds(cfg)
-    from .models import is_custom_arch
+    from ..models import is_custom_arch
 
     if is_custom_arch(cfg.model.arch):  # a module:factory of the user's own: theirs to size (and to build: a
         return  # factory may not run on the meta device); the trainer names a factory that fails in one line

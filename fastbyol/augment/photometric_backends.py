@@ -1,12 +1,12 @@
-"""The photometric chain's implementations by name: "reference" (fastbyol.photometric, eager), "compiled"
+"""The photometric chain's implementations by name: "reference" (fastbyol.augment.photometric, eager), "compiled"
 (torch.compile of its per-slot form) and "triton" (fastbyol.kernels.photometric). Kept apart from
-fastbyol.photometric, which the Triton kernel imports for its parameter layout, so neither imports the other back."""
+fastbyol.augment.photometric, which the Triton kernel imports for its parameter layout, so neither imports the other back."""
 
 from __future__ import annotations
 
 import torch
 
-from .config import PHOTOMETRIC_VARIANTS as VARIANTS
+from ..config import PHOTOMETRIC_VARIANTS as VARIANTS
 from .photometric import photometric, photometric_by_slot
 
 _compiled = None

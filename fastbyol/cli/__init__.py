@@ -9,7 +9,7 @@
 `train`'s flags are generated from the config dataclasses (`fastbyol.config`): one flag per setting, its help and
 rule written once there. Errors in the user's input print one line (`fastbyol: error: ...`) and exit with status 2,
 without a traceback unless --debug is given. A run stopped by SIGTERM, SIGUSR1 or SIGINT (checkpoint written) exits
-with status 75 (fastbyol.preemption.EXIT_PREEMPTED).
+with status 75 (fastbyol.run.preemption.EXIT_PREEMPTED).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import argparse
 import dataclasses
 import sys
 
-from .config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,
+from ..config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,
                      allowed_values, field_kind, flag_name, get_preset)
-from .cli_help import DefaultsHelpFormatter
-from .errors import FastByolError
+from .help import DefaultsHelpFormatter
+from ..errors import FastByolError
 
-EXIT_PREEMPTED_DOC = 75  # fastbyol.preemption.EXIT_PREEMPTED (not imported here: it loads torch)
+EXIT_PREEMPTED_DOC = 75  # fastbyol.run.preemption.EXIT_PREEMPTED (not imported here: it loads torch)
 
 
 def _train_flags() -> list[tuple[str, dataclasses.Field]]:
@@ -111,7 +111,7 @@ def _add_other_parsers(sub) -> None:
     pl.add_argument("--debug", action="store_true", help="show tracebacks")
 
     try:
-        from .data.shards import add_shards_command
+        from ..data.shards import add_shards_command
     except ImportError:
         pass
     else:
@@ -204,7 +204,7 @@ def _print_presets() -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import signal
 
-    from .preemption import STOP_SIGNALS, install_stop_handlers, restore_signal_handlers, stop_signal
+    from ..run.preemption import STOP_SIGNALS, install_stop_handlers, restore_signal_handlers, stop_signal
 
     install_stop_handlers()  # before torch loads: a stop signal from here on ends with a checkpoint, or nothing
     try:
@@ -218,11 +218,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from .preemption import EXIT_PREEMPTED, AlreadyFinished, auto_resume_decision
-    from .rundir import Preempted
-    from .train import train
+    from ..run.preemption import EXIT_PREEMPTED, AlreadyFinished, auto_resume_decision
+    from ..run.files import Preempted
+    from ..train import train
 
-    from .environment import check_environment
+    from ..system.environment import check_environment
 
     rank = check_environment()[0]  # RANK, WORLD_SIZE, ...: one line naming a bad variable, before anything else
     rank0 = rank == 0  # under torchrun: rank 0 speaks
@@ -258,10 +258,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     import json
 
     if args.bench_target == "gpu-compile":
-        from .gpu_compile import main as gpu_compile
+        from ..tools.gpu_compile import main as gpu_compile
 
         return gpu_compile(["--out", args.out, *(["--no-scratch"] if args.no_scratch else [])])
-    from .augment_bench import bench_augment
+    from ..tools.bench_augment import bench_augment
 
     if args.threads is not None and args.threads < 1:
         raise FastByolError(f"--threads must be >= 1, got {args.threads}")
@@ -286,32 +286,32 @@ def main(argv: list[str] | None = None) -> int:
             _print_presets()
             return 0
         if args.command == "eval":
-            from .evaluation.commands import evaluate
+            from ..evaluation.commands import evaluate
 
             evaluate(args.run_dir, args.data, args.init, args.probe_epochs, args.probe_lr,
                      progress=not args.no_progress, protocol=args.protocol, epochs=args.epochs,
                      batch_size=args.batch_size)
             return 0
         if args.command == "finetune":
-            from .evaluation.commands import finetune_run
+            from ..evaluation.commands import finetune_run
 
             finetune_run(args.run_dir, args.fraction, args.subset, args.init, args.data, args.epochs, args.lr,
                          args.batch_size, progress=not args.no_progress)
             return 0
         if args.command == "export":
-            from .evaluate import export_encoder
+            from ..evaluation.export import export_encoder
 
             print(f"encoder: {export_encoder(args.run_dir, args.out, args.which)}")
             return 0
         if args.command == "plot":
-            from .evaluate import plot_run
+            from ..evaluation.export import plot_run
 
             print(f"curves: {plot_run(args.run_dir, args.out)}")
             return 0
         if args.command == "bench":
             return _run_bench(args)
         if args.command == "shards":
-            from .data.shards import run_shards
+            from ..data.shards import run_shards
 
             return run_shards(args)
         if args.command == "train":
