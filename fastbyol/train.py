@@ -46,6 +46,7 @@ from .reference import lr_at, tau_at
 from .run.files import (BadFiles, Checkpointer, RunFiles, TrainingStopped, check_out_outside_data,  # noqa: F401
                      last_good)
 from .run.state import TrainState
+from .run.names import PROFILE
 
 
 def pick_device(name: str) -> torch.device:
@@ -330,7 +331,7 @@ def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader,
     # CurrentStderr: the bar writes between batches, while an encoded source's loader holds fd 2 (native.py)
     bar = tqdm(total=plan.total_steps, initial=state.step, disable=not (progress and is_rank0), unit="step",
                dynamic_ncols=True, mininterval=1.0, file=CurrentStderr())
-    profiler = StepProfiler(plan.profile_steps if is_rank0 else None, run_dir / "profile", device, log, meter)
+    profiler = StepProfiler(plan.profile_steps if is_rank0 else None, run_dir / PROFILE, device, log, meter)
     loss_sum, steps_since_log, last_loss = torch.zeros((), device=device), 0, float("nan")
     loss_mean, pending = DeferredMean(device), None  # the last log point's loss on its way to the host, its record
     start_epoch, resume_offset = divmod(state.step, plan.steps_per_epoch)

@@ -20,20 +20,21 @@ from ..errors import FastByolError
 from .commands import evaluate  # noqa: F401  (re-exported: the old home of the evaluations)
 from .linear import linear_probe  # noqa: F401
 from .runs import encoder_state
+from ..run import names
 
 
 def _refuse_run_files(out: Path, run_dir: Path, cfg: Config | None = None) -> None:
     """--out of export and plot never replaces a file the run needs (its checkpoint, config, metrics, summary, ...)
     nor writes into the run's --data folder: one line instead."""
     target = out.resolve()
-    run_files = {"checkpoint.pt", "config.json", "metrics.jsonl", "summary.json", "bad_files.json", ".lock"}
+    run_files = names.RUN_FILES
     if target.parent == run_dir.resolve() and (target.name in run_files or target.name.startswith(".")):
         raise FastByolError(f"--out {out} is a file of the run {run_dir}: give another name")
     if cfg is not None:
         data = cfg.data.data
     else:  # the run's config.json, when it is readable (plot needs no checkpoint)
         try:
-            data = json.loads((run_dir / "config.json").read_text())["data"]["data"]
+            data = json.loads((run_dir / names.CONFIG).read_text())["data"]["data"]
         except (OSError, ValueError, KeyError, TypeError):
             data = None
     data = data if isinstance(data, str) else None
@@ -77,10 +78,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     except ImportError:
         raise FastByolError("fastbyol plot needs matplotlib: pip install 'fastbyol[plot]'") from None
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / names.METRICS
     if not metrics.is_file():
         raise FastByolError(f"{run_dir}: no metrics.jsonl")
-    out = Path(out) if out else run_dir / "curves.png"
+    out = Path(out) if out else run_dir / names.CURVES
     formats = plt.figure().canvas.get_supported_filetypes()
     plt.close("all")
     if out.suffix.lstrip(".").lower() not in formats:

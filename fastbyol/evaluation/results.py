@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..run.checkpoint import atomic_write_json
+from ..run import names
 
 # (label, file stem, key) of each row, in the order the table prints them
 ROWS = [("kNN (features)", "eval-features", "knn_top1"), ("linear (features)", "eval-features", "linear_top1"),
@@ -36,7 +37,7 @@ def table_rows(run_dir: str | Path) -> list[tuple[str, float | None, float | Non
     """(measure, trained top-1, random-init top-1) of every result found in the run directory."""
     run_dir = Path(run_dir)
     rows = []
-    summary = _read(run_dir / "summary.json")
+    summary = _read(run_dir / names.SUMMARY)
     if _number(summary, "online_probe_top1") is not None:
         rows.append(("online probe (pretraining)", _number(summary, "online_probe_top1"), None))
     for label, stem, key in ROWS:

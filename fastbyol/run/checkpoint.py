@@ -26,8 +26,8 @@ import torch
 
 from ..system.environment import fault_injection_count
 from ..errors import FastByolError
+from .names import CHECKPOINT, CONFIG, LOCK
 
-CHECKPOINT = "checkpoint.pt"
 FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
 # fault injection for the tests: SIGKILL this process inside its N-th checkpoint write, with the temporary file written
 # in full but not yet renamed (tests/test_checkpoint_kills.py); FASTBYOL_TEST_KILL_SIGNAL=TERM,USR1 sends those signals instead,
@@ -169,7 +169,7 @@ def load_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FastByolError(f"run directory not found: {run_dir}")
-    cfg_path = run_dir / "config.json"
+    cfg_path = run_dir / CONFIG
     if not cfg_path.is_file():
         raise FastByolError(f"{run_dir}: no config.json (not a fastbyol run directory)")
     try:
@@ -277,7 +277,7 @@ def _check_optimizer(opt, online: list[tuple[int, ...]], bad) -> None:
 class RunLock:
     """An exclusive OS lock on RUN_DIR/.lock, held while the run lives (released by close() or the process's end)."""
 
-    NAME = ".lock"
+    NAME = LOCK
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / self.NAME

@@ -23,8 +23,8 @@ from ..config import Config, Resolved
 from ..data.dataset import EncodedSource
 from ..system.distributed import broadcast_object, gather_objects, global_mean
 from ..errors import FastByolError
+from .names import BAD_FILES, CONFIG, METRICS, SUMMARY, TENSORBOARD
 
-BAD_FILES = "bad_files.json"  # the files a --skip-bad-files run replaced while training (JSON list of names)
 
 
 class TrainingStopped(FastByolError):
@@ -192,13 +192,13 @@ class RunFiles:
                 self.lock.close()
                 raise FastByolError(f"--out {self.dir} exists and is not empty: choose another folder")
             self.owned = True
-            path = self.dir / "config.json"
+            path = self.dir / CONFIG
             _mapped(path, lambda: atomic_write_json(path, {**cfg.to_dict(), "resolved": plan.to_dict()}))
         else:
             remove_stale_temporaries(self.dir)
             self._truncate_metrics(resume_step)
         check_free_space(self.dir, checkpoint_bytes + (1 << 20))
-        path = self.dir / "metrics.jsonl"
+        path = self.dir / METRICS
         try:  # line-buffered appends; a symbolic link in its place is not followed
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
         except OSError as e:
@@ -210,14 +210,14 @@ class RunFiles:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+            self.board = SummaryWriter(log_dir=str(self.dir / TENSORBOARD))
         except ImportError:
             self.board = None
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop the records after the checkpoint's step: the resumed run writes them again. Lines that are not
         records (cut by a kill, or edited) are dropped with a warning."""
-        path = self.dir / "metrics.jsonl"
+        path = self.dir / METRICS
         if path.is_symlink():
             raise FastByolError(f"{path} is a symbolic link: not followed; remove it")
         if not path.is_file():
@@ -241,7 +241,7 @@ class RunFiles:
         """One record to metrics.jsonl, and its numbers to TensorBoard (when installed): train/NAME, knn/..."""
         if self.metrics is None:
             return
-        _mapped(self.dir / "metrics.jsonl", lambda: self.metrics.write(json.dumps(record) + "\n"))
+        _mapped(self.dir / METRICS, lambda: self.metrics.write(json.dumps(record) + "\n"))
         if self.board is None:
             return
         for name, value in record.items():
@@ -264,7 +264,7 @@ class RunFiles:
 
     def write_summary(self, summary: dict) -> None:
         if self.writes:
-            path = self.dir / "summary.json"
+            path = self.dir / SUMMARY
             _mapped(path, lambda: atomic_write_json(path, summary))
 
     def close(self) -> None:

@@ -27,13 +27,12 @@ from pathlib import Path
 
 from ..config import Config, flag_name
 from ..errors import FastByolError
+from .names import BEFORE_FIRST_CHECKPOINT, CHECKPOINT, CONFIG, LOCK, SUMMARY
 
 # torch (and the modules that load it) is imported where it is used: the CLI installs the handlers before torch loads
-CHECKPOINT, LOCK = "checkpoint.pt", ".lock"  # fastbyol.run.checkpoint.CHECKPOINT and RunLock.NAME
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: stopped on a signal with a checkpoint written; run the command again
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # what a new run writes before its first checkpoint (RunFiles): removable when it is restarted
-_BEFORE_FIRST_CHECKPOINT = {"config.json", "metrics.jsonl", "tensorboard", "profile", "bad_files.json", LOCK}
 
 _received: list[str] = []  # names of the stop signals this process got, in order
 _previous: dict[int, object] = {}
@@ -109,7 +108,7 @@ def _setting_differences(saved: Config, wanted: Config) -> list[str]:
 
 
 def _saved_config(run_dir: Path) -> Config:
-    path = run_dir / "config.json"
+    path = run_dir / CONFIG
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -131,7 +130,7 @@ def auto_resume_decision(cfg: Config, rank: int = 0, log=print) -> Path | None:
         return None  # missing or empty: a new run (RunFiles.open refuses a file in its place)
     if rank != 0 and not (run_dir / CHECKPOINT).is_file():
         return None  # rank 0 clears, starts or refuses this folder; reading it meanwhile would race with it
-    if not (run_dir / "config.json").is_file():
+    if not (run_dir / CONFIG).is_file():
         raise FastByolError(f"--out {run_dir} exists, is not empty and holds no fastbyol run (no config.json): "
                             "choose another folder")
     diffs = _setting_differences(_saved_config(run_dir), cfg)
@@ -146,7 +145,7 @@ def auto_resume_decision(cfg: Config, rank: int = 0, log=print) -> Path | None:
     state = load_checkpoint(run_dir / CHECKPOINT)["state"]
     total = _total_steps(run_dir)
     if state.get("finished"):
-        missing = "" if (run_dir / "summary.json").is_file() else (
+        missing = "" if (run_dir / SUMMARY).is_file() else (
             f"; its summary.json is missing (removed since): `fastbyol eval {run_dir}` evaluates it")
         raise AlreadyFinished(f"{run_dir}: the run already finished ({state.get('step')} of {total} steps){missing}")
     log(f"resuming {run_dir} at step {state.get('step')} of {total}")
@@ -159,7 +158,7 @@ class AlreadyFinished(FastByolError):
 
 def _total_steps(run_dir: Path):
     try:
-        return json.loads((run_dir / "config.json").read_text())["resolved"]["total_steps"]
+        return json.loads((run_dir / CONFIG).read_text())["resolved"]["total_steps"]
     except (OSError, ValueError, KeyError, TypeError):
         return "?"
 
@@ -171,7 +170,7 @@ def _clear_unstarted(run_dir: Path) -> None:
 
     lock = RunLock(run_dir)
     try:
-        others = [p.name for p in run_dir.iterdir() if p.name not in _BEFORE_FIRST_CHECKPOINT
+        others = [p.name for p in run_dir.iterdir() if p.name not in BEFORE_FIRST_CHECKPOINT
                   and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
         if others:
             raise FastByolError(f"--out {run_dir} holds a run without a checkpoint and other files ({others[0]}): "
