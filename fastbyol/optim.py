@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -42,10 +43,20 @@ TRUST_RATIOS = ("official", "lightly")  # eta |w| / |g + wd w|, or eta |w| / (|g
 LIGHTLY_EPS = 1e-8  # lightly.utils.lars.LARS's eps default
 
 
+@dataclass(frozen=True)
+class LarsHyper:
+    """LARS's settings besides the learning rate (one param group's)."""
+
+    weight_decay: float = 1e-6  # added to the gradient before the trust ratio
+    momentum: float = 0.9
+    trust_coefficient: float = 1e-3  # eta
+    trust_ratio: str = "official"  # TRUST_RATIOS
+    eps: float = LIGHTLY_EPS  # in the "lightly" ratio's denominator only
+
+
 @torch.no_grad()
 def lars_update_lightly_(params, grads, momentum_buffers, lr: float | torch.Tensor, weight_decay: float,
-                         momentum: float = 0.9, trust_coefficient: float = 1e-3, excluded=None,
-                         eps: float = LIGHTLY_EPS) -> None:
+                         momentum: float = 0.9, trust_coefficient: float = 1e-3, excluded=None) -> None:
     """`reference.lars_update_` with lightly's trust ratio, per parameter:
 
         u = g + wd * w                                       (not for excluded)
@@ -63,7 +74,7 @@ def lars_update_lightly_(params, grads, momentum_buffers, lr: float | torch.Tens
             w_norm, g_norm = w.norm(), u.norm()
             u.add_(w, alpha=weight_decay)
             trust = torch.where((w_norm > 0) & (g_norm > 0),
-                                trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps),
+                                trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + LIGHTLY_EPS),
                                 torch.ones_like(w_norm))
             u.mul_(trust)
         m.mul_(momentum).add_(u)
@@ -104,26 +115,16 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def lars_foreach_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    lr: float | torch.Tensor,
-    weight_decay: float,
-    momentum: float = 0.9,
-    trust_coefficient: float = 1e-3,
-    excluded: list[bool] | None = None,
-    workspace: LarsWorkspace | None = None,
-    trust_ratio: str = "official",
-    eps: float = LIGHTLY_EPS,
-) -> None:
+def lars_foreach_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
+                  lr: float | torch.Tensor, hyper: LarsHyper = LarsHyper(), excluded: list[bool] | None = None,
+                  workspace: LarsWorkspace | None = None) -> None:
     """`reference.lars_update_` with fused foreach ops: the same u, trust ratio, momentum and update, in place.
 
     Every tensor must share one device and dtype (the caller falls back to the reference otherwise). workspace: a
     `LarsWorkspace` of the adapted (not excluded) parameters, reused across steps; None builds one for this call.
-    trust_ratio "lightly": `lars_update_lightly_`'s ratio (eps only used there)."""
-    if trust_ratio not in TRUST_RATIOS:
-        raise ValueError(f"LARS: trust_ratio must be one of {TRUST_RATIOS}, got {trust_ratio!r}")
+    hyper.trust_ratio "lightly": `lars_update_lightly_`'s ratio (hyper.eps only used there)."""
+    if hyper.trust_ratio not in TRUST_RATIOS:
+        raise ValueError(f"LARS: trust_ratio must be one of {TRUST_RATIOS}, got {hyper.trust_ratio!r}")
     if not params:
         return
     if excluded is None:
@@ -132,9 +133,8 @@ def lars_foreach_(
     ws = split.scaled(params)
     if ws and (workspace is None or workspace.key != LarsWorkspace.key_of(ws)):
         workspace = LarsWorkspace(ws)
-    _lars_fused(params, momentum_buffers, ws, split.scaled(grads), split.scaled(momentum_buffers),
-                split.kept(grads), split.kept(momentum_buffers), workspace, lr, weight_decay, momentum,
-                trust_coefficient, trust_ratio, eps)
+    _lars_fused(params, momentum_buffers, (ws, split.scaled(grads), split.scaled(momentum_buffers)),
+                (split.kept(grads), split.kept(momentum_buffers)), workspace, lr, hyper)
 
 
 class _Split:
@@ -161,16 +161,20 @@ class _Split:
         return self._pick(self._kept, self._one_kept, items)
 
 
-def _lars_fused(params, momentum_buffers, ws, gs, ms_scaled, gs_kept, ms_kept, workspace, lr, weight_decay,
-                momentum, trust_coefficient, trust_ratio, eps) -> None:
-    """The arithmetic of `lars_foreach_` on lists already split into adapted (ws, gs, ms_scaled) and excluded
-    (gs_kept, ms_kept) tensors."""
+def _lars_fused(params, momentum_buffers, adapted: tuple[list, list, list], excluded: tuple[list, list], workspace,
+                lr, hyper: LarsHyper) -> None:
+    """The arithmetic of `lars_foreach_` on lists already split into the adapted tensors (weights, gradients, momenta)
+    and the excluded ones (gradients, momenta)."""
+    ws, gs, ms_scaled = adapted
+    gs_kept, ms_kept = excluded
+    weight_decay, momentum, trust_coefficient, eps = (hyper.weight_decay, hyper.momentum, hyper.trust_coefficient,
+                                                       hyper.eps)
     torch._foreach_mul_(momentum_buffers, momentum)  # m = momentum * m, every tensor
     if ws:
         # u = g + wd * w: a new tensor per gradient (the gradients are read only). It stays: the trust ratio needs
         # |u| of the rounded sum itself for the step to be bit for bit the reference's
         us = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay else gs
-        if trust_ratio == "official":
+        if hyper.trust_ratio == "official":
             norms = torch.stack(torch._foreach_norm([*ws, *us])).view(2, len(ws))  # (2, S): |w| then |u| per tensor
             w_norms, u_norms = norms[0], norms[1]
             # (S,) trust ratio eta * |w| / |u|, 1 where either norm is 0 (the reference's arithmetic, in its order)
@@ -196,7 +200,7 @@ def _lars_fused(params, momentum_buffers, ws, gs, ms_scaled, gs_kept, ms_kept, w
         torch._foreach_add_(params, momentum_buffers, alpha=-lr)
 
 
-class _GroupPlan:
+class _GroupLists:
     """One param group's lists, built once: its parameters (all with gradients when built), their momentum buffers,
     the adapted/excluded split and the trust-ratio workspace. Valid while the group's `params` list is the same
     object of the same length and every parameter has had a gradient at each step; `load_state_dict` and
@@ -218,7 +222,7 @@ class _GroupPlan:
         return self.complete and group_params is self.group_params and len(group_params) == self.length
 
     def grads(self) -> list | None:
-        """This step's gradients, or None when a parameter has none (the plan is then rebuilt)."""
+        """This step's gradients, or None when a parameter has none (the lists are then rebuilt)."""
         grads = list(map(self.grads_of, self.params))
         return grads if all(map(operator.is_not, grads, itertools.repeat(None))) else None
 
@@ -247,18 +251,18 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.foreach = foreach
         self.trust_ratio = trust_ratio
-        self._plans: dict[int, _GroupPlan] = {}  # per param group, built once; scratch, never in the state dict
+        self._lists: dict[int, _GroupLists] = {}  # per param group, built once; scratch, never in the state dict
 
     def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102 (torch.optim signature)
         super().load_state_dict(state_dict)
-        self._plans.clear()  # new momentum buffers
+        self._lists.clear()  # new momentum buffers
 
     def add_param_group(self, param_group: dict) -> None:  # noqa: D102 (torch.optim signature)
         super().add_param_group(param_group)
-        if hasattr(self, "_plans"):
-            self._plans.clear()
+        if hasattr(self, "_lists"):
+            self._lists.clear()
 
-    def _plan(self, group: dict) -> _GroupPlan:
+    def _group_lists(self, group: dict) -> _GroupLists:
         """The group's lists: parameters with a gradient, their momentum buffers (made here on the first step) and
         which are excluded; fused unless foreach is off or the tensors mix devices or dtypes or are not dense."""
         params, bufs = [], []
@@ -275,7 +279,7 @@ class LARS(torch.optim.Optimizer):
         fused = self.foreach and same_kind and all(_dense(p) for p in params)
         rule = group.get("exclude")  # a group's own say, else the 1-D rule
         excluded = [lars_excluded(p) if rule is None else bool(rule) for p in params]
-        return _GroupPlan(group["params"], params, bufs, excluded, fused)
+        return _GroupLists(group["params"], params, bufs, excluded, fused)
 
     def set_lr(self, lr: float | torch.Tensor) -> None:
         for group in self.param_groups:
@@ -288,22 +292,23 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            plan = self._plans.get(index)
-            grads = plan.grads() if plan is not None and plan.valid(group["params"]) else None
+            lists = self._lists.get(index)
+            grads = lists.grads() if lists is not None and lists.valid(group["params"]) else None
             if grads is None:
-                plan = self._plans[index] = self._plan(group)
-                grads = [p.grad for p in plan.params]
-            hyper = dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-                         trust_coefficient=group["trust_coefficient"])
-            if plan.fused:
-                if not plan.params:
+                lists = self._lists[index] = self._group_lists(group)
+                grads = [p.grad for p in lists.params]
+            if lists.fused:
+                if not lists.params:
                     continue
-                _lars_fused(plan.params, plan.bufs, plan.ws, plan.split.scaled(grads), plan.ms_scaled,
-                            plan.split.kept(grads), plan.ms_kept, plan.workspace, trust_ratio=self.trust_ratio,
-                            eps=LIGHTLY_EPS, **hyper)
+                hyper = LarsHyper(group["weight_decay"], group["momentum"], group["trust_coefficient"],
+                                  self.trust_ratio)
+                _lars_fused(lists.params, lists.bufs, (lists.ws, lists.split.scaled(grads), lists.ms_scaled),
+                            (lists.split.kept(grads), lists.ms_kept), lists.workspace, group["lr"], hyper)
             else:
                 loop = lars_update_ if self.trust_ratio == "official" else lars_update_lightly_
-                loop(plan.params, grads, plan.bufs, excluded=plan.excluded, **hyper)
+                loop(lists.params, grads, lists.bufs, lr=group["lr"], weight_decay=group["weight_decay"],
+                     momentum=group["momentum"], trust_coefficient=group["trust_coefficient"],
+                     excluded=lists.excluded)
         return loss
 
 

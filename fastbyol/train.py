@@ -1,62 +1,59 @@
-"""The BYOL training loop: one flat loop with a labelled block per concern; helpers around it.
+"""The BYOL trainer: `train(cfg)` builds the run, runs one flat loop over its steps, evaluates and writes the summary.
 
     fastbyol train [--preset NAME] [--data PATH] [--epochs N] [--batch-size N] [--seed S] [--out DIR] ...
 
-Per step: two DALI views -> online and target forwards (one per view) -> fused symmetric loss -> backward -> LARS
-step at lr_at(step) -> EMA of the target at tau_at(step), after the optimizer step (`byol_step`; with --accumulate N,
-N micro-batches of forward and backward before the one optimizer step: `fastbyol.accumulate`). Around it:
-`ThroughputMeter` (img/s, step time, data wait, MFU), `TrainState` (what a checkpoint holds besides the weights),
-`Config.resolve` (the derived values), `rundir` (the run directory: lock, metrics, checkpoint, summary, bad files).
+A step (`byol_step`): two DALI views -> the online and target networks -> the fused symmetric loss -> backward ->
+one LARS (or AdamW) step at lr_at(step) -> the EMA of the target at tau_at(step), after the optimizer step. With
+`--accumulate N` the same step runs N micro-batches of forward and backward before its one optimizer step.
 
-Measured (2-core CPU of this project's machines, torch 2.13 CPU, 2026-11-27): see README.md, "Figures".
+The loop takes one object, the `Run`: the model and the step, the loader, the optimizer, the meter, the run files,
+the log points, the checkpoints and the stop check, each a component with one small interface (fastbyol.run,
+fastbyol.augment, fastbyol.evaluation). It asks them at its step boundaries: a log point every `--log-every` steps
+(no host sync: the figures arrive one log point later), a checkpoint every `--ckpt-every-steps`, a stop check at each
+log point (a signal stops every rank at the same step), the kNN monitor every `--knn-every` epochs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 import os
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .version import __version__
-from .accumulate import accumulated_step
 from .augment import TwoViewLoader, views_from_config
-from .system.bounds import check_machine_bounds
-from .run.checkpoint import CHECKPOINT, load_run, state_bytes, write_error
 from .config import Config, Resolved
 from .data import ImageDataset, resolve_dataset
-from .system.distributed import DeferredMean, barrier, broadcast_object
-from .system.environment import check_environment
-from .errors import FastByolError
-from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
-from .evaluation.features import knn_top1
+from .errors import FastByolError, TrainingStopped
+from .evaluation.monitor import evaluate_knn, probe_top1, random_init_knn
 from .evaluation.probe import OnlineProbe, probe_labels
-from .run.meter import ThroughputMeter
+from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
 from .models import BYOL, build_encoder, call_factory, params_sha256
-from .optim import LARS, build_optimizer
+from .optim import build_optimizer
+from .reference import lr_at, tau_at
+from .run.checkpoint import Checkpoints, last_good, load_run, state_bytes
+from .run.disk import describe_write_error
+from .run.files import BadFiles, RunFiles, check_out_outside_data
+from .run.meter import ThroughputMeter
+from .run.names import CHECKPOINT, PROFILE, SUMMARY, TENSORBOARD
 from .run.perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
 from .run.preemption import StopCheck
 from .run.profiling import StepProfiler
-from .reference import lr_at, tau_at
-from .run.files import (BadFiles, Checkpointer, RunFiles, TrainingStopped, check_out_outside_data,  # noqa: F401
-                     last_good)
+from .run.reporting import LogPoints, Reporter, TensorBoardSink
 from .run.state import TrainState
-from .run.names import PROFILE
+from .system.bounds import check_machine_bounds
+from .system.distributed import barrier, broadcast_object, close_distributed, data_parallel, init_distributed
+from .system.environment import check_environment
+from .version import __version__
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FastByolError("--device cuda, but torch sees no CUDA GPU")
-    return torch.device(name)
-
-
+# ------------------------------------------------------------------------------------------------------- the model
 class EncoderMaker:
     """Makes the run's encoder after the seed is set: by `--arch` name, or from the `encoder` given to `train` (an
     nn.Module, used as it is the first time and deep-copied from its untrained state for the random-init baseline
@@ -104,66 +101,94 @@ def build_model(cfg: Config, device: torch.device, make_encoder: EncoderMaker | 
     return model.to(device=device, memory_format=torch.channels_last)
 
 
-def byol_step(model, optimizer: LARS, target_params: list, online_params: list, v1: torch.Tensor,
-              v2: torch.Tensor, lr: float, tau: float, bf16: bool = False) -> torch.Tensor:
-    """One BYOL step; returns the loss as a device tensor (no host sync). bf16: autocast the forward (CUDA).
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FastByolError("--device cuda, but torch sees no CUDA GPU")
+    return torch.device(name)
 
-    model: the BYOL module, or it wrapped in DDP and/or torch.compile (anything returning p1, p2, z1, z2)."""
+
+# -------------------------------------------------------------------------------------------------------- the step
+def _no_sync(net):
+    """DDP's no_sync for a network that is DDP (or torch.compile of DDP); nothing to hold back otherwise."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = getattr(net, "_orig_mod", net)  # torch.compile's wrapper keeps the module it compiled here
+    return inner.no_sync() if isinstance(inner, DistributedDataParallel) else contextlib.nullcontext()
+
+
+def micro_batches(v1: torch.Tensor, v2: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The two views cut into n equal slices along the batch: n pairs of (B/n, 3, S, S) views of the same memory (a
+    channels_last batch gives channels_last slices); the views themselves when n is 1. B must divide by n
+    (Config.resolve checks it)."""
+    if n == 1:
+        return [(v1, v2)]
+    return list(zip(v1.chunk(n), v2.chunk(n), strict=True))
+
+
+def byol_step(net, optimizer, ema_pairs: tuple[list, list], views: tuple[torch.Tensor, torch.Tensor], lr: float,
+              tau: float, n: int = 1, bf16: bool = False) -> torch.Tensor:
+    """One BYOL optimizer step; returns the loss as a device tensor (no host sync).
+
+    net: the BYOL module, or it wrapped in DDP and/or torch.compile (anything returning p1, p2, z1, z2 first);
+    ema_pairs: (target, online) parameter lists (BYOL.ema_pairs); views: the two (B, 3, S, S) channels_last views;
+    bf16: autocast the forward (CUDA).
+
+    n > 1 micro-batches (gradient accumulation, --accumulate N): the views are cut into N slices along the batch
+    (views of the same memory, no copy), one forward and backward each. A slice's loss is the mean over its B/N
+    images; scaled by 1/N before its backward, the summed gradient is the mean over the B images, and DDP's average
+    over the processes makes it the mean over the global batch: the gradient of one big batch. DDP all-reduces the
+    gradients only in the last backward (`no_sync` around the others). BatchNorm normalises each micro-batch with
+    its own statistics, so a step equals the big-batch step exactly only for a model without batch statistics.
+    The returned loss is the mean of the slices' losses. Then one optimizer step and one EMA update: schedules, log
+    points and checkpoints count optimizer steps."""
     optimizer.set_lr(lr)
-    with torch.autocast(device_type=v1.device.type, dtype=torch.bfloat16, enabled=bf16):
-        p1, p2, z1, z2 = model(v1, v2)
-        loss = byol_loss_symmetric(p1, p2, z1, z2)  # bf16 predictions and targets, fp32 accumulation
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    v1, v2 = views
+    parts = micro_batches(v1, v2, n)
+    loss_sum = None
+    for i, (m1, m2) in enumerate(parts):
+        with _no_sync(net) if i < len(parts) - 1 else contextlib.nullcontext():
+            with torch.autocast(device_type=v1.device.type, dtype=torch.bfloat16, enabled=bf16):
+                p1, p2, z1, z2 = net(m1, m2)[:4]  # BN: this micro-batch's statistics
+                loss = byol_loss_symmetric(p1, p2, z1, z2)  # bf16 predictions and targets, fp32 accumulation
+            (loss / n if n > 1 else loss).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     optimizer.step()
-    ema_update_(target_params, online_params, tau)  # the target moves after the optimizer step
-    return loss.detach()
+    ema_update_(*ema_pairs, tau)  # the target moves after the optimizer step
+    return loss_sum / n if n > 1 else loss_sum
 
 
-def evaluate_knn(model: BYOL | torch.nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device,
-                 subset: int | None = None) -> float | None:
-    """kNN top-1 (%) of an encoder (a BYOL model's online encoder) on the labeled splits; None when there are none.
-
-    subset: at most this many bank images and a quarter as many queries (fixed, evenly spaced): the cheap online
-    monitor; None: the full splits."""
-    if not dataset.has_knn:
-        return None
-    bank, queries = slice(None), slice(None)
-    if subset is not None:
-        bank = np.linspace(0, len(dataset.train_images) - 1, min(subset, len(dataset.train_images))).astype(int)
-        n_q = max(1, min(subset // 4, len(dataset.test_images)))
-        queries = np.linspace(0, len(dataset.test_images) - 1, n_q).astype(int)
-    encoder = model.online_encoder if isinstance(model, BYOL) else model
-    return knn_top1(encoder, dataset.train_images[bank], dataset.train_labels[bank], dataset.test_images[queries],
-                    dataset.test_labels[queries], dataset.num_classes, cfg.run.knn_k, cfg.run.knn_temperature, device)
+def _compile_error(e: BaseException) -> bool:
+    """Whether an exception comes from torch.compile's machinery (Dynamo, AOTAutograd, Inductor)."""
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:
+        return False
+    return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
 class TrainStep:
-    """The step the loop calls. Its first call in a process compiles (under torch.compile); under --compile auto a
-    compiler failure there prints one warning and the step runs again eagerly (compilation fails before the forward
-    runs, so nothing has changed). Later calls go straight to byol_step, or with --accumulate N > 1 to
-    accumulated_step (N micro-batches, one optimizer step)."""
+    """The step the loop calls: `byol_step` on the run's network, then the online probe's step. Its first call in a
+    process compiles (under torch.compile); under --compile auto a compiler failure there prints one warning and the
+    step runs again eagerly (compilation fails before the forward runs, so nothing has changed)."""
 
-    def __init__(self, net, eager_net, optimizer: LARS, model: BYOL, plan: Resolved, may_fall_back: bool, log,
-                 probe: OnlineProbe | None = None):
-        self.net, self.eager_net, self.optimizer = net, eager_net, optimizer
-        self.probe = probe  # the online linear probe: trained on the step's view-1 features after it
-        self.target_params, self.online_params = model.ema_pairs()
-        self.bf16 = plan.autocast_bf16
-        self.accumulate = plan.accumulate
-        self.mode = plan.compile_mode
+    def __init__(self, model: BYOL, net, optimizer, resolved: Resolved, may_fall_back: bool, log):
+        self.eager_net, self.optimizer, self.log = net, optimizer, log
+        self.ema_pairs = model.ema_pairs()
+        self.micro_batches, self.bf16 = resolved.accumulate, resolved.autocast_bf16
+        self.mode = resolved.compile_mode
+        self.net = net if self.mode == "off" else torch.compile(
+            net, mode=None if self.mode == "default" else self.mode)
         self.may_fall_back = may_fall_back and self.mode != "off"
-        self.log = log
+        self.probe: OnlineProbe | None = None  # trained on the step's view-1 features after it
 
     def __call__(self, v1: torch.Tensor, v2: torch.Tensor, lr: float, tau: float,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
         try:
-            if self.accumulate > 1:
-                loss = accumulated_step(self.net, self.optimizer, self.target_params, self.online_params, v1, v2,
-                                        lr, tau, self.accumulate, self.bf16)
-            else:
-                loss = byol_step(self.net, self.optimizer, self.target_params, self.online_params, v1, v2, lr,
-                                 tau, self.bf16)
+            loss = byol_step(self.net, self.optimizer, self.ema_pairs, (v1, v2), lr, tau, self.micro_batches,
+                             self.bf16)
         except Exception as e:  # noqa: BLE001 (only a failed compilation at the first step is caught)
             if not (self.may_fall_back and _compile_error(e)):
                 raise
@@ -175,18 +200,109 @@ class TrainStep:
             self.probe.step(labels)
         return loss
 
-    def compiled(self) -> None:
+    def first_step_passed(self) -> None:
         """The first step went through: no fallback after it."""
         self.may_fall_back = False
 
 
-def _compile_error(e: BaseException) -> bool:
-    """Whether an exception comes from torch.compile's machinery (Dynamo, AOTAutograd, Inductor)."""
-    try:
-        from torch._dynamo.exc import TorchDynamoException
-    except ImportError:
-        return False
-    return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
+# --------------------------------------------------------------------------------------------------------- the run
+@dataclass
+class Launch:
+    """What `train` was asked to do and where: the settings (the run's own config.json on a resume), the device and
+    this process's place among the ranks."""
+
+    cfg: Config
+    device: torch.device
+    rank: int
+    world_size: int
+    make_encoder: EncoderMaker
+    progress: bool = True
+    log: Callable = print
+    resume: Path | None = None  # the run directory of a resume
+    state: TrainState | None = None  # a resume's training state and checkpoint
+    ckpt: dict | None = None
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once (`_start`): the settings and what follows from them, the data, the
+    model and its step, and the components the loop asks at its step boundaries."""
+
+    launch: Launch
+    resolved: Resolved
+    run_dir: Path
+    dataset: ImageDataset
+    state: TrainState
+    model: BYOL
+    optimizer: torch.optim.Optimizer
+    loader: TwoViewLoader
+    step: TrainStep
+    meter: ThroughputMeter
+    bad: BadFiles
+    files: RunFiles
+    image_flops: float
+    stop: StopCheck = field(init=False)
+    reporter: Reporter = field(init=False)
+    log_points: LogPoints = field(init=False)
+    checkpoints: Checkpoints = field(init=False)
+    profiler: StepProfiler = field(init=False)
+
+    @property
+    def cfg(self) -> Config:
+        return self.launch.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.launch.device
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.launch.rank == 0
+
+    @property
+    def log(self) -> Callable:
+        return self.launch.log
+
+    @property
+    def probe(self) -> OnlineProbe | None:
+        return self.step.probe
+
+    def open(self) -> None:
+        """Take the run directory (collective) and start the components that write into it."""
+        from tqdm import tqdm
+
+        from .system.native import CurrentStderr
+
+        state, resolved = self.state, self.resolved
+        self.files.open(self.cfg, resolved, None if self.launch.resume is None else state.step,
+                        2 * state_bytes(self.model.state_dict()), self.rank)
+        _log_start(self)
+        # CurrentStderr: the bar writes between batches, while an encoded source's loader holds fd 2 (native.py)
+        bar = tqdm(total=resolved.total_steps, initial=state.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+                   disable=not (self.launch.progress and self.is_rank0), file=CurrentStderr())
+        sinks = [TensorBoardSink(self.run_dir / TENSORBOARD)] if self.is_rank0 else []
+        self.reporter = Reporter(self.files.write_metrics, bar, sinks)
+        self.log_points = LogPoints(self.device, self.world_size, self.cfg.run.log_every, self.reporter,
+                                    lambda: last_good(self.run_dir))
+        self.checkpoints = Checkpoints(self)
+        self.stop = StopCheck(self.world_size)
+        self.profiler = StepProfiler(resolved.profile_steps if self.is_rank0 else None, self.run_dir / PROFILE,
+                                     self.device, self.log, self.meter)
+
+    def close(self) -> None:
+        """Stop writing (metrics, TensorBoard, the lock) and stop the loader (DALI stopped, fd 2 given back)."""
+        if hasattr(self, "reporter"):
+            self.reporter.close()
+        self.files.close()
+        self.loader.close()
 
 
 def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None,
@@ -203,8 +319,6 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     encoder: an encoder of your own instead of cfg.model.arch: an nn.Module mapping (B, 3, H, W) to (B, D), or a
     callable returning one (called after the seed is set; it may take `image_size` and `stem`). D is its
     `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run."""
-    from .system.distributed import close_distributed, init_distributed
-
     check_environment()  # RANK, WORLD_SIZE, MASTER_PORT, FASTBYOL_CACHE...: one line before anything is read or made
     state, ckpt = None, None
     if resume is not None:
@@ -222,10 +336,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     try:
         if encoder is None:  # threads, widths, memory, before anything is allocated (an encoder of the caller's own:
             check_machine_bounds(cfg, device, world_size)  # the caller sized it)
-        return _train(cfg, state, ckpt, resume, device, rank, world_size, progress, log,
-                      EncoderMaker(cfg, encoder))
+        launch = Launch(cfg, device, rank, world_size, EncoderMaker(cfg, encoder), progress,
+                        log if rank == 0 else _silent, None if resume is None else Path(resume), state, ckpt)
+        return _train(launch)
     except OSError as e:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
-        mapped = write_error(e, Path(e.filename or "the run directory"))
+        mapped = describe_write_error(e, Path(e.filename or "the run directory"))
         if mapped is None:
             raise
         raise mapped from None
@@ -235,328 +350,252 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
             close_distributed()
 
 
-def _train(cfg: Config, state: TrainState | None, ckpt: dict | None, resume, device: torch.device, rank: int,
-           world_size: int, progress: bool, log, make_encoder: EncoderMaker) -> tuple[Path, dict]:
-    # setup: the data, the plan, the run folder's name, the model, the step, the meter
-    is_rank0 = rank == 0
-    if not is_rank0:
-        log = lambda *a, **k: None  # noqa: E731 (rank 0 alone speaks)
+def _silent(*args, **kwargs) -> None:
+    """The log of every rank but 0: rank 0 alone speaks."""
+
+
+def _train(launch: Launch) -> tuple[Path, dict]:
+    run = _start(launch)
+    try:
+        run.open()
+        _loop(run)
+        summary = _finish(run)
+    except BaseException:  # whatever stopped a new run before its first checkpoint: nothing is left behind
+        if launch.resume is None and not isinstance(sys.exc_info()[1], TrainingStopped):
+            run.close()
+            run.files.remove_if_unfinished()
+        raise
+    finally:
+        run.close()
+    if summary["knn_top1"] is not None and summary["knn_top1_random_init"] is not None:
+        trained, random = summary["knn_top1"], summary["knn_top1_random_init"]
+        run.log(f"kNN top-1: trained {trained:.2f}% vs random-init {random:.2f}% ({trained - random:+.2f} points); "
+                f"{summary['img_per_s']:.0f} img/s over {run.state.step} steps")
+    run.log(f"summary: {run.run_dir / SUMMARY}")
+    return run.run_dir, summary
+
+
+def _start(launch: Launch) -> Run:
+    """The run's data, model, loader, optimizer, step and meter, from the seed, or from the checkpoint on a resume."""
+    cfg, device, rank, world_size = launch.cfg, launch.device, launch.rank, launch.world_size
     if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())  # init_distributed chose LOCAL_RANK's GPU
+        device = launch.device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's GPU
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the convolutions once
-    run_dir = Path(resume) if resume is not None else Path(cfg.run.out or _default_run_dir(cfg))
+    run_dir = launch.resume or Path(cfg.run.out or _default_run_dir(cfg))
     run_dir = broadcast_object(run_dir, rank, world_size)  # one name (its time stamp) for every rank
     check_out_outside_data(run_dir, cfg.data.data, cfg.data.data_format)
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
                               cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
-    plan = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
+    resolved = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
+    state = launch.state
     if state is not None:
-        _check_resumable(state, resume, world_size, dataset.num_pretraining, plan.total_steps)
+        state.check_resumable(launch.resume, world_size, dataset.num_pretraining, resolved.total_steps)
     state = state or TrainState(world_size=world_size, num_images=dataset.num_pretraining)
-    bad = BadFiles(run_dir, dataset.pretraining_source, cfg.data.skip_bad_files, resume is not None, rank,
+    bad = BadFiles(run_dir, dataset.pretraining_source, cfg.data.skip_bad_files, launch.resume is not None, rank,
                    world_size)
-    model, loader, optimizer = _build_training(cfg, plan, dataset, device, state, ckpt, rank, make_encoder)
-    loader.on_skip = lambda name, why: log(f"skipped {name}: {why} (--skip-bad-files)")
-    image_flops = flops_per_image(model, cfg.data.image_size, device)  # on the plain model: no collectives
-    probe = _online_probe(cfg, plan, dataset, model, loader, device, log)  # after the FLOP count's copy of the model
-    if probe is not None and state.probe:  # a resume: the probe continues where it was
-        probe.load_state_dict(state.probe, str(resume))
-    net = _distributed(model, device, world_size)
-    step_fn = TrainStep(net if plan.compile_mode == "off" else
-                        torch.compile(net, mode=None if plan.compile_mode == "default" else plan.compile_mode),
-                        net, optimizer, model, plan, may_fall_back=cfg.run.compile == "auto", log=log, probe=probe)
+
+    torch.manual_seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    model = build_model(cfg, device, launch.make_encoder)
+    loader = _loader(launch, resolved, dataset, state)
+    optimizer = build_optimizer(cfg.optim, model)  # LARS or AdamW, with the decay / trust-ratio exclusions
+    if launch.ckpt is not None:
+        _restore(launch, model, optimizer, state)
+    loader.on_skip = lambda name, why: launch.log(f"skipped {name}: {why} (--skip-bad-files)")
+    image_flops = flops_per_image(model, cfg.data.image_size)  # on the plain model: no collectives
+    step = TrainStep(model, data_parallel(model, device, world_size), optimizer, resolved,
+                     may_fall_back=cfg.run.compile == "auto", log=launch.log)
+    step.probe = _online_probe(launch, resolved, dataset, model, loader)  # after the FLOP count's copy of the model
+    if step.probe is not None and state.probe:  # a resume: the probe continues where it was
+        step.probe.load_state_dict(state.probe, str(launch.resume))
     meter = ThroughputMeter(device, cfg.data.batch_size, image_flops, peak_flops(device), world_size)
     if state.meter:
         meter.load_state_dict(state.meter)
-    files = RunFiles(run_dir, writes=is_rank0, log=log)
-    try:
-        files.open(cfg, plan, None if resume is None else state.step, 2 * state_bytes(model.state_dict()), rank)
-        _log_start(log, cfg, plan, dataset, model, run_dir, device, state, resume, image_flops)
-        checkpoint = Checkpointer(cfg, state, model, optimizer, loader, meter, bad, run_dir, world_size, is_rank0,
-                                  probe)
-
-        # the loop
-        last_loss, startup, loss_sum = _loop(cfg, plan, state, loader, meter, step_fn, files, checkpoint, model,
-                                             dataset, device, run_dir, progress, is_rank0, world_size, log)
-
-        # the end: the final checkpoint first (a failed evaluation loses nothing), then kNN, the summary, and last the
-        # checkpoint marked finished
-        files.save(checkpoint(False, loss_sum))  # not yet finished: a resume from it runs the evaluation again
-        knn_trained, knn_random = _final_knn(cfg, dataset, model, device, run_dir, is_rank0, world_size, make_encoder)
-        probe_top1 = _probe_top1(probe, model, dataset, device) if is_rank0 else None
-        state.knn_top1_random_init = knn_random
-        summary = _summary(cfg, plan, state, meter, model, dataset, device, step_fn.mode, knn_trained, knn_random,
-                           last_loss, resumed=resume is not None)
-        summary["startup_seconds"] = {**dataset.startup_seconds, **startup}
-        summary["online_probe_top1"] = probe_top1  # None: no probe (--no-online-probe, or no labels)
-        if bad.names:  # files that passed the checks but that DALI could not decode, replaced while training
-            summary["skipped_files"] += bad.new_count(dataset)
-            summary["skipped_while_training"] = sorted(bad.names)
-            log(f"skipped {len(bad.names)} files DALI could not decode while training (--skip-bad-files): "
-                f"listed in {bad.path}")
-        if knn_trained is not None:
-            files.write_metrics(step=state.step, epoch=cfg.optim.epochs - 1, knn_top1=knn_trained, final=True,
-                                **({} if probe_top1 is None else {"online_probe_top1": probe_top1}))
-        if knn_random is not None:
-            files.write_metrics(step=0, epoch=-1, knn_top1=knn_random, init="random", final=True)
-        files.write_summary(summary)
-        # finished only once the summary is there: a stop before this resumes into the evaluation and the summary
-        # again, so no run is left finished without its summary.json
-        files.save(checkpoint(True, loss_sum))
-    except BaseException:  # whatever stopped a new run before its first checkpoint: nothing is left behind
-        if resume is None and not isinstance(sys.exc_info()[1], TrainingStopped):
-            files.close()
-            files.remove_if_unfinished()
-        raise
-    finally:
-        files.close()
-        loader.close()  # DALI stopped (what it decoded ahead, printed inside the capture), fd 2 given back
-    if knn_trained is not None and knn_random is not None:
-        log(f"kNN top-1: trained {knn_trained:.2f}% vs random-init {knn_random:.2f}% "
-            f"({knn_trained - knn_random:+.2f} points); {summary['img_per_s']:.0f} img/s over {state.step} steps")
-    log(f"summary: {run_dir / 'summary.json'}")
-    return run_dir, summary
+    files = RunFiles(run_dir, writes=rank == 0, log=launch.log)
+    return Run(launch, resolved, run_dir, dataset, state, model, optimizer, loader, step, meter, bad, files,
+               image_flops)
 
 
-def _loop(cfg: Config, plan: Resolved, state: TrainState, loader: TwoViewLoader, meter: ThroughputMeter,
-          step_fn: TrainStep, files: RunFiles, checkpoint: Checkpointer, model: BYOL, dataset: ImageDataset,
-          device: torch.device, run_dir: Path, progress: bool, is_rank0: bool, world_size: int,
-          log) -> tuple[float, dict, torch.Tensor]:
-    """The training loop, from the state's step to the end; returns (last logged loss, startup seconds, the loss sum
-    since the last log point)."""
-    from tqdm import tqdm
-
-    from .system.native import CurrentStderr
-
-    # CurrentStderr: the bar writes between batches, while an encoded source's loader holds fd 2 (native.py)
-    bar = tqdm(total=plan.total_steps, initial=state.step, disable=not (progress and is_rank0), unit="step",
-               dynamic_ncols=True, mininterval=1.0, file=CurrentStderr())
-    profiler = StepProfiler(plan.profile_steps if is_rank0 else None, run_dir / PROFILE, device, log, meter)
-    loss_sum, steps_since_log, last_loss = torch.zeros((), device=device), 0, float("nan")
-    loss_mean, pending = DeferredMean(device), None  # the last log point's loss on its way to the host, its record
-    start_epoch, resume_offset = divmod(state.step, plan.steps_per_epoch)
-    input_dtype = getattr(torch, plan.input_dtype)
-    startup, stop = {}, StopCheck(world_size)
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        meter.resume()
-        for v1, v2, *labels in meter.batches(loader.epoch(resume_offset if epoch == start_epoch else 0)):
-            profiler.at(state.step, meter.last_wait)  # --profile START:STOP records these steps
-            # (B, 3, S, S) channels_last views, one per augmentation spec
-            v1 = v1.to(device=device, dtype=input_dtype, non_blocking=True)
-            v2 = v2.to(device=device, dtype=input_dtype, non_blocking=True)
-            lr = lr_at(state.step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
-            tau = tau_at(state.step, plan.total_steps, cfg.optim.tau_base)
-            loss_sum += step_fn(v1, v2, lr, tau, labels[0] if labels else None)
-            state.step += 1
-            steps_since_log += 1
-            if meter.step():  # sync, once: the first step of this process is timed apart (compilation)
-                step_fn.compiled()
-                startup["first batch"] = first_batch = meter.last_wait
-                log(f"first step (compile {step_fn.mode}, warm-up): {meter.warmup_seconds:.1f} s; its batch "
-                    f"took {first_batch:.1f} s")
-            bar.update(1)
-
-            # log: queue the mean loss and the meter's window of this interval for the host (no sync), then print and
-            # write the previous log point's, whose values have arrived meanwhile: the figures lag by one log
-            # interval, and a non-finite loss stops the run one interval later (checkpoints check their own)
-            if state.step % cfg.run.log_every == 0 or state.step == plan.total_steps:
-                if pending is not None:
-                    last_loss, pending = _report(pending, loss_mean, bar, files, run_dir), None
-                loss_mean.start(loss_sum, world_size)  # collective: every rank at every log point
-                pending = dict(window=meter.window(), steps=steps_since_log, step=state.step, epoch=epoch, lr=lr,
-                               tau=tau)
-                loss_sum.zero_()
-                steps_since_log = 0
-                if stop.now() and state.step < plan.total_steps:  # a stop signal: every rank stops at this step
-                    meter.pause()
-                    last_loss, pending = _report(pending, loss_mean, bar, files, run_dir), None
-                    files.save(checkpoint(False, loss_sum))
-                    raise stop.stopped(state.step, plan.total_steps, run_dir)
-
-            # checkpoint: outside the timed region (sync)
-            if cfg.run.ckpt_every_steps and state.step % cfg.run.ckpt_every_steps == 0 \
-                    and state.step < plan.total_steps:
-                meter.pause()
-                if pending is not None:  # written before the checkpoint that a resume would cut metrics back to
-                    last_loss, pending = _report(pending, loss_mean, bar, files, run_dir), None
-                files.save(checkpoint(False, loss_sum))
-                meter.resume()
-        meter.pause()
-        if pending is not None:  # the epoch's last log point, consumed at this synced point
-            last_loss, pending = _report(pending, loss_mean, bar, files, run_dir), None
-        state.peak_device_bytes = max(state.peak_device_bytes, device_memory_in_use(device) or 0.0)  # DALI's too
-
-        # the online kNN monitor on a fixed subset, outside the timed region, rank 0 while the others wait
-        if cfg.run.knn_every and (epoch + 1) % cfg.run.knn_every == 0 and epoch + 1 < cfg.optim.epochs:
-            knn_now = evaluate_knn(model, dataset, cfg, device, subset=cfg.run.knn_subset) if is_rank0 else None
-            barrier(world_size)
-            if knn_now is not None:
-                bar.set_postfix(loss=f"{last_loss:.4f}", knn=f"{knn_now:.1f}")
-                probe_now = _probe_top1(step_fn.probe, model, dataset, device, cfg.run.knn_subset)
-                files.write_metrics(step=state.step, epoch=epoch, knn_top1=knn_now, knn_subset=cfg.run.knn_subset,
-                                    **({} if probe_now is None else {"online_probe_top1": probe_now}))
-    bar.close()
-    profiler.close()
-    return last_loss, startup, loss_sum
+def loader_labels(cfg: Config, resolved: Resolved, dataset: ImageDataset):
+    """What the loader is asked to hand over for the online probe (TwoViewLoader's labels=): array sources' labels
+    (gathered by the rows DALI's source names), True for labelled folders and shards (the reader's labels, the
+    graph's last output), on either device; None where the probe is off, the images have no labels, or
+    --accumulate splits the step (the probe reads one forward a step). The draws are the same either way."""
+    return probe_labels(dataset) if cfg.run.online_probe and resolved.accumulate == 1 else None
 
 
-def _report(record: dict, loss_mean: DeferredMean, bar, files: RunFiles, run_dir: Path) -> float:
-    """Print and write one log point's record, queued a log point earlier; returns its mean loss (stops the run when
-    it is not finite)."""
-    loss = loss_mean.value() / record.pop("steps")
-    rates = record.pop("window").rates()
-    if not math.isfinite(loss):
-        raise TrainingStopped(f"the loss became {loss} by step {record['step']}; " + last_good(run_dir))
-    mfu = rates["mfu"]
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}",
-                    img_s=f"{rates['img_per_s']:.0f}", **({} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}))
-    files.write_metrics(step=record["step"], epoch=record["epoch"], loss=loss, lr=record["lr"], tau=record["tau"],
-                        img_per_s=rates["img_per_s"], mfu=mfu, data_wait_share=rates["data_wait_share"])
-    return loss
-
-
-def _final_knn(cfg: Config, dataset: ImageDataset, model: BYOL, device: torch.device, run_dir: Path, is_rank0: bool,
-               world_size: int, make_encoder: EncoderMaker) -> tuple[float | None, float | None]:
-    """kNN of the trained encoder and of the random-init one (rebuilt from the seed), rank 0 while the others wait.
-    The run is saved already: a failure here is one line saying so, and `--resume` runs the evaluation again."""
-    try:
-        knn_trained = evaluate_knn(model, dataset, cfg, device) if is_rank0 else None
-        knn_random = _random_init_knn(cfg, dataset, device, make_encoder) if is_rank0 else None
-    except Exception as e:  # noqa: BLE001 (any failure: the trained run is kept, the error is one line)
-        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise TrainingStopped(f"the final evaluation failed ({why}); the trained run is kept in {run_dir / CHECKPOINT}"
-                              f": `fastbyol train --resume {run_dir}` evaluates it again") from None
-    barrier(world_size)
-    return knn_trained, knn_random
-
-
-# ----------------------------------------------------------------------------------------------------------- helpers
-def _build_training(cfg: Config, plan: Resolved, dataset: ImageDataset, device: torch.device, state: TrainState,
-                    ckpt: dict | None, rank: int, make_encoder: EncoderMaker) -> tuple[BYOL, TwoViewLoader, LARS]:
-    """The model, this rank's loader and the optimizer, from the seed, or from the checkpoint when resuming."""
-    torch.manual_seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed)
-    model = build_model(cfg, device, make_encoder)
+def _loader(launch: Launch, resolved: Resolved, dataset: ImageDataset, state: TrainState) -> TwoViewLoader:
+    """This rank's two-view loader, at the checkpoint's data position on a resume."""
+    cfg, rank = launch.cfg, launch.rank
     view1, view2 = views_from_config(cfg)
-    source = dataset.pretraining_source
-    # the online probe's labels: array sources (gathered by the rows DALI's source names), labelled folders and
-    # shards (the reader's labels, the graph's last output), on either device; the draws stay the same either way
-    labels = probe_labels(dataset) if cfg.run.online_probe and plan.accumulate == 1 else None  # (_online_probe)
-    loader = TwoViewLoader(source, plan.local_batch, cfg.data.image_size, seed=cfg.run.seed, labels=labels,
-                           device=device.type, num_threads=cfg.data.num_threads, view1=view1, view2=view2,
-                           gray_input=dataset.gray, shard_id=rank, num_shards=plan.world_size,
-                           checkpoint=state.data_states[rank] if state.data_states else None, augment=cfg.augment)
-    optimizer = build_optimizer(cfg.optim, model)  # LARS or AdamW, with the decay / trust-ratio exclusions
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(state.torch_rngs[rank])
-        except (RuntimeError, ValueError, KeyError, IndexError) as e:
-            raise FastByolError(f"the checkpoint does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} "
-                                f"stem, {cfg.data.image_size} px): {str(e).strip().splitlines()[0][:200]}") from None
-    return model, loader, optimizer
+    labels = loader_labels(cfg, resolved, dataset)
+    return TwoViewLoader(dataset.pretraining_source, resolved.local_batch, cfg.data.image_size, seed=cfg.run.seed,
+                         labels=labels, device=launch.device.type, num_threads=cfg.data.num_threads, view1=view1,
+                         view2=view2, gray_input=dataset.gray, shard_id=rank, num_shards=resolved.world_size,
+                         checkpoint=state.data_states[rank] if state.data_states else None, augment=cfg.augment)
 
 
-def _online_probe(cfg: Config, plan: Resolved, dataset: ImageDataset, model: BYOL, loader: TwoViewLoader,
-                  device: torch.device, log) -> OnlineProbe | None:
+def _restore(launch: Launch, model: BYOL, optimizer, state: TrainState) -> None:
+    """The checkpoint's weights, optimizer state and this rank's torch RNG state, or one line when they do not fit."""
+    cfg = launch.cfg
+    try:
+        model.load_state_dict(launch.ckpt["model"])
+        optimizer.load_state_dict(launch.ckpt["optimizer"])
+        torch.set_rng_state(state.torch_rngs[launch.rank])
+    except (RuntimeError, ValueError, KeyError, IndexError) as e:
+        raise FastByolError(f"the checkpoint does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} "
+                            f"stem, {cfg.data.image_size} px): {str(e).strip().splitlines()[0][:200]}") from None
+
+
+def _online_probe(launch: Launch, resolved: Resolved, dataset: ImageDataset, model: BYOL,
+                  loader: TwoViewLoader) -> OnlineProbe | None:
     """The online linear probe (fastbyol.evaluation.probe) where it is on, the pretraining images have labels and the
     loader hands them over (arrays, labelled folders and shards), one forward a step (no --accumulate)."""
+    cfg = launch.cfg
     if not cfg.run.online_probe:
         return None
     why = ("the pretraining images have no labels" if probe_labels(dataset) is None else
-           "it reads one forward a step, and --accumulate splits the step" if plan.accumulate > 1 else
+           "it reads one forward a step, and --accumulate splits the step" if resolved.accumulate > 1 else
            loader.labels_note or "the loader hands over no labels" if not loader.with_labels else None)
     if why is not None:
-        log(f"online probe: off ({why}; --no-online-probe silences this)")
+        launch.log(f"online probe: off ({why}; --no-online-probe silences this)")
         return None
-    return OnlineProbe(model.online_encoder, model.feature_dim, dataset.num_classes, device, cfg.run.seed)
-
-
-def _probe_top1(probe: OnlineProbe | None, model: BYOL, dataset: ImageDataset, device: torch.device,
-                subset: int | None = None) -> float | None:
-    """The online probe's test top-1 (%): the kNN check's queries (a quarter of `subset`, evenly spaced) or the
-    whole test split."""
-    if probe is None:
-        return None
-    queries = slice(None)
-    if subset is not None:
-        n_q = max(1, min(subset // 4, len(dataset.test_images)))
-        queries = np.linspace(0, len(dataset.test_images) - 1, n_q).astype(int)
-    return probe.accuracy(model.online_encoder, dataset.test_images[queries], dataset.test_labels[queries], device)
+    return OnlineProbe(model.online_encoder, model.feature_dim, dataset.num_classes, launch.device, cfg.run.seed)
 
 
 def _default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.preset}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
-def _check_resumable(state: TrainState, resume, world_size: int, num_images: int, total_steps: int) -> None:
-    if state.step > total_steps:
-        raise FastByolError(f"{resume}: its checkpoint is at step {state.step}, past the run's {total_steps} steps "
-                            "(a damaged checkpoint or a changed config.json)")
-    if state.world_size != world_size:
-        raise FastByolError(f"{resume}: the run was checkpointed with {state.world_size} processes; resume it with as "
-                            f"many (got {world_size})")
-    if state.num_images and state.num_images != num_images:
-        raise FastByolError(f"{resume}: the run trained on {state.num_images} images, the dataset now has "
-                            f"{num_images}; its schedule would change: resume over the same data, or start a new run")
+# -------------------------------------------------------------------------------------------------------- the loop
+def _loop(run: Run) -> None:
+    """The training loop, from the state's step to the end."""
+    cfg, resolved, state, meter = run.cfg, run.resolved, run.state, run.meter
+    start_epoch, resume_offset = divmod(state.step, resolved.steps_per_epoch)
+    input_dtype = getattr(torch, resolved.input_dtype)
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        meter.resume()
+        for v1, v2, *labels in meter.batches(run.loader.epoch(resume_offset if epoch == start_epoch else 0)):
+            run.profiler.at(state.step, meter.last_wait)  # --profile START:STOP records these steps
+            # (B, 3, S, S) channels_last views, one per augmentation spec
+            v1 = v1.to(device=run.device, dtype=input_dtype, non_blocking=True)
+            v2 = v2.to(device=run.device, dtype=input_dtype, non_blocking=True)
+            lr = lr_at(state.step, resolved.total_steps, resolved.warmup_steps, resolved.peak_lr)
+            tau = tau_at(state.step, resolved.total_steps, cfg.optim.tau_base)
+            run.log_points.add(run.step(v1, v2, lr, tau, labels[0] if labels else None))
+            state.step += 1
+            if meter.step():  # sync, once: the first step of this process is timed apart (compilation)
+                run.step.first_step_passed()
+                run.log(f"first step (compile {run.step.mode}, warm-up): {meter.warmup_seconds:.1f} s; its batch "
+                        f"took {meter.last_wait:.1f} s")
+            run.reporter.bar.update(1)
+
+            # log point: queue this interval's mean loss and the meter's window (no sync), report the previous one
+            if run.log_points.due(state.step, resolved.total_steps):
+                run.log_points.queue(state.step, epoch, lr, tau, meter.window())  # collective
+                if run.stop.now() and state.step < resolved.total_steps:  # a stop signal: every rank stops here
+                    meter.pause()
+                    run.log_points.flush()
+                    run.checkpoints.save()
+                    raise run.stop.stopped(state.step, resolved.total_steps, run.run_dir)
+
+            # checkpoint: outside the timed region (sync); the queued log point is written before it, so a resume
+            # that cuts metrics.jsonl back to the checkpoint's step keeps it
+            if cfg.run.ckpt_every_steps and state.step % cfg.run.ckpt_every_steps == 0 \
+                    and state.step < resolved.total_steps:
+                meter.pause()
+                run.log_points.flush()
+                run.checkpoints.save()
+                meter.resume()
+        meter.pause()
+        run.log_points.flush()  # the epoch's last log point, consumed at this synced point
+        state.peak_device_bytes = max(state.peak_device_bytes, device_memory_in_use(run.device) or 0.0)  # DALI's too
+        if cfg.run.knn_every and (epoch + 1) % cfg.run.knn_every == 0 and epoch + 1 < cfg.optim.epochs:
+            _knn_check(run, epoch)
+    run.reporter.bar.close()
+    run.profiler.close()
 
 
-def _distributed(model: BYOL, device: torch.device, world_size: int):
-    """The network the step runs: the model itself, or under torchrun DDP with cross-replica BN (GlobalBatchNorm, one
-    functional all-reduce on NCCL and gloo: no graph break under torch.compile). The BN buffers are equal on every
-    rank by construction, so DDP does not broadcast them; the gradient buckets are views with each parameter's own
-    (channels_last) strides."""
-    if world_size == 1:
-        return model
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    from .system.distributed import convert_batchnorm
-
-    convert_batchnorm(model, device.type)
-    no_buffer_sync = ({"forward_sync_buffers": False}  # newer torch's name for the same switch
-                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True, **no_buffer_sync)
+def _knn_check(run: Run, epoch: int) -> None:
+    """The online kNN monitor (and the online probe) on a fixed subset, outside the timed region, rank 0 while the
+    others wait."""
+    subset = run.cfg.run.knn_subset
+    knn_now = evaluate_knn(run.model, run.dataset, run.cfg, run.device, subset=subset) if run.is_rank0 else None
+    barrier(run.world_size)
+    if knn_now is None:
+        return
+    run.reporter.bar.set_postfix(loss=f"{run.log_points.last_loss:.4f}", knn=f"{knn_now:.1f}")
+    probe_now = probe_top1(run.probe, run.model, run.dataset, run.device, subset)
+    run.reporter.record(step=run.state.step, epoch=epoch, knn_top1=knn_now, knn_subset=subset,
+                        **({} if probe_now is None else {"online_probe_top1": probe_now}))
 
 
-def _log_start(log, cfg: Config, plan: Resolved, dataset: ImageDataset, model: BYOL, run_dir: Path,
-               device: torch.device, state: TrainState, resume, image_flops: float = 0.0) -> None:
-    log(f"fastbyol {__version__}: {dataset.describe()}")
+# ------------------------------------------------------------------------------------------------------- the end
+def _finish(run: Run) -> dict:
+    """The final checkpoint first (a failed evaluation loses nothing), then kNN of the trained and the random-init
+    encoder, the summary, and last the checkpoint marked finished: a stop before it resumes into the evaluation and
+    the summary again, so no run is left finished without its summary.json."""
+    run.checkpoints.save()  # not yet finished: a resume from it runs the evaluation again
+    knn_trained, knn_random = _final_knn(run)
+    probe_final = probe_top1(run.probe, run.model, run.dataset, run.device) if run.is_rank0 else None
+    run.state.knn_top1_random_init = knn_random
+    summary = _summary(run, knn_trained, knn_random)
+    summary["online_probe_top1"] = probe_final  # None: no probe (--no-online-probe, or no labels)
+    if run.bad.names:  # files that passed the checks but that DALI could not decode, replaced while training
+        summary["skipped_files"] += run.bad.new_count(run.dataset)
+        summary["skipped_while_training"] = sorted(run.bad.names)
+        run.log(f"skipped {len(run.bad.names)} files DALI could not decode while training (--skip-bad-files): "
+                f"listed in {run.bad.path}")
+    if knn_trained is not None:
+        run.reporter.record(step=run.state.step, epoch=run.cfg.optim.epochs - 1, knn_top1=knn_trained, final=True,
+                            **({} if probe_final is None else {"online_probe_top1": probe_final}))
+    if knn_random is not None:
+        run.reporter.record(step=0, epoch=-1, knn_top1=knn_random, init="random", final=True)
+    run.files.write_summary(summary)
+    run.checkpoints.save(finished=True)
+    return summary
+
+
+def _final_knn(run: Run) -> tuple[float | None, float | None]:
+    """kNN of the trained encoder and of the random-init one (rebuilt from the seed), rank 0 while the others wait.
+    The run is saved already: a failure here is one line saying so, and `--resume` runs the evaluation again."""
+    try:
+        knn_trained = evaluate_knn(run.model, run.dataset, run.cfg, run.device) if run.is_rank0 else None
+        knn_random = (random_init_knn(run.launch.make_encoder, run.dataset, run.cfg, run.device)
+                      if run.is_rank0 else None)
+    except Exception as e:  # noqa: BLE001 (any failure: the trained run is kept, the error is one line)
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise TrainingStopped(f"the final evaluation failed ({why}); the trained run is kept in "
+                              f"{run.run_dir / CHECKPOINT}: `fastbyol train --resume {run.run_dir}` evaluates it "
+                              "again") from None
+    barrier(run.world_size)
+    return knn_trained, knn_random
+
+
+def _log_start(run: Run) -> None:
+    cfg, resolved, dataset, state = run.cfg, run.resolved, run.dataset, run.state
+    run.log(f"fastbyol {__version__}: {dataset.describe()}")
     if dataset.startup_seconds:
-        log("startup: " + ", ".join(f"{k} {v:.1f} s" for k, v in dataset.startup_seconds.items())
-            + (f" (manifest {dataset.manifest})" if dataset.manifest else ""))
+        run.log("startup: " + ", ".join(f"{k} {v:.1f} s" for k, v in dataset.startup_seconds.items())
+                + (f" (manifest {dataset.manifest})" if dataset.manifest else ""))
     if dataset.skipped_files:
-        log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
-    log(f"run directory {run_dir}; device {device}" + (f" x {plan.world_size} processes" if plan.world_size > 1 else "")
-        + f"; kernels {kernel_backend(device)}; compile {plan.compile_mode}; "
-        f"{sum(p.numel() for p in model.online_parameters()) / 1e6:.2f}M online parameters ({cfg.model.arch}, "
-        f"{cfg.optim.optimizer}); {image_flops / 1e9:.3g} GFLOP an image"
-        + ("" if resume is None else f"; resumed at step {state.step}"))
-    log(f"resolved: {plan.local_batch} images a step per process, {plan.steps_per_epoch} steps an epoch, "
-        f"{plan.total_steps} steps ({plan.warmup_steps} warmup), peak lr {plan.peak_lr:g}, views {plan.input_dtype}"
-        + (f", {plan.accumulate} micro-batches of {plan.micro_batch} a step" if plan.accumulate > 1 else "")
-        + (", bf16 autocast" if plan.autocast_bf16 else ""))
+        run.log(f"skipped {dataset.skipped_files} bad files (--skip-bad-files)")
+    online = sum(p.numel() for p in run.model.online_parameters())
+    run.log(f"run directory {run.run_dir}; device {run.device}"
+            + (f" x {resolved.world_size} processes" if resolved.world_size > 1 else "")
+            + f"; kernels {kernel_backend(run.device)}; compile {resolved.compile_mode}; {online / 1e6:.2f}M online "
+            f"parameters ({cfg.model.arch}, {cfg.optim.optimizer}); {run.image_flops / 1e9:.3g} GFLOP an image"
+            + ("" if run.launch.resume is None else f"; resumed at step {state.step}"))
+    run.log(f"resolved: {resolved.local_batch} images a step per process, {resolved.steps_per_epoch} steps an epoch, "
+            f"{resolved.total_steps} steps ({resolved.warmup_steps} warmup), peak lr {resolved.peak_lr:g}, views "
+            f"{resolved.input_dtype}"
+            + (f", {resolved.accumulate} micro-batches of {resolved.micro_batch} a step"
+               if resolved.accumulate > 1 else "")
+            + (", bf16 autocast" if resolved.autocast_bf16 else ""))
 
 
-def _random_init_knn(cfg: Config, dataset: ImageDataset, device: torch.device,
-                     make_encoder: EncoderMaker) -> float | None:
-    """kNN top-1 of the random-init encoder: rebuilt from the seed exactly as the model's encoder was (the encoder is
-    the first thing drawn after seeding), so the figure is the one before training, computed off the critical path."""
-    if not dataset.has_knn:
-        return None
-    torch.manual_seed(cfg.run.seed)
-    encoder = make_encoder().to(device=device, memory_format=torch.channels_last)
-    return evaluate_knn(encoder, dataset, cfg, device)
-
-
-def _summary(cfg: Config, plan: Resolved, state: TrainState, meter: ThroughputMeter, model: BYOL,
-             dataset: ImageDataset, device: torch.device, mode: str, knn_trained, knn_random, final_loss: float,
-             resumed: bool) -> dict:
-    rates = meter.summary()
+def _summary(run: Run, knn_trained: float | None, knn_random: float | None) -> dict:
+    rates, device = run.meter.summary(), run.device
     return dict(
         knn_top1=knn_trained,
         knn_top1_random_init=knn_random,
@@ -566,26 +605,28 @@ def _summary(cfg: Config, plan: Resolved, state: TrainState, meter: ThroughputMe
         warmup_seconds=rates["warmup_seconds"],
         step_ms=rates["step_ms"],
         data_wait_share=rates["data_wait_share"],  # of the training time, waiting for batches
-        flops_per_image=meter.flops_per_image,
+        flops_per_image=run.meter.flops_per_image,
         mfu=rates["mfu"],
         peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,  # torch's
-        peak_device_memory_gb=state.peak_device_bytes / 1e9 if device.type == "cuda" else None,  # all, at log points
-        final_loss=final_loss,
-        epochs=cfg.optim.epochs,
-        steps=state.step,
-        batch_size=cfg.data.batch_size,
-        world_size=plan.world_size,
-        compile=mode,
-        dataset=dataset.describe(),
-        skipped_files=dataset.skipped_files,
+        peak_device_memory_gb=run.state.peak_device_bytes / 1e9 if device.type == "cuda" else None,  # all allocators
+        final_loss=run.log_points.last_loss,
+        epochs=run.cfg.optim.epochs,
+        steps=run.state.step,
+        batch_size=run.cfg.data.batch_size,
+        world_size=run.resolved.world_size,
+        compile=run.step.mode,
+        dataset=run.dataset.describe(),
+        skipped_files=run.dataset.skipped_files,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
                                                                                   "threads)",
         kernels=kernel_backend(device),
         versions=library_versions(),
-        params_sha256=params_sha256(model),
-        preset=cfg.preset,
-        seed=cfg.run.seed,
-        resumed=resumed,
+        params_sha256=params_sha256(run.model),
+        preset=run.cfg.preset,
+        seed=run.cfg.run.seed,
+        resumed=run.launch.resume is not None,
+        startup_seconds={**run.dataset.startup_seconds, **({} if run.meter.first_batch_wait is None else
+                                                           {"first batch": run.meter.first_batch_wait})},
     )
 
 

@@ -84,7 +84,7 @@ def one_step_run(out: Path, n_metrics: int = 3) -> Path:
     model = build_model(cfg, torch.device("cpu"))
     optimizer = LARS(model.online_parameters(), lr=0.1)
     x = torch.randn(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
-    p1, p2, z1, z2 = model(x, x)
+    p1, p2, z1, z2 = model(x, x)[:4]
     (p1 - z2).square().sum().add((p2 - z1).square().sum()).backward()
     optimizer.step()
     state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()])
@@ -107,3 +107,18 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+def train_with(data: Path, out: Path, encoder=None, **settings):
+    """`fastbyol.train` on `data` into `out`, quietly, with `encoder` (e.g. a tests/faults.py encoder) and any setting
+    by its field name (epochs=1, batch_size=32, ckpt_every_steps=3, ...); knn_every 0 unless given. Returns what
+    train returns; what it raises propagates."""
+    import fastbyol.train as trainer
+    from fastbyol.config import SECTIONS, get_preset
+
+    cfg = get_preset("fmnist-tiny")
+    cfg.data.data, cfg.run.out, cfg.run.knn_every = str(data), str(out), 0
+    for name, value in settings.items():
+        section = next(s for s, klass in SECTIONS.items() if name in klass.__dataclass_fields__)
+        setattr(getattr(cfg, section), name, value)
+    return trainer.train(cfg, progress=False, log=lambda *a, **k: None, encoder=encoder)

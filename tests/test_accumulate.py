@@ -1,4 +1,4 @@
-"""Gradient accumulation (`--accumulate N`, `fastbyol.accumulate`) against the unaccumulated step.
+"""Gradient accumulation (`--accumulate N`, `byol_step(..., n=N)`) against the unaccumulated step.
 
 - One process: N micro-batches of B/N give the gradients, the LARS update (parameters and momentum) and the EMA of
   one batch of B, in float64 on a model without batch statistics (every BatchNorm in eval mode: its running
@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from fastbyol.accumulate import accumulated_step, micro_batches
 from fastbyol.run.checkpoint import load_checkpoint
 from fastbyol.cli import main
 from fastbyol.config import Config, get_preset
@@ -31,7 +30,7 @@ from fastbyol.system.distributed import close_distributed, init_distributed
 from fastbyol.errors import FastByolError
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
-from fastbyol.train import byol_step
+from fastbyol.train import byol_step, micro_batches
 
 from .support import free_port as _free_port
 from .support import small_idx_dataset as _small_idx_dataset
@@ -71,10 +70,7 @@ def _run(model, net, views, accumulate: int, part=slice(None)) -> dict:
     for step, (v1, v2) in enumerate(views):
         lr, tau = 0.3 + 0.1 * step, 0.9 + 0.02 * step
         v1, v2 = v1[part], v2[part]
-        if accumulate == 1:
-            loss = byol_step(net, opt, target, online, v1, v2, lr, tau)
-        else:
-            loss = accumulated_step(net, opt, target, online, v1, v2, lr, tau, accumulate)
+        loss = byol_step(net, opt, (target, online), (v1, v2), lr, tau, n=accumulate)
         record.append(dict(loss=loss.clone(), grads=[p.grad.clone() for p in model.online_parameters()],
                            online=[p.detach().clone() for p in model.online_parameters()],
                            momentum=[opt.state[p]["momentum_buffer"].clone() for p in model.online_parameters()
@@ -119,8 +115,8 @@ def test_with_batch_statistics_each_micro_batch_is_normalised_on_its_own():
     v1, v2 = _views()[0]
     acc, big = _model(bn_eval=False), _model(bn_eval=False)
     seq = _model(bn_eval=False)
-    accumulated_step(acc, LARS(acc.online_parameters(), lr=0.0), *acc.ema_pairs(), v1, v2, 0.3, 0.9, 4)
-    byol_step(big, LARS(big.online_parameters(), lr=0.0), *big.ema_pairs(), v1, v2, 0.3, 0.9)
+    byol_step(acc, LARS(acc.online_parameters(), lr=0.0), acc.ema_pairs(), (v1, v2), 0.3, 0.9, n=4)
+    byol_step(big, LARS(big.online_parameters(), lr=0.0), big.ema_pairs(), (v1, v2), 0.3, 0.9)
     with torch.no_grad():
         for m1, m2 in micro_batches(v1, v2, 4):
             seq(m1, m2)

@@ -163,7 +163,7 @@ def test_target_before_patch_moves_the_ema_before_the_forward(restore_trainer):
     parity.PATCHES["target-before"]()
     assert T.byol_step is not original
     m1, o1 = model_and_opt()
-    T.byol_step(m1, o1, *m1.ema_pairs(), v1, v2, 0.5, 0.9)
+    T.byol_step(m1, o1, m1.ema_pairs(), (v1, v2), 0.5, 0.9)
 
     m2, o2 = model_and_opt()
     ema_update_reference_(*m2.ema_pairs(), 0.9)

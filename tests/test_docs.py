@@ -300,3 +300,37 @@ def test_the_flag_check_catches_planted_mistakes():
         ("train", "--compile turbo"), ("train", "--device tpu"), ("bench augment", "--device tpu")])
     # an abbreviation argparse would accept is not the flag's name: the docs must spell it out
     assert command_problems("```bash\nfastbyol train --epoch 2\n```\n", parser) == [("train", "--epoch")]
+
+
+def code_map(index: str) -> str:
+    """The code map of docs/index.md: the text block after its "Where the code is" line."""
+    after = index.split("Where the code is", 1)[1]
+    return after.split("```text", 1)[1].split("```", 1)[0]
+
+
+def unmapped_modules(text: str, root: Path = ROOT) -> list[str]:
+    """The project's modules (fastbyol/**.py, kernels/*.py) whose path, relative to its top folder's map entry, the
+    code map does not name: `train.py`, `run/files.py`, `kernels/ema.py`..."""
+    missing = []
+    for top, prefix in (("fastbyol", ""), ("kernels", "kernels/")):
+        for path in sorted((root / top).rglob("*.py")):
+            name = prefix + path.relative_to(root / top).as_posix()
+            if name.endswith("__init__.py") or name.endswith("__main__.py"):
+                continue
+            if not re.search(rf"(?<![\w/]){re.escape(name)}\b", text):
+                missing.append(name)
+    return missing
+
+
+def test_the_code_map_names_every_module():
+    missing = unmapped_modules(code_map((ROOT / "docs" / "index.md").read_text()))
+    assert not missing, f"docs/index.md's code map does not name: {missing}"
+
+
+def test_the_code_map_check_catches_a_planted_module(tmp_path):
+    (tmp_path / "fastbyol" / "run").mkdir(parents=True)
+    (tmp_path / "kernels").mkdir()
+    for name in ("fastbyol/train.py", "fastbyol/run/files.py", "fastbyol/run/new.py", "kernels/ema.py"):
+        (tmp_path / name).write_text("")
+    text = "train.py   the trainer\nrun/files.py   the run files\nkernels/ema.py  the EMA\nfiles.py\n"
+    assert unmapped_modules(text, tmp_path) == ["run/new.py"]

@@ -231,7 +231,7 @@ def _twenty_steps(kernels_path):
         model = _tiny_byol()
         opt = LARS(model.online_parameters(), lr=0.0)
         target, online = model.ema_pairs()
-        losses = [byol_step(model, opt, target, online, v1.to(DEVICE), v2.to(DEVICE), lr=0.2, tau=0.99).item()
+        losses = [byol_step(model, opt, (target, online), (v1.to(DEVICE), v2.to(DEVICE)), lr=0.2, tau=0.99).item()
                   for v1, v2 in data]
         results[mode] = (losses, [t.detach().clone() for t in target])
     (l_fast, t_fast), (l_ref, t_ref) = results["triton"], results["reference"]

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastbyol.models import BYOL, build_encoder
-from fastbyol.optim import LARS, lars_foreach_
+from fastbyol.optim import LARS, LarsHyper, lars_foreach_
 from fastbyol.reference import lars_excluded, lars_update_
 
 # aten ops that make views or read metadata: no kernel
@@ -143,7 +143,7 @@ def test_foreach_equals_reference(weight_decay, tensor_lr):
         lars_update_(params_ref, grads, bufs_ref, lr=lr, weight_decay=weight_decay, momentum=0.9,
                      trust_coefficient=1e-3, excluded=excluded)
         lars_foreach_(params_new, grads, bufs_new, lr=torch.tensor(lr, dtype=torch.float64) if tensor_lr else lr,
-                      weight_decay=weight_decay, momentum=0.9, trust_coefficient=1e-3, excluded=excluded)
+                      hyper=LarsHyper(weight_decay, 0.9, 1e-3), excluded=excluded)
         for a, b in zip(params_new + bufs_new, params_ref + bufs_ref):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert all(torch.equal(g, b) for g, b in zip(grads, grads_before))  # gradients are read, never written
@@ -218,8 +218,7 @@ def test_lightly_trust_ratio_foreach_equals_its_loop_and_lightlys_arithmetic(wei
         lars_update_lightly_(params_loop, grads, bufs[1], lr=lr, weight_decay=weight_decay, momentum=0.9,
                              trust_coefficient=1e-3, excluded=excluded)
         lars_foreach_(params_new, grads, bufs[2], lr=torch.tensor(lr, dtype=torch.float64) if tensor_lr else lr,
-                      weight_decay=weight_decay, momentum=0.9, trust_coefficient=1e-3, excluded=excluded,
-                      trust_ratio="lightly")
+                      hyper=LarsHyper(weight_decay, 0.9, 1e-3, trust_ratio="lightly"), excluded=excluded)
         for i, (a, b, c) in enumerate(zip(params_new, params_loop, params_oracle)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
             if i not in (5, 6):  # |w| = 0, |g| = 0: lightly leaves the weight decay out there, fastbyol adds it
@@ -231,14 +230,14 @@ def test_the_two_trust_ratios_differ_by_the_weight_decay_term():
     official, lightly = [p.clone() for p in params], [p.clone() for p in params]
     excluded = [lars_excluded(p) for p in params]
     for ps, form in ((official, "official"), (lightly, "lightly")):
-        lars_foreach_(ps, grads, [torch.zeros_like(p) for p in ps], lr=1.0, weight_decay=0.5, momentum=0.9,
-                      excluded=excluded, trust_ratio=form)
+        lars_foreach_(ps, grads, [torch.zeros_like(p) for p in ps], lr=1.0,
+                      hyper=LarsHyper(weight_decay=0.5, trust_ratio=form), excluded=excluded)
     assert not torch.equal(official[0], lightly[0])  # adapted: the ratios differ
     torch.testing.assert_close(official[3], lightly[3], rtol=0, atol=0)  # excluded (1-D): the same plain step
     for ps, form in ((official, "official"), (lightly, "lightly")):  # without weight decay they are one ratio
         ps[:] = [p.clone() for p in params]
-        lars_foreach_(ps, grads, [torch.zeros_like(p) for p in ps], lr=1.0, weight_decay=0.0, momentum=0.9,
-                      excluded=excluded, trust_ratio=form, eps=0.0)
+        lars_foreach_(ps, grads, [torch.zeros_like(p) for p in ps], lr=1.0,
+                      hyper=LarsHyper(weight_decay=0.0, trust_ratio=form, eps=0.0), excluded=excluded)
     torch.testing.assert_close(official[0], lightly[0], rtol=1e-12, atol=1e-14)
 
 

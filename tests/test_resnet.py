@@ -87,7 +87,7 @@ def _byol_step(arch: str, size: int = 16):
     assert isinstance(opt, LARS) and len(opt.param_groups) == 1  # the 1-D rule: one group, as before
     target, online = model.ema_pairs()
     before = [p.detach().clone() for p in online]
-    loss = byol_step(model, opt, target, online, torch.randn(2, 3, size, size), torch.randn(2, 3, size, size),
+    loss = byol_step(model, opt, (target, online), (torch.randn(2, 3, size, size), torch.randn(2, 3, size, size)),
                      lr=0.1, tau=0.99)
     assert torch.isfinite(loss) and 0 < loss.item() <= 8
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in online)

@@ -2,18 +2,20 @@
 run is saved before its final evaluation, hostile metrics lines and failed writes end in one line."""
 
 import errno
-import json
 import os
 
 import pytest
 
-import fastbyol.train as train_module
-from fastbyol.run.checkpoint import RunLock, load_checkpoint
+from fastbyol.run.checkpoint import load_checkpoint
+from fastbyol.run.disk import RunLock
 from fastbyol.cli import main
-from fastbyol.errors import FastByolError
-from fastbyol.run.files import RunFiles, write_error
+from fastbyol.errors import FastByolError, TrainingStopped
+from fastbyol.run.disk import describe_write_error
+from fastbyol.run.files import RunFiles
 
+from .faults import FaultyEncoder
 from .support import one_line as _one_line
+from .support import train_with
 
 SMALL = ["--epochs", "1", "--batch-size", "32", "--no-progress", "--knn-every", "0"]
 
@@ -47,52 +49,43 @@ def test_out_inside_data_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_any_failure_before_the_first_step_removes_the_new_run(data, tmp_path, monkeypatch):
-    def broken(*a, **k):
-        raise RuntimeError("no kernel for this device")  # not a FastByolError
-
-    monkeypatch.setattr(train_module, "byol_step", broken)
+def test_any_failure_before_the_first_step_removes_the_new_run(data, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="no kernel"):
-        main(["train", "--data", str(data), "--out", str(out), *SMALL, "--debug"])
+    with pytest.raises(RuntimeError, match="no kernel"):  # not a FastByolError, inside the first step
+        train_with(data, out, FaultyEncoder("raise"), epochs=1, batch_size=32)
     assert not out.exists()
     kept = tmp_path / "kept"  # an empty folder given as --out stays, emptied again
     kept.mkdir()
     with pytest.raises(RuntimeError, match="no kernel"):
-        main(["train", "--data", str(data), "--out", str(kept), *SMALL, "--debug"])
+        train_with(data, kept, FaultyEncoder("raise"), epochs=1, batch_size=32)
     assert kept.is_dir() and list(kept.iterdir()) == []
 
 
-def test_a_failed_final_evaluation_keeps_the_trained_run(data, tmp_path, monkeypatch, capsys):
+def test_a_failed_final_evaluation_keeps_the_trained_run(data, tmp_path):
+    import fastbyol.train as trainer
+
     full = tmp_path / "full"
-    assert main(["train", "--data", str(data), "--out", str(full), *SMALL]) == 0
-    expected = json.loads((full / "summary.json").read_text())
-    capsys.readouterr()
-
-    def broken_knn(*a, **k):
-        raise IndexError("index 10 is out of bounds for axis 0 with size 10")  # e.g. a label past the classes
-
-    monkeypatch.setattr(train_module, "evaluate_knn", broken_knn)
+    _, expected = train_with(data, full, FaultyEncoder(), epochs=1, batch_size=32)
     out = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(out), *SMALL]) == 2
-    _one_line(capsys, "final evaluation failed", "index 10", str(out / "checkpoint.pt"))
+    with pytest.raises(TrainingStopped) as stopped:  # the CLI prints it as its one line
+        train_with(data, out, FaultyEncoder("eval-error"), epochs=1, batch_size=32)
+    message = str(stopped.value)
+    assert "final evaluation failed" in message and "index 10" in message and str(out / "checkpoint.pt") in message
     state = load_checkpoint(out / "checkpoint.pt")["state"]
     assert state["step"] == expected["steps"] and not state["finished"]
-    monkeypatch.undo()
     # a lock symlink planted in the run folder is refused on resume, its target untouched (the pid not written)
     target = tmp_path / "precious.txt"
     target.write_text("keep me\n")
     (out / ".lock").unlink()
     (out / ".lock").symlink_to(target)
-    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
-    _one_line(capsys, "symbolic link")
+    with pytest.raises(FastByolError, match="symbolic link"):
+        trainer.train(None, progress=False, log=lambda *a: None, resume=out, encoder=FaultyEncoder())
     assert target.read_text() == "keep me\n"
     (out / ".lock").unlink()
-    assert main(["train", "--resume", str(out), "--no-progress"]) == 0  # the evaluation runs again, nothing else
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["params_sha256"] == expected["params_sha256"]
+    _, summary = trainer.train(None, progress=False, log=lambda *a: None, resume=out, encoder=FaultyEncoder())
+    # the evaluation ran again, nothing else: the figures of the run that never failed
+    assert summary["params_sha256"] == expected["params_sha256"] and summary["steps"] == expected["steps"]
     assert summary["knn_top1"] == pytest.approx(expected["knn_top1"], abs=1e-9)
-    assert load_checkpoint(out / "checkpoint.pt")["state"]["finished"]
 
 
 def test_metrics_lines_that_are_not_records_are_dropped_with_a_warning(tmp_path):
@@ -126,10 +119,10 @@ def test_write_failures_are_one_line_naming_the_path(tmp_path, code):
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
     except RuntimeError as wrapped:
-        mapped = write_error(wrapped, tmp_path / "checkpoint.pt")
+        mapped = describe_write_error(wrapped, tmp_path / "checkpoint.pt")
     assert isinstance(mapped, FastByolError) and str(mapped).startswith(str(tmp_path / "checkpoint.pt"))
     assert "\n" not in str(mapped)
-    assert write_error(RuntimeError("something else"), tmp_path) is None
+    assert describe_write_error(RuntimeError("something else"), tmp_path) is None
 
     class Full:
         def write(self, text):
@@ -138,7 +131,7 @@ def test_write_failures_are_one_line_naming_the_path(tmp_path, code):
     files = RunFiles(tmp_path, writes=True)
     files.metrics = Full()
     with pytest.raises(FastByolError, match="metrics.jsonl"):
-        files.write_metrics(step=1, loss=1.0)
+        files.write_metrics({"step": 1, "loss": 1.0})
     (tmp_path / "summary.json").write_text("{}")
     files.dir = tmp_path / "missing" / "folder"  # the summary's folder is gone: not one of the mapped errors
     with pytest.raises(FileNotFoundError):

@@ -10,16 +10,19 @@ import pickle
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import fastbyol.train as train_module
-from fastbyol.run.checkpoint import RunLock, load_checkpoint
+from fastbyol.run.checkpoint import load_checkpoint
+from fastbyol.run.disk import RunLock
 from fastbyol.cli import main
 
+from fastbyol.errors import TrainingStopped
+
+from .faults import FaultyEncoder
 from .support import one_line as _one_line
+from .support import train_with
 
 SMALL = ["--epochs", "2", "--batch-size", "32", "--no-progress", "--knn-every", "0"]
 
@@ -47,7 +50,7 @@ def test_a_second_writer_is_refused(data, tmp_path, capsys):
     finally:
         lock.close()
     # the lock dies with its process: a killed run leaves no lock behind
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastbyol.run.checkpoint import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastbyol.run.disk import RunLock; "
                                f"RunLock({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -58,42 +61,26 @@ def test_a_second_writer_is_refused(data, tmp_path, capsys):
     RunLock(out).close()
 
 
-@pytest.mark.parametrize("what", ["weight", "bn-buffer"])
-def test_checkpoint_refused_from_nonfinite_weights(data, tmp_path, monkeypatch, capsys, what):
-    """The update of step 6 turns a weight (or a BN running statistic, which export and eval check too) into NaN
-    after that step's loss was computed (finite): the checkpoint of step 6 must not be written; the one of step 3
-    stays, and export refuses non-finite weights."""
-    real_step = train_module.byol_step
-    calls = {"n": 0}
-
-    def poisoned(model, optimizer, *args, **kwargs):
-        calls["n"] += 1
-        loss = real_step(model, optimizer, *args, **kwargs)
-        if calls["n"] == 6:
-            with torch.no_grad():
-                if what == "weight":
-                    weight = optimizer.param_groups[0]["params"][0]  # channels_last: index, do not view
-                    weight[(0,) * weight.ndim] = float("nan")
-                else:
-                    next(b for n, b in model.named_buffers() if n.endswith("running_var"))[0] = float("inf")
-        return loss
-
-    monkeypatch.setattr(train_module, "byol_step", poisoned)
+@pytest.mark.parametrize("what", ["nan-weight", "inf-bn"])
+def test_checkpoint_refused_from_nonfinite_weights(data, tmp_path, what):
+    """A weight (or a BN running statistic, which export and eval check too) turns non-finite in step 5: the
+    checkpoint of step 6 must not be written; the one of step 3 stays."""
     out = tmp_path / "run"
-    rc = main(["train", "--data", str(data), "--out", str(out), *SMALL, "--ckpt-every-steps", "3", "--log-every",
-               "100"])
-    assert rc == 2
-    _one_line(capsys, "non-finite by step 6", "last good checkpoint")
+    with pytest.raises(TrainingStopped, match="non-finite by step 6.*last good checkpoint"):
+        train_with(data, out, FaultyEncoder(what, at_step=5), epochs=2, batch_size=32, ckpt_every_steps=3,
+                   log_every=100)
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["state"]["step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    if what == "bn-buffer":
-        return
-    monkeypatch.undo()
-    # a checkpoint with NaN weights (written by hand) is refused by export and eval
+
+
+def test_export_and_eval_refuse_nonfinite_weights(finished_run, tmp_path, capsys):
+    """A checkpoint with NaN weights (written by hand) is refused by export and eval."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
     ckpt["model"]["online_encoder.conv1.weight"][0, 0, 0, 0] = float("nan")
     torch.save(ckpt, out / "checkpoint.pt")
-    capsys.readouterr()
     assert main(["export", str(out), "--out", str(tmp_path / "enc.pt")]) == 2
     _one_line(capsys, "non-finite weights", "conv1.weight")
     assert not (tmp_path / "enc.pt").exists()
@@ -101,13 +88,10 @@ def test_checkpoint_refused_from_nonfinite_weights(data, tmp_path, monkeypatch, 
     _one_line(capsys, "non-finite weights")
 
 
-def test_nan_before_any_checkpoint_says_so(data, tmp_path, monkeypatch, capsys):
-    real_step = train_module.byol_step
-    monkeypatch.setattr(train_module, "byol_step", lambda *a, **k: real_step(*a, **k) * float("nan"))
+def test_nan_before_any_checkpoint_says_so(data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(out), *SMALL, "--log-every", "2"]) == 2
-    _one_line(capsys, "no checkpoint was written", "new --out")
-    monkeypatch.undo()
+    with pytest.raises(TrainingStopped, match="no checkpoint was written.*new --out"):
+        train_with(data, out, FaultyEncoder("nan-output"), epochs=2, batch_size=32, log_every=2)
     assert main(["train", "--resume", str(out)]) == 2  # and --resume says what to do
     _one_line(capsys, "no checkpoint.pt", "new --out")
 
@@ -128,12 +112,8 @@ def test_disk_full_before_training_and_at_a_save(data, tmp_path, monkeypatch, ca
         if mounted:
             subprocess.run(["umount", str(mnt)], check=False)
     # the same refusal on any machine: the filesystem says it has 4 MB free
-    import shutil
-
-    from fastbyol.run import checkpoint as ck
-
     real_usage = shutil.disk_usage
-    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4 << 20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4 << 20))
     capsys.readouterr()
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "small-run"), *SMALL]) == 2
     _one_line(capsys, "bytes free, a checkpoint needs about")

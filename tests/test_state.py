@@ -9,7 +9,6 @@ import torch
 
 from fastbyol.errors import FastByolError
 from fastbyol.run.state import TrainState
-from fastbyol.train import _check_resumable
 
 
 def _good() -> dict:
@@ -45,23 +44,31 @@ def test_a_damaged_field_is_one_line_naming_it(field, value):
     assert field in message and "RUN/checkpoint.pt" in message and "\n" not in message
 
 
-def test_a_format_1_state_is_checked_too():
-    v1 = {"model": {}, "step": -5, "world_size": 1, "data_states": [], "torch_rngs": []}
-    with pytest.raises(FastByolError, match="step"):
-        TrainState.from_checkpoint(v1, "old.pt")
+@pytest.mark.parametrize("ckpt, needle", [
+    ({"model": {}, "step": 5, "world_size": 1, "data_states": [], "torch_rngs": []}, "no checkpoint format number"),
+    ({"format": 1, "model": {}, "step": 5}, "checkpoint format 1 is not one this fastbyol reads"),
+    ({"format": "2", "model": {}, "state": {}}, "no checkpoint format number"),
+    ({"format": 3, "model": {}, "state": {}}, "checkpoint format 3 is not one"),
+])
+def test_a_checkpoint_of_another_layout_is_one_line(ckpt, needle):
+    """An older layout (the state's fields at the top level, no format number) or another format number: refused
+    in one line naming the file, as any foreign file is."""
+    with pytest.raises(FastByolError) as e:
+        TrainState.from_checkpoint(ckpt, "old.pt")
+    assert needle in str(e.value) and "old.pt" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_step_past_the_schedule_is_refused():
     state = _load(world_size=1, data_states=["a"], torch_rngs=[torch.get_rng_state()])
-    _check_resumable(state, "RUN", 1, 640, total_steps=12)  # at the end exactly: fine
+    state.check_resumable("RUN", 1, 640, total_steps=12)  # at the end exactly: fine
     with pytest.raises(FastByolError, match="past the run's 11 steps"):
-        _check_resumable(state, "RUN", 1, 640, total_steps=11)
+        state.check_resumable("RUN", 1, 640, total_steps=11)
 
 
 @pytest.mark.parametrize("name", ["ckpt-format-empty-tensor.pt", "ckpt-format1-config-list.pt"])
 def test_fuzz_found_checkpoints_are_one_error(name):
-    """Two checkpoints a fuzzer found: a `format` that is a tensor (its `==` raised RuntimeError) and a format-1
-    checkpoint whose `config` is a list (AttributeError): each is one FastByolError naming the file."""
+    """Two checkpoints a fuzzer found: a `format` that is a tensor (its `==` raised RuntimeError) and an older layout
+    whose `config` is a list (AttributeError): each is one FastByolError naming the file."""
     path = Path(__file__).parent / "corpus" / name
     ckpt = torch.load(path, weights_only=True)
     with pytest.raises(FastByolError) as e:

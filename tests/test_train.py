@@ -28,7 +28,7 @@ def test_two_steps_move_every_target_parameter_by_the_ema_formula():
     for step, tau in enumerate((0.99, 0.995)):
         before = [t.detach().double().clone() for t in target]
         v1, v2 = torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16)
-        loss = byol_step(model, opt, target, online, v1, v2, lr=5.0, tau=tau)
+        loss = byol_step(model, opt, (target, online), (v1, v2), lr=5.0, tau=tau)
         assert torch.isfinite(loss)
         for i, (t, b, o) in enumerate(zip(target, before, online)):
             expected = tau * b + (1 - tau) * o.detach().double()
@@ -182,47 +182,47 @@ def test_steady_state_step_never_syncs_on_cuda():
     target, online = model.ema_pairs()
     v1, v2 = (torch.randn(16, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
               for _ in range(2))
-    byol_step(model, opt, target, online, v1, v2, lr=0.1, tau=0.99, bf16=True)  # warm-up: allocations, autotune
+    byol_step(model, opt, (target, online), (v1, v2), lr=0.1, tau=0.99, bf16=True)  # warm-up: allocations, autotune
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(3):
-            loss = byol_step(model, opt, target, online, v1, v2, lr=0.1 + step, tau=0.99, bf16=True)
+            loss = byol_step(model, opt, (target, online), (v1, v2), lr=0.1 + step, tau=0.99, bf16=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
 
 
-def test_failed_compile_under_auto_falls_back_to_eager(tmp_path, monkeypatch, capsys):
-    """--compile auto: a compiler failure at the first step is one warning line and the run goes on eagerly, with
-    the parameters of an eager run; an explicit mode keeps the error."""
-    import fastbyol.train as train_module
+def test_failed_compile_under_auto_falls_back_to_eager(monkeypatch):
+    """--compile auto (a compiled mode where it may fall back): a compiler failure at the first step is one warning
+    line and the step runs eagerly, with the result of the eager step; an explicit mode keeps the error."""
     from torch._dynamo.exc import TorchDynamoException
+
+    from fastbyol.train import TrainStep
 
     def broken_compile(fn, **kwargs):
         def call(*args, **kw):
             raise TorchDynamoException("backend exploded")
         return call
 
-    args = ["train", "--data", "synthetic", "--epochs", "1", "--batch-size", "128", "--no-progress", "--knn-every",
-            "0", "--seed", "4"]
-    assert main([*args, "--compile", "off", "--out", str(tmp_path / "eager")]) == 0
-    real_resolve = train_module.Config.resolve
-
-    def resolve_as_on_cuda(self, *a, **k):  # auto compiles, as on CUDA
-        plan = real_resolve(self, *a, **k)
-        return dataclasses.replace(plan, compile_mode="default") if self.run.compile == "auto" else plan
-
-    monkeypatch.setattr(train_module.Config, "resolve", resolve_as_on_cuda)
     monkeypatch.setattr(torch, "compile", broken_compile)
-    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
-    out = capsys.readouterr().out
-    assert "warning: torch.compile failed (TorchDynamoException: backend exploded)" in out
-    eager = json.loads((tmp_path / "eager" / "summary.json").read_text())
-    auto = json.loads((tmp_path / "auto" / "summary.json").read_text())
-    assert auto["compile"] == "off" and auto["params_sha256"] == eager["params_sha256"]
+    resolved = dataclasses.replace(get_preset("fmnist-tiny").resolve("cpu", 1, 1024), compile_mode="default")
+    views = (torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16))
+    eager, fallen, explicit = [torch.manual_seed(0) and _tiny_model() for _ in range(3)]
+    expected = byol_step(eager, LARS(eager.online_parameters(), lr=0.0), eager.ema_pairs(), views, 0.5, 0.99)
+    said = []
+    step = TrainStep(fallen, fallen, LARS(fallen.online_parameters(), lr=0.0), resolved, may_fall_back=True,
+                     log=said.append)
+    assert step.mode == "default"
+    loss = step(*views, 0.5, 0.99)
+    assert said == ["warning: torch.compile failed (TorchDynamoException: backend exploded); training continues "
+                    "without it (--compile off skips the attempt)"]
+    assert step.mode == "off" and torch.equal(loss, expected)
+    assert all(torch.equal(a, b) for a, b in zip(fallen.parameters(), eager.parameters()))
+    strict = TrainStep(explicit, explicit, LARS(explicit.online_parameters(), lr=0.0), resolved, may_fall_back=False,
+                       log=said.append)
     with pytest.raises(TorchDynamoException):
-        main([*args, "--compile", "default", "--out", str(tmp_path / "explicit")])
+        strict(*views, 0.5, 0.99)
 
 
 def test_profile_writes_a_trace_naming_the_fused_ops(small_idx_data, tmp_path, capsys):

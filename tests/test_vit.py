@@ -101,7 +101,7 @@ def test_byol_step_forward_backward_on_cpu(arch):
     target, online = model.ema_pairs()
     before = [p.detach().clone() for p in online]
     v1, v2 = torch.randn(3, 3, size, size), torch.randn(3, 3, size, size)
-    loss = byol_step(model, opt, target, online, v1, v2, lr=1e-3, tau=0.99)
+    loss = byol_step(model, opt, (target, online), (v1, v2), lr=1e-3, tau=0.99)
     assert torch.isfinite(loss) and 0 < loss.item() <= 8
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in online)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, online))

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from fastbyol.run.checkpoint import atomic_write_json
+from fastbyol.run.disk import atomic_write_json
 from fastbyol.cli import main
 from fastbyol.errors import FastByolError
 

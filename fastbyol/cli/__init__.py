@@ -219,7 +219,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _train_command(args: argparse.Namespace) -> int:
     from ..run.preemption import EXIT_PREEMPTED, AlreadyFinished, auto_resume_decision
-    from ..run.files import Preempted
+    from ..errors import Preempted
     from ..train import train
 
     from ..system.environment import check_environment

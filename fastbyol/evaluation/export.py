@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..run.checkpoint import atomic_write_bytes, load_run
+from ..run.checkpoint import load_run
+from ..run.disk import atomic_write_bytes
 from ..config import Config
 from ..errors import FastByolError
 from .commands import evaluate  # noqa: F401  (re-exported: the old home of the evaluations)

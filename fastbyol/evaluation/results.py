@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..run.checkpoint import atomic_write_json
+from ..run.disk import atomic_write_json
 from ..run import names
 
 # (label, file stem, key) of each row, in the order the table prints them

@@ -1,116 +1,49 @@
-"""The run directory on disk: atomic writes, the checkpoint written and read in one place each, the run's lock, and the
-free-space check.
+"""The checkpoint, written and read in one place each, and checked before anything is restored from it.
 
-- Atomic: a temporary file in the same folder, fsync, rename, fsync of the folder. A reader sees the previous file or
-  the new one, never half of one; a temporary file left by a kill is removed by the next run that takes the lock.
 - Safe to load: checkpoints hold plain types and tensors only and are read with `torch.load(weights_only=True)`, so a
-  run directory from someone else cannot run code. Files are created mode 0600 (owner only).
-- One writer: `RunLock` holds an OS lock (flock) on RUN_DIR/.lock for the run's lifetime; a second run into the same
-  folder is refused with one line, and a crashed run leaves no lock behind (the OS drops it with the process).
-- Disk full: `check_free_space` before training and before each save; ENOSPC during a write keeps the previous
-  checkpoint and becomes one error line naming the path and the bytes needed.
+  run directory from someone else cannot run code; its tensors are checked against the architecture of the run's
+  config (names, shapes, dtypes, the optimizer's structure) before they are loaded.
+- Written atomically (fastbyol.run.disk) after a free-space check; the tests' fault injection kills the process
+  inside the N-th write, with the temporary file written in full but not yet renamed.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..errors import FastByolError, TrainingStopped
+from ..system.distributed import gather_objects, global_mean
 from ..system.environment import fault_injection_count
-from ..errors import FastByolError
-from .names import CHECKPOINT, CONFIG, LOCK
+from ..version import __version__
+from .disk import atomic_write_bytes, check_free_space
+from .names import CHECKPOINT, CONFIG
+from .state import TrainState, short_repr
 
-FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
 # fault injection for the tests: SIGKILL this process inside its N-th checkpoint write, with the temporary file written
-# in full but not yet renamed (tests/test_checkpoint_kills.py); FASTBYOL_TEST_KILL_SIGNAL=TERM,USR1 sends those signals instead,
-# the first in the N-th write, the next in the write after it (tests/test_preemption.py); a value that is not a count
-# or a signal name is ignored (never a crash on import)
+# in full but not yet renamed (tests/test_checkpoint_kills.py); FASTBYOL_TEST_KILL_SIGNAL=TERM,USR1 sends those signals
+# instead, the first in the N-th write, the next in the write after it (tests/test_preemption.py);
+# FASTBYOL_TEST_KILL_FRESH_ONLY=1: only in a process whose first write found no checkpoint (it started the run: a
+# restarted or resumed process is spared, so a torchrun --max-restarts job is killed once); a value that is not a
+# count or a signal name is ignored (never a crash on import)
 _KILL_IN_CHECKPOINT_WRITE = fault_injection_count("FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE")
+_KILL_FRESH_ONLY = fault_injection_count("FASTBYOL_TEST_KILL_FRESH_ONLY") > 0
+_started_fresh: bool | None = None  # whether this process's first checkpoint write found no checkpoint
 _KILL_SIGNALS = [getattr(signal, f"SIG{name.strip()}") for name in
                  os.environ.get("FASTBYOL_TEST_KILL_SIGNAL", "KILL").split(",")
                  if isinstance(getattr(signal, f"SIG{name.strip()}", None), signal.Signals)]
 _checkpoint_writes = 0
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
-                errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted"}
-
-
-def write_error(e: BaseException, path: Path) -> FastByolError | None:
-    """One line for a failed write of `path`, when the exception is (or wraps: torch.save turns the OSError into a
-    RuntimeError) one of WRITE_ERRORS; else None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
-            return FastByolError(f"{e.filename or path}: {WRITE_ERRORS[e.errno]}")
-        if isinstance(e, RuntimeError) and "No space left" in str(e):  # the zip writer's message, no OSError kept
-            return FastByolError(f"{path}: {WRITE_ERRORS[errno.ENOSPC]}")
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _no_space(path: Path, need: int | None) -> FastByolError:
-    free = shutil.disk_usage(path.parent).free
-    wanted = f"{need} bytes needed, " if need else ""
-    return FastByolError(f"{path}: no space left on the device ({wanted}{free} free); the previous file is kept")
-
-
-def atomic_write_bytes(path: Path, write, need: int | None = None, before_rename=None) -> None:
-    """Call write(file) on a temporary file next to `path`, then move it over `path` in one rename (mode 0600).
-
-    A full disk, a read-only file system, a quota or a permission (WRITE_ERRORS, also wrapped in another exception
-    as torch.save and matplotlib do) becomes one FastByolError naming `path`; the previous file is kept."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        mapped = write_error(e, path) if isinstance(e, Exception) else None
-        if mapped is None:
-            raise
-        if "no space left" in str(mapped):
-            raise _no_space(path, need) from None
-        raise FastByolError(f"{path}: {str(mapped).split(': ', 1)[-1].rstrip()}; the previous file is kept") from None
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
-
-
-def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporary files of interrupted atomic writes (`.NAME.*.tmp`); call it holding the run's lock."""
-    stale = sorted(Path(run_dir).glob(".*.tmp"))
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+def last_good(run_dir: Path) -> str:
+    """What is left of a run that stopped: its last good checkpoint, or nothing to resume from."""
+    if (Path(run_dir) / CHECKPOINT).exists():
+        return f"the last good checkpoint is kept in {Path(run_dir) / CHECKPOINT} (lower --base-lr?)"
+    return "no checkpoint was written before it: start again with a new --out (lower --base-lr?)"
 
 
 def state_bytes(state: dict) -> int:
@@ -124,19 +57,14 @@ def state_bytes(state: dict) -> int:
     return total
 
 
-def check_free_space(folder: Path, need: int) -> None:
-    """FastByolError unless `folder`'s filesystem has `need` bytes free (the new file is written beside the old)."""
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise FastByolError(f"{folder}: {free} bytes free, a checkpoint needs about {need}: free some space or choose "
-                            "another --out")
-
-
 def save_checkpoint(path: Path, ckpt: dict) -> None:
     """Write a checkpoint atomically, after checking the free space for it."""
     path = Path(path)
     need = state_bytes(ckpt) + (1 << 20)  # the tensors plus the pickled plain values (config, states)
     check_free_space(path.parent, need)
+    global _started_fresh
+    if _started_fresh is None:
+        _started_fresh = not path.exists()
     atomic_write_bytes(path, lambda f: torch.save(ckpt, f), need=need, before_rename=_fault_point)
 
 
@@ -144,7 +72,7 @@ def _fault_point() -> None:
     global _checkpoint_writes
     _checkpoint_writes += 1
     nth = _checkpoint_writes - _KILL_IN_CHECKPOINT_WRITE
-    if _KILL_IN_CHECKPOINT_WRITE and 0 <= nth < len(_KILL_SIGNALS):
+    if _KILL_IN_CHECKPOINT_WRITE and 0 <= nth < len(_KILL_SIGNALS) and (_started_fresh or not _KILL_FRESH_ONLY):
         os.kill(os.getpid(), _KILL_SIGNALS[nth])
 
 
@@ -164,7 +92,6 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 def load_run(run_dir: str | Path):
     """(config, training state, checkpoint dict) of a run directory, or FastByolError naming what is missing."""
     from ..config import Config
-    from .state import TrainState
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -212,8 +139,6 @@ def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None
     """The checkpoint's `model` (names, shapes, dtypes) and `optimizer` (structure, one momentum buffer of its
     parameter's shape) match the architecture of the run's config, before anything is restored from it; else a
     FastByolError naming the first difference. Every consumer (train --resume, eval, export) loads through here."""
-    from .state import _short
-
     def bad(why: str):
         raise FastByolError(f"{where}: does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} stem, "
                             f"{cfg.data.image_size} px): {why}")
@@ -228,17 +153,16 @@ def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None
     online = expected.pop("#online")
     for name, value in model.items():
         if not isinstance(name, str) or name not in expected:
-            bad(f"unexpected tensor {_short(name)} in 'model'")
+            bad(f"unexpected tensor {short_repr(name)} in 'model'")
         if not isinstance(value, torch.Tensor):
-            bad(f"model[{_short(name)}] is a {type(value).__name__}, not a tensor")
+            bad(f"model[{short_repr(name)}] is a {type(value).__name__}, not a tensor")
         shape, dtype = expected[name]
         if tuple(value.shape) != shape or value.dtype != dtype:
-            bad(f"model[{_short(name)}] is {value.dtype} {tuple(value.shape)}, the architecture has {dtype} {shape}")
+            bad(f"model[{short_repr(name)}] is {value.dtype} {tuple(value.shape)}, the architecture has {dtype} {shape}")
     missing = [k for k in expected if k not in model]
     if missing:
         bad(f"'model' lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    if "optimizer" in ckpt or ckpt.get("format") == 2:
-        _check_optimizer(ckpt.get("optimizer"), online, bad)
+    _check_optimizer(ckpt.get("optimizer"), online, bad)
 
 
 def _setting_ok(v) -> bool:
@@ -251,8 +175,6 @@ def _setting_ok(v) -> bool:
 def _check_optimizer(opt, online: list[tuple[int, ...]], bad) -> None:
     """A LARS or AdamW state_dict: {'state': {index: {name: tensor}}, 'param_groups': [{'params': [...], ...}]}
     over the online parameters, each buffer of its parameter's shape (0-D ones, AdamW's step, of any)."""
-    from .state import _short
-
     if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(
             opt.get("param_groups"), list):
         bad("its 'optimizer' is not an optimizer state_dict (state, param_groups)")
@@ -267,37 +189,46 @@ def _check_optimizer(opt, online: list[tuple[int, ...]], bad) -> None:
         bad(f"its optimizer covers {len(indices)} parameters, the architecture has {len(online)}")
     for index, entry in opt["state"].items():
         if not isinstance(index, int) or not 0 <= index < len(online) or not isinstance(entry, dict):
-            bad(f"optimizer state {_short(index)} is not a parameter's state")
+            bad(f"optimizer state {short_repr(index)} is not a parameter's state")
         for key, value in entry.items():
             if not isinstance(value, torch.Tensor) or not value.is_floating_point() or (
                     value.dim() and tuple(value.shape) != online[index]):
                 bad(f"optimizer state {index}.{key} does not match its parameter {online[index]}")
 
 
-class RunLock:
-    """An exclusive OS lock on RUN_DIR/.lock, held while the run lives (released by close() or the process's end)."""
+def finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 if every floating tensor is finite else 0.0, as a 0-D device tensor: one norm per tensor (foreach), one
+    reduction, no host sync."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors)).float()).all().float()
 
-    NAME = LOCK
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / self.NAME
-        try:  # never through a symbolic link: the PID written below would overwrite its target
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise FastByolError(f"{self.path} is a symbolic link: not followed; remove it") from None
-            raise FastByolError(f"{run_dir}: cannot write there ({e.strerror})") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise FastByolError(f"{run_dir} is in use by another fastbyol run (pid {holder}); wait for it, or choose "
-                                "another --out") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+class Checkpoints:
+    """Takes the run's checkpoint at a save point and writes it: every rank's data position and RNG state
+    (collective), the files replaced so far, the meter and the online probe, then the checkpoint dict, written by
+    rank 0 through the run files. Refused (the run stops, the previous checkpoint stays) unless the weights, the BN
+    statistics, the momentum and the recent losses are finite (export and eval refuse any non-finite tensor).
 
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
+    run: the trainer's `Run` (cfg, state, model, optimizer, loader, meter, bad, probe, log_points, files, rank,
+    world_size); every rank calls `save` at the same step."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def save(self, finished: bool = False) -> None:
+        """finished: the final checkpoint, written after summary.json: nothing left to resume."""
+        run, state = self.run, self.run.state
+        state.data_states = gather_objects(run.loader.state(), run.world_size)
+        run.bad.gather(run.loader, run.world_size, write=run.is_rank0)
+        state.torch_rngs = gather_objects(torch.get_rng_state(), run.world_size)
+        state.meter, state.finished = run.meter.state_dict(), finished
+        state.probe = {} if run.probe is None else run.probe.state_dict()
+        momentum = [s["momentum_buffer"] for s in run.optimizer.state.values() if "momentum_buffer" in s]
+        flag = finite_flag([*run.model.parameters(), *run.model.buffers(), *momentum,  # BN statistics too
+                            run.log_points.loss_sum])
+        if global_mean(flag, run.world_size) < 1.0:  # sync: at the save point; every rank takes the same decision
+            raise TrainingStopped(f"the weights or the loss became non-finite by step {state.step}; "
+                                  + last_good(run.files.dir))
+        if run.is_rank0:
+            run.files.save(state.to_checkpoint(run.model.state_dict(), run.optimizer.state_dict(), run.cfg.to_dict(),
+                                               __version__))

@@ -81,6 +81,7 @@ class ThroughputMeter:
         self._started: float | None = None  # perf_counter of the open region, None while paused
         self._warming_up = True  # this process has not finished its first step yet
         self._waited = 0.0  # the last batch's wait
+        self.first_batch_wait: float | None = None  # this process's first batch's wait, once its first step ran
 
     # ------------------------------------------------------------------------------------------------- regions
     def resume(self) -> None:
@@ -124,6 +125,7 @@ class ThroughputMeter:
             self._started = now
             self._window_mark = _mark(self.device)
             self._warming_up = False
+            self.first_batch_wait = self._waited
             return True
         self.steps += 1
         self.wait_seconds += self._waited

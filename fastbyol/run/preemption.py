@@ -89,7 +89,7 @@ class StopCheck:
 
     def stopped(self, step: int, total_steps: int, run_dir: Path):
         """The exception that ends the run after the stop checkpoint (`Preempted`)."""
-        from .files import Preempted
+        from ..errors import Preempted
 
         return Preempted(f"stopped by {stop_signal() or 'a signal on another process'} at step {step} of "
                          f"{total_steps}, checkpoint written to {Path(run_dir) / CHECKPOINT}; the same command with "
@@ -166,7 +166,7 @@ def _total_steps(run_dir: Path):
 def _clear_unstarted(run_dir: Path) -> None:
     """Remove what a new run writes before its first checkpoint, holding its lock (a live run holds it: refused),
     and only when nothing else is in the folder."""
-    from .checkpoint import RunLock
+    from .disk import RunLock
 
     lock = RunLock(run_dir)
     try:

@@ -1,8 +1,9 @@
 """The training state: everything besides the weights that a run needs to continue exactly, in one dataclass, and the
 one place where a checkpoint is written from it and read back.
 
-A checkpoint (format 2) is a dict of plain types and tensors only, so it loads with `torch.load(weights_only=True)`: a
-run directory on a shared filesystem is data, not code. Format 1 (fastbyol 0.1 before this module) still resumes.
+A checkpoint is a dict of plain types and tensors only, so it loads with `torch.load(weights_only=True)`: a run
+directory on a shared filesystem is data, not code. Its `format` number says which layout it has; any other number,
+or none, is refused in one line, as any foreign file is.
 """
 
 from __future__ import annotations
@@ -36,37 +37,34 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, where: str = "checkpoint") -> TrainState:
-        """The state of a checkpoint dict (format 2, or format 1 of fastbyol 0.1), or a FastByolError naming it."""
+        """The state of a checkpoint dict, or a FastByolError naming it."""
         if not isinstance(ckpt, dict) or "model" not in ckpt:
             raise FastByolError(f"{where}: not a fastbyol checkpoint")
-        fmt = ckpt.get("format", 1)
+        fmt = ckpt.get("format")
         if isinstance(fmt, bool) or not isinstance(fmt, int):  # a tensor here once raised from `==`
-            raise FastByolError(f"{where}: its format is {type(fmt).__name__}, not a format number")
-        if fmt == CHECKPOINT_FORMAT:
-            raw = ckpt.get("state")
-            known = {f.name for f in fields(cls)}
-            if not isinstance(raw, dict) or set(raw) - known:
-                raise FastByolError(f"{where}: its training state is unreadable")
-            return cls(**raw).checked(where)
-        if fmt == 1 and "step" in ckpt:  # fastbyol 0.1: the state's fields at the top level
-            try:
-                return cls._from_format_1(ckpt).checked(where)
-            except (TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError):
-                raise FastByolError(f"{where}: its training state is unreadable") from None
-        raise FastByolError(f"{where}: checkpoint format {_short(fmt)} is not one this fastbyol reads "
-                            f"(it reads {CHECKPOINT_FORMAT} and 1)")
+            raise FastByolError(f"{where}: it has no checkpoint format number (not a checkpoint this fastbyol wrote)")
+        if fmt != CHECKPOINT_FORMAT:
+            raise FastByolError(f"{where}: checkpoint format {short_repr(fmt)} is not one this fastbyol reads "
+                                f"(it reads {CHECKPOINT_FORMAT})")
+        raw = ckpt.get("state")
+        known = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or set(raw) - known:
+            raise FastByolError(f"{where}: its training state is unreadable")
+        return cls(**raw).checked(where)
 
-    @classmethod
-    def _from_format_1(cls, ckpt: dict) -> TrainState:
-        """The state of a fastbyol 0.1 checkpoint (its fields at the top level)."""
-        timed_images = ckpt.get("timed_images", ckpt.get("images_seen", 0))
-        batch = ckpt.get("config", {}).get("data", {}).get("batch_size", 1) or 1
-        return cls(step=ckpt["step"], world_size=ckpt.get("world_size", 1), num_images=0,
-                   knn_top1_random_init=ckpt.get("knn_top1_random_init"),
-                   data_states=list(ckpt.get("data_states", [])), torch_rngs=list(ckpt.get("torch_rngs", [])),
-                   meter={"steps": timed_images // batch, "seconds": ckpt.get("train_seconds", 0.0),
-                          "wait_seconds": ckpt.get("wait_seconds", 0.0), "warmup_seconds": 0.0},
-                   finished=bool(ckpt.get("finished", False)))
+    def check_resumable(self, where, world_size: int, num_images: int, total_steps: int) -> None:
+        """Refuse, in one line naming the run `where`, a resume this state cannot continue exactly: a step past the
+        schedule, another number of processes, a dataset of another size."""
+        if self.step > total_steps:
+            raise FastByolError(f"{where}: its checkpoint is at step {self.step}, past the run's {total_steps} steps "
+                                "(a damaged checkpoint or a changed config.json)")
+        if self.world_size != world_size:
+            raise FastByolError(f"{where}: the run was checkpointed with {self.world_size} processes; resume it with "
+                                f"as many (got {world_size})")
+        if self.num_images and self.num_images != num_images:
+            raise FastByolError(f"{where}: the run trained on {self.num_images} images, the dataset now has "
+                                f"{num_images}; its schedule would change: resume over the same data, or start a "
+                                "new run")
 
     def checked(self, where: str = "checkpoint") -> TrainState:
         """This state, if every field has its type and range (a checkpoint is untrusted input: nothing is restored
@@ -76,14 +74,14 @@ class TrainState:
 
         def count(name: str, value, low: int) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                bad(name, f"is {_short(value)}, not an integer >= {low}")
+                bad(name, f"is {short_repr(value)}, not an integer >= {low}")
 
         count("step", self.step, 0)
         count("world_size", self.world_size, 1)
         count("num_images", self.num_images, 0)
         if self.knn_top1_random_init is not None and not (isinstance(self.knn_top1_random_init, (int, float))
                                                           and 0.0 <= self.knn_top1_random_init <= 100.0):
-            bad("knn_top1_random_init", f"is {_short(self.knn_top1_random_init)}, not a percentage")
+            bad("knn_top1_random_init", f"is {short_repr(self.knn_top1_random_init)}, not a percentage")
         if not isinstance(self.data_states, list) or not all(isinstance(d, (str, bytes)) for d in self.data_states):
             bad("data_states", "is not a list of loader checkpoints (strings)")
         rng_size = torch.get_rng_state().numel()
@@ -99,15 +97,15 @@ class TrainState:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in self.meter.values()):
             bad("meter", f"is not the throughput meter's state ({', '.join(sorted(meter_keys))}: numbers >= 0)")
         if not isinstance(self.peak_device_bytes, (int, float)) or self.peak_device_bytes < 0:
-            bad("peak_device_bytes", f"is {_short(self.peak_device_bytes)}")
+            bad("peak_device_bytes", f"is {short_repr(self.peak_device_bytes)}")
         if not isinstance(self.finished, bool):
-            bad("finished", f"is {_short(self.finished)}, not true or false")
+            bad("finished", f"is {short_repr(self.finished)}, not true or false")
         if not isinstance(self.probe, dict):
-            bad("probe", f"is {_short(self.probe)}, not the online probe's state")
+            bad("probe", f"is {short_repr(self.probe)}, not the online probe's state")
         return self
 
 
-def _short(value, limit: int = 60) -> str:
+def short_repr(value, limit: int = 60) -> str:
     """A value as it appears in a one-line message: its repr on one line, cut at `limit` characters (a tensor's
     repr spans lines; a damaged field may be any size)."""
     if isinstance(value, torch.Tensor):

@@ -111,7 +111,7 @@ def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup:
 
     def one_step(v1, v2):
         if variant == "fastbyol":
-            return byol_step(net, optimizer, target, online, v1, v2, 0.1, 0.996, bf16)
+            return byol_step(net, optimizer, (target, online), (v1, v2), 0.1, 0.996, bf16=bf16)
         return plain_byol_step(model, optimizer, v1, v2, 0.996)
 
     stream = batches()

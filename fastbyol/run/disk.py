@@ -1,0 +1,136 @@
+"""Files on disk, written so that nothing is ever half-written and no two writers meet: atomic writes, the folder
+lock, the free-space check, and one line for a failed write.
+
+- Atomic: a temporary file in the same folder, fsync, rename, fsync of the folder. A reader sees the previous file or
+  the new one, never half of one; a temporary file left by a kill is removed by the next writer that takes the lock.
+  Files are created mode 0600 (owner only).
+- One writer: `RunLock` holds an OS lock (flock) on FOLDER/.lock for the writer's lifetime; a second writer into the
+  same folder is refused with one line, and a crashed writer leaves no lock behind (the OS drops it with the process).
+- Disk full: `check_free_space` before a large write; ENOSPC during a write keeps the previous file and becomes one
+  error line naming the path and the bytes needed (`describe_write_error` maps the errors a write can meet).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import FastByolError
+from .names import LOCK
+
+FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+                errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+
+
+def describe_write_error(e: BaseException, path: Path) -> FastByolError | None:
+    """One line for a failed write of `path`, when the exception is (or wraps: torch.save turns the OSError into a
+    RuntimeError) one of WRITE_ERRORS; else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+            return FastByolError(f"{e.filename or path}: {WRITE_ERRORS[e.errno]}")
+        if isinstance(e, RuntimeError) and "No space left" in str(e):  # the zip writer's message, no OSError kept
+            return FastByolError(f"{path}: {WRITE_ERRORS[errno.ENOSPC]}")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _no_space(path: Path, need: int | None) -> FastByolError:
+    free = shutil.disk_usage(path.parent).free
+    wanted = f"{need} bytes needed, " if need else ""
+    return FastByolError(f"{path}: no space left on the device ({wanted}{free} free); the previous file is kept")
+
+
+def atomic_write_bytes(path: Path, write, need: int | None = None, before_rename=None) -> None:
+    """Call write(file) on a temporary file next to `path`, then move it over `path` in one rename (mode 0600).
+
+    A full disk, a read-only file system, a quota or a permission (WRITE_ERRORS, also wrapped in another exception
+    as torch.save and matplotlib do) becomes one FastByolError naming `path`; the previous file is kept."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        mapped = describe_write_error(e, path) if isinstance(e, Exception) else None
+        if mapped is None:
+            raise
+        if "no space left" in str(mapped):
+            raise _no_space(path, need) from None
+        raise FastByolError(f"{path}: {str(mapped).split(': ', 1)[-1].rstrip()}; the previous file is kept") from None
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes (`.NAME.*.tmp`); call it holding the run's lock."""
+    stale = sorted(Path(run_dir).glob(".*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_free_space(folder: Path, need: int) -> None:
+    """FastByolError unless `folder`'s filesystem has `need` bytes free (the new file is written beside the old)."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise FastByolError(f"{folder}: {free} bytes free, a checkpoint needs about {need}: free some space or choose "
+                            "another --out")
+
+
+class RunLock:
+    """An exclusive OS lock on RUN_DIR/.lock, held while the run lives (released by close() or the process's end)."""
+
+    NAME = LOCK
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        try:  # never through a symbolic link: the PID written below would overwrite its target
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise FastByolError(f"{self.path} is a symbolic link: not followed; remove it") from None
+            raise FastByolError(f"{run_dir}: cannot write there ({e.strerror})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise FastByolError(f"{run_dir} is in use by another fastbyol run (pid {holder}); wait for it, or choose "
+                                "another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
