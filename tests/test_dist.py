@@ -23,8 +23,9 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from fastbyol.run.checkpoint import load_checkpoint
-from fastbyol.system.distributed import (GlobalBatchNorm, barrier, broadcast_object, close_distributed, convert_batchnorm,
-                           gather_objects, global_mean, init_distributed)
+from fastbyol.system.batchnorm import GlobalBatchNorm, convert_batchnorm
+from fastbyol.system.distributed import (barrier, broadcast_object, close_distributed, gather_objects, global_mean,
+                                         init_distributed)
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
 from fastbyol.train import byol_step

@@ -1,4 +1,4 @@
-"""Cross-replica BN (`fastbyol.system.distributed.GlobalBatchNorm`) with two gloo processes against single-process BN over the
+"""Cross-replica BN (`fastbyol.system.batchnorm.GlobalBatchNorm`) with two gloo processes against single-process BN over the
 whole batch, in float64: outputs, input and parameter gradients, running statistics; eager and compiled
 (AOTAutograd, fullgraph); and no graph break in a converted BYOL model under torch._dynamo.explain.
 """
@@ -10,7 +10,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from fastbyol.system.distributed import GlobalBatchNorm, close_distributed, convert_batchnorm, init_distributed
+from fastbyol.system.batchnorm import GlobalBatchNorm, convert_batchnorm
+from fastbyol.system.distributed import close_distributed, init_distributed
 from fastbyol.models import BYOL, build_encoder
 
 from .support import free_port as _free_port

@@ -1,4 +1,4 @@
-"""CUDA-only checks of cross-replica BN (`fastbyol.system.distributed.GlobalBatchNorm`) on NCCL, skipped without a GPU.
+"""CUDA-only checks of cross-replica BN (`fastbyol.system.batchnorm.GlobalBatchNorm`) on NCCL, skipped without a GPU.
 
 One process in a one-rank NCCL group exercises the path a multi-GPU run takes (the functional all-reduce on NCCL,
 Inductor's CUDA code for it): equal to nn.BatchNorm in float64 (outputs, input gradients, running statistics);
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fastbyol.system.distributed import GlobalBatchNorm, convert_batchnorm
+from fastbyol.system.batchnorm import GlobalBatchNorm, convert_batchnorm
 from fastbyol.models import BYOL, build_encoder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
