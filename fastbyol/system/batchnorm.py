@@ -1,11 +1,27 @@
-"""Batch norm over all ranks: `GlobalBatchNorm`, the process group its statistics are summed over, and
-`convert_batchnorm`, which swaps it into a model.
+"""Batch norm for BYOL's one-pass step and over many ranks: `GlobalBatchNorm`, the process groups its statistics are
+summed over, and `convert_batchnorm`, which swaps it into a model.
 
-The official recipe's BN is cross-replica. `nn.SyncBatchNorm` needs CUDA and breaks a torch.compile graph at every
-BN layer (c10d calls Dynamo cannot trace), so `GlobalBatchNorm` does it for CUDA (NCCL) and the CPU (gloo) alike:
-each rank's per-channel mean, sum of squared deviations and count are exchanged by one functional all-reduce that
-Dynamo traces, so a compiled model has no graph break (tests/test_dist_batchnorm.py counts them with
-torch._dynamo.explain under gloo), and the backward is the single-process backward of the whole global batch.
+Two jobs, one layer:
+- Per view. BYOL's statistics are per view (the official code forwards each view separately). To run each network
+  once on both views stacked (2B rows: twice the rows in every convolution and matrix product, half the launches),
+  a layer told `views = 2` normalises each half of its batch with that half's statistics and updates its running
+  statistics once per half, in order, exactly as two sequential passes do.
+- Over the ranks. The official recipe's BN is cross-replica. `nn.SyncBatchNorm` needs CUDA and breaks a
+  torch.compile graph at every BN layer (c10d calls Dynamo cannot trace); here every rank's per-view, per-channel
+  sums go into one functional all-reduce that Dynamo traces into the graph (no break), and the backward, through the
+  same collective, is the single-process backward of the global batch.
+
+What a rank sends, per layer and step: for each view, (sum of x, sum of x^2) per channel and the count, in float64:
+a (views, 2C + 1) tensor whose size does not depend on the number of ranks (a table with a row per rank did, and
+grew with the cluster). The sums are formed from each rank's own two-pass statistics (torch.var_mean: no
+sum-of-squares cancellation inside a rank) and combined in float64, where the cancellation of sum(x^2) - N mean^2
+costs (|mean| / std)^2 x 1e-16: 1e-10 of the variance at |mean| = 1000 std. A shift taken from the running mean would
+do better, but nothing computed in the forward may depend on a buffer mutated in the same graph: torch 2.13's
+AOTAutograd was seen to give wrong input gradients then (the backward recomputed from the mutated buffer).
+
+Each layer's collective runs on a process group of its own (`bn_process_group`), NCCL on CUDA and gloo on the CPU,
+so it never queues behind DDP's gradient buckets on the default group; a group may also be a block of consecutive
+ranks (`group_size`, e.g. the GPUs of one node: `fastbyol train --bn-group`).
 """
 
 from __future__ import annotations
@@ -14,22 +30,35 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-_BN_GROUP = None
+_GROUPS: dict[tuple[str, int], object] = {}  # (backend, group size) -> this rank's group
 
 
-def cpu_bn_group():
-    """A gloo process group of its own for the BN statistics on the CPU (see `_bn_group`); collective the first
-    time (every rank together: `fastbyol.system.distributed.init_distributed` makes it)."""
-    global _BN_GROUP
-    if _BN_GROUP is None:
-        _BN_GROUP = dist.new_group(backend="gloo")
-    return _BN_GROUP
+def bn_process_group(device_type: str, group_size: int = 0):
+    """This rank's process group for BN statistics: all ranks (group_size 0 or the world size), or the block of
+    `group_size` consecutive ranks it belongs to; NCCL on CUDA, gloo on the CPU, never the default group.
+    Collective the first time for a size: every rank must call it, in the same order (the trainer converts its
+    model on every rank before the first step)."""
+    world = dist.get_world_size()
+    size = group_size or world
+    if size < 1 or world % size:
+        raise ValueError(f"a BN group of {size} ranks does not divide the {world} processes")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    key = (backend, size)
+    if key not in _GROUPS:
+        if size == world:
+            _GROUPS[key] = dist.new_group(backend=backend)
+        else:  # every rank makes every block (new_group is collective), and keeps its own
+            rank = dist.get_rank()
+            for start in range(0, world, size):
+                group = dist.new_group(ranks=list(range(start, start + size)), backend=backend)
+                if start <= rank < start + size:
+                    _GROUPS[key] = group
+    return _GROUPS[key]
 
 
-def forget_bn_group() -> None:
-    """Drop the BN group (its process groups were destroyed with the default one)."""
-    global _BN_GROUP
-    _BN_GROUP = None
+def forget_bn_groups() -> None:
+    """Drop the BN groups (destroyed with the default group: `fastbyol.system.distributed.close_distributed`)."""
+    _GROUPS.clear()
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -50,94 +79,118 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm over the union of every rank's batch (2-D and 4-D inputs), traceable by torch.compile, on CUDA
-    (NCCL) and on the CPU (gloo).
+    """BatchNorm (2-D and 4-D inputs) with per-view statistics (`views`) and statistics over a process group
+    (`group_name`), traceable by torch.compile, on CUDA (NCCL) and on the CPU (gloo).
 
-    Training: each rank's per-channel (mean, M2 = sum of squared deviations, count), from torch.var_mean (two-pass /
-    Welford: no sum-of-squares cancellation when |mean| >> std), goes into its row of a (world, 2C + 1) table; one
-    autograd-aware functional all-reduce sums the table, so every rank holds every row, and the rows combine by
-    Chan's formula, as SyncBatchNorm combines its gathered statistics. The backward is the single-process backward
-    of the global batch. Biased variance to normalize, unbiased for the running estimate, as nn.BatchNorm does;
-    statistics in float32 (float64 for float64 inputs). Evaluation, or no group: plain BN.
+    Training: the batch is `views` equal blocks of rows (view 1, then view 2, ...); each is normalised with its own
+    statistics, taken over that view's rows on every rank of the group; the running statistics are updated once per
+    view, in order, as `views` sequential calls would (num_batches_tracked counts views). Biased variance to
+    normalize, unbiased for the running estimate, as nn.BatchNorm; statistics in float32 (float64 for float64
+    inputs), combined across ranks in float64. Without a group, each view goes through nn.BatchNorm itself.
+    Evaluation: plain BN on the running statistics, whatever `views` says.
 
-    Nothing computed in the forward depends on the running buffers, which are updated in place: torch 2.13's
-    AOTAutograd was seen to give wrong input gradients when a value used in the backward is derived from a buffer
-    mutated later in the same graph (the running mean as a shift for the sums; tests/test_dist_batchnorm.py).
-
-    group_name, rank, world_size: the process group the statistics are summed over and this process's place in it,
-    set by `convert_batchnorm`; group_name None = plain BN."""
+    group_name, group_size: the process group the statistics are summed over (set by `convert_batchnorm`; None = this
+    process alone); views: how many views the batch holds (BYOL sets it around its one-pass forward, 1 otherwise)."""
 
     group_name: str | None = None
-    rank: int = 0
-    world_size: int = 1
+    group_size: int = 1
+    views: int = 1
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.ndim not in (2, 4):
             raise ValueError(f"GlobalBatchNorm expects 2-D or 4-D input, got {x.ndim}-D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.group_name is None:
+        if not self.training or (self.group_name is None and self.views == 1):
             return super().forward(x)
         self._check_input_dim(x)
-        c = x.shape[1]
-        dims = [0] if x.ndim == 2 else [0, 2, 3]
-        shape = [1, c] if x.ndim == 2 else [1, c, 1, 1]
+        if x.shape[0] % self.views:
+            raise ValueError(f"a batch of {x.shape[0]} rows does not split into {self.views} views")
+        if self.group_name is None:  # each view through nn.BatchNorm, in order: the sequential passes' arithmetic
+            return torch.cat([super(GlobalBatchNorm, self).forward(part) for part in x.chunk(self.views)])
+        return self._global_forward(x)
+
+    def _global_forward(self, x: torch.Tensor) -> torch.Tensor:
+        v, c = self.views, x.shape[1]
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 activations: fp32 statistics
-        var_local, mean_local = torch.var_mean(xf, dim=dims, correction=0)  # (C,) each
-        n_local = torch.full((1,), x.numel() // c, device=x.device, dtype=xf.dtype)
-        mine = (torch.arange(self.world_size, device=x.device) == self.rank).to(xf.dtype)  # (world,) one-hot
-        row = torch.cat([mean_local, var_local * n_local, n_local])  # (2C + 1,) mean, M2, count
-        # (world, 2C + 1): every rank's row, after one all-reduce (its backward sums the gradients over the ranks)
-        table = _AllReduceSum.apply(mine[:, None] * row[None, :], self.group_name)
-        means, m2s, counts = table[:, :c], table[:, c:2 * c], table[:, 2 * c:]  # (world, C), (world, C), (world, 1)
-        n = counts.sum()
-        mean = (counts * means).sum(0) / n
-        var = (m2s + counts * (means - mean) ** 2).sum(0) / n  # biased: what normalizes
+        xv = xf.view(v, x.shape[0] // v, *x.shape[1:])  # (V, b, C[, H, W]): view after view, no copy
+        dims = [1] if x.ndim == 2 else [1, 3, 4]
+        var_local, mean_local = torch.var_mean(xv, dim=dims, correction=0)  # (V, C) each, two-pass
+        n_local = xv[0].numel() // c  # rows x pixels of one view on this rank
+        wide = torch.float64
+        mean_w = mean_local.to(wide)
+        count = torch.full((v, 1), float(n_local), dtype=wide, device=x.device)
+        # (V, 2C + 1): sum of x, sum of x^2 (from the rank's own mean and centred variance) and the count, per view;
+        # summed over the group by one all-reduce, whose backward sums the gradients over the group
+        sums = torch.cat([mean_w * n_local, (var_local.to(wide) + mean_w * mean_w) * n_local, count], dim=1)
+        total = _AllReduceSum.apply(sums, self.group_name)
+        n = total[:, 2 * c:]  # (V, 1)
+        mean = total[:, :c] / n  # (V, C)
+        var = (total[:, c:2 * c] / n - mean * mean).clamp_min(0.0)  # biased: what normalizes
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                # momentum None: the cumulative average, as nn.BatchNorm
-                factor = (self.momentum if self.momentum is not None
-                          else 1.0 / self.num_batches_tracked.to(self.running_mean.dtype))
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-                unbiased = var * n / (n - 1).clamp_min(1.0)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            self._update_running(mean, var * n / (n - 1).clamp_min(1.0))
+        shape = [v, 1, c] + [1] * (x.ndim - 2)  # broadcast over (V, b, C[, H, W])
+        y = (xv - mean.to(xf.dtype).view(shape)) * torch.rsqrt(var.to(xf.dtype).view(shape) + self.eps)
         if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+            y = y * self.weight.view(shape[1:]) + self.bias.view(shape[1:])
+        return y.reshape(x.shape).to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, unbiased: torch.Tensor) -> None:
+        """One update per view, in view order (momentum None: the cumulative average, as nn.BatchNorm)."""
+        for i in range(self.views):
+            self.num_batches_tracked.add_(1)
+            factor = (self.momentum if self.momentum is not None
+                      else 1.0 / self.num_batches_tracked.to(self.running_mean.dtype))
+            self.running_mean.lerp_(mean[i].to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(unbiased[i].to(self.running_var.dtype), factor)
 
 
-def _bn_group(device_type: str) -> tuple[str, int, int]:
-    """(group name, rank in it, its size) of the group the BN statistics are summed over: the default (NCCL) group
-    on CUDA, as SyncBatchNorm; on the CPU a gloo group of its own (made by every rank together in
-    `init_distributed`), so its collectives never interleave with DDP's asynchronous gradient all-reduces."""
-    group = dist.group.WORLD if device_type == "cuda" else cpu_bn_group()
-    return group.group_name, dist.get_rank(group), dist.get_world_size(group)
+CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d)  # exactly these types: a subclass may do more in its forward
 
 
-def convert_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
-    """Every BatchNorm1d/2d -> GlobalBatchNorm summing its statistics over all ranks (call after the process group
-    is made, on every rank); the parameters and buffers are the same objects, so a frozen (target) BN stays frozen.
-    Without a process group the converted layers are plain BN."""
-    return _convert(module, _bn_group(device_type) if dist.is_initialized() else (None, 0, 1))
+def convert_batchnorm(module: nn.Module, device_type: str | None = None, group_size: int = 0) -> nn.Module:
+    """Every BatchNorm1d/2d of `module` -> GlobalBatchNorm; the parameters and buffers are the same objects, so a
+    frozen (target) BN stays frozen, and a GlobalBatchNorm already there is kept (the same object).
+
+    device_type given and a process group up: the statistics are summed over `bn_process_group(device_type,
+    group_size)` (collective: call it on every rank together); otherwise each process keeps its own statistics.
+    Subclasses of the BN types (timm's BatchNormAct2d, for example) are left as they are."""
+    group = (None, 1)
+    if device_type is not None and dist.is_initialized():
+        pg = bn_process_group(device_type, group_size)
+        group = (pg.group_name, dist.get_world_size(pg))
+    return _convert(module, group)
 
 
-def _convert(module: nn.Module, group: tuple[str | None, int, int]) -> nn.Module:
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and not isinstance(module, GlobalBatchNorm):
+def _convert(module: nn.Module, group: tuple[str | None, int]) -> nn.Module:
+    if type(module) in CONVERTIBLE:
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+                              module.track_running_stats, device="meta")
         if module.affine:  # the same Parameter objects: requires_grad (False in the target) and identity kept
             new.weight, new.bias = module.weight, module.bias
         if module.track_running_stats:
             new.running_mean, new.running_var = module.running_mean, module.running_var
             new.num_batches_tracked = module.num_batches_tracked
-        new.group_name, new.rank, new.world_size = group
+        new.group_name, new.group_size = group
         new.train(module.training)
         return new
     if isinstance(module, GlobalBatchNorm):
-        module.group_name, module.rank, module.world_size = group
+        module.group_name, module.group_size = group
         return module
     for name, child in module.named_children():
         module.add_module(name, _convert(child, group))
     return module
+
+
+def has_other_batchnorm(module: nn.Module) -> bool:
+    """Whether `module` holds a batch-statistics layer that is not a GlobalBatchNorm (a BN subclass left as it is):
+    such a network cannot share one pass between views (BYOL then forwards each view on its own)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)
+               for m in module.modules())
+
+
+def set_views(layers: list[GlobalBatchNorm], views: int) -> None:
+    """Tell BN layers how many views each batch holds (BYOL's one-pass forward: 2 around it, 1 after)."""
+    for layer in layers:
+        layer.views = views

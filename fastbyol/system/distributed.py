@@ -96,10 +96,6 @@ def init_distributed(device_type: str) -> tuple[int, int, bool]:
         dist.init_process_group(backend)
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
-    if device_type != "cuda":
-        from .batchnorm import cpu_bn_group
-
-        cpu_bn_group()  # made now, by every rank together, not lazily in the first forward
     return rank, world_size, True
 
 
@@ -123,11 +119,11 @@ def data_parallel(model: nn.Module, device: torch.device, world_size: int) -> nn
 
 
 def close_distributed() -> None:
-    from .batchnorm import forget_bn_group
+    from .batchnorm import forget_bn_groups
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    forget_bn_group()
+    forget_bn_groups()
 
 
 def broadcast_object(obj, rank: int, world_size: int):
