@@ -106,34 +106,43 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         self._check_input_dim(x)
         if x.shape[0] % self.views:
             raise ValueError(f"a batch of {x.shape[0]} rows does not split into {self.views} views")
-        if self.group_name is None:  # each view through nn.BatchNorm, in order: the sequential passes' arithmetic
+        if self.group_name is None and not torch.compiler.is_compiling():
+            # eager, one process: each view through nn.BatchNorm's own kernels, in order (the sequential passes'
+            # arithmetic); compiled, the view-wise form below: one reduction and one normalisation for all views,
+            # where a graph of per-view batch norms and a concatenation would generate twice the kernels
             return torch.cat([super(GlobalBatchNorm, self).forward(part) for part in x.chunk(self.views)])
-        return self._global_forward(x)
+        return self._views_forward(x)
 
-    def _global_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _views_forward(self, x: torch.Tensor) -> torch.Tensor:
         v, c = self.views, x.shape[1]
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 activations: fp32 statistics
         xv = xf.view(v, x.shape[0] // v, *x.shape[1:])  # (V, b, C[, H, W]): view after view, no copy
         dims = [1] if x.ndim == 2 else [1, 3, 4]
-        var_local, mean_local = torch.var_mean(xv, dim=dims, correction=0)  # (V, C) each, two-pass
-        n_local = xv[0].numel() // c  # rows x pixels of one view on this rank
-        wide = torch.float64
-        mean_w = mean_local.to(wide)
-        count = torch.full((v, 1), float(n_local), dtype=wide, device=x.device)
-        # (V, 2C + 1): sum of x, sum of x^2 (from the rank's own mean and centred variance) and the count, per view;
-        # summed over the group by one all-reduce, whose backward sums the gradients over the group
-        sums = torch.cat([mean_w * n_local, (var_local.to(wide) + mean_w * mean_w) * n_local, count], dim=1)
-        total = _AllReduceSum.apply(sums, self.group_name)
-        n = total[:, 2 * c:]  # (V, 1)
-        mean = total[:, :c] / n  # (V, C)
-        var = (total[:, c:2 * c] / n - mean * mean).clamp_min(0.0)  # biased: what normalizes
+        var, mean = torch.var_mean(xv, dim=dims, correction=0)  # (V, C) each, this rank's, two-pass
+        n = xv[0].numel() // c  # rows x pixels of one view on this rank
+        if self.group_name is not None:
+            mean, var, n = self._over_group(mean, var, n)  # (V, C), (V, C) float64, (V, 1)
         if self.track_running_stats:
-            self._update_running(mean, var * n / (n - 1).clamp_min(1.0))
+            self._update_running(mean, var * n / ((n - 1).clamp_min(1.0) if self.group_name else max(n - 1, 1)))
         shape = [v, 1, c] + [1] * (x.ndim - 2)  # broadcast over (V, b, C[, H, W])
         y = (xv - mean.to(xf.dtype).view(shape)) * torch.rsqrt(var.to(xf.dtype).view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape[1:]) + self.bias.view(shape[1:])
         return y.reshape(x.shape).to(x.dtype)
+
+    def _over_group(self, mean: torch.Tensor, var: torch.Tensor, n_local: int):
+        """Per-view mean and biased variance over the group, from this rank's (V, C) two-pass statistics over
+        n_local values per channel: one all-reduce of (sum x, sum x^2, count) per view in float64."""
+        v, c = mean.shape
+        wide = torch.float64
+        mean_w = mean.to(wide)
+        count = torch.full((v, 1), float(n_local), dtype=wide, device=mean.device)
+        # (V, 2C + 1); the all-reduce's backward sums the gradients over the group
+        sums = torch.cat([mean_w * n_local, (var.to(wide) + mean_w * mean_w) * n_local, count], dim=1)
+        total = _AllReduceSum.apply(sums, self.group_name)
+        n = total[:, 2 * c:]  # (V, 1)
+        mean = total[:, :c] / n  # (V, C)
+        return mean, (total[:, c:2 * c] / n - mean * mean).clamp_min(0.0), n
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, unbiased: torch.Tensor) -> None:
