@@ -197,11 +197,25 @@ class AugmentConfig:
                                 choices=CPU_PARALLEL_MODES)
 
 
+@dataclass
+class DistributedConfig:
+    """Several processes (torchrun): options for large clusters, all off by default (the recipe's settings);
+    fastbyol.system.data_parallel says when each pays and what it changes."""
+
+    bn_group: int = setting(0, "cross-replica BN statistics over blocks of this many consecutive ranks (e.g. 8: the "
+                            "GPUs of one node; 0: all ranks, the paper's); a recipe change: statistics over fewer "
+                            "images", "must be >= 0", lambda v: v >= 0)
+    grad_reduce: str = setting("fp32", "gradient all-reduce precision: fp32 (the recipe's) or bf16 (DDP's compression "
+                               "hook: half the bytes, gradients rounded to bf16)", choices=("fp32", "bf16"))
+    bucket_mb: float = setting(25.0, "DDP gradient bucket size, MB (fewer, larger all-reduces vs earlier overlap)",
+                               "must be a finite number > 0", _positive)
+
+
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig,
-            "augment": AugmentConfig}
+            "augment": AugmentConfig, "distributed": DistributedConfig}
 # sections a config.json may lack (saved before they existed): they take their defaults, which are what those runs
 # trained with
-OPTIONAL_SECTIONS = ("augment",)
+OPTIONAL_SECTIONS = ("augment", "distributed")
 
 
 def _profile_steps(text: str) -> tuple[int, int] | None:
@@ -283,6 +297,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -331,6 +346,8 @@ class Config:
         if batch % world_size:
             raise FastByolError(f"--batch-size {batch} (the global batch) does not divide over {world_size} processes")
         local_batch, accumulate = batch // world_size, self.optim.accumulate
+        if world_size % (self.distributed.bn_group or world_size):
+            raise FastByolError(f"--bn-group {self.distributed.bn_group} does not divide the {world_size} processes")
         if local_batch < 2:
             raise FastByolError(f"--batch-size {batch} over {world_size} processes leaves {local_batch} image per "
                                 "process; BatchNorm needs at least 2")
