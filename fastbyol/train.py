@@ -2,8 +2,10 @@
 
     fastbyol train [--preset NAME] [--data PATH] [--epochs N] [--batch-size N] [--seed S] [--out DIR] ...
 
-A step (`byol_step`): two DALI views -> the online and target networks -> the fused symmetric loss -> backward ->
-one LARS (or AdamW) step at lr_at(step) -> the EMA of the target at tau_at(step), after the optimizer step. With
+A step (`byol_step`): two DALI views -> the online and target networks, each once on both views stacked
+(fastbyol.models.networks: compiled per network, DDP around the online network under torchrun) -> the fused
+symmetric loss -> backward -> one LARS (or AdamW) step at lr_at(step) -> the EMA of the target at tau_at(step), after
+the optimizer step; the online probe trains on the step's view-1 features, one of the networks' outputs. With
 `--accumulate N` the same step runs N micro-batches of forward and backward before its one optimizer step.
 
 The loop takes one object, the `Run`: the model and the step, the loader, the optimizer, the meter, the run files,
@@ -48,7 +50,9 @@ from .run.profiling import StepProfiler
 from .run.reporting import LogPoints, Reporter, TensorBoardSink
 from .run.state import TrainState
 from .system.bounds import check_machine_bounds
-from .system.distributed import barrier, broadcast_object, close_distributed, data_parallel, init_distributed
+from .models.networks import StepNetworks, compile_networks
+from .system.data_parallel import wrap_online
+from .system.distributed import barrier, broadcast_object, close_distributed, init_distributed
 from .system.environment import check_environment
 from .version import __version__
 
@@ -111,9 +115,12 @@ def pick_device(name: str) -> torch.device:
 
 # -------------------------------------------------------------------------------------------------------- the step
 def _no_sync(net):
-    """DDP's no_sync for a network that is DDP (or torch.compile of DDP); nothing to hold back otherwise."""
+    """DDP's no_sync for the step's networks (DDP around the online network), or a network that is DDP (or
+    torch.compile of DDP); nothing to hold back otherwise."""
     from torch.nn.parallel import DistributedDataParallel
 
+    if isinstance(net, StepNetworks):
+        return net.no_sync()
     inner = getattr(net, "_orig_mod", net)  # torch.compile's wrapper keeps the module it compiled here
     return inner.no_sync() if isinstance(inner, DistributedDataParallel) else contextlib.nullcontext()
 
@@ -131,7 +138,8 @@ def byol_step(net, optimizer, ema_pairs: tuple[list, list], views: tuple[torch.T
               tau: float, n: int = 1, bf16: bool = False) -> torch.Tensor:
     """One BYOL optimizer step; returns the loss as a device tensor (no host sync).
 
-    net: the BYOL module, or it wrapped in DDP and/or torch.compile (anything returning p1, p2, z1, z2 first);
+    net: the step's networks (fastbyol.models.networks.StepNetworks), the BYOL module, or it wrapped in DDP and/or
+    torch.compile (anything returning p1, p2, z1, z2 first);
     ema_pairs: (target, online) parameter lists (BYOL.ema_pairs); views: the two (B, 3, S, S) channels_last views;
     bf16: autocast the forward (CUDA).
 
@@ -170,17 +178,21 @@ def _compile_error(e: BaseException) -> bool:
 
 
 class TrainStep:
-    """The step the loop calls: `byol_step` on the run's network, then the online probe's step. Its first call in a
-    process compiles (under torch.compile); under --compile auto a compiler failure there prints one warning and the
-    step runs again eagerly (compilation fails before the forward runs, so nothing has changed)."""
+    """The step the loop calls: `byol_step` on the run's networks, then the online probe's step on the view-1
+    features they returned. Its first call in a process compiles (the online and target networks, each on its own:
+    `compile_networks`); under --compile auto a compiler failure there prints one warning and the step runs again
+    eagerly (compilation fails before the forward runs, so nothing has changed).
 
-    def __init__(self, model: BYOL, net, optimizer, resolved: Resolved, may_fall_back: bool, log):
-        self.eager_net, self.optimizer, self.log = net, optimizer, log
+    online: DDP around the model's online network (`fastbyol.system.data_parallel.wrap_online`, several processes),
+    or None (one process)."""
+
+    def __init__(self, model: BYOL, online, optimizer, resolved: Resolved, may_fall_back: bool, log):
+        self.optimizer, self.log = optimizer, log
         self.ema_pairs = model.ema_pairs()
         self.micro_batches, self.bf16 = resolved.accumulate, resolved.autocast_bf16
         self.mode = resolved.compile_mode
-        self.net = net if self.mode == "off" else torch.compile(
-            net, mode=None if self.mode == "default" else self.mode)
+        self.eager_net = compile_networks(model, "off", online=online)
+        self.net = self.eager_net if self.mode == "off" else compile_networks(model, self.mode, online=online)
         self.may_fall_back = may_fall_back and self.mode != "off"
         self.probe: OnlineProbe | None = None  # trained on the step's view-1 features after it
 
@@ -197,7 +209,7 @@ class TrainStep:
             self.net, self.mode, self.may_fall_back = self.eager_net, "off", False
             return self(v1, v2, lr, tau, labels)
         if self.probe is not None:
-            self.probe.step(labels)
+            self.probe.step(self.net.features, labels)  # h1, the online encoder's view-1 features, detached
         return loss
 
     def first_step_passed(self) -> None:
@@ -403,8 +415,8 @@ def _start(launch: Launch) -> Run:
         _restore(launch, model, optimizer, state)
     loader.on_skip = lambda name, why: launch.log(f"skipped {name}: {why} (--skip-bad-files)")
     image_flops = flops_per_image(model, cfg.data.image_size)  # on the plain model: no collectives
-    step = TrainStep(model, data_parallel(model, device, world_size), optimizer, resolved,
-                     may_fall_back=cfg.run.compile == "auto", log=launch.log)
+    online = wrap_online(model, device, cfg.distributed) if world_size > 1 else None  # BN over ranks, DDP
+    step = TrainStep(model, online, optimizer, resolved, may_fall_back=cfg.run.compile == "auto", log=launch.log)
     step.probe = _online_probe(launch, resolved, dataset, model, loader)  # after the FLOP count's copy of the model
     if step.probe is not None and state.probe:  # a resume: the probe continues where it was
         step.probe.load_state_dict(state.probe, str(launch.resume))
@@ -460,7 +472,7 @@ def _online_probe(launch: Launch, resolved: Resolved, dataset: ImageDataset, mod
     if why is not None:
         launch.log(f"online probe: off ({why}; --no-online-probe silences this)")
         return None
-    return OnlineProbe(model.online_encoder, model.feature_dim, dataset.num_classes, launch.device, cfg.run.seed)
+    return OnlineProbe(model.feature_dim, dataset.num_classes, launch.device, cfg.run.seed)
 
 
 def _default_run_dir(cfg: Config) -> Path:

@@ -14,8 +14,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from fastbyol.models import BYOL, build_encoder
-from fastbyol.system.batchnorm import (GlobalBatchNorm, bn_process_group, convert_batchnorm, has_other_batchnorm,
-                                       set_views)
+from fastbyol.system.batchnorm import (
+    GlobalBatchNorm,
+    bn_process_group,
+    convert_batchnorm,
+    has_other_batchnorm,
+    set_views,
+)
 from fastbyol.system.distributed import close_distributed, init_distributed
 
 from .support import free_port as _free_port

@@ -64,44 +64,41 @@ def test_probe_curve_in_the_plot(runs, monkeypatch):
     assert (root / "with.png").stat().st_size > 0 and "online probe" in plotted
 
 
-def test_probe_draws_no_rng_and_leaves_the_encoder_unchanged():
+def test_probe_draws_no_rng_and_sends_no_gradient_back():
     torch.manual_seed(0)
     encoder = build_encoder("resnet-tiny", "small-s2", 28)
-    x = torch.randn(8, 3, 28, 28)
-    want = encoder(x)
+    features = encoder(torch.randn(8, 3, 28, 28))  # not detached here: the probe detaches what it is given
     state = torch.get_rng_state()
-    probe = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=0)
+    probe = OnlineProbe(encoder.feature_dim, 10, torch.device("cpu"), seed=0)
     assert torch.equal(torch.get_rng_state(), state)  # its init comes from its own generator
-    got = encoder(x)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)  # the hook returns nothing: the output is the encoder's
-    got.sum().backward()
-    grads = {n: p.grad.clone() for n, p in encoder.named_parameters()}
     w0 = probe.head.weight.detach().clone()
-    probe.step(torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1)))
+    probe.step(features, torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1)))
     assert torch.equal(torch.get_rng_state(), state)
     assert not torch.equal(probe.head.weight, w0)  # it trained
-    for n, p in encoder.named_parameters():  # and sent no gradient into the encoder (the features are detached)
-        assert torch.equal(p.grad, grads[n]), n
-    probe.close()
+    assert all(p.grad is None for p in encoder.parameters())  # and sent no gradient into the encoder
 
 
-def test_probe_captures_training_forwards_of_view_1_only():
+def test_probe_trains_on_the_models_view_1_features():
+    """The features are BYOL.forward's fifth output, h1: the online encoder's features of view 1, detached; labels
+    of another batch are skipped, not mixed up."""
+    import copy
+
+    from fastbyol.models import BYOL
+
     torch.manual_seed(0)
-    encoder = build_encoder("resnet-tiny", "small-s2", 28)
-    probe = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=0)
-    encoder.eval()
-    encoder(torch.randn(4, 3, 28, 28))  # a kNN check's features: not captured
-    assert probe._features == []
-    encoder.train()
+    model = BYOL(build_encoder("resnet-tiny", "small-s2", 28), 64, 32, 64)
+    twin = copy.deepcopy(model)
     v1, v2 = torch.randn(6, 3, 28, 28), torch.randn(6, 3, 28, 28)
-    want = encoder(v1).detach()
-    encoder(v2)
-    assert len(probe._features) == 1
-    torch.testing.assert_close(probe._features[0], want, atol=0, rtol=0)
+    h1 = model(v1, v2)[4]
+    assert h1.shape == (6, model.feature_dim) and not h1.requires_grad
+    want = twin.online_encoder(v1)  # view 1 alone through the encoder: what the one-pass forward hands over
+    torch.testing.assert_close(h1, want.detach(), rtol=1e-5, atol=1e-6)
+    probe = OnlineProbe(model.feature_dim, 10, torch.device("cpu"), seed=0)
     w0 = probe.head.weight.detach().clone()
-    probe.step(torch.zeros(5, dtype=torch.long))  # labels of another batch: skipped, not mixed up
-    assert probe._features == [] and torch.equal(probe.head.weight, w0)
-    probe.close()
+    probe.step(h1, torch.zeros(5, dtype=torch.long))  # labels of another batch: skipped
+    assert torch.equal(probe.head.weight, w0)
+    probe.step(h1, torch.zeros(6, dtype=torch.long))
+    assert not torch.equal(probe.head.weight, w0)
 
 
 def test_probe_state_round_trips_exactly_and_a_foreign_one_is_refused():
@@ -117,36 +114,33 @@ def test_probe_state_round_trips_exactly_and_a_foreign_one_is_refused():
 
     def steps(probe, part):
         for x, y in part:
-            encoder(x)
-            probe.step(y)
+            probe.step(encoder(x), y)
 
-    a = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=0)
+    def probe(classes=10, seed=0):
+        return OnlineProbe(encoder.feature_dim, classes, torch.device("cpu"), seed=seed)
+
+    a = probe()
     steps(a, batches[:3])
     saved = a.state_dict()
-    a.close()
-    b = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=7)  # another init: overwritten
+    b = probe(seed=7)  # another init: overwritten
     b.load_state_dict(saved)
-    a = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=0)
+    a = probe()
     a.load_state_dict(saved)
-    b.close()
     steps(a, batches[3:])
-    c = OnlineProbe(encoder, encoder.feature_dim, 10, torch.device("cpu"), seed=0)  # uninterrupted: 6 steps
-    a.close()
+    c = probe()  # uninterrupted: 6 steps
     steps(c, batches)
     for got, want in ((a.head.weight, c.head.weight), (a.head.bias, c.head.bias), (a.mean, c.mean), (a.var, c.var)):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert a._seen == c._seen == 6
-    other = OnlineProbe(encoder, encoder.feature_dim, 5, torch.device("cpu"), seed=0)
+    other = probe(classes=5)
     damaged = {**saved, "mean": saved["mean"][:-1].clone()}
     momentum = {**saved, "optimizer": {**saved["optimizer"], "state": {0: {"momentum_buffer": torch.zeros(3)}}}}
-    for probe, state in ((other, saved), (c, damaged), (c, momentum), (c, {**saved, "seen": -1}), (c, [])):
+    for target, state in ((other, saved), (c, damaged), (c, momentum), (c, {**saved, "seen": -1}), (c, [])):
         with pytest.raises(FastByolError, match="run/checkpoint.pt: its online probe state"):
-            probe.load_state_dict(state, "run/checkpoint.pt")
+            target.load_state_dict(state, "run/checkpoint.pt")
     diverged = {**saved, "mean": saved["mean"].clone().fill_(float("nan"))}
     c.load_state_dict(diverged, "run/checkpoint.pt")
     assert torch.isnan(c.mean).all()
-    other.close()
-    c.close()
 
 
 def test_probe_is_off_with_its_reason_under_accumulation(runs, capsys):

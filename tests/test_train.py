@@ -211,7 +211,7 @@ def test_failed_compile_under_auto_falls_back_to_eager(monkeypatch):
     eager, fallen, explicit = [torch.manual_seed(0) and _tiny_model() for _ in range(3)]
     expected = byol_step(eager, LARS(eager.online_parameters(), lr=0.0), eager.ema_pairs(), views, 0.5, 0.99)
     said = []
-    step = TrainStep(fallen, fallen, LARS(fallen.online_parameters(), lr=0.0), resolved, may_fall_back=True,
+    step = TrainStep(fallen, None, LARS(fallen.online_parameters(), lr=0.0), resolved, may_fall_back=True,
                      log=said.append)
     assert step.mode == "default"
     loss = step(*views, 0.5, 0.99)
@@ -219,7 +219,7 @@ def test_failed_compile_under_auto_falls_back_to_eager(monkeypatch):
                     "without it (--compile off skips the attempt)"]
     assert step.mode == "off" and torch.equal(loss, expected)
     assert all(torch.equal(a, b) for a, b in zip(fallen.parameters(), eager.parameters()))
-    strict = TrainStep(explicit, explicit, LARS(explicit.online_parameters(), lr=0.0), resolved, may_fall_back=False,
+    strict = TrainStep(explicit, None, LARS(explicit.online_parameters(), lr=0.0), resolved, may_fall_back=False,
                        log=said.append)
     with pytest.raises(TorchDynamoException):
         strict(*views, 0.5, 0.99)

@@ -3,11 +3,12 @@ of the first view (solo-learn's online head), with its own optimizer, in the sam
 test split is logged at each kNN check and at the end (metrics.jsonl `online_probe_top1`, TensorBoard
 `probe/top1`, `fastbyol plot`).
 
-It never changes BYOL's training: the features reach it through a forward hook on the online encoder that returns
-nothing (the forward is unchanged) and are detached (no gradient flows back); its weights are drawn from its own
-torch.Generator (BYOL's torch RNG stream is untouched); its optimizer updates its own parameters only. The same
-seed therefore gives the same `params_sha256` with and without it (tests/test_online_probe.py). Its step queues
-device work only (no host sync); its accuracy is read at the kNN check, which syncs already.
+It never changes BYOL's training: its features are one of the BYOL model's outputs (`BYOL.forward`'s h1, the online
+encoder's view-1 features, detached: no gradient flows back), not a hook inside the network, so the compiled graph
+trained is the graph benchmarked; its weights are drawn from its own torch.Generator (BYOL's torch RNG stream is
+untouched); its optimizer updates its own parameters only. The same seed therefore gives the same `params_sha256`
+with and without it (tests/test_online_probe.py). Its step queues device work only (no host sync); its accuracy is
+read at the kNN check, which syncs already.
 
 Optimizer: SGD with Nesterov momentum 0.9, lr 0.1 (constant), no weight decay, on features standardised by a
 running mean and variance kept by the probe itself (the plain mean over its first 100 steps, then momentum 0.01):
@@ -28,11 +29,10 @@ PROBE_SEED_OFFSET = 0x9E3779B9  # the probe's own generator: seed + this, never 
 
 
 class OnlineProbe:
-    """Register on a BYOL model's online encoder; call `step(labels)` after each BYOL step, `accuracy(...)` at a
-    check. Features: the encoder's first call in a step (view 1: BYOL.forward encodes v1 first)."""
+    """Call `step(features, labels)` after each BYOL step with the step's view-1 features (BYOL.forward's h1),
+    `accuracy(...)` at a check."""
 
-    def __init__(self, encoder: torch.nn.Module, feature_dim: int, num_classes: int, device: torch.device,
-                 seed: int = 0):
+    def __init__(self, feature_dim: int, num_classes: int, device: torch.device, seed: int = 0):
         gen = torch.Generator().manual_seed((seed + PROBE_SEED_OFFSET) % 2**63)
         bound = 1.0 / feature_dim ** 0.5  # nn.Linear's default init, drawn from the probe's own generator
         weight = (torch.rand(num_classes, feature_dim, generator=gen) * 2 - 1) * bound
@@ -45,25 +45,15 @@ class OnlineProbe:
         self.var = torch.ones(feature_dim, device=device)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=PROBE_LR, momentum=0.9, nesterov=True)
         self._seen = 0  # steps whose features entered the running statistics (a host int)
-        self._features: list[torch.Tensor] = []
-        self._handle = encoder.register_forward_hook(self._capture)
-
-    def _capture(self, module, inputs, output) -> None:
-        # training forwards only (the kNN check's eval-mode features are not the probe's), view 1 only (the step's
-        # first call); returns None: the encoder's output is unchanged
-        if module.training and not self._features:
-            self._features.append(output.detach())
 
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / (self.var + 1e-5).sqrt()
 
     @torch.enable_grad()
-    def step(self, labels: torch.Tensor | None) -> None:
-        """One SGD step of the head on the captured view-1 features (device work only, no host sync)."""
-        if not self._features:
-            return
-        x = self._features.pop().float()
-        self._features.clear()
+    def step(self, features: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """One SGD step of the head on a step's (B, feature_dim) view-1 features, detached here too (device work
+        only, no host sync); nothing when the labels are missing or of another batch."""
+        x = features.detach().float()
         if labels is None or labels.shape[0] != x.shape[0]:  # shapes are host metadata: no sync
             return
         weight = max(1.0 / (self._seen + 1), STATS_MOMENTUM)  # the plain mean of the first 100 steps, then EMA
@@ -82,8 +72,7 @@ class OnlineProbe:
         """Top-1 (%) of the head on the encoder's eval-mode features of un-augmented images (sync: at a check)."""
         from .features import extract_features
 
-        feats = extract_features(encoder, images, device=device, normalize=False)  # eval mode: not captured
-        self._features.clear()
+        feats = extract_features(encoder, images, device=device, normalize=False)
         pred = self.head(self._standardise(feats)).argmax(1).cpu()
         return 100.0 * (pred == torch.as_tensor(labels)).float().mean().item()
 
@@ -126,9 +115,6 @@ class OnlineProbe:
             self.var.copy_(state["var"])
         self.optimizer = optimizer
         self._seen = state["seen"]
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 def probe_labels(dataset) -> np.ndarray | bool | None:

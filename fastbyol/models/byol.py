@@ -1,9 +1,18 @@
 """The BYOL wrapper and its MLP heads, around any encoder.
 
 `BYOL` deep-copies the online encoder + projector into the target, which gets no gradient, keeps its own BN statistics
-and runs in train mode. Each view is forwarded separately, so BN statistics are per view, as in the official
-implementation. The encoder is any `nn.Module` mapping (B, 3, H, W) to (B, D) features: D is its `num_features` or
-`feature_dim` attribute when it has one, else found by one forward (`feature_dim_of`).
+and runs in train mode. The encoder is any `nn.Module` mapping (B, 3, H, W) to (B, D) features: D is its
+`num_features` or `feature_dim` attribute when it has one, else found by one forward (`feature_dim_of`).
+
+One pass for both views: each network runs once a step on the two views stacked, (2B, 3, H, W), view 1's rows then
+view 2's: twice the rows in every convolution and matrix product and half the kernel launches (and, over many ranks,
+half the BN collectives) of one pass per view. BN statistics stay per view, as in the official implementation (which
+forwards each view separately): every BatchNorm1d/2d becomes a `GlobalBatchNorm` (fastbyol.system.batchnorm), which
+BYOL tells, around its forward, that the batch holds two views; each half is then normalised with its own statistics
+and the running statistics are updated as the two sequential passes did. `forward_per_view` is those sequential
+passes, kept as the reference: the two forwards agree in float64 (outputs, every gradient, running statistics;
+tests/test_byol_one_pass.py). An encoder with another batch-statistics layer (a BN subclass, left as it is) cannot
+share a pass between views and is forwarded per view. Encoders without batch statistics (ViTs) simply stack.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ import copy
 
 import torch
 import torch.nn as nn
+
+from ..system.batchnorm import GlobalBatchNorm, convert_batchnorm, has_other_batchnorm, set_views
 
 
 def feature_dim_of(encoder: nn.Module, image_size: int = 32) -> int:
@@ -66,14 +77,17 @@ class BYOL(nn.Module):
     def __init__(self, encoder: nn.Module, proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096,
                  head_first_bias: bool = True, image_size: int = 32):
         super().__init__()
-        self.online_encoder = encoder
         self.feature_dim = feature_dim_of(encoder, image_size)
-        self.online_projector = mlp(self.feature_dim, proj_hidden, proj_dim, head_first_bias)
-        self.predictor = mlp(proj_dim, pred_hidden, proj_dim, head_first_bias)
+        self.online_encoder = convert_batchnorm(encoder)  # per-view BN (the same parameters and buffers)
+        self.online_projector = convert_batchnorm(mlp(self.feature_dim, proj_hidden, proj_dim, head_first_bias))
+        self.predictor = convert_batchnorm(mlp(proj_dim, pred_hidden, proj_dim, head_first_bias))
         self.target_encoder = copy.deepcopy(self.online_encoder)
         self.target_projector = copy.deepcopy(self.online_projector)
         for p in self.target_parameters():
             p.requires_grad_(False)
+        # the layers told about the two views around a one-pass forward (a plain list: nothing registered twice)
+        self._view_layers = [m for m in self.modules() if isinstance(m, GlobalBatchNorm)]
+        self.one_pass = not has_other_batchnorm(self)
 
     def online_parameters(self) -> list[nn.Parameter]:
         """Everything the optimizer updates: online encoder, projector and predictor."""
@@ -88,14 +102,44 @@ class BYOL(nn.Module):
     def target_parameters(self) -> list[torch.Tensor]:
         return self.ema_pairs()[0]
 
+    def online_pass(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Online network: (N, 3, H, W) -> predictions (N, proj_dim) and encoder features (N, feature_dim)."""
+        h = self.online_encoder(x)
+        return self.predictor(self.online_projector(h)), h
+
+    def target_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """Target network: (N, 3, H, W) -> projections (N, proj_dim); its caller turns gradients off."""
+        return self.target_projector(self.target_encoder(x))
+
     def forward(self, v1: torch.Tensor, v2: torch.Tensor):
-        """(B, C, H, W) views -> predictions p1, p2 and target projections z1, z2, each (B, proj_dim)."""
-        p1 = self.predictor(self.online_projector(self.online_encoder(v1)))
-        p2 = self.predictor(self.online_projector(self.online_encoder(v2)))
-        with torch.no_grad():  # target stays in train mode: batch statistics, its own running stats
-            z1 = self.target_projector(self.target_encoder(v1))
-            z2 = self.target_projector(self.target_encoder(v2))
-        return p1, p2, z1, z2
+        """(B, C, H, W) views -> predictions p1, p2 and target projections z1, z2, each (B, proj_dim), and h1, the
+        online encoder's view-1 features (B, feature_dim), detached (the online probe's input)."""
+        return self.views_forward(v1, v2, self.online_pass, self.target_pass)
+
+    def views_forward(self, v1: torch.Tensor, v2: torch.Tensor, online, target):
+        """`forward` with the two networks given: `online(x) -> (p, h)` and `target(x) -> z`, this model's
+        `online_pass` and `target_pass` or the same compiled, or wrapped in DDP (fastbyol.models.networks)."""
+        if not self.one_pass:
+            return self.forward_per_view(v1, v2, online, target)
+        x = torch.cat([v1, v2])  # (2B, C, H, W), view 1 then view 2; channels_last stays channels_last
+        set_views(self._view_layers, 2)  # each half its own BN statistics
+        try:
+            p, h = online(x)
+            with torch.no_grad():  # target stays in train mode: batch statistics, its own running stats
+                z = target(x)
+        finally:
+            set_views(self._view_layers, 1)
+        p1, p2 = p.chunk(2)
+        z1, z2 = z.chunk(2)
+        return p1, p2, z1, z2, h[:v1.shape[0]].detach()
+
+    def forward_per_view(self, v1: torch.Tensor, v2: torch.Tensor, online=None, target=None):
+        """The reference: each network once per view (four passes), BN statistics per pass; `forward`'s outputs."""
+        online, target = online or self.online_pass, target or self.target_pass
+        (p1, h1), (p2, _) = online(v1), online(v2)
+        with torch.no_grad():
+            z1, z2 = target(v1), target(v2)
+        return p1, p2, z1, z2, h1.detach()
 
 
 def params_sha256(model: BYOL) -> str:

@@ -59,7 +59,7 @@ def flops_per_image(model, image_size: int, device: torch.device | None = None) 
     probe = copy.deepcopy(model).to("meta")
     x = torch.empty(2, 3, image_size, image_size, device="meta").contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter:
-        p1, p2, z1, z2 = probe(x, x)
+        p1, p2, z1, z2 = probe(x, x)[:4]  # BYOL.forward: then h1, the probe's features
         byol_loss_symmetric(p1, p2, z1, z2).backward()
     return counter.get_total_flops() / 2
 

@@ -1,6 +1,6 @@
 """Data-parallel pieces: process-group set-up from torchrun's environment and the collectives the trainer's
 bookkeeping uses (broadcast, gather, barrier, global mean: identities with one process). Batch norm over all ranks
-is `fastbyol.system.batchnorm`'s.
+is `fastbyol.system.batchnorm`'s, DDP's wrapping `fastbyol.system.data_parallel`'s.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ import os
 
 import torch
 import torch.distributed as dist
-
-from .batchnorm import convert_batchnorm  # noqa: F401 (the trainer's import, until it imports from batchnorm)
 
 
 def world() -> tuple[int, int, int]:
@@ -97,25 +95,6 @@ def init_distributed(device_type: str) -> tuple[int, int, bool]:
     else:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     return rank, world_size, True
-
-
-def data_parallel(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
-    """The network the step runs: the model itself, or under torchrun DDP with cross-replica BN (GlobalBatchNorm, one
-    functional all-reduce on NCCL and gloo: no graph break under torch.compile). The BN buffers are equal on every
-    rank by construction, so DDP does not broadcast them; the gradient buckets are views with each parameter's own
-    (channels_last) strides."""
-    if world_size == 1:
-        return model
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    convert_batchnorm(model, device.type)
-    no_buffer_sync = ({"forward_sync_buffers": False}  # newer torch's name for the same switch
-                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def close_distributed() -> None:

@@ -15,14 +15,15 @@ from ..errors import FastByolError
 
 
 def plain_byol_step(model, optimizer, v1: torch.Tensor, v2: torch.Tensor, tau: float) -> torch.Tensor:
-    """The straightforward PyTorch BYOL step we measure against: eager F.normalize + MSE loss, a per-parameter EMA
-    loop in Python (NCHW inputs and model are the caller's choice)."""
+    """The straightforward PyTorch BYOL step we measure against: each network once per view (four passes,
+    `BYOL.forward_per_view`), eager F.normalize + MSE loss, a per-parameter EMA loop in Python (NCHW inputs and model
+    are the caller's choice)."""
     import torch.nn.functional as F
 
     def regression(p, z):
         return (2 - 2 * (F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(dim=1)).mean()
 
-    p1, p2, z1, z2 = model(v1, v2)
+    p1, p2, z1, z2 = model.forward_per_view(v1, v2)[:4]
     loss = regression(p1, z2) + regression(p2, z1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -39,12 +40,12 @@ def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", step
                source: str = "synthetic", compile_backend: str = "inductor") -> dict:
     """BYOL img/s (and MFU on a GPU) of the training step.
 
-    fastbyol: channels_last model and views, bf16 autocast on CUDA, cuDNN autotuning for the fixed shapes, the fused
-    loss and single-launch EMA, LARS, and torch.compile of the forward in mode `compile` ('off' or a torch.compile
-    mode), as the trainer runs it. compile_backend: torch.compile's backend ('inductor'; 'eager' traces the graph
+    fastbyol: both views in one pass, channels_last model and views, bf16 autocast on CUDA, cuDNN autotuning for the
+    fixed shapes, the fused loss and single-launch EMA, LARS, and the online and target networks compiled each on its
+    own in mode `compile` ('off' or a torch.compile mode), as the trainer runs it. compile_backend: torch.compile's backend ('inductor'; 'eager' traces the graph
     without generating code: the GPU plan's CPU dry run).
-    plain: NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS, cuDNN's default
-    (no autotuning), as a plain script runs it.
+    plain: one pass per view, NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS,
+    cuDNN's default (no autotuning), as a plain script runs it.
     source: 'synthetic' (views already on the device: the step alone) or 'dali' (the trainer's DALI pipeline over
     synthetic JPEGs, decoded and augmented on the GPU: the step fed as in training).
     The warm-up steps (compilation included) are timed apart: warmup_seconds. On CUDA, peak_memory_gb is the peak
@@ -74,6 +75,7 @@ def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup:
     from ..models import BYOL, build_encoder
     from ..optim import LARS
     from ..run.perf import flops_per_image, mfu, peak_flops
+    from ..models.networks import compile_networks
     from ..train import byol_step
 
     if dev.type == "cuda":
@@ -106,8 +108,9 @@ def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup:
                 for v1, v2 in loader.epoch():
                     yield (v1.to(view_dtype).contiguous(memory_format=fmt),
                            v2.to(view_dtype).contiguous(memory_format=fmt))
-    net = model if compile == "off" else torch.compile(model, mode=None if compile == "default" else compile,
-                                                       backend=compile_backend)
+    # the trainer's networks: both views in one pass, each network compiled on its own (the graphs fastbyol train
+    # compiles, so a compiled row's caches serve a training run of the same model, batch and dtype)
+    net = compile_networks(model, compile, backend=compile_backend)
 
     def one_step(v1, v2):
         if variant == "fastbyol":

@@ -1,0 +1,91 @@
+"""What the training step calls: BYOL's one-pass forward with each network compiled on its own and, over several
+processes, DDP around the online network alone.
+
+    net = compile_networks(model, "default", online=wrap_online(model, device, settings))  # or online=None: 1 process
+    p1, p2, z1, z2, h1 = net(v1, v2)                     # BYOL.forward's outputs
+
+Compiling per network instead of `torch.compile(model)` gives two graphs: the online network's training graph
+(forward and, through AOTAutograd, backward; the graph the benchmarks time is the graph the trainer trains, the
+online probe's features being one of its outputs) and the target network's no-grad graph, each one pass of the
+network over both views. One graph of the whole BYOL module inlined every pass of both networks (four ResNet-50 passes
+before the one-pass forward: 6,191 forward and 4,047 backward aten nodes), and compile time grows with the graph.
+
+DDP wraps only the online network (`OnlineNetwork`: BYOL's own online modules, shared, not copied), so compiling it
+compiles DDP: Dynamo's DDP optimizer splits the graph at the gradient buckets' boundaries and the buckets' all-reduces
+overlap the rest of the backward. The target has no gradients and no DDP. Under `torch.compile` the collectives of
+the cross-replica BN (fastbyol.system.batchnorm) are traced into the graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from .byol import BYOL
+
+
+class OnlineNetwork(nn.Module):
+    """encoder -> projector -> predictor of a BYOL model (the same module objects): (N, 3, H, W) -> (predictions,
+    encoder features), as `BYOL.online_pass`. What DDP wraps and torch.compile compiles."""
+
+    def __init__(self, model: BYOL):
+        super().__init__()
+        self.encoder, self.projector, self.predictor = model.online_encoder, model.online_projector, model.predictor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        return self.predictor(self.projector(h)), h
+
+
+class TargetNetwork(nn.Module):
+    """encoder -> projector of a BYOL model's target (the same module objects), as `BYOL.target_pass`."""
+
+    def __init__(self, model: BYOL):
+        super().__init__()
+        self.encoder, self.projector = model.target_encoder, model.target_projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder(x))
+
+
+class StepNetworks:
+    """Called as the BYOL model is: (v1, v2) -> (p1, p2, z1, z2, h1), through `BYOL.views_forward` with the online
+    and target networks given here (plain, DDP-wrapped and/or compiled); keeps the last call's h1 as `features` (the
+    trainer hands it to the online probe). `mode` is the torch.compile mode or 'off'."""
+
+    def __init__(self, model: BYOL, online, target, mode: str = "off"):
+        self.model, self.online, self.target, self.mode = model, online, target, mode
+        self.features: torch.Tensor | None = None  # h1 of the last call: the online probe's input
+
+    def __call__(self, v1: torch.Tensor, v2: torch.Tensor):
+        out = self.model.views_forward(v1, v2, self.online, self.target)
+        self.features = out[4]
+        return out
+
+    def ddp(self):
+        """The DDP module around the online network, or None (one process)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        inner = getattr(self.online, "_orig_mod", self.online)  # torch.compile keeps the module it compiled here
+        return inner if isinstance(inner, DistributedDataParallel) else None
+
+    def no_sync(self):
+        """DDP's no_sync (gradients kept local: all micro-batches of an accumulated step but the last); nothing to
+        hold back with one process."""
+        ddp = self.ddp()
+        return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
+
+
+def compile_networks(model: BYOL, mode: str = "off", backend: str = "inductor",
+                     online: nn.Module | None = None) -> StepNetworks:
+    """The step's networks: the online network (`online`: DDP around `OnlineNetwork(model)` under torchrun, else a
+    plain `OnlineNetwork`) and the target, each compiled on its own (`mode`: a torch.compile mode, or 'off');
+    backend: torch.compile's ('inductor'; 'aot_eager' and 'eager' in tests and the GPU plan's CPU dry run)."""
+    online = online if online is not None else OnlineNetwork(model)
+    target = TargetNetwork(model)
+    if mode != "off":
+        options = dict(mode=None if mode == "default" else mode, backend=backend)
+        online, target = torch.compile(online, **options), torch.compile(target, **options)
+    return StepNetworks(model, online, target, mode)
