@@ -141,7 +141,7 @@ def trace(arch: str, size: int, batch: int, dtype: str, part: str) -> list[tuple
     step = aot_function(forward, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                         partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
     with mode:
-        p1, p2, z1, z2 = step(params, buffers, *views)
+        p1, p2, z1, z2 = step(params, buffers, *views)[:4]
         if part == "joint":
             torch.autograd.backward([p1, p2], [g.to(p1.dtype) for g in grads_out])
     return [(name, *retarget(gm, inputs)) for name, gm, inputs in graphs]

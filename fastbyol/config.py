@@ -207,8 +207,9 @@ class DistributedConfig:
                             "images", "must be >= 0", lambda v: v >= 0)
     grad_reduce: str = setting("fp32", "gradient all-reduce precision: fp32 (the recipe's) or bf16 (DDP's compression "
                                "hook: half the bytes, gradients rounded to bf16)", choices=("fp32", "bf16"))
-    bucket_mb: float = setting(25.0, "DDP gradient bucket size, MB (fewer, larger all-reduces vs earlier overlap)",
-                               "must be a finite number > 0", _positive)
+    bucket_mb: float = setting(0.0, "DDP gradient bucket size, MB (fewer, larger all-reduces vs earlier overlap; 0: "
+                               "DDP's default, 25 MB buckets after a first one of 1 MB)", "must be a finite number >= 0",
+                               _nonnegative)
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig,

@@ -100,26 +100,34 @@ def test_an_encoder_with_another_batch_norm_goes_per_view():
     _assert_same(_steps(model, model), _steps(ref_model, ref_model.forward_per_view))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_per_network_equals_eager_and_compiles_once(backend):
-    if backend == "inductor":
-        pytest.importorskip("torch._inductor")
+@pytest.mark.parametrize("arch, backend, graphs", [("resnet-tiny", "aot_eager", 2), ("resnet-tiny", "inductor", 2),
+                                                    ("resnet18", "aot_eager", 14)])
+def test_compiled_networks_equal_eager_and_compile_only_in_the_first_step(arch, backend, graphs):
+    """resnet-tiny (one block a stage) is compiled whole: the online network's training graph and the target's
+    no-grad graph. resnet18 repeats its blocks and is compiled block by block: its 7 block shapes, each once for the
+    online network and once for the target (16 block calls a step). After the first step nothing compiles again."""
     from torch._dynamo.utils import counters
 
+    from fastbyol.models.networks import repeated_blocks
+
     torch._dynamo.reset()
-    model, ref_model = _model(), _model()
+    model, ref_model = _model(arch), _model(arch)
+    names = list(model.state_dict())
     net = compile_networks(model, "default", backend=backend)
     counters.clear()
-    got = _steps(model, net)
-    frames = dict(counters["stats"])
-    compiled_after_first = frames["unique_graphs"]
+    got = _steps(model, net, steps=1)
+    first, recompiled = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
     more = _steps(model, net)  # more steps: nothing compiles again
-    assert counters["stats"]["unique_graphs"] == compiled_after_first == 2, dict(counters["stats"])  # online, target
-    assert not counters["recompiles"] and not counters["graph_break"], (dict(counters["recompiles"]),
-                                                                       dict(counters["graph_break"]))
-    ref = _steps(ref_model, ref_model)
-    _assert_same(got, ref, rtol=1e-9, atol=1e-11)
+    assert counters["stats"]["unique_graphs"] == first == graphs, dict(counters["stats"])
+    assert sum(counters["recompiles"].values()) == recompiled and not counters["graph_break"], (
+        dict(counters["recompiles"]), dict(counters["graph_break"]))
+    _assert_same(got, _steps(ref_model, ref_model, steps=1), rtol=1e-9, atol=1e-11)
     assert more["outs"][0][0].ne(got["outs"][0][0]).any()  # the steps did move the model
+    assert list(model.state_dict()) == names  # compiled in place: no name changed
+    blocks = repeated_blocks(model.online_encoder)
+    assert len(blocks) == (8 if arch == "resnet18" else 0)
+    compile_networks(model, "off")  # undone (the trainer's fallback): every block's own forward again
+    assert not any("forward" in vars(b) for b in blocks)
 
 
 def _dist_worker(rank: int, world: int, port: int, out_path: str, backend: str | None) -> None:
@@ -130,7 +138,7 @@ def _dist_worker(rank: int, world: int, port: int, out_path: str, backend: str |
     import torch.distributed as dist
 
     rows = slice(rank * B, (rank + 1) * B)
-    settings = SimpleNamespace(bn_group=0, grad_reduce="fp32", bucket_mb=25.0)
+    settings = SimpleNamespace(bn_group=0, grad_reduce="fp32", bucket_mb=0.0)  # the trainer's defaults
     model = _model()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

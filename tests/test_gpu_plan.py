@@ -29,8 +29,25 @@ def test_every_call_lists_known_items_and_fits_its_budget():
         assert len(set(names)) == len(names)
     # the device time: four calls of at most their budget + 30 s each, plus a 2-minute machine start, in 15 minutes
     assert sum(gpu_plan.BUDGET.values()) + 4 * 30 + 120 <= 15 * 60
-    assert gpu_plan.CALLS[1][:3] == ["env", "ceilings", "step-r50-eager"]  # the headline first
-    assert {"peer-byol-pytorch", "peer-lightly", "step-r50-compiled"} <= set(gpu_plan.CALLS[1])
+    # the compiled headline right after the ceilings, then the eager and plain rows and the CUDA tests; peers later
+    assert gpu_plan.CALLS[1][:3] == ["env", "ceilings", "step-r50-compiled"]
+    assert {"step-r50-eager", "step-r50-plain", "tests-cuda"} <= set(gpu_plan.CALLS[1])
+    assert {"peer-byol-pytorch", "peer-lightly"} <= set(gpu_plan.CALLS[2])
+    # the compiled row's estimate fits call 1 with everything before it, and is not the upper end by default
+    est = {n: gpu_plan.ITEMS[n]["est"] for n in gpu_plan.CALLS[1]}
+    assert est["env"] + est["ceilings"] + est["step-r50-compiled"] <= gpu_plan.BUDGET[1]
+    assert sum(est.values()) <= gpu_plan.BUDGET[1]
+
+
+def test_the_compiled_rows_estimate_comes_from_the_compile_time_measurement(tmp_path):
+    rows = [{"arch": "resnet50", "design": "four-pass", "compile_cpu_s": 600.0},
+            {"arch": "resnet50", "design": "per-network", "compile_cpu_s": 200.0}]
+    (tmp_path / "2030-01-01-compile-time.json").write_text(json.dumps({"rows": rows}))
+    expected = gpu_plan.FOUR_PASS_COMPILE_S / 3 + gpu_plan.STEPS_AND_AUTOTUNE_S
+    assert gpu_plan.compile_estimate(tmp_path) == pytest.approx(expected)
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert gpu_plan.compile_estimate(empty) == gpu_plan.FOUR_PASS_COMPILE_S + gpu_plan.STEPS_AND_AUTOTUNE_S
 
 
 def test_second_look_takes_what_calls_one_and_two_left(tmp_path):

@@ -75,16 +75,16 @@ def test_byol_target_is_a_no_grad_copy_with_its_own_bn_stats():
     assert all(t.data_ptr() != o.data_ptr() for t, o in zip(target, online))
     assert all(torch.equal(t, o) for t, o in zip(target, online))  # starts as a copy
     v1, v2 = torch.randn(8, 3, 28, 28), torch.randn(8, 3, 28, 28) * 3 + 1
-    p1, p2, z1, z2 = model(v1, v2)
-    assert p1.shape == z1.shape == (8, 32)
+    p1, p2, z1, z2, h1 = model(v1, v2)
+    assert p1.shape == z1.shape == (8, 32) and h1.shape == (8, model.feature_dim) and not h1.requires_grad
     assert p1.requires_grad and not z1.requires_grad
     # both networks ran in train mode and updated their own running statistics
     rm_online = model.online_encoder.bn1.running_mean
     rm_target = model.target_encoder.bn1.running_mean
     assert rm_online.abs().sum() > 0 and rm_target.abs().sum() > 0
     assert rm_online.data_ptr() != rm_target.data_ptr()
-    # one forward per view: BN statistics per view, so view 1's output does not depend on view 2
-    p1_again, _, z1_again, _ = BYOL.forward(model, v1, torch.randn(8, 3, 28, 28))
+    # BN statistics per view (both views in one pass), so view 1's output does not depend on view 2
+    p1_again, _, z1_again, _, _ = BYOL.forward(model, v1, torch.randn(8, 3, 28, 28))
     torch.testing.assert_close(p1_again, p1)
     torch.testing.assert_close(z1_again, z1)
 

@@ -109,8 +109,8 @@ def test_byol_step_forward_backward_on_cpu(arch):
 
 def test_vit_base_byol_step_shapes_on_meta():
     model = BYOL(_meta("vit_base_patch16", 32), 64, 32, 64).to("meta")
-    p1, p2, z1, z2 = model(torch.empty(2, 3, 32, 32, device="meta"), torch.empty(2, 3, 32, 32, device="meta"))
-    assert p1.shape == z2.shape == (2, 32)
+    p1, p2, z1, z2, h1 = model(torch.empty(2, 3, 32, 32, device="meta"), torch.empty(2, 3, 32, 32, device="meta"))
+    assert p1.shape == z2.shape == (2, 32) and h1.shape == (2, 768)
     (p1.sum() + p2.sum()).backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in model.online_parameters())
 

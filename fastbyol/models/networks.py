@@ -78,14 +78,47 @@ class StepNetworks:
         return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
 
 
+def repeated_blocks(network: nn.Module) -> list[nn.Module]:
+    """The blocks a network repeats: children of an nn.Sequential / nn.ModuleList whose class (not one of torch.nn's)
+    occurs more than once there (ResNet's blocks in each stage, a ViT's transformer blocks)."""
+    found = []
+    for container in network.modules():
+        if isinstance(container, (nn.Sequential, nn.ModuleList)):
+            kids = list(container.children())
+            for kid in kids:
+                if not type(kid).__module__.startswith("torch.nn") and sum(type(k) is type(kid) for k in kids) > 1:
+                    found.append(kid)
+    return found
+
+
 def compile_networks(model: BYOL, mode: str = "off", backend: str = "inductor",
                      online: nn.Module | None = None) -> StepNetworks:
     """The step's networks: the online network (`online`: DDP around `OnlineNetwork(model)` under torchrun, else a
-    plain `OnlineNetwork`) and the target, each compiled on its own (`mode`: a torch.compile mode, or 'off');
-    backend: torch.compile's ('inductor'; 'aot_eager' and 'eager' in tests and the GPU plan's CPU dry run)."""
+    plain `OnlineNetwork`) and the target, each compiled on its own (`mode`: a torch.compile mode, or 'off' to undo
+    an earlier compile); backend: torch.compile's ('inductor'; 'aot_eager' and 'eager' in tests and the GPU plan's
+    CPU dry run).
+
+    A network that repeats blocks (`repeated_blocks`) is compiled block by block: Dynamo compiles a block's forward
+    once per distinct shape and grad mode, and every block of that shape runs the same code (ResNet-50's 16 blocks:
+    8 shapes, each once for the online network's training graph and once for the target's no-grad graph), while
+    its stem and heads run eagerly; a network without repeated blocks is compiled whole."""
     online = online if online is not None else OnlineNetwork(model)
     target = TargetNetwork(model)
-    if mode != "off":
-        options = dict(mode=None if mode == "default" else mode, backend=backend)
-        online, target = torch.compile(online, **options), torch.compile(target, **options)
+    blocks = repeated_blocks(model.online_encoder) + repeated_blocks(model.target_encoder)
+    for block in blocks:  # 'off', or a fallback after a failed compile: the blocks' own forward again
+        block.__dict__.pop("forward", None)
+    if mode == "off":
+        return StepNetworks(model, online, target, mode)
+    options = dict(mode=None if mode == "default" else mode, backend=backend)
+    if not blocks:
+        return StepNetworks(model, torch.compile(online, **options), torch.compile(target, **options), mode)
+    import torch._dynamo.config as dynamo_config
+
+    # one compiled entry a block shape and grad mode, all on the block class's forward: keep room for them all
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 2 * len(blocks)))
+    # static shapes: each block shape its own graph (no dynamic-shape graph after the second shape); the compiled
+    # forward is an instance attribute, so the state_dict and the module tree stay as they are
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=False, **options)
     return StepNetworks(model, online, target, mode)

@@ -146,13 +146,22 @@ class GlobalBatchNorm(nn.BatchNorm2d):
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, unbiased: torch.Tensor) -> None:
-        """One update per view, in view order (momentum None: the cumulative average, as nn.BatchNorm)."""
-        for i in range(self.views):
-            self.num_batches_tracked.add_(1)
-            factor = (self.momentum if self.momentum is not None
-                      else 1.0 / self.num_batches_tracked.to(self.running_mean.dtype))
-            self.running_mean.lerp_(mean[i].to(self.running_mean.dtype), factor)
-            self.running_var.lerp_(unbiased[i].to(self.running_var.dtype), factor)
+        """The running statistics after one update per view, in view order, as `views` sequential nn.BatchNorm calls
+        leave them, written once per buffer: with momentum m, r <- (1 - m)^V r + sum_i m (1 - m)^(V-1-i) s_i;
+        momentum None (the cumulative average): r <- (n r + sum_i s_i) / (n + V), n the updates so far."""
+        v, dtype = self.views, self.running_mean.dtype
+        mean, unbiased = mean.to(dtype), unbiased.to(dtype)  # (V, C)
+        if self.momentum is not None:
+            m = self.momentum
+            weights = torch.tensor([m * (1 - m) ** (v - 1 - i) for i in range(v)], dtype=dtype, device=mean.device)
+            keep = (1 - m) ** v
+            self.running_mean.mul_(keep).add_((weights[:, None] * mean).sum(0))
+            self.running_var.mul_(keep).add_((weights[:, None] * unbiased).sum(0))
+        else:
+            n = self.num_batches_tracked.to(dtype)
+            self.running_mean.mul_(n).add_(mean.sum(0)).div_(n + v)
+            self.running_var.mul_(n).add_(unbiased.sum(0)).div_(n + v)
+        self.num_batches_tracked.add_(v)
 
 
 CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d)  # exactly these types: a subclass may do more in its forward

@@ -15,9 +15,10 @@ What DDP is given, and why:
   the EMA) the (Cin, 1, 1, 1) strides: the same bytes, no copy, nothing else changes.
 - The BN buffers are equal on every rank by construction (identical updates from the all-reduced statistics), so DDP
   does not broadcast them (`broadcast_buffers=False`).
-- `bucket_cap_mb` (`--bucket-mb`, default DDP's 25): larger buckets mean fewer all-reduces (fewer latencies) but a
-  later first one (less overlap); worth raising when the gradient all-reduce is latency-bound (many nodes, small
-  models), lowering for overlap on few GPUs.
+- `bucket_cap_mb` (`--bucket-mb`; 0, the default, leaves DDP's own: 25 MB buckets after a first one of 1 MB, which
+  starts the all-reduce early in the backward; a size given applies to every bucket): larger buckets mean fewer
+  all-reduces (fewer latencies) but a later first one (less overlap); worth raising when the gradient all-reduce is
+  latency-bound (many nodes), lowering for overlap on few GPUs.
 - `--grad-reduce bf16`: DDP's bf16 compression hook (gradients cast to bf16 for the all-reduce, the mean cast back to
   fp32): half the bytes on the wire, for bandwidth-bound all-reduces (ViTs, ResNet-200 2x, from ~64 GPUs). It changes
   the recipe: every gradient is rounded to bf16's 8-bit mantissa before LARS; fp32 (the default) is the recipe's.
@@ -68,7 +69,7 @@ def wrap_online(model, device: torch.device, settings) -> nn.Module:
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
     ddp = DistributedDataParallel(OnlineNetwork(model), device_ids=[device.index] if device.type == "cuda" else None,
-                                  gradient_as_bucket_view=True, bucket_cap_mb=settings.bucket_mb, **no_buffer_sync)
+                                  gradient_as_bucket_view=True, bucket_cap_mb=settings.bucket_mb or None, **no_buffer_sync)
     if settings.grad_reduce == "bf16":
         ddp.register_comm_hook(None, bf16_gradient_hook)
     return ddp
