@@ -45,7 +45,7 @@ def child_env() -> dict[str, str]:
 def die_with_parent() -> None:
     """In a child started with `child_env()`: be killed when the parent dies (SIGKILL through PR_SET_PDEATHSIG on
     Linux, else a watch thread); exit at once when it is gone already. Nothing without PARENT_ENV."""
-    raw = os.environ.get(PARENT_ENV, "")
+    raw = os.environ.get("FASTBYOL_PARENT_PID", "")  # PARENT_ENV
     if not raw.isdigit():
         return
     parent = int(raw)

@@ -2,6 +2,13 @@
 bookkeeping uses (broadcast, gather, barrier, global mean: identities with one process), and batch norm over all
 ranks.
 
+Every wait on another rank is bounded by --dist-timeout (`init_distributed(device_type, timeout_s)`): the rendezvous
+(at most twice the timeout, one line for a peer that never starts, a port in use or held by another program), every
+process group's collectives, and `barrier`, which waits for a live rank however long it works and for a silent one at
+most the timeout (fastbyol.system.peers). The bookkeeping's objects (broadcast, gather, the stop check) go over one
+gloo group (`control_group`: the default group on the CPU, a gloo group beside NCCL on CUDA). `explain(e)` turns what
+torch raises for a lost peer into one line.
+
 The official recipe's BN is cross-replica. `nn.SyncBatchNorm` needs CUDA and breaks a torch.compile graph at every
 BN layer (c10d calls Dynamo cannot trace), so `GlobalBatchNorm` does
 it for CUDA (NCCL) and the CPU (gloo) alike: each rank's per-channel mean, sum of squared deviations and count
