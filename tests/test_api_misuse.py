@@ -7,7 +7,8 @@
 - An encoder whose output has the wrong batch size, a non-floating dtype, or lives on another device than its input
   is named in one line (`EncoderOutputError`), when BYOL is built and at every forward; BYOL refuses widths below 1.
 - The kNN helpers refuse a k below 1, a bad temperature, labels outside the classes and mismatched lengths.
-- `train()` refuses a cfg that is not a Config (`require_config`).
+- `train()` refuses a cfg that is not a Config (`require_config`) and a resume that is no path; a run whose encoder
+  drops rows from the batch stops at the first step naming it, and leaves nothing.
 """
 
 import math
@@ -195,3 +196,36 @@ def test_train_refuses_what_is_not_a_config(given):
     broken.optim = {"epochs": 1}
     with pytest.raises(FastByolError, match="its 'optim' is a dict, not a OptimConfig"):
         require_config(broken)
+
+
+def test_train_says_what_it_was_given(tmp_path):
+    import fastbyol.train as trainer
+
+    with pytest.raises(FastByolError, match=r"train\(cfg\): expected a fastbyol.config.Config.*got dict"):
+        trainer.train({"data": {"data": "synthetic"}})
+    with pytest.raises(FastByolError, match=r"train\(resume=...\): expected a run directory.*got int"):
+        trainer.train(Config(), resume=3)
+    assert not any(tmp_path.iterdir())
+
+
+class HalfBatch(nn.Module):
+    """Says its width (no probe forward), then answers a training forward with half the batch's rows."""
+
+    num_features = 16
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        f = self.conv(x).mean((2, 3))
+        return f[: len(f) // 2] if self.training and x.device.type != "meta" else f
+
+
+def test_train_names_an_encoder_that_drops_rows(small_idx_data, tmp_path):
+    """Before: the loss compared half a batch of predictions with half a batch of targets and trained on."""
+    from .support import train_with
+
+    with pytest.raises(EncoderOutputError, match=r"16 rows for a \(32, 3, 28, 28\) input \(a batch of 32\)"):
+        train_with(small_idx_data(192, 64), tmp_path / "run", HalfBatch(), epochs=1, batch_size=32)
+    assert not (tmp_path / "run").exists()

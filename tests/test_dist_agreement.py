@@ -9,6 +9,8 @@ distributed.py), on the CPU with gloo and deterministic fault points:
 - A peer that dies inside a collective ends the survivor in one line at once; a peer that stops with an error before
   a barrier is named, with its reason, by the ranks waiting there; a peer that dies silently before a barrier ends
   the wait after the timeout; a live peer that works longer than the timeout is waited for.
+- Through `fastbyol train`: the issue's example (two ranks started with different `--proj-hidden`), and a peer
+  SIGKILLed or SIGSTOPped mid-run: one line on the survivor, nothing left of the new run.
 """
 
 import json
@@ -52,6 +54,14 @@ try:
         d.init_distributed("cpu", timeout_s=timeout)
         if scenario == "agree":
             agree({"--seed": 0, "--proj-hidden": 64 if rank == 0 else 128}, rank, 2)
+        elif scenario == "agree-data":  # the same size and plan, one pixel apart
+            import types
+            import numpy as np
+            from fastbyol.system.agreement import dataset_facts
+            images = np.zeros((64, 8, 8, 3), np.uint8)
+            images[63, 0, 0, 0] = rank
+            plan = types.SimpleNamespace(to_dict=lambda: {"local_batch": 8, "total_steps": 16})
+            agree(dataset_facts(types.SimpleNamespace(num_pretraining=64, pretraining_source=images), plan), rank, 2)
         elif scenario == "agree-same":
             agree({"--seed": 0, "data": "abc"}, rank, 2)
         elif scenario == "die-in-collective":
@@ -145,6 +155,8 @@ def test_ranks_with_other_settings_stop_in_one_line_naming_it():
     results = _job("agree")
     assert [r.get("error", "")[:60] for r in results] == [results[0]["error"][:60]] * 2  # the same line on each
     assert "rank 1 has --proj-hidden 128, rank 0 has 64" in results[0]["error"]
+    data = _job("agree-data")
+    assert data[0]["error"] == data[1]["error"] and "rank 1 has the data's fingerprint" in data[0]["error"]
     assert all(r.get("ok") for r in _job("agree-same"))
 
 
@@ -185,3 +197,57 @@ def test_a_live_peer_is_waited_for_longer_than_the_timeout():
     t0 = time.monotonic()
     assert all(r.get("ok") for r in _job("slow-barrier", timeout=2.0))
     assert time.monotonic() - t0 > 5.0
+
+
+# ------------------------------------------------------------------------------------------ through fastbyol train
+TRAIN = ["--data", "synthetic", "--epochs", "3", "--batch-size", "32", "--image-size", "16", "--knn-every", "0",
+         "--no-progress", "--num-threads", "1", "--proj-dim", "32", "--pred-hidden", "64", "--log-every", "2"]
+
+
+def _train_rank(rank: int, port: int, out, *extra: str) -> subprocess.Popen:
+    env = dict(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    return subprocess.Popen([sys.executable, "-m", "fastbyol", "train", *TRAIN, "--out", str(out), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _one_line_exit_2(proc: subprocess.Popen, limit: float = 300) -> str:
+    _, err = proc.communicate(timeout=limit)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-3000:]
+    return err
+
+
+@pytest.mark.slow
+def test_fastbyol_train_ranks_with_another_width_stop_before_the_first_step(tmp_path):
+    """The issue's example: two ranks started with different --proj-hidden; one line each, no DDP traceback."""
+    port = free_port()
+    procs = [_train_rank(r, port, tmp_path / "run", "--proj-hidden", str(64 * (r + 1))) for r in (0, 1)]
+    errs = [_one_line_exit_2(p) for p in procs]
+    assert errs[0] == errs[1] and "rank 1 has --proj-hidden 128, rank 0 has 64" in errs[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_fastbyol_train_survivors_of_a_killed_or_stopped_peer_end_in_one_line(tmp_path):
+    """A peer SIGKILLed mid-run: the other ends at once; a peer that stops answering (SIGSTOP): after the timeout."""
+    import signal
+
+    for sig, timeout, needle in ((signal.SIGKILL, 60, "another process stopped"),
+                                 (signal.SIGSTOP, 8, "did not complete within --dist-timeout 8 s")):
+        out, port = tmp_path / sig.name, free_port()
+        procs = [_train_rank(r, port, out, "--proj-hidden", "64", "--dist-timeout", str(timeout)) for r in (0, 1)]
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").stat().st_size:
+                assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+                time.sleep(0.05)
+            procs[1].send_signal(sig)
+            t0 = time.monotonic()
+            err = _one_line_exit_2(procs[0])
+            assert needle in err and time.monotonic() - t0 < timeout + 20, err
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.communicate()
+        assert not out.exists()  # a new run that stopped before its first checkpoint leaves nothing

@@ -4,7 +4,7 @@ takes that folder's lock or refuses in one line, and no command writes over anot
 - Two `fastbyol shards` commands into one folder: the second, started while the first works (held in its pre-flight
   decode by FASTBYOL_TEST_DECODE_HANG), is refused naming the first one's pid; the first, SIGKILLed there, leaves
   no shard, no decoder child and no lock behind; the next command writes its own source's shards alone.
-- `export`, `plot`, `bench gpu-compile` and `shards` never write into another run's folder, and never over a run's
+- `train --out`, `export`, `plot`, `bench gpu-compile` and `shards` never write into another run's folder, and never over a run's
   own files (Hypothesis over the names and depths of the target); nothing of the other run changes.
 - `eval`, `finetune`, `export` and `plot` into a run folder whose lock another process holds (a training run) are
   refused in one line; once it is free they write.
@@ -27,7 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 from fastbyol.cli import main  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 from fastbyol.run import names  # noqa: E402
-from fastbyol.run.checkpoint import RunLock  # noqa: E402
+from fastbyol.run.disk import RunLock  # noqa: E402
 from fastbyol.run.outputs import check_output  # noqa: E402
 
 from .support import child_pids, one_line, one_step_run  # noqa: E402
@@ -120,6 +120,7 @@ def test_no_command_writes_over_another_runs_files(runs, tmp_path, capsys):
         (["bench", "gpu-compile", "--out", str(b / names.SUMMARY)], "another fastbyol run's folder"),
         (["shards", str(tmp_path / "src"), str(b)], "the folder of a fastbyol run"),
         (["shards", str(tmp_path / "src"), str(b / "wds")], "the folder of a fastbyol run"),
+        (["train", "--data", "synthetic", "--no-progress", "--out", str(b / "sub")], "another fastbyol run's folder"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv

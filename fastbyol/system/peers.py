@@ -153,8 +153,9 @@ def lost_peer(e: BaseException, rank: int, timeout_s: float, peers: Peers | None
     if "appears not to match" in text or "DDP expects same model" in text:  # DDP's own check of the parameters
         return FastByolError(f"rank {rank}: the processes built different models ({first_line(e)}): start every "
                              "process with the same settings and encoder")
-    if not isinstance(e, (dist.DistError, RuntimeError)):
-        return None
+    if not (isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and re.search(r"gloo|NCCL|c10d|ProcessGroup",
+                                                                                     text)):
+        return None  # not from torch.distributed: another component's error, reported as it is
     for pattern, meaning in _LOST:
         if re.search(pattern, text):
             news = peers.news() if peers is not None else None
