@@ -42,7 +42,7 @@ from .run.disk import describe_write_error
 from .run.files import BadFiles, RunFiles, check_out_outside_data
 from .run.meter import ThroughputMeter
 from .run.names import CHECKPOINT, PROFILE, SUMMARY, TENSORBOARD
-from .run.outputs import check_output
+from .run.outputs import refuse_inside_run
 from .run.perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
 from .run.preemption import StopCheck
 from .run.profiling import StepProfiler
@@ -399,7 +399,7 @@ def _start(launch: Launch) -> Run:
     run_dir = broadcast_object(run_dir, rank, world_size)  # one name (its time stamp) for every rank
     check_out_outside_data(run_dir, cfg.data.data, cfg.data.data_format)
     if launch.resume is None:  # a new run never goes inside another run's folder (whose clean-up would take it)
-        check_output(run_dir, None, "--out")
+        refuse_inside_run(run_dir, "--out", itself=False)
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
                               cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
     resolved = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)

@@ -5,7 +5,7 @@ fastbyol/run/preemption.py):
   the child is gone within a second (it asked the kernel for SIGKILL when its parent dies).
 - Ctrl-C there (SIGINT to the whole process group, as a terminal sends it) exits 130 with one line, like Ctrl-C in
   any other command: no run folder, no child left, and the interrupted decode recorded nothing (the file is not
-  marked as having crashed the decoder).
+  marked as having crashed the decoder); a scheduler's SIGTERM to the group exits 75 (try again), nothing written.
 - A forked CPU augmentation worker goes within a second of its parent's SIGKILL while it is busy.
 - `--auto-resume` refuses a run whose augmentation settings differ (any of them, any other allowed value: Hypothesis),
   and one that `--device auto` resolved to another device than this machine gives, in one line naming it.
@@ -98,6 +98,18 @@ def test_ctrl_c_during_the_preflight_decode_exits_130(folder, tmp_path):
     decoded = folder / ".fastbyol" / "decoded.json"
     recorded = json.loads(decoded.read_text()) if decoded.exists() else []
     assert not any(entry[0].endswith("hang.jpg") for entry in recorded), recorded
+
+
+def test_a_schedulers_sigterm_during_the_preflight_decode_exits_75(folder, tmp_path):
+    """SIGTERM to the whole group (a scheduler's preemption): the child is stopped, not crashed; `fastbyol train`
+    exits 75 (try again) with the stop's lines, and nothing is written or recorded."""
+    proc, child = _train_in_decode(folder, tmp_path / "run")
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].endswith("was stopped by SIGTERM: nothing of it was recorded; the same "
+                                                 "command starts it again"), err
+    assert not (tmp_path / "run").exists() and _state(child) in ("", "Z")
 
 
 # -------------------------------------------------------------------------------------------- a forked worker

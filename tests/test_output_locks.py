@@ -120,7 +120,7 @@ def test_no_command_writes_over_another_runs_files(runs, tmp_path, capsys):
         (["bench", "gpu-compile", "--out", str(b / names.SUMMARY)], "another fastbyol run's folder"),
         (["shards", str(tmp_path / "src"), str(b)], "the folder of a fastbyol run"),
         (["shards", str(tmp_path / "src"), str(b / "wds")], "the folder of a fastbyol run"),
-        (["train", "--data", "synthetic", "--no-progress", "--out", str(b / "sub")], "another fastbyol run's folder"),
+        (["train", "--data", "synthetic", "--no-progress", "--out", str(b / "sub")], "the folder of a fastbyol run"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv

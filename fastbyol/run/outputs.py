@@ -51,9 +51,10 @@ def run_around(path: Path) -> Path | None:
     return None
 
 
-def refuse_inside_run(folder: Path, flag: str = "") -> None:
-    """One line when `folder` is, or is inside, a run's folder (for a command that writes a folder of its own)."""
-    run = run_around(folder)
+def refuse_inside_run(folder: Path, flag: str = "", itself: bool = True) -> None:
+    """One line when `folder` is (unless not `itself`: a run's own folder), or is inside, a run's folder (for a
+    command that writes a folder of its own)."""
+    run = run_around(folder if itself else Path(folder).resolve().parent)
     if run is not None:
         raise FastByolError(f"{flag + ' ' if flag else ''}{folder} is inside {run}, the folder of a fastbyol run: "
                             "choose a folder outside it")

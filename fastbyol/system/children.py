@@ -13,7 +13,8 @@ finish is nobody's, and a child that goes on writing an index after its parent d
 - `ctrl_c_interrupts()`: while the main thread waits for a child, Ctrl-C raises KeyboardInterrupt (the command
   exits 130, the child is killed with it), whatever stop handler `fastbyol train` installed: a child killed by the
   same Ctrl-C must never read as a crash. `stopped_by_signal(status)` says the rest: a child that died by SIGINT
-  is an interrupt (KeyboardInterrupt), by SIGTERM or SIGHUP a stop (one line), never a verdict on its input.
+  is an interrupt (KeyboardInterrupt), by a scheduler's SIGTERM or SIGUSR1 a stop (`fastbyol train` exits 75: try
+  again), by SIGHUP or SIGQUIT a stop in one line; never a verdict on its input.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import sys
 import threading
 from contextlib import contextmanager
 
-from ..errors import FastByolError
+from ..errors import FastByolError, Preempted
 
 PARENT_ENV = "FASTBYOL_PARENT_PID"  # set by the parent for its children: the pid they must outlive no more
 WATCH_S = 0.1  # seconds between two looks at the parent
 _PR_SET_PDEATHSIG = 1
-STOPS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # a child killed by these was stopped, not broken
+STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)  # a child killed by these was stopped
 
 
 def child_command(*args: str) -> list[str]:
@@ -92,9 +93,14 @@ def ctrl_c_interrupts():
 
 def stopped_by_signal(status: int, what: str) -> None:
     """Raise when a child's exit status says it was stopped rather than broken: KeyboardInterrupt for SIGINT (Ctrl-C
-    reaches the whole process group), one line for SIGTERM, SIGHUP and SIGQUIT. `what` names the child's job."""
+    reaches the whole process group: exit 130), Preempted for a scheduler's SIGTERM or SIGUSR1 (`fastbyol train`
+    exits 75, try again), one line for SIGHUP and SIGQUIT. `what` names the child's job."""
     if status == -signal.SIGINT:
         raise KeyboardInterrupt
-    if status < 0 and -status in {int(s) for s in STOPS}:
-        raise FastByolError(f"{what} was stopped by {signal.Signals(-status).name}: nothing was recorded; run the "
-                            "command again")
+    if status >= 0 or -status not in {int(s) for s in STOPS}:
+        return
+    name = signal.Signals(-status).name
+    if -status in (signal.SIGTERM, signal.SIGUSR1):
+        raise Preempted(f"{what} was stopped by {name}: nothing of it was recorded; "
+                        "the same command starts it again")
+    raise FastByolError(f"{what} was stopped by {name}: nothing was recorded; run the command again")
