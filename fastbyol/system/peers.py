@@ -69,6 +69,7 @@ class Peers:
             line = first_line(error) if str(error).strip() else type(error).__name__
             try:
                 self.store.set(f"{_KEY}/gone/{self.rank}", line)
+                self.store.add(f"{_KEY}/gone", 1)  # one counter the waiting ranks read, not one key per rank
             except Exception:  # noqa: BLE001 (no store left to tell)
                 pass
         self._stop.set()
@@ -79,20 +80,29 @@ class Peers:
     # ---------------------------------------------------------------------------------------------- what peers say
     def news(self) -> str | None:
         """'rank R stopped: LINE' for the first rank that posted why it stopped, else None (also without a store)."""
-        for r in range(self.world_size):
-            if r == self.rank:
-                continue
-            try:
-                if self.store.check([f"{_KEY}/gone/{r}"]):
-                    return f"rank {r} stopped: {self.store.get(f'{_KEY}/gone/{r}').decode(errors='replace')}"
-            except Exception:  # noqa: BLE001
+        try:
+            if self.store.add(f"{_KEY}/gone", 0) == 0:
                 return None
+            for r in range(self.world_size):
+                if r != self.rank and self.store.check([f"{_KEY}/gone/{r}"]):
+                    return f"rank {r} stopped: {self.store.get(f'{_KEY}/gone/{r}').decode(errors='replace')}"
+        except Exception:  # noqa: BLE001
+            return None
         return None
+
+    def beats(self) -> list[int]:
+        """Every rank's heartbeat count (one store request once every rank has beaten; -1 for one that has not)."""
+        keys = [f"{_KEY}/beat/{r}" for r in range(self.world_size)]
+        if self.store.check(keys):
+            return [int(v) for v in self.store.multi_get(keys)]
+        return [int(self.store.add(k, 0)) if self.store.check([k]) else -1 for k in keys]
 
     # --------------------------------------------------------------------------------------------------- the barrier
     def barrier(self) -> None:
         """Wait until every rank gets here, however long a live rank takes; PeerLost (one line) when one posts that
-        it stopped, or shows no beat for the timeout, or the store's host (rank 0 on env://) is gone."""
+        it stopped, or shows no beat for the timeout, or the store's host (rank 0 on env://) is gone. The store
+        requests stay few at any world size: the arrival count and the stop counter every POLL_S, every rank's
+        beat in one request every BEAT_S."""
         self.barriers += 1
         key = f"{_KEY}/barrier/{self.barriers}"
         try:
@@ -105,21 +115,21 @@ class Peers:
 
     def _wait_all(self, key: str) -> None:
         arrived = self.store.add(key, 1)
-        seen: dict[int, tuple[int, float]] = {}  # rank -> (its last beat count, when it changed, this clock)
+        last: list[tuple[int, float]] = []  # per rank: (its last beat count, when it changed, this clock)
+        looked = -BEAT_S
         while arrived < self.world_size:
             news = self.news()
             if news is not None:
                 raise PeerLost(f"rank {self.rank}: {news}")
             now = time.monotonic()
-            for r in range(self.world_size):
-                if r == self.rank:
-                    continue
-                count = self.store.add(f"{_KEY}/beat/{r}", 0)
-                if seen.get(r, (None,))[0] != count:
-                    seen[r] = (count, now)
-                elif now - seen[r][1] > self.timeout_s:
-                    raise PeerLost(f"rank {self.rank}: rank {r} gave no sign of life for {self.timeout_s:g} s "
-                                   "(--dist-timeout): it died or its host is unreachable; the job stops")
+            if now - looked >= BEAT_S:
+                looked = now
+                counts = self.beats()
+                last = [(c, now) if not last or last[r][0] != c else last[r] for r, c in enumerate(counts)]
+                silent = [r for r, (_, since) in enumerate(last) if r != self.rank and now - since > self.timeout_s]
+                if silent:
+                    raise PeerLost(f"rank {self.rank}: rank {silent[0]} gave no sign of life for {self.timeout_s:g} "
+                                   "s (--dist-timeout): it died or its host is unreachable; the job stops")
             time.sleep(POLL_S)
             arrived = self.store.add(key, 0)
 
