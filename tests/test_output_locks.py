@@ -4,8 +4,9 @@ takes that folder's lock or refuses in one line, and no command writes over anot
 - Two `fastbyol shards` commands into one folder: the second, started while the first works (held in its pre-flight
   decode by FASTBYOL_TEST_DECODE_HANG), is refused naming the first one's pid; the first, SIGKILLed there, leaves
   no shard, no decoder child and no lock behind; the next command writes its own source's shards alone.
-- `train --out`, `export`, `plot`, `bench gpu-compile` and `shards` never write into another run's folder, and never over a run's
-  own files (Hypothesis over the names and depths of the target); nothing of the other run changes.
+- `train --out`, `export`, `plot`, `bench gpu-compile` and `shards` never write into another run's folder, and
+  never over a run's own files (Hypothesis over the names and depths of the target); nothing of the other run
+  changes.
 - `eval`, `finetune`, `export` and `plot` into a run folder whose lock another process holds (a training run) are
   refused in one line; once it is free they write.
 """
