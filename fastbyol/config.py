@@ -169,6 +169,11 @@ class RunConfig:
     knn_temperature: float = setting(0.1, "kNN vote temperature", "must be a finite number > 0", _positive)
     profile: str = setting("", "START:STOP: record steps START..STOP-1 with torch.profiler into RUN_DIR/profile/",
                            "must be START:STOP with 0 <= START < STOP", lambda v: v == "" or _profile_steps(v) is not None)
+    dist_timeout: float = setting(600.0, "under torchrun, seconds any wait on another process may last: each "
+                                  "collective, a barrier's wait for a process that shows no sign of life, and (twice "
+                                  "this) the rendezvous; a peer that never starts, dies or stops answering ends every "
+                                  "process in one line (docs/reliability.md)", "must be a finite number > 0",
+                                  _positive)
 
 
 @dataclass
@@ -418,3 +423,16 @@ def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise FastByolError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name][0])  # a copy the caller may modify
+
+
+def require_config(cfg, where: str = "train(cfg)") -> Config:
+    """`cfg` when it is a Config (with sections of their own types: a Config whose `data` was replaced by a dict is
+    no config); else one line saying what it is and how to make one."""
+    if not isinstance(cfg, Config):
+        raise FastByolError(f"{where}: expected a fastbyol.config.Config (get_preset(NAME), or Config()), got "
+                            f"{type(cfg).__name__}")
+    for section, klass in SECTIONS.items():
+        if not isinstance(getattr(cfg, section, None), klass):
+            raise FastByolError(f"{where}: its '{section}' is a {type(getattr(cfg, section, None)).__name__}, not a "
+                                f"{klass.__name__}")
+    return cfg

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from .augment import TwoViewLoader, views_from_config
-from .config import Config, Resolved
+from .config import Config, Resolved, require_config
 from .data import ImageDataset, resolve_dataset
 from .errors import FastByolError, TrainingStopped
 from .evaluation.monitor import evaluate_knn, probe_top1, random_init_knn
 from .evaluation.probe import OnlineProbe, probe_labels
-from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
+from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend, op_style
 from .models import BYOL, build_encoder, call_factory, params_sha256
 from .optim import build_optimizer
 from .reference import lr_at, tau_at
@@ -42,13 +42,16 @@ from .run.disk import describe_write_error
 from .run.files import BadFiles, RunFiles, check_out_outside_data
 from .run.meter import ThroughputMeter
 from .run.names import CHECKPOINT, PROFILE, SUMMARY, TENSORBOARD
+from .run.outputs import refuse_inside_run
 from .run.perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
 from .run.preemption import StopCheck
 from .run.profiling import StepProfiler
 from .run.reporting import LogPoints, Reporter, TensorBoardSink
 from .run.state import TrainState
+from .system.agreement import agree, dataset_facts, settings_facts
 from .system.bounds import check_machine_bounds
-from .system.distributed import barrier, broadcast_object, close_distributed, data_parallel, init_distributed
+from .system.distributed import (barrier, broadcast_object, close_distributed, data_parallel, explain,
+                                 init_distributed)
 from .system.environment import check_environment
 from .version import __version__
 
@@ -321,6 +324,10 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run."""
     check_environment()  # RANK, WORLD_SIZE, MASTER_PORT, FASTBYOL_CACHE...: one line before anything is read or made
     state, ckpt = None, None
+    if resume is not None and not isinstance(resume, (str, os.PathLike)):
+        raise FastByolError(f"train(resume=...): expected a run directory (str or Path), got {type(resume).__name__}")
+    if resume is None or cfg is not None:  # a resume uses the run's own config.json: cfg may be None there
+        require_config(cfg)
     if resume is not None:
         cfg, state, ckpt = load_run(resume)
         if state.finished:
@@ -331,9 +338,12 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     cfg.validate()
     device = pick_device(cfg.run.device)
     check_backend(device)  # FASTBYOL_KERNELS: one line before anything is created
-    rank, world_size, created = init_distributed(device.type)
+    rank, world_size, created = init_distributed(device.type, cfg.run.dist_timeout)  # every wait: --dist-timeout
     old_umask = os.umask(0o077)  # run files readable by their owner only
     try:
+        # collective: every rank was started with these settings (one line naming the first difference)
+        agree({**settings_facts(cfg, resume, 0 if state is None else state.step),
+               "the kernels": f"{kernel_backend(device)} ({op_style()})"}, rank, world_size)  # FASTBYOL_KERNELS...
         if encoder is None:  # threads, widths, memory, before anything is allocated (an encoder of the caller's own:
             check_machine_bounds(cfg, device, world_size)  # the caller sized it)
         launch = Launch(cfg, device, rank, world_size, EncoderMaker(cfg, encoder), progress,
@@ -341,6 +351,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         return _train(launch)
     except OSError as e:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
         mapped = describe_write_error(e, Path(e.filename or "the run directory"))
+        if mapped is None:
+            raise
+        raise mapped from None
+    except Exception as e:  # a peer lost, a collective timed out (gloo, NCCL, DDP): one line on every rank
+        mapped = explain(e) if created else None
         if mapped is None:
             raise
         raise mapped from None
@@ -384,9 +399,12 @@ def _start(launch: Launch) -> Run:
     run_dir = launch.resume or Path(cfg.run.out or _default_run_dir(cfg))
     run_dir = broadcast_object(run_dir, rank, world_size)  # one name (its time stamp) for every rank
     check_out_outside_data(run_dir, cfg.data.data, cfg.data.data_format)
+    if launch.resume is None:  # a new run never goes inside another run's folder (whose clean-up would take it)
+        refuse_inside_run(run_dir, "--out", itself=False)
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
                               cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
     resolved = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
+    agree(dataset_facts(dataset, resolved), rank, world_size)  # collective: the same data and plan on every rank
     state = launch.state
     if state is not None:
         state.check_resumable(launch.resume, world_size, dataset.num_pretraining, resolved.total_steps)

@@ -87,6 +87,9 @@ def _validate(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor]):
         raise ValueError(f"ema_update_: {len(target)} target tensors but {len(online)} online tensors")
     pairs = []
     for i, (t, o) in enumerate(zip(target, online)):
+        if not torch.is_tensor(t) or not torch.is_tensor(o):
+            bad = t if not torch.is_tensor(t) else o
+            raise ValueError(f"ema_update_: tensor {i}: a {type(bad).__name__}, not a torch.Tensor")
         if t.shape != o.shape:
             raise ValueError(f"ema_update_: tensor {i}: target shape {tuple(t.shape)} != online {tuple(o.shape)}")
         if t.device != o.device:
@@ -193,10 +196,14 @@ def _plan(target: list[torch.Tensor], online: list[torch.Tensor]) -> _Plan:
     The bound lists are held, so their ids cannot be reused while cached."""
     key = (id(target), id(online))
     bound = _BOUND.get(key)
-    stamp = _stamp(target, online)
-    if bound is not None and bound[0] is target and bound[1] is online and bound[2] == stamp:
-        return bound[3]
-    where = (tuple(map(_where, target)), tuple(map(_where, online)))
+    try:
+        stamp = _stamp(target, online)
+        if bound is not None and bound[0] is target and bound[1] is online and bound[2] == stamp:
+            return bound[3]
+        where = (tuple(map(_where, target)), tuple(map(_where, online)))
+    except (AttributeError, TypeError):  # an element that is not a tensor: the validation names it
+        _validate(target, online)
+        raise
     plan = _PLANS.get(where)
     if plan is None:
         plan = _PLANS[where] = _Plan(target, online)  # validates: raises before caching a bad list
@@ -262,15 +269,36 @@ def _(target, online, tau):
     return None
 
 
+def _check_tau(tau, target: list) -> None:
+    """A Python number in [0, 1], or a 0-D floating tensor on the tensors' device (its value is the caller's: reading
+    it would be a host sync); else a ValueError naming what is wrong. Shapes, dtypes and devices only: no sync."""
+    if torch.is_tensor(tau):
+        if tau.ndim != 0 or not tau.is_floating_point():
+            raise ValueError(f"ema_update_: tau must be a float or a 0-D floating tensor, got a {tau.dtype} tensor of "
+                             f"shape {tuple(tau.shape)}")
+        device = target[0].device if target and torch.is_tensor(target[0]) else tau.device
+        if tau.device != device:
+            raise ValueError(f"ema_update_: a tensor tau must be on the tensors' device {device}, got {tau.device}")
+        return
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) and not hasattr(tau, "__float__"):
+        raise ValueError(f"ema_update_: tau must be a float in [0, 1] or a 0-D tensor, got {type(tau).__name__}")
+    if not 0.0 <= float(tau) <= 1.0:  # NaN fails both: target = tau t + (1 - tau) o is an average only in [0, 1]
+        raise ValueError(f"ema_update_: tau must be in [0, 1] (the target is an average of itself and the online "
+                         f"network), got {tau!r}")
+
+
 @torch.no_grad()
 def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], tau: float | torch.Tensor) -> None:
     """target <- tau * target + (1 - tau) * online, in place, for every floating tensor of two equal-length lists.
 
-    tau: a Python float, or a 0-D tensor on the tensors' device (use a tensor inside torch.compile: it changes
-    without a recompile). Integer tensors are skipped; length, shape or device mismatches raise ValueError.
+    tau: a Python float in [0, 1], or a 0-D floating tensor on the tensors' device (use a tensor inside torch.compile:
+    it changes without a recompile; its value is not read, which would be a host sync). Integer tensors are skipped;
+    a tau outside [0, 1] or not finite, a tau tensor that is not 0-D, length, shape or device mismatches and
+    elements that are not tensors raise ValueError.
     """
     if not isinstance(target, list) or not isinstance(online, list):  # the caller's lists as they are: their
         target, online = list(target), list(online)  # identity keys the plan (see _plan)
+    _check_tau(tau, target)
     if torch.compiler.is_compiling():  # the custom op: opaque to Inductor, no graph break
         if not torch.is_tensor(tau):
             tau = torch.full((), tau, device=target[0].device if target else "cpu")

@@ -158,6 +158,13 @@ def loss_launch(B: int, D: int, num_pairs: int, dtype: str = "bf16", interpret: 
 
 
 def _check_pair(p: torch.Tensor, z: torch.Tensor, name: str) -> None:
+    """Two (B, D) floating tensors of one shape on one device, B > 0; else a ValueError naming what is wrong
+    (shapes, dtypes and devices only: no host sync)."""
+    if not torch.is_tensor(p) or not torch.is_tensor(z):
+        bad = p if not torch.is_tensor(p) else z
+        raise ValueError(f"{name}: expected two torch.Tensors, got a {type(bad).__name__}")
+    if not p.is_floating_point() or not z.is_floating_point():
+        raise ValueError(f"{name}: expected floating tensors, got {p.dtype} and {z.dtype}")
     if p.ndim != 2 or p.shape != z.shape:
         raise ValueError(f"{name}: expected two (B, D) tensors of one shape, got {tuple(p.shape)} and "
                          f"{tuple(z.shape)}")

@@ -16,9 +16,9 @@ never alias memory it reuses). DALI still draws every random number in the paren
 every row is computed as on the thread path: the batches are the same, bit for bit (tested).
 
 The processes are forked when the loader is built (before its DALI pipeline starts threads), do nothing but torch
-and numpy work, and exit when the loader is garbage-collected or closed, or within a second of their parent's
-death (a SIGKILLed trainer included). A worker that raises sends its error back (the loader raises it as one
-FastByolError); one that dies is named with its exit code.
+and numpy work, and exit when the loader is garbage-collected or closed, or within a tenth of a second of their
+parent's death (a SIGKILLed trainer included; fastbyol.system.children.watch_parent), busy or idle. A worker that
+raises sends its error back (the loader raises it as one FastByolError); one that dies is named with its exit code.
 """
 
 from __future__ import annotations
@@ -57,9 +57,11 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
     is computed exactly as there.
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
-    from .photometric import _prepare
+    from ..system.children import watch_parent
     from .crops import crop_resize_flip_many
+    from .photometric import _prepare
 
+    watch_parent(parent_pid)  # busy or idle, the worker goes within a tenth of a second of its parent
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the parent's stop signals (a scheduler may send
         signal.signal(sig, signal.SIG_IGN)  # them to every process): it stops at a log point and ends the workers
     for other in inherited:

@@ -324,4 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastbyol: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 (a peer of a torchrun job lost: one line; anything else as it is)
+        distributed = sys.modules.get("fastbyol.system.distributed")  # loaded when a process group was made
+        mapped = None if distributed is None or args.debug else distributed.explain(e)
+        if mapped is None:
+            raise
+        print(f"fastbyol: error: {mapped}", file=sys.stderr)
+        return 2
     return 0

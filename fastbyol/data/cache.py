@@ -97,11 +97,13 @@ def file_lock(path: Path):
     """An exclusive OS lock on `path` (created if missing), held for the `with` block; released if the process dies.
 
     Processes that build the same derived file (every rank of a torchrun job without a barrier) take it in turn: the
-    first builds, the others find the result fresh."""
+    first builds, the others find the result fresh. Yields the lock's descriptor: a child that writes for the holder
+    inherits it (`pass_fds`), so the lock outlives the holder as long as that child lives (a SIGKILLed holder's child
+    never writes unlocked; it dies with its parent besides, fastbyol.system.children)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield fd
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

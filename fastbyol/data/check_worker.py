@@ -1,4 +1,5 @@
-"""Subprocesses of the manifest scan and of the shard index: each works on its own core.
+"""Subprocesses of the manifest scan and of the shard index: each works on its own core, and dies with its parent
+(fastbyol.system.children).
 
     python -m fastbyol.data.check_worker ROOT THREADS  < relative paths ("\\n"-separated)
         checks its share of a folder's files (manifest.check_files); writes N (int64), N sizes, N mtimes (int64,
@@ -21,6 +22,9 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
+    from ..system.children import die_with_parent
+
+    die_with_parent()  # the parent's work only: a SIGKILLed parent takes its children along
     if argv[0] == "--verify":
         from .manifest import Manifest
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
+from ..system.children import child_command, child_env, ctrl_c_interrupts, stopped_by_signal
 from .cache import (cache_root, file_lock, load_npz_checked, path_key, remove_stale_tmp, save_npz_checked,
                     tmp_name, writable_dir)
 from .checks import check_fd, open_regular
@@ -238,17 +238,17 @@ def verify_files(location: Path, root: Path) -> list[list[str]]:
 
     When a file changed, the manifest is removed (the next run rescans) and the changed files are checked again;
     returns [relpath, reason] of those that are now bad."""
-    out = subprocess.run([sys.executable, "-m", "fastbyol.data.check_worker", "--verify", str(location)],
-                         capture_output=True, check=False)
+    out = subprocess.run(child_command("--verify", str(location)), capture_output=True, check=False,
+                         env=child_env())
     if out.returncode != 0:
         return []  # the manifest went away or changed meanwhile: nothing to say about this run's files
     changed = json.loads(out.stdout.decode("utf-8", "surrogateescape"))
     if not changed:
         return []
-    with file_lock(location / "manifest.lock"):
+    with file_lock(location / "manifest.lock"):  # decoded.json beside the manifest is written under its lock too
         (location / MANIFEST_NAME).unlink(missing_ok=True)
-    sizes, mtimes, _, problems, unproven = check_files(str(root), changed)
-    problems += _decode_unproven(str(root), changed, sizes, mtimes, unproven, location)
+        sizes, mtimes, _, problems, unproven = check_files(str(root), changed)
+        problems += _decode_unproven(str(root), changed, sizes, mtimes, unproven, location)
     return [[changed[j], why] for j, why in sorted(problems)]
 
 
@@ -332,28 +332,46 @@ def _decode_unproven(root: str, rels: list[str], sizes, mtimes, unproven: list, 
             for (i, unproven_why), why in zip(unproven, reasons) if why is not None]
 
 
-def _check_parallel(root: str, rels: list[str], workers: int, threads: int):
-    if workers <= 1 or len(rels) < PARALLEL_MIN_FILES:
-        return check_files(root, rels, threads)
-    bounds = np.linspace(0, len(rels), workers + 1).astype(int)
-    procs = []
+def _run_checkers(root: str, rels: list[str], bounds, threads: int, procs: list) -> list[bytes]:
+    """Start one file-check worker per range of `bounds` (appended to `procs` as (first index, process)), feed each
+    its paths, and return what each wrote (its exit status in the process)."""
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        p = subprocess.Popen([sys.executable, "-m", "fastbyol.data.check_worker", root, str(threads)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        p = subprocess.Popen(child_command(root, str(threads)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=child_env())
         procs.append((lo, p))
     # feed every worker first (each reads all its input before working), then collect
     for (lo, p), hi in zip(procs, bounds[1:]):
         p.stdin.write(_utf8("\n".join(rels[lo:hi])))
         p.stdin.close()
+    outs = [p.stdout.read() for _, p in procs]
+    for _, p in procs:
+        p.wait()
+    return outs
+
+
+def _check_parallel(root: str, rels: list[str], workers: int, threads: int):
+    if workers <= 1 or len(rels) < PARALLEL_MIN_FILES:
+        return check_files(root, rels, threads)
+    bounds = np.linspace(0, len(rels), workers + 1).astype(int)
+    procs = []
+    with ctrl_c_interrupts():
+        try:
+            outs = _run_checkers(root, rels, bounds, threads, procs)
+        finally:  # an interrupt or a failed worker: the others are not left running
+            for _, p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     sizes, mtimes, grays, problems, unproven = [], [], [], [], []
-    for lo, p in procs:
-        n = int(np.frombuffer(p.stdout.read(8), "<i8")[0]) if p.stdout else 0
-        s = np.frombuffer(p.stdout.read(8 * n), "<i8").astype(np.int64)
-        m = np.frombuffer(p.stdout.read(8 * n), "<i8").astype(np.int64)
-        g = np.frombuffer(p.stdout.read(n), np.uint8).copy()
-        probs, unpr = json.loads(p.stdout.read().decode("utf-8", "surrogateescape"))
-        if p.wait() != 0:
+    for (lo, p), out in zip(procs, outs):
+        stopped_by_signal(p.returncode, f"{root}: a file-check worker")
+        if p.returncode != 0 or len(out) < 8:
             raise FastByolError(f"{root}: a file-check worker failed (exit {p.returncode})")
+        n = int(np.frombuffer(out[:8], "<i8")[0])
+        s = np.frombuffer(out[8:8 + 8 * n], "<i8").astype(np.int64)
+        m = np.frombuffer(out[8 + 8 * n:8 + 16 * n], "<i8").astype(np.int64)
+        g = np.frombuffer(out[8 + 16 * n:8 + 17 * n], np.uint8).copy()
+        probs, unpr = json.loads(out[8 + 17 * n:].decode("utf-8", "surrogateescape"))
         sizes.append(s)
         mtimes.append(m)
         grays.append(g)

@@ -51,6 +51,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
+from ..run.disk import FolderLock
+from ..run.outputs import refuse_inside_run
+from ..system.children import child_command, child_env, ctrl_c_interrupts, stopped_by_signal
 from .cache import (TMP_MARK, cache_root, file_lock, load_npz_checked, path_key, remove_stale_tmp, save_npz_checked,
                     tmp_name, writable_dir)
 from .checks import check_fd, open_regular, range_reader
@@ -316,19 +319,34 @@ def index_dir(shards: list[Path], cache_dir=None) -> Path:
     return outside
 
 
-def _build_missing(shards: list[Path], folder: Path, workers: int) -> None:
+def _build_missing(shards: list[Path], folder: Path, workers: int, lock_fd: int | None = None) -> None:
+    """Index `shards` into `folder`: here, or in `workers` shard-index children (many shards), which hold the
+    folder's lock with this process (they inherit `lock_fd`) and die with it."""
     if workers <= 1 or len(shards) < 4:
         build_shard_metas(shards, folder, threads=8)
         return
-    parts = [shards[i::workers] for i in range(workers)]
-    procs = [subprocess.Popen([sys.executable, "-m", "fastbyol.data.check_worker", "--shards", str(folder)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for part in parts if part]
-    for p, part in zip(procs, [q for q in parts if q]):
-        p.stdin.write("\n".join(str(s) for s in part).encode("utf-8", "surrogateescape"))
-        p.stdin.close()
-    outs = [p.stdout.read() for p in procs]  # nothing unless a worker fails: its one line
+    parts = [part for part in (shards[i::workers] for i in range(workers)) if part]
+    procs: list[subprocess.Popen] = []
+    with ctrl_c_interrupts():
+        try:
+            for part in parts:
+                procs.append(subprocess.Popen(child_command("--shards", str(folder)), stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, env=child_env(),
+                                              pass_fds=() if lock_fd is None else (lock_fd,)))
+            for p, part in zip(procs, parts):
+                p.stdin.write("\n".join(str(s) for s in part).encode("utf-8", "surrogateescape"))
+                p.stdin.close()
+            outs = [p.stdout.read() for p in procs]  # nothing unless a worker fails: its one line
+            for p in procs:
+                p.wait()
+        finally:  # an interrupt: no worker goes on indexing
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     for p, out in zip(procs, outs):
-        if p.wait() != 0:
+        stopped_by_signal(p.returncode, f"{folder}: a shard-index worker")
+        if p.returncode != 0:
             lines = out.decode("utf-8", "replace").strip().splitlines()
             raise FastByolError(lines[-1] if p.returncode == 2 and lines
                                 else f"{folder}: a shard-index worker failed (exit {p.returncode})")
@@ -343,12 +361,12 @@ def obtain_index(shards: list[Path], *, rank: int = 0, world_size: int = 1, barr
     workers = workers or min(8, len(os.sched_getaffinity(0)))
 
     def locked() -> list[dict]:
-        with file_lock(folder / "index.lock"):
+        with file_lock(folder / "index.lock") as lock_fd:
             metas = [_load_meta(s, folder) for s in shards]
             stale = [s for s, m in zip(shards, metas) if m is None]
             if stale:
                 remove_stale_tmp(folder)
-                _build_missing(stale, folder, workers)
+                _build_missing(stale, folder, workers, lock_fd)
                 metas = [m if m is not None else _load_meta(s, folder) for s, m in zip(shards, metas)]
             for s, m in zip(shards, metas):
                 if m is None:
@@ -579,9 +597,8 @@ def write_shards(src: Path, dst: Path, max_samples: int = 10000, max_bytes: floa
     """Write the folder's images into tar shards; {"train": shards, "test": shards, "samples", "bytes", "skipped"}.
 
     All shards are written into a temporary folder inside dst and moved into place at the end: a failure or an
-    interrupt leaves dst as it was."""
-    from . import manifest as mf
-
+    interrupt leaves dst as it was. dst is locked meanwhile (fastbyol.run.disk.FolderLock): a second command
+    writing there is refused in one line, and dst is never a run's folder."""
     if max_samples < 1 or not max_bytes > 0:
         raise FastByolError("--max-samples and --max-bytes must be positive")
     if not src.is_dir():
@@ -590,9 +607,23 @@ def write_shards(src: Path, dst: Path, max_samples: int = 10000, max_bytes: floa
     if real_dst == real_src or real_src in real_dst.parents:
         raise FastByolError(f"{dst}: inside the source folder {src} (the shards would be written into the dataset); "
                             "choose a folder outside it")
-    dst.mkdir(parents=True, exist_ok=True)
-    if any(dst.glob("*.tar")):
-        raise FastByolError(f"{dst}: already holds .tar files; choose an empty folder")
+    refuse_inside_run(dst)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastByolError(f"{dst}: cannot create it ({e.strerror})") from None
+    with FolderLock(dst, "in use by another fastbyol shards command (pid {pid}); wait for it, or choose another "
+                         "folder"):
+        if any(dst.glob("*.tar")):  # looked at under the lock: a command that just finished is seen
+            raise FastByolError(f"{dst}: already holds .tar files; choose an empty folder")
+        return _write_locked(src, dst, max_samples, max_bytes, seed, skip_bad_files, progress)
+
+
+def _write_locked(src: Path, dst: Path, max_samples: int, max_bytes: float, seed: int, skip_bad_files: bool,
+                  progress: bool) -> dict:
+    """write_shards' work, dst's lock held."""
+    from . import manifest as mf
+
     man, _, _ = mf.obtain(src)
     if man.bad and not skip_bad_files:
         rel, why = man.bad[0][0], man.bad[0][1]

@@ -1,5 +1,6 @@
 """`fastbyol eval` and `fastbyol finetune`: load the run (runs.load_encoder), run the protocol, write its JSON into
-the run directory, print the run's results table."""
+the run directory, print the run's results table. Both hold the run folder's lock from the load to the write
+(fastbyol.run.outputs): two of them, or one and a training run, never write the folder at once."""
 
 from __future__ import annotations
 
@@ -8,10 +9,20 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
+from ..run.disk import FolderLock
 from .results import format_table, table_rows, write_result
 from .runs import load_encoder
 
 PROTOCOLS = ("features", "paper")
+
+
+def lock_run(run_dir: str | Path) -> FolderLock:
+    """The run folder's lock, for a command that writes its result there (refused in one line while another command,
+    a training run included, holds it)."""
+    if not Path(run_dir).is_dir():
+        raise FastByolError(f"run directory not found: {run_dir}")
+    return FolderLock(Path(run_dir), "in use by another fastbyol command (pid {pid}), a training run or an "
+                                     "evaluation: wait for it to finish")
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained", probe_epochs: int = 100,
@@ -28,14 +39,15 @@ def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained"
         check_probe_args(probe_epochs, probe_lr)
     else:
         check_args(epochs or PAPER_EPOCHS, batch_size, (1.0,))
-    run = load_encoder(run_dir, data, init)
-    if protocol == "features":
-        result = features_protocol(run, probe_epochs, probe_lr, progress)
-    else:
-        result = paper_protocol(run, epochs or PAPER_EPOCHS, batch_size, progress=progress, log=log)
-    result = dict(run_dir=str(run_dir), init=init, dataset=run.dataset_name, arch=run.cfg.model.arch, step=run.step,
-                  **result)
-    out = write_result(run.result_path(f"eval-{protocol}"), result)
+    with lock_run(run_dir):  # the result goes into the run's folder: one writer at a time
+        run = load_encoder(run_dir, data, init)
+        if protocol == "features":
+            result = features_protocol(run, probe_epochs, probe_lr, progress)
+        else:
+            result = paper_protocol(run, epochs or PAPER_EPOCHS, batch_size, progress=progress, log=log)
+        result = dict(run_dir=str(run_dir), init=init, dataset=run.dataset_name, arch=run.cfg.model.arch,
+                      step=run.step, **result)
+        out = write_result(run.result_path(f"eval-{protocol}"), result)
     for line in format_table(table_rows(run_dir)):
         log(line)
     log(f"eval: {out}")
@@ -57,18 +69,20 @@ def finetune_run(run_dir: str | Path, fraction: float | None = None, subset_file
     kind, entries = read_subset(subset_file) if subset_file is not None else (None, [])
     # file names: the dataset decodes exactly the images they name as its train split (image folders only)
     pick = image_picker(subset_file, entries) if kind == "names" else None
-    run = load_encoder(run_dir, data, init, train_pick=pick, pick_what=f"--subset {subset_file}")
-    if kind == "names":
-        subset, name = np.arange(len(run.train_labels)), Path(subset_file).stem
-    elif kind == "indices":
-        subset, name = subset_indices(subset_file, entries, len(run.train_labels)), Path(subset_file).stem
-    else:
-        subset, name = balanced_subset(run.train_labels, fraction, run.cfg.run.seed), f"{fraction:g}"
-    result = finetune(run, subset, epochs or FINETUNE_EPOCHS, FINETUNE_BASE_LR if lr is None else lr, batch_size,
-                      progress)
-    result = dict(run_dir=str(run_dir), init=init, dataset=run.dataset_name, arch=run.cfg.model.arch, step=run.step,
-                  fraction=fraction, subset_file=None if subset_file is None else str(subset_file), **result)
-    out = write_result(run.result_path(f"finetune-{name}"), result)
+    with lock_run(run_dir):  # the result goes into the run's folder: one writer at a time
+        run = load_encoder(run_dir, data, init, train_pick=pick, pick_what=f"--subset {subset_file}")
+        if kind == "names":
+            subset, name = np.arange(len(run.train_labels)), Path(subset_file).stem
+        elif kind == "indices":
+            subset, name = subset_indices(subset_file, entries, len(run.train_labels)), Path(subset_file).stem
+        else:
+            subset, name = balanced_subset(run.train_labels, fraction, run.cfg.run.seed), f"{fraction:g}"
+        result = finetune(run, subset, epochs or FINETUNE_EPOCHS, FINETUNE_BASE_LR if lr is None else lr,
+                          batch_size, progress)
+        result = dict(run_dir=str(run_dir), init=init, dataset=run.dataset_name, arch=run.cfg.model.arch,
+                      step=run.step, fraction=fraction, subset_file=None if subset_file is None else str(subset_file),
+                      **result)
+        out = write_result(run.result_path(f"finetune-{name}"), result)
     for line in format_table(table_rows(run_dir)):
         log(line)
     log(f"finetune: {out}")

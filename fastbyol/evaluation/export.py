@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from ..run.checkpoint import load_run
 from ..run.disk import atomic_write_bytes
+from ..run.outputs import check_output, claim_output
 from ..config import Config
 from ..errors import FastByolError
 from .commands import evaluate  # noqa: F401  (re-exported: the old home of the evaluations)
@@ -25,12 +27,11 @@ from ..run import names
 
 
 def _refuse_run_files(out: Path, run_dir: Path, cfg: Config | None = None) -> None:
-    """--out of export and plot never replaces a file the run needs (its checkpoint, config, metrics, summary, ...)
-    nor writes into the run's --data folder: one line instead."""
+    """--out of export and plot never replaces a file the run needs (its checkpoint, config, metrics, summary, ...),
+    never writes into another run's folder (fastbyol.run.outputs.claim_output, which also locks the run's folder
+    while the file is written into it) nor into the run's --data folder: one line instead."""
     target = out.resolve()
-    run_files = names.RUN_FILES
-    if target.parent == run_dir.resolve() and (target.name in run_files or target.name.startswith(".")):
-        raise FastByolError(f"--out {out} is a file of the run {run_dir}: give another name")
+    check_output(out, run_dir)  # refused now, before any work
     if cfg is not None:
         data = cfg.data.data
     else:  # the run's config.json, when it is readable (plot needs no checkpoint)
@@ -63,9 +64,11 @@ def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") 
             from safetensors.torch import save as to_bytes
         except ImportError:
             raise FastByolError("--out *.safetensors needs the safetensors package: pip install safetensors") from None
-        atomic_write_bytes(out, lambda f: f.write(to_bytes(state)))  # atomic, its write errors one line
+        write = lambda f: f.write(to_bytes(state))  # noqa: E731
     else:  # .pt, .pth
-        atomic_write_bytes(out, lambda f: torch.save(state, f))
+        write = lambda f: torch.save(state, f)  # noqa: E731
+    with claim_output(out, Path(run_dir)) or nullcontext():  # its run folder's lock, when it is written into one
+        atomic_write_bytes(out, write)  # atomic, its write errors one line
     return out
 
 
@@ -129,7 +132,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.grid(alpha=0.3)
     fig.suptitle(f"fastbyol run {run_dir.name}")
     try:  # atomic: a full disk or a read-only folder is one line, and the previous PNG stays
-        atomic_write_bytes(out, lambda f: fig.savefig(f, format=out.suffix.lstrip(".").lower(), dpi=110))
+        with claim_output(out, run_dir) or nullcontext():  # the run folder's lock, when the PNG goes into one
+            atomic_write_bytes(out, lambda f: fig.savefig(f, format=out.suffix.lstrip(".").lower(), dpi=110))
     finally:
         plt.close(fig)
     return out
