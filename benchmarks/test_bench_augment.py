@@ -22,7 +22,8 @@ def _loader(size, source):
         data = rng.integers(0, 256, (BATCH * 4, side, side, 3), dtype=np.uint8)
     else:
         pytest.importorskip("PIL")
-        from fastbyol.data.folders import FileList, synthetic_folder
+        from fastbyol.data.folders import FileList
+        from fastbyol.data.synthetic import synthetic_folder
 
         root = synthetic_folder(n_train=BATCH * 4, n_test=0, size=side)
         data = FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from fastbyol.augment.photometric import (BLUR, BRIGHTNESS, CONTRAST, GRAY, HUE, JITTER, N_PARAMS, ORDER, ORDERS, SATURATION,
-                                  SIGMA, SOLARIZE, ScratchBuffers, _check)
+                                  SIGMA, SOLARIZE, ScratchBuffers, check_chain_inputs)
 
 from ._dispatch import interpreter_on, triton_available
 
@@ -350,7 +350,7 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
         raise RuntimeError("the Triton photometric chain needs triton")
     if crops.device.type != "cuda" and not interpreter_on():
         raise RuntimeError("photometric_triton on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
-    _check(crops, params)
+    check_chain_inputs(crops, params)
     if params.dtype != torch.float32 or not params.is_contiguous():
         raise ValueError("photometric_triton needs contiguous float32 params")
     if blur_window % 2 != 1:

@@ -194,7 +194,8 @@ def test_encoded_source_with_the_reader_contract(tmp_path):
     """Anything with dali_reader(shard_id, num_shards, name) and len() feeds the loader: here a FileList of JPEGs
     (its labels, when it has them, are the kNN monitor's business: the loader yields the two views only)."""
     pytest.importorskip("PIL")
-    from fastbyol.data.folders import FileList, write_synthetic_jpegs
+    from fastbyol.data.folders import FileList
+    from fastbyol.data.synthetic import write_synthetic_jpegs
 
     root = write_synthetic_jpegs(tmp_path / "j", n_train=24, n_test=0, size=32, classes=3)
     files = sorted(str(p) for p in (root / "train").rglob("*.jpg"))

@@ -15,7 +15,8 @@ from PIL import Image  # noqa: E402
 from fastbyol.augment import TwoViewLoader  # noqa: E402
 from fastbyol.cli import main  # noqa: E402
 from fastbyol.data import resolve_dataset  # noqa: E402
-from fastbyol.data.folders import check_image_file, write_synthetic_jpegs  # noqa: E402
+from fastbyol.data.checks import check_image_file  # noqa: E402
+from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
 

@@ -85,7 +85,8 @@ def test_gpu_dali_buffers_live_until_the_chain_has_read_them():
 def test_gpu_views_from_jpeg_with_crop_during_decode(tmp_path):
     pytest.importorskip("PIL")
     from fastbyol.augment import TwoViewLoader
-    from fastbyol.data.folders import FileList, write_synthetic_jpegs
+    from fastbyol.data.folders import FileList
+    from fastbyol.data.synthetic import write_synthetic_jpegs
 
     root = write_synthetic_jpegs(tmp_path / "j", n_train=64, n_test=0, size=96, classes=2)
     files = sorted(str(p) for p in (root / "train").rglob("*.jpg"))

@@ -53,13 +53,13 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
     """Worker `me`'s loop: (seq, slot, index, windows1, windows2, params1, params2) of a whole batch -> crops and
     runs its share of the batch's chunks (assign) into outs[slot], answers (seq, None) when done or (seq, the error's
     text); a None message, a closed pipe or the parent's death ends it. Ctrl-C, SIGTERM and SIGUSR1 are the parent's to handle: ignored.
-    The chunks are the thread path's (fastbyol.augment.photometric._prepare over the whole batch's parameters), so every row
+    The chunks are the thread path's (fastbyol.augment.photometric.prepare_photometric over the whole batch's parameters), so every row
     is computed exactly as there.
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
     from ..system.children import watch_parent
     from .crops import crop_resize_flip_many
-    from .photometric import _prepare
+    from .photometric import prepare_photometric
 
     watch_parent(parent_pid)  # busy or idle, the worker goes within a tenth of a second of its parent
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the parent's stop signals (a scheduler may send
@@ -84,7 +84,7 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
             runs, tasks, crops = [], [], []
             for v in (0, 1):
                 crops.append(torch.empty((B, channels, size, size), dtype=torch.uint8))  # gray: one plane
-                run, chunks, _ = _prepare(crops[v].expand(-1, 3, -1, -1), torch.from_numpy(params[v]),
+                run, chunks, _ = prepare_photometric(crops[v].expand(-1, 3, -1, -1), torch.from_numpy(params[v]),
                                           out=outs[slot][v], **chains[v])
                 runs.append(run)
                 tasks += [(v, list(idx)) for idx in chunks]

@@ -241,7 +241,7 @@ class ScratchBuffers:
         return sum(t.numel() * t.element_size() for t in self._flat.values())
 
 
-def _check(crops: torch.Tensor, params: torch.Tensor) -> None:
+def check_chain_inputs(crops: torch.Tensor, params: torch.Tensor) -> None:
     if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != 3 or crops.shape[2] != crops.shape[3]:
         raise ValueError(f"crops must be uint8 (B, 3, S, S), got {crops.dtype} {tuple(crops.shape)}")
     if params.shape != (crops.shape[0], N_PARAMS):
@@ -386,7 +386,7 @@ def photometric_many(jobs: list[dict], threads: int | None = None) -> list[torch
     chunks share the workers, so no worker waits for the end of one batch before starting the next."""
     tasks, outs = [], []
     for job in jobs:
-        run, chunks, out = _prepare(threads=threads, **job)
+        run, chunks, out = prepare_photometric(threads=threads, **job)
         tasks += [(run, idx) for idx in chunks]
         outs.append(out)
     if threads is None:
@@ -398,12 +398,12 @@ def photometric_many(jobs: list[dict], threads: int | None = None) -> list[torch
     return outs
 
 
-def _prepare(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float, mean, std,
+def prepare_photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float, mean, std,
              gray_input: bool = False, out_dtype: torch.dtype = torch.float32,
              compute_dtype: torch.dtype = torch.float32, chunk_pixels: int = CHUNK_PIXELS, blur_tail: float = 0.0,
              threads: int | None = None, out: torch.Tensor | None = None):
     """(run(indices) for one chunk, the chunks, the output (B, 3, S, S) channels_last) of one batch."""
-    _check(crops, params)
+    check_chain_inputs(crops, params)
     B, S = crops.shape[0], crops.shape[2]
     device = crops.device
     channels = 1 if gray_input else 3
@@ -454,7 +454,7 @@ def photometric_by_slot(crops: torch.Tensor, params: torch.Tensor, *, blur_windo
     """`photometric` without data-dependent control flow, for torch.compile: every op on every image, torch.where
     keeps each image's own (see the module docstring). Same arguments and result; gray_input is accepted and
     ignored (the colour arithmetic leaves gray pixels exact)."""
-    _check(crops, params)
+    check_chain_inputs(crops, params)
     dtype = torch.float32
     p = params.to(dtype)
     x = crops.to(dtype) * (1.0 / 255.0)  # (B, 3, S, S) float

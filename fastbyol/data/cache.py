@@ -14,6 +14,8 @@ import hashlib
 import io
 import os
 import shutil
+import tempfile
+import weakref
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -144,3 +146,22 @@ def load_npz_checked(path: Path) -> dict[str, np.ndarray]:
     if crc is None or crc.shape != (1,) or int(crc[0]) != _crc(arrays):
         raise ValueError("checksum mismatch (damaged)")
     return arrays
+
+
+def own_file(owner, suffix: str) -> str:
+    """A new private file in CACHE/lists for `owner`'s own list or index, removed when the owner goes or the process
+    exits (a killed process's: by the next process that makes one)."""
+    folder = cache_root() / "lists"
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(folder)  # files of processes that are gone
+    fd, own = tempfile.mkstemp(prefix="own-", suffix=f"{suffix}{TMP_MARK}{os.getpid()}", dir=folder)
+    os.close(fd)
+    weakref.finalize(owner, _unlink, own)
+    return own
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -47,16 +47,16 @@ def main(argv: list[str]) -> int:
             sys.stdout.write(str(e))
             return 2
         return 0
-    from .manifest import _strings, _utf8, check_files
+    from .manifest import blob_strings, path_bytes, check_files
 
-    rels = _strings(np.frombuffer(sys.stdin.buffer.read(), dtype=np.uint8))
+    rels = blob_strings(np.frombuffer(sys.stdin.buffer.read(), dtype=np.uint8))
     sizes, mtimes, gray, problems, unproven = check_files(argv[0], rels, int(argv[1]))
     out = sys.stdout.buffer
     out.write(np.int64(len(sizes)).tobytes())
     out.write(sizes.astype("<i8").tobytes())
     out.write(mtimes.astype("<i8").tobytes())
     out.write(gray.astype(np.uint8).tobytes())
-    out.write(_utf8(json.dumps([problems, unproven])))
+    out.write(path_bytes(json.dumps([problems, unproven])))
     out.flush()
     return 0
 

@@ -138,7 +138,7 @@ class ImageDataset:
     @property
     def skipped_files(self) -> int:
         extra = len(self._eval.result()[4]) if self._eval is not None and self._eval.ready() and \
-            self._eval._error is None else 0
+            not self._eval.failed else 0
         return self._skipped + extra
 
     @property

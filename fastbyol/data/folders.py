@@ -24,9 +24,9 @@ import numpy as np
 
 from ..errors import FastByolError
 from . import manifest as mf
-from .checks import IMAGE_SUFFIXES, check_image_file  # noqa: F401  (check_image_file: public here too)
-from .decode import BackgroundDecode, decode_encoded, decode_files, decode_splits, file_item  # noqa: F401
-from .synthetic import synthetic_folder, write_synthetic_jpegs  # noqa: F401  (their old home)
+from .cache import own_file
+from .checks import IMAGE_SUFFIXES
+from .decode import BackgroundDecode, decode_splits, file_item
 
 
 class FileList:
@@ -83,7 +83,7 @@ class FileList:
                                                               None if self.labels is None else self.labels.copy())
             if not set(new) <= set(original[0]):
                 return False
-            pick = _substitutes([f in bad for f in original[0]])
+            pick = stand_ins([f in bad for f in original[0]])
             if pick is None:
                 return False
             self._original = original
@@ -112,12 +112,12 @@ class FileList:
             present = {ln.rsplit(b" ", 1)[0] for ln in f} & {self._relative(n) for n in new}
         if len(present) != len(new):
             return False
-        pick = _substitutes(flags)
+        pick = stand_ins(flags)
         if pick is None:
             return False
         own = getattr(self, "_own_list", None)
         if own is None:
-            own = self._own_list = _own_file(self, ".list")
+            own = self._own_list = own_file(self, ".list")
         with open(self.source_list, "rb") as f:
             lines = f.readlines() if len(pick) <= 65536 else None
         if lines is None:  # large lists: the lines that stand in, then one streaming pass
@@ -207,31 +207,7 @@ def known_undecodable(location: Path, root: Path) -> list[str]:
     return out
 
 
-def _own_file(owner, suffix: str) -> str:
-    """A new private file in CACHE/lists for `owner`'s own list or index, removed when the owner goes or the process
-    exits (a killed process's: by the next process that makes one)."""
-    import tempfile
-    import weakref
-
-    from .cache import TMP_MARK, cache_root, remove_stale_tmp
-
-    folder = cache_root() / "lists"
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(folder)  # files of processes that are gone
-    fd, own = tempfile.mkstemp(prefix="own-", suffix=f"{suffix}{TMP_MARK}{os.getpid()}", dir=folder)
-    os.close(fd)
-    weakref.finalize(owner, _unlink, own)
-    return own
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _substitutes(bad: list[bool]) -> list[int] | None:
+def stand_ins(bad: list[bool]) -> list[int] | None:
     """For each position, the position read there: itself when good, else the nearest earlier good one (the first
     good one for bad positions before it); None when none is good."""
     good = [i for i, b in enumerate(bad) if not b]

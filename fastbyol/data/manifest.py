@@ -66,12 +66,13 @@ SAMPLE_CHECK = 10_000  # files whose size and mtime are compared at every start
 PARALLEL_MIN_FILES = 20_000  # below this, checks run in this process (a subprocess costs ~0.3 s to start)
 
 
-def _utf8(s: str) -> bytes:
+def path_bytes(s: str) -> bytes:
+    """A path as bytes that decode back to the same str (UTF-8, undecodable bytes kept by surrogateescape)."""
     return s.encode("utf-8", "surrogateescape")
 
 
 def _blob(strings: list[str]) -> np.ndarray:
-    return np.frombuffer(_utf8("\n".join(strings)), dtype=np.uint8)
+    return np.frombuffer(path_bytes("\n".join(strings)), dtype=np.uint8)
 
 
 def _split_blob(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +83,8 @@ def _split_blob(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
-def _strings(blob: np.ndarray) -> list[str]:
+def blob_strings(blob: np.ndarray) -> list[str]:
+    """The "\\n"-separated strings of a uint8 blob (the inverse of _blob)."""
     return blob.tobytes().decode("utf-8", "surrogateescape").split("\n") if len(blob) else []
 
 
@@ -160,7 +162,7 @@ class Manifest:
         """Write pretrain.list, then the manifest (each atomically; the manifest records the list's size last, so a
         reader never pairs a manifest with a list it did not write)."""
         self.list_size = self.write_pretrain_list(folder / LIST_NAME)
-        arrays = dict(header=np.frombuffer(_utf8(json.dumps(self.header())), dtype=np.uint8), paths=self.paths,
+        arrays = dict(header=np.frombuffer(path_bytes(json.dumps(self.header())), dtype=np.uint8), paths=self.paths,
                       split=self.split, labels=self.labels, sizes=self.sizes, mtimes=self.mtimes,
                       gray=self.gray, dirs=_blob(self.dirs), dir_mtimes=self.dir_mtimes)
         path = folder / MANIFEST_NAME
@@ -178,7 +180,7 @@ class Manifest:
             if header.get("version") != VERSION:
                 raise ValueError(f"format version {header.get('version')}, not {VERSION}")
             m = cls(Path(header["root"]), header["layout"], list(header["classes"]), z["paths"], z["split"],
-                    z["labels"], z["sizes"], z["mtimes"], z["gray"], _strings(z["dirs"]), z["dir_mtimes"],
+                    z["labels"], z["sizes"], z["mtimes"], z["gray"], blob_strings(z["dirs"]), z["dir_mtimes"],
                     bad=header["bad"], test_only_classes=header["test_only_classes"],
                     seconds=header["seconds"], location=folder, list_size=int(header["list_size"]))
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
@@ -341,7 +343,7 @@ def _run_checkers(root: str, rels: list[str], bounds, threads: int, procs: list)
         procs.append((lo, p))
     # feed every worker first (each reads all its input before working), then collect
     for (lo, p), hi in zip(procs, bounds[1:]):
-        p.stdin.write(_utf8("\n".join(rels[lo:hi])))
+        p.stdin.write(path_bytes("\n".join(rels[lo:hi])))
         p.stdin.close()
     outs = [p.stdout.read() for _, p in procs]
     for _, p in procs:

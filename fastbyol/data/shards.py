@@ -427,7 +427,8 @@ class ShardSource:
         that shard's index: same sample count and order, so positions and DALI's checkpoint stay valid; the shared
         index is never written. False (nothing changed) if a name is not a sample of these shards, or a shard would
         have no good sample left."""
-        from .folders import _own_file, _substitutes
+        from .cache import own_file
+        from .folders import stand_ins
 
         new = [n for n in names if n not in self.bad]
         plan: dict[int, list[str]] = {}
@@ -442,12 +443,12 @@ class ShardSource:
             with open(self.source_index[k], "rb") as f:
                 header, *lines = f.read().decode("utf-8", "surrogateescape").splitlines()
             found = {ln.split()[1] for ln in lines} & set(plan[k])
-            pick = _substitutes([ln.split()[1] in offs for ln in lines])
+            pick = stand_ins([ln.split()[1] in offs for ln in lines])
             if len(found) != len(set(plan[k])) or pick is None:
                 return False
             writes[k] = "\n".join([header] + [lines[j] for j in pick]) + "\n"
         for k, text in writes.items():
-            own = self.index_paths[k] if self.index_paths[k] != self.source_index[k] else _own_file(self, ".idx")
+            own = self.index_paths[k] if self.index_paths[k] != self.source_index[k] else own_file(self, ".idx")
             with open(own, "wb") as f:
                 f.write(text.encode("utf-8", "surrogateescape"))
             self.index_paths[k] = own

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import FastByolError
 from ..models import feature_dim_of
-from .paper import _heads, _top1, scaled_batch
+from .paper import linear_heads, top1, scaled_batch
 from .runs import EvalRun
 from .views import TrainViews, centre_crop, normalise
 
@@ -125,7 +125,7 @@ def finetune(run: EvalRun, subset: np.ndarray, epochs: int = FINETUNE_EPOCHS, ba
     if batch < 2 or batch > len(subset):
         raise FastByolError(f"--batch-size must be in 2..{len(subset)} (the subset's images), got {batch}")
     encoder = copy.deepcopy(run.encoder).train()
-    head = _heads(feature_dim_of(encoder, cfg.data.image_size), run.num_classes, 1, cfg.run.seed, device)[0]
+    head = linear_heads(feature_dim_of(encoder, cfg.data.image_size), run.num_classes, 1, cfg.run.seed, device)[0]
     lr = base_lr * batch / 256
     opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=lr, momentum=0.9, nesterov=True,
                           weight_decay=0.0)
@@ -147,6 +147,6 @@ def finetune(run: EvalRun, subset: np.ndarray, epochs: int = FINETUNE_EPOCHS, ba
     with torch.no_grad():
         feats = torch.cat([encoder(normalise(test[i:i + 512], device)).float() for i in range(0, len(test), 512)])
     per_class = np.bincount(run.train_labels[subset], minlength=run.num_classes)
-    return dict(top1=_top1(head, feats, run.test_labels), subset_images=len(subset),
+    return dict(top1=top1(head, feats, run.test_labels), subset_images=len(subset),
                 subset_per_class=per_class.tolist(), epochs=epochs, batch_size=batch, base_lr=base_lr, lr=lr,
                 optimizer="SGD, Nesterov momentum 0.9, no weight decay, cosine lr to 0, no warm-up")

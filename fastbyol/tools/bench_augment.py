@@ -41,7 +41,8 @@ def synthetic_source(size: int, n_images: int, source: str = "jpeg", seed: int =
         coarse = rng.integers(0, 256, (n_images, 8, 8, 1 if source == "gray" else 3)).astype(np.uint8)
         img = np.repeat(np.repeat(coarse, side // 8 + 1, 1), side // 8 + 1, 2)[:, :side, :side]
         return np.ascontiguousarray(np.broadcast_to(img, (n_images, side, side, 3)))
-    from ..data.folders import FileList, synthetic_folder
+    from ..data.folders import FileList
+    from ..data.synthetic import synthetic_folder
 
     root = synthetic_folder(n_train=n_images, n_test=0, size=side)
     return FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)
