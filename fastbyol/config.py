@@ -23,8 +23,6 @@ from .errors import FastByolError
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BLUR_WINDOW_RULES = ("official", "cover")  # ViewSpec.blur_window says what each means
 BLUR_WINDOW_DEFAULT = "cover"  # --blur-window's default and ViewSpec's
-# what a config.json saved before a setting existed meant: resuming such a run keeps the behaviour it trained with
-SAVED_BEFORE_DEFAULTS = {"data": {"blur_window": "official"}}
 DEVICES = ("auto", "cpu", "cuda")
 # The augmentation switches' choices (AugmentConfig; fastbyol.augment says what each does)
 PHOTOMETRIC_VARIANTS = ("reference", "compiled", "triton")  # the chain on CUDA: eager torch, torch.compile, Triton
@@ -204,9 +202,6 @@ class AugmentConfig:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig,
             "augment": AugmentConfig}
-# sections a config.json may lack (saved before they existed): they take their defaults, which are what those runs
-# trained with
-OPTIONAL_SECTIONS = ("augment",)
 
 
 def _profile_steps(text: str) -> tuple[int, int] | None:
@@ -294,15 +289,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> Config:
-        """The inverse of to_dict, for a saved config.json: a missing section, unknown keys and wrong types are
-        refused with a FastByolError naming them (a missing key takes its default, so configs saved before a setting
-        existed still load). Extra top-level keys ('resolved') are ignored."""
+        """The inverse of to_dict, for a saved config.json: a missing section or setting, unknown keys and wrong
+        types are refused with a FastByolError naming them (a config.json is all of to_dict, as `fastbyol train`
+        writes it). Extra top-level keys ('resolved') are ignored."""
         if not isinstance(raw, dict) or not isinstance(raw.get("preset", ""), str):
             raise FastByolError(f"{where}: not a fastbyol config (expected an object with a string 'preset')")
         cfg = cls(preset=raw.get("preset", cls.preset))
         for section, klass in SECTIONS.items():
-            if section not in raw and section in OPTIONAL_SECTIONS:
-                continue
             if section not in raw:
                 raise FastByolError(f"{where}: no '{section}' section (not a config written by fastbyol train)")
             values = raw[section]
@@ -312,10 +305,11 @@ class Config:
             unknown = sorted(set(values) - set(known))
             if unknown:
                 raise FastByolError(f"{where}: unknown setting {section}.{unknown[0]}")
+            missing = [name for name in known if name not in values]
+            if missing:
+                raise FastByolError(f"{where}: no setting {section}.{missing[0]} (not a config written by this "
+                                    "fastbyol train)")
             target = getattr(cfg, section)
-            for name, value in SAVED_BEFORE_DEFAULTS.get(section, {}).items():
-                if name not in values:  # a run saved before this setting existed trained with the old behaviour
-                    setattr(target, name, value)
             for name, value in values.items():
                 kind = field_kind(known[name])
                 if not _type_ok(value, kind):
