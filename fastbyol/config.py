@@ -25,7 +25,7 @@ BLUR_WINDOW_RULES = ("official", "cover")  # ViewSpec.blur_window says what each
 BLUR_WINDOW_DEFAULT = "cover"  # --blur-window's default and ViewSpec's
 DEVICES = ("auto", "cpu", "cuda")
 # The augmentation switches' choices (AugmentConfig; fastbyol.augment says what each does)
-PHOTOMETRIC_VARIANTS = ("reference", "compiled", "triton")  # the chain on CUDA: eager torch, torch.compile, Triton
+PHOTOMETRIC_BACKENDS = ("reference", "compiled", "triton")  # the chain on CUDA: eager torch, torch.compile, Triton
 DECODE_MODES = ("roi", "once")  # CUDA JPEG path: one ROI decode per view, or one whole decode and two GPU crops
 CPU_PARALLEL_MODES = ("processes", "threads")  # CPU array path: the crops and chain in forked processes or threads
 OPTIMIZERS = ("lars", "adamw")
@@ -180,9 +180,9 @@ class AugmentConfig:
     DataConfig's), only where and how the work is done. fastbyol.augment's loader and pipelines say what each does;
     the defaults stand until the GPU plan (benchmarks/gpu_plan.md) has timed the alternatives."""
 
-    cuda_photometric: str = setting("triton", "CUDA: the photometric chain as Triton kernels, torch.compile of the "
-                                    "per-slot form (compiled) or eager torch (reference); the CPU always runs the "
-                                    "reference", choices=PHOTOMETRIC_VARIANTS)
+    cuda_photometric: str = setting("triton", "CUDA: the photometric chain's backend: Triton kernels (triton), "
+                                    "torch.compile of the per-slot form (compiled) or eager torch (reference); the "
+                                    "CPU always runs the reference", choices=PHOTOMETRIC_BACKENDS)
     decode: str = setting("roi", "CUDA, encoded files: one region-of-interest decode per view (roi) or one whole "
                           "decode and both views cropped from it on the GPU (once); the CPU decodes once either way",
                           choices=DECODE_MODES)

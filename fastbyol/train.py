@@ -33,7 +33,7 @@ from .data import ImageDataset, resolve_dataset
 from .errors import FastByolError, TrainingStopped
 from .evaluation.monitor import evaluate_knn, probe_top1, random_init_knn
 from .evaluation.probe import OnlineProbe, probe_labels
-from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend, op_style
+from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend, op_form
 from .models import BYOL, build_encoder, call_factory, params_sha256
 from .optim import build_optimizer
 from .reference import lr_at, tau_at
@@ -343,7 +343,7 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     try:
         # collective: every rank was started with these settings (one line naming the first difference)
         agree({**settings_facts(cfg, resume, 0 if state is None else state.step),
-               "the kernels": f"{kernel_backend(device)} ({op_style()})"}, rank, world_size)  # FASTBYOL_KERNELS...
+               "the kernels": f"{kernel_backend(device)} ({op_form()})"}, rank, world_size)  # FASTBYOL_KERNELS...
         if encoder is None:  # threads, widths, memory, before anything is allocated (an encoder of the caller's own:
             check_machine_bounds(cfg, device, world_size)  # the caller sized it)
         launch = Launch(cfg, device, rank, world_size, EncoderMaker(cfg, encoder), progress,

@@ -24,7 +24,7 @@ import torch
 
 from fastbyol.reference import NORM_EPS, byol_loss_and_grad_reference
 
-from ._dispatch import kernel_backend, op_style, profiled, triton_available
+from ._dispatch import kernel_backend, op_form, profiled, triton_available
 
 if triton_available():
     import triton
@@ -271,7 +271,7 @@ def _backward_sym(ctx, grad_loss, _g1, _g2):
 _byol_loss_fwd.register_autograd(_backward_one, setup_context=_setup_one)
 _byol_loss_symmetric_fwd.register_autograd(_backward_sym, setup_context=_setup_sym)
 
-# the triton_op form (FASTBYOL_OP_STYLE=triton_op): the same kernel, visible to Inductor; Triton path only
+# the triton_op form (FASTBYOL_OP_FORM=triton_op): the same kernel, visible to Inductor; Triton path only
 HAS_TRITON_OP = triton_available() and hasattr(torch.library, "triton_op")
 if HAS_TRITON_OP:
     from torch.library import triton_op, wrap_triton
@@ -294,7 +294,7 @@ if HAS_TRITON_OP:
 
 def _traceable(p: torch.Tensor) -> bool:
     """Under torch.compile: use the triton_op form for this input (style triton_op, the Triton path, not fp64)."""
-    return (HAS_TRITON_OP and op_style() == "triton_op" and p.dtype != torch.float64
+    return (HAS_TRITON_OP and op_form() == "triton_op" and p.dtype != torch.float64
             and kernel_backend(p.device) == "triton")
 
 

@@ -20,7 +20,7 @@ def _seeded():
 
 
 @pytest.fixture
-def kernels_path():
+def select_backend():
     """Select the kernel backend (`fastbyol.kernels.set_backend`) for one test; the previous one comes back after."""
     from fastbyol.kernels import set_backend
 

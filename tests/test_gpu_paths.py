@@ -2,7 +2,7 @@
 views against the CPU reference chain, DALI's buffers held while the chain reads them) and a short training run on
 CUDA, and both decode modes of the JPEG path (one ROI decode per view, or one decode and two GPU crops), and the
 online probe's labels from arrays and an image folder. The GPU
-plan runs them; they cannot run on the CPU machines. (The chain's variants on CUDA, which need no DALI:
+plan runs them; they cannot run on the CPU machines. (The chain's backends on CUDA, which need no DALI:
 tests/test_photometric.py.)"""
 
 import json
@@ -29,7 +29,7 @@ def test_gpu_views_from_arrays():
 
     images = np.random.default_rng(0).integers(0, 256, (64, 40, 40, 3), dtype=np.uint8)
     loader = TwoViewLoader(images, batch_size=32, image_size=32, device="cuda", num_threads=2)
-    assert loader.photometric_variant == AugmentConfig().cuda_photometric
+    assert loader.photometric_backend == AugmentConfig().cuda_photometric
     out = loader.draw()
     v1, v2 = loader.maker.chain(*loader.maker.crops(out))
     assert v1.is_cuda and v1.shape == (32, 3, 32, 32) and v1.dtype == torch.float16

@@ -109,7 +109,7 @@ class TwoViewLoader:
         self.on_gpu = device.startswith("cuda")
         self.batch_size, self.image_size, self.num_threads = batch_size, image_size, num_threads
         self.decode = options.decode
-        self.photometric_variant = options.cuda_photometric if self.on_gpu else "reference"
+        self.photometric_backend = options.cuda_photometric if self.on_gpu else "reference"
         self.cpu_parallel = options.cpu_parallel if not (self.on_gpu or self.encoded) else "threads"
         # array labels: (N,) int64 gathered per batch; reads_labels: the files graph's last output is the labels
         self.labels, self.reads_labels = _probe_labels(labels, images, self.encoded, self.on_gpu)
@@ -126,7 +126,7 @@ class TwoViewLoader:
         # CPU arrays with processes: forked here, before DALI starts threads
         self._procs = None
         if self.on_gpu:
-            self.maker = GpuViews(chains, self.photometric_variant)
+            self.maker = GpuViews(chains, self.photometric_backend)
         elif self.cpu_parallel == "processes":
             self.maker = ProcessViews(array, image_size, channels, chains, num_threads, batch_size)
             self._procs = self.maker.procs

@@ -18,7 +18,7 @@ import collections
 import torch
 
 from .photometric import ScratchBuffers, photometric_many
-from .photometric_backends import photometric_variant
+from .photometric_backends import photometric_backend
 from .crops import crop_resize_flip_many
 from .pipelines import CPU_OUTPUTS, GPU_OUTPUTS
 
@@ -33,14 +33,14 @@ def _params(out: dict) -> list[torch.Tensor]:
 
 
 class GpuViews:
-    """CUDA: DALI's planar uint8 crops through the chain `variant` (module docstring). chains: both views'
+    """CUDA: DALI's planar uint8 crops through the chain's `backend` (module docstring). chains: both views'
     photometric arguments (all but crops and params)."""
 
     outputs = GPU_OUTPUTS
 
-    def __init__(self, chains: tuple[dict, dict], variant: str):
+    def __init__(self, chains: tuple[dict, dict], backend: str):
         self.chains = chains
-        self.variant = variant
+        self.backend = backend
         self.buffers = ScratchBuffers()  # the Triton chain's scratch, reused batch after batch (grow-only)
         self._in_flight: collections.deque = collections.deque()  # (DALI outputs, event after their chain)
 
@@ -49,9 +49,9 @@ class GpuViews:
         return [_torch(out[f"crops{v}"]) for v in (1, 2)], _params(out)
 
     def chain(self, crops: list[torch.Tensor], params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        chain = photometric_variant(self.variant)
+        chain = photometric_backend(self.backend)
         # both views share the scratch: their kernels run one after the other on torch's stream
-        reuse = dict(buffers=self.buffers) if self.variant == "triton" else {}
+        reuse = dict(buffers=self.buffers) if self.backend == "triton" else {}
         return tuple(chain(crops[v], params[v], **self.chains[v], **reuse) for v in (0, 1))
 
     def __call__(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:

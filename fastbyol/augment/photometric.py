@@ -35,7 +35,7 @@ Written for the CPU: no torch.where and no remainder (each ~10-30x an arithmetic
 temporaries, index_select rather than advanced indexing. Measured on 2 shared cores (benchmarks/augment_vs_lightly.py),
 the whole CPU loader (DALI's draws, the crops, this chain) costs 0.87-0.96 ms of CPU per two-view sample at 96 px and
 4.1-4.4 ms at 224 px.
-- `photometric_by_slot` (what torch.compile gets, variant "compiled") selects per slot: in each of the 4 slots every
+- `photometric_by_slot` (what torch.compile gets, backend "compiled") selects per slot: in each of the 4 slots every
   op is computed for every image and torch.where keeps the image's own: 4x the jitter arithmetic, no data-dependent
   shapes, so the compiler sees one static graph and fuses it (on a GPU the chain is memory-bound: the extra
   arithmetic is nearly free there, and the work on the CPU eager path would be 4x).

@@ -1,7 +1,7 @@
 """The environment is input: every variable fastbyol reads, checked in one place into one line naming it.
 
 torchrun's RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, and the FASTBYOL_* switches
-(FASTBYOL_CACHE, FASTBYOL_KERNELS, FASTBYOL_OP_STYLE; the test-only FASTBYOL_TEST_* fault injections). `fastbyol
+(FASTBYOL_CACHE, FASTBYOL_KERNELS, FASTBYOL_OP_FORM; the test-only FASTBYOL_TEST_* fault injections). `fastbyol
 train` calls `check_environment()` before anything is created, so a bad value ends in one line and no run folder.
 """
 
@@ -78,7 +78,7 @@ def fault_injection_count(name: str) -> int:
 
 
 def check_environment() -> tuple[int, int, int]:
-    """Every variable fastbyol reads, checked; returns torchrun_world(). FASTBYOL_KERNELS and FASTBYOL_OP_STYLE are
+    """Every variable fastbyol reads, checked; returns torchrun_world(). FASTBYOL_KERNELS and FASTBYOL_OP_FORM are
     checked against the device by `fastbyol.kernels.check_backend`."""
     _cache_folder()
     return torchrun_world()
