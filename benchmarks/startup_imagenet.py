@@ -124,7 +124,7 @@ def train_cmd(root: Path, out: Path, nproc: int) -> list[str]:
 def shards_vs_folder(root: Path, repeat: int, n: int = 2048, batch: int = 64, size: int = 96,
                      steps: int = 24) -> dict:
     """Two-view samples/s of TwoViewLoader on the same n images: a folder of hard links and its tar shards."""
-    from fastbyol.augment import TwoViewLoader
+    from fastbyol.augment import LoaderSettings, TwoViewLoader
     from fastbyol.data import resolve_dataset
     from fastbyol.data.shards import write_shards
 
@@ -144,7 +144,7 @@ def shards_vs_folder(root: Path, repeat: int, n: int = 2048, batch: int = 64, si
     rates: dict[str, list[float]] = {"folder": [], "shards": []}
     for _ in range(repeat):
         for name, src in sources.items():
-            loader = TwoViewLoader(src, batch, size, seed=0, num_threads=2)
+            loader = TwoViewLoader(src, LoaderSettings(batch, size, seed=0, num_threads=2))
             it = iter(loader.epoch())
             for _ in range(4):  # warm-up: buffers, the shuffle buffer's first fill
                 next(it)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, TwoViewLoader, sample_params
+from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, LoaderSettings, TwoViewLoader, sample_params
 from fastbyol.augment.photometric_backends import photometric_backend
 
 from .conftest import DEVICE
@@ -27,7 +27,8 @@ def _loader(size, source):
 
         root = synthetic_folder(n_train=BATCH * 4, n_test=0, size=side)
         data = FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)
-    return TwoViewLoader(data, BATCH, size, device="cuda" if DEVICE.type == "cuda" else "cpu", num_threads=2)
+    return TwoViewLoader(data, LoaderSettings(BATCH, size, device="cuda" if DEVICE.type == "cuda" else "cpu",
+                                              num_threads=2))
 
 
 @pytest.mark.parametrize("source", ["arrays", "jpeg"])

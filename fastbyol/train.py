@@ -27,12 +27,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .augment import TwoViewLoader, views_from_config
+from .augment import LoaderSettings, TwoViewLoader, views_from_config
 from .config import Config, Resolved, require_config
 from .data import ImageDataset, resolve_dataset
 from .errors import FastByolError, TrainingStopped
 from .evaluation.monitor import evaluate_knn, probe_top1, random_init_knn
-from .evaluation.probe import OnlineProbe, probe_labels
+from .evaluation.probe import OnlineProbe, probe_labels, probe_reads_labels
 from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend, op_form
 from .models import BYOL, build_encoder, call_factory, params_sha256
 from .optim import build_optimizer
@@ -423,7 +423,7 @@ def _start(launch: Launch) -> Run:
     image_flops = flops_per_image(model, cfg.data.image_size)  # on the plain model: no collectives
     step = TrainStep(model, data_parallel(model, device, world_size), optimizer, resolved,
                      may_fall_back=cfg.run.compile == "auto", log=launch.log)
-    step.probe = _online_probe(launch, resolved, dataset, model, loader)  # after the FLOP count's copy of the model
+    step.probe = _online_probe(launch, resolved, dataset, model)  # after the FLOP count's copy of the model
     if step.probe is not None and state.probe:  # a resume: the probe continues where it was
         step.probe.load_state_dict(state.probe, str(launch.resume))
     meter = ThroughputMeter(device, cfg.data.batch_size, image_flops, peak_flops(device), world_size)
@@ -434,23 +434,27 @@ def _start(launch: Launch) -> Run:
                image_flops)
 
 
-def loader_labels(cfg: Config, resolved: Resolved, dataset: ImageDataset):
-    """What the loader is asked to hand over for the online probe (TwoViewLoader's labels=): array sources' labels
-    (gathered by the rows DALI's source names), True for labelled folders and shards (the reader's labels, the
-    graph's last output), on either device; None where the probe is off, the images have no labels, or
-    --accumulate splits the step (the probe reads one forward a step). The draws are the same either way."""
-    return probe_labels(dataset) if cfg.run.online_probe and resolved.accumulate == 1 else None
+def loader_labels(cfg: Config, resolved: Resolved, dataset: ImageDataset) -> tuple[np.ndarray | None, bool]:
+    """What the loader is asked to hand over for the online probe: (an array source's labels, gathered by the rows
+    DALI's source names: TwoViewLoader's labels=; whether labelled folders and shards hand over their reader's
+    labels, the graph's last output: reader_labels=), on either device; (None, False) where the probe is off, the
+    images have no labels, or --accumulate splits the step (the probe reads one forward a step). The draws are the
+    same either way."""
+    if not (cfg.run.online_probe and resolved.accumulate == 1):
+        return None, False
+    return probe_labels(dataset), probe_reads_labels(dataset)
 
 
 def _loader(launch: Launch, resolved: Resolved, dataset: ImageDataset, state: TrainState) -> TwoViewLoader:
     """This rank's two-view loader, at the checkpoint's data position on a resume."""
     cfg, rank = launch.cfg, launch.rank
-    view1, view2 = views_from_config(cfg)
-    labels = loader_labels(cfg, resolved, dataset)
-    return TwoViewLoader(dataset.pretraining_source, resolved.local_batch, cfg.data.image_size, seed=cfg.run.seed,
-                         labels=labels, device=launch.device.type, num_threads=cfg.data.num_threads, view1=view1,
-                         view2=view2, gray_input=dataset.gray, shard_id=rank, num_shards=resolved.world_size,
-                         checkpoint=state.data_states[rank] if state.data_states else None, augment=cfg.augment)
+    labels, reader_labels = loader_labels(cfg, resolved, dataset)
+    settings = LoaderSettings(resolved.local_batch, cfg.data.image_size, seed=cfg.run.seed, device=launch.device.type,
+                              num_threads=cfg.data.num_threads, shard_id=rank, num_shards=resolved.world_size,
+                              gray_input=dataset.gray, views=views_from_config(cfg))
+    return TwoViewLoader(dataset.pretraining_source, settings, cfg.augment,
+                         state.data_states[rank] if state.data_states else None, labels=labels,
+                         reader_labels=reader_labels)
 
 
 def _restore(launch: Launch, model: BYOL, optimizer, state: TrainState) -> None:
@@ -465,16 +469,15 @@ def _restore(launch: Launch, model: BYOL, optimizer, state: TrainState) -> None:
                             f"stem, {cfg.data.image_size} px): {str(e).strip().splitlines()[0][:200]}") from None
 
 
-def _online_probe(launch: Launch, resolved: Resolved, dataset: ImageDataset, model: BYOL,
-                  loader: TwoViewLoader) -> OnlineProbe | None:
-    """The online linear probe (fastbyol.evaluation.probe) where it is on, the pretraining images have labels and the
-    loader hands them over (arrays, labelled folders and shards), one forward a step (no --accumulate)."""
+def _online_probe(launch: Launch, resolved: Resolved, dataset: ImageDataset, model: BYOL) -> OnlineProbe | None:
+    """The online linear probe (fastbyol.evaluation.probe) where it is on, the pretraining images have labels the
+    loader hands over (arrays, labelled folders and shards), one forward a step (no --accumulate)."""
     cfg = launch.cfg
     if not cfg.run.online_probe:
         return None
-    why = ("the pretraining images have no labels" if probe_labels(dataset) is None else
-           "it reads one forward a step, and --accumulate splits the step" if resolved.accumulate > 1 else
-           loader.labels_note or "the loader hands over no labels" if not loader.with_labels else None)
+    labelled = probe_labels(dataset) is not None or probe_reads_labels(dataset)
+    why = ("the pretraining images have no labels" if not labelled else
+           "it reads one forward a step, and --accumulate splits the step" if resolved.accumulate > 1 else None)
     if why is not None:
         launch.log(f"online probe: off ({why}; --no-online-probe silences this)")
         return None

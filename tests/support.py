@@ -122,3 +122,49 @@ def train_with(data: Path, out: Path, encoder=None, **settings):
         section = next(s for s, klass in SECTIONS.items() if name in klass.__dataclass_fields__)
         setattr(getattr(cfg, section), name, value)
     return trainer.train(cfg, progress=False, log=lambda *a, **k: None, encoder=encoder)
+
+
+# ------------------------------------------------------------------------------------------------ the two-view loader
+LOADER_DEFAULTS = dict(batch_size=16, image_size=16, seed=0, device="cpu", num_threads=1)
+
+
+def two_view_loader(source, **kw):
+    """The tests' TwoViewLoader: LOADER_DEFAULTS (batch 16, 16 px views, seed 0, the CPU, one DALI thread), any of
+    them overridden by keyword, as are the other LoaderSettings fields (view1= and view2= set `views`), the
+    AugmentConfig fields (decode=, cpu_parallel=, ...; or augment= a whole AugmentConfig) and the loader's own
+    arguments (checkpoint, labels, reader_labels, make_pipeline). The `make_loader` fixture also closes what it
+    built when the test ends."""
+    import dataclasses
+
+    from fastbyol.augment import VIEW1, VIEW2, LoaderSettings, TwoViewLoader
+    from fastbyol.config import AugmentConfig
+
+    own = {k: kw.pop(k) for k in ("checkpoint", "labels", "reader_labels", "make_pipeline") if k in kw}
+    views = (kw.pop("view1", VIEW1), kw.pop("view2", VIEW2))
+    settings_fields = {f.name for f in dataclasses.fields(LoaderSettings)}
+    settings = {**LOADER_DEFAULTS, "views": views, **{k: kw.pop(k) for k in list(kw) if k in settings_fields}}
+    augment = dataclasses.replace(kw.pop("augment", None) or AugmentConfig(), **kw)  # a stray name: TypeError
+    return TwoViewLoader(source, LoaderSettings(**settings), augment, **own)
+
+
+class PassThroughPipeline:
+    """A fastbyol.augment.Pipeline around DALI's (the loader's make_pipeline=): every call passes through; a test
+    subclasses it to spy on a call or to fail one, instead of reaching into the loader."""
+
+    def __init__(self, graph, checkpoint):
+        from fastbyol.augment import DaliPipeline
+
+        self.real = DaliPipeline(graph, checkpoint)
+        self.operators, self.decoders = self.real.operators, self.real.decoders
+
+    def run(self, stream=None):
+        return self.real.run(stream)
+
+    def checkpoint(self):
+        return self.real.checkpoint()
+
+    def reset(self):
+        self.real.reset()
+
+    def close(self):
+        self.real.close()

@@ -23,6 +23,8 @@ from fastbyol.data.shards import (ShardSource, expand_braces, load_shards, parse
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
+from .support import PassThroughPipeline  # noqa: E402
+
 
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
@@ -248,7 +250,7 @@ def test_index_is_built_once(shards, monkeypatch):
 
 
 def test_failed_sample_names_the_file():
-    from fastbyol.data import failed_sample
+    from fastbyol.data.decode import failed_sample
 
     class Folder:
         root = "/data/set"
@@ -260,33 +262,24 @@ def test_failed_sample_names_the_file():
     assert failed_sample(Folder(), "nvImageCodec failure: '#3'") is None
 
 
-def test_loader_names_the_file_dali_cannot_decode(folder, monkeypatch):
+def test_loader_names_the_file_dali_cannot_decode(make_loader, folder):
     """A file that passes the header checks but fails in DALI's decoder: the loader's error names it, completed with
     the dataset's root (the decoder's own message gives the path relative to it)."""
-    from fastbyol.augment import TwoViewLoader
-
     src = resolve_dataset(str(folder), eval_images=False).pretraining_source
-    loader = TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=1)
     rel = "train/1/broken file.jpg"
-    real = loader._pipe
 
-    class Pipe:
-        def checkpoint(self):  # the position before the batch (where a vague error's batch is read again)
-            return real.checkpoint()
-
-        def run(self, *a):
+    class Broken(PassThroughPipeline):  # the checkpoint before the batch is real (a vague error's batch is read again)
+        def run(self, stream=None):
             raise RuntimeError(f"Critical error in pipeline:\nFailed to decode sample #3 : {rel}\nmore")
 
-    monkeypatch.setattr(loader, "_pipe", Pipe())
     with pytest.raises(FastByolError) as e:
-        loader._run()
+        make_loader(src, batch_size=8, make_pipeline=Broken).draw()
     assert str(e.value).startswith(f"{os.path.join(src.root, rel)}: does not decode (DALI: Critical error")
 
-    class Vague(Pipe):
-        def run(self, *a):
+    class Vague(PassThroughPipeline):
+        def run(self, stream=None):
             raise RuntimeError("nvImageCodec failure: '#3'")
 
-    monkeypatch.setattr(loader, "_pipe", Vague())
     # the batch read again from the checkpoint decodes: no file to blame, the folder is named
     with pytest.raises(FastByolError, match="DALI failed on a batch of .*: nvImageCodec failure"):
-        loader._run()
+        make_loader(src, batch_size=8, make_pipeline=Vague).draw()

@@ -52,9 +52,9 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
            chains: tuple[dict, dict], parent_pid: int, inherited: list) -> None:
     """Worker `me`'s loop: (seq, slot, index, windows1, windows2, params1, params2) of a whole batch -> crops and
     runs its share of the batch's chunks (assign) into outs[slot], answers (seq, None) when done or (seq, the error's
-    text); a None message, a closed pipe or the parent's death ends it. Ctrl-C, SIGTERM and SIGUSR1 are the parent's to handle: ignored.
-    The chunks are the thread path's (fastbyol.augment.photometric.prepare_photometric over the whole batch's parameters), so every row
-    is computed exactly as there.
+    text); a None message, a closed pipe or the parent's death ends it. Ctrl-C, SIGTERM and SIGUSR1 are the parent's
+    to handle: ignored. The chunks are the thread path's (fastbyol.augment.photometric.prepare_photometric over the
+    whole batch's parameters), so every row is computed exactly as there.
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
     from ..system.children import watch_parent

@@ -398,11 +398,13 @@ def photometric_many(jobs: list[dict], threads: int | None = None) -> list[torch
     return outs
 
 
-def prepare_photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float, mean, std,
-             gray_input: bool = False, out_dtype: torch.dtype = torch.float32,
-             compute_dtype: torch.dtype = torch.float32, chunk_pixels: int = CHUNK_PIXELS, blur_tail: float = 0.0,
-             threads: int | None = None, out: torch.Tensor | None = None):
-    """(run(indices) for one chunk, the chunks, the output (B, 3, S, S) channels_last) of one batch."""
+def prepare_photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
+                        mean, std, gray_input: bool = False, out_dtype: torch.dtype = torch.float32,
+                        compute_dtype: torch.dtype = torch.float32, chunk_pixels: int = CHUNK_PIXELS,
+                        blur_tail: float = 0.0, threads: int | None = None, out: torch.Tensor | None = None):
+    """(run(indices) for one chunk, the chunks, the output (B, 3, S, S) channels_last) of one batch: photometric's
+    work cut into independent chunks, for photometric_many's threads and the CPU worker processes
+    (fastbyol.augment.cpu_workers), which run them."""
     check_chain_inputs(crops, params)
     B, S = crops.shape[0], crops.shape[2]
     device = crops.device

@@ -1,6 +1,7 @@
 """The photometric chain's backends by name: "reference" (fastbyol.augment.photometric, eager), "compiled"
 (torch.compile of its per-slot form) and "triton" (fastbyol.kernels.photometric). Kept apart from
-fastbyol.augment.photometric, which the Triton kernel imports for its parameter layout, so neither imports the other back."""
+fastbyol.augment.photometric, which the Triton kernel imports for its parameter layout, so neither imports the other
+back."""
 
 from __future__ import annotations
 

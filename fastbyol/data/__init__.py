@@ -23,10 +23,9 @@ import numpy as np
 
 from ..errors import FastByolError
 from .dataset import ImageDataset
-from .decode import failed_sample
 from .idx import read_idx
 
-__all__ = ["ImageDataset", "FORMATS", "detect_format", "failed_sample", "resolve_dataset", "load_embedded",
+__all__ = ["ImageDataset", "FORMATS", "detect_format", "resolve_dataset", "load_embedded",
            "load_idx_folder"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from ..augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params, views_from_config
+from ..augment import (IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, LoaderSettings, TwoViewLoader, sample_params,
+                       views_from_config)
 from ..config import DEFAULT_PRESET, get_preset
 from ..errors import FastByolError
 from ..augment.photometric_backends import BACKENDS, photometric_backend
@@ -84,9 +85,9 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
     if data is None:
         data = synthetic_source(size, batch * 4, source, seed)
     view1, view2 = views_from_config(cfg)
-    loader = TwoViewLoader(data, batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu",
-                           num_threads=threads, gray_input=source == "gray", view1=view1, view2=view2,
-                           augment=cfg.augment)
+    settings = LoaderSettings(batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu", num_threads=threads,
+                              gray_input=source == "gray", views=(view1, view2))
+    loader = TwoViewLoader(data, settings, cfg.augment)
     arrivals: list[float] = []
     done = 0
     while done < warmup + steps:
