@@ -237,9 +237,6 @@ def ema(plan: Plan):
 def _photometric(plan: Plan, size: int, backend: str):
     import fastbyol.tools.bench_augment as ab
 
-    if not hasattr(ab, "bench_photometric"):
-        return "photometric", {"size": size, "backend": backend,
-                               "error": "missing: fastbyol.tools.bench_augment.bench_photometric does not exist yet"}
     if plan.tiny and backend != "reference":
         return "photometric", {"size": size, "backend": backend, "skipped": "tiny CPU run: the GPU measures it"}
     batch = 256 if size == 224 else 512

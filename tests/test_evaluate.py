@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastbyol.cli import main
-from fastbyol.evaluation.export import linear_probe
+from fastbyol.evaluation.linear import linear_probe
 
 from .support import small_idx_dataset as _small_idx_dataset
 

@@ -4,7 +4,7 @@ On the CPU the chain is a few thousand small torch ops per batch: each one holds
 arguments, so worker *threads* mostly wait for each other. Measured on this project's 2-core machine at 96 px
 (batch 64, both views): the chain took about as long on 2 threads as on 1, while the same work in 2 processes ran
 ~1.5x faster than in 1 (benchmarks/augment_vs_lightly.py has the loader-level figures). So for array sources the
-loader hands each batch to `workers` processes; each crops (fastbyol.crops.crop_resize_flip_many) and runs the
+loader hands each batch to `workers` processes; each crops (fastbyol.augment.crops.crop_resize_flip_many) and runs the
 chain (fastbyol.augment.photometric) for its share of the batch's chunks (the thread path's chunks: `assign`), with one
 torch thread each.
 

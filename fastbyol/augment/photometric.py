@@ -32,9 +32,8 @@ How the per-image random order is handled, and why (two formulations of the same
   .tolist() of the parameters) would be a graph break under torch.compile, and on a GPU its ~20 groups mean ~20x
   more, smaller launches.
 Written for the CPU: no torch.where and no remainder (each ~10-30x an arithmetic op there), in-place ops on fresh
-temporaries, index_select rather than advanced indexing. Measured on 2 shared cores (benchmarks/augment_vs_lightly.py),
-the whole CPU loader (DALI's draws, the crops, this chain) costs 0.87-0.96 ms of CPU per two-view sample at 96 px and
-4.1-4.4 ms at 224 px.
+temporaries, index_select rather than advanced indexing. What the whole CPU loader costs (DALI's draws, the crops,
+this chain) is measured by benchmarks/augment_vs_lightly.py; its figures are in benchmarks/results/.
 - `photometric_by_slot` (what torch.compile gets, backend "compiled") selects per slot: in each of the 4 slots every
   op is computed for every image and torch.where keeps the image's own: 4x the jitter arithmetic, no data-dependent
   shapes, so the compiler sees one static graph and fuses it (on a GPU the chain is memory-bound: the extra

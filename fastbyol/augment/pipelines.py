@@ -148,7 +148,7 @@ def decode_views(encoded, views, size: int, decode: str = "roi", device: str = "
                               bytes_per_sample_hint=preallocate_side * preallocate_side * 3, **hints)
         return [crop_and_params(x, spec, size) for spec in views]
     out = []
-    for spec in views:  # decoder then chain per view: the order (and so the seeds) of the graph before the switch
+    for spec in views:  # decoder then chain per view: the operators' order fixes their seeds (and the checkpoints)
         x = fn.decoders.image_random_crop(encoded, device=device, output_type=types.RGB,
                                           random_area=list(spec.crop_area),
                                           random_aspect_ratio=list(spec.crop_aspect), **hints)

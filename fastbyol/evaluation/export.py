@@ -1,5 +1,5 @@
-"""After pretraining: export a run's encoder, plot its curves; the evaluations live in fastbyol.evaluation (their
-names stay importable from here).
+"""After pretraining: export a run's encoder and plot its curves (the evaluations are fastbyol.evaluation's other
+modules).
 
     fastbyol export RUN_DIR --out FILE.pt|FILE.safetensors           # torchvision-compatible encoder state_dict
     fastbyol plot RUN_DIR                                            # RUN_DIR/curves.png (needs matplotlib)
@@ -20,8 +20,6 @@ from ..run.disk import atomic_write_bytes
 from ..run.outputs import check_output, claim_output
 from ..config import Config
 from ..errors import FastByolError
-from .commands import evaluate  # noqa: F401  (re-exported: the old home of the evaluations)
-from .linear import linear_probe  # noqa: F401
 from .runs import encoder_state
 from ..run import names
 

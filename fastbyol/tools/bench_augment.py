@@ -13,8 +13,8 @@ How the clock runs (the honest steady state): DALI prefetches (2 batches ahead),
 warm-up would count batches produced before it started. Every batch's arrival time is recorded (on CUDA after a
 synchronize), and samples_per_s is the batch size over the median time between consecutive arrivals: a batch that
 was already waiting shows up as one near-zero interval and does not move the median, and the median is the period
-of the slower of producer and consumer. samples_per_s_mean (timed batches over their total time, the old figure)
-is reported beside it.
+of the slower of producer and consumer. samples_per_s_mean (timed batches over their total time, which counts the
+prefetched batches' head start) is reported beside it.
 """
 
 from __future__ import annotations
