@@ -42,6 +42,7 @@ import torch
 
 from ..config import AugmentConfig, validate_section
 from ..errors import FastByolError
+from ..system.bounds import check_address_space
 from ..system.native import NativeWindow, fold, native_stderr
 from .photometric import TAP_TAIL
 from . import pipelines
@@ -50,10 +51,19 @@ from .views import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, ViewSpec
 
 
 def dali_available() -> bool:
+    """Whether DALI is installed; a DALI that is installed but cannot load (its libraries refused by the address-space
+    limit, a broken install) is a FastByolError saying why, not "not installed"."""
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
+    except ModuleNotFoundError as e:
+        if e.name in ("nvidia", "nvidia.dali"):
+            return False
+        raise FastByolError(f"NVIDIA DALI is installed but cannot load: {e}") from None
+    except ImportError as e:
+        from ..system.paths import address_space_note
+
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FastByolError(f"NVIDIA DALI is installed but cannot load ({why}){address_space_note()}") from None
     return True
 
 
@@ -102,6 +112,7 @@ class TwoViewLoader:
         options = augment_options(augment, overrides)
         if not dali_available():
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
+        check_address_space(num_threads, batch_size, image_size)  # DALI's threads abort where the limit is met
         view1.validate("view1")
         view2.validate("view2")
         self.encoded = hasattr(images, "dali_reader")
@@ -325,12 +336,27 @@ def _first_pipeline(loader: TwoViewLoader, checkpoint):
         return pipelines.build_pipeline(*loader._graph, checkpoint)
     except RuntimeError as e:
         if not (loader.reads_labels and checkpoint is not None and "no checkpoint for operator" in str(e)):
+            _refuse_checkpoint(e, checkpoint)
             raise
     graph, args, *rest = loader._graph
     loader._graph = (graph, (*args[:-1], False), *rest)
     loader.reads_labels = False
     loader.labels_note = "the run's data checkpoint was saved by a DALI graph without the files' labels"
-    return pipelines.build_pipeline(*loader._graph, checkpoint)
+    try:
+        return pipelines.build_pipeline(*loader._graph, checkpoint)
+    except RuntimeError as e:
+        _refuse_checkpoint(e, checkpoint)
+        raise
+
+
+def _refuse_checkpoint(e: RuntimeError, checkpoint) -> None:
+    """A data checkpoint (from a run's checkpoint.pt: a file) that DALI cannot restore is one line, not DALI's
+    traceback: damaged, or saved by a pipeline of other data or settings."""
+    if checkpoint is None:
+        return
+    why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+    raise FastByolError(f"the checkpoint's data position cannot be restored into this data pipeline (damaged, or "
+                        f"saved for other data or settings): {why}") from None
 
 
 def _replace_or_raise(loader: TwoViewLoader, error_text: str, before, ahead) -> None:

@@ -252,7 +252,17 @@ def build_pipeline(graph, args: tuple, batch_size: int, num_threads: int, device
     pipe = pipeline_def(graph, enable_conditionals=False)(
         *args, batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
         prefetch_queue_depth=2, exec_dynamic=True, enable_checkpointing=True, checkpoint=checkpoint)
-    pipe.build()
+    return build_quietly(pipe)
+
+
+def build_quietly(pipe):
+    """pipe.build(), with what native libraries print meanwhile captured and dropped (nvImageCodec's notes about
+    optional extensions it could not load, e.g. under an address-space limit): a failed build raises DALI's error,
+    which says what failed, and stderr keeps to fastbyol's one line."""
+    from ..system.native import native_stderr
+
+    with native_stderr():
+        pipe.build()
     return pipe
 
 

@@ -130,7 +130,7 @@ def _saved_config(run_dir: Path) -> Config:
     path = run_dir / CONFIG
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FastByolError(f"{path}: unreadable config ({type(e).__name__}); --auto-resume cannot tell whose run "
                             "this is: choose another --out") from None
     return Config.from_dict(raw, where=str(path))
@@ -179,7 +179,7 @@ def _resolved(run_dir: Path) -> dict:
     """The run's resolved values (config.json's "resolved"), {} when unreadable."""
     try:
         resolved = json.loads((run_dir / CONFIG).read_text())["resolved"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return {}
     return resolved if isinstance(resolved, dict) else {}
 
