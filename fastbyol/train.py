@@ -412,7 +412,8 @@ def _start(launch: Launch) -> Run:
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
                               cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
     resolved = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
-    agree(dataset_facts(dataset, resolved), rank, world_size)  # collective: the same data and plan on every rank
+    if world_size > 1:  # collective: the same data and plan on every rank (the fingerprint reads the file list)
+        agree(dataset_facts(dataset, resolved), rank, world_size)
     state = launch.state
     if state is not None:
         state.check_resumable(launch.resume, world_size, dataset.num_pretraining, resolved.total_steps)

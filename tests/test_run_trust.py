@@ -191,3 +191,23 @@ def test_a_data_position_dali_cannot_restore_is_one_line(finished, tmp_path, cap
     save_checkpoint(run / CHECKPOINT, ckpt)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
     one_line(capsys, "the checkpoint's data position cannot be restored")
+
+
+def test_auto_resume_neither_resumes_nor_reports_finished_another_runs_checkpoint(finished, tmp_path, capsys):
+    from fastbyol.config import get_preset
+    from fastbyol.run.preemption import auto_resume_decision
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(finished, a)
+    one_step_run(b)
+    ckpt = torch.load(b / CHECKPOINT, weights_only=True)
+    ckpt["state"]["finished"] = True  # another run, finished: copied in, it once made --auto-resume exit 0
+    save_checkpoint(a / CHECKPOINT, ckpt)
+    cfg = get_preset("fmnist-tiny")
+    cfg.run.out = str(a)
+    with pytest.raises(FastByolError, match="belongs to run"):
+        auto_resume_decision(cfg)
+    del ckpt["state"]  # not a training state at all: one line, never a KeyError
+    save_checkpoint(a / CHECKPOINT, ckpt)
+    with pytest.raises(FastByolError, match="training state is unreadable"):
+        auto_resume_decision(cfg)
