@@ -190,7 +190,8 @@ def test_file_list_feeds_each_rank_its_part(tree):
 
 def test_the_prescan_builds_the_manifest_while_the_trainer_loads(tree, tmp_path, monkeypatch, capsys):
     """`fastbyol train` on an image folder lists and checks it in a child while it imports torch and DALI; the
-    trainer reads what the child wrote (and says so), and a run that stops early leaves no child behind."""
+    trainer reads what the child wrote (and says so) or, when the child checked a fresh one, does not check it
+    again; a run that stops early leaves no child behind."""
     import os
 
     from fastbyol.cli import main
@@ -198,13 +199,25 @@ def test_the_prescan_builds_the_manifest_while_the_trainer_loads(tree, tmp_path,
     from .support import child_pids
 
     monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
+    child = mf.start_prescan(tree)
+    assert child.wait(timeout=300) == 0
+    man, seconds, status = mf.obtain(tree)
+    assert status == "built while fastbyol loaded" and seconds["checks"] >= 0 and len(man) == 40
+    assert mf.obtain(tree)[2] == "fresh"  # its mark is for one reading only
+    child = mf.start_prescan(tree)  # fresh: the child checks it, and this process trusts that check once
+    assert child.wait(timeout=300) == 0
+    stamps = [p for p in (tree / ".fastbyol").iterdir() if p.name.startswith("verified")]
+    assert len(stamps) == 1
+    monkeypatch.setattr(mf.Manifest, "stale_reason", lambda *a, **k: "not to be called")
+    assert mf.obtain(tree)[2] == "fresh" and not stamps[0].exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
     args = ["train", "--data", str(tree), "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--no-progress",
             "--knn-every", "0"]
-    assert main([*args, "--out", str(tmp_path / "run")]) == 0
-    assert "(manifest built while fastbyol loaded)" in capsys.readouterr().out
-    assert main([*args, "--out", str(tmp_path / "run2")]) == 0  # fresh: checked by the child, not again here
-    assert "(manifest fresh)" in capsys.readouterr().out
-    assert not [p for p in (tree / ".fastbyol").iterdir() if p.name.startswith("verified")]
     (tree / "train" / "class0" / "new.jpg").write_bytes((tree / "train" / "class0" / "000000.jpg").read_bytes())
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0  # the child or this process rescans: the same run
+    out = capsys.readouterr().out
+    assert "(manifest built while fastbyol loaded)" in out or "(manifest rebuilt (folder train/class0 changed))" in out
+    assert not [p for p in (tree / ".fastbyol").iterdir() if p.name.startswith("verified")]
     assert main([*args, "--out", str(tree / "inside")]) == 2  # refused after the child started: it is stopped
     assert child_pids(os.getpid()) == []
