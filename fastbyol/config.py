@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
@@ -207,7 +208,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run
 def _profile_steps(text: str) -> tuple[int, int] | None:
     """'START:STOP' -> (start, stop) with 0 <= start < stop, else None."""
     parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(re.fullmatch(r"[0-9]{1,18}", p.strip()) for p in parts):  # ASCII digits only
         return None
     start, stop = int(parts[0]), int(parts[1])
     return (start, stop) if start < stop else None

@@ -34,10 +34,10 @@ from .errors import FastByolError, TrainingStopped
 from .evaluation.monitor import evaluate_knn, probe_top1, random_init_knn
 from .evaluation.probe import OnlineProbe, probe_labels, probe_reads_labels
 from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend, op_form
-from .models import BYOL, build_encoder, call_factory, params_sha256
+from .models import BYOL, OwnEncoders, build_encoder, call_factory, params_sha256
 from .optim import build_optimizer
 from .reference import lr_at, tau_at
-from .run.checkpoint import Checkpoints, last_good, load_run, state_bytes
+from .run.checkpoint import Checkpoints, last_good, load_run, new_run_id, state_bytes
 from .run.disk import describe_write_error
 from .run.files import BadFiles, RunFiles, check_out_outside_data
 from .run.meter import ThroughputMeter
@@ -286,7 +286,7 @@ class Run:
 
         state, resolved = self.state, self.resolved
         self.files.open(self.cfg, resolved, None if self.launch.resume is None else state.step,
-                        2 * state_bytes(self.model.state_dict()), self.rank)
+                        2 * state_bytes(self.model.state_dict()), self.rank, state.run_id)
         _log_start(self)
         # CurrentStderr: the bar writes between batches, while an encoded source's loader holds fd 2 (native.py)
         bar = tqdm(total=resolved.total_steps, initial=state.step, unit="step", dynamic_ncols=True, mininterval=1.0,
@@ -309,7 +309,7 @@ class Run:
 
 
 def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None,
-          encoder=None) -> tuple[Path, dict]:
+          encoder=None, own: OwnEncoders | None = None) -> tuple[Path, dict]:
     """Run BYOL pretraining as `cfg` says; returns (run directory, summary). Bad settings raise FastByolError
     before anything is written.
 
@@ -321,7 +321,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
 
     encoder: an encoder of your own instead of cfg.model.arch: an nn.Module mapping (B, 3, H, W) to (B, D), or a
     callable returning one (called after the seed is set; it may take `image_size` and `stem`). D is its
-    `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run."""
+    `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run.
+
+    own: on a resume, the encoders of the user's own that the run's config.json may name and this call may import
+    (models.OwnEncoders: `--arch module:factory` on the command line); a run folder never imports one by itself
+    (an `encoder` given here stands in for the one it names)."""
     check_environment()  # RANK, WORLD_SIZE, MASTER_PORT, FASTBYOL_CACHE...: one line before anything is read or made
     state, ckpt = None, None
     if resume is not None and not isinstance(resume, (str, os.PathLike)):
@@ -329,7 +333,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     if resume is None or cfg is not None:  # a resume uses the run's own config.json: cfg may be None there
         require_config(cfg)
     if resume is not None:
-        cfg, state, ckpt = load_run(resume)
+        try:
+            own = OwnEncoders(own.names if own is not None else frozenset(), encoder)
+        except ValueError as e:  # an encoder= that is neither a module nor a callable
+            raise FastByolError(f"train(encoder=...): {e}") from None
+        cfg, state, ckpt = load_run(resume, own)
         if state.finished:
             raise FastByolError(f"{resume}: the run already finished ({state.step} steps)")
     elif encoder is not None:
@@ -404,11 +412,14 @@ def _start(launch: Launch) -> Run:
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
                               cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
     resolved = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
-    agree(dataset_facts(dataset, resolved), rank, world_size)  # collective: the same data and plan on every rank
+    if world_size > 1:  # collective: the same data and plan on every rank (the fingerprint reads the file list)
+        agree(dataset_facts(dataset, resolved), rank, world_size)
     state = launch.state
     if state is not None:
         state.check_resumable(launch.resume, world_size, dataset.num_pretraining, resolved.total_steps)
-    state = state or TrainState(world_size=world_size, num_images=dataset.num_pretraining)
+    if state is None:  # a new run: its id, the same on every rank, goes into config.json and every checkpoint
+        state = TrainState(world_size=world_size, num_images=dataset.num_pretraining,
+                           run_id=broadcast_object(new_run_id(), rank, world_size))
     bad = BadFiles(run_dir, dataset.pretraining_source, cfg.data.skip_bad_files, launch.resume is not None, rank,
                    world_size)
 

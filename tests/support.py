@@ -73,7 +73,7 @@ def one_step_run(out: Path, n_metrics: int = 3) -> Path:
 
     import torch
 
-    from fastbyol.run.checkpoint import CHECKPOINT, save_checkpoint
+    from fastbyol.run.checkpoint import CHECKPOINT, RUN_ID_KEY, new_run_id, save_checkpoint
     from fastbyol.config import get_preset
     from fastbyol.optim import LARS
     from fastbyol.run.state import TrainState
@@ -87,10 +87,10 @@ def one_step_run(out: Path, n_metrics: int = 3) -> Path:
     p1, p2, z1, z2 = model(x, x)[:4]
     (p1 - z2).square().sum().add((p2 - z1).square().sum()).backward()
     optimizer.step()
-    state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()])
+    state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()], run_id=new_run_id())
     save_checkpoint(out / CHECKPOINT, state.to_checkpoint(model.state_dict(), optimizer.state_dict(), cfg.to_dict(),
                                                           "test"))
-    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (out / "config.json").write_text(json.dumps({RUN_ID_KEY: state.run_id, **cfg.to_dict()}))
     records = [dict(step=s, epoch=0, loss=1.0 / s, lr=0.1, tau=0.99, img_per_s=100.0) for s in range(1, n_metrics + 1)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out

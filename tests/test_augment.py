@@ -298,5 +298,6 @@ def test_a_checkpoint_that_is_not_this_graphs_is_refused_in_one_line(make_loader
     state = make_loader(_images(32)).state()
     assert isinstance(make_loader(_images(32), checkpoint=state).state(), type(state))  # its own: fine
     for junk in (b"junk", state[: len(state) // 2]):
-        with pytest.raises(FastByolError, match="^the data checkpoint does not fit this loader's DALI graph: .+"):
+        with pytest.raises(FastByolError, match=r"^the checkpoint's data position cannot be restored into this data "
+                                                r"pipeline \(damaged, or saved for other data or settings\): .+"):
             make_loader(_images(32), checkpoint=junk)

@@ -18,8 +18,8 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from fastbyol.cli import main  # noqa: E402
 from fastbyol.data import resolve_dataset  # noqa: E402
-from fastbyol.data.shards import (ShardSource, expand_braces, load_shards, parse_cls, run_shards,  # noqa: E402
-                                  shard_paths, write_shards)
+from fastbyol.data.shards import (ShardSource, expand_braces, index_name, load_shards, parse_cls,  # noqa: E402
+                                  run_shards, shard_paths, write_shards)
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
@@ -76,7 +76,7 @@ def test_shards_equal_the_folder(folder, shards):
         xb, yb = getattr(b, f"{split}_images"), getattr(b, f"{split}_labels")
         assert sorted(md5(x) + str(y) for x, y in zip(xa, ya)) == sorted(md5(x) + str(y) for x, y in zip(xb, yb))
     assert set(a.startup_seconds) >= {"listing", "checks", "index", "eval images"}
-    assert (shards / ".fastbyol" / "shards" / "train-000000.tar.idx").is_file()
+    assert (shards / ".fastbyol" / "shards" / index_name(shards / "train-000000.tar", ".idx")).is_file()
     assert (shards / "classes.txt").read_text().splitlines()[3] == "3 class3"
 
 
@@ -227,7 +227,8 @@ def test_damaged_or_stale_index_is_rebuilt_and_gray_is_detected(folder, tmp_path
     write_shards(d, tmp_path / "gw", progress=False)
     ds = resolve_dataset(str(tmp_path / "gw"), eval_images=False)
     assert ds.gray and ds.num_pretraining == 6
-    meta = tmp_path / "gw" / ".fastbyol" / "shards" / "train-000000.tar.meta.npz"
+    meta = tmp_path / "gw" / ".fastbyol" / "shards" / index_name(tmp_path / "gw" / "train-000000.tar",
+                                                                  ".meta.npz")
     data = bytearray(meta.read_bytes())
     data[len(data) // 2] ^= 0xFF
     meta.write_bytes(bytes(data))

@@ -86,7 +86,7 @@ def test_a_checkpoint_resumes_only_into_the_graph_that_saved_it(make_loader, png
     source = _sources(png_folder, tmp_path)["folder"]
     plain = make_loader(source, **KW)
     next(plain.epoch())
-    with pytest.raises(FastByolError, match="the data checkpoint does not fit this loader's DALI graph"):
+    with pytest.raises(FastByolError, match="the checkpoint's data position cannot be restored into this data pipeline"):
         make_loader(source, reader_labels=True, checkpoint=plain.state(), **KW)
     with_labels = make_loader(source, reader_labels=True, **KW)
     batches = with_labels.epoch()

@@ -212,39 +212,60 @@ def test_tar_shards_replace_the_sample_in_their_own_index(make_loader, good_file
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
 
 
-def _replaced_after_the_check(good_files, root):
-    """A folder whose manifest is written, then one of its files overwritten with a JPEG start, random bytes and an
-    end marker, its size and mtime kept (so the manifest still calls it fresh): DALI's batch fails with
-    "nvImageCodec failure", which names no file, and nvImageCodec prints "[jpeg_parser] Invalid marker" from its
-    own thread while DALI works ahead, outside any run() call."""
+def _with_victim(good_files, root):
+    """A folder of good files and BAD, a copy of a good one: (folder, BAD's path)."""
     folder = _make_folder(good_files, root)
     victim = folder / "all" / BAD
     victim.write_bytes((folder / "all" / good_files[0].name).read_bytes())
-    resolve_dataset(str(folder), image_size=16, eval_images=False)  # the manifest: every file passes
+    return folder, victim
+
+
+def _overwrite_keeping_size_and_mtime(victim) -> None:
+    """BAD overwritten with a JPEG start, random bytes and an end marker, its size and mtime kept (as cp -p, rsync -t
+    or tar x keep them): DALI's batch fails with "nvImageCodec failure", which names no file, and nvImageCodec prints
+    "[jpeg_parser] Invalid marker" from its own thread while DALI works ahead, outside any run() call."""
     st = victim.stat()
     data = victim.read_bytes()
     victim.write_bytes(b"\xff\xd8\xff\xe0" + np.random.default_rng(3).bytes(len(data) - 6) + b"\xff\xd9")
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return folder, str(victim)
 
 
-def test_a_batch_failure_that_names_no_file_is_traced_to_the_file(good_files, tmp_path):
-    folder, victim = _replaced_after_the_check(good_files, tmp_path / "imgs")
+def test_a_file_overwritten_with_its_size_and_mtime_kept_is_named_at_startup(good_files, tmp_path):
+    """The manifest knows each file by its identity (size, mtime, inode, ctime): a file rewritten in place since the
+    manifest was written, its size and mtime set back, makes the next run check it again, and name it."""
+    folder, victim = _with_victim(good_files, tmp_path / "imgs")
+    resolve_dataset(str(folder), image_size=16, eval_images=False)  # the manifest: every file passes
+    _overwrite_keeping_size_and_mtime(victim)
     res = _train(folder, tmp_path / "strict")
     assert res.returncode == 2, res.stderr[-3000:]
-    ours = [ln for ln in res.stderr.splitlines() if ln.startswith("fastbyol: error:")]
-    assert len(ours) == 1 and ours[0].startswith(f"fastbyol: error: {victim}: "), res.stderr[-3000:]
-    assert "changed since the pre-flight check" in ours[0] and "[native: [ERROR] [jpeg_parser]" in ours[0]
-    assert "Traceback" not in res.stderr and res.stderr.count("jpeg_parser") == 1  # folded, never printed alone
+    assert res.stderr.startswith(f"fastbyol: error: {victim}: ") and res.stderr.count("\n") == 1, res.stderr[-3000:]
+    assert not (tmp_path / "strict").exists()
+
+
+def test_a_batch_failure_that_names_no_file_is_traced_to_the_file(make_loader, good_files, tmp_path):
+    """A file that changes after the checks, while the run holds its file list: the batch DALI cannot decode, whose
+    error names no file, is read again from the checkpoint before it and the file is named, DALI's native line
+    folded into ours."""
+    from fastbyol.errors import FastByolError
+
+    folder, victim = _with_victim(good_files, tmp_path / "imgs")
+    src = resolve_dataset(str(folder), image_size=16, eval_images=False).pretraining_source
+    _overwrite_keeping_size_and_mtime(victim)
+    with pytest.raises(FastByolError) as e:
+        _views(make_loader(src, **KW), 2)
+    line = str(e.value)
+    assert line.startswith(f"{victim}: ") and "\n" not in line
+    assert "changed since the pre-flight check" in line and "[native: [ERROR] [jpeg_parser]" in line
 
 
 def test_a_batch_failure_that_names_no_file_is_skipped_as_that_file(make_loader, good_files, tmp_path, capfd):
 
-    folder, victim = _replaced_after_the_check(good_files, tmp_path / "imgs")
+    folder, victim = _with_victim(good_files, tmp_path / "imgs")
     src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
+    _overwrite_keeping_size_and_mtime(victim)  # after the checks, while the run holds its file list
     loader = make_loader(src, **KW)
     assert len(_views(loader, 2)) == 10
-    assert [name for name, _ in loader.skipped] == [victim] and src.bad == [victim]
+    assert [name for name, _ in loader.skipped] == [str(victim)] and src.bad == [str(victim)]
     assert "jpeg_parser" not in capfd.readouterr().err
 
 

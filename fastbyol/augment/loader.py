@@ -44,6 +44,7 @@ import torch
 from ..config import AugmentConfig, validate_section
 from ..data.dataset import EncodedSource
 from ..errors import FastByolError
+from ..system.bounds import check_address_space
 from . import pipelines
 from .makers import CpuViews, GpuViews, ProcessViews
 from .photometric import TAP_TAIL
@@ -52,10 +53,19 @@ from .views import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, ViewSpec
 
 
 def dali_available() -> bool:
+    """Whether DALI is installed; a DALI that is installed but cannot load (its libraries refused by the address-space
+    limit, a broken install) is a FastByolError saying why, not "not installed"."""
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
+    except ModuleNotFoundError as e:
+        if e.name in ("nvidia", "nvidia.dali"):
+            return False
+        raise FastByolError(f"NVIDIA DALI is installed but cannot load: {e}") from None
+    except ImportError as e:
+        from ..system.paths import address_space_note
+
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FastByolError(f"NVIDIA DALI is installed but cannot load ({why}){address_space_note()}") from None
     return True
 
 
@@ -95,6 +105,8 @@ class TwoViewLoader:
         validate_section(augment, name=str)
         if not dali_available():
             raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
+        # DALI's threads abort where the address-space limit is met
+        check_address_space(settings.num_threads, settings.batch_size, settings.image_size)
         settings.views[0].validate("view1")
         settings.views[1].validate("view2")
         self.settings = settings

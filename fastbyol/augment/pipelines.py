@@ -269,7 +269,17 @@ def build_pipeline(graph: DaliGraph, checkpoint: bytes | str | None):
     pipe = pipeline_def(graph.fn, enable_conditionals=False)(
         *graph.args, batch_size=graph.batch_size, num_threads=graph.num_threads, device_id=graph.device_id,
         seed=graph.seed, prefetch_queue_depth=2, exec_dynamic=True, enable_checkpointing=True, checkpoint=checkpoint)
-    pipe.build()
+    return build_quietly(pipe)
+
+
+def build_quietly(pipe):
+    """pipe.build(), with what native libraries print meanwhile captured and dropped (nvImageCodec's notes about
+    optional extensions it could not load, e.g. under an address-space limit): a failed build raises DALI's error,
+    which says what failed, and stderr keeps to fastbyol's one line."""
+    from ..system.native import native_stderr
+
+    with native_stderr():
+        pipe.build()
     return pipe
 
 

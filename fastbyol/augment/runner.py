@@ -130,7 +130,8 @@ class GraphRunner:
             if checkpoint is None:
                 raise
             why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-            raise FastByolError(f"the data checkpoint does not fit this loader's DALI graph: {why[:300]}") from None
+            raise FastByolError("the checkpoint's data position cannot be restored into this data pipeline (damaged, "
+                                f"or saved for other data or settings): {why[:200]}") from None
 
     @property
     def operators(self) -> int:

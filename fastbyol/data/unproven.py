@@ -11,9 +11,10 @@ it was decoding are decoded again one by one, each in a fresh child, and the one
 group; SIGTERM, SIGHUP) decides nothing: Ctrl-C ends the command with exit 130, the others in one line
 (fastbyol.system.children), and the child dies with its parent (a SIGKILLed trainer leaves no decoder running).
 Bad files are then named in one line, or left out under --skip-bad-files, as every bad file of the manifest
-(manifest.scan); the results are kept in the manifest, and, by size and mtime, in `decoded.json` beside it, so neither a
-later run nor a rescan decodes an unchanged file again. Tar shards (shards.py) decode their unproven members the same
-way while their index is built; a failing member is a bad sample of the shard, and the index is the cache.
+(manifest.scan); the results are kept in the manifest, and, by each file's identity (cache.identity: size, mtime,
+inode, ctime), in `decoded.json` beside it, so neither a later run nor a rescan decodes an unchanged file again, and
+a file rewritten with its size and mtime kept is decoded again. Tar shards (shards.py) decode their unproven members
+the same way while their index is built; a failing member is a bad sample of the shard, and the index is the cache.
 
 FASTBYOL_TEST_DECODE_CRASH (tests only): a file name; the child SIGSEGVs itself when a batch it is about to decode
 holds a file, or a tar member, of that base name (a stand-in for a decoder crash; a value with a "/" or empty is
@@ -34,7 +35,7 @@ from pathlib import Path
 from ..errors import FastByolError
 from ..system.children import child_command, child_env, ctrl_c_interrupts, stopped_by_signal
 
-DECODED = "decoded.json"  # beside the manifest: [[relpath, size, mtime_ns, reason or null], ...]
+DECODED = "decoded.json"  # beside the manifest: [[relpath, size, mtime_ns, inode, ctime_ns, reason or null], ...]
 THREADS = 2
 BATCH = 4 * (THREADS + 1)  # DALI parses a batch's headers in the calling thread up to this many (decode.py)
 CRASH_ENV = "FASTBYOL_TEST_DECODE_CRASH"
@@ -132,17 +133,20 @@ def decode_check(where: str, items: list[Item]) -> list[str | None]:
 def _read_cache(location: Path | None) -> dict:
     try:
         entries = json.loads((location / DECODED).read_text()) if location is not None else []
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
-    return {(e[0], e[1], e[2]): e[3] for e in entries if isinstance(e, list) and len(e) == 4} \
-        if isinstance(entries, list) else {}
+    if not isinstance(entries, list):
+        return {}
+    return {tuple(e[:5]): e[5] for e in entries if isinstance(e, list) and len(e) == 6 and isinstance(e[0], str)
+            and all(isinstance(x, int) for x in e[1:5]) and (e[5] is None or isinstance(e[5], str))}
 
 
-def prove(root: str, rels: list[str], sizes: list[int], mtimes: list[int], location: Path | None = None) -> list:
-    """decode_check of the files not already in location/decoded.json at their size and mtime; the cache updated
-    (whole or untouched; a folder that cannot be written only loses the cache)."""
+def prove(root: str, rels: list[str], ids, location: Path | None = None) -> list:
+    """decode_check of the files not already in location/decoded.json at their identity (ids: (N, 4) size, mtime,
+    inode, ctime, as check_files took them); the cache updated (whole or untouched; a folder that cannot be written
+    only loses the cache)."""
     cache = _read_cache(location)
-    keys = [(r, int(s), int(m)) for r, s, m in zip(rels, sizes, mtimes)]
+    keys = [(r, *(int(x) for x in i)) for r, i in zip(rels, ids)]
     todo = [k for k in keys if k not in cache]
     if todo:
         for k, why in zip(todo, decode_check(root, file_items(root, [k[0] for k in todo]))):

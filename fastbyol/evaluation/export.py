@@ -20,7 +20,7 @@ from ..run.disk import atomic_write_bytes
 from ..run.outputs import check_output, claim_output
 from ..config import Config
 from ..errors import FastByolError
-from .runs import encoder_state
+from .runs import build_run_encoder, encoder_state
 from ..run import names
 
 
@@ -35,15 +35,17 @@ def _refuse_run_files(out: Path, run_dir: Path, cfg: Config | None = None) -> No
     else:  # the run's config.json, when it is readable (plot needs no checkpoint)
         try:
             data = json.loads((run_dir / names.CONFIG).read_text())["data"]["data"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             data = None
     data = data if isinstance(data, str) else None
     if data and Path(data).is_dir() and target.is_relative_to(Path(data).resolve()):
         raise FastByolError(f"--out {out} is inside the run's dataset {data}: write it elsewhere")
 
 
-def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") -> Path:
-    """Write the encoder as a torchvision-compatible state_dict: .pt (torch.save) or .safetensors."""
+def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online", own=None) -> Path:
+    """Write the encoder as a torchvision-compatible state_dict: .pt (torch.save) or .safetensors. own:
+    models.OwnEncoders, the encoders of the user's own this command may import (`--arch`, `encoder=`) to check the
+    checkpoint against; a run naming any other module:factory is refused."""
     out = Path(out)
     _refuse_run_files(out, Path(run_dir))
     if out.is_dir():
@@ -54,9 +56,11 @@ def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") 
         raise FastByolError(f"--out {out}: the folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise FastByolError(f"--out {out}: the folder {out.parent} is not writable")
-    cfg, _, ckpt = load_run(run_dir)
+    cfg, _, ckpt = load_run(run_dir, own)
     _refuse_run_files(out, Path(run_dir), cfg)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder_state(ckpt, which).items()}
+    if own is not None and own.encoder is not None:  # the encoder given in Python: the tensors must fit it
+        build_run_encoder(cfg, state, own, where=str(Path(run_dir) / "config.json"))
     if out.suffix == ".safetensors":
         try:
             from safetensors.torch import save as to_bytes
@@ -70,12 +74,24 @@ def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") 
     return out
 
 
+def _plotted(value):
+    """A record's value as the plot reads it: a number as a float (an integer too large for one is inf), anything
+    else as it is (the step stays an int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """PNG curves of loss, lr, tau, kNN top-1 and img/s over steps, from RUN_DIR/metrics.jsonl."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.rcdefaults()  # a matplotlibrc in the current folder (a run folder) was read at import: its
+        matplotlib.use("Agg")  # settings are dropped, and the backend is ours
         import matplotlib.pyplot as plt
     except ImportError:
         raise FastByolError("fastbyol plot needs matplotlib: pip install 'fastbyol[plot]'") from None
@@ -98,16 +114,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise FastByolError(f"{metrics}, line {n}: not a JSON record") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise FastByolError(f"{metrics}, line {n}: a record needs an integer 'step'")
-        rows.append(row)
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 1 << 62:
+            raise FastByolError(f"{metrics}, line {n}: a record needs an integer 'step' (0 <= step < 2^62)")
+        rows.append({**{k: _plotted(v) for k, v in row.items()}, "step": step})
     panels = [("loss", "BYOL loss"), ("lr", "learning rate"), ("tau", "EMA tau"), ("img_per_s", "images / s")]
-    steps = [r for r in rows if all(isinstance(r.get(key), (int, float)) for key, _ in panels)]
-    knn = [r for r in rows if isinstance(r.get("knn_top1"), (int, float)) and math.isfinite(r["knn_top1"])
+    steps = [r for r in rows if all(isinstance(r.get(key), float) for key, _ in panels)]
+    knn = [r for r in rows if isinstance(r.get("knn_top1"), float) and math.isfinite(r["knn_top1"])
            and r.get("init") != "random"]
-    probe = [r for r in rows if isinstance(r.get("online_probe_top1"), (int, float))
+    probe = [r for r in rows if isinstance(r.get("online_probe_top1"), float)
              and math.isfinite(r["online_probe_top1"])]
     if not steps:
         raise FastByolError(f"{metrics}: no logged steps")

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import FastByolError
+from ..system.paths import NAME_MAX, fit_name
 from .names import LOCK
 
 FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
@@ -37,7 +38,8 @@ def _fsync_dir(folder: Path) -> None:
 
 WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
                 errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted"}
+                errno.EPERM: "operation not permitted", errno.EFBIG: "the file size limit is reached (ulimit -f)",
+                errno.ENAMETOOLONG: "a name in the path is longer than the file system allows"}
 
 
 def describe_write_error(e: BaseException, path: Path) -> FastByolError | None:
@@ -68,7 +70,8 @@ def atomic_write_bytes(path: Path, write, need: int | None = None, before_rename
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
+        # created 0600; its name within NAME_MAX (mkstemp adds 8 characters and the suffix to the prefix)
+        fd, tmp = tempfile.mkstemp(prefix=fit_name(path.name, ".", ".", NAME_MAX - 12), suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -130,7 +130,7 @@ def _saved_config(run_dir: Path) -> Config:
     path = run_dir / CONFIG
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FastByolError(f"{path}: unreadable config ({type(e).__name__}); --auto-resume cannot tell whose run "
                             "this is: choose another --out") from None
     return Config.from_dict(raw, where=str(path))
@@ -159,15 +159,19 @@ def auto_resume_decision(cfg: Config, rank: int = 0, log=print) -> Path | None:
         _clear_unstarted(run_dir)
         log(f"restarting {run_dir}: it stopped before its first checkpoint")
         return None
-    from .checkpoint import load_checkpoint
+    from .checkpoint import check_run_identity, load_checkpoint
+    from .state import TrainState
 
-    state = load_checkpoint(run_dir / CHECKPOINT)["state"]
+    # the checkpoint's state checked, and its run's id against config.json's: another run's checkpoint copied in is
+    # neither resumed nor reported finished
+    state = TrainState.from_checkpoint(load_checkpoint(run_dir / CHECKPOINT), where=str(run_dir / CHECKPOINT))
+    check_run_identity(json.loads((run_dir / CONFIG).read_text()), state, str(run_dir))
     total = _total_steps(run_dir)
-    if state.get("finished"):
+    if state.finished:
         missing = "" if (run_dir / SUMMARY).is_file() else (
             f"; its summary.json is missing (removed since): `fastbyol eval {run_dir}` evaluates it")
-        raise AlreadyFinished(f"{run_dir}: the run already finished ({state.get('step')} of {total} steps){missing}")
-    log(f"resuming {run_dir} at step {state.get('step')} of {total}")
+        raise AlreadyFinished(f"{run_dir}: the run already finished ({state.step} of {total} steps){missing}")
+    log(f"resuming {run_dir} at step {state.step} of {total}")
     return run_dir
 
 
@@ -179,7 +183,7 @@ def _resolved(run_dir: Path) -> dict:
     """The run's resolved values (config.json's "resolved"), {} when unreadable."""
     try:
         resolved = json.loads((run_dir / CONFIG).read_text())["resolved"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return {}
     return resolved if isinstance(resolved, dict) else {}
 

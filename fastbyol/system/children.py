@@ -47,7 +47,7 @@ def die_with_parent() -> None:
     """In a child started with `child_env()`: be killed when the parent dies (SIGKILL through PR_SET_PDEATHSIG on
     Linux, else a watch thread); exit at once when it is gone already. Nothing without PARENT_ENV."""
     raw = os.environ.get("FASTBYOL_PARENT_PID", "")  # PARENT_ENV
-    if not raw.isdigit():
+    if not (raw.isdigit() and raw.isascii() and len(raw) < 12):  # '²' is a digit to isdigit(), not to int()
         return
     parent = int(raw)
     if sys.platform.startswith("linux"):
