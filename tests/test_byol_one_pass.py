@@ -121,7 +121,9 @@ def test_compiled_networks_equal_eager_and_compile_only_in_the_first_step(arch, 
     assert counters["stats"]["unique_graphs"] == first == graphs, dict(counters["stats"])
     assert sum(counters["recompiles"].values()) == recompiled and not counters["graph_break"], (
         dict(counters["recompiles"]), dict(counters["graph_break"]))
-    _assert_same(got, _steps(ref_model, ref_model, steps=1), rtol=1e-9, atol=1e-11)
+    # float64: the compiled graphs sum in another order (decomposed BN backward), ~1e-9 of a value; a wrong graph is
+    # off by far more (float32 alone would be ~1e-6)
+    _assert_same(got, _steps(ref_model, ref_model, steps=1), rtol=1e-8, atol=1e-10)
     assert more["outs"][0][0].ne(got["outs"][0][0]).any()  # the steps did move the model
     assert list(model.state_dict()) == names  # compiled in place: no name changed
     blocks = repeated_blocks(model.online_encoder)

@@ -33,18 +33,38 @@ def encoder_state(ckpt: dict, which: str = "online") -> dict:
     return state
 
 
-def build_run_encoder(cfg: Config, state: dict | None) -> torch.nn.Module:
-    """The run's encoder architecture, with `state` loaded, or random-init from the run's seed when state is None."""
-    from ..models import build_encoder
+def build_run_encoder(cfg: Config, state: dict | None, own=None, where: str = "config.json") -> torch.nn.Module:
+    """The run's encoder architecture, with `state` loaded, or random-init from the run's seed when state is None.
+    own: models.OwnEncoders (the encoders of the user's own this command may build; nothing else is imported)."""
+    from ..models import OwnEncoders
 
     torch.manual_seed(cfg.run.seed)  # the random-init encoder is the one the run started from
     try:
-        encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
-    except ValueError as e:  # a module:factory arch that cannot be imported here (one line, exit 2)
+        encoder = (own or OwnEncoders()).build(cfg.model.arch, cfg.model.stem, cfg.data.image_size, where)
+    except ValueError as e:  # not allowed, or a module:factory that cannot be imported here (one line, exit 2)
         raise FastByolError(str(e).splitlines()[0]) from None
     if state is not None:
-        encoder.load_state_dict(state)
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as e:  # an encoder given in Python that is not the run's (its checkpoint was not
+            raise FastByolError(f"the checkpoint's encoder does not fit the encoder given: "  # checked against it)
+                                f"{str(e).strip().splitlines()[0][:200]}") from None
     return encoder
+
+
+def data_key(cfg: Config, data: str | None) -> str:
+    """"" when `data` is the run's own dataset (None, the same name, or the same path), else what it names: the
+    resolved path, or the name (embedded, fashion-mnist, synthetic); part of a result's name (results.ResultKey)."""
+    if data is None or data == cfg.data.data:
+        return ""
+    def resolved(spec: str) -> str:
+        path = Path(spec).expanduser()
+        try:
+            return str(path.resolve()) if path.exists() else spec
+        except OSError:  # a name too long, a loop: as given
+            return spec
+    mine, theirs = resolved(cfg.data.data), resolved(data)
+    return "" if mine == theirs else theirs
 
 
 @dataclass
@@ -64,22 +84,20 @@ class EvalRun:
     test_labels: np.ndarray
     num_classes: int
     gray: bool  # R = G = B (Fashion-MNIST)
-
-    def result_path(self, stem: str) -> Path:
-        """RUN_DIR/STEM.json, or STEM-random.json for the random-init baseline."""
-        return self.run_dir / (f"{stem}.json" if self.init == "trained" else f"{stem}-random.json")
+    data_key: str = ""  # data_key(): "" for the run's own dataset
+    run_id: str = ""  # the run's id (config.json), recorded in its results
 
 
 def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trained", train_pick=None,
-                 pick_what: str = "train_pick") -> EvalRun:
+                 pick_what: str = "train_pick", own=None) -> EvalRun:
     """A run's encoder and labelled splits; `data` overrides the run's dataset (same image size). train_pick: the
     train split is then the images it picks by file (image folders only: fastbyol.data.resolve_dataset); pick_what
-    names what picked them in the error for other datasets."""
+    names what picked them in the error for other datasets. own: models.OwnEncoders (`--arch`, `encoder=`)."""
     from ..data import resolve_dataset
 
     if init not in INITS:
         raise FastByolError(f"--init must be trained or random, got {init!r}")
-    cfg, state, ckpt = load_run(run_dir)
+    cfg, state, ckpt = load_run(run_dir, own)
     spec = data or cfg.data.data
     try:
         dataset = resolve_dataset(spec, "auto" if data else cfg.data.data_format, cfg.data.image_size,
@@ -89,9 +107,11 @@ def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trai
                             f"{spec}'s labelled train split is picked by 0-based index") from None
     if dataset.train_labels is None or dataset.test_images is None or dataset.test_labels is None:
         raise FastByolError(f"{dataset.name}: evaluation needs labeled train and test splits")
-    encoder = build_run_encoder(cfg, encoder_state(ckpt) if init == "trained" else None)
+    encoder = build_run_encoder(cfg, encoder_state(ckpt) if init == "trained" else None, own,
+                                where=str(Path(run_dir) / "config.json"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = encoder.to(device=device, memory_format=torch.channels_last)
     return EvalRun(Path(run_dir), cfg, state.step, init, encoder, device, dataset.describe(), dataset.train_images,
                    np.asarray(dataset.train_labels, dtype=np.int64), dataset.test_images,
-                   np.asarray(dataset.test_labels, dtype=np.int64), dataset.num_classes, dataset.gray)
+                   np.asarray(dataset.test_labels, dtype=np.int64), dataset.num_classes, dataset.gray,
+                   data_key(cfg, data), state.run_id)

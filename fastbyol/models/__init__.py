@@ -3,10 +3,10 @@ names that the CLI's `--arch`, the presets and `build_encoder` read; a new famil
 """
 
 from .byol import BYOL, feature_dim_of, mlp, params_sha256
-from .registry import ARCHS, Arch, build_encoder, call_factory, is_custom_arch, load_factory
+from .registry import ARCHS, Arch, OwnEncoders, build_encoder, call_factory, is_custom_arch, load_factory
 from .resnet import STEMS, BasicBlock, Bottleneck, ResNet, resnet, resnet_tiny
 from .vit import VisionTransformer, vit
 
-__all__ = ["ARCHS", "Arch", "BYOL", "BasicBlock", "Bottleneck", "ResNet", "STEMS", "VisionTransformer",
+__all__ = ["ARCHS", "Arch", "BYOL", "OwnEncoders", "BasicBlock", "Bottleneck", "ResNet", "STEMS", "VisionTransformer",
            "build_encoder", "call_factory", "feature_dim_of", "is_custom_arch", "load_factory", "mlp", "params_sha256",
            "resnet", "resnet_tiny", "vit"]

@@ -22,6 +22,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..errors import FastByolError
 from ..system.batchnorm import GlobalBatchNorm, convert_batchnorm, has_other_batchnorm, set_views
 
 
@@ -35,23 +36,46 @@ def feature_dim_of(encoder: nn.Module, image_size: int = 32) -> int:
             return value
     try:
         probe = copy.deepcopy(encoder).to("meta")
+        x = torch.empty(2, 3, image_size, image_size, device="meta")
         with torch.no_grad():
-            out = probe(torch.empty(2, 3, image_size, image_size, device="meta"))
+            out = probe(x)
     except Exception:  # noqa: BLE001 (an op without a meta kernel: one real forward instead)
         param = next(iter(encoder.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
+        x = torch.zeros(2, 3, image_size, image_size, device=param.device if param is not None else "cpu")
         was_training = encoder.training
         encoder.eval()
         try:
             with torch.no_grad():
-                out = encoder(torch.zeros(2, 3, image_size, image_size, device=device))
+                out = encoder(x)
         finally:
             encoder.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"the encoder must return (batch, features); it returned {shape} for a "
-                         f"(2, 3, {image_size}, {image_size}) input")
+    check_features(out, x)
     return int(out.shape[1])
+
+
+class EncoderOutputError(FastByolError, ValueError):
+    """An encoder's output is not (batch, features) floating features on its input's device."""
+
+
+def check_features(out, x: torch.Tensor) -> None:
+    """The encoder's output `out` for the input `x` (B, C, H, W) is a (B, D) floating tensor on x's device; else
+    EncoderOutputError, one line naming what is wrong. Shapes, dtypes and devices only: no host sync (and static
+    under torch.compile)."""
+    given = f"a {tuple(x.shape)} input"
+    if not isinstance(out, torch.Tensor):
+        why = f"a {type(out).__name__}, not a tensor"
+    elif out.ndim != 2:
+        why = f"shape {tuple(out.shape)} for {given}"
+    elif out.shape[0] != x.shape[0]:
+        why = f"{out.shape[0]} rows for {given} (a batch of {x.shape[0]})"
+    elif not out.is_floating_point():
+        why = f"{out.dtype} features"
+    elif out.device != x.device:
+        why = f"features on {out.device} for an input on {x.device}"
+    else:
+        return
+    raise EncoderOutputError(f"the encoder must return (batch, features) floating features on its input's device; "
+                             f"it returned {why}")
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, first_bias: bool = True) -> nn.Sequential:
@@ -77,6 +101,12 @@ class BYOL(nn.Module):
     def __init__(self, encoder: nn.Module, proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096,
                  head_first_bias: bool = True, image_size: int = 32):
         super().__init__()
+        if not isinstance(encoder, nn.Module):
+            raise ValueError(f"BYOL: the encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+        for name, width in (("proj_hidden", proj_hidden), ("proj_dim", proj_dim), ("pred_hidden", pred_hidden),
+                            ("image_size", image_size)):
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(f"BYOL: {name} must be an integer >= 1, got {width!r}")
         self.feature_dim = feature_dim_of(encoder, image_size)
         self.online_encoder = convert_batchnorm(encoder)  # per-view BN (the same parameters and buffers)
         self.online_projector = convert_batchnorm(mlp(self.feature_dim, proj_hidden, proj_dim, head_first_bias))
@@ -103,8 +133,10 @@ class BYOL(nn.Module):
         return self.ema_pairs()[0]
 
     def online_pass(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Online network: (N, 3, H, W) -> predictions (N, proj_dim) and encoder features (N, feature_dim)."""
+        """Online network: (N, 3, H, W) -> predictions (N, proj_dim) and encoder features (N, feature_dim). An
+        encoder output that is not (N, D) floating features on x's device is one line (check_features)."""
         h = self.online_encoder(x)
+        check_features(h, x)
         return self.predictor(self.online_projector(h)), h
 
     def target_pass(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,13 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .byol import BYOL
+from .byol import BYOL, check_features
 
 
 class OnlineNetwork(nn.Module):
     """encoder -> projector -> predictor of a BYOL model (the same module objects): (N, 3, H, W) -> (predictions,
-    encoder features), as `BYOL.online_pass`. What DDP wraps and torch.compile compiles."""
+    encoder features), as `BYOL.online_pass` (an encoder output that is not (N, D) features is one line). What DDP
+    wraps and torch.compile compiles."""
 
     def __init__(self, model: BYOL):
         super().__init__()
@@ -36,6 +37,7 @@ class OnlineNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
+        check_features(h, x)
         return self.predictor(self.projector(h)), h
 
 

@@ -26,6 +26,8 @@ ranks (`group_size`, e.g. the GPUs of one node: `fastbyol train --bn-group`).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -33,9 +35,10 @@ import torch.nn as nn
 _GROUPS: dict[tuple[str, int], object] = {}  # (backend, group size) -> this rank's group
 
 
-def bn_process_group(device_type: str, group_size: int = 0):
+def bn_process_group(device_type: str, group_size: int = 0, timeout: timedelta | None = None):
     """This rank's process group for BN statistics: all ranks (group_size 0 or the world size), or the block of
-    `group_size` consecutive ranks it belongs to; NCCL on CUDA, gloo on the CPU, never the default group.
+    `group_size` consecutive ranks it belongs to; NCCL on CUDA, gloo on the CPU, never the default group; each
+    collective bounded by `timeout` (the trainer's --dist-timeout; None: torch's default for the backend).
     Collective the first time for a size: every rank must call it, in the same order (the trainer converts its
     model on every rank before the first step)."""
     world = dist.get_world_size()
@@ -46,11 +49,11 @@ def bn_process_group(device_type: str, group_size: int = 0):
     key = (backend, size)
     if key not in _GROUPS:
         if size == world:
-            _GROUPS[key] = dist.new_group(backend=backend)
+            _GROUPS[key] = dist.new_group(backend=backend, timeout=timeout)
         else:  # every rank makes every block (new_group is collective), and keeps its own
             rank = dist.get_rank()
             for start in range(0, world, size):
-                group = dist.new_group(ranks=list(range(start, start + size)), backend=backend)
+                group = dist.new_group(ranks=list(range(start, start + size)), backend=backend, timeout=timeout)
                 if start <= rank < start + size:
                     _GROUPS[key] = group
     return _GROUPS[key]
@@ -167,16 +170,18 @@ class GlobalBatchNorm(nn.BatchNorm2d):
 CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d)  # exactly these types: a subclass may do more in its forward
 
 
-def convert_batchnorm(module: nn.Module, device_type: str | None = None, group_size: int = 0) -> nn.Module:
+def convert_batchnorm(module: nn.Module, device_type: str | None = None, group_size: int = 0,
+                      timeout: timedelta | None = None) -> nn.Module:
     """Every BatchNorm1d/2d of `module` -> GlobalBatchNorm; the parameters and buffers are the same objects, so a
     frozen (target) BN stays frozen, and a GlobalBatchNorm already there is kept (the same object).
 
     device_type given and a process group up: the statistics are summed over `bn_process_group(device_type,
-    group_size)` (collective: call it on every rank together); otherwise each process keeps its own statistics.
+    group_size, timeout)` (collective: call it on every rank together); otherwise each process keeps its own
+    statistics.
     Subclasses of the BN types (timm's BatchNormAct2d, for example) are left as they are."""
     group = (None, 1)
     if device_type is not None and dist.is_initialized():
-        pg = bn_process_group(device_type, group_size)
+        pg = bn_process_group(device_type, group_size, timeout)
         group = (pg.group_name, dist.get_world_size(pg))
     return _convert(module, group)
 

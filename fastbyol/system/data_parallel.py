@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .batchnorm import convert_batchnorm
+from .distributed import group_timeout
 
 GRAD_REDUCE = ("fp32", "bf16")
 
@@ -63,7 +64,7 @@ def wrap_online(model, device: torch.device, settings) -> nn.Module:
 
     if settings.grad_reduce not in GRAD_REDUCE:
         raise ValueError(f"grad_reduce must be one of {GRAD_REDUCE}, got {settings.grad_reduce!r}")
-    convert_batchnorm(model, device.type, settings.bn_group)
+    convert_batchnorm(model, device.type, settings.bn_group, group_timeout())  # its waits: --dist-timeout
     one_layout_for_pointwise_convs(model)
     no_buffer_sync = ({"forward_sync_buffers": False}  # newer torch's name for the same switch
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
