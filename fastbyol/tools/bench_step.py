@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -35,89 +36,101 @@ def plain_byol_step(model, optimizer, v1: torch.Tensor, v2: torch.Tensor, tau: f
     return loss.detach()
 
 
-def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", steps: int = 10, warmup: int = 3,
-               device: str | None = None, proj_hidden: int = 4096, stem: str = "auto", compile: str = "off",
-               source: str = "synthetic", compile_backend: str = "inductor") -> dict:
-    """BYOL img/s (and MFU on a GPU) of the training step.
+@dataclass(frozen=True)
+class StepCase:
+    """What one row of the step benchmark measures: the model and batch, and how the step runs and is fed.
 
-    fastbyol: both views in one pass, channels_last model and views, bf16 autocast on CUDA, cuDNN autotuning for the
-    fixed shapes, the fused loss and single-launch EMA, LARS, and the online and target networks compiled each on its
-    own in mode `compile` ('off' or a torch.compile mode), as the trainer runs it. compile_backend: torch.compile's backend ('inductor'; 'eager' traces the graph
-    without generating code: the GPU plan's CPU dry run).
-    plain: one pass per view, NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS,
-    cuDNN's default (no autotuning), as a plain script runs it.
-    source: 'synthetic' (views already on the device: the step alone) or 'dali' (the trainer's DALI pipeline over
-    synthetic JPEGs, decoded and augmented on the GPU: the step fed as in training).
-    The warm-up steps (compilation included) are timed apart: warmup_seconds. On CUDA, peak_memory_gb is the peak
-    allocated by torch during warm-up and timed steps (the model, optimizer state and activations; DALI's own
-    buffers are not torch's)."""
-    if variant not in ("fastbyol", "plain"):
-        raise FastByolError(f"variant must be fastbyol or plain, got {variant!r}")
-    if source not in ("synthetic", "dali"):
-        raise FastByolError(f"source must be synthetic or dali, got {source!r}")
-    if variant == "plain" and compile != "off":
-        raise FastByolError("the plain step is never compiled")
+    variant: 'fastbyol' (both views in one pass, channels_last model and views, bf16 autocast on CUDA, cuDNN
+    autotuning for the fixed shapes, the fused loss and single-launch EMA, LARS, and the online and target networks
+    compiled each on its own in mode `compile` ('off' or a torch.compile mode), as the trainer runs it) or 'plain'
+    (one pass per view, NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS, cuDNN's
+    default (no autotuning), as a plain script runs it). compile_backend: torch.compile's backend ('inductor';
+    'eager' traces the graph without generating code: the GPU plan's CPU dry run). source: 'synthetic' (views already
+    on the device: the step alone) or 'dali' (the trainer's DALI pipeline over synthetic JPEGs, decoded and augmented
+    on the GPU: the step fed as in training)."""
+
+    arch: str
+    size: int
+    batch: int
+    variant: str = "fastbyol"
+    proj_hidden: int = 4096
+    stem: str = "auto"
+    compile: str = "off"
+    compile_backend: str = "inductor"
+    source: str = "synthetic"
+
+    def check(self) -> None:
+        """One line for a case the benchmark cannot run."""
+        if self.variant not in ("fastbyol", "plain"):
+            raise FastByolError(f"variant must be fastbyol or plain, got {self.variant!r}")
+        if self.source not in ("synthetic", "dali"):
+            raise FastByolError(f"source must be synthetic or dali, got {self.source!r}")
+        if self.variant == "plain" and self.compile != "off":
+            raise FastByolError("the plain step is never compiled")
+
+
+def bench_step(case: StepCase, steps: int = 10, warmup: int = 3, device: str | None = None) -> dict:
+    """BYOL img/s (and MFU on a GPU) of the training step `case` describes: `warmup` steps (compilation included)
+    timed apart as warmup_seconds, then `steps` timed steps. On CUDA, peak_memory_gb is the peak allocated by torch
+    during warm-up and timed steps (the model, optimizer state and activations; DALI's own buffers are not torch's)."""
+    case.check()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cudnn_benchmark = variant == "fastbyol" and dev.type == "cuda"
+    cudnn_benchmark = case.variant == "fastbyol" and dev.type == "cuda"
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark  # for this row only (restored below)
     try:
-        return _measure(arch, size, batch, variant, steps, warmup, dev, proj_hidden, stem, compile, source,
-                        compile_backend, cudnn_benchmark)
+        return {**_measure(case, steps, warmup, dev), "cudnn_benchmark": cudnn_benchmark}
     finally:
         torch.backends.cudnn.benchmark = previous
 
 
-def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup: int, dev: torch.device,
-             proj_hidden: int, stem: str, compile: str, source: str, compile_backend: str,
-             cudnn_benchmark: bool) -> dict:
+def _batches(case: StepCase, dev: torch.device, view_dtype: torch.dtype, fmt: torch.memory_format):
+    """An endless stream of (v1, v2): the same device-resident random views (synthetic), or the trainer's DALI
+    pipeline over synthetic JPEGs."""
     from ..augment import LoaderSettings, TwoViewLoader
+
+    if case.source == "synthetic":
+        gen = torch.Generator(device=dev).manual_seed(0)
+        views = [torch.randn(case.batch, 3, case.size, case.size, device=dev, generator=gen).to(view_dtype).contiguous(
+            memory_format=fmt) for _ in range(2)]
+        while True:
+            yield views
+    loader = TwoViewLoader(synthetic_source(case.size, case.batch * 4, "jpeg"),
+                           LoaderSettings(case.batch, case.size, device="cuda" if dev.type == "cuda" else "cpu",
+                                          num_threads=min(8, os.cpu_count() or 1)))
+    while True:
+        for v1, v2 in loader.epoch():
+            yield v1.to(view_dtype).contiguous(memory_format=fmt), v2.to(view_dtype).contiguous(memory_format=fmt)
+
+
+def _measure(case: StepCase, steps: int, warmup: int, dev: torch.device) -> dict:
     from ..models import BYOL, build_encoder
+    from ..models.networks import compile_networks
     from ..optim import LARS
     from ..run.perf import flops_per_image, mfu, peak_flops
-    from ..models.networks import compile_networks
     from ..train import byol_step
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
-    model = BYOL(build_encoder(arch, stem, size), proj_hidden, 256, proj_hidden).to(dev)
-    fmt = torch.channels_last if variant == "fastbyol" else torch.contiguous_format
+    model = BYOL(build_encoder(case.arch, case.stem, case.size), case.proj_hidden, 256, case.proj_hidden).to(dev)
+    fmt = torch.channels_last if case.variant == "fastbyol" else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    flops = flops_per_image(model, size, dev)
+    flops = flops_per_image(model, case.size, dev)
     optimizer = LARS(model.online_parameters(), lr=0.1, weight_decay=1e-6)
     target, online = model.ema_pairs()
-    bf16 = variant == "fastbyol" and dev.type == "cuda"
+    bf16 = case.variant == "fastbyol" and dev.type == "cuda"
     # the trainer's views: fp16 on CUDA (bf16 autocast takes them as they are), fp32 on CPU
-    view_dtype = torch.float16 if bf16 else torch.float32
-    if source == "synthetic":
-        gen = torch.Generator(device=dev).manual_seed(0)
-        views = [torch.randn(batch, 3, size, size, device=dev, generator=gen).to(view_dtype).contiguous(
-            memory_format=fmt) for _ in range(2)]
-
-        def batches():
-            while True:
-                yield views
-    else:
-        loader = TwoViewLoader(synthetic_source(size, batch * 4, "jpeg"),
-                               LoaderSettings(batch, size, device="cuda" if dev.type == "cuda" else "cpu",
-                                              num_threads=min(8, os.cpu_count() or 1)))
-
-        def batches():
-            while True:
-                for v1, v2 in loader.epoch():
-                    yield (v1.to(view_dtype).contiguous(memory_format=fmt),
-                           v2.to(view_dtype).contiguous(memory_format=fmt))
+    stream = _batches(case, dev, torch.float16 if bf16 else torch.float32, fmt)
     # the trainer's networks: both views in one pass, each network compiled on its own (the graphs fastbyol train
     # compiles, so a compiled row's caches serve a training run of the same model, batch and dtype)
-    net = compile_networks(model, compile, backend=compile_backend)
+    net = compile_networks(model, case.compile, backend=case.compile_backend)
 
     def one_step(v1, v2):
-        if variant == "fastbyol":
+        if case.variant == "fastbyol":
             return byol_step(net, optimizer, (target, online), (v1, v2), 0.1, 0.996, bf16=bf16)
         return plain_byol_step(model, optimizer, v1, v2, 0.996)
 
-    stream = batches()
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = one_step(*next(stream))
@@ -128,10 +141,10 @@ def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup:
         loss = one_step(*next(stream))
     loss.item()  # sync: the last step is done
     seconds = time.perf_counter() - t0
-    img_s = steps * batch / seconds
-    peak = peak_flops(dev)
-    return {"arch": arch, "size": size, "batch": batch, "variant": variant, "compile": compile, "source": source,
-            "device": str(dev), "img_per_s": img_s, "step_ms": 1000 * seconds / steps, "flops_per_image": flops,
-            "mfu": mfu(img_s, flops, peak), "warmup_seconds": warmup_seconds, "steps": steps,
-            "compile_backend": compile_backend if compile != "off" else None, "cudnn_benchmark": cudnn_benchmark,
+    img_s = steps * case.batch / seconds
+    return {"arch": case.arch, "size": case.size, "batch": case.batch, "variant": case.variant,
+            "compile": case.compile, "source": case.source, "device": str(dev), "img_per_s": img_s,
+            "step_ms": 1000 * seconds / steps, "flops_per_image": flops, "mfu": mfu(img_s, flops, peak_flops(dev)),
+            "warmup_seconds": warmup_seconds, "steps": steps,
+            "compile_backend": case.compile_backend if case.compile != "off" else None,
             "peak_memory_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None}
