@@ -183,19 +183,21 @@ class TrainStep:
     """The step the loop calls: `byol_step` on the run's networks, then the online probe's step on the view-1
     features they returned. Its first call in a process compiles (the online and target networks, each on its own:
     `compile_networks`); under --compile auto a compiler failure there prints one warning and the step runs again
-    eagerly (compilation fails before the forward runs, so nothing has changed).
+    eagerly from the state before it (the buffers a partly run forward updated are put back).
 
     online: DDP around the model's online network (`fastbyol.system.data_parallel.wrap_online`, several processes),
     or None (one process)."""
 
     def __init__(self, model: BYOL, online, optimizer, resolved: Resolved, may_fall_back: bool, log):
-        self.optimizer, self.log = optimizer, log
+        self.model, self.online, self.optimizer, self.log = model, online, optimizer, log
         self.ema_pairs = model.ema_pairs()
         self.micro_batches, self.bf16 = resolved.accumulate, resolved.autocast_bf16
         self.mode = resolved.compile_mode
-        self.eager_net = compile_networks(model, "off", online=online)
-        self.net = self.eager_net if self.mode == "off" else compile_networks(model, self.mode, online=online)
+        self.net = compile_networks(model, self.mode, online=online)
         self.may_fall_back = may_fall_back and self.mode != "off"
+        # the buffers before the first step, for a fallback: a network compiled block by block runs its stem eagerly
+        # (BN statistics updated) before a block's compilation can fail
+        self._buffers = {n: b.clone() for n, b in model.named_buffers()} if self.may_fall_back else None
         self.probe: OnlineProbe | None = None  # trained on the step's view-1 features after it
 
     def __call__(self, v1: torch.Tensor, v2: torch.Tensor, lr: float, tau: float,
@@ -208,15 +210,24 @@ class TrainStep:
                 raise
             self.log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training "
                      "continues without it (--compile off skips the attempt)")
-            self.net, self.mode, self.may_fall_back = self.eager_net, "off", False
+            self._fall_back()
             return self(v1, v2, lr, tau, labels)
         if self.probe is not None:
             self.probe.step(self.net.features, labels)  # h1, the online encoder's view-1 features, detached
         return loss
 
+    def _fall_back(self) -> None:
+        """Eager from now on, from the state before the failed step: the buffers as they were, the networks
+        uncompiled (a compiled block's forward removed); the parameters had not changed (no optimizer step)."""
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(self._buffers[name])
+        self.net = compile_networks(self.model, "off", online=self.online)
+        self.mode, self.may_fall_back, self._buffers = "off", False, None
+
     def first_step_passed(self) -> None:
         """The first step went through: no fallback after it."""
-        self.may_fall_back = False
+        self.may_fall_back, self._buffers = False, None
 
 
 # --------------------------------------------------------------------------------------------------------- the run

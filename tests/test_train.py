@@ -193,9 +193,12 @@ def test_steady_state_step_never_syncs_on_cuda():
     assert torch.isfinite(loss).item()
 
 
-def test_failed_compile_under_auto_falls_back_to_eager(monkeypatch):
+@pytest.mark.parametrize("arch", ["resnet-tiny", "resnet18"])
+def test_failed_compile_under_auto_falls_back_to_eager(monkeypatch, arch):
     """--compile auto (a compiled mode where it may fall back): a compiler failure at the first step is one warning
-    line and the step runs eagerly, with the result of the eager step; an explicit mode keeps the error."""
+    line and the step runs eagerly, with the result of the eager step; an explicit mode keeps the error. resnet18 is
+    compiled block by block: its stem has run (BN statistics updated) when the first block fails, and the fallback
+    starts from the buffers as they were."""
     from torch._dynamo.exc import TorchDynamoException
 
     from fastbyol.train import TrainStep
@@ -208,7 +211,12 @@ def test_failed_compile_under_auto_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     resolved = dataclasses.replace(get_preset("fmnist-tiny").resolve("cpu", 1, 1024), compile_mode="default")
     views = (torch.randn(16, 3, 16, 16), torch.randn(16, 3, 16, 16))
-    eager, fallen, explicit = [torch.manual_seed(0) and _tiny_model() for _ in range(3)]
+    def make():
+        torch.manual_seed(0)
+        return BYOL(build_encoder(arch, stem="small-s2", image_size=16), 64, 32, 64).to(
+            memory_format=torch.channels_last)
+
+    eager, fallen, explicit = make(), make(), make()
     expected = byol_step(eager, LARS(eager.online_parameters(), lr=0.0), eager.ema_pairs(), views, 0.5, 0.99)
     said = []
     step = TrainStep(fallen, None, LARS(fallen.online_parameters(), lr=0.0), resolved, may_fall_back=True,
@@ -219,6 +227,8 @@ def test_failed_compile_under_auto_falls_back_to_eager(monkeypatch):
                     "without it (--compile off skips the attempt)"]
     assert step.mode == "off" and torch.equal(loss, expected)
     assert all(torch.equal(a, b) for a, b in zip(fallen.parameters(), eager.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(fallen.buffers(), eager.buffers()))
+    assert not any("forward" in vars(m) for m in fallen.modules())  # no compiled block left behind
     strict = TrainStep(explicit, None, LARS(explicit.online_parameters(), lr=0.0), resolved, may_fall_back=False,
                        log=said.append)
     with pytest.raises(TorchDynamoException):
