@@ -112,7 +112,9 @@ def test_the_four_calls_dry_run_on_the_cpu(tmp_path):
         "report"]["step"]}
     assert steps[("resnet-tiny", "fastbyol", "default")]["compile_backend"] == "eager"
     assert steps[("resnet-tiny", "fastbyol", "off")]["img_per_s"] > 0
-    peer = steps[("resnet18", "lightly", "off")]
+    peers = {(r["arch"], r["variant"], r["compile"]): r for r in json.loads((outs[1] / "call2.json").read_text())[
+        "report"]["step"]}  # the peers run in call 2, after call 1's headline rows
+    peer = peers[("resnet18", "lightly", "off")]
     assert "img_per_s" in peer or peer["error"].startswith("not installed")
     augment = json.loads((outs[3] / "call4.json").read_text())["report"]["augment"]
     assert [(r["source"], r["decode"]) for r in augment][:2] == [("jpeg", "roi"), ("jpeg", "once")]
