@@ -132,7 +132,7 @@ def test_compiled_networks_equal_eager_and_compile_only_in_the_first_step(arch, 
     assert not any("forward" in vars(b) for b in blocks)
 
 
-def _dist_worker(rank: int, world: int, port: int, out_path: str, backend: str | None) -> None:
+def _dist_worker(rank: int, world: int, port: int, out_path: str, backend: str | None, arch: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -141,7 +141,7 @@ def _dist_worker(rank: int, world: int, port: int, out_path: str, backend: str |
 
     rows = slice(rank * B, (rank + 1) * B)
     settings = SimpleNamespace(bn_group=0, grad_reduce="fp32", bucket_mb=0.0)  # the trainer's defaults
-    model = _model()
+    model = _model(arch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         net = compile_networks(model, "off" if backend is None else "default", backend or "inductor",
@@ -150,7 +150,7 @@ def _dist_worker(rank: int, world: int, port: int, out_path: str, backend: str |
     got["bucket_views"] = [(p.grad._base is not None, p.grad.stride() == p.stride()) for p in model.online_parameters()]
     got["stride_warnings"] = [str(w.message) for w in caught if "stride" in str(w.message).lower()]
     # the reference: one pass per view, the same cross-replica BN, the gradients averaged by hand
-    ref_model = convert_batchnorm(_model(), "cpu")
+    ref_model = convert_batchnorm(_model(arch), "cpu")
     ref = {"outs": [], "grads": {}}
     for step in range(STEPS):
         v1, v2 = (v[rows] for v in _views(B * world, step))
@@ -183,14 +183,17 @@ def _dist_worker(rank: int, world: int, port: int, out_path: str, backend: str |
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, backend", [(2, None), (4, None), (2, "aot_eager")])
-def test_one_pass_over_ranks_equals_one_pass_per_view(tmp_path, world, backend):
+@pytest.mark.parametrize("world, backend, arch", [(2, None, "resnet-tiny"), (4, None, "resnet-tiny"),
+                                                  (2, "aot_eager", "resnet-tiny"), (2, "aot_eager", "resnet18")])
+def test_one_pass_over_ranks_equals_one_pass_per_view(tmp_path, world, backend, arch):
+    """resnet-tiny compiles whole (DDP compiled with the online network); resnet18 block by block inside an eager
+    DDP module, as ResNet-50 on GPUs."""
     out = tmp_path / "dist"
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(out), backend), nprocs=world, join=True)
+    mp.spawn(_dist_worker, args=(world, _free_port(), str(out), backend, arch), nprocs=world, join=True)
     for rank in range(world):
         saved = torch.load(f"{out}.{rank}", weights_only=False)
         got, ref = saved["got"], saved["ref"]
-        tol = dict(rtol=1e-10, atol=1e-12) if backend is None else dict(rtol=1e-9, atol=1e-11)
+        tol = dict(rtol=1e-10, atol=1e-12) if backend is None else dict(rtol=1e-8, atol=1e-10)  # see above
         _assert_same(got, ref, **tol)
         # DDP's buckets: every gradient is a view of one, with its parameter's strides (no copy into the buckets)
         assert got["bucket_views"] and all(view and strides for view, strides in got["bucket_views"])
