@@ -19,7 +19,7 @@ import dataclasses
 import sys
 
 from ..config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,
-                     allowed_values, field_kind, flag_name, get_preset)
+                      allowed_values, config_from_file, config_yaml, field_kind, flag_name, get_preset)
 from .help import DefaultsHelpFormatter
 from ..errors import FastByolError
 
@@ -34,24 +34,36 @@ def _train_flags() -> list[tuple[str, dataclasses.Field]]:
     return flags
 
 
-def _add_train_parser(sub) -> None:
-    train = sub.add_parser("train", help="BYOL pretraining",
-                           description="BYOL pretraining; preset values are the defaults, any flag overrides them.",
-                           epilog=f"exit status: 0 finished, 2 bad input or settings (one line), {EXIT_PREEMPTED_DOC} "
-                                  "stopped by SIGTERM, SIGUSR1 or SIGINT at a log point with a checkpoint written "
-                                  "(run the same command with --auto-resume, or --resume RUN_DIR, to continue)")
-    train.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """--preset, --config and one flag per setting (train's, and plan's: the same settings)."""
+    parser.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: {DEFAULT_PRESET}, or "
+                                                       "the config file's)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a YAML file of settings (as --print-config writes them, or a run's config.json as a "
+                             "template): its preset's values, then the file's, then the flags given here")
     defaults = get_preset(DEFAULT_PRESET)
     for section, f in _train_flags():
         value = getattr(getattr(defaults, section), f.name)
         kind, allowed = field_kind(f), allowed_values(f)
         text = f.metadata["help"] + (f" ({' | '.join(allowed)})" if allowed else "")
         if kind is bool:  # on by default: --name and --no-name; off by default: --name
-            train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", default=None, help=text,
-                               action=argparse.BooleanOptionalAction if value else "store_true")
+            parser.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", default=None, help=text,
+                                action=argparse.BooleanOptionalAction if value else "store_true")
             continue
-        train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", type=kind, default=None,
-                           metavar=f.name.upper(), help=f"{text} [{DEFAULT_PRESET}: {value!r}]")
+        parser.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", type=kind, default=None,
+                            metavar=f.name.upper(), help=f"{text} [{DEFAULT_PRESET}: {value!r}]")
+
+
+def _add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="BYOL pretraining",
+                           description="BYOL pretraining; preset values are the defaults, then a --config file's, "
+                                       "and any flag overrides them.",
+                           epilog=f"exit status: 0 finished, 2 bad input or settings (one line), {EXIT_PREEMPTED_DOC} "
+                                  "stopped by SIGTERM, SIGUSR1 or SIGINT at a log point with a checkpoint written "
+                                  "(the stop line says the command that continues it)")
+    add_settings(train)
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings as a config file (YAML) and exit without training")
     train.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue an interrupted run exactly from its last checkpoint (its own config is used: "
                             "no settings may be given with it)")
@@ -187,9 +199,14 @@ def _given_settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = get_preset(args.preset)
+    """The preset's settings, then the --config file's, then the flags given; --data recorded as an absolute path
+    (so eval, finetune and --resume find it from any folder)."""
+    from ..data import absolute_data_spec
+
+    cfg = config_from_file(args.config, args.preset) if args.config else get_preset(args.preset or DEFAULT_PRESET)
     for section, name, value in _given_settings(args):
         setattr(getattr(cfg, section), name, value)
+    cfg.data.data = absolute_data_spec(cfg.data.data)
     return cfg
 
 
@@ -228,7 +245,8 @@ def _train_command(args: argparse.Namespace) -> int:
     rank0 = rank == 0  # under torchrun: rank 0 speaks
     resume, cfg = args.resume, Config()
     if resume is not None:
-        given = _given_settings(args) + ([("", "preset", args.preset)] if args.preset != DEFAULT_PRESET else [])
+        given = _given_settings(args) + [("", name, None) for name in ("preset", "config")
+                                         if getattr(args, name) is not None]
         if given or args.auto_resume:
             flags = ", ".join([flag_name(name) for _, name, _ in given] + ["--auto-resume"] * args.auto_resume)
             raise FastByolError(f"--resume continues a run with its own config.json; it takes no settings (got "
@@ -314,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             from ..data.shards import run_shards
 
             return run_shards(args)
+        if args.command == "train" and args.print_config:
+            if args.resume is not None:
+                raise FastByolError("--print-config prints the settings of a new run; a run's own are in "
+                                    f"{args.resume}/config.json")
+            cfg = config_from_args(args)
+            cfg.validate()
+            print(config_yaml(cfg), end="")
+            return 0
         if args.command == "train":
             return _run_train(args)
     except FastByolError as e:

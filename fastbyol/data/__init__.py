@@ -26,8 +26,8 @@ from .dataset import ImageDataset
 from .decode import failed_sample
 from .idx import read_idx
 
-__all__ = ["ImageDataset", "FORMATS", "detect_format", "failed_sample", "resolve_dataset", "load_embedded",
-           "load_idx_folder"]
+__all__ = ["ImageDataset", "FORMATS", "absolute_data_spec", "detect_format", "failed_sample", "resolve_dataset",
+           "load_embedded", "load_idx_folder"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -126,6 +126,21 @@ def detect_format(path: Path) -> str:
             raise FastByolError(f"--data {path}: point --data at {path / sub}")
     raise FastByolError(f"--data {path}: no dataset format recognised (idx, STL10 binary, CIFAR pickles, "
                         ".npy/.npz, JPEG/PNG folders, .tar shards); --data-format names one")
+
+
+NAMED_DATASETS = ("embedded", "fashion-mnist", "synthetic")  # --data values that are names, not paths
+
+
+def absolute_data_spec(spec: str) -> str:
+    """--data as a run records it: a path (a file, a folder, a shard pattern such as 'shards/train-{000..009}.tar')
+    made absolute, so the run's evaluations and resume find it from any folder; a dataset name, and a relative path
+    that names nothing here (its error comes later, as typed), stay as they are."""
+    if spec in NAMED_DATASETS or not spec.strip() or os.path.isabs(spec):
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists() or ("{" in spec and path.parent.is_dir()):
+        return os.path.abspath(path)
+    return spec
 
 
 class NoFileNames(FastByolError):
