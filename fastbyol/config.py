@@ -404,6 +404,21 @@ PRESETS: dict[str, tuple[Config, str]] = dict(
             dict(arch="resnet50", stem="imagenet", proj_hidden=4096, pred_hidden=4096),
             dict(epochs=1000, base_lr=0.2, warmup_epochs=10, weight_decay=1.5e-6, tau_base=0.996),
             "the official recipe: ImageNet, ResNet-50, 224 px, batch 4096, 1000 epochs, base lr 0.2, tau 0.996")),
+        *[(f"imagenet-resnet50-{epochs}ep", _preset(
+            f"imagenet-resnet50-{epochs}ep",
+            dict(data="imagenet", image_size=224, batch_size=4096, num_threads=8),
+            dict(arch="resnet50", stem="imagenet", proj_hidden=4096, pred_hidden=4096),
+            dict(epochs=epochs, base_lr=lr, warmup_epochs=10, weight_decay=1e-6, tau_base=0.99),
+            f"the official recipe at {epochs} epochs: ImageNet, ResNet-50, 224 px, batch 4096, base lr {lr}, tau "
+            "0.99, weight decay 1e-6 (the official code's values for that length)")) for epochs, lr in ((300, 0.3),
+                                                                                                      (100, 0.45))],
+        ("imagenet100-resnet18", _preset(
+            "imagenet100-resnet18",
+            dict(data="imagenet100", image_size=224, batch_size=256, num_threads=8),
+            dict(arch="resnet18", stem="imagenet", proj_hidden=4096, pred_hidden=4096),
+            dict(epochs=400, base_lr=0.3, warmup_epochs=10, weight_decay=1e-6, tau_base=0.99),
+            "ImageNet-100 (100 classes, 126,689 images), ResNet-18, 224 px, batch 256, 400 epochs (solo-learn's "
+            "benchmark); the official code's 300-epoch optimizer: base lr 0.3, tau 0.99, weight decay 1e-6")),
         *[(f"imagenet-{arch}", _preset(
             f"imagenet-{arch}",
             dict(data="imagenet", image_size=224, batch_size=4096, num_threads=8),

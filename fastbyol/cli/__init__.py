@@ -130,7 +130,32 @@ def _add_other_parsers(sub) -> None:
         add_shards_command(sub)
 
     presets = sub.add_parser("presets", help="list the presets with their key settings")
+    presets.add_argument("--markdown", action="store_true", help="as the markdown table of docs/cli.md")
     presets.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_plan_parser(sub)
+
+
+def _add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="per-GPU batch, --accumulate, memory and time of a run on a given machine",
+                          description="Plan a training run: for a preset (or train's settings) and a machine, the "
+                                      "batch per GPU, the --accumulate that fits, the memory estimate and the time per "
+                                      "epoch and to the end, from the trainer's FLOP count and memory bound; the time "
+                                      "is an estimate at an assumed MFU until --img-per-s gives a measured rate.")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs of the run (processes under torchrun) (default: 1)")
+    plan.add_argument("--gpu", default=None, metavar="KIND",
+                      help="H100, H200, A100, L40S or A10 (default: H100; or give --tflops and --memory-gb)")
+    plan.add_argument("--tflops", type=float, default=None, help="a GPU's dense bf16 TFLOP/s (with --memory-gb)")
+    plan.add_argument("--memory-gb", type=float, default=None, help="a GPU's memory, GB (with --tflops)")
+    plan.add_argument("--mfu", type=float, default=None,
+                      help="model FLOP utilisation the estimate assumes, in (0, 1] (default: 0.10)")
+    plan.add_argument("--img-per-s", type=float, default=None,
+                      help="a measured BYOL rate a GPU (summary.json's img_per_s / world_size) instead of the estimate")
+    plan.add_argument("--images", type=int, default=None,
+                      help="pretraining images (default: known for imagenet, imagenet100, stl10_binary, "
+                           "cifar-10-batches-py, embedded, fashion-mnist)")
+    plan.add_argument("--table", action="store_true", help="the docs' table: the main presets on 1, 8 and 64 GPUs")
+    add_settings(plan)
+    plan.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _add_eval_parsers(sub) -> None:
@@ -218,6 +243,43 @@ def _print_presets() -> None:
               f"base_lr={o.base_lr} tau_base={o.tau_base} wd={o.weight_decay}")
 
 
+def preset_table() -> str:
+    """The presets as the markdown table of docs/cli.md (`fastbyol presets --markdown`; tests/test_docs.py fails when
+    the page's copy drifts from it)."""
+    rows = ["| preset | data | arch | px | batch | epochs | base lr | tau | weight decay | what |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (cfg, summary) in PRESETS.items():
+        d, m, o = cfg.data, cfg.model, cfg.optim
+        rows.append(f"| `{name}`{' (default)' if name == DEFAULT_PRESET else ''} | `{d.data}` | `{m.arch}` | "
+                    f"{d.image_size} | {d.batch_size} | {o.epochs} | {o.base_lr:g} | {o.tau_base:g} | "
+                    f"{o.weight_decay:g} | {summary} |")
+    return "\n".join(rows)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from ..tools.plan import DEFAULT_MFU, launch_command, machine, plan_run, plan_table
+
+    if args.table:
+        print(plan_table())
+        return 0
+    cfg = config_from_args(args)
+    given = _given_settings(args)
+    p = plan_run(cfg, machine(args.gpus, args.gpu, args.tflops, args.memory_gb), args.images,
+                 DEFAULT_MFU if args.mfu is None else args.mfu, args.img_per_s,
+                 accumulate_given=any(name == "accumulate" for _, name, _ in given))
+    for line in p.lines():
+        print(line)
+    settings = (["--preset", cfg.preset] if cfg.preset != DEFAULT_PRESET else []) + (
+        ["--config", args.config] if args.config else [])
+    if not any(name == "data" for _, name, _ in given) and cfg.data.data not in ("embedded", "fashion-mnist"):
+        settings += ["--data", "PATH"]  # the preset's data is a name: where it is, the user knows
+    for _, name, value in given:
+        settings += ([flag_name(name) if value else "--no-" + flag_name(name)[2:]] if isinstance(value, bool) else
+                     [flag_name(name), str(value)])
+    print(f"  command  {launch_command(p, settings)}")
+    return 0
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import signal
 
@@ -301,8 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "presets":
-            _print_presets()
+            if args.markdown:
+                print(preset_table())
+            else:
+                _print_presets()
             return 0
+        if args.command == "plan":
+            return _run_plan(args)
         if args.command == "eval":
             from ..evaluation.commands import evaluate
 
