@@ -177,6 +177,10 @@ class RunConfig:
                                  "at each kNN check; needs labelled pretraining images, off otherwise "
                                  "(--no-online-probe: off)")
     knn_temperature: float = setting(0.1, "kNN vote temperature", "must be a finite number > 0", _positive)
+    wandb: str = setting("", "Weights & Biases project: the scalars TensorBoard gets go there too (needs pip install "
+                         "'fastbyol[wandb]'; WANDB_MODE=offline writes them under RUN_DIR/wandb/ without a network)",
+                         "must be a W&B project name (letters, digits, '.', '_', '-')",
+                         lambda v: v == "" or re.fullmatch(r"[\w.-]+", v) is not None)
     profile: str = setting("", "START:STOP: record steps START..STOP-1 with torch.profiler into RUN_DIR/profile/",
                            "must be START:STOP with 0 <= START < STOP", lambda v: v == "" or _profile_steps(v) is not None)
 
