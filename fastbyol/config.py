@@ -94,10 +94,16 @@ def allowed_values(f) -> tuple | None:
 
 @dataclass
 class DataConfig:
-    data: str = setting("embedded", "dataset: 'embedded', 'fashion-mnist', 'synthetic', a dataset folder (ImageFolder "
-                        "layout, CIFAR/STL10/MNIST files), a .npy/.npz file, or tar shards (a folder of .tar files, "
-                        "or a pattern such as 'shards/train-{000000..000099}.tar'; made by `fastbyol shards`)", "must not be empty", lambda v: bool(str(v).strip()))
+    data: str = setting("embedded", "dataset: 'embedded', 'fashion-mnist', 'synthetic', a dataset folder (image folders: "
+                        "train/<class>/ with test/ or val/, class folders ROOT/<class>/ as torchvision's ImageFolder "
+                        "reads them, or any folder of images; CIFAR/STL10/MNIST files), a .npy/.npz file, or tar "
+                        "shards (a folder of .tar files, or a pattern such as 'shards/train-{000000..000099}.tar'; "
+                        "made by `fastbyol shards`); recorded as an absolute path", "must not be empty",
+                        lambda v: bool(str(v).strip()))
     data_format: str = setting("auto", "dataset format (auto: recognised from the files)", choices_from="formats")
+    test_data: str = setting("", "kNN test split of an image folder: a folder of class folders (ROOT/<class>/), "
+                             "instead of its test/ or val/ folder or (class folders ROOT/<class>/) every 10th image "
+                             "held out")
     image_size: int = setting(28, "side of each augmented view, px", "must be >= 8", lambda v: v >= 8)
     batch_size: int = setting(128, "images per step over all processes (two views each)", "must be >= 2 (BatchNorm "
                               "needs two samples)", lambda v: v >= 2)

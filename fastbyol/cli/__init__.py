@@ -232,6 +232,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for section, name, value in _given_settings(args):
         setattr(getattr(cfg, section), name, value)
     cfg.data.data = absolute_data_spec(cfg.data.data)
+    cfg.data.test_data = absolute_data_spec(cfg.data.test_data)
     return cfg
 
 

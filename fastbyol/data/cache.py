@@ -116,6 +116,17 @@ def writable_dir(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
+def ours_to_write(folder: Path) -> bool:
+    """Whether fastbyol may keep its derived files inside a data folder: the folder belongs to this user and is
+    writable. A folder shared by others (a cluster's /datasets, owned by another user even where it is
+    group-writable) gets them in the cache folder instead."""
+    try:
+        owner = os.stat(folder).st_uid
+    except OSError:
+        return False
+    return owner == os.geteuid() and os.access(folder, os.W_OK | os.X_OK)
+
+
 def _crc(arrays: dict) -> int:
     crc = 0
     for k in sorted(arrays):

@@ -19,7 +19,7 @@ decoded once while the index is built, in a child process, its bytes read at its
 the image folders' manifest): one DALI refuses, that decodes with a native warning, or that crashes the decoder is a
 bad sample like any other, so the index (and its cache) holds the result and an unchanged shard is never decoded
 again; shards whose images are all proven start no child. Both files live in DIR/.fastbyol/shards/ when DIR is
-writable, else in the cache folder (cache.py), and are rebuilt when the shard's size or mtime changes or the meta
+this user's and writable (cache.ours_to_write), else in the cache folder (cache.py), and are rebuilt when the shard's size or mtime changes or the meta
 file fails its CRC. Bad input (a missing shard, a brace pattern matching nothing,
 a truncated tar, a sample without an image, an image that fails the check) is one FastByolError naming the shard
 and sample; with --skip-bad-files a bad sample is left out of the index and counted (a truncated tar keeps its
@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
-from .cache import (TMP_MARK, cache_root, file_lock, load_npz_checked, path_key, remove_stale_tmp, save_npz_checked,
-                    tmp_name, writable_dir)
+from .cache import (TMP_MARK, cache_root, file_lock, load_npz_checked, ours_to_write, path_key, remove_stale_tmp,
+                    save_npz_checked, tmp_name, writable_dir)
 from .checks import check_fd, open_regular, range_reader
 
 META_VERSION = 3  # 3: members the header check leaves unproven are decoded before they are indexed
@@ -307,7 +307,7 @@ def _load_meta(shard: Path, folder: Path) -> dict | None:
 def index_dir(shards: list[Path], cache_dir=None) -> Path:
     parent = shards[0].parent.resolve()
     inside = parent / ".fastbyol" / "shards"
-    if os.access(parent, os.W_OK | os.X_OK) and writable_dir(inside):
+    if inside.is_dir() and os.access(inside, os.W_OK | os.X_OK) or ours_to_write(parent) and writable_dir(inside):
         return inside
     outside = cache_root(cache_dir) / "shards" / path_key(parent)
     if not writable_dir(outside):
