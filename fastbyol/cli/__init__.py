@@ -387,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from ..evaluation.export import export_encoder
 
-            print(f"encoder: {export_encoder(args.run_dir, args.out, args.which)}")
+            lines = []
+            print(f"encoder: {export_encoder(args.run_dir, args.out, args.which, log=lines.append)}")
+            print("\n".join(lines))
             return 0
         if args.command == "plot":
             from ..evaluation.export import plot_run

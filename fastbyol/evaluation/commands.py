@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import FastByolError
 from .results import format_table, table_rows, write_result
-from .runs import load_encoder
+from .runs import load_encoder, tiny_batch_note, unfinished_note
 
 PROTOCOLS = ("features", "paper")
 
@@ -29,10 +29,13 @@ def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained"
     else:
         check_args(epochs or PAPER_EPOCHS, batch_size, (1.0,))
     run = load_encoder(run_dir, data, init)
+    _note(unfinished_note(run, _total_steps(run_dir)), log)
     if protocol == "features":
         result = features_protocol(run, probe_epochs, probe_lr, progress)
     else:
         result = paper_protocol(run, epochs or PAPER_EPOCHS, batch_size, progress=progress, log=log)
+    if protocol == "paper":
+        _note(tiny_batch_note(result["batch_size"], result["fit_images"], batch_size is not None), log)
     result = dict(run_dir=str(run_dir), init=init, dataset=run.dataset_name, arch=run.cfg.model.arch, step=run.step,
                   **result)
     out = write_result(run.result_path(f"eval-{protocol}"), result)
@@ -58,6 +61,7 @@ def finetune_run(run_dir: str | Path, fraction: float | None = None, subset_file
     # file names: the dataset decodes exactly the images they name as its train split (image folders only)
     pick = image_picker(subset_file, entries) if kind == "names" else None
     run = load_encoder(run_dir, data, init, train_pick=pick, pick_what=f"--subset {subset_file}")
+    _note(unfinished_note(run, _total_steps(run_dir)), log)
     if kind == "names":
         subset, name = np.arange(len(run.train_labels)), Path(subset_file).stem
     elif kind == "indices":
@@ -66,6 +70,7 @@ def finetune_run(run_dir: str | Path, fraction: float | None = None, subset_file
         subset, name = balanced_subset(run.train_labels, fraction, run.cfg.run.seed), f"{fraction:g}"
     result = finetune(run, subset, epochs or FINETUNE_EPOCHS, FINETUNE_BASE_LR if lr is None else lr, batch_size,
                       progress)
+    _note(tiny_batch_note(result["batch_size"], len(subset), batch_size is not None), log)
     result = dict(run_dir=str(run_dir), init=init, dataset=run.dataset_name, arch=run.cfg.model.arch, step=run.step,
                   fraction=fraction, subset_file=None if subset_file is None else str(subset_file), **result)
     out = write_result(run.result_path(f"finetune-{name}"), result)
@@ -73,3 +78,20 @@ def finetune_run(run_dir: str | Path, fraction: float | None = None, subset_file
         log(line)
     log(f"finetune: {out}")
     return result
+
+
+def _note(text: str | None, log) -> None:
+    if text:
+        log(text)
+
+
+def _total_steps(run_dir: str | Path):
+    """The run's total steps from its config.json's resolved values ('?' where they cannot be read)."""
+    import json
+
+    from ..run.names import CONFIG
+
+    try:
+        return json.loads((Path(run_dir) / CONFIG).read_text())["resolved"]["total_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"

@@ -20,6 +20,7 @@ from ..config import Config
 from ..errors import FastByolError
 from .commands import evaluate  # noqa: F401  (re-exported: the old home of the evaluations)
 from .linear import linear_probe  # noqa: F401
+from .encoders import export_metadata, loading_hint
 from .runs import encoder_state
 from ..run import names
 
@@ -43,8 +44,9 @@ def _refuse_run_files(out: Path, run_dir: Path, cfg: Config | None = None) -> No
         raise FastByolError(f"--out {out} is inside the run's dataset {data}: write it elsewhere")
 
 
-def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") -> Path:
-    """Write the encoder as a torchvision-compatible state_dict: .pt (torch.save) or .safetensors."""
+def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online", log=None) -> Path:
+    """Write the encoder as a torchvision-compatible state_dict: .pt (torch.save) or .safetensors (which also records
+    the architecture for fastbyol.load_encoder); `log` gets the lines that say how to load it."""
     out = Path(out)
     _refuse_run_files(out, Path(run_dir))
     if out.is_dir():
@@ -63,9 +65,13 @@ def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online") 
             from safetensors.torch import save as to_bytes
         except ImportError:
             raise FastByolError("--out *.safetensors needs the safetensors package: pip install safetensors") from None
-        atomic_write_bytes(out, lambda f: f.write(to_bytes(state)))  # atomic, its write errors one line
+        meta = export_metadata(cfg.model.arch, cfg.model.stem, cfg.data.image_size)  # fastbyol.load_encoder reads it
+        atomic_write_bytes(out, lambda f: f.write(to_bytes(state, metadata=meta)))  # atomic, write errors one line
     else:  # .pt, .pth
         atomic_write_bytes(out, lambda f: torch.save(state, f))
+    if log is not None:
+        for line in loading_hint(out, cfg.model.arch, cfg.model.stem, cfg.data.image_size):
+            log(f"  load it: {line}")
     return out
 
 

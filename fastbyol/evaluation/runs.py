@@ -17,6 +17,7 @@ from ..errors import FastByolError
 from ..run.state import nonfinite_tensors
 
 INITS = ("trained", "random")
+TINY_BATCH = 16  # below this an evaluation batch gets a note
 
 
 def encoder_state(ckpt: dict, which: str = "online") -> dict:
@@ -64,6 +65,8 @@ class EvalRun:
     test_labels: np.ndarray
     num_classes: int
     gray: bool  # R = G = B (Fashion-MNIST)
+    finished: bool = True  # the checkpoint is the run's last (False: the run stopped, or is training now)
+    in_progress: bool = False  # a process holds the run's lock: it is training now
 
     def result_path(self, stem: str) -> Path:
         """RUN_DIR/STEM.json, or STEM-random.json for the random-init baseline."""
@@ -94,4 +97,46 @@ def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trai
     encoder = encoder.to(device=device, memory_format=torch.channels_last)
     return EvalRun(Path(run_dir), cfg, state.step, init, encoder, device, dataset.describe(), dataset.train_images,
                    np.asarray(dataset.train_labels, dtype=np.int64), dataset.test_images,
-                   np.asarray(dataset.test_labels, dtype=np.int64), dataset.num_classes, dataset.gray)
+                   np.asarray(dataset.test_labels, dtype=np.int64), dataset.num_classes, dataset.gray,
+                   finished=state.finished, in_progress=run_in_progress(Path(run_dir)))
+
+
+def run_in_progress(run_dir: Path) -> bool:
+    """Whether a process holds the run's lock now (RunLock: a run training, or another command writing it); the
+    lock is only tested, never taken, and a missing lock file means no."""
+    import fcntl
+    import os
+
+    from ..run.names import LOCK
+
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases a lock this test took
+    return False
+
+
+def unfinished_note(run: EvalRun, total_steps) -> str | None:
+    """The note an evaluation of a run that has not finished prints: which checkpoint it reads."""
+    if run.finished or run.init != "trained":
+        return None
+    what = "is training now" if run.in_progress else "stopped before its end"
+    return (f"note: {run.run_dir} {what}: this evaluates its last checkpoint, step {run.step} of {total_steps}, not "
+            "the finished encoder")
+
+
+def tiny_batch_note(batch: int, images: int, given: bool) -> str | None:
+    """The note for an evaluation batch too small for BatchNorm's statistics and a steady gradient (picked from few
+    images: the paper's 1024, at most an eighth of them, a power of two)."""
+    if given or batch >= TINY_BATCH:
+        return None
+    return (f"note: batch {batch}, picked for {images} images (the paper's 1024, at most an eighth of them, a power "
+            f"of two): figures from batches this small are noisy; --batch-size sets it")
