@@ -87,3 +87,24 @@ def test_eval_notes_an_unfinished_run_and_a_tiny_batch(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "is training now" in out and "note: batch" not in out  # a batch given is the user's choice
     assert os.path.exists(run / "finetune-0.01.json")
+
+
+def test_an_encoder_module_beside_the_command_needs_no_pythonpath(small_idx_data, tmp_path):
+    """`fastbyol train --arch mynet:small` from the folder holding mynet.py: the `fastbyol` script's sys.path starts
+    at its own folder, and the current folder is searched last."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "fastbyol"
+    if not script.exists():
+        pytest.skip("no fastbyol script beside this interpreter")
+    (tmp_path / "mynet.py").write_text(
+        "import torch.nn as nn\n\ndef small():\n    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), "
+        "nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([str(script), "train", "--arch", "mynet:small", "--data", str(small_idx_data(64, 16)),
+                          "--epochs", "1", "--batch-size", "32", "--image-size", "16", "--knn-every", "0",
+                          "--proj-hidden", "32", "--pred-hidden", "32", "--out", "run", "--no-progress"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["arch"] == "mynet:small"

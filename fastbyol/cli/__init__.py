@@ -281,6 +281,18 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _find_own_encoder_here(arch: str) -> None:
+    """`--arch module:factory` named on the command line: its module is imported from sys.path, and the current
+    folder is searched too, last (the `fastbyol` script's sys.path starts at its own folder; `python -m fastbyol`
+    puts the current folder first), so a module beside the command needs no PYTHONPATH."""
+    import os
+
+    from ..models.names import is_custom_arch
+
+    if is_custom_arch(arch) and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import signal
 
@@ -317,6 +329,7 @@ def _train_command(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args)
         cfg.validate()
+        _find_own_encoder_here(cfg.model.arch)
         if args.auto_resume:
             try:
                 resume = auto_resume_decision(cfg, rank,
