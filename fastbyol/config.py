@@ -94,11 +94,11 @@ def allowed_values(f) -> tuple | None:
 
 @dataclass
 class DataConfig:
-    data: str = setting("embedded", "dataset: 'embedded', 'fashion-mnist', 'synthetic', a dataset folder (image folders: "
-                        "train/<class>/ with test/ or val/, class folders ROOT/<class>/ as torchvision's ImageFolder "
-                        "reads them, or any folder of images; CIFAR/STL10/MNIST files), a .npy/.npz file, or tar "
-                        "shards (a folder of .tar files, or a pattern such as 'shards/train-{000000..000099}.tar'; "
-                        "made by `fastbyol shards`); recorded as an absolute path", "must not be empty",
+    data: str = setting("embedded", "dataset: 'embedded', 'fashion-mnist', 'synthetic', a dataset folder (image "
+                        "folders: train/<class>/ with test/ or val/, class folders ROOT/<class>/ as torchvision's "
+                        "ImageFolder reads them, or any folder of images; CIFAR/STL10/MNIST files), a .npy/.npz file, "
+                        "or tar shards (a folder of .tar files, or a pattern such as "
+                        "'shards/train-{000000..000099}.tar'; made by `fastbyol shards`); recorded as an absolute path", "must not be empty",
                         lambda v: bool(str(v).strip()))
     data_format: str = setting("auto", "dataset format (auto: recognised from the files)", choices_from="formats")
     test_data: str = setting("", "kNN test split of an image folder: a folder of class folders (ROOT/<class>/), "
@@ -458,7 +458,7 @@ def get_preset(name: str) -> Config:
 # ------------------------------------------------------------------------------------------------------ config files
 # field name -> its section: a config file may give a setting flat (batch_size: 256) or in its section (data: ...)
 FIELD_SECTIONS = {f.name: section for section, klass in SECTIONS.items() for f in fields(klass)}
-CONFIG_FILE_HEADER = ("# fastbyol train settings: `fastbyol train --config FILE` starts from them, flags override them\n")
+CONFIG_FILE_HEADER = "# fastbyol train settings: `fastbyol train --config FILE` starts from them, flags override them\n"
 
 
 def read_config_file(path: str | Path) -> dict:

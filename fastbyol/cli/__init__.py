@@ -72,8 +72,10 @@ def _add_train_parser(sub) -> None:
                             "missing or empty --out starts the run, one holding a checkpoint of a run with the same "
                             "settings continues it exactly, other settings are refused (exit 2), a finished run is "
                             "left alone (exit 0). SIGTERM, SIGUSR1 and SIGINT stop every process at the next log "
-                            f"point with a checkpoint and exit {EXIT_PREEMPTED_DOC} (run the command again to continue)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+                            f"point with a checkpoint and exit {EXIT_PREEMPTED_DOC} (run the command again to "
+                            "continue); needs --out or --name")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: one text line a log point (also when stderr is not a terminal)")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
 
 

@@ -86,7 +86,8 @@ def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trai
     spec = data or cfg.data.data
     try:
         dataset = resolve_dataset(spec, "auto" if data else cfg.data.data_format, cfg.data.image_size,
-                                  seed=cfg.run.seed, train_pick=train_pick, test_data="" if data else cfg.data.test_data)
+                                  seed=cfg.run.seed, train_pick=train_pick,
+                                  test_data="" if data else cfg.data.test_data)
     except NoFileNames:
         raise FastByolError(f"{pick_what}: file names pick images of an image folder (class folders) only; "
                             f"{spec}'s labelled train split is picked by 0-based index") from None
