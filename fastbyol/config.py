@@ -98,7 +98,8 @@ class DataConfig:
                         "folders: train/<class>/ with test/ or val/, class folders ROOT/<class>/ as torchvision's "
                         "ImageFolder reads them, or any folder of images; CIFAR/STL10/MNIST files), a .npy/.npz file, "
                         "or tar shards (a folder of .tar files, or a pattern such as "
-                        "'shards/train-{000000..000099}.tar'; made by `fastbyol shards`); recorded as an absolute path", "must not be empty",
+                        "'shards/train-{000000..000099}.tar'; made by `fastbyol shards`); recorded as an absolute path",
+                        "must not be empty",
                         lambda v: bool(str(v).strip()))
     data_format: str = setting("auto", "dataset format (auto: recognised from the files)", choices_from="formats")
     test_data: str = setting("", "kNN test split of an image folder: a folder of class folders (ROOT/<class>/), "

@@ -21,8 +21,8 @@ bad sample like any other, so the index (and its cache) holds the result and an 
 again; shards whose images are all proven start no child. Both files live in DIR/.fastbyol/shards/ when DIR is
 this user's and writable (cache.ours_to_write), else in the cache folder (cache.py), and are rebuilt when the
 shard's size or mtime changes or the meta file fails its CRC. Bad input (a missing shard, a brace pattern matching
-nothing, a truncated tar, a sample without an image, an image that fails the check) is one FastByolError naming the shard
-and sample; with --skip-bad-files a bad sample is left out of the index and counted (a truncated tar keeps its
+nothing, a truncated tar, a sample without an image, an image that fails the check) is one FastByolError naming the
+shard and sample; with --skip-bad-files a bad sample is left out of the index and counted (a truncated tar keeps its
 whole samples).
 
 Reading (`ShardSource.dali_reader`): every rank opens the shards with the same indexes and reads its own
