@@ -80,3 +80,11 @@ def test_the_memory_refusal_names_the_accumulate_that_fits(monkeypatch):
     check_machine_bounds(cfg, torch.device("cpu"), 1)
     assert fitting_accumulate(parts, 128, 128, room) == 4
     assert fitting_accumulate(parts, 128, 128, fixed) is None  # not even 2 images fit
+
+
+def test_plan_reads_a_config_file(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("preset: imagenet-resnet50-100ep\nbatch_size: 1024\n")
+    assert main(["plan", "--config", str(tmp_path / "r.yaml"), "--gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1024 global = 1 GPU x 1024; --accumulate 2 (micro-batches of 512)" in out
+    assert out.splitlines()[-1] == f"  command  fastbyol train --config {tmp_path / 'r.yaml'} --data PATH --accumulate 2"

@@ -272,8 +272,7 @@ def _run_plan(args: argparse.Namespace) -> int:
                  accumulate_given=any(name == "accumulate" for _, name, _ in given))
     for line in p.lines():
         print(line)
-    settings = (["--preset", cfg.preset] if cfg.preset != DEFAULT_PRESET else []) + (
-        ["--config", args.config] if args.config else [])
+    settings = (["--preset", args.preset] if args.preset else []) + (["--config", args.config] if args.config else [])
     if not any(name == "data" for _, name, _ in given) and cfg.data.data not in ("embedded", "fashion-mnist"):
         settings += ["--data", "PATH"]  # the preset's data is a name: where it is, the user knows
     for _, name, value in given:
