@@ -41,6 +41,13 @@ def test_names_say_the_data():
                                     "/x/my photos", "")] == ["synthetic", "images", "shards", "my-photos", "data"]
     assert chosen_run_dir("", "") is None and chosen_run_dir("", "r50") == Path("runs/r50")
     assert chosen_run_dir("/out/x", "r50") == Path("/out/x")
+    from fastbyol.config import get_preset
+    from fastbyol.run.naming import run_dir_for
+
+    cfg = get_preset("fmnist-tiny")
+    assert run_dir_for(cfg, now) == Path("runs/embedded-fmnist-tiny-20261204-093015")
+    cfg.run.name = "mine"
+    assert run_dir_for(cfg, now) == Path("runs/mine")
 
 
 def test_the_stop_line_gives_the_command_that_works():

@@ -43,6 +43,12 @@ def chosen_run_dir(out: str, name: str) -> Path | None:
     return RUNS / name if name else None
 
 
+def run_dir_for(cfg, now: datetime | None = None) -> Path:
+    """The folder of a new run of `cfg` (a fastbyol.config.Config): --out, runs/NAME, or runs/DATA-PRESET-UTCTIME.
+    Under torchrun rank 0 asks and hands the answer to the other ranks (one time stamp for all)."""
+    return chosen_run_dir(cfg.run.out, cfg.run.name) or RUNS / default_run_name(cfg.data.data, cfg.preset, now)
+
+
 def continue_command(run_dir: Path, out: str, name: str) -> str:
     """What continues a stopped run, for the stop message: `--resume` always works; the same command only when it
     names its folder (--out or --name) and has --auto-resume (without them each command starts a new run)."""
