@@ -20,8 +20,9 @@ def test_a_log_point_is_one_readable_line_with_an_eta():
     clock = iter([100.0, 130.0])
     lines = []
     log = TextLog(total_steps=992, epochs=16, write=lines.append, clock=lambda: next(clock))
-    log(RECORD)
-    log({**RECORD, "step": 130})
+    log.write(RECORD)
+    log.write(dict(step=125, epoch=1, knn_top1=70.0, knn_subset=4000))  # not a log point: no line
+    log.write({**RECORD, "step": 130})
     assert lines[0] == "step 120/992 (12%) epoch 2/16 loss 0.4321 lr 0.112 tau 0.9912 805 img/s data wait 3%"
     assert lines[1].endswith("eta 43 min 06 s")  # 3 s a step since the first log point, 862 steps left
     assert "\r" not in "".join(lines)
@@ -106,7 +107,7 @@ def test_wandb_offline_writes_the_scalars(tmp_path, monkeypatch):
                dict(step=140, epoch=1, knn_top1=72.0, final=True), dict(step=0, epoch=-1, knn_top1=69.0,
                                                                         init="random", final=True)]
     for r in records:
-        sink.log(r)
+        sink.write(r)
     sink.close()
     for _ in range(300):  # wandb's service process finishes the file after finish() returns
         found = list((tmp_path / "run" / "wandb").rglob("run-*.wandb"))

@@ -5,6 +5,7 @@ to a file is a stream of carriage returns; these are one readable line a log poi
 
 `text_lines_wanted(progress, stream)`: when the stream is not a terminal, or the bar is off (`--no-progress`). The ETA
 is the remaining steps at the rate since the first log point (the first one holds the compilation, so it has none).
+`TextLog` is a sink of the run's reporting, like TensorBoard's and W&B's (`write(record)`, `close()`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ def eta_text(seconds: float) -> str:
 
 
 class TextLog:
-    """One line a log point: `log(record)` with the record metrics.jsonl gets (step, epoch, loss, lr, tau, img_per_s,
-    data_wait_share, mfu)."""
+    """One line a log point, a sink of the run's reporting: `write(record)` with each record metrics.jsonl gets; the
+    log points' (those with a loss: step, epoch, loss, lr, tau, img_per_s, data_wait_share, mfu) become a line."""
 
     def __init__(self, total_steps: int, epochs: int, write=None, clock=time.monotonic):
         self.total_steps, self.epochs = total_steps, epochs
-        self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.out = write or (lambda line: print(line, file=sys.stderr, flush=True))
         self.clock = clock
         self.first = None  # (step, time) of the first log point seen
 
@@ -53,5 +54,9 @@ class TextLog:
             parts.append(f"eta {eta_text(per_step * (self.total_steps - step))}")
         return " ".join(parts)
 
-    def __call__(self, record: dict) -> None:
-        self.write(self.line(record))
+    def write(self, record: dict) -> None:
+        if isinstance(record.get("loss"), (int, float)):  # a log point (not a kNN check or a final figure)
+            self.out(self.line(record))
+
+    def close(self) -> None:
+        pass

@@ -22,7 +22,8 @@ ID_FILE = "run-id"
 
 
 class WandbSink:
-    """A run's W&B logger: `log(record)` per metrics record, `close()` at the end (rank 0 only)."""
+    """A run's W&B logger, a sink of the run's reporting: `write(record)` per metrics record, `close()` at the end
+    (rank 0 only)."""
 
     def __init__(self, project: str, run_dir: Path, name: str, config: dict):
         try:
@@ -38,7 +39,7 @@ class WandbSink:
                               resume="allow")
         self.last_step = -1
 
-    def log(self, record: dict) -> None:
+    def write(self, record: dict) -> None:
         """Log points and kNN checks at their step; the final figures (the trained and the random-init encoder's)
         into the run's summary, where W&B shows a run's results (the random-init one is at step 0)."""
         tags, step = scalar_tags(record), int(record["step"])
