@@ -110,3 +110,15 @@ def test_a_layout_manifest_of_version_2_is_rebuilt(tmp_path):
     assert status == "built" and man.layout == "classes" and man.held_out_every == 10
     header = json.loads(np.load(root / ".fastbyol" / mf.MANIFEST_NAME)["header"].tobytes())
     assert header["version"] == mf.VERSION == 3 and header["test_dir"] == ""
+
+
+def test_train_with_a_test_folder(tmp_path):
+    root = image_folder(tmp_path / "photos", n=48, classes=2)
+    test = image_folder(tmp_path / "photos-test", n=8, classes=2)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--test-data", str(test), "--epochs", "1", "--batch-size", "16",
+                 "--image-size", "24", "--knn-every", "0", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert summary["steps"] == 48 // 16 and summary["knn_top1"] is not None  # nothing held out: 48 pretrain
+    assert f"test images from {test}" in summary["dataset"] and config["data"]["test_data"] == str(test)

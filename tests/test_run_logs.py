@@ -3,6 +3,7 @@ shows (fastbyol/run/scalars.py), and the Weights & Biases sink in offline mode (
 scalars read back from the file wandb writes, with no network."""
 
 import io
+import json
 import struct
 import time
 from pathlib import Path
@@ -47,21 +48,17 @@ def test_tags_are_tensorboards():
 
 
 def test_tensorboard_gets_the_same_tags(tmp_path):
-    from fastbyol.run.files import RunFiles
+    from fastbyol.run.reporting import TensorBoardSink
 
     seen = []
 
-    class Board:
+    class Writer:
         def add_scalar(self, tag, value, step):
             seen.append((tag, value, step))
 
-        def close(self):
-            pass
-
-    files = RunFiles(tmp_path, writes=True)
-    files.metrics, files.board = open(tmp_path / "m.jsonl", "a"), Board()
-    files.write_metrics(**RECORD)
-    files.close()
+    sink = TensorBoardSink(tmp_path)
+    sink.writer = Writer()
+    sink.write(RECORD)
     assert seen == [(tag, value, 120) for tag, value in scalar_tags(RECORD).items()]
 
 
@@ -139,3 +136,45 @@ def test_wandb_missing_is_one_line(monkeypatch):
                         else real(name, *a, **k))
     with pytest.raises(FastByolError, match=r"--wandb p: needs the wandb package: pip install 'fastbyol\[wandb\]'"):
         WandbSink("p", Path("/nonexistent"), "n", {})
+
+
+def _train(tmp_path, data, *extra):
+    """`fastbyol train` as a subprocess with stderr to a file (a job's log): 2 epochs of 4 steps on small data."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "train.log"
+    with open(log, "w") as err:
+        res = subprocess.run([sys.executable, "-m", "fastbyol", "train", "--data", str(data), "--epochs", "2",
+                              "--batch-size", "32", "--image-size", "16", "--knn-every", "1", "--log-every", "2",
+                              "--out", str(tmp_path / "run"), *extra], stdout=subprocess.PIPE, stderr=err, text=True,
+                             timeout=600, env={**__import__("os").environ, "WANDB_MODE": "offline",
+                                               "WANDB_SILENT": "true"})
+    assert res.returncode == 0, log.read_text()[-2000:]
+    return log.read_text(), res.stdout
+
+
+def test_a_run_logging_to_a_file_writes_readable_lines(small_idx_data, tmp_path):
+    text, _ = _train(tmp_path, small_idx_data(128, 32))
+    lines = [ln for ln in text.splitlines() if ln.startswith("step ")]
+    assert "\r" not in text  # no progress bar in a file
+    assert [ln.split()[1] for ln in lines] == ["2/8", "4/8", "6/8", "8/8"], text
+    assert all(" loss " in ln and " lr " in ln and " tau " in ln and "img/s" in ln and "data wait" in ln
+               for ln in lines)
+    assert "eta" in lines[-2] and "epoch 2/2" in lines[-1]
+
+
+def test_a_wandb_run_offline_writes_its_scalars(small_idx_data, tmp_path):
+    pytest.importorskip("wandb")
+    _train(tmp_path, small_idx_data(128, 32), "--wandb", "fastbyol-test")
+    folder = tmp_path / "run" / "wandb"
+    for _ in range(300):
+        if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(folder)):
+            break
+        time.sleep(0.1)
+    history = [r for r in wandb_records(folder) if r.WhichOneof("record_type") == "history"]
+    logged = {_key(item) for r in history for item in r.history.item}
+    assert {"train/loss", "train/lr", "train/tau", "train/img_per_s", "knn/top1_subset"} <= logged
+    metrics = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = sorted({r.history.step.num for r in history})
+    assert steps == sorted({m["step"] for m in metrics if not m.get("final")})

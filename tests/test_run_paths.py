@@ -79,7 +79,7 @@ def test_auto_resume_takes_a_name(tmp_path, monkeypatch, capsys):
 
 def test_eval_notes_an_unfinished_run_and_a_tiny_batch(tmp_path, capsys):
     run = one_step_run(tmp_path / "run")  # step 1, not finished
-    from fastbyol.run.checkpoint import RunLock
+    from fastbyol.run.disk import RunLock
 
     assert main(["finetune", str(run), "--fraction", "0.01", "--epochs", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -115,3 +115,18 @@ def test_an_encoder_module_beside_the_command_needs_no_pythonpath(small_idx_data
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["arch"] == "mynet:small"
+
+
+def test_a_run_without_out_is_named_for_its_data_and_name_names_it(small_idx_data, tmp_path, monkeypatch, capsys):
+    data = small_idx_data(64, 16)
+    monkeypatch.chdir(tmp_path)
+    flags = ["--data", str(data), "--epochs", "1", "--batch-size", "32", "--image-size", "16", "--knn-every", "0",
+             "--no-progress"]
+    assert main(["train", *flags]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith(f"{data.name}-fmnist-tiny-")  # the data first
+    assert f"summary: runs/{run.name}/summary.json" in capsys.readouterr().out
+    assert main(["train", *flags, "--name", "mine"]) == 0
+    assert (tmp_path / "runs" / "mine" / "summary.json").is_file()
+    assert main(["train", *flags, "--name", "mine", "--auto-resume"]) == 0  # finds it again: finished, nothing to do
+    assert "already finished" in capsys.readouterr().out
