@@ -63,13 +63,14 @@ def run_fastbyol(images: np.ndarray, size: int, batch: int, steps: int, threads:
                  cpu_parallel: str = "processes") -> dict:
     """TwoViewLoader on `images` (DALI threads and pixel workers: `threads`; the workers are processes or threads
     as cpu_parallel says), timed as run_lightly; its CPU time counts the worker processes."""
-    from fastbyol.augment import TwoViewLoader, views_from_config
-    from fastbyol.config import DEFAULT_PRESET, get_preset
+    from fastbyol.augment import LoaderSettings, TwoViewLoader, views_from_config
+    from fastbyol.augment.makers import ProcessViews
+    from fastbyol.config import DEFAULT_PRESET, AugmentConfig, get_preset
 
     view1, view2 = views_from_config(get_preset(DEFAULT_PRESET))  # as fastbyol train augments by default
-    loader = TwoViewLoader(images, batch, size, seed=0, num_threads=threads, view1=view1, view2=view2,
-                           cpu_parallel=cpu_parallel)
-    pids = [p.pid for p in loader._procs.procs] if loader._procs is not None else []
+    loader = TwoViewLoader(images, LoaderSettings(batch, size, seed=0, num_threads=threads, views=(view1, view2)),
+                           AugmentConfig(cpu_parallel=cpu_parallel))
+    pids = [p.pid for p in loader.maker.workers.procs] if isinstance(loader.maker, ProcessViews) else []
     arrivals, done, cpu0 = [], 0, 0.0
     while done < 3 + steps:
         for v1, _ in loader.epoch():

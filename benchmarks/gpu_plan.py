@@ -234,19 +234,16 @@ def ema(plan: Plan):
     return "ema", ema_section(plan.device, plan.tiny, copy_gbps)
 
 
-def _photometric(plan: Plan, size: int, variant: str):
+def _photometric(plan: Plan, size: int, backend: str):
     import fastbyol.tools.bench_augment as ab
 
-    if not hasattr(ab, "bench_photometric"):
-        return "photometric", {"size": size, "variant": variant,
-                               "error": "missing: fastbyol.tools.bench_augment.bench_photometric does not exist yet"}
-    if plan.tiny and variant != "reference":
-        return "photometric", {"size": size, "variant": variant, "skipped": "tiny CPU run: the GPU measures it"}
+    if plan.tiny and backend != "reference":
+        return "photometric", {"size": size, "backend": backend, "skipped": "tiny CPU run: the GPU measures it"}
     batch = 256 if size == 224 else 512
     if plan.tiny:
         size, batch = min(size, 32), 4
     try:
-        row = ab.bench_photometric(size, batch, "cuda" if plan.device.type == "cuda" else "cpu", variant,
+        row = ab.bench_photometric(size, batch, "cuda" if plan.device.type == "cuda" else "cpu", backend,
                                    steps=3 if plan.tiny else 20)
     finally:
         _free(plan)
@@ -254,9 +251,9 @@ def _photometric(plan: Plan, size: int, variant: str):
 
 
 for _size in (224, 32):
-    for _variant, _est in (("reference", 8), ("triton", 10), ("compiled", 30)):
-        item(f"photometric-{_size}-{_variant}", _est, 3)(
-            lambda plan, s=_size, v=_variant: _photometric(plan, s, v))
+    for _backend, _est in (("reference", 8), ("triton", 10), ("compiled", 30)):
+        item(f"photometric-{_size}-{_backend}", _est, 3)(
+            lambda plan, s=_size, v=_backend: _photometric(plan, s, v))
 
 
 def _photometric_blur(plan: Plan, rows: int, warps: int):
@@ -268,7 +265,7 @@ def _photometric_blur(plan: Plan, rows: int, warps: int):
         name, row = _photometric(plan, 224, "triton")
     finally:
         set_blur_launch()
-    return name, {**row, "variant": f"triton-rows{rows}-w{warps}"} if isinstance(row, dict) else row
+    return name, {**row, "backend": f"triton-rows{rows}-w{warps}"} if isinstance(row, dict) else row
 
 
 item("photometric-224-triton-rows1", 10, 3)(lambda plan: _photometric_blur(plan, 1, 4))
@@ -549,7 +546,7 @@ def merge(folders: list[Path]) -> dict:
     tiny = env.get("tiny", True)
     report.update(device=env.get("device", "unknown"), commit=env.get("commit", "unknown"),
                   versions=env.get("versions", {}), tiny=tiny, peak_bf16_flops=env.get("peak_bf16_flops"), env=env,
-                  date=min(c["meta"]["started"] for c in calls.values()), kernel_path="reference" if tiny else "triton")
+                  date=min(c["meta"]["started"] for c in calls.values()), kernel_backend="reference" if tiny else "triton")
     report["sections"] = [s for s in ("loss", "ema", "lars", "augment", "step", "photometric", "train") if s in report]
     return report
 

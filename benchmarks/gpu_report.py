@@ -9,7 +9,7 @@ Writes DIR/report.json and DIR/report.md (device, versions, sizes, git commit, e
 triton.testing.do_bench (CUDA events) on a GPU, perf_counter around synchronized calls on a CPU. Sections:
 - ceilings: device-to-device copy GB/s (bytes read + written), bf16 matmul TFLOP/s;
 - loss: fused forward+backward against the eager and the torch.compile'd reference, B in {256, 4096}, D = 256; and
-  ours compiled in each torch.library form (custom_op, and triton_op on CUDA: the FASTBYOL_OP_STYLE choice);
+  ours compiled in each torch.library form (custom_op, and triton_op on CUDA: the FASTBYOL_OP_FORM choice);
 - EMA over the ResNet-50 + BYOL heads parameter list: per-parameter loop, torch._foreach_lerp_, one lerp_ over a
   flat buffer, and ema_update_ (float tau and 0-D tensor tau), as GB/s against the copy ceiling;
 - lars: one LARS step over the online parameters, foreach ops against the per-parameter loop (median ms, CUDA-graph
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, kernel_path, set_op_style
+from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, kernel_backend, set_op_form
 from fastbyol.kernels.loss import HAS_TRITON_OP
 from fastbyol.models import BYOL, build_encoder
 from fastbyol.reference import byol_loss_reference, byol_loss_symmetric_reference, ema_update_reference_
@@ -153,14 +153,14 @@ def loss_section(device, tiny: bool, batch_sizes: tuple | None = None, dtypes: t
             times = {name: bench_ms(run(f, sym), device) for name, (f, sym) in variants.items()}
             # our op inside a compiled graph, in each torch.library form (triton_op: Triton on CUDA only)
             for style in ("custom_op", "triton_op") if device.type == "cuda" and HAS_TRITON_OP else ("custom_op",):
-                set_op_style(style)
+                set_op_form(style)
                 torch._dynamo.reset()
                 compiled_ours = torch.compile(lambda a, b, c, d: byol_loss_symmetric(a, b, c, d),
                                               backend=COMPILE_BACKEND)
                 try:
                     times[f"compiled fastbyol, symmetric ({style})"] = bench_ms(run(compiled_ours, True), device)
                 finally:
-                    set_op_style("custom_op")
+                    set_op_form("custom_op")
             s = p1.element_size()
             for name, ms in times.items():
                 pairs = 2 if "symmetric" in name else 1
@@ -294,7 +294,7 @@ def markdown(report: dict) -> str:
     """report.md: every section the report has (a GPU plan's merged report has more than this script writes)."""
     lines = [f"# fastbyol performance report: {report['device']}", "",
              f"commit `{report['commit']}`, {report['date']}, versions {report['versions']}, "
-             f"kernel path `{report.get('kernel_path')}`"]
+             f"kernel backend `{report.get('kernel_backend')}`"]
     c = report.get("ceilings")
     if c:
         lines += ["", f"Ceilings: copy {c['copy_GBps']:.0f} GB/s ({c['copy_bytes'] / 1e9:.2f} GB moved), "
@@ -356,13 +356,13 @@ def markdown(report: dict) -> str:
         lines += ["", "What the peers' rows run:", ""] + [f"- {k}: {v}" for k, v in notes.items()]
     if report.get("photometric"):
         lines += ["", "## Photometric chain alone (both views)", "",
-                  "| px | batch | variant | ms per batch | images/s |", "|---|---|---|---|---|"]
+                  "| px | batch | backend | ms per batch | images/s |", "|---|---|---|---|---|"]
         for r in report["photometric"]:
             if "ms_per_batch" in r:
-                lines.append(f"| {r['size']} | {r['batch']} | {r['variant']} | {r['ms_per_batch']:.2f} | "
+                lines.append(f"| {r['size']} | {r['batch']} | {r['backend']} | {r['ms_per_batch']:.2f} | "
                              f"{r['images_per_s']:.0f} |")
             else:
-                lines.append(f"| {r.get('size')} | {r.get('batch', '')} | {r.get('variant')} | "
+                lines.append(f"| {r.get('size')} | {r.get('batch', '')} | {r.get('backend')} | "
                              f"{r.get('error') or r.get('skipped')} | |")
     t = report.get("train")
     if t:
@@ -396,9 +396,9 @@ def main(argv=None) -> int:
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": git_commit(), "versions": library_versions(), "tiny": tiny, "kernel_path": kernel_path(device),
+        "commit": git_commit(), "versions": library_versions(), "tiny": tiny, "kernel_backend": kernel_backend(device),
     }
-    print(f"device {report['device']}; kernels {report['kernel_path']}; tiny={tiny}", flush=True)
+    print(f"device {report['device']}; kernels {report['kernel_backend']}; tiny={tiny}", flush=True)
     report["ceilings"] = ceilings(device, tiny)
     print("ceilings", report["ceilings"], flush=True)
     report["sections"] = [x for x in SECTIONS if x in wanted]

@@ -6,7 +6,7 @@ Rows, each the median of N calls in microseconds (fewer for the real-tensor LARS
 - `lars_step_meta`: `LARS.step()` over the 171 online parameters on the meta device, so no arithmetic runs and what
   is left is the host's work per step (Python, list building, dispatch of the fixed number of foreach ops): what a
   GPU step pays on the CPU before its kernels are queued.
-- `ema_plan`: finding the EMA's cached launch plan for the 2 x 165 (target, online) tensors (`kernels.ema._plan`,
+- `ema_lookup`: finding the EMA's cached launch tables for the 2 x 165 (target, online) tensors (`kernels.ema.pair_tables`,
   what the Triton path runs before its single launch).
 - `lars_u_*`: LARS's u = g + wd w over the 57 adapted tensors (34,989,248 fp32 elements, 140 MB) as today (one
   `_foreach_add`, new tensors each step) and into a buffer kept across steps (`_foreach_copy_` + `_foreach_add_`):
@@ -18,7 +18,7 @@ With --src, each tree (a checkout of the project; its `kernels/` is found as `fa
 subprocess of its own, in turn, in one run on one machine: before and after a change side by side.
 
 Measured (Intel Xeon Processor, 2 cores shared with other jobs, torch 2.13 CPU, 2026-12-02, median of 200;
-benchmarks/results/host_step_time.json): base 5713b7e LARS.step 202 ms, EMA plan 46.4 us; with the group lists
+benchmarks/results/host_step_time.json): base 5713b7e LARS.step 202 ms, EMA lookup (`ema_plan` there) 46.4 us; with the group lists
 built once and the plan found by list identity, 102 ms and 1.1 us. The two trees ran one after the other on a
 machine under heavy load (load average ~7 on 2 cores), so the LARS ratio is noisy and not yet explained in full
 (the meta device's own dispatch of the same foreach ops is in both); rerun it on a quiet machine before quoting it.
@@ -48,7 +48,7 @@ import time
 
 def median_us_of(fn, repeats: int) -> float:
     """The median of `repeats` timed calls of fn, in microseconds, after one untimed call (lists, workspaces and
-    plans are built there)."""
+    the EMA's tables are built there)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -74,7 +74,7 @@ def measure(repeats: int) -> dict:
 
     median_us = functools.partial(median_us_of, repeats=repeats)
 
-    row = {"lars_step_meta": median_us(opt.step), "ema_plan": median_us(lambda: ema_module._plan(target, online)),
+    row = {"lars_step_meta": median_us(opt.step), "ema_lookup": median_us(lambda: ema_module.pair_tables(target, online)),
            "parameters": len(params), "ema_tensors": len(target) + len(online)}
     row.update(lars_u(params, median_us, max(5, repeats // 8)))
     row.update(photometric_host(median_us, max(3, repeats // 20)))
@@ -208,7 +208,7 @@ def main() -> None:
                               env=env, cwd=src, capture_output=True, text=True, check=True)
         rows.append({"src": src, **json.loads(done.stdout.strip().splitlines()[-1])})
     for row in rows:
-        print(f"{row['src']}: LARS.step {row['lars_step_meta']:.0f} us, EMA plan {row['ema_plan']:.1f} us "
+        print(f"{row['src']}: LARS.step {row['lars_step_meta']:.0f} us, EMA lookup {row['ema_lookup']:.1f} us "
               f"({row['parameters']} parameters, {row['ema_tensors']} EMA tensors)")
         print(f"  LARS u = g + wd w ({row['lars_u_elements']} elements, same bits: {row['lars_u_same_bits']}): "
               f"fresh {row['lars_u_fresh_meta']:.0f} us host / {row['lars_u_fresh_cpu']:.0f} us CPU, kept buffer "

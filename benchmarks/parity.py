@@ -272,7 +272,7 @@ def heldout_knn(record: dict, images, labels, k: int = 200, temperature: float =
     """kNN top-1 (%) of a run's trained encoder on each held-out split."""
     import torch
 
-    from fastbyol.evaluation.export import encoder_state
+    from fastbyol.evaluation.runs import encoder_state
     from fastbyol.evaluation.features import extract_features, knn_accuracy
     from fastbyol.models import build_encoder
 

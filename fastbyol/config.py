@@ -25,11 +25,9 @@ from .errors import FastByolError
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BLUR_WINDOW_RULES = ("official", "cover")  # ViewSpec.blur_window says what each means
 BLUR_WINDOW_DEFAULT = "cover"  # --blur-window's default and ViewSpec's
-# what a config.json saved before a setting existed meant: resuming such a run keeps the behaviour it trained with
-SAVED_BEFORE_DEFAULTS = {"data": {"blur_window": "official"}}
 DEVICES = ("auto", "cpu", "cuda")
 # The augmentation switches' choices (AugmentConfig; fastbyol.augment says what each does)
-PHOTOMETRIC_VARIANTS = ("reference", "compiled", "triton")  # the chain on CUDA: eager torch, torch.compile, Triton
+PHOTOMETRIC_BACKENDS = ("reference", "compiled", "triton")  # the chain on CUDA: eager torch, torch.compile, Triton
 DECODE_MODES = ("roi", "once")  # CUDA JPEG path: one ROI decode per view, or one whole decode and two GPU crops
 CPU_PARALLEL_MODES = ("processes", "threads")  # CPU array path: the crops and chain in forked processes or threads
 OPTIMIZERS = ("lars", "adamw")
@@ -190,6 +188,11 @@ class RunConfig:
                          lambda v: v == "" or re.fullmatch(r"[\w.-]+", v) is not None)
     profile: str = setting("", "START:STOP: record steps START..STOP-1 with torch.profiler into RUN_DIR/profile/",
                            "must be START:STOP with 0 <= START < STOP", lambda v: v == "" or _profile_steps(v) is not None)
+    dist_timeout: float = setting(600.0, "under torchrun, seconds any wait on another process may last: each "
+                                  "collective, a barrier's wait for a process that shows no sign of life, and (twice "
+                                  "this) the rendezvous; a peer that never starts, dies or stops answering ends every "
+                                  "process in one line (docs/reliability.md)", "must be a finite number > 0",
+                                  _positive)
 
 
 @dataclass
@@ -198,9 +201,9 @@ class AugmentConfig:
     DataConfig's), only where and how the work is done. fastbyol.augment's loader and pipelines say what each does;
     the defaults stand until the GPU plan (benchmarks/gpu_plan.md) has timed the alternatives."""
 
-    cuda_photometric: str = setting("triton", "CUDA: the photometric chain as Triton kernels, torch.compile of the "
-                                    "per-slot form (compiled) or eager torch (reference); the CPU always runs the "
-                                    "reference", choices=PHOTOMETRIC_VARIANTS)
+    cuda_photometric: str = setting("triton", "CUDA: the photometric chain's backend: Triton kernels (triton), "
+                                    "torch.compile of the per-slot form (compiled) or eager torch (reference); the "
+                                    "CPU always runs the reference", choices=PHOTOMETRIC_BACKENDS)
     decode: str = setting("roi", "CUDA, encoded files: one region-of-interest decode per view (roi) or one whole "
                           "decode and both views cropped from it on the GPU (once); the CPU decodes once either way",
                           choices=DECODE_MODES)
@@ -220,15 +223,12 @@ class AugmentConfig:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig,
             "augment": AugmentConfig}
-# sections a config.json may lack (saved before they existed): they take their defaults, which are what those runs
-# trained with
-OPTIONAL_SECTIONS = ("augment",)
 
 
 def _profile_steps(text: str) -> tuple[int, int] | None:
     """'START:STOP' -> (start, stop) with 0 <= start < stop, else None."""
     parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(re.fullmatch(r"[0-9]{1,18}", p.strip()) for p in parts):  # ASCII digits only
         return None
     start, stop = int(parts[0]), int(parts[1])
     return (start, stop) if start < stop else None
@@ -310,15 +310,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> Config:
-        """The inverse of to_dict, for a saved config.json: a missing section, unknown keys and wrong types are
-        refused with a FastByolError naming them (a missing key takes its default, so configs saved before a setting
-        existed still load). Extra top-level keys ('resolved') are ignored."""
+        """The inverse of to_dict, for a saved config.json: a missing section or setting, unknown keys and wrong
+        types are refused with a FastByolError naming them (a config.json is all of to_dict, as `fastbyol train`
+        writes it). Extra top-level keys ('resolved') are ignored."""
         if not isinstance(raw, dict) or not isinstance(raw.get("preset", ""), str):
             raise FastByolError(f"{where}: not a fastbyol config (expected an object with a string 'preset')")
         cfg = cls(preset=raw.get("preset", cls.preset))
         for section, klass in SECTIONS.items():
-            if section not in raw and section in OPTIONAL_SECTIONS:
-                continue
             if section not in raw:
                 raise FastByolError(f"{where}: no '{section}' section (not a config written by fastbyol train)")
             values = raw[section]
@@ -328,10 +326,11 @@ class Config:
             unknown = sorted(set(values) - set(known))
             if unknown:
                 raise FastByolError(f"{where}: unknown setting {section}.{unknown[0]}")
+            missing = [name for name in known if name not in values]
+            if missing:
+                raise FastByolError(f"{where}: no setting {section}.{missing[0]} (not a config written by this "
+                                    "fastbyol train)")
             target = getattr(cfg, section)
-            for name, value in SAVED_BEFORE_DEFAULTS.get(section, {}).items():
-                if name not in values:  # a run saved before this setting existed trained with the old behaviour
-                    setattr(target, name, value)
             for name, value in values.items():
                 kind = field_kind(known[name])
                 if not _type_ok(value, kind):
@@ -526,10 +525,6 @@ def config_from_file(path: str | Path, preset: str | None = None) -> Config:
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise FastByolError(f"{where}: '{key}' must be a mapping of its settings, got {value!r}")
-            if template:  # what such a run trained with where it predates a setting
-                for old, default in SAVED_BEFORE_DEFAULTS.get(key, {}).items():
-                    if old not in value:
-                        setattr(getattr(cfg, key), old, default)
             for field_name, v in value.items():
                 _set_from_file(cfg, key, field_name, v, where)
         elif key in FIELD_SECTIONS:
@@ -554,3 +549,16 @@ def config_yaml(cfg: Config) -> str:
             if field_kind(f) is float:
                 raw[section][f.name] = float(raw[section][f.name])
     return CONFIG_FILE_HEADER + yaml.safe_dump(raw, sort_keys=False, default_flow_style=False)
+
+
+def require_config(cfg, where: str = "train(cfg)") -> Config:
+    """`cfg` when it is a Config (with sections of their own types: a Config whose `data` was replaced by a dict is
+    no config); else one line saying what it is and how to make one."""
+    if not isinstance(cfg, Config):
+        raise FastByolError(f"{where}: expected a fastbyol.config.Config (get_preset(NAME), or Config()), got "
+                            f"{type(cfg).__name__}")
+    for section, klass in SECTIONS.items():
+        if not isinstance(getattr(cfg, section, None), klass):
+            raise FastByolError(f"{where}: its '{section}' is a {type(getattr(cfg, section, None)).__name__}, not a "
+                                f"{klass.__name__}")
+    return cfg

@@ -26,30 +26,33 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .augment import TwoViewLoader, views_from_config
-from .config import Config, Resolved
+from .augment import LoaderSettings, TwoViewLoader, views_from_config
+from .config import Config, Resolved, require_config
 from .data import ImageDataset, absolute_data_spec, resolve_dataset
 from .errors import FastByolError, TrainingStopped
 from .evaluation.monitor import evaluate_knn, probe_top1, random_init_knn
-from .evaluation.probe import OnlineProbe, probe_labels
-from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend
-from .models import BYOL, build_encoder, call_factory, params_sha256
+from .evaluation.probe import OnlineProbe, probe_labels, probe_reads_labels
+from .kernels import byol_loss_symmetric, check_backend, ema_update_, kernel_backend, op_form
+from .models import BYOL, OwnEncoders, build_encoder, call_factory, params_sha256
 from .optim import build_optimizer
 from .reference import lr_at, tau_at
-from .run.checkpoint import Checkpoints, last_good, load_run, state_bytes
+from .run.checkpoint import Checkpoints, last_good, load_run, new_run_id, state_bytes
 from .run.disk import describe_write_error
 from .run.files import BadFiles, RunFiles, check_out_outside_data
 from .run.meter import ThroughputMeter
 from .run.naming import run_dir_for
 from .run.names import CHECKPOINT, PROFILE, SUMMARY, TENSORBOARD
+from .run.outputs import refuse_inside_run
 from .run.perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
 from .run.preemption import StopCheck
 from .run.profiling import StepProfiler
 from .run.reporting import LogPoints, Reporter, TensorBoardSink
 from .run.textlog import TextLog, text_lines_wanted
 from .run.state import TrainState
+from .system.agreement import agree, dataset_facts, settings_facts
 from .system.bounds import check_machine_bounds
-from .system.distributed import barrier, broadcast_object, close_distributed, data_parallel, init_distributed
+from .system.distributed import (barrier, broadcast_object, close_distributed, data_parallel, explain,
+                                 init_distributed)
 from .system.environment import check_environment
 from .version import __version__
 
@@ -284,7 +287,7 @@ class Run:
 
         state, resolved = self.state, self.resolved
         self.files.open(self.cfg, resolved, None if self.launch.resume is None else state.step,
-                        2 * state_bytes(self.model.state_dict()), self.rank)
+                        2 * state_bytes(self.model.state_dict()), self.rank, state.run_id)
         _log_start(self)
         # CurrentStderr: the bar writes between batches, while an encoded source's loader holds fd 2 (native.py); where
         # stderr is a file (a job's log) or the bar is off, one text line a log point instead (textlog.py)
@@ -320,7 +323,7 @@ class Run:
 
 
 def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | None = None,
-          encoder=None) -> tuple[Path, dict]:
+          encoder=None, own: OwnEncoders | None = None) -> tuple[Path, dict]:
     """Run BYOL pretraining as `cfg` says; returns (run directory, summary). Bad settings raise FastByolError
     before anything is written.
 
@@ -332,11 +335,23 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
 
     encoder: an encoder of your own instead of cfg.model.arch: an nn.Module mapping (B, 3, H, W) to (B, D), or a
     callable returning one (called after the seed is set; it may take `image_size` and `stem`). D is its
-    `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run."""
+    `num_features` / `feature_dim`, else found by one forward. Give it again to resume such a run.
+
+    own: on a resume, the encoders of the user's own that the run's config.json may name and this call may import
+    (models.OwnEncoders: `--arch module:factory` on the command line); a run folder never imports one by itself
+    (an `encoder` given here stands in for the one it names)."""
     check_environment()  # RANK, WORLD_SIZE, MASTER_PORT, FASTBYOL_CACHE...: one line before anything is read or made
     state, ckpt = None, None
+    if resume is not None and not isinstance(resume, (str, os.PathLike)):
+        raise FastByolError(f"train(resume=...): expected a run directory (str or Path), got {type(resume).__name__}")
+    if resume is None or cfg is not None:  # a resume uses the run's own config.json: cfg may be None there
+        require_config(cfg)
     if resume is not None:
-        cfg, state, ckpt = load_run(resume)
+        try:
+            own = OwnEncoders(own.names if own is not None else frozenset(), encoder)
+        except ValueError as e:  # an encoder= that is neither a module nor a callable
+            raise FastByolError(f"train(encoder=...): {e}") from None
+        cfg, state, ckpt = load_run(resume, own)
         if state.finished:
             raise FastByolError(f"{resume}: the run already finished ({state.step} steps)")
     else:  # a new run records its data as absolute paths: its evaluations and resume find them from any folder
@@ -347,9 +362,12 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
     cfg.validate()
     device = pick_device(cfg.run.device)
     check_backend(device)  # FASTBYOL_KERNELS: one line before anything is created
-    rank, world_size, created = init_distributed(device.type)
+    rank, world_size, created = init_distributed(device.type, cfg.run.dist_timeout)  # every wait: --dist-timeout
     old_umask = os.umask(0o077)  # run files readable by their owner only
     try:
+        # collective: every rank was started with these settings (one line naming the first difference)
+        agree({**settings_facts(cfg, resume, 0 if state is None else state.step),
+               "the kernels": f"{kernel_backend(device)} ({op_form()})"}, rank, world_size)  # FASTBYOL_KERNELS...
         if encoder is None:  # threads, widths, memory, before anything is allocated (an encoder of the caller's own:
             check_machine_bounds(cfg, device, world_size)  # the caller sized it)
         launch = Launch(cfg, device, rank, world_size, EncoderMaker(cfg, encoder), progress,
@@ -357,6 +375,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         return _train(launch)
     except OSError as e:  # outside a checkpoint write (metrics, TensorBoard): one line, not a traceback
         mapped = describe_write_error(e, Path(e.filename or "the run directory"))
+        if mapped is None:
+            raise
+        raise mapped from None
+    except Exception as e:  # a peer lost, a collective timed out (gloo, NCCL, DDP): one line on every rank
+        mapped = explain(e) if created else None
         if mapped is None:
             raise
         raise mapped from None
@@ -400,14 +423,20 @@ def _start(launch: Launch) -> Run:
     run_dir = launch.resume or run_dir_for(cfg)  # --out, runs/NAME, or runs/DATA-PRESET-UTCTIME (naming.py)
     run_dir = broadcast_object(run_dir, rank, world_size)  # one name (its time stamp) for every rank
     check_out_outside_data(run_dir, cfg.data.data, cfg.data.data_format)
+    if launch.resume is None:  # a new run never goes inside another run's folder (whose clean-up would take it)
+        refuse_inside_run(run_dir, "--out", itself=False)
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
                               cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size),
                               test_data=cfg.data.test_data)
     resolved = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
+    if world_size > 1:  # collective: the same data and plan on every rank (the fingerprint reads the file list)
+        agree(dataset_facts(dataset, resolved), rank, world_size)
     state = launch.state
     if state is not None:
         state.check_resumable(launch.resume, world_size, dataset.num_pretraining, resolved.total_steps)
-    state = state or TrainState(world_size=world_size, num_images=dataset.num_pretraining)
+    if state is None:  # a new run: its id, the same on every rank, goes into config.json and every checkpoint
+        state = TrainState(world_size=world_size, num_images=dataset.num_pretraining,
+                           run_id=broadcast_object(new_run_id(), rank, world_size))
     bad = BadFiles(run_dir, dataset.pretraining_source, cfg.data.skip_bad_files, launch.resume is not None, rank,
                    world_size)
 
@@ -422,7 +451,7 @@ def _start(launch: Launch) -> Run:
     image_flops = flops_per_image(model, cfg.data.image_size)  # on the plain model: no collectives
     step = TrainStep(model, data_parallel(model, device, world_size), optimizer, resolved,
                      may_fall_back=cfg.run.compile == "auto", log=launch.log)
-    step.probe = _online_probe(launch, resolved, dataset, model, loader)  # after the FLOP count's copy of the model
+    step.probe = _online_probe(launch, resolved, dataset, model)  # after the FLOP count's copy of the model
     if step.probe is not None and state.probe:  # a resume: the probe continues where it was
         step.probe.load_state_dict(state.probe, str(launch.resume))
     meter = ThroughputMeter(device, cfg.data.batch_size, image_flops, peak_flops(device), world_size)
@@ -433,23 +462,27 @@ def _start(launch: Launch) -> Run:
                image_flops)
 
 
-def loader_labels(cfg: Config, resolved: Resolved, dataset: ImageDataset):
-    """What the loader is asked to hand over for the online probe (TwoViewLoader's labels=): array sources' labels
-    (gathered by the rows DALI's source names), True for labelled folders and shards (the reader's labels, the
-    graph's last output), on either device; None where the probe is off, the images have no labels, or
-    --accumulate splits the step (the probe reads one forward a step). The draws are the same either way."""
-    return probe_labels(dataset) if cfg.run.online_probe and resolved.accumulate == 1 else None
+def loader_labels(cfg: Config, resolved: Resolved, dataset: ImageDataset) -> tuple[np.ndarray | None, bool]:
+    """What the loader is asked to hand over for the online probe: (an array source's labels, gathered by the rows
+    DALI's source names: TwoViewLoader's labels=; whether labelled folders and shards hand over their reader's
+    labels, the graph's last output: reader_labels=), on either device; (None, False) where the probe is off, the
+    images have no labels, or --accumulate splits the step (the probe reads one forward a step). The draws are the
+    same either way."""
+    if not (cfg.run.online_probe and resolved.accumulate == 1):
+        return None, False
+    return probe_labels(dataset), probe_reads_labels(dataset)
 
 
 def _loader(launch: Launch, resolved: Resolved, dataset: ImageDataset, state: TrainState) -> TwoViewLoader:
     """This rank's two-view loader, at the checkpoint's data position on a resume."""
     cfg, rank = launch.cfg, launch.rank
-    view1, view2 = views_from_config(cfg)
-    labels = loader_labels(cfg, resolved, dataset)
-    return TwoViewLoader(dataset.pretraining_source, resolved.local_batch, cfg.data.image_size, seed=cfg.run.seed,
-                         labels=labels, device=launch.device.type, num_threads=cfg.data.num_threads, view1=view1,
-                         view2=view2, gray_input=dataset.gray, shard_id=rank, num_shards=resolved.world_size,
-                         checkpoint=state.data_states[rank] if state.data_states else None, augment=cfg.augment)
+    labels, reader_labels = loader_labels(cfg, resolved, dataset)
+    settings = LoaderSettings(resolved.local_batch, cfg.data.image_size, seed=cfg.run.seed, device=launch.device.type,
+                              num_threads=cfg.data.num_threads, shard_id=rank, num_shards=resolved.world_size,
+                              gray_input=dataset.gray, views=views_from_config(cfg))
+    return TwoViewLoader(dataset.pretraining_source, settings, cfg.augment,
+                         state.data_states[rank] if state.data_states else None, labels=labels,
+                         reader_labels=reader_labels)
 
 
 def _restore(launch: Launch, model: BYOL, optimizer, state: TrainState) -> None:
@@ -464,16 +497,15 @@ def _restore(launch: Launch, model: BYOL, optimizer, state: TrainState) -> None:
                             f"stem, {cfg.data.image_size} px): {str(e).strip().splitlines()[0][:200]}") from None
 
 
-def _online_probe(launch: Launch, resolved: Resolved, dataset: ImageDataset, model: BYOL,
-                  loader: TwoViewLoader) -> OnlineProbe | None:
-    """The online linear probe (fastbyol.evaluation.probe) where it is on, the pretraining images have labels and the
-    loader hands them over (arrays, labelled folders and shards), one forward a step (no --accumulate)."""
+def _online_probe(launch: Launch, resolved: Resolved, dataset: ImageDataset, model: BYOL) -> OnlineProbe | None:
+    """The online linear probe (fastbyol.evaluation.probe) where it is on, the pretraining images have labels the
+    loader hands over (arrays, labelled folders and shards), one forward a step (no --accumulate)."""
     cfg = launch.cfg
     if not cfg.run.online_probe:
         return None
-    why = ("the pretraining images have no labels" if probe_labels(dataset) is None else
-           "it reads one forward a step, and --accumulate splits the step" if resolved.accumulate > 1 else
-           loader.labels_note or "the loader hands over no labels" if not loader.with_labels else None)
+    labelled = probe_labels(dataset) is not None or probe_reads_labels(dataset)
+    why = ("the pretraining images have no labels" if not labelled else
+           "it reads one forward a step, and --accumulate splits the step" if resolved.accumulate > 1 else None)
     if why is not None:
         launch.log(f"online probe: off ({why}; --no-online-probe silences this)")
         return None

@@ -4,15 +4,15 @@
 
 Installed from the top-level folder `kernels/` as `fastbyol.kernels` (PyPI already has a package named `kernels`).
 `set_backend("auto"|"triton"|"reference")` picks the path (FASTBYOL_KERNELS, read once at import, sets it
-first); FASTBYOL_OP_STYLE=custom_op|triton_op (or `set_op_style`) the form torch.compile sees (see `_dispatch`).
+first); FASTBYOL_OP_FORM=custom_op|triton_op (or `set_op_form`) the form torch.compile sees (see `_dispatch`).
 """
 
-from ._dispatch import (KernelBackendError, backend, check_backend, kernel_backend, kernel_path, op_style, set_backend,
-                        set_op_style)
-from .ema import clear_plans, ema_update_
+from ._dispatch import (KernelBackendError, backend, check_backend, kernel_backend, op_form, set_backend,
+                        set_op_form)
+from .ema import clear_ema_cache, ema_update_
 from .loss import byol_loss, byol_loss_symmetric
 
 __all__ = [
-    "KernelBackendError", "backend", "byol_loss", "byol_loss_symmetric", "check_backend", "clear_plans",
-    "ema_update_", "kernel_backend", "kernel_path", "op_style", "set_backend", "set_op_style",
+    "KernelBackendError", "backend", "byol_loss", "byol_loss_symmetric", "check_backend", "clear_ema_cache",
+    "ema_update_", "kernel_backend", "op_form", "set_backend", "set_op_form",
 ]

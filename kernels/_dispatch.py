@@ -6,8 +6,8 @@ auto       Triton on CUDA tensors, the plain-PyTorch reference on CPU tensors.
 triton     Triton everywhere; CPU tensors need TRITON_INTERPRET=1 (set before `import triton`), as the tests do.
 reference  the plain-PyTorch reference everywhere (fastbyol.reference).
 
-Under torch.compile the loss goes in as one of two op styles (FASTBYOL_OP_STYLE, read at import, or
-`set_op_style`), for the Triton path:
+Under torch.compile the loss goes in as one of two op forms (FASTBYOL_OP_FORM, read at import, or
+`set_op_form`), for the Triton path:
 
 custom_op  (default) `torch.library.custom_op`: Inductor calls it as an opaque extern kernel through the dispatcher.
 triton_op  `torch.library.triton_op` + `wrap_triton`: Inductor sees the Triton kernel itself and launches it from
@@ -26,26 +26,26 @@ import torch
 
 from fastbyol.errors import FastByolError
 
-MODES = ("auto", "triton", "reference")
-OP_STYLES = ("custom_op", "triton_op")
-_op_style = os.environ.get("FASTBYOL_OP_STYLE", "custom_op")
-_op_style_error = None  # a bad FASTBYOL_OP_STYLE: reported by check_backend as one line, never a crash on import
-if _op_style not in OP_STYLES:
-    _op_style_error = f"FASTBYOL_OP_STYLE={_op_style!r} is not one of {', '.join(OP_STYLES)}"
-    _op_style = "custom_op"
+BACKENDS = ("auto", "triton", "reference")
+OP_FORMS = ("custom_op", "triton_op")
+_op_form = os.environ.get("FASTBYOL_OP_FORM", "custom_op")
+_op_form_error = None  # a bad FASTBYOL_OP_FORM: reported by check_backend as one line, never a crash on import
+if _op_form not in OP_FORMS:
+    _op_form_error = f"FASTBYOL_OP_FORM={_op_form!r} is not one of {', '.join(OP_FORMS)}"
+    _op_form = "custom_op"
 
 
-def op_style() -> str:
-    """The loss's op style under torch.compile (a module global: torch.compile guards on it)."""
-    return _op_style
+def op_form() -> str:
+    """The loss's op form under torch.compile (a module global: torch.compile guards on it)."""
+    return _op_form
 
 
-def set_op_style(style: str) -> None:
+def set_op_form(form: str) -> None:
     """custom_op or triton_op for graphs compiled from now on (compiled functions recompile on the change)."""
-    global _op_style
-    if style not in OP_STYLES:
-        raise ValueError(f"op style {style!r} is not one of {OP_STYLES}")
-    _op_style = style
+    global _op_form
+    if form not in OP_FORMS:
+        raise ValueError(f"op form {form!r} is not one of {OP_FORMS}")
+    _op_form = form
 
 
 @functools.cache
@@ -68,12 +68,12 @@ class KernelBackendError(FastByolError, ValueError):
 _backend = os.environ.get("FASTBYOL_KERNELS", "auto")  # read once: a module global, not an environment read per call
 
 
-def set_backend(mode: str) -> str:
-    """Select the implementation for every later call (auto, triton or reference); returns the previous selection."""
+def set_backend(name: str) -> str:
+    """Select the backend for every later call (auto, triton or reference); returns the previous selection."""
     global _backend
-    if mode not in MODES:
-        raise KernelBackendError(f"kernel backend {mode!r} is not one of {', '.join(MODES)}")
-    previous, _backend = _backend, mode
+    if name not in BACKENDS:
+        raise KernelBackendError(f"kernel backend {name!r} is not one of {', '.join(BACKENDS)}")
+    previous, _backend = _backend, name
     return previous
 
 
@@ -84,21 +84,21 @@ def backend() -> str:
 
 def check_backend(device: torch.device) -> str:
     """kernel_backend(device), raised as one line naming FASTBYOL_KERNELS when the selection cannot run there (or
-    FASTBYOL_OP_STYLE when it is not one of OP_STYLES)."""
-    if _op_style_error is not None:
-        raise KernelBackendError(_op_style_error)
+    FASTBYOL_OP_FORM when it is not one of OP_FORMS)."""
+    if _op_form_error is not None:
+        raise KernelBackendError(_op_form_error)
     return kernel_backend(device)
 
 
 def kernel_backend(device: torch.device) -> str:
     """'triton' or 'reference' for tensors on `device`, or a KernelBackendError for an impossible request."""
-    mode = _backend
-    if mode not in MODES:
-        raise KernelBackendError(f"FASTBYOL_KERNELS={mode!r} is not one of {', '.join(MODES)}")
-    if mode == "reference" or device.type == "meta":  # meta tensors (FLOP counting): shapes only, no kernel
+    selected = _backend
+    if selected not in BACKENDS:
+        raise KernelBackendError(f"FASTBYOL_KERNELS={selected!r} is not one of {', '.join(BACKENDS)}")
+    if selected == "reference" or device.type == "meta":  # meta tensors (FLOP counting): shapes only, no kernel
         return "reference"
     on_cuda = device.type == "cuda"
-    if mode == "triton":
+    if selected == "triton":
         if not triton_available():
             raise KernelBackendError("FASTBYOL_KERNELS=triton but triton is not installed")
         if not on_cuda and not interpreter_on():
@@ -106,9 +106,6 @@ def kernel_backend(device: torch.device) -> str:
                                      "(set before triton is imported), or FASTBYOL_KERNELS=auto")
         return "triton"
     return "triton" if on_cuda and triton_available() else "reference"
-
-
-kernel_path = kernel_backend  # the name before 0.2
 
 
 def profiled(name: str):

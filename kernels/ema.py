@@ -87,6 +87,9 @@ def _validate(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor]):
         raise ValueError(f"ema_update_: {len(target)} target tensors but {len(online)} online tensors")
     pairs = []
     for i, (t, o) in enumerate(zip(target, online)):
+        if not torch.is_tensor(t) or not torch.is_tensor(o):
+            bad = t if not torch.is_tensor(t) else o
+            raise ValueError(f"ema_update_: tensor {i}: a {type(bad).__name__}, not a torch.Tensor")
         if t.shape != o.shape:
             raise ValueError(f"ema_update_: tensor {i}: target shape {tuple(t.shape)} != online {tuple(o.shape)}")
         if t.device != o.device:
@@ -128,11 +131,11 @@ class _Table:
         self.num_programs = len(tensor_of_block)
 
 
-class _Plan:
+class _PairTables:
     """What one (target, online) list pair needs, validated once: its floating pairs and per-dtype tables.
 
-    Cached (see `_plan`), so a step pays an identity check and a dict lookup, not a Python validation loop (~1 ms
-    for ResNet-50 + heads). New storage (e.g. after `.to()`) means new pointers and a new plan. Resizing a tensor in
+    Cached (see `pair_tables`), so a step pays an identity check and a dict lookup, not a Python validation loop (~1 ms
+    for ResNet-50 + heads). New storage (e.g. after `.to()`) means new pointers and new tables. Resizing a tensor in
     place without moving its storage is not detected: don't.
     """
 
@@ -158,14 +161,15 @@ class _Plan:
 
 
 TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()  # by every tensor's memory: data pointer, dtype, shape, strides
-_BOUND: OrderedDict[tuple, tuple] = OrderedDict()  # by the identity of both list objects: (lists, stamp, plan)
-_MAX_PLANS = 16
+# by every tensor's memory: data pointer, dtype, shape, strides
+_CACHED: OrderedDict[tuple, _PairTables] = OrderedDict()
+_BOUND: OrderedDict[tuple, tuple] = OrderedDict()  # by the identity of both list objects: (lists, stamp, tables)
+_MAX_CACHED = 16
 
 
 def _where(t: torch.Tensor) -> tuple:
     """The memory a tensor covers: two views that start at the same address but differ in size, strides or dtype
-    are different tensors to a plan."""
+    are different tensors to the cache."""
     return t.data_ptr(), t.dtype, t.shape, t.stride()
 
 
@@ -175,37 +179,42 @@ def _stamp(target: list[torch.Tensor], online: list[torch.Tensor]) -> tuple:
     if not target or not online:
         return len(target), len(online)
     return (len(target), len(online), target[0].data_ptr(), target[-1].data_ptr(), online[0].data_ptr(),
-            online[-1].data_ptr())  # data pointers only: this runs every step (a tensor swapped in: clear_plans)
+            online[-1].data_ptr())  # data pointers only: this runs every step (a tensor swapped in: clear_ema_cache)
 
 
-def clear_plans() -> None:
-    """Forget every cached plan: call it after replacing tensors inside a list already passed to `ema_update_`
+def clear_ema_cache() -> None:
+    """Forget every cached list pair: call it after replacing tensors inside a list already passed to `ema_update_`
     (an element assigned in place, or one tensor's `.data` swapped between the first and the last)."""
-    _PLANS.clear()
+    _CACHED.clear()
     _BOUND.clear()
 
 
-def _plan(target: list[torch.Tensor], online: list[torch.Tensor]) -> _Plan:
-    """The plan of a list pair. A step passes the same two list objects each time (the trainer does): they are
-    recognised by identity and an O(1) stamp (~0.5 us for ResNet-50, where the data pointers of the 330 tensors took
-    ~35 us); new lists (or a stamp that moved) look the plan up by every tensor's memory (data pointer, dtype, shape,
-    strides: a view of another size at the same address is another tensor), and validate a new one if needed.
-    The bound lists are held, so their ids cannot be reused while cached."""
+def pair_tables(target: list[torch.Tensor], online: list[torch.Tensor]) -> _PairTables:
+    """The validated tables of a list pair (what ema_update_ looks up each step; benchmarks/host_step_time.py times
+    it). A step passes the same two list objects each time (the trainer does): they are recognised by identity and an
+    O(1) stamp (~0.5 us for ResNet-50, where the data pointers of the 330 tensors took ~35 us); new lists (or a stamp
+    that moved) look the tables up by every tensor's memory (data pointer, dtype, shape, strides: a view of another
+    size at the same address is another tensor), and validate new ones if needed. The bound lists are held, so their
+    ids cannot be reused while cached."""
     key = (id(target), id(online))
     bound = _BOUND.get(key)
-    stamp = _stamp(target, online)
-    if bound is not None and bound[0] is target and bound[1] is online and bound[2] == stamp:
-        return bound[3]
-    where = (tuple(map(_where, target)), tuple(map(_where, online)))
-    plan = _PLANS.get(where)
-    if plan is None:
-        plan = _PLANS[where] = _Plan(target, online)  # validates: raises before caching a bad list
-        if len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
-    _BOUND[key] = (target, online, stamp, plan)
-    if len(_BOUND) > _MAX_PLANS:
+    try:
+        stamp = _stamp(target, online)
+        if bound is not None and bound[0] is target and bound[1] is online and bound[2] == stamp:
+            return bound[3]
+        where = (tuple(map(_where, target)), tuple(map(_where, online)))
+    except (AttributeError, TypeError):  # an element that is not a tensor: the validation names it
+        _validate(target, online)
+        raise
+    tables = _CACHED.get(where)
+    if tables is None:
+        tables = _CACHED[where] = _PairTables(target, online)  # validates: raises before caching a bad list
+        if len(_CACHED) > _MAX_CACHED:
+            _CACHED.popitem(last=False)
+    _BOUND[key] = (target, online, stamp, tables)
+    if len(_BOUND) > _MAX_CACHED:
         _BOUND.popitem(last=False)
-    return plan
+    return tables
 
 
 def ema_launch(numels: list[int], t_dtype: str = "fp32", o_dtype: str = "fp32", tau_from_ptr: bool = False,
@@ -222,17 +231,17 @@ def ema_launch(numels: list[int], t_dtype: str = "fp32", o_dtype: str = "fp32", 
                 num_warps=8, num_stages=3, signature=signature)
 
 
-def _triton_ema(plan: _Plan, tau: float | torch.Tensor) -> None:
-    device = plan.device
+def _triton_ema(tables: _PairTables, tau: float | torch.Tensor) -> None:
+    device = tables.device
     interpret = interpreter_on() and device.type != "cuda"
     block = ema_launch([], interpret=interpret)["constexprs"]["BLOCK"]
     tau_is_tensor = torch.is_tensor(tau)
     if tau_is_tensor and (tau.device != device or tau.ndim != 0):
         raise ValueError(f"ema_update_: tau must be a float or a 0-D tensor on {device}, got {tuple(tau.shape)} "
                          f"on {tau.device}")
-    tau_ptr = tau.to(torch.float32) if tau_is_tensor else plan.targets[0]  # unused unless TAU_FROM_PTR
+    tau_ptr = tau.to(torch.float32) if tau_is_tensor else tables.targets[0]  # unused unless TAU_FROM_PTR
     # one launch per (target dtype, online dtype): one launch in all for a model of one dtype
-    for t_dtype, o_dtype, table in plan.launches(block):
+    for t_dtype, o_dtype, table in tables.launches(block):
         c = ema_launch([], TL_NAMES[t_dtype], TL_NAMES[o_dtype], tau_is_tensor, table.aligned, interpret)
         consts = {**c["constexprs"], "T_DTYPE": _TL_DTYPES[t_dtype], "O_DTYPE": _TL_DTYPES[o_dtype]}
         _ema_kernel[(table.num_programs,)](
@@ -243,13 +252,13 @@ def _triton_ema(plan: _Plan, tau: float | torch.Tensor) -> None:
 
 
 def _ema_dispatch(target: list[torch.Tensor], online: list[torch.Tensor], tau: float | torch.Tensor) -> None:
-    plan = _plan(target, online)
-    if not plan.pairs:
+    tables = pair_tables(target, online)
+    if not tables.pairs:
         return
-    if kernel_backend(plan.device) == "triton":
-        _triton_ema(plan, tau)
+    if kernel_backend(tables.device) == "triton":
+        _triton_ema(tables, tau)
     else:
-        ema_update_reference_(plan.targets, plan.onlines, tau)
+        ema_update_reference_(tables.targets, tables.onlines, tau)
 
 
 @torch.library.custom_op("fastbyol::ema_update_", mutates_args=("target",))
@@ -262,15 +271,36 @@ def _(target, online, tau):
     return None
 
 
+def _check_tau(tau, target: list) -> None:
+    """A Python number in [0, 1], or a 0-D floating tensor on the tensors' device (its value is the caller's: reading
+    it would be a host sync); else a ValueError naming what is wrong. Shapes, dtypes and devices only: no sync."""
+    if torch.is_tensor(tau):
+        if tau.ndim != 0 or not tau.is_floating_point():
+            raise ValueError(f"ema_update_: tau must be a float or a 0-D floating tensor, got a {tau.dtype} tensor of "
+                             f"shape {tuple(tau.shape)}")
+        device = target[0].device if target and torch.is_tensor(target[0]) else tau.device
+        if tau.device != device:
+            raise ValueError(f"ema_update_: a tensor tau must be on the tensors' device {device}, got {tau.device}")
+        return
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) and not hasattr(tau, "__float__"):
+        raise ValueError(f"ema_update_: tau must be a float in [0, 1] or a 0-D tensor, got {type(tau).__name__}")
+    if not 0.0 <= float(tau) <= 1.0:  # NaN fails both: target = tau t + (1 - tau) o is an average only in [0, 1]
+        raise ValueError(f"ema_update_: tau must be in [0, 1] (the target is an average of itself and the online "
+                         f"network), got {tau!r}")
+
+
 @torch.no_grad()
 def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], tau: float | torch.Tensor) -> None:
     """target <- tau * target + (1 - tau) * online, in place, for every floating tensor of two equal-length lists.
 
-    tau: a Python float, or a 0-D tensor on the tensors' device (use a tensor inside torch.compile: it changes
-    without a recompile). Integer tensors are skipped; length, shape or device mismatches raise ValueError.
+    tau: a Python float in [0, 1], or a 0-D floating tensor on the tensors' device (use a tensor inside torch.compile:
+    it changes without a recompile; its value is not read, which would be a host sync). Integer tensors are skipped;
+    a tau outside [0, 1] or not finite, a tau tensor that is not 0-D, length, shape or device mismatches and
+    elements that are not tensors raise ValueError.
     """
     if not isinstance(target, list) or not isinstance(online, list):  # the caller's lists as they are: their
-        target, online = list(target), list(online)  # identity keys the plan (see _plan)
+        target, online = list(target), list(online)  # identity keys the tables (see pair_tables)
+    _check_tau(tau, target)
     if torch.compiler.is_compiling():  # the custom op: opaque to Inductor, no graph break
         if not torch.is_tensor(tau):
             tau = torch.full((), tau, device=target[0].device if target else "cpu")

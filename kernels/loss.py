@@ -24,7 +24,7 @@ import torch
 
 from fastbyol.reference import NORM_EPS, byol_loss_and_grad_reference
 
-from ._dispatch import kernel_backend, op_style, profiled, triton_available
+from ._dispatch import kernel_backend, op_form, profiled, triton_available
 
 if triton_available():
     import triton
@@ -158,6 +158,13 @@ def loss_launch(B: int, D: int, num_pairs: int, dtype: str = "bf16", interpret: 
 
 
 def _check_pair(p: torch.Tensor, z: torch.Tensor, name: str) -> None:
+    """Two (B, D) floating tensors of one shape on one device, B > 0; else a ValueError naming what is wrong
+    (shapes, dtypes and devices only: no host sync)."""
+    if not torch.is_tensor(p) or not torch.is_tensor(z):
+        bad = p if not torch.is_tensor(p) else z
+        raise ValueError(f"{name}: expected two torch.Tensors, got a {type(bad).__name__}")
+    if not p.is_floating_point() or not z.is_floating_point():
+        raise ValueError(f"{name}: expected floating tensors, got {p.dtype} and {z.dtype}")
     if p.ndim != 2 or p.shape != z.shape:
         raise ValueError(f"{name}: expected two (B, D) tensors of one shape, got {tuple(p.shape)} and "
                          f"{tuple(z.shape)}")
@@ -264,7 +271,7 @@ def _backward_sym(ctx, grad_loss, _g1, _g2):
 _byol_loss_fwd.register_autograd(_backward_one, setup_context=_setup_one)
 _byol_loss_symmetric_fwd.register_autograd(_backward_sym, setup_context=_setup_sym)
 
-# the triton_op form (FASTBYOL_OP_STYLE=triton_op): the same kernel, visible to Inductor; Triton path only
+# the triton_op form (FASTBYOL_OP_FORM=triton_op): the same kernel, visible to Inductor; Triton path only
 HAS_TRITON_OP = triton_available() and hasattr(torch.library, "triton_op")
 if HAS_TRITON_OP:
     from torch.library import triton_op, wrap_triton
@@ -287,7 +294,7 @@ if HAS_TRITON_OP:
 
 def _traceable(p: torch.Tensor) -> bool:
     """Under torch.compile: use the triton_op form for this input (style triton_op, the Triton path, not fp64)."""
-    return (HAS_TRITON_OP and op_style() == "triton_op" and p.dtype != torch.float64
+    return (HAS_TRITON_OP and op_form() == "triton_op" and p.dtype != torch.float64
             and kernel_backend(p.device) == "triton")
 
 

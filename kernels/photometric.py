@@ -3,8 +3,8 @@ solarize, clip, normalize, written as channels_last fp16 (or fp32).
 
     out = photometric_triton(crops, params, blur_window=23, solarize_threshold=0.5, mean=..., std=...)
 
-Same arguments and result as the torch reference `fastbyol.augment.photometric.photometric` (its module docstring has the
-math of every op; tests/test_photometric.py checks this kernel against it in float64): crops (B, 3, S, S) uint8 (any
+Same arguments and result as the torch reference `fastbyol.augment.photometric.photometric` (its module docstring has
+the math of every op; tests/test_photometric.py checks this kernel against it in float64): crops (B, 3, S, S) uint8 (any
 strides: DALI's planar output, or an NHWC batch seen as NCHW), params (B, N_PARAMS) float32, both on the device;
 out (B, 3, S, S) channels_last.
 
@@ -19,7 +19,8 @@ The launches, per view (B images of S x S):
   3. _blur_h:  grid (B, row blocks): horizontal pass, `window` taps, zero padding, taps computed in the kernel from
                sigma (normalized as the reference); images without blur return at once.
   4. _blur_v:  vertical pass, then solarize, clip, normalize, NHWC store. Every grid, block and warp count comes
-               from `photometric_launches`, which the ahead-of-time compile check (fastbyol.tools.gpu_compile) also uses.
+               from `photometric_launches`, which the ahead-of-time compile check (fastbyol.tools.gpu_compile) also
+               uses.
 
 Memory traffic per pixel (3 channels): uint8 read twice (6 B), output written once (6 B in fp16); images with blur add
 a 12 B scratch write + read per pass (48 B). The eager reference moves ~100 planar float passes per pixel
@@ -31,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from fastbyol.augment.photometric import (BLUR, BRIGHTNESS, CONTRAST, GRAY, HUE, JITTER, N_PARAMS, ORDER, ORDERS, SATURATION,
-                                  SIGMA, SOLARIZE, ScratchBuffers, _check)
+from fastbyol.augment.photometric import (BLUR, BRIGHTNESS, CONTRAST, GRAY, HUE, JITTER, N_PARAMS, ORDER, ORDERS,
+                                          SATURATION, SIGMA, SOLARIZE, ScratchBuffers, check_chain_inputs)
 
 from ._dispatch import interpreter_on, triton_available
 
@@ -342,15 +343,16 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: 
 def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
                        mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
                        out_dtype: torch.dtype = torch.float16, buffers: ScratchBuffers | None = None) -> torch.Tensor:
-    """The chain in four Triton launches (see the module docstring); arguments as fastbyol.augment.photometric.photometric.
-    gray_input is accepted and ignored (the colour arithmetic leaves gray pixels exact). buffers: where the partial
-    sums, scratch and tmp live (reused call after call on one stream; None: fresh ones each call). The output is
-    always fresh: the caller keeps it. CPU tensors need TRITON_INTERPRET=1 (tests)."""
+    """The chain in four Triton launches (see the module docstring); arguments as
+    fastbyol.augment.photometric.photometric. gray_input is accepted and ignored (the colour arithmetic leaves gray
+    pixels exact). buffers: where the partial sums, scratch and tmp live (reused call after call on one stream; None:
+    fresh ones each call). The output is always fresh: the caller keeps it. CPU tensors need TRITON_INTERPRET=1
+    (tests)."""
     if not triton_available():
         raise RuntimeError("the Triton photometric chain needs triton")
     if crops.device.type != "cuda" and not interpreter_on():
         raise RuntimeError("photometric_triton on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
-    _check(crops, params)
+    check_chain_inputs(crops, params)
     if params.dtype != torch.float32 or not params.is_contiguous():
         raise ValueError("photometric_triton needs contiguous float32 params")
     if blur_window % 2 != 1:

@@ -55,7 +55,9 @@ def kill_and_resume(tmp_path: Path, arch_args: list[str], steps_expected: int = 
     assert died.returncode == -9, died.stderr[-2000:]
     assert not (killed / "summary.json").exists()
     assert load_checkpoint(killed / "checkpoint.pt")["state"]["step"] == 4  # the last checkpoint before the kill
-    resumed = _run(["train", "--resume", str(killed), "--no-progress"])
+    # a module:factory encoder is imported on resume only when the command allows it again (a run folder never does)
+    own = [a for i, a in enumerate(arch_args) if i and arch_args[i - 1] == "--arch" and ":" in a]
+    resumed = _run(["train", "--resume", str(killed), "--no-progress", *(x for a in own for x in ("--arch", a))])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at step 4" in resumed.stdout
     again = json.loads((killed / "summary.json").read_text())

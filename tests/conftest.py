@@ -1,4 +1,5 @@
-"""Shared test set-up: the Triton interpreter on CPU-only machines, a seeded RNG for every test."""
+"""Shared test set-up: the Triton interpreter on CPU-only machines, a seeded RNG for every test, the kernel backend
+switch, small idx data and the tests' two-view loaders."""
 
 import os
 
@@ -20,7 +21,7 @@ def _seeded():
 
 
 @pytest.fixture
-def kernels_path():
+def select_backend():
     """Select the kernel backend (`fastbyol.kernels.set_backend`) for one test; the previous one comes back after."""
     from fastbyol.kernels import set_backend
 
@@ -49,13 +50,24 @@ def small_idx_data(tmp_path_factory):
 
 
 @pytest.fixture
-def cpu_loader():
-    """cpu_loader(images, **overrides) -> a TwoViewLoader on the CPU with the tests' small defaults (batch 16,
-    16 px views, seed 0, one DALI thread); any loader argument can be overridden."""
-    from fastbyol.augment import TwoViewLoader
+def make_loader():
+    """make_loader(source, **overrides) -> the tests' TwoViewLoader (support.two_view_loader: batch 16, 16 px views,
+    seed 0, the CPU, one DALI thread; any setting, augment option or loader argument overridden by keyword). Those
+    still alive when the test ends are closed (DALI stopped, fd 2 given back); they are held weakly, so a test can
+    drop one and see it go."""
+    import weakref
 
-    def make(images, **overrides):
-        kw = dict(batch_size=16, image_size=16, seed=0, device="cpu", num_threads=1)
-        return TwoViewLoader(images, **{**kw, **overrides})
+    from .support import two_view_loader
 
-    return make
+    made = []
+
+    def make(source, **overrides):
+        loader = two_view_loader(source, **overrides)
+        made.append(weakref.ref(loader))
+        return loader
+
+    yield make
+    for ref in made:
+        loader = ref()
+        if loader is not None:
+            loader.close()

@@ -73,7 +73,7 @@ def one_step_run(out: Path, n_metrics: int = 3) -> Path:
 
     import torch
 
-    from fastbyol.run.checkpoint import CHECKPOINT, save_checkpoint
+    from fastbyol.run.checkpoint import CHECKPOINT, RUN_ID_KEY, new_run_id, save_checkpoint
     from fastbyol.config import get_preset
     from fastbyol.optim import LARS
     from fastbyol.run.state import TrainState
@@ -87,10 +87,10 @@ def one_step_run(out: Path, n_metrics: int = 3) -> Path:
     p1, p2, z1, z2 = model(x, x)[:4]
     (p1 - z2).square().sum().add((p2 - z1).square().sum()).backward()
     optimizer.step()
-    state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()])
+    state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()], run_id=new_run_id())
     save_checkpoint(out / CHECKPOINT, state.to_checkpoint(model.state_dict(), optimizer.state_dict(), cfg.to_dict(),
                                                           "test"))
-    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (out / "config.json").write_text(json.dumps({RUN_ID_KEY: state.run_id, **cfg.to_dict()}))
     records = [dict(step=s, epoch=0, loss=1.0 / s, lr=0.1, tau=0.99, img_per_s=100.0) for s in range(1, n_metrics + 1)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
@@ -122,3 +122,49 @@ def train_with(data: Path, out: Path, encoder=None, **settings):
         section = next(s for s, klass in SECTIONS.items() if name in klass.__dataclass_fields__)
         setattr(getattr(cfg, section), name, value)
     return trainer.train(cfg, progress=False, log=lambda *a, **k: None, encoder=encoder)
+
+
+# ------------------------------------------------------------------------------------------------ the two-view loader
+LOADER_DEFAULTS = dict(batch_size=16, image_size=16, seed=0, device="cpu", num_threads=1)
+
+
+def two_view_loader(source, **kw):
+    """The tests' TwoViewLoader: LOADER_DEFAULTS (batch 16, 16 px views, seed 0, the CPU, one DALI thread), any of
+    them overridden by keyword, as are the other LoaderSettings fields (view1= and view2= set `views`), the
+    AugmentConfig fields (decode=, cpu_parallel=, ...; or augment= a whole AugmentConfig) and the loader's own
+    arguments (checkpoint, labels, reader_labels, make_pipeline). The `make_loader` fixture also closes what it
+    built when the test ends."""
+    import dataclasses
+
+    from fastbyol.augment import VIEW1, VIEW2, LoaderSettings, TwoViewLoader
+    from fastbyol.config import AugmentConfig
+
+    own = {k: kw.pop(k) for k in ("checkpoint", "labels", "reader_labels", "make_pipeline") if k in kw}
+    views = (kw.pop("view1", VIEW1), kw.pop("view2", VIEW2))
+    settings_fields = {f.name for f in dataclasses.fields(LoaderSettings)}
+    settings = {**LOADER_DEFAULTS, "views": views, **{k: kw.pop(k) for k in list(kw) if k in settings_fields}}
+    augment = dataclasses.replace(kw.pop("augment", None) or AugmentConfig(), **kw)  # a stray name: TypeError
+    return TwoViewLoader(source, LoaderSettings(**settings), augment, **own)
+
+
+class PassThroughPipeline:
+    """A fastbyol.augment.Pipeline around DALI's (the loader's make_pipeline=): every call passes through; a test
+    subclasses it to spy on a call or to fail one, instead of reaching into the loader."""
+
+    def __init__(self, graph, checkpoint):
+        from fastbyol.augment import DaliPipeline
+
+        self.real = DaliPipeline(graph, checkpoint)
+        self.operators, self.decoders = self.real.operators, self.real.decoders
+
+    def run(self, stream=None):
+        return self.real.run(stream)
+
+    def checkpoint(self):
+        return self.real.checkpoint()
+
+    def reset(self):
+        self.real.reset()
+
+    def close(self):
+        self.real.close()

@@ -7,7 +7,7 @@
 - Two gloo processes under DDP: each accumulating 2 micro-batches of its half equals one process with the whole batch,
   and DDP's gradient hook runs in the last backward of each optimizer step only (no_sync around the others).
 - The setting: refused where the batch does not divide into processes x micro-batches (one line, exit 2); saved in
-  config.json; a config saved before it existed loads with 1.
+  config.json; a config.json without it is refused.
 - `fastbyol train --accumulate 4` killed with SIGKILL inside a checkpoint write and resumed ends with the parameters
   of the uninterrupted run.
 """
@@ -201,8 +201,9 @@ def test_saved_and_old_configs():
     cfg.optim.accumulate = 4
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))).optim.accumulate == 4
     old = cfg.to_dict()
-    del old["optim"]["accumulate"]  # a config.json written before the setting existed
-    assert Config.from_dict(old).optim.accumulate == 1
+    del old["optim"]["accumulate"]  # not a config.json this fastbyol writes: refused, naming the setting
+    with pytest.raises(FastByolError, match="no setting optim.accumulate"):
+        Config.from_dict(old)
 
 
 # -------------------------------------------------------------------------------------------------- kill and resume

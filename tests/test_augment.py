@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from fastbyol.augment import VIEW1, VIEW2, TwoViewLoader, ViewSpec  # noqa: E402
+from fastbyol.augment import VIEW1, VIEW2, LoaderSettings, TwoViewLoader, ViewSpec  # noqa: E402
 from fastbyol.augment.photometric import PARAM_NAMES  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
@@ -48,8 +48,8 @@ def test_blur_window_rules():
         dataclasses.replace(VIEW1, blur_window_rule="wide").validate("view1")
 
 
-def test_two_views_shapes_layout_and_per_image_randomness():
-    loader = TwoViewLoader(_images(), batch_size=32, image_size=24, seed=3, device="cpu", num_threads=1)
+def test_two_views_shapes_layout_and_per_image_randomness(make_loader):
+    loader = make_loader(_images(), batch_size=32, image_size=24, seed=3)
     batches = list(loader.epoch())
     assert len(batches) == loader.steps_per_epoch == 2
     v1, v2 = batches[0]
@@ -66,26 +66,25 @@ def test_two_views_shapes_layout_and_per_image_randomness():
     assert v1.float().abs().max() < 10
 
 
-def test_epochs_continue_and_shuffle(cpu_loader):
-    loader = cpu_loader(_images(40))
+def test_epochs_continue_and_shuffle(make_loader):
+    loader = make_loader(_images(40))
     e1, e2 = list(loader.epoch()), list(loader.epoch())
     assert len(e1) == len(e2) == 2  # 40 // 16: the last partial batch is dropped
     assert not torch.equal(e1[0][0], e2[0][0])
 
 
-def test_bad_settings():
+def test_bad_settings(make_loader):
     with pytest.raises(FastByolError, match="batch size 100"):
-        TwoViewLoader(_images(10), batch_size=100, image_size=16)
+        make_loader(_images(10), batch_size=100)
     with pytest.raises(FastByolError, match="view1.flip_p"):
-        TwoViewLoader(_images(10), batch_size=4, image_size=16, view1=ViewSpec(flip_p=2.0))
+        make_loader(_images(10), batch_size=4, view1=ViewSpec(flip_p=2.0))
     with pytest.raises(FastByolError, match="uint8"):
-        TwoViewLoader(np.zeros((10, 8, 8, 3), np.float32), batch_size=4, image_size=8)
+        make_loader(np.zeros((10, 8, 8, 3), np.float32), batch_size=4, image_size=8)
 
 
 @pytest.mark.parametrize("cpu_parallel", ["threads", "processes"])
-def test_views_are_fresh_tensors_that_outlive_later_batches(cpu_parallel):
-    loader = TwoViewLoader(_images(32), batch_size=16, image_size=20, seed=0, device="cpu", num_threads=1,
-                           cpu_parallel=cpu_parallel)
+def test_views_are_fresh_tensors_that_outlive_later_batches(make_loader, cpu_parallel):
+    loader = make_loader(_images(32), image_size=20, cpu_parallel=cpu_parallel)
     if cpu_parallel == "threads":  # one batch by hand, as epoch() makes it: DALI's outputs, torch's crops, the chain
         out = loader.draw()
         crops, params = loader.maker.crops(out)
@@ -96,7 +95,7 @@ def test_views_are_fresh_tensors_that_outlive_later_batches(cpu_parallel):
         assert v1.data_ptr() not in {d.data_ptr() for d in dali.values()}  # the chain's output, not DALI's memory
     else:  # the workers' shared buffers are reused: a batch is a copy
         v1, v2 = next(iter(loader.epoch()))
-        buffers = {o.data_ptr() for slot in loader._procs.outs for o in slot}
+        buffers = {o.data_ptr() for slot in loader.maker.workers.outs for o in slot}
         assert v1.data_ptr() not in buffers and v2.data_ptr() not in buffers
     assert v1.stride() == (20 * 20 * 3, 1, 20 * 3, 3)  # NHWC memory seen as NCHW: channels_last strides
     held = v1.clone()
@@ -128,25 +127,25 @@ def test_crops_follow_dalis_windows_and_flips():
     assert torch.equal(gray[:, 0], got[:, 0]) and torch.equal(gray[:, 1], gray[:, 0])
 
 
-def test_the_dali_graph_stays_small():
+def test_the_dali_graph_stays_small(make_loader):
     """Only reading, cropping, flipping and drawing parameters remain in DALI (the colour chain built there was
     ~1,600 operators): a regression that moves per-pixel work back into the graph shows up here."""
-    loader = TwoViewLoader(_images(32), batch_size=16, image_size=20, seed=0, num_threads=1)
+    loader = make_loader(_images(32), image_size=20)
     assert 10 < loader.operators <= 60
 
 
-def test_same_seed_same_views_and_shards_differ(cpu_loader):
-    a = cpu_loader(_images(64), seed=5)
-    b = cpu_loader(_images(64), seed=5)
+def test_same_seed_same_views_and_shards_differ(make_loader):
+    a = make_loader(_images(64), seed=5)
+    b = make_loader(_images(64), seed=5)
     torch.testing.assert_close(next(iter(a.epoch()))[0], next(iter(b.epoch()))[0], rtol=0, atol=0)
-    s0 = cpu_loader(_images(64), seed=5, shard_id=0, num_shards=2)
-    s1 = cpu_loader(_images(64), seed=5, shard_id=1, num_shards=2)
+    s0 = make_loader(_images(64), seed=5, shard_id=0, num_shards=2)
+    s1 = make_loader(_images(64), seed=5, shard_id=1, num_shards=2)
     assert s0.steps_per_epoch == s1.steps_per_epoch == 2
     assert not torch.equal(next(iter(s0.epoch()))[0], next(iter(s1.epoch()))[0])  # seed + rank
 
 
 @pytest.mark.parametrize("taken", [1, 3])  # 3: the saved position sits at an epoch boundary (64 // 16 = 4 steps)
-def test_position_saved_and_restored_exactly(cpu_loader, taken):
+def test_position_saved_and_restored_exactly(make_loader, taken):
     def batches(loader, n):
         out = []
         while len(out) < n:
@@ -156,25 +155,25 @@ def test_position_saved_and_restored_exactly(cpu_loader, taken):
                     break
         return out
 
-    a = cpu_loader(_images(64), seed=9)
+    a = make_loader(_images(64), seed=9)
     first = batches(a, taken)
     state = a.state()
     expected = batches(a, 3)
-    b = cpu_loader(_images(64), seed=9, checkpoint=state)
+    b = make_loader(_images(64), seed=9, checkpoint=state)
     resumed = batches(b, 3)
     for (e1, e2), (r1, r2) in zip(expected, resumed):
         assert torch.equal(e1, r1) and torch.equal(e2, r2)
     assert not torch.equal(first[0][0], expected[0][0])
 
 
-def test_each_row_once_an_epoch_and_its_views_are_its_pixels():
+def test_each_row_once_an_epoch_and_its_views_are_its_pixels(make_loader):
     """The array source emits each row once an epoch (this shard's part of a fresh permutation), and the views are
     that row's pixels: every row's red channel holds its index, read back from the whole-image crop."""
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
     images[..., 0] = (np.arange(48) * 5)[:, None, None]  # the row's index, written in the red channel
-    loader = TwoViewLoader(images, batch_size=16, image_size=16, seed=2, num_threads=1, cpu_parallel="threads",
-                           view1=ViewSpec(crop_area=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0))
+    loader = make_loader(images, seed=2, cpu_parallel="threads",
+                         view1=ViewSpec(crop_area=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0))
     for _ in range(2):  # two epochs, each a different order
         seen = []
         for _ in range(loader.steps_per_epoch):
@@ -185,23 +184,25 @@ def test_each_row_once_an_epoch_and_its_views_are_its_pixels():
             torch.testing.assert_close(red.mean(dim=(1, 2)), index.float() * 5 / 255, atol=0.01, rtol=0)
             seen += index.tolist()
         assert sorted(seen) == list(range(48))
-        with pytest.raises(StopIteration):  # the epoch's end
+        with pytest.raises(StopIteration):  # the epoch's end; the next draw starts the next epoch
             loader.draw()
-        loader._pipe.reset()
 
 
-def test_encoded_source_with_the_reader_contract(tmp_path):
-    """Anything with dali_reader(shard_id, num_shards, name) and len() feeds the loader: here a FileList of JPEGs
-    (its labels, when it has them, are the kNN monitor's business: the loader yields the two views only)."""
+def test_encoded_source_with_the_reader_contract(make_loader, tmp_path):
+    """An EncodedSource (fastbyol.data.dataset's protocol) feeds the loader: here a FileList of JPEGs (its labels,
+    when it has them, are the kNN monitor's business: the loader yields the two views only, unless reader_labels).
+    Anything else is an array to the loader, refused unless it is one."""
+    from fastbyol.data.dataset import EncodedSource
     pytest.importorskip("PIL")
-    from fastbyol.data.folders import FileList, write_synthetic_jpegs
+    from fastbyol.data.folders import FileList
+    from fastbyol.data.synthetic import write_synthetic_jpegs
 
     root = write_synthetic_jpegs(tmp_path / "j", n_train=24, n_test=0, size=32, classes=3)
     files = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
     labels = np.array([int(f.split("class")[-1].split("/")[0]) for f in files], dtype=np.int64)
     source = FileList(files, labels)
-    assert hasattr(source, "dali_reader")
-    loader = TwoViewLoader(source, batch_size=8, image_size=16, seed=1, num_threads=1)
+    assert isinstance(source, EncodedSource)
+    loader = make_loader(source, batch_size=8, seed=1)
     assert loader.steps_per_epoch == 3
     batches = list(loader.epoch())
     assert len(batches) == 3
@@ -209,9 +210,9 @@ def test_encoded_source_with_the_reader_contract(tmp_path):
         assert v1.shape == v2.shape == (8, 3, 16, 16) and not torch.equal(v1, v2)
 
 
-def test_bad_image_array_is_one_clear_error():
-    with pytest.raises(FastByolError, match="uint8"):
-        TwoViewLoader([[0]], batch_size=1, image_size=8)
+def test_bad_image_array_is_one_clear_error(make_loader):
+    with pytest.raises(FastByolError, match="images must be uint8 .* got list"):
+        make_loader([[0]], batch_size=1, image_size=8)
 
 
 def test_views_from_config_are_the_runs_views():
@@ -228,30 +229,75 @@ def test_views_from_config_are_the_runs_views():
     assert views_from_config(get_preset("imagenet-resnet50")) == (VIEW1, VIEW2)  # 0.08 and cover: the defaults
 
 
-def test_augment_settings_reach_the_loader_and_are_checked():
-    """The loader takes the run's AugmentConfig, any field of which a keyword overrides; a bad value is one
-    FastByolError naming the field, an unknown keyword a TypeError. chunk_pixels changes how the chain is cut, not
-    the views."""
+def test_augment_settings_reach_the_loader_and_are_checked(make_loader):
+    """The loader takes the run's AugmentConfig; a bad value is one FastByolError naming the field. chunk_pixels
+    changes how the chain is cut, not the views."""
+    from fastbyol.augment.makers import CpuViews
     from fastbyol.config import AugmentConfig
 
-    kw = dict(batch_size=16, image_size=16, seed=4, num_threads=1)
-    a = TwoViewLoader(_images(32), augment=AugmentConfig(cpu_parallel="threads"), **kw)
-    b = TwoViewLoader(_images(32), augment=AugmentConfig(), cpu_parallel="threads", chunk_pixels=16 * 16 * 3, **kw)
-    assert a.cpu_parallel == b.cpu_parallel == "threads" and a._procs is None
+    a = make_loader(_images(32), seed=4, cpu_parallel="threads")
+    b = make_loader(_images(32), seed=4, cpu_parallel="threads", chunk_pixels=16 * 16 * 3)
+    assert a.cpu_parallel == b.cpu_parallel == "threads" and isinstance(a.maker, CpuViews)
     assert b.maker.chains[0]["chunk_pixels"] == 768 and a.maker.chains[0]["chunk_pixels"] == 1 << 17
     for x, y in zip(next(iter(a.epoch())), next(iter(b.epoch()))):
         assert torch.equal(x, y)
     with pytest.raises(FastByolError, match="chunk_pixels must be >= 1, got 0"):
-        TwoViewLoader(_images(32), chunk_pixels=0, **kw)
+        make_loader(_images(32), chunk_pixels=0)
     with pytest.raises(FastByolError, match="cpu_parallel must be one of processes, threads"):
-        TwoViewLoader(_images(32), augment=AugmentConfig(cpu_parallel="fibers"), **kw)
-    # labels= (the online probe's): each batch also carries the labels of the rows DALI's source named; the views
-    # and the draws stay those of a loader without labels
-    with_labels = TwoViewLoader(_images(32), labels=np.arange(32, dtype=np.int64) + 100, **kw)
-    rows = TwoViewLoader(_images(32), **kw).draw()["pixels"]  # the first batch's row indices (the same seed)
+        TwoViewLoader(_images(32), LoaderSettings(16, 16), AugmentConfig(cpu_parallel="fibers"))
+
+
+def test_array_labels_ride_along_without_changing_the_draws(make_loader):
+    """labels= (the online probe's): each batch also carries the labels of the rows DALI's source named; the views
+    and the draws stay those of a loader without labels. reader_labels is for labelled encoded files only."""
+    with_labels = make_loader(_images(32), seed=4, labels=np.arange(32, dtype=np.int64) + 100)
+    assert with_labels.with_labels
+    rows = make_loader(_images(32), seed=4).draw()["pixels"]  # the first batch's row indices (the same seed)
     v1, v2, labels = next(iter(with_labels.epoch()))
-    plain = next(iter(TwoViewLoader(_images(32), **kw).epoch()))
+    plain = next(iter(make_loader(_images(32), seed=4).epoch()))
     assert torch.equal(v1, plain[0]) and torch.equal(v2, plain[1])
-    assert labels.dtype == torch.int64 and labels.tolist() == [100 + int(r) for r in np.asarray(rows.as_tensor()).reshape(-1)]
+    want = [100 + int(r) for r in np.asarray(rows.as_tensor()).reshape(-1)]
+    assert labels.dtype == torch.int64 and labels.tolist() == want
     with pytest.raises(FastByolError, match="labels= for image arrays is one label per image"):
-        TwoViewLoader(_images(32), labels=np.zeros(31, np.int64), **kw)
+        make_loader(_images(32), labels=np.zeros(31, np.int64))
+    with pytest.raises(FastByolError, match="reader_labels=True is for encoded files"):
+        make_loader(_images(32), reader_labels=True)
+
+
+def test_the_loader_builds_its_pipeline_through_the_factory_it_is_given(make_loader):
+    """make_pipeline is the loader's seam for tests: it builds every pipeline the loader runs, at the checkpoint
+    given (the first one, and each rebuild, here the processes path's give-back after an early stop)."""
+    from fastbyol.augment import DaliPipeline, Pipeline
+    from fastbyol.augment.pipelines import DaliGraph
+
+    from .support import PassThroughPipeline
+
+    built = []
+
+    class Recorded(PassThroughPipeline):
+        def __init__(self, graph, checkpoint):
+            built.append((graph, checkpoint))
+            super().__init__(graph, checkpoint)
+
+    a = make_loader(_images(64), num_threads=2, cpu_parallel="processes", make_pipeline=Recorded)
+    (graph, checkpoint), = built
+    assert isinstance(graph, DaliGraph) and graph.batch_size == 16 and checkpoint is None
+    assert isinstance(Recorded(graph, None), Pipeline) and isinstance(DaliPipeline(graph, None), Pipeline)
+    built.clear()
+    for _ in a.epoch():
+        break  # the workers hold the next batch: it is given back, the pipeline rebuilt before it was drawn
+    state = a.state()
+    assert [c for _, c in built] == [state]
+    b = make_loader(_images(64), checkpoint=state, make_pipeline=Recorded)
+    assert built[-1][1] == state and b.steps_per_epoch == 4
+
+
+def test_a_checkpoint_that_is_not_this_graphs_is_refused_in_one_line(make_loader):
+    """DALI restores a checkpoint only into the graph that saved it (a graph with other operators:
+    tests/test_online_probe_files.py); a damaged or foreign one is one FastByolError."""
+    state = make_loader(_images(32)).state()
+    assert isinstance(make_loader(_images(32), checkpoint=state).state(), type(state))  # its own: fine
+    for junk in (b"junk", state[: len(state) // 2]):
+        with pytest.raises(FastByolError, match=r"^the checkpoint's data position cannot be restored into this data "
+                                                r"pipeline \(damaged, or saved for other data or settings\): .+"):
+            make_loader(_images(32), checkpoint=junk)

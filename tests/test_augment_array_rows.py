@@ -21,7 +21,7 @@ def _graph(source, rows: bool):
 
 def _batches(images, rows: bool, steps: int) -> list:
     source = pipelines.EpochSource(images, 8, seed=3, shard_id=0, num_shards=1, with_rows=rows)
-    pipe = pipelines.build_pipeline(_graph, (source, rows), 8, 1, None, 7, None)
+    pipe = pipelines.build_pipeline(pipelines.DaliGraph(_graph, (source, rows), 8, 1, None, 7), None)
     out = []
     while len(out) < steps:
         try:

@@ -16,14 +16,15 @@ pytest.importorskip("nvidia.dali")
 Image = pytest.importorskip("PIL.Image")
 
 from fastbyol.augment import (  # noqa: E402
-    DECODE_MODES,
     VIEW1,
     VIEW2,
+    LoaderSettings,
     TwoViewLoader,
     ViewSpec,
     decode_views,
     decoder_ops,
 )
+from fastbyol.config import DECODE_MODES, AugmentConfig  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 from tests.test_augment_fidelity import _coordinates, _crop_stats  # noqa: E402
 
@@ -170,7 +171,7 @@ def test_once_decodes_each_file_once(jpegs):
 def test_a_bad_decode_mode_is_one_clear_error(jpegs):
     images = np.zeros((8, 16, 16, 3), np.uint8)
     with pytest.raises(FastByolError, match="decode must be one of roi, once; got 'twice'"):
-        TwoViewLoader(images, batch_size=4, image_size=16, decode="twice")
+        TwoViewLoader(images, LoaderSettings(4, 16), AugmentConfig(decode="twice"))
     with pytest.raises(FastByolError, match="decode must be one of"):
         _pipe(jpegs, "ROI", 24, 6)
     from fastbyol.tools.bench_augment import bench_augment
@@ -179,16 +180,15 @@ def test_a_bad_decode_mode_is_one_clear_error(jpegs):
         bench_augment(16, 4, "cpu", "arrays", decode="")
 
 
-def test_the_cpu_loader_takes_either_mode_and_the_default_is_roi(jpegs):
+def test_the_cpu_loader_takes_either_mode_and_the_default_is_roi(make_loader, jpegs):
     """On the CPU the loader always decodes once (torch crops both views): the mode is accepted and changes
     nothing."""
-    from fastbyol.config import AugmentConfig
     from fastbyol.data.folders import FileList
 
     assert AugmentConfig().decode == "roi"
     views = {}
     for decode in DECODE_MODES:
-        loader = TwoViewLoader(FileList(jpegs, None), batch_size=3, image_size=16, seed=1, decode=decode)
+        loader = make_loader(FileList(jpegs, None), batch_size=3, seed=1, decode=decode)
         assert loader.decode == decode and loader.decoders == 1
         views[decode] = next(iter(loader.epoch()))
     for a, b in zip(views["roi"], views["once"]):

@@ -21,7 +21,7 @@ pytest.importorskip("nvidia.dali")
 
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
-from fastbyol.augment import (IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader,  # noqa: E402
+from fastbyol.augment import (IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2,  # noqa: E402
                               draw_params, op_random_resized_crop, sample_params)
 from fastbyol.augment.photometric import (GRAY_WEIGHTS, ORDERS, PARAM_NAMES, adjust_brightness,  # noqa: E402
                                   adjust_contrast, adjust_hue, adjust_saturation, blur_taps, gaussian_blur,
@@ -219,14 +219,14 @@ def _coordinates(side=256):
     return coords
 
 
-def test_crop_area_and_aspect_on_the_cpu_path():
+def test_crop_area_and_aspect_on_the_cpu_path(make_loader):
     """The loader's CPU crop (DALI's window sampler, torch's resize), measured off a coordinate image through the
     whole loader with every photometric op and the flip switched off."""
     from fastbyol.augment import ViewSpec
 
     plain = ViewSpec(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
     images = np.repeat(_coordinates()[None], 50, axis=0)
-    loader = TwoViewLoader(images, batch_size=50, image_size=64, seed=2, num_threads=2, view1=plain, view2=plain)
+    loader = make_loader(images, batch_size=50, image_size=64, seed=2, num_threads=2, view1=plain, view2=plain)
     std, mean = np.array(IMAGENET_STD).reshape(1, 3, 1, 1), np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
     outs = []
     while len(outs) < 40:
@@ -368,12 +368,12 @@ def test_chain_matches_the_official_ops_composed(spec):
         np.testing.assert_allclose(got[i].permute(1, 2, 0).numpy(), want, atol=2e-5, rtol=0, err_msg=f"image {i}")
 
 
-def test_loader_views_are_the_official_chain_on_its_own_draws():
+def test_loader_views_are_the_official_chain_on_its_own_draws(make_loader):
     """The path the trainer uses: DALI's draws, torch's crops and chain; each view with its own spec (blur window,
     solarize threshold) and its own parameters."""
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (32, 48, 48, 3), dtype=np.uint8)
-    loader = TwoViewLoader(images, batch_size=16, image_size=40, seed=4, num_threads=1, cpu_parallel="threads")
+    loader = make_loader(images, image_size=40, seed=4, cpu_parallel="threads")
     # one batch as epoch() makes it (the processes' views are these: tests/test_cpu_workers.py): DALI's draws,
     # torch's crops of its windows, the chain
     crops, params = loader.maker.crops(loader.draw())

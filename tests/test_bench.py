@@ -1,5 +1,5 @@
 """`fastbyol bench augment` prints samples/s (and one JSON object with --json, with the DALI graph's operator count);
-bad options exit 2. `bench_photometric` times each variant of the photometric chain (CPU sizes here)."""
+bad options exit 2. `bench_photometric` times each backend of the photometric chain (CPU sizes here)."""
 
 import json
 
@@ -43,15 +43,15 @@ def test_bench_augment_errors(capsys):
     assert "--size must be >= 8" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("variant, threads", [("reference", None), ("reference", 2), ("triton", None)])
-def test_bench_photometric_on_the_cpu(variant, threads):
-    if variant == "triton":
+@pytest.mark.parametrize("backend, threads", [("reference", None), ("reference", 2), ("triton", None)])
+def test_bench_photometric_on_the_cpu(backend, threads):
+    if backend == "triton":
         pytest.importorskip("triton")
     from fastbyol.tools.bench_augment import bench_photometric
 
-    r = bench_photometric(16, 4, "cpu", variant, steps=2, threads=threads)
-    assert {"variant", "size", "batch", "device", "ms_per_batch", "images_per_s"} <= set(r)
-    assert r["variant"] == variant and r["device"] == "cpu" and r["ms_per_batch"] > 0
+    r = bench_photometric(16, 4, "cpu", backend, steps=2, threads=threads)
+    assert {"backend", "size", "batch", "device", "ms_per_batch", "images_per_s"} <= set(r)
+    assert r["backend"] == backend and r["device"] == "cpu" and r["ms_per_batch"] > 0
     assert r["images_per_s"] == pytest.approx(4 / (r["ms_per_batch"] / 1000))
 
 
@@ -59,7 +59,7 @@ def test_bench_photometric_errors(monkeypatch):
     from fastbyol.tools.bench_augment import bench_photometric
     from fastbyol.errors import FastByolError
 
-    with pytest.raises(FastByolError, match="variant must be one of"):
+    with pytest.raises(FastByolError, match="backend must be one of"):
         bench_photometric(16, 4, "cpu", "fastest")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(FastByolError, match="TRITON_INTERPRET=1"):

@@ -130,10 +130,10 @@ def test_fault_injection_count_never_crashes(clean_env):
     assert fault_injection_count("FASTBYOL_TEST_X") == 3
 
 
-def test_bad_op_style_is_one_line_not_an_import_crash(tmp_path):
-    # main: FASTBYOL_OP_STYLE=garbage raises ValueError while importing the kernels (a traceback)
+def test_bad_op_form_is_one_line_not_an_import_crash(tmp_path):
+    # main: FASTBYOL_OP_FORM=garbage raises ValueError while importing the kernels (a traceback)
     run = tmp_path / "run"
-    env = {**os.environ, "FASTBYOL_OP_STYLE": "garbage", "FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE": "junk",
+    env = {**os.environ, "FASTBYOL_OP_FORM": "garbage", "FASTBYOL_TEST_KILL_IN_CHECKPOINT_WRITE": "junk",
            "FASTBYOL_TEST_KILL_SIGNAL": "NOPE"}
-    _refused(train_cli("--epochs", "1", "--out", str(run), "--no-progress"), run, "FASTBYOL_OP_STYLE='garbage'",
+    _refused(train_cli("--epochs", "1", "--out", str(run), "--no-progress"), run, "FASTBYOL_OP_FORM='garbage'",
              env=env)

@@ -86,33 +86,33 @@ def test_from_dict_round_trip_and_refusals():
     raw["optim"]["base_lr"] = 1  # an int in a float field is fine (JSON writes 1.0 as 1 in some tools)
     assert Config.from_dict(raw).optim.base_lr == 1.0
     raw = cfg.to_dict()
-    del raw["data"]["blur_window"]  # saved before the setting existed: those runs trained with the official window
-    cfg.data.blur_window = "cover"
-    assert Config.from_dict(raw).data.blur_window == "official"
-    raw["data"]["blur_window"] = "cover"
-    assert Config.from_dict(raw).data.blur_window == "cover"
+    del raw["data"]["blur_window"]  # every setting is written: one missing is not a config of this fastbyol
+    with pytest.raises(FastByolError, match="no setting data.blur_window"):
+        Config.from_dict(raw)
 
 
-def test_a_config_saved_before_the_augment_section_loads_with_its_defaults():
-    """config.json files written before the augment section existed have none: they load with the defaults, which are
-    what those runs trained with (the module constants the section replaced); a partial section fills the rest."""
+def test_the_augment_section_is_saved_and_required():
+    """config.json holds the augment section (its defaults are the chain's module constants); one without it, or
+    with a partial or mistyped section, is refused naming what is wrong."""
     from fastbyol.config import AugmentConfig
     from fastbyol.augment.photometric import CHUNK_PIXELS
 
     cfg = get_preset("imagenet-resnet50")
     raw = cfg.to_dict()
     assert raw["augment"] == dataclasses.asdict(AugmentConfig())
-    del raw["augment"]
     assert Config.from_dict(raw) == cfg
     assert dataclasses.asdict(AugmentConfig()) == dict(cuda_photometric="triton", decode="roi", hw_decoder_load=0.9,
                                                        preallocate_side=512, chunk_pixels=1 << 17,
                                                        cpu_parallel="processes")
     assert CHUNK_PIXELS == AugmentConfig().chunk_pixels  # the chain's default is the setting's
-    raw["augment"] = {"decode": "once"}
-    loaded = Config.from_dict(raw).augment
-    assert loaded.decode == "once" and loaded.cpu_parallel == "processes"
-    raw["augment"] = {"decode": 2}
+    raw["augment"] = {**raw["augment"], "decode": 2}
     with pytest.raises(FastByolError, match="augment.decode must be str"):
+        Config.from_dict(raw)
+    raw["augment"] = {"decode": "once"}
+    with pytest.raises(FastByolError, match="no setting augment.cuda_photometric"):
+        Config.from_dict(raw)
+    del raw["augment"]
+    with pytest.raises(FastByolError, match="no 'augment' section"):
         Config.from_dict(raw)
 
 

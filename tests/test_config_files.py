@@ -8,7 +8,6 @@ import pytest
 
 from fastbyol.cli import _build_parser, config_from_args, main
 from fastbyol.config import Config, config_from_file, config_yaml, get_preset
-from fastbyol.errors import FastByolError
 
 
 def _cfg(*argv: str) -> Config:

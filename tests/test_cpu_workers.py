@@ -10,9 +10,11 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW2, TwoViewLoader, sample_params  # noqa: E402
+from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW2, sample_params  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 from fastbyol.augment.photometric import TAP_TAIL, photometric  # noqa: E402
+
+from .support import PassThroughPipeline  # noqa: E402
 
 
 def _images(n=48, size=24, gray=False, seed=1):
@@ -32,14 +34,14 @@ def _batches(loader, n):
 
 
 @pytest.mark.parametrize("gray", [False, True], ids=["colour", "gray"])
-def test_processes_give_the_thread_paths_views(gray):
+def test_processes_give_the_thread_paths_views(make_loader, gray):
     """Over more than one epoch (48 images, batch 16: 3 an epoch): the same batches, bit for bit (the workers run
     the thread path's chunks of the whole batch), so training does not depend on the choice."""
     images = _images(gray=gray)
     kw = dict(batch_size=16, image_size=20, seed=3, num_threads=2, gray_input=gray)
-    threads = _batches(TwoViewLoader(images, cpu_parallel="threads", **kw), 7)
-    procs = TwoViewLoader(images, cpu_parallel="processes", **kw)
-    assert procs.cpu_parallel == "processes" and len(procs._procs.procs) == 2
+    threads = _batches(make_loader(images, cpu_parallel="threads", **kw), 7)
+    procs = make_loader(images, cpu_parallel="processes", **kw)
+    assert procs.cpu_parallel == "processes" and len(procs.maker.workers.procs) == 2
     got = _batches(procs, 7)
     for (t1, t2), (p1, p2) in zip(threads, got):
         assert p1.is_contiguous(memory_format=torch.channels_last) and p1.dtype == torch.float32
@@ -47,22 +49,22 @@ def test_processes_give_the_thread_paths_views(gray):
     assert not torch.equal(got[0][0], got[1][0])
 
 
-def test_state_taken_while_a_batch_is_computed_ahead_resumes_exactly():
+def test_state_taken_while_a_batch_is_computed_ahead_resumes_exactly(make_loader):
     """state() read inside the loop (the workers already hold the next batch) and after an early stop (the batch
     drawn ahead is given back): a loader built from either yields what the first one yields next."""
     kw = dict(batch_size=16, image_size=16, seed=9, num_threads=2)
-    a = TwoViewLoader(_images(64), **kw)
+    a = make_loader(_images(64), **kw)
     it = a.epoch()
     next(it)
     mid = a.state()  # one batch yielded, the second with the workers
     rest = [tuple(t.clone() for t in b) for b in it]  # batches 2..4 of the epoch
     after = _batches(a, 2)  # the next epoch's first two
-    b = TwoViewLoader(_images(64), checkpoint=mid, **kw)
+    b = make_loader(_images(64), checkpoint=mid, **kw)
     resumed = _batches(b, 5)
     for want, got in zip(rest + after, resumed):
         assert all(torch.equal(w, g) for w, g in zip(want, got))
 
-    c = TwoViewLoader(_images(64), **kw)
+    c = make_loader(_images(64), **kw)
     for k, _ in enumerate(c.epoch()):
         if k == 1:
             break  # stopped with batch 3 drawn ahead: the loader goes back to just after batch 2
@@ -72,41 +74,47 @@ def test_state_taken_while_a_batch_is_computed_ahead_resumes_exactly():
 
 
 @pytest.mark.parametrize("where", ["run", "collect", "submit"])
-def test_an_interrupt_inside_the_iterator_loses_no_batch(where):
+def test_an_interrupt_inside_the_iterator_loses_no_batch(make_loader, monkeypatch, where):
     """Ctrl-C (or any error) while DALI draws, while the parent waits for the workers, or while it sends them a
     batch: the batches not yet yielded are given back, so the loader goes on, and state() resumes, exactly where the
     consumer stopped."""
-    kw = dict(batch_size=16, image_size=16, seed=9, num_threads=2)
-    want = _batches(TwoViewLoader(_images(64), cpu_parallel="threads", **kw), 7)
-    a = TwoViewLoader(_images(64), **kw)
-    target = {"run": a, "collect": a._procs, "submit": a._procs}[where]
-    real, calls = getattr(target, {"run": "_run"}.get(where, where)), [0]
+    kw = dict(seed=9, num_threads=2)
+    want = _batches(make_loader(_images(64), cpu_parallel="threads", **kw), 7)
+    calls = [0]
 
-    def flaky(*args):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return real(*args)
+    def third_call_interrupted(real):
+        def flaky(*args):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise KeyboardInterrupt
+            return real(*args)
+        return flaky
 
-    setattr(target, {"run": "_run"}.get(where, where), flaky)
+    class Interrupted(PassThroughPipeline):  # DALI's run(), every pipeline the loader builds counted together
+        def run(self, stream=None):
+            return third_call_interrupted(super().run)(stream)
+
+    a = make_loader(_images(64), make_pipeline=Interrupted if where == "run" else PassThroughPipeline, **kw)
+    if where != "run":  # the worker processes' side: the parent hands a batch over, or waits for it
+        monkeypatch.setattr(a.maker.workers, where, third_call_interrupted(getattr(a.maker.workers, where)))
     got = []
     with pytest.raises(KeyboardInterrupt):
         for b in a.epoch():
             got.append(tuple(t.clone() for t in b))
-    assert 1 <= len(got) <= 2 and a._procs.in_flight == 0
-    resumed = _batches(TwoViewLoader(_images(64), checkpoint=a.state(), **kw), 7 - len(got))
+    assert 1 <= len(got) <= 2 and a.maker.workers.in_flight == 0
+    resumed = _batches(make_loader(_images(64), checkpoint=a.state(), **kw), 7 - len(got))
     got += _batches(a, 7 - len(got))
     for w, g, r in zip(want, got, [None] * (7 - len(resumed)) + resumed):
         assert all(torch.equal(x, y) for x, y in zip(w, g))
         assert r is None or all(torch.equal(x, y) for x, y in zip(w, r))
 
 
-def test_a_later_epoch_call_takes_over_from_a_suspended_iterator():
+def test_a_later_epoch_call_takes_over_from_a_suspended_iterator(make_loader):
     """An iterator left suspended (its next batch already with the workers) and a new epoch() on the same loader:
     the new one starts at the batch the old one would have yielded next; the old one then refuses to go on."""
     kw = dict(batch_size=16, image_size=16, seed=4, num_threads=2)
-    want = _batches(TwoViewLoader(_images(64), **kw), 4)
-    a = TwoViewLoader(_images(64), **kw)
+    want = _batches(make_loader(_images(64), **kw), 4)
+    a = make_loader(_images(64), **kw)
     old = a.epoch()
     first = next(old)
     assert all(torch.equal(w, g) for w, g in zip(want[0], first))
@@ -114,12 +122,12 @@ def test_a_later_epoch_call_takes_over_from_a_suspended_iterator():
         assert all(torch.equal(x, y) for x, y in zip(w, g))
     with pytest.raises(FastByolError, match="ended by a later epoch"):
         next(old)
-    assert a._procs.in_flight == 0
+    assert a.maker.workers.in_flight == 0
 
 
-def test_a_dead_worker_is_one_clear_error_and_close_ends_them(cpu_loader):
-    loader = cpu_loader(_images(), num_threads=2)
-    procs = loader._procs.procs
+def test_a_dead_worker_is_one_clear_error_and_close_ends_them(make_loader):
+    loader = make_loader(_images(), num_threads=2)
+    procs = loader.maker.workers.procs
     os.kill(procs[1].pid, signal.SIGKILL)
     procs[1].join(timeout=10)
     with pytest.raises(FastByolError, match=r"fastbyol-augment-1 .*died, exit code -9"):
@@ -129,10 +137,10 @@ def test_a_dead_worker_is_one_clear_error_and_close_ends_them(cpu_loader):
         _batches(loader, 1)
 
 
-def test_workers_exit_with_their_loader(cpu_loader):
-    loader = cpu_loader(_images(), num_threads=2)
+def test_workers_exit_with_their_loader(make_loader):
+    loader = make_loader(_images(), num_threads=2)
     _batches(loader, 1)
-    procs = list(loader._procs.procs)
+    procs = list(loader.maker.workers.procs)
     assert all(p.is_alive() for p in procs)
     del loader
     import gc
@@ -153,11 +161,11 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
 
     script = (
         "import os, signal, sys, numpy as np\n"
-        "from fastbyol.augment import TwoViewLoader\n"
+        "from fastbyol.augment import LoaderSettings, TwoViewLoader\n"
         "x = np.zeros((32, 16, 16, 3), np.uint8)\n"
-        "loaders = [TwoViewLoader(x, batch_size=8, image_size=16, num_threads=2) for _ in range(2)]\n"
+        "loaders = [TwoViewLoader(x, LoaderSettings(8, 16, num_threads=2)) for _ in range(2)]\n"
         "[next(iter(loader.epoch())) for loader in loaders]\n"
-        "print(' '.join(str(p.pid) for loader in loaders for p in loader._procs.procs), flush=True)\n"
+        "print(' '.join(str(p.pid) for loader in loaders for p in loader.maker.workers.procs), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]

@@ -179,7 +179,8 @@ def test_idx_bad_labels(tmp_path, labels, code):
     (dict(images=np.zeros((2, 4, 4, 3), np.float32)), "uint8"),
     (dict(images=np.zeros((2, 4), np.uint8)), "shape"),
     (dict(train_images=np.zeros((2, 4, 4, 3), np.uint8), train_labels=np.zeros(2, np.int64),
-          test_images=np.zeros((2, 4, 4, 3), np.uint8), test_labels=np.array([0, -1])), ">= 0"),
+          test_images=np.zeros((2, 4, 4, 3), np.uint8), test_labels=np.array([0, -1])), "must lie in 0..65535"),
+    (dict(images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.array([0, 10**12])), "must lie in 0..65535"),
 ])
 def test_npz_malformed_members(tmp_path, members, what):
     path = tmp_path / "d.npz"

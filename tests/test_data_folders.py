@@ -12,10 +12,10 @@ pytest.importorskip("nvidia.dali")
 
 from PIL import Image  # noqa: E402
 
-from fastbyol.augment import TwoViewLoader  # noqa: E402
 from fastbyol.cli import main  # noqa: E402
 from fastbyol.data import resolve_dataset  # noqa: E402
-from fastbyol.data.folders import check_image_file, write_synthetic_jpegs  # noqa: E402
+from fastbyol.data.checks import check_image_file  # noqa: E402
+from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
 
@@ -37,14 +37,14 @@ def test_labeled_folder(folder):
     assert np.abs(ds.train_images[png_index].astype(int) - 200).max() <= 2
 
 
-def test_unlabeled_folder_and_views(tmp_path, folder):
+def test_unlabeled_folder_and_views(make_loader, tmp_path, folder):
     unl = tmp_path / "flat"
     unl.mkdir()
     for i, p in enumerate(sorted((folder / "train").rglob("*.jpg"))[:20]):
         (unl / f"{i}.jpg").write_bytes(p.read_bytes())
     ds = resolve_dataset(str(unl), image_size=24)
     assert ds.train_labels is None and len(ds.pretrain_files.files) == 20
-    loader = TwoViewLoader(ds.pretrain_files, batch_size=8, image_size=16, seed=1, num_threads=1)
+    loader = make_loader(ds.pretrain_files, batch_size=8, seed=1)
     batches = list(loader.epoch())
     assert len(batches) == loader.steps_per_epoch == 2  # 20 // 8, the partial batch dropped
     v1, v2 = batches[0]

@@ -134,7 +134,7 @@ def test_parallel_checks_equal_the_serial_ones(tree, monkeypatch):
     serial = mf.scan(tree, workers=1)
     monkeypatch.setattr(mf, "PARALLEL_MIN_FILES", 1)
     parallel = mf.scan(tree, workers=3)  # three check_worker subprocesses
-    for a in ("paths", "split", "labels", "sizes", "mtimes", "dir_mtimes"):
+    for a in ("paths", "split", "labels", "sizes", "mtimes", "inodes", "ctimes", "dir_ids"):
         assert np.array_equal(getattr(serial, a), getattr(parallel, a)), a
     assert serial.bad == parallel.bad and serial.bad[0][0] == "train/class1/bad.jpg"
 
@@ -186,3 +186,38 @@ def test_file_list_feeds_each_rank_its_part(tree):
             if not rel.startswith("test/")]
     assert sorted(seen) == sorted(want)
     assert sorted(src.files) == sorted(str(tree / r) for r in expected_files(tree) if not r.startswith("test/"))
+
+
+def test_the_prescan_builds_the_manifest_while_the_trainer_loads(tree, tmp_path, monkeypatch, capsys):
+    """`fastbyol train` on an image folder lists and checks it in a child while it imports torch and DALI; the
+    trainer reads what the child wrote (and says so) or, when the child checked a fresh one, does not check it
+    again; a run that stops early leaves no child behind."""
+    import os
+
+    from fastbyol.cli import main
+
+    from .support import child_pids
+
+    monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
+    child = mf.start_prescan(tree)
+    assert child.wait(timeout=300) == 0
+    man, seconds, status = mf.obtain(tree)
+    assert status == "built while fastbyol loaded" and seconds["checks"] >= 0 and len(man) == 40
+    assert mf.obtain(tree)[2] == "fresh"  # its mark is for one reading only
+    child = mf.start_prescan(tree)  # fresh: the child checks it, and this process trusts that check once
+    assert child.wait(timeout=300) == 0
+    stamps = [p for p in (tree / ".fastbyol").iterdir() if p.name.startswith("verified")]
+    assert len(stamps) == 1
+    monkeypatch.setattr(mf.Manifest, "stale_reason", lambda *a, **k: "not to be called")
+    assert mf.obtain(tree)[2] == "fresh" and not stamps[0].exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
+    args = ["train", "--data", str(tree), "--epochs", "1", "--batch-size", "8", "--image-size", "16", "--no-progress",
+            "--knn-every", "0"]
+    (tree / "train" / "class0" / "new.jpg").write_bytes((tree / "train" / "class0" / "000000.jpg").read_bytes())
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0  # the child or this process rescans: the same run
+    out = capsys.readouterr().out
+    assert "(manifest built while fastbyol loaded)" in out or "(manifest rebuilt (folder train/class0 changed))" in out
+    assert not [p for p in (tree / ".fastbyol").iterdir() if p.name.startswith("verified")]
+    assert main([*args, "--out", str(tree / "inside")]) == 2  # refused after the child started: it is stopped
+    assert child_pids(os.getpid()) == []

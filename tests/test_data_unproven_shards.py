@@ -20,6 +20,7 @@ pytest.importorskip("nvidia.dali")
 from fastbyol.cli import main  # noqa: E402
 from fastbyol.data import resolve_dataset  # noqa: E402
 from fastbyol.data import unproven  # noqa: E402
+from fastbyol.data.shards import index_name  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
@@ -89,7 +90,7 @@ def test_an_unproven_member_the_decoder_refuses_is_a_bad_sample(good_jpegs, tmp_
     _no_child(monkeypatch)  # decoded once: the index keeps the bad sample
     ds = resolve_dataset(str(shard), image_size=16, skip_bad_files=True, eval_images=False)
     assert ds.skipped_files == 1 and ds.num_pretraining == 24
-    index = (tmp_path / "wds" / ".fastbyol" / "shards" / "a.tar.idx").read_text()
+    index = (tmp_path / "wds" / ".fastbyol" / "shards" / index_name(shard, ".idx")).read_text()
     assert " zz.jpg" not in index and " g00.jpg" in index  # DALI never reads it
 
 

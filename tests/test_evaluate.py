@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastbyol.cli import main
-from fastbyol.evaluation.export import linear_probe
+from fastbyol.evaluation.linear import linear_probe
 
 from .support import small_idx_dataset as _small_idx_dataset
 
@@ -33,15 +33,15 @@ def test_linear_probe_separates_separable_features():
 
 def test_eval_trained_and_random(run_dir, capsys):
     assert main(["eval", str(run_dir), "--probe-epochs", "5", "--no-progress"]) == 0
-    trained = json.loads((run_dir / "eval-features.json").read_text())
+    trained = json.loads((run_dir / "eval-features-probe_epochs5.json").read_text())
     assert 0 <= trained["knn_top1"] <= 100 and 0 <= trained["linear_top1"] <= 100
     summary = json.loads((run_dir / "summary.json").read_text())
     assert abs(trained["knn_top1"] - summary["knn_top1"]) < 1e-6  # the same encoder, data and kNN
     assert main(["eval", str(run_dir), "--init", "random", "--probe-epochs", "5", "--no-progress"]) == 0
-    random = json.loads((run_dir / "eval-features-random.json").read_text())
+    random = json.loads((run_dir / "eval-features-probe_epochs5-random.json").read_text())
     assert abs(random["knn_top1"] - summary["knn_top1_random_init"]) < 1e-6
     out = capsys.readouterr().out
-    assert "linear (features)" in out and "eval-features.json" in out
+    assert "linear (features)" in out and "eval-features-probe_epochs5.json" in out
 
 
 def test_online_knn_monitor_in_metrics(run_dir):

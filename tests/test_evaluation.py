@@ -10,7 +10,7 @@ import pytest
 from fastbyol.cli import main
 from fastbyol.evaluation.finetune import balanced_subset
 from fastbyol.evaluation.paper import held_out_split, scaled_batch
-from fastbyol.evaluation.results import format_table, table_rows
+from fastbyol.evaluation.results import format_table, subset_tag, table_rows
 
 from .support import small_idx_dataset as _small_idx_dataset
 
@@ -36,7 +36,7 @@ def test_paper_protocol_trained_beats_random_init(run_dir, capsys):
     for init in ("trained", "random"):
         assert main(["eval", str(run_dir), "--protocol", "paper", "--epochs", "3", "--init", init,
                      "--no-progress"]) == 0
-    trained, random = _result(run_dir, "eval-paper.json"), _result(run_dir, "eval-paper-random.json")
+    trained, random = _result(run_dir, "eval-paper-epochs3.json"), _result(run_dir, "eval-paper-epochs3-random.json")
     print(f"paper linear: trained {trained['linear_top1']:.2f} vs random {random['linear_top1']:.2f}")
     assert trained["linear_top1"] >= random["linear_top1"] + 5.0
     assert trained["protocol"] == "paper" and trained["epochs"] == 3 and trained["batch_size"] == 128
@@ -44,7 +44,7 @@ def test_paper_protocol_trained_beats_random_init(run_dir, capsys):
     assert trained["held_out_top1"][str(trained["base_lr"])] == max(trained["held_out_top1"].values())
     assert trained["linear_top1"] == trained["test_top1_per_lr"][str(trained["base_lr"])]
     out = capsys.readouterr().out
-    assert "linear (paper protocol)" in out and "eval-paper-random.json" in out
+    assert "linear (paper protocol) [epochs 3]" in out and "eval-paper-epochs3-random.json" in out
 
 
 @pytest.mark.slow
@@ -54,7 +54,8 @@ def test_finetune_trained_beats_random_init(run_dir):
         # steps (measured: +1.8 points at 3 epochs, +1.0 at 8); at 0.02, +9.8
         assert main(["finetune", str(run_dir), "--fraction", "0.05", "--epochs", "3", "--lr", "0.02", "--init", init,
                      "--no-progress"]) == 0
-    trained, random = _result(run_dir, "finetune-0.05.json"), _result(run_dir, "finetune-0.05-random.json")
+    trained, random = (_result(run_dir, "finetune-0.05-epochs3-lr0.02.json"),
+                       _result(run_dir, "finetune-0.05-epochs3-lr0.02-random.json"))
     print(f"fine-tune 5%: trained {trained['top1']:.2f} vs random {random['top1']:.2f}")
     assert trained["top1"] >= random["top1"] + 5.0
     # 5% of each class, rounded per class (at least one): about 100 of the 2,000 images
@@ -63,15 +64,15 @@ def test_finetune_trained_beats_random_init(run_dir):
 
 def test_features_protocol_and_table(run_dir, capsys):
     assert main(["eval", str(run_dir), "--probe-epochs", "5", "--no-progress"]) == 0
-    features = _result(run_dir, "eval-features.json")
+    features = _result(run_dir, "eval-features-probe_epochs5.json")
     summary = _result(run_dir, "summary.json")
     assert features["protocol"] == "features" and abs(features["knn_top1"] - summary["knn_top1"]) < 1e-6
     rows = {label: (t, r) for label, t, r in table_rows(run_dir)}
-    assert rows["kNN (features)"][0] == features["knn_top1"]
+    assert rows["kNN (features) [probe_epochs 5]"][0] == features["knn_top1"]
     assert rows["online probe (pretraining)"][0] == summary["online_probe_top1"]
     lines = format_table(table_rows(run_dir))
     header = lines[0].split()[-4:]
-    assert header == ["trained", "random", "init", "gain"] and "eval-features.json" in capsys.readouterr().out
+    assert header == ["trained", "random", "init", "gain"] and "eval-features-probe_epochs5.json" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fraction", ["0", "1.5", "-0.1", "nan"])
@@ -98,7 +99,7 @@ def test_subset_file_trains_on_the_images_it_names(run_dir, tmp_path):
     subset = tmp_path / "tiny.txt"
     subset.write_text("\n".join(str(i) for i in range(0, 2000, 50)) + "\n")  # 40 images
     assert main(["finetune", str(run_dir), "--subset", str(subset), "--epochs", "1", "--no-progress"]) == 0
-    result = _result(run_dir, "finetune-tiny.json")
+    result = _result(run_dir, f"finetune-{subset_tag(subset, subset.read_bytes())}-epochs1.json")
     assert result["subset_images"] == 40 and result["subset_file"] == str(subset)
 
 

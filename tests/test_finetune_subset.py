@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 
 from fastbyol.cli import main  # noqa: E402
 from fastbyol.evaluation.finetune import image_picker  # noqa: E402
+from fastbyol.evaluation.results import subset_tag  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
 from .support import one_line, small_idx_dataset  # noqa: E402
@@ -45,6 +46,11 @@ def _finetune(run_dir, subset, *flags):
                  "--no-progress", *flags])
 
 
+def _name(subset):
+    """The result file of _finetune's run on `subset` (its name and digest, the epochs and batch of _finetune)."""
+    return f"finetune-{subset_tag(subset, subset.read_bytes())}-epochs1-batch_size2.json"
+
+
 def _written(run_dir):
     return sorted(p.name for p in run_dir.glob("finetune-*.json"))
 
@@ -54,7 +60,7 @@ def test_file_names_and_relative_paths_pick_those_images(run_dir, tmp_path):
     subset.write_text("0000.png\nclass1/0001.png\n# a comment\n\n./class2/0002.png\n0003.png\nclass1/dup.png\n"
                       "0000.png\n")  # a name given twice counts once
     assert _finetune(run_dir, subset) == 0
-    result = json.loads((run_dir / "finetune-names.json").read_text())
+    result = json.loads((run_dir / _name(subset)).read_text())
     assert result["subset_images"] == 5 and result["subset_per_class"] == [2, 2, 1]
     assert result["subset_file"] == str(subset)
 
@@ -63,7 +69,7 @@ def test_indices_keep_working(run_dir, tmp_path):
     subset = tmp_path / "indices.txt"
     subset.write_text("0\n7\n# seven\n12\n")
     assert _finetune(run_dir, subset) == 0
-    assert json.loads((run_dir / "finetune-indices.json").read_text())["subset_images"] == 3
+    assert json.loads((run_dir / _name(subset)).read_text())["subset_images"] == 3
 
 
 @pytest.mark.parametrize("text, needles", [

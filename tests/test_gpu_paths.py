@@ -2,7 +2,7 @@
 views against the CPU reference chain, DALI's buffers held while the chain reads them) and a short training run on
 CUDA, and both decode modes of the JPEG path (one ROI decode per view, or one decode and two GPU crops), and the
 online probe's labels from arrays and an image folder. The GPU
-plan runs them; they cannot run on the CPU machines. (The chain's variants on CUDA, which need no DALI:
+plan runs them; they cannot run on the CPU machines. (The chain's backends on CUDA, which need no DALI:
 tests/test_photometric.py.)"""
 
 import json
@@ -23,13 +23,12 @@ def _kw(spec, size):
                 std=IMAGENET_STD)
 
 
-def test_gpu_views_from_arrays():
-    from fastbyol.augment import TwoViewLoader
+def test_gpu_views_from_arrays(make_loader):
     from fastbyol.config import AugmentConfig
 
     images = np.random.default_rng(0).integers(0, 256, (64, 40, 40, 3), dtype=np.uint8)
-    loader = TwoViewLoader(images, batch_size=32, image_size=32, device="cuda", num_threads=2)
-    assert loader.photometric_variant == AugmentConfig().cuda_photometric
+    loader = make_loader(images, batch_size=32, image_size=32, device="cuda", num_threads=2)
+    assert loader.photometric_backend == AugmentConfig().cuda_photometric
     out = loader.draw()
     v1, v2 = loader.maker.chain(*loader.maker.crops(out))
     assert v1.is_cuda and v1.shape == (32, 3, 32, 32) and v1.dtype == torch.float16
@@ -39,14 +38,14 @@ def test_gpu_views_from_arrays():
     assert v1.is_cuda and v1.shape == (32, 3, 32, 32) and v1.dtype == torch.float16
 
 
-def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws():
+def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws(make_loader):
     """The CUDA path end to end: DALI's GPU crops and its parameters (moved to the GPU in the graph) through the
     loader's chain equal the CPU reference on copies of the same inputs (fp16 outputs: 2e-3)."""
-    from fastbyol.augment import VIEW1, VIEW2, TwoViewLoader
+    from fastbyol.augment import VIEW1, VIEW2
     from fastbyol.augment.photometric import photometric
 
     images = np.random.default_rng(1).integers(0, 256, (64, 72, 72, 3), dtype=np.uint8)
-    loader = TwoViewLoader(images, batch_size=32, image_size=64, device="cuda", num_threads=2)
+    loader = make_loader(images, batch_size=32, image_size=64, device="cuda", num_threads=2)
     crops, params = loader.maker.crops(loader.draw())
     v1, v2 = loader.maker.chain(crops, params)
     t = [crops[0], params[0], crops[1], params[1]]
@@ -56,16 +55,15 @@ def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws():
         torch.testing.assert_close(view.float().cpu(), want, atol=2e-3, rtol=0)
 
 
-def test_gpu_dali_buffers_live_until_the_chain_has_read_them():
+def test_gpu_dali_buffers_live_until_the_chain_has_read_them(make_loader):
     """For the chain's inputs: with a long kernel queued first, the chain of every batch runs
     late, after the loop has moved on and dropped DALI's outputs; the views must still equal those of a run that
     synchronized after every batch (same seed)."""
-    from fastbyol.augment import TwoViewLoader
 
     images = np.random.default_rng(3).integers(0, 256, (256, 40, 40, 3), dtype=np.uint8)
 
     def views(slow: bool):
-        loader = TwoViewLoader(images, batch_size=32, image_size=32, seed=7, device="cuda", num_threads=2)
+        loader = make_loader(images, batch_size=32, image_size=32, seed=7, device="cuda", num_threads=2)
         out = []
         if slow:
             torch.cuda._sleep(int(2e9))  # ~1 s of GPU time queued before the first chain
@@ -82,15 +80,15 @@ def test_gpu_dali_buffers_live_until_the_chain_has_read_them():
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
 
 
-def test_gpu_views_from_jpeg_with_crop_during_decode(tmp_path):
+def test_gpu_views_from_jpeg_with_crop_during_decode(make_loader, tmp_path):
     pytest.importorskip("PIL")
-    from fastbyol.augment import TwoViewLoader
-    from fastbyol.data.folders import FileList, write_synthetic_jpegs
+    from fastbyol.data.folders import FileList
+    from fastbyol.data.synthetic import write_synthetic_jpegs
 
     root = write_synthetic_jpegs(tmp_path / "j", n_train=64, n_test=0, size=96, classes=2)
     files = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
     labels = np.array([int("class1" in f) for f in files], dtype=np.int64)
-    loader = TwoViewLoader(FileList(files, labels), batch_size=32, image_size=64, device="cuda", num_threads=2)
+    loader = make_loader(FileList(files, labels), batch_size=32, image_size=64, device="cuda", num_threads=2)
     batches = list(loader.epoch())
     assert len(batches) == 2 and all(len(b) == 2 for b in batches)  # the two views (labels stay with the source)
     assert batches[0][0].is_cuda and batches[0][0].shape == (32, 3, 64, 64)
@@ -109,13 +107,12 @@ def imagenet_like(tmp_path_factory):
 
 
 @pytest.mark.parametrize("decode", ["roi", "once"])
-def test_gpu_decode_modes_give_the_views_and_decode_as_said(imagenet_like, decode):
+def test_gpu_decode_modes_give_the_views_and_decode_as_said(make_loader, imagenet_like, decode):
     """Both decode modes of the mixed decoder on varied-size JPEGs: (B, 3, S, S) fp16
     channels_last views on the GPU, per-sample crops; "roi" has two decoders in its graph (one per view), "once" one
     (each file decoded once, both views cropped from it)."""
-    from fastbyol.augment import TwoViewLoader
 
-    loader = TwoViewLoader(imagenet_like, batch_size=16, image_size=64, device="cuda", num_threads=2, decode=decode)
+    loader = make_loader(imagenet_like, batch_size=16, image_size=64, device="cuda", num_threads=2, decode=decode)
     assert loader.decoders == (2 if decode == "roi" else 1)
     crops = loader.maker.crops(loader.draw())[0][0]  # (16, 3, 64, 64) uint8 on the GPU, batch 1's view-1 crops
     assert crops.is_cuda and crops.dtype == torch.uint8 and len({c.cpu().numpy().tobytes() for c in crops}) == 16
@@ -126,18 +123,17 @@ def test_gpu_decode_modes_give_the_views_and_decode_as_said(imagenet_like, decod
     assert v1.is_contiguous(memory_format=torch.channels_last) and not torch.equal(v1, v2)
 
 
-def test_gpu_once_mode_resumes_exactly_from_its_checkpoint(imagenet_like):
+def test_gpu_once_mode_resumes_exactly_from_its_checkpoint(make_loader, imagenet_like):
     """DALI's checkpoint after batch 1 of the once mode restores batch 2 exactly (the reader, the GPU crops' windows,
     every parameter)."""
-    from fastbyol.augment import TwoViewLoader
 
     kw = dict(batch_size=16, image_size=64, device="cuda", num_threads=2, seed=5, decode="once")
-    loader = TwoViewLoader(imagenet_like, **kw)
+    loader = make_loader(imagenet_like, **kw)
     it = loader.epoch()
     next(it)
     state = loader.state()
     want = next(it)
-    got = next(TwoViewLoader(imagenet_like, checkpoint=state, **kw).epoch(first_step=1))
+    got = next(make_loader(imagenet_like, checkpoint=state, **kw).epoch(first_step=1))
     for a, b in zip(want, got):
         assert torch.equal(a, b)
 
@@ -153,11 +149,10 @@ def test_training_on_cuda(tmp_path):
     assert summary["peak_memory_gb"] > 0 and summary["peak_device_memory_gb"] >= summary["peak_memory_gb"]
 
 
-def test_gpu_files_loader_hands_over_the_readers_labels(tmp_path, monkeypatch):
+def test_gpu_files_loader_hands_over_the_readers_labels(make_loader, tmp_path, monkeypatch):
     """The online probe's labels on the CUDA files path: the reader's labels as the graph's last output, on the
     GPU (int64), one epoch holding every file's class once; the views bit for bit those of the graph without them
     (the CPU path checks each batch's labels against its decoded files: tests/test_online_probe_files.py)."""
-    from fastbyol.augment import TwoViewLoader
     from fastbyol.data import resolve_dataset
     from fastbyol.data.synthetic import write_synthetic_jpegs
 
@@ -165,7 +160,7 @@ def test_gpu_files_loader_hands_over_the_readers_labels(tmp_path, monkeypatch):
     root = write_synthetic_jpegs(tmp_path / "j", n_train=48, n_test=12, size=48, classes=3)
     source = resolve_dataset(str(root), image_size=32, eval_images=False).pretraining_source
     kw = dict(batch_size=8, image_size=32, device="cuda", num_threads=2, seed=3)
-    plain, labelled = TwoViewLoader(source, **kw), TwoViewLoader(source, labels=True, **kw)
+    plain, labelled = make_loader(source, **kw), make_loader(source, reader_labels=True, **kw)
     seen = []
     for (a1, a2), (b1, b2, labels) in zip(plain.epoch(), labelled.epoch()):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
@@ -174,15 +169,14 @@ def test_gpu_files_loader_hands_over_the_readers_labels(tmp_path, monkeypatch):
     assert torch.bincount(torch.cat(seen), minlength=3).tolist() == [16, 16, 16]  # every file once
 
 
-def test_gpu_arrays_loader_hands_over_the_rows_labels():
+def test_gpu_arrays_loader_hands_over_the_rows_labels(make_loader):
     """The online probe's labels on the CUDA arrays path: the source's rows as a second output
     (pipelines.array_source), the labels gathered by them on the GPU; the views bit for bit those without them."""
-    from fastbyol.augment import TwoViewLoader
 
     images = np.random.default_rng(0).integers(0, 256, (48, 24, 24, 3), dtype=np.uint8)
     classes = np.arange(48, dtype=np.int64) % 3
     kw = dict(batch_size=8, image_size=16, device="cuda", num_threads=1, seed=3)
-    plain, labelled = TwoViewLoader(images, **kw), TwoViewLoader(images, labels=classes, **kw)
+    plain, labelled = make_loader(images, **kw), make_loader(images, labels=classes, **kw)
     seen = []
     for (a1, a2), (b1, b2, labels) in zip(plain.epoch(), labelled.epoch()):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
@@ -206,33 +200,32 @@ def test_training_on_cuda_folder_runs_the_online_probe(tmp_path, monkeypatch):
     assert [r.get("final", False) for r in rows if "online_probe_top1" in r] == [False, True]
 
 
-def test_dali_outputs_are_bound_to_torch_current_stream(monkeypatch):
+def test_dali_outputs_are_bound_to_torch_current_stream(make_loader):
     """pipe.run gets torch's current stream (the outputs are made ready there; without it run() blocks the host)."""
-    from fastbyol.augment import TwoViewLoader
+
+    from .support import PassThroughPipeline
 
     images = np.random.default_rng(0).integers(0, 256, (32, 24, 24, 3), dtype=np.uint8)
-    loader = TwoViewLoader(images, batch_size=16, image_size=16, device="cuda", num_threads=1)
     seen = []
-    real_run = loader._pipe.run
 
-    def spy(*args, **kwargs):
-        seen.append(args[0] if args else kwargs.get("cuda_stream"))
-        return real_run(*args, **kwargs)
+    class Spy(PassThroughPipeline):
+        def run(self, stream=None):
+            seen.append(stream)
+            return super().run(stream)
 
-    monkeypatch.setattr(loader._pipe, "run", spy)
+    loader = make_loader(images, batch_size=16, image_size=16, device="cuda", num_threads=1, make_pipeline=Spy)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         next(iter(loader.epoch()))
     assert seen and seen[0] == stream
 
 
-def test_gpu_loader_reuses_the_triton_chains_scratch():
+def test_gpu_loader_reuses_the_triton_chains_scratch(make_loader):
     """The Triton chain's partial sums, scratch and tmp: made at the first batch, reused by both views and every
     later batch (the GPU view maker's ScratchBuffers); the views stay fresh tensors."""
-    from fastbyol.augment import TwoViewLoader
 
     images = np.random.default_rng(1).integers(0, 256, (96, 40, 40, 3), dtype=np.uint8)
-    loader = TwoViewLoader(images, batch_size=32, image_size=32, device="cuda", num_threads=2,
+    loader = make_loader(images, batch_size=32, image_size=32, device="cuda", num_threads=2,
                            cuda_photometric="triton")
     batches = list(loader.epoch())
     assert len(batches) == 3 and loader.maker.buffers.allocations == 3

@@ -21,8 +21,8 @@ DTYPES = [(torch.float32, 1e-5, 1e-4), (torch.float16, 2e-3, 5e-3), (torch.bfloa
 
 
 @pytest.fixture(autouse=True)
-def _triton_path(kernels_path):
-    kernels_path("triton")
+def _triton_path(select_backend):
+    select_backend("triton")
 
 
 def _reference_f64(p, z):
@@ -97,14 +97,14 @@ def test_loss_zero_rows_use_the_epsilon():
     _assert_grad_close(p.grad, ref_grad, 1e-4)
 
 
-def test_loss_public_equals_reference_path(kernels_path):
+def test_loss_public_equals_reference_path(select_backend):
     p = torch.randn(17, 100, device=DEVICE, requires_grad=True)
     z = torch.randn(17, 100, device=DEVICE)
     fast = byol_loss(p, z)
     fast.backward()
     g_fast = p.grad.clone()
     p.grad = None
-    kernels_path("reference")
+    select_backend("reference")
     slow = byol_loss(p, z)
     slow.backward()
     assert abs(fast.item() - slow.item()) < 1e-5
@@ -208,18 +208,18 @@ def _tiny_byol(seed=0):
     return BYOL(build_encoder("resnet-tiny", stem="small-s2", image_size=16), 64, 32, 64).to(DEVICE)
 
 
-def test_twenty_steps_fast_ops_match_references(kernels_path):
+def test_twenty_steps_fast_ops_match_references(select_backend):
     # on CUDA: deterministic cuDNN and no TF32, so only the ops under test differ between the two runs
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
-            _twenty_steps(kernels_path)
+            _twenty_steps(select_backend)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def _twenty_steps(kernels_path):
+def _twenty_steps(select_backend):
     from fastbyol.optim import LARS
     from fastbyol.train import byol_step
 
@@ -227,7 +227,7 @@ def _twenty_steps(kernels_path):
     data = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randn(16, 3, 16, 16, generator=gen)) for _ in range(20)]
     results = {}
     for mode in ("triton", "reference"):
-        kernels_path(mode)
+        select_backend(mode)
         model = _tiny_byol()
         opt = LARS(model.online_parameters(), lr=0.0)
         target, online = model.ema_pairs()
@@ -245,10 +245,10 @@ def _twenty_steps(kernels_path):
 
 
 @pytest.mark.slow
-def test_compiled_step_fullgraph_no_graph_break(kernels_path):
+def test_compiled_step_fullgraph_no_graph_break(select_backend):
     """A whole BYOL step (forward, fused loss, backward) and the EMA compile with fullgraph=True on this device
     (on CPU: Inductor's C++ backend around the ops' reference kernels)."""
-    kernels_path("auto")
+    select_backend("auto")
     model = _tiny_byol()
     target, online = model.ema_pairs()
 
@@ -275,7 +275,7 @@ def test_compiled_step_fullgraph_no_graph_break(kernels_path):
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_triton_op_form_equals_the_reference(symmetric):
-    """The triton_op form of the loss (FASTBYOL_OP_STYLE=triton_op) runs the same kernel: loss and gradient against
+    """The triton_op form of the loss (FASTBYOL_OP_FORM=triton_op) runs the same kernel: loss and gradient against
     float64, through its registered autograd. On a CPU it runs eagerly under the interpreter (torch's wrap_triton
     hands interpreted kernels back unwrapped, so only a GPU can trace it: the next test)."""
     from fastbyol.kernels.loss import HAS_TRITON_OP
@@ -301,51 +301,51 @@ def test_triton_op_form_equals_the_reference(symmetric):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="tracing a triton_op needs real (not interpreted) Triton kernels")
 def test_triton_op_form_compiles_fullgraph_on_cuda():
-    from fastbyol.kernels import set_op_style
+    from fastbyol.kernels import set_op_form
     from fastbyol.kernels.loss import HAS_TRITON_OP
 
     if not HAS_TRITON_OP:
         pytest.skip("this torch has no torch.library.triton_op")
     args = tuple(torch.randn(64, 256, device=DEVICE, requires_grad=i < 2) for i in range(4))
     torch.library.opcheck(torch.ops.fastbyol.byol_loss_symmetric_fwd_traceable.default, args)
-    set_op_style("triton_op")
+    set_op_form("triton_op")
     try:
         torch._dynamo.reset()
         step = torch.compile(lambda a, b, c, d: byol_loss_symmetric(a * 1.0, b, c, d), fullgraph=True)
         loss = step(*args)
         loss.backward()
     finally:
-        set_op_style("custom_op")
+        set_op_form("custom_op")
         torch._dynamo.reset()
     ref = byol_loss_symmetric_reference(*(a.detach().double() for a in args))
     assert abs(loss.item() - ref.item()) <= 1e-5
     assert args[0].grad is not None and args[2].grad is None
 
 
-def test_op_style_switch(kernels_path):
-    from fastbyol.kernels import op_style, set_op_style
+def test_op_form_switch(select_backend):
+    from fastbyol.kernels import op_form, set_op_form
 
-    with pytest.raises(ValueError, match="op style 'nope'"):
-        set_op_style("nope")
-    assert op_style() == "custom_op"
-    kernels_path("reference")  # the triton_op form is for the Triton path: the reference keeps the custom op
-    set_op_style("triton_op")
+    with pytest.raises(ValueError, match="op form 'nope'"):
+        set_op_form("nope")
+    assert op_form() == "custom_op"
+    select_backend("reference")  # the triton_op form is for the Triton path: the reference keeps the custom op
+    set_op_form("triton_op")
     try:
         torch._dynamo.reset()
         args = tuple(torch.randn(8, 16, device=DEVICE, requires_grad=i < 2) for i in range(4))
         loss = torch.compile(byol_loss_symmetric, fullgraph=True, backend="aot_eager")(*args)
     finally:
-        set_op_style("custom_op")
+        set_op_form("custom_op")
         torch._dynamo.reset()
     torch.testing.assert_close(loss, byol_loss_symmetric_reference(*args).float(), rtol=1e-5, atol=1e-6)
 
 
-def test_ema_plan_follows_new_lists_and_moved_storage(kernels_path):
+def test_ema_cache_follows_new_lists_and_moved_storage(select_backend):
     """The plan cache (keyed by the list objects, with an O(1) stamp) never runs on stale tensors: new lists, a
-    model moved to new storage, and tensors replaced in place (after clear_plans) all give the formula's result."""
-    from fastbyol.kernels import clear_plans
+    model moved to new storage, and tensors replaced in place (after clear_ema_cache) all give the formula's result."""
+    from fastbyol.kernels import clear_ema_cache
 
-    kernels_path("triton")
+    select_backend("triton")
 
     def check(target, online, tau=0.9):
         expected = [tau * t.double() + (1 - tau) * o.double() for t, o in zip(target, online)]
@@ -362,17 +362,17 @@ def test_ema_plan_follows_new_lists_and_moved_storage(kernels_path):
     check(moved, online)
     target[:] = [t.clone() for t in target]  # the same list object, every tensor reallocated: the stamp moves
     check(target, online)
-    target[1] = torch.randn(17)  # one tensor in the middle replaced in place: clear_plans says so
-    clear_plans()
+    target[1] = torch.randn(17)  # one tensor in the middle replaced in place: clear_ema_cache says so
+    clear_ema_cache()
     check(target, online)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_ema_plan_tells_views_at_the_same_address_apart(kernels_path, backend):
+def test_ema_cache_tells_views_at_the_same_address_apart(select_backend, backend):
     """Views that start where an earlier list's tensors started but differ in size or strides get their own plan:
     the whole tensor is updated after its prefix was, and a size mismatch hidden behind a cached address is still the
     documented ValueError."""
-    kernels_path(backend)
+    select_backend(backend)
     a, b = torch.randn(10, generator=torch.Generator().manual_seed(1)), torch.randn(10)
     ema_update_([a[:3]], [b[:3]], 0.5)  # a plan for the prefix views
     expected = 0.5 * a.double() + 0.5 * b.double()

@@ -11,8 +11,8 @@ import torch
 from fastbyol.kernels import KernelBackendError, backend, kernel_backend, set_backend
 
 
-def test_set_backend_switches_and_validates(kernels_path):
-    kernels_path("reference")
+def test_set_backend_switches_and_validates(select_backend):
+    select_backend("reference")
     assert backend() == "reference" and kernel_backend(torch.device("cpu")) == "reference"
     previous = set_backend("auto")
     assert previous == "reference" and kernel_backend(torch.device("cpu")) == "reference"  # auto: CPU -> reference
@@ -21,8 +21,8 @@ def test_set_backend_switches_and_validates(kernels_path):
     assert backend() == "auto"  # a refused value changes nothing
 
 
-def test_environment_is_read_once_not_per_call(kernels_path, monkeypatch):
-    kernels_path("reference")
+def test_environment_is_read_once_not_per_call(select_backend, monkeypatch):
+    select_backend("reference")
     monkeypatch.setenv("FASTBYOL_KERNELS", "triton")  # after import: no effect until set_backend
     assert kernel_backend(torch.device("cpu")) == "reference"
 

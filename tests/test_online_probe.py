@@ -159,6 +159,7 @@ def test_probe_is_off_with_its_reason_under_accumulation(runs, capsys):
     assert summary["online_probe_top1"] is None
     assert "online probe: off (it reads one forward a step, and --accumulate splits the step" in capsys.readouterr().out
     cfg, dataset = get_preset("fmnist-tiny"), load_embedded()
-    assert loader_labels(cfg, cfg.resolve("cpu", 1, 8000), dataset) is not None  # labelled arrays: asked for
+    labels, reader_labels = loader_labels(cfg, cfg.resolve("cpu", 1, 8000), dataset)
+    assert labels is not None and not reader_labels  # labelled arrays: their labels are asked for
     cfg.optim.accumulate = 2
-    assert loader_labels(cfg, cfg.resolve("cpu", 1, 8000), dataset) is None
+    assert loader_labels(cfg, cfg.resolve("cpu", 1, 8000), dataset) == (None, False)

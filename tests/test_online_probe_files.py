@@ -1,7 +1,7 @@
 """The online probe's labels for encoded files (labelled image folders and tar shards): the DALI reader's label of
 each sample is the graph's last output, so every batch's labels are those of its own images, in DALI's order; the
-views and every draw are those of the graph without it; a data checkpoint saved without it still resumes (no
-labels then); BYOL trains bit for bit as without the probe (params_sha256), whose curve lands in metrics.jsonl."""
+views and every draw are those of the graph without it; a data checkpoint saved by the other graph is refused in one
+line; BYOL trains bit for bit as without the probe (params_sha256), whose curve lands in metrics.jsonl."""
 
 import json
 
@@ -13,13 +13,12 @@ pytest.importorskip("nvidia.dali")
 
 from PIL import Image  # noqa: E402
 
-from fastbyol.augment import TwoViewLoader  # noqa: E402
 from fastbyol.cli import main  # noqa: E402
 from fastbyol.data import resolve_dataset  # noqa: E402
 from fastbyol.data.shards import load_shards, write_shards  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
-from fastbyol.evaluation.probe import probe_labels  # noqa: E402
+from fastbyol.evaluation.probe import probe_labels, probe_reads_labels  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +50,20 @@ def _sources(png_folder, tmp_path):
             "shards": load_shards(str(tmp_path / "wds"), 16, eval_images=False).pretraining_source}
 
 
-def _loader(source, **kw):
-    return TwoViewLoader(source, batch_size=8, image_size=16, seed=5, num_threads=1, **kw)
+KW = dict(batch_size=8, seed=5)  # the loaders' settings here, beside make_loader's defaults
 
 
 @pytest.mark.parametrize("kind", ["folder", "shards"])
-def test_each_batch_carries_its_own_images_labels(png_folder, tmp_path, kind):
+def test_each_batch_carries_its_own_images_labels(make_loader, png_folder, tmp_path, kind):
     source = _sources(png_folder, tmp_path)[kind]
     assert source.labelled and source.labels is None  # labelled, though the pretraining graph reads no label yet
-    loader = _loader(source, labels=True)
-    assert loader.with_labels and loader.labels_note is None
+    loader = make_loader(source, reader_labels=True, **KW)
+    assert loader.with_labels and loader.output_names[-1] == "labels"
     seen = []
     for _ in range(2 * loader.steps_per_epoch):  # two epochs: the reader reshuffles between them
-        outputs = loader._run()
-        labels = loader.batch_labels(outputs)
-        images = [np.asarray(outputs[0][i]).tobytes() for i in range(len(outputs[0]))]
+        out = loader.draw()
+        labels = loader.batch_labels(out)
+        images = [np.asarray(out["pixels"][i]).tobytes() for i in range(len(out["pixels"]))]
         assert labels.dtype.is_floating_point is False and labels.shape == (8,)
         assert labels.tolist() == [png_folder[1][b] for b in images]  # the class of each decoded file
         seen += images
@@ -73,43 +71,50 @@ def test_each_batch_carries_its_own_images_labels(png_folder, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["folder", "shards"])
-def test_labels_leave_the_views_and_draws_unchanged(png_folder, tmp_path, kind):
+def test_labels_leave_the_views_and_draws_unchanged(make_loader, png_folder, tmp_path, kind):
     source = _sources(png_folder, tmp_path)[kind]
-    plain, labelled = _loader(source), _loader(source, labels=True)
+    plain, labelled = make_loader(source, **KW), make_loader(source, reader_labels=True, **KW)
     assert not plain.with_labels
     for (a1, a2), (b1, b2, labels) in zip(plain.epoch(), labelled.epoch()):
         assert np.array_equal(a1.numpy(), b1.numpy()) and np.array_equal(a2.numpy(), b2.numpy())
         assert labels.shape == (8,)
 
 
-def test_a_checkpoint_saved_without_labels_resumes_without_them(png_folder, tmp_path):
+def test_a_checkpoint_resumes_only_into_the_graph_that_saved_it(make_loader, png_folder, tmp_path):
+    """DALI restores a checkpoint only into the graph that saved it: one saved without the labels' operators is
+    refused by a loader that reads labels (one line), and one saved with them resumes exactly, labels and all."""
     source = _sources(png_folder, tmp_path)["folder"]
-    plain = _loader(source)
-    batches = plain.epoch()
+    plain = make_loader(source, **KW)
+    next(plain.epoch())
+    with pytest.raises(FastByolError, match="the checkpoint's data position cannot be restored into this data pipeline"):
+        make_loader(source, reader_labels=True, checkpoint=plain.state(), **KW)
+    with_labels = make_loader(source, reader_labels=True, **KW)
+    batches = with_labels.epoch()
     next(batches)
-    state = plain.state()
-    want = [v[0].numpy() for v in batches]
-    resumed = _loader(source, labels=True, checkpoint=state)  # a run saved before the probe read the files' labels
-    assert not resumed.with_labels and "without the files' labels" in resumed.labels_note
-    got = [v[0].numpy() for v in resumed.epoch(first_step=1)]
-    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
-    with_labels = _loader(source, labels=True)
-    next(with_labels.epoch())
-    again = _loader(source, labels=True, checkpoint=with_labels.state())  # and one saved with them, with them
-    assert again.with_labels and len(next(again.epoch(first_step=1))) == 3
+    state = with_labels.state()
+    want = list(batches)
+    again = make_loader(source, reader_labels=True, checkpoint=state, **KW)
+    got = list(again.epoch(first_step=1))
+    assert len(got) == len(want) == with_labels.steps_per_epoch - 1
+    for w, g in zip(want, got):
+        assert len(g) == 3 and all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(w, g))
 
 
-def test_unlabelled_files_give_no_probe_labels(tmp_path):
+def test_unlabelled_files_give_no_probe_labels(make_loader, tmp_path):
     root = write_synthetic_jpegs(tmp_path / "f", n_train=8, n_test=4, size=16, classes=2)
     (root / "unlabeled").mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "unlabeled" / "u.png")
     ds = resolve_dataset(str(root), image_size=16, eval_images=False)
-    assert ds.has_knn and not ds.pretrain_files.labelled and probe_labels(ds) is None  # unlabeled/ among them
+    assert ds.has_knn and not ds.pretrain_files.labelled  # unlabeled/ among them
+    assert probe_labels(ds) is None and not probe_reads_labels(ds)
     with pytest.raises(FastByolError, match="all labelled"):
-        _loader(ds.pretraining_source, labels=True)
+        make_loader(ds.pretraining_source, reader_labels=True, **KW)
+    with pytest.raises(FastByolError, match="labels= is one label per image of an array source"):
+        make_loader(ds.pretraining_source, labels=np.zeros(8, np.int64), **KW)
     (root / "unlabeled" / "u.png").unlink()
     (root / "unlabeled").rmdir()
-    assert probe_labels(resolve_dataset(str(root), image_size=16, eval_images=False)) is True
+    labelled = resolve_dataset(str(root), image_size=16, eval_images=False)
+    assert probe_reads_labels(labelled) and probe_labels(labelled) is None  # the reader's, not an array's
 
 
 def _train(data, out, *flags):

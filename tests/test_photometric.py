@@ -18,7 +18,7 @@ import torch
 
 from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, sample_params
 from fastbyol.augment.photometric import N_PARAMS, ORDERS, PARAM_NAMES, photometric, photometric_by_slot
-from fastbyol.augment.photometric_backends import photometric_variant
+from fastbyol.augment.photometric_backends import photometric_backend
 
 KW = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 SHAPES = [(1, 8), (7, 31), (30, 16)]  # one image; a prime batch and an odd side; every order in one batch
@@ -189,11 +189,11 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_variant_matches_the_reference():
-    """torch.compile of the per-slot form (what the GPU's "compiled" variant runs), here by Inductor's CPU backend."""
+def test_compiled_backend_matches_the_reference():
+    """torch.compile of the per-slot form (what the GPU's "compiled" backend runs), here by Inductor's CPU backend."""
     crops, p = _inputs(6, 16, seed=8)
     want = photometric(crops, p, blur_window=3, solarize_threshold=0.5, compute_dtype=torch.float64, **KW)
-    got = photometric_variant("compiled")(crops, p, blur_window=3, solarize_threshold=0.5, **KW)
+    got = photometric_backend("compiled")(crops, p, blur_window=3, solarize_threshold=0.5, **KW)
     torch.testing.assert_close(got.double(), want.double(), atol=3e-5, rtol=0)
 
 
@@ -206,7 +206,7 @@ def test_bad_inputs_raise_one_clear_error():
     with pytest.raises(ValueError, match=f"params must be \\(4, {N_PARAMS}\\)"):
         photometric(crops, p[:, :5], blur_window=3, solarize_threshold=0.5, **KW)
     with pytest.raises(ValueError, match="not one of"):
-        photometric_variant("fast")
+        photometric_backend("fast")
 
 
 def test_any_crop_layout_gives_the_same_views():
@@ -227,7 +227,7 @@ def test_any_crop_layout_gives_the_same_views():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch, size", [(64, 32), (16, 224), (7, 31)])
-def test_cuda_variants_match_the_reference(batch, size):
+def test_cuda_backends_match_the_reference(batch, size):
     """reference, triton and compiled on the GPU against the float64 CPU oracle, fp32 and fp16 outputs, every order
     and coin; crops planar (DALI's) and NHWC-strided."""
     from fastbyol.kernels.photometric import photometric_triton
@@ -236,11 +236,11 @@ def test_cuda_variants_match_the_reference(batch, size):
     for spec in (VIEW1, VIEW2):
         kw = dict(blur_window=_window(size), solarize_threshold=spec.solarize_threshold, **KW)
         want = photometric(crops, p, compute_dtype=torch.float64, out_dtype=torch.float64, **kw)
-        for variant in ("reference", "triton", "compiled"):
+        for backend in ("reference", "triton", "compiled"):
             for out_dtype, atol in ((torch.float32, 5e-5), (torch.float16, 2e-3)):
-                got = photometric_variant(variant)(crops.cuda(), p.cuda(), out_dtype=out_dtype, **kw)
+                got = photometric_backend(backend)(crops.cuda(), p.cuda(), out_dtype=out_dtype, **kw)
                 assert got.is_cuda and got.dtype == out_dtype and got.is_contiguous(memory_format=torch.channels_last)
-                torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=0, msg=variant)
+                torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=0, msg=backend)
         nhwc = crops.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).cuda()
         got = photometric_triton(nhwc, p.cuda(), out_dtype=torch.float32, **kw)
         torch.testing.assert_close(got.double().cpu(), want, atol=5e-5, rtol=0)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastbyol.run.state import CHECKPOINT_FORMAT
 from fastbyol.run import preemption
 from fastbyol.run.checkpoint import load_checkpoint
 from fastbyol.config import get_preset
@@ -68,7 +69,8 @@ def _write_run(folder, cfg, step=None, finished=False):
     (folder / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": {"total_steps": 30}}))
     (folder / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n')
     if step is not None:
-        torch.save({"model": {}, "state": {"step": step, "finished": finished}}, folder / "checkpoint.pt")
+        torch.save({"format": CHECKPOINT_FORMAT, "model": {}, "state": {"step": step, "finished": finished}},
+                   folder / "checkpoint.pt")
 
 
 def test_missing_or_empty_folder_is_a_new_run(tmp_path):

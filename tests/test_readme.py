@@ -26,8 +26,8 @@ def _run(code: str) -> dict:
     return namespace
 
 
-def test_readme_example_matches_plain_pytorch(kernels_path, monkeypatch, capsys):
-    kernels_path("triton")  # the Triton kernels (interpreted on a CPU-only machine)
+def test_readme_example_matches_plain_pytorch(select_backend, monkeypatch, capsys):
+    select_backend("triton")  # the Triton kernels (interpreted on a CPU-only machine)
     fast = _run(_example())
     assert "loss" in capsys.readouterr().out
     # the same example with the plain-PyTorch references the ops replace

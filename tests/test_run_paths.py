@@ -85,14 +85,16 @@ def test_eval_notes_an_unfinished_run_and_a_tiny_batch(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"note: {run} stopped before its end: this evaluates its last checkpoint, step 1" in out
     assert "note: batch 8, picked for 80 images" in out
-    lock = RunLock(run)  # a process training it now
+    lock = RunLock(run)  # a process training it now: its folder is not evaluated meanwhile
     try:
-        assert main(["finetune", str(run), "--fraction", "0.01", "--epochs", "1", "--batch-size", "8",
-                     "--no-progress"]) == 0
+        assert main(["finetune", str(run), "--fraction", "0.01", "--epochs", "1", "--no-progress"]) == 2
     finally:
         lock.close()
+    assert "in use by another fastbyol command" in capsys.readouterr().err
+    assert main(["finetune", str(run), "--fraction", "0.01", "--epochs", "1", "--batch-size", "8",
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "is training now" in out and "note: batch" not in out  # a batch given is the user's choice
+    assert "stopped before its end" in out and "note: batch" not in out  # a batch given is the user's choice
     assert os.path.exists(run / "finetune-0.01.json")
 
 

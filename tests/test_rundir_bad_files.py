@@ -57,19 +57,21 @@ def _env(folder):
     return {**os.environ, "FASTBYOL_CACHE": os.environ["FASTBYOL_CACHE"], "PYTHONPATH": os.getcwd()}
 
 
+KW = dict(batch_size=8, num_threads=2)  # the loaders' settings here, beside make_loader's defaults
+
+
 def _views(loader, epochs: int) -> list:
     return [(v1.clone(), v2.clone()) for _ in range(epochs) for v1, v2 in loader.epoch()]
 
 
-def test_loader_replaces_the_file_and_yields_the_batches_of_the_substituted_list(folder):
+def test_loader_replaces_the_file_and_yields_the_batches_of_the_substituted_list(make_loader, folder):
     """The recovered stream (decode error -> list rewritten -> pipeline rebuilt from the checkpoint before the batch)
     equals, batch for batch, the stream of a loader built from the start over the substituted list (the reference);
     the manifest's list is left as it was."""
-    from fastbyol.augment import TwoViewLoader
 
     src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
     manifest_list = open(src.source_list, "rb").read()
-    loader = TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2)
+    loader = make_loader(src, **KW)
     got = _views(loader, 2)
     bad = str(folder / "all" / BAD)
     assert [name for name, _ in loader.skipped] == [bad] and src.bad == [bad]
@@ -80,7 +82,7 @@ def test_loader_replaces_the_file_and_yields_the_batches_of_the_substituted_list
 
     ref_src = FileList(None, None, src.where, root=src.root, list_file=src.source_list, count=len(src), skip_bad=True)
     assert ref_src.replace_bad(bad)
-    ref = TwoViewLoader(ref_src, batch_size=8, image_size=16, seed=0, num_threads=2)
+    ref = make_loader(ref_src, **KW)
     want = _views(ref, 2)
     assert ref.skipped == [] and len(got) == len(want) == 10
     for (a1, a2), (b1, b2) in zip(got, want):
@@ -161,18 +163,17 @@ def test_without_the_flag_one_line_names_the_file(folder, tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_the_next_run_knows_the_file(folder, tmp_path):
+def test_the_next_run_knows_the_file(make_loader, folder, tmp_path):
     """A file found undecodable is recorded beside the manifest (undecodable.json, with its size and mtime): the
     next run replaces it before the pipeline starts (counted once, no rebuild) or, without the flag, names it at
     start; rewritten, it is checked again."""
-    from fastbyol.augment import TwoViewLoader
 
     src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
-    first = _views(TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2), 1)
+    first = _views(make_loader(src, **KW), 1)
     ds = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False)
     bad = str(folder / "all" / BAD)
     assert ds.skipped_files == 1 and ds.pretraining_source.bad == [bad]
-    loader = TwoViewLoader(ds.pretraining_source, batch_size=8, image_size=16, seed=0, num_threads=2)
+    loader = make_loader(ds.pretraining_source, **KW)
     again = _views(loader, 1)
     assert loader.skipped == [] and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                                         for a, b in zip(first, again))
@@ -185,10 +186,9 @@ def test_the_next_run_knows_the_file(folder, tmp_path):
     assert resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).skipped_files == 0
 
 
-def test_tar_shards_replace_the_sample_in_their_own_index(good_files, tmp_path):
+def test_tar_shards_replace_the_sample_in_their_own_index(make_loader, good_files, tmp_path):
     """Shards: the sample is named shard.tar:offset:member and replaced in this process's own copy of its shard's
     index; the batches equal a loader built over the substituted index from the start."""
-    from fastbyol.augment import TwoViewLoader
     from fastbyol.data.shards import ShardSource, write_shards
 
     src_dir = tmp_path / "src"
@@ -200,63 +200,82 @@ def test_tar_shards_replace_the_sample_in_their_own_index(good_files, tmp_path):
     src = resolve_dataset(str(tmp_path / "sh"), image_size=16, skip_bad_files=True,
                           eval_images=False).pretraining_source
     shared = [open(p, "rb").read() for p in src.source_index]
-    loader = TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2)
+    loader = make_loader(src, **KW)
     got = _views(loader, 2)
     assert len(loader.skipped) == 1 and ".tar:" in loader.skipped[0][0] and src.bad == [loader.skipped[0][0]]
     assert [open(p, "rb").read() for p in src.source_index] == shared
     ref_src = ShardSource(list(src.paths), list(src.source_index), len(src), src.where, labels=src.labels)
     assert ref_src.replace_bad(*src.bad) and not ref_src.replace_bad("/nowhere.tar:0:x.jpg")
-    want = _views(TwoViewLoader(ref_src, batch_size=8, image_size=16, seed=0, num_threads=2), 2)
+    want = _views(make_loader(ref_src, **KW), 2)
     assert len(got) == len(want) == 10
     for (a1, a2), (b1, b2) in zip(got, want):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
 
 
-def _replaced_after_the_check(good_files, root):
-    """A folder whose manifest is written, then one of its files overwritten with a JPEG start, random bytes and an
-    end marker, its size and mtime kept (so the manifest still calls it fresh): DALI's batch fails with
-    "nvImageCodec failure", which names no file, and nvImageCodec prints "[jpeg_parser] Invalid marker" from its
-    own thread while DALI works ahead, outside any run() call."""
+def _with_victim(good_files, root):
+    """A folder of good files and BAD, a copy of a good one: (folder, BAD's path)."""
     folder = _make_folder(good_files, root)
     victim = folder / "all" / BAD
     victim.write_bytes((folder / "all" / good_files[0].name).read_bytes())
-    resolve_dataset(str(folder), image_size=16, eval_images=False)  # the manifest: every file passes
+    return folder, victim
+
+
+def _overwrite_keeping_size_and_mtime(victim) -> None:
+    """BAD overwritten with a JPEG start, random bytes and an end marker, its size and mtime kept (as cp -p, rsync -t
+    or tar x keep them): DALI's batch fails with "nvImageCodec failure", which names no file, and nvImageCodec prints
+    "[jpeg_parser] Invalid marker" from its own thread while DALI works ahead, outside any run() call."""
     st = victim.stat()
     data = victim.read_bytes()
     victim.write_bytes(b"\xff\xd8\xff\xe0" + np.random.default_rng(3).bytes(len(data) - 6) + b"\xff\xd9")
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return folder, str(victim)
 
 
-def test_a_batch_failure_that_names_no_file_is_traced_to_the_file(good_files, tmp_path):
-    folder, victim = _replaced_after_the_check(good_files, tmp_path / "imgs")
+def test_a_file_overwritten_with_its_size_and_mtime_kept_is_named_at_startup(good_files, tmp_path):
+    """The manifest knows each file by its identity (size, mtime, inode, ctime): a file rewritten in place since the
+    manifest was written, its size and mtime set back, makes the next run check it again, and name it."""
+    folder, victim = _with_victim(good_files, tmp_path / "imgs")
+    resolve_dataset(str(folder), image_size=16, eval_images=False)  # the manifest: every file passes
+    _overwrite_keeping_size_and_mtime(victim)
     res = _train(folder, tmp_path / "strict")
     assert res.returncode == 2, res.stderr[-3000:]
-    ours = [ln for ln in res.stderr.splitlines() if ln.startswith("fastbyol: error:")]
-    assert len(ours) == 1 and ours[0].startswith(f"fastbyol: error: {victim}: "), res.stderr[-3000:]
-    assert "changed since the pre-flight check" in ours[0] and "[native: [ERROR] [jpeg_parser]" in ours[0]
-    assert "Traceback" not in res.stderr and res.stderr.count("jpeg_parser") == 1  # folded, never printed alone
+    assert res.stderr.startswith(f"fastbyol: error: {victim}: ") and res.stderr.count("\n") == 1, res.stderr[-3000:]
+    assert not (tmp_path / "strict").exists()
 
 
-def test_a_batch_failure_that_names_no_file_is_skipped_as_that_file(good_files, tmp_path, capfd):
-    from fastbyol.augment import TwoViewLoader
+def test_a_batch_failure_that_names_no_file_is_traced_to_the_file(make_loader, good_files, tmp_path):
+    """A file that changes after the checks, while the run holds its file list: the batch DALI cannot decode, whose
+    error names no file, is read again from the checkpoint before it and the file is named, DALI's native line
+    folded into ours."""
+    from fastbyol.errors import FastByolError
 
-    folder, victim = _replaced_after_the_check(good_files, tmp_path / "imgs")
+    folder, victim = _with_victim(good_files, tmp_path / "imgs")
+    src = resolve_dataset(str(folder), image_size=16, eval_images=False).pretraining_source
+    _overwrite_keeping_size_and_mtime(victim)
+    with pytest.raises(FastByolError) as e:
+        _views(make_loader(src, **KW), 2)
+    line = str(e.value)
+    assert line.startswith(f"{victim}: ") and "\n" not in line
+    assert "changed since the pre-flight check" in line and "[native: [ERROR] [jpeg_parser]" in line
+
+
+def test_a_batch_failure_that_names_no_file_is_skipped_as_that_file(make_loader, good_files, tmp_path, capfd):
+
+    folder, victim = _with_victim(good_files, tmp_path / "imgs")
     src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
-    loader = TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2)
+    _overwrite_keeping_size_and_mtime(victim)  # after the checks, while the run holds its file list
+    loader = make_loader(src, **KW)
     assert len(_views(loader, 2)) == 10
-    assert [name for name, _ in loader.skipped] == [victim] and src.bad == [victim]
+    assert [name for name, _ in loader.skipped] == [str(victim)] and src.bad == [str(victim)]
     assert "jpeg_parser" not in capfd.readouterr().err
 
 
-def test_the_capture_spans_epochs_until_the_loader_closes(folder, capfd):
+def test_the_capture_spans_epochs_until_the_loader_closes(make_loader, folder, capfd):
     """DALI decodes the next epoch's first batches ahead, right after an epoch's last one: fd 2 stays captured
     between epochs (what a bad file prints then is folded into its error, not printed), and close() stops DALI and
     gives fd 2 back."""
-    from fastbyol.augment import TwoViewLoader
 
     src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
-    loader = TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2)
+    loader = make_loader(src, **KW)
     assert len(_views(loader, 1)) == 5
     os.write(2, b"native, between epochs\n")
     assert len(_views(loader, 1)) == 5
@@ -267,9 +286,8 @@ def test_the_capture_spans_epochs_until_the_loader_closes(folder, capfd):
     loader.close()  # a second close does nothing
 
 
-def test_a_file_gone_since_the_manifest_is_named(good_files, tmp_path):
+def test_a_file_gone_since_the_manifest_is_named(make_loader, good_files, tmp_path):
     """DALI's reader says "File mapping failed: PATH": named as unreadable, not as the folder."""
-    from fastbyol.augment import TwoViewLoader
     from fastbyol.errors import FastByolError
 
     folder = _make_folder(good_files, tmp_path / "imgs")
@@ -277,4 +295,4 @@ def test_a_file_gone_since_the_manifest_is_named(good_files, tmp_path):
     src = resolve_dataset(str(folder), image_size=16, eval_images=False).pretraining_source
     (folder / "all" / BAD).unlink()  # after the checks, before training reads it
     with pytest.raises(FastByolError, match=f"^{folder / 'all' / BAD}: cannot be read"):
-        _views(TwoViewLoader(src, batch_size=8, image_size=16, seed=0, num_threads=2), 2)
+        _views(make_loader(src, **KW), 2)

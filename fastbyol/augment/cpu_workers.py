@@ -4,7 +4,7 @@ On the CPU the chain is a few thousand small torch ops per batch: each one holds
 arguments, so worker *threads* mostly wait for each other. Measured on this project's 2-core machine at 96 px
 (batch 64, both views): the chain took about as long on 2 threads as on 1, while the same work in 2 processes ran
 ~1.5x faster than in 1 (benchmarks/augment_vs_lightly.py has the loader-level figures). So for array sources the
-loader hands each batch to `workers` processes; each crops (fastbyol.crops.crop_resize_flip_many) and runs the
+loader hands each batch to `workers` processes; each crops (fastbyol.augment.crops.crop_resize_flip_many) and runs the
 chain (fastbyol.augment.photometric) for its share of the batch's chunks (the thread path's chunks: `assign`), with one
 torch thread each.
 
@@ -16,9 +16,9 @@ never alias memory it reuses). DALI still draws every random number in the paren
 every row is computed as on the thread path: the batches are the same, bit for bit (tested).
 
 The processes are forked when the loader is built (before its DALI pipeline starts threads), do nothing but torch
-and numpy work, and exit when the loader is garbage-collected or closed, or within a second of their parent's
-death (a SIGKILLed trainer included). A worker that raises sends its error back (the loader raises it as one
-FastByolError); one that dies is named with its exit code.
+and numpy work, and exit when the loader is garbage-collected or closed, or within a tenth of a second of their
+parent's death (a SIGKILLed trainer included; fastbyol.system.children.watch_parent), busy or idle. A worker that
+raises sends its error back (the loader raises it as one FastByolError); one that dies is named with its exit code.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,18 +49,33 @@ def assign(tasks: list[tuple[int, list[int]]], workers: int) -> list[list[tuple[
     return deal
 
 
-def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size: int, channels: int,
-           chains: tuple[dict, dict], parent_pid: int, inherited: list) -> None:
+@dataclass(frozen=True)
+class Work:
+    """What every worker computes with: the loader's (N, H, W, 3) uint8 images (inherited at fork), the two slots of
+    both views' shared output buffers, the view side, 1 or 3 channels, both views' chain arguments, the worker
+    count (each computes its share of every batch: assign)."""
+
+    images: torch.Tensor
+    outs: tuple
+    size: int
+    channels: int
+    chains: tuple[dict, dict]
+    workers: int
+
+
+def _serve(conn, me: int, work: Work, parent_pid: int, inherited: list) -> None:
     """Worker `me`'s loop: (seq, slot, index, windows1, windows2, params1, params2) of a whole batch -> crops and
-    runs its share of the batch's chunks (assign) into outs[slot], answers (seq, None) when done or (seq, the error's
-    text); a None message, a closed pipe or the parent's death ends it. Ctrl-C, SIGTERM and SIGUSR1 are the parent's to handle: ignored.
-    The chunks are the thread path's (fastbyol.augment.photometric._prepare over the whole batch's parameters), so every row
-    is computed exactly as there.
+    runs its share of the batch's chunks (assign) into work.outs[slot], answers (seq, None) when done or (seq, the
+    error's text); a None message, a closed pipe or the parent's death ends it. Ctrl-C, SIGTERM and SIGUSR1 are the
+    parent's to handle: ignored. The chunks are the thread path's (fastbyol.augment.photometric.prepare_photometric
+    over the whole batch's parameters), so every row is computed exactly as there.
     inherited: the parent's ends of the workers forked before this one, closed here (held open, they would keep
     those workers from seeing their parent go)."""
-    from .photometric import _prepare
+    from ..system.children import watch_parent
     from .crops import crop_resize_flip_many
+    from .photometric import prepare_photometric
 
+    watch_parent(parent_pid)  # busy or idle, the worker goes within a tenth of a second of its parent
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the parent's stop signals (a scheduler may send
         signal.signal(sig, signal.SIG_IGN)  # them to every process): it stops at a log point and ends the workers
     for other in inherited:
@@ -81,19 +97,19 @@ def _serve(conn, me: int, workers: int, images: torch.Tensor, outs: tuple, size:
             B = len(index)
             runs, tasks, crops = [], [], []
             for v in (0, 1):
-                crops.append(torch.empty((B, channels, size, size), dtype=torch.uint8))  # gray: one plane
-                run, chunks, _ = _prepare(crops[v].expand(-1, 3, -1, -1), torch.from_numpy(params[v]),
-                                          out=outs[slot][v], **chains[v])
+                crops.append(torch.empty((B, work.channels, work.size, work.size), dtype=torch.uint8))  # gray: 1 plane
+                run, chunks, _ = prepare_photometric(crops[v].expand(-1, 3, -1, -1), torch.from_numpy(params[v]),
+                                                     out=work.outs[slot][v], **work.chains[v])
                 runs.append(run)
                 tasks += [(v, list(idx)) for idx in chunks]
-            mine = assign(tasks, workers)[me]
+            mine = assign(tasks, work.workers)[me]
             for v in (0, 1):  # this worker's images of each view, cropped as crop_resize_flip_many does
                 need = sorted({i for tv, idx in mine if tv == v for i in idx})
                 if need:
-                    rows = [images[k] for k in index[need].tolist()]  # (H, W, 3) views of the inherited array
-                    (got,) = crop_resize_flip_many([(rows, torch.from_numpy(windows[v][need]))], size, channels,
-                                                   None)
-                    crops[v].index_copy_(0, torch.tensor(need), got[:, :channels])
+                    rows = [work.images[k] for k in index[need].tolist()]  # (H, W, 3) views of the inherited array
+                    (got,) = crop_resize_flip_many([(rows, torch.from_numpy(windows[v][need]))], work.size,
+                                                   work.channels, None)
+                    crops[v].index_copy_(0, torch.tensor(need), got[:, :work.channels])
             for v, idx in mine:
                 runs[v](idx)
             conn.send((seq, None))
@@ -144,12 +160,12 @@ class ChainProcesses:
         self.batch_size = batch_size
         # two slots of both views' buffers: the workers fill one batch while the parent copies out the other
         self.outs = tuple(tuple(_shared((batch_size, size, size, 3)) for _ in (0, 1)) for _ in range(SLOTS))
+        work = Work(images, self.outs, size, channels, chains, workers)
         ctx = multiprocessing.get_context("fork")
         self.conns, self.procs = [], []
         for k in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, k, workers, images, self.outs, size, channels, chains,
-                                                    os.getpid(), list(self.conns)),
+            proc = ctx.Process(target=_serve, args=(child, k, work, os.getpid(), list(self.conns)),
                                daemon=True, name=f"fastbyol-augment-{k}")
             proc.start()
             child.close()

@@ -3,8 +3,8 @@ channels_last, normalized (float32 on the CPU, float16 on CUDA). Every image dra
 flip, jitter factors and order, coins): DALI's random ops draw per sample, never one crop per batch.
 
 The loader is thin: it picks one DALI graph (fastbyol.augment.pipelines) and one view maker (fastbyol.augment.makers)
-for its path, runs the graph (standing in good files for bad ones under --skip-bad-files), and hands each batch of
-outputs to the maker. The paths:
+for its path, runs the graph (fastbyol.augment.runner: the pipeline and its rebuild, native output, bad files
+replaced under --skip-bad-files), and hands each batch of outputs to the maker. The paths:
 - CUDA (arrays or files): DALI also decodes (the mixed decoder; `decode` "roi": one ROI decode per view, "once": one
   whole decode and both views cropped from it), resizes (bicubic), flips and emits planar uint8 crops; the chain
   runs as AugmentConfig.cuda_photometric says.
@@ -16,8 +16,9 @@ outputs to the maker. The paths:
   the same batches, bit for bit.
 The chain: colour jitter with p 0.8 (the four ops in the image's own random order, a clip after each) -> grayscale ->
 blur -> solarize -> clip -> normalize -> channels_last, on [0, 1] floats, with contrast around each channel's mean
-and saturation and hue in true HSV (tests/test_augment_fidelity.py checks each op against a numpy port of the official op,
-the whole chain on the loader's own draws, each probability and parameter range, and the crops' area and aspect).
+and saturation and hue in true HSV (tests/test_augment_fidelity.py checks each op against a numpy port of the
+official op, the whole chain on the loader's own draws, each probability and parameter range, and the crops' area
+and aspect).
 
 Deviations left, and why:
 - the crop window is drawn by DALI's sampler, the official by TF's sample_distorted_bounding_box (the same scheme,
@@ -33,39 +34,303 @@ The blur pads with zeros, as the official depthwise convolution.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import warnings
-import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..config import AugmentConfig, validate_section
+from ..data.dataset import EncodedSource
 from ..errors import FastByolError
-from ..system.native import NativeWindow, fold, native_stderr
-from .photometric import TAP_TAIL
+from ..system.bounds import check_address_space
 from . import pipelines
 from .makers import CpuViews, GpuViews, ProcessViews
+from .photometric import TAP_TAIL
+from .runner import Checkpoint, DaliPipeline, DecodeFailures, GraphRunner, PipelineFactory
 from .views import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, ViewSpec
 
 
 def dali_available() -> bool:
+    """Whether DALI is installed; a DALI that is installed but cannot load (its libraries refused by the address-space
+    limit, a broken install) is a FastByolError saying why, not "not installed"."""
     try:
         import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
+    except ModuleNotFoundError as e:
+        if e.name in ("nvidia", "nvidia.dali"):
+            return False
+        raise FastByolError(f"NVIDIA DALI is installed but cannot load: {e}") from None
+    except ImportError as e:
+        from ..system.paths import address_space_note
+
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FastByolError(f"NVIDIA DALI is installed but cannot load ({why}){address_space_note()}") from None
     return True
 
 
-def augment_options(augment: AugmentConfig | None, overrides: dict) -> AugmentConfig:
-    """The run's AugmentConfig (default: the defaults) with keyword overrides (decode="once", ...), checked: a bad
-    value or an unknown name is one FastByolError naming it."""
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(AugmentConfig)})
-    if unknown:
-        raise TypeError(f"TwoViewLoader got an unexpected keyword argument {unknown[0]!r}")
-    options = dataclasses.replace(augment or AugmentConfig(), **overrides)
-    validate_section(options, name=str)
-    return options
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What a TwoViewLoader yields and where it runs (how the work is done is the run's AugmentConfig)."""
+
+    batch_size: int  # images a batch, of this shard
+    image_size: int  # side of each view, px
+    seed: int = 0  # DALI's seed is seed + shard_id
+    device: str = "cpu"  # "cpu": DALI with device_id=None, the chain in torch; "cuda": the GPU decodes and crops
+    num_threads: int = 2  # DALI's threads, and the CPU chain's workers (threads or processes)
+    shard_id: int = 0
+    num_shards: int = 1
+    gray_input: bool = False  # every image has R = G = B: the CPU path crops and runs the chain on one plane
+    views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2)  # e.g. fastbyol.augment.views_from_config(cfg)
+
+
+class TwoViewLoader:
+    """Iterate epochs of (view1, view2): each (B, 3, S, S) channels_last, normalized, on the settings' device, a
+    fresh torch tensor (the chain's output), never a view of DALI's memory; float32 on the CPU (the CPU trainer's
+    dtype), float16 on CUDA.
+
+    source: a uint8 (N, H, W, 3) array (fed by external_source), or an EncodedSource (fastbyol.data.dataset: a
+    FileList of a folder or tar shards). augment: how the work runs (AugmentConfig: the CUDA chain's backend, the
+    decode mode, the decoder hints, the CPU chunk size, processes or threads). checkpoint: a state() to resume from.
+    The online probe's labels, each batch then (view1, view2, labels (B,) int64 on the views' device), the draws
+    unchanged: `labels`, (N,) class labels of an array source, gathered by the rows DALI's source named (CPU: the rows
+    it emits anyway; CUDA: a second output of the same source, pipelines.array_source); or `reader_labels`, for an
+    encoded source that is `labelled`: its reader's labels as the graph's last output (pipelines' docstring).
+    make_pipeline: builds the graph's pipeline (runner.Pipeline; tests pass a wrapper or a fake)."""
+
+    def __init__(self, source, settings: LoaderSettings, augment: AugmentConfig | None = None,
+                 checkpoint: Checkpoint | None = None, *, labels: np.ndarray | None = None,
+                 reader_labels: bool = False, make_pipeline: PipelineFactory = DaliPipeline):
+        augment = augment or AugmentConfig()
+        validate_section(augment, name=str)
+        if not dali_available():
+            raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
+        # DALI's threads abort where the address-space limit is met
+        check_address_space(settings.num_threads, settings.batch_size, settings.image_size)
+        settings.views[0].validate("view1")
+        settings.views[1].validate("view2")
+        self.settings = settings
+        self.encoded = isinstance(source, EncodedSource)
+        self.on_gpu = settings.device.startswith("cuda")
+        self.decode = augment.decode
+        self.photometric_backend = augment.cuda_photometric if self.on_gpu else "reference"
+        self.cpu_parallel = augment.cpu_parallel if not (self.on_gpu or self.encoded) else "threads"
+        self.labels = _array_labels(labels, source, self.encoded)  # (N,) int64 gathered per batch, or None
+        self.reader_labels = _reader_labels(reader_labels, source, self.encoded)
+        self.with_labels = self.labels is not None or self.reader_labels
+        chains = tuple(self._chain(spec, augment.chunk_pixels) for spec in settings.views)
+        graph, per_shard, self.steps_per_epoch, array = _pick_graph(source, settings, augment, self.reader_labels,
+                                                                    self.labels is not None)
+        if self.steps_per_epoch == 0:
+            raise FastByolError(f"batch size {settings.batch_size} is larger than the {per_shard} images of "
+                                "this shard: lower --batch-size")
+        self.maker = _view_maker(settings, chains, array, self.cpu_parallel, self.photometric_backend)
+        # the outputs by name: the maker's, then the labels (reader) or the source's rows (CUDA arrays) where asked
+        extra = ("labels",) if self.reader_labels else ("rows",) if self.on_gpu and self.labels is not None else ()
+        self.output_names = self.maker.outputs + extra
+        self._labels = BatchLabels(self.labels, self.reader_labels, self.on_gpu, self.output_names)
+        failures = DecodeFailures(source, graph, settings.shard_id, settings.num_shards) if self.encoded else None
+        self._failures = failures
+        self._runner = GraphRunner(graph, checkpoint, make_pipeline, failures, self.maker.release)
+        self._ahead = LookAhead(self._runner, self.maker, self._labels) if self.cpu_parallel == "processes" else None
+
+    def _chain(self, spec: ViewSpec, chunk_pixels: int) -> dict:
+        """The photometric chain's arguments for one view (all but crops and params)."""
+        kwargs = dict(blur_window=spec.blur_window(self.settings.image_size),
+                      solarize_threshold=spec.solarize_threshold, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      gray_input=self.settings.gray_input, out_dtype=torch.float16 if self.on_gpu else torch.float32)
+        if not self.on_gpu:  # blur taps below float32 resolution skipped (photometric's docstring)
+            kwargs.update(blur_tail=TAP_TAIL, chunk_pixels=chunk_pixels)
+        return kwargs
+
+    @property
+    def operators(self) -> int:
+        """Operators in the DALI graph; -1 if this DALI version does not say (pipelines.operator_count)."""
+        return self._runner.operators
+
+    @property
+    def decoders(self) -> int:
+        """Image decoders in the DALI graph (CUDA JPEG path: 2 for decode "roi", 1 for "once"; CPU files: 1;
+        arrays: 0); -1 if this DALI version does not say."""
+        return self._runner.decoders
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(file or shard:offset:member, DALI's reason) of the files replaced so far (--skip-bad-files)."""
+        return self._failures.skipped if self._failures is not None else []
+
+    @property
+    def on_skip(self) -> Callable[[str, str], None] | None:
+        """Called with (name, reason) after each replacement (the trainer logs it); arrays have none."""
+        return self._failures.on_skip if self._failures is not None else None
+
+    @on_skip.setter
+    def on_skip(self, call: Callable[[str, str], None] | None) -> None:
+        if self._failures is not None:
+            self._failures.on_skip = call
+
+    def state(self) -> Checkpoint:
+        """The pipeline's position (epoch, iteration) and every random state, as DALI's checkpoint string: a loader
+        built with checkpoint=state() yields exactly the batches this one would have yielded next. (While the CPU
+        workers compute a batch ahead, that is the checkpoint taken before DALI drew it.)"""
+        ahead = self._ahead.checkpoint() if self._ahead is not None else None
+        return ahead if ahead is not None else self._runner.checkpoint()
+
+    def draw(self) -> dict:
+        """The next batch of DALI outputs by name (output_names), without views: what `maker.crops`, `maker.chain`
+        and `batch_labels` take, for tests and tools that check what the chain reads. Raises StopIteration at an
+        array epoch's end (the next draw starts the next epoch)."""
+        try:
+            return dict(zip(self.output_names, self._runner.run()))
+        except StopIteration:
+            self._runner.reset()
+            raise
+        finally:
+            self._runner.end_capture()
+
+    def close(self) -> None:
+        """Stop DALI (what it decodes ahead too) and give fd 2 back; the loader is unusable afterwards (the trainer
+        calls it at a run's end; for a loader never closed the garbage collector gives fd 2 back)."""
+        self._runner.close()
+
+    def epoch(self, first_step: int = 0) -> Iterator[tuple]:
+        """Yield this epoch's batches of (view1, view2), from batch `first_step` on (after a resume).
+
+        Arrays: one shuffled pass, the last partial batch dropped; a restored position continues the epoch it was
+        saved in. Encoded files: steps_per_epoch batches of the reader's stream, which reshuffles after each of its
+        own passes, so every image is read once per N images."""
+        if self._ahead is not None:
+            yield from self._ahead.epoch()
+            return
+        batches = (self._runner.run() for _ in range(first_step, self.steps_per_epoch)) if self.encoded \
+            else self._runner.epoch()
+        for outputs in batches:
+            views = self.maker(outputs)
+            yield _labelled(views, self._labels(outputs))
+
+    def batch_labels(self, out: dict) -> torch.Tensor | None:
+        """The labels of a batch of outputs by name (draw()'s), as epoch() yields them (BatchLabels.of)."""
+        return self._labels.of(out)
+
+
+@dataclass(frozen=True)
+class BatchLabels:
+    """Each batch's labels for the online probe, from its DALI outputs: an array source's (rows: (N,) int64,
+    gathered by the rows DALI's source named: CPU "pixels", CUDA "rows"), or the reader's ("labels")."""
+
+    rows: torch.Tensor | None
+    reader: bool
+    on_gpu: bool
+    names: tuple[str, ...]  # the outputs' names, in order
+
+    def __call__(self, outputs: tuple) -> torch.Tensor | None:
+        return self.of(dict(zip(self.names, outputs))) if self.rows is not None or self.reader else None
+
+    def of(self, out: dict) -> torch.Tensor | None:
+        """(B,) int64, a copy (DALI reuses its buffers); on the GPU for CUDA (a pinned copy, queued: no host sync).
+        None without labels."""
+        if self.rows is not None:
+            index = torch.from_dlpack(out["rows" if self.on_gpu else "pixels"].as_tensor()).reshape(-1)
+            labels = self.rows.index_select(0, index)
+        elif self.reader:
+            labels = torch.from_dlpack(out["labels"].as_tensor()).reshape(-1).to(torch.int64, copy=True)
+        else:
+            return None
+        return labels.pin_memory().to("cuda", non_blocking=True) if self.on_gpu else labels
+
+
+def _labelled(views: tuple, labels: torch.Tensor | None) -> tuple:
+    return views if labels is None else (*views, labels)
+
+
+class LookAhead:
+    """epoch() for CPU arrays with worker processes: DALI draws batch n + 1 and the workers start on it before batch n
+    is yielded, so they compute while the consumer uses n. While batches drawn are not yet yielded, checkpoint() is
+    the one taken before DALI drew the oldest of them, and whatever ends the iterator early (the consumer stops, an
+    error or Ctrl-C anywhere in it, a later epoch() call) gives them back: the workers drained, the pipeline rebuilt
+    at that checkpoint. So the batches, and resume, are exactly those of the synchronous path.
+
+    labels: each batch's labels, taken as it is drawn."""
+
+    def __init__(self, runner: GraphRunner, maker: ProcessViews, labels: BatchLabels):
+        self.runner, self.maker, self.labels = runner, maker, labels
+        self._pending = None  # (the iterator that drew them, the checkpoint before the oldest batch not yielded)
+        self._owner = None  # the epoch iterator that may run
+
+    def checkpoint(self) -> Checkpoint | None:
+        """The checkpoint before the oldest batch drawn and not yielded; None when there is none."""
+        return self._pending[1] if self._pending is not None else None
+
+    def epoch(self) -> Iterator[tuple]:
+        if self._pending is not None:  # an earlier iterator, suspended with a batch drawn ahead, ends here
+            self.give_back()
+        token = self._owner = object()
+        queue: collections.deque = collections.deque()  # (slot, checkpoint before it, labels): drawn, not yielded
+
+        def mark() -> None:  # what checkpoint() and a give-back need: the checkpoint before the oldest not yielded
+            self._pending = (token, queue[0][1]) if queue else None
+
+        slot, retried = 0, False
+        try:
+            while True:
+                before = self.runner.checkpoint()  # after every batch drawn so far
+                try:
+                    outputs = self.runner.run()
+                except StopIteration:  # the external source ended the epoch
+                    self.runner.reset()
+                    if not queue and not retried:  # restored exactly at an epoch's end: start the next
+                        retried = True
+                        continue
+                    outputs = None
+                if outputs is not None:
+                    self.maker.submit(outputs, slot)
+                    queue.append((slot, before, self.labels(outputs)))
+                    slot = 1 - slot
+                    mark()
+                if len(queue) == 2 or (outputs is None and queue):  # the next one is with the workers
+                    slot_done, _, labels = queue.popleft()
+                    views = self.maker.collect(slot_done)
+                    mark()
+                    yield _labelled(views, labels)
+                    if self._owner is not token:
+                        raise FastByolError("this epoch() iterator was ended by a later epoch() call on the same "
+                                            "loader (one iterator at a time)")
+                if outputs is None:
+                    break
+        finally:
+            if self._pending is not None and self._pending[0] is token:
+                self.give_back()
+
+    def give_back(self) -> None:
+        """The batches drawn ahead back: the workers drained, DALI rebuilt at the checkpoint taken before them."""
+        before = self._pending[1]
+        self._pending = None
+        try:
+            self.maker.drain()
+        except FastByolError:
+            pass  # the workers failed or were closed; their next use raises
+        self.runner.rebuild(before)
+
+
+def _array_labels(labels, source, encoded: bool) -> torch.Tensor | None:
+    """labels= checked: (N,) int64, one per image of an array source, or None."""
+    if labels is None:
+        return None
+    if encoded:
+        raise FastByolError("labels= is one label per image of an array source; an encoded source's batches carry "
+                            "its reader's labels (reader_labels=True)")
+    if len(labels) != len(source):
+        raise FastByolError("labels= for image arrays is one label per image: the batch's labels are gathered by "
+                            "the rows DALI's source names, so the draws stay the same")
+    return torch.as_tensor(np.asarray(labels, dtype=np.int64))
+
+
+def _reader_labels(wanted: bool, source, encoded: bool) -> bool:
+    """reader_labels= checked: an encoded source whose every file has a label its DALI reader emits."""
+    if wanted and not (encoded and source.labelled):
+        raise FastByolError("reader_labels=True is for encoded files that are all labelled (their DALI reader emits "
+                            "each file's label)")
+    return wanted
 
 
 def _array_tensor(images) -> torch.Tensor:
@@ -78,336 +343,34 @@ def _array_tensor(images) -> torch.Tensor:
         return torch.from_numpy(images)
 
 
-class TwoViewLoader:
-    """Iterate epochs of (view1, view2): each (B, 3, S, S) channels_last, normalized, on `device`, a fresh torch
-    tensor (the chain's output), never a view of DALI's memory; float32 on the CPU (the CPU trainer's dtype), float16
-    on CUDA.
-
-    source: a uint8 (N, H, W, 3) array (fed by external_source), or an encoded-file source
-    (fastbyol.data.dataset.EncodedSource: FileList or tar shards). device "cpu" runs DALI with device_id=None and the
-    chain with torch on the CPU; "cuda" decodes on the GPU (the "mixed" decoder). views: (view 1, view 2), e.g.
-    fastbyol.augment.views_from_config(cfg). augment: how the work runs (AugmentConfig: the CUDA chain, the decode
-    mode, the decoder hints, the CPU chunk size, processes or threads); any of its fields may also be given as a
-    keyword (decode="once", cpu_parallel="threads") to override it. checkpoint: a state() to resume from. labels
-    (the online probe's): (N,) class labels of an array source, gathered by the rows DALI's source named (CPU: the
-    rows it emits anyway; CUDA: a second output of the same source, pipelines.array_source); or True for an encoded source that is `labelled` (CPU or CUDA), its reader's labels as the graph's last output
-    (pipelines' docstring). Each batch is then (view1, view2, labels (B,) int64, on the views' device); the draws
-    stay the same. `with_labels` says whether batches carry them (False after a fallback: `labels_note`).
-    """
-
-    def __init__(self, images, batch_size: int, image_size: int, seed: int = 0, device: str = "cpu",
-                 num_threads: int = 2, view1: ViewSpec = VIEW1, view2: ViewSpec = VIEW2, shard_id: int = 0,
-                 num_shards: int = 1, gray_input: bool = False, checkpoint: bytes | str | None = None,
-                 augment: AugmentConfig | None = None, labels: np.ndarray | None = None, **overrides):
-        options = augment_options(augment, overrides)
-        if not dali_available():
-            raise FastByolError("NVIDIA DALI is not installed: pip install 'fastbyol[cuda13]' (or [cuda12])")
-        view1.validate("view1")
-        view2.validate("view2")
-        self.encoded = hasattr(images, "dali_reader")
-        self.encoded_source = images if self.encoded else None
-        self.on_gpu = device.startswith("cuda")
-        self.batch_size, self.image_size, self.num_threads = batch_size, image_size, num_threads
-        self.decode = options.decode
-        self.photometric_variant = options.cuda_photometric if self.on_gpu else "reference"
-        self.cpu_parallel = options.cpu_parallel if not (self.on_gpu or self.encoded) else "threads"
-        # array labels: (N,) int64 gathered per batch; reads_labels: the files graph's last output is the labels
-        self.labels, self.reads_labels = _probe_labels(labels, images, self.encoded, self.on_gpu)
-        self.labels_note = None  # why batches carry no labels although they were asked for (_first_pipeline)
-        views = (view1, view2)
-        chains = tuple(self._chain(spec, gray_input, options.chunk_pixels) for spec in views)
-        graph, per_shard, self._steps, array = _pick_graph(images, batch_size, image_size, seed, self.on_gpu,
-                                                           shard_id, num_shards, views, options, self.reads_labels,
-                                                           self.labels is not None)
-        if self._steps == 0:
-            raise FastByolError(f"batch size {batch_size} is larger than the {per_shard} images of "
-                                "this shard: lower --batch-size")
-        channels = 1 if gray_input else 3
-        # CPU arrays with processes: forked here, before DALI starts threads
-        self._procs = None
-        if self.on_gpu:
-            self.maker = GpuViews(chains, self.photometric_variant)
-        elif self.cpu_parallel == "processes":
-            self.maker = ProcessViews(array, image_size, channels, chains, num_threads, batch_size)
-            self._procs = self.maker.procs
-        else:
-            self.maker = CpuViews(array, image_size, channels, chains, num_threads)
-        device_id = torch.cuda.current_device() if self.on_gpu else None
-        self._graph = (*graph, batch_size, num_threads, device_id, seed + shard_id)
-        # --skip-bad-files in the training pipeline: a source that can stand another file in for one DALI cannot
-        # decode (replace_bad) and says it may (skip_bad); see _run.
-        self.skip_bad = self.encoded and bool(getattr(images, "skip_bad", False)) and hasattr(images, "replace_bad")
-        self.skipped: list[tuple[str, str]] = []  # (file or shard:offset:member, DALI's reason) replaced so far
-        self.on_skip = None  # called with (name, reason) after each replacement (the trainer logs it)
-        self._ahead = None  # (epoch iterator, checkpoint before the oldest batch drawn, not yielded) (epoch_ahead)
-        self._owner = None  # the epoch iterator of the processes path that may run
-        self._shard = (shard_id, num_shards)
-        # encoded sources: fd 2 from the first run() to close() (DALI works ahead across epochs: the window too)
-        self._native = NativeWindow()
-        self._closer = weakref.finalize(self, self._native.close)
-        self._pipe = _first_pipeline(self, checkpoint)
-        self.with_labels = self.labels is not None or self.reads_labels
-
-    def _chain(self, spec: ViewSpec, gray_input: bool, chunk_pixels: int) -> dict:
-        """The photometric chain's arguments for one view (all but crops and params)."""
-        kwargs = dict(blur_window=spec.blur_window(self.image_size), solarize_threshold=spec.solarize_threshold,
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD, gray_input=gray_input,
-                      out_dtype=torch.float16 if self.on_gpu else torch.float32)
-        if not self.on_gpu:  # blur taps below float32 resolution skipped (photometric's docstring)
-            kwargs.update(blur_tail=TAP_TAIL, chunk_pixels=chunk_pixels)
-        return kwargs
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._steps
-
-    @property
-    def operators(self) -> int:
-        """Operators in the DALI graph; -1 if this DALI version does not say (pipelines.operator_count)."""
-        return pipelines.operator_count(self._pipe)
-
-    @property
-    def decoders(self) -> int:
-        """Image decoders in the DALI graph (CUDA JPEG path: 2 for decode "roi", 1 for "once"; CPU files: 1;
-        arrays: 0); -1 if this DALI version does not say."""
-        return pipelines.decoder_ops(self._pipe)
-
-    def state(self) -> bytes | str:
-        """The pipeline's position (epoch, iteration) and every random state, as DALI's checkpoint string: a loader
-        built with checkpoint=state() yields exactly the batches this one would have yielded next. (While the CPU
-        workers compute a batch ahead, that is the checkpoint taken before DALI drew it.)"""
-        return self._ahead[1] if self._ahead is not None else self._pipe.checkpoint()
-
-    def draw(self) -> dict:
-        """The next batch of DALI outputs by name (the maker's `outputs`), without views: what `maker.crops` and
-        `maker.chain` take, for tests and tools that check what the chain reads. Raises StopIteration at an epoch's
-        end (arrays)."""
-        try:
-            return dict(zip(self.maker.outputs, self._run()))
-        finally:
-            self._native.close()
-
-    def _run(self):
-        """One batch of DALI outputs. CUDA: bound to torch's current stream (DALI makes them ready there, instead
-        of blocking the host until they are).
-
-        A file that passed the header checks but does not decode ends the run with one FastByolError naming it, or,
-        when the source skips bad files, is replaced: the source stands another good file in for it (its list keeps
-        its length and order, so positions, epochs, shards and DALI's checkpoint stay valid), the pipeline is
-        rebuilt from DALI's checkpoint taken just before this batch (DALI 2.4 raises a decode error at the run()
-        of the very batch that holds the file, and a pipeline that raised is no longer usable), and the batch is
-        run again. When DALI's error names no sample, the batch is read again from that checkpoint to find it
-        (decode.batch_failure). The checkpoint (~0.1 ms a batch on the CPU) is taken for encoded sources only.
-        What native code printed since the previous run() (DALI works ahead) and during this one is folded in."""
-        while True:
-            before = self._pipe.checkpoint() if self.encoded else None
-            ahead = self._native.take() if self.encoded else None  # printed while DALI worked ahead
-            try:
-                with native_stderr():  # libjpeg/libpng/DALI messages: folded into ours, never printed
-                    return self._pipe.run(torch.cuda.current_stream()) if self.on_gpu else self._pipe.run()
-            except RuntimeError as e:  # a file that passed the header checks but does not decode
-                if not self.encoded:
-                    raise
-                _replace_or_raise(self, str(e), before, ahead)  # replaced: run the batch again
-
-    def _rebuild(self, checkpoint) -> None:
-        """A fresh pipeline at DALI checkpoint `checkpoint` (the one that raised is no longer valid)."""
-        self.maker.release()  # CUDA: the chain's kernels still reading the old pipeline's buffers
-        self._pipe = _end_pipeline(self._pipe)
-        self._pipe = pipelines.build_pipeline(*self._graph, checkpoint)
-
-    def close(self) -> None:
-        """Stop DALI (what it decodes ahead too) and give fd 2 back; the loader is unusable afterwards (the trainer
-        calls it at a run's end; for a loader never closed the garbage collector gives fd 2 back)."""
-        if self._pipe is not None:
-            self.maker.release()
-            self._pipe = _end_pipeline(self._pipe)
-        self._closer()
-
-    def epoch(self, first_step: int = 0):
-        """Yield this epoch's batches of (view1, view2), from batch `first_step` on (after a resume).
-
-        Arrays: one shuffled pass, the last partial batch dropped; a restored position continues the epoch it was
-        saved in. Encoded files: steps_per_epoch batches of the reader's stream, which reshuffles after each of its
-        own passes, so every image is read once per N images."""
-        if self.encoded:
-            for _ in range(first_step, self._steps):
-                outputs = self._run()
-                yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
-            return
-        if self._procs is not None:
-            yield from epoch_ahead(self)
-            return
-        for outputs in self._array_batches():
-            yield self._labelled(self.maker(outputs), self.batch_labels(outputs))
-
-    def batch_labels(self, outputs) -> torch.Tensor | None:
-        """The batch's labels (B,) int64, a copy (DALI reuses its buffers): arrays, those of the rows DALI's source
-        named (CPU: outputs[0]; CUDA: the last output); encoded files, the reader's (the last output); on the GPU for
-        CUDA (a pinned copy, queued: no host sync). None without labels."""
-        if self.labels is not None:  # the rows: CPU, the first output; CUDA, the last (a CPU output)
-            rows = torch.from_dlpack(outputs[-1 if self.on_gpu else 0].as_tensor()).reshape(-1)
-            labels = self.labels.index_select(0, rows)
-            return labels.pin_memory().to("cuda", non_blocking=True) if self.on_gpu else labels
-        if not self.reads_labels:
-            return None
-        labels = torch.from_dlpack(outputs[-1].as_tensor()).reshape(-1).to(torch.int64, copy=True)
-        return labels.pin_memory().to("cuda", non_blocking=True) if self.on_gpu else labels
-
-    @staticmethod
-    def _labelled(views: tuple, labels: torch.Tensor | None) -> tuple:
-        return views if labels is None else (*views, labels)
-
-    def _array_batches(self):
-        """The DALI outputs of one array epoch; restored exactly at an epoch's end, the next epoch's."""
-        yielded, retried = 0, False
-        while True:
-            try:
-                outputs = self._run()
-            except StopIteration:  # the external source ended the epoch
-                self._pipe.reset()
-                if yielded == 0 and not retried:  # restored exactly at an epoch's end: start the next
-                    retried = True
-                    continue
-                return
-            yielded += 1
-            yield outputs
+def _pick_graph(source, settings: LoaderSettings, augment: AugmentConfig, reader_labels: bool, rows: bool):
+    """(the DaliGraph, images a shard, steps an epoch, the array source's tensor or None). reader_labels: the files
+    graphs emit the reader's labels; rows: the CUDA arrays graph emits the source's rows."""
+    s, on_gpu = settings, settings.device.startswith("cuda")
+    if isinstance(source, EncodedSource):
+        per_shard, array = len(source) // s.num_shards, None
+        fn, args = (pipelines.gpu_files, (source, s.shard_id, s.num_shards, s.views, s.image_size, augment,
+                                          reader_labels)) if on_gpu \
+            else (pipelines.cpu_files, (source, s.shard_id, s.num_shards, s.views, reader_labels))
+        steps = per_shard // s.batch_size
+    else:
+        array = _array_tensor(source)  # (N, H, W, 3) uint8, shared with the caller's array
+        epochs = pipelines.EpochSource(source, s.batch_size, s.seed, s.shard_id, s.num_shards,
+                                       indices_only=not on_gpu, with_rows=on_gpu and rows)
+        fn, args = (pipelines.gpu_arrays, (epochs, s.views, s.image_size, rows)) if on_gpu \
+            else (pipelines.cpu_arrays, (epochs, tuple(source.shape[1:3]), s.views))
+        per_shard, steps = epochs.per_shard, epochs.steps_per_epoch
+    device_id = torch.cuda.current_device() if on_gpu else None
+    graph = pipelines.DaliGraph(fn, args, s.batch_size, s.num_threads, device_id, s.seed + s.shard_id)
+    return graph, per_shard, steps, array
 
 
-def _end_pipeline(pipe) -> None:
-    """End a DALI pipeline now, inside a capture: its threads may still be decoding ahead, and printing (left to the
-    garbage collector, they would do so after the capture had ended). None, for `self._pipe = _end_pipeline(...)`."""
-    shutdown = getattr(pipe, "_shutdown", None)  # DALI's own end of a pipeline (what its __del__ calls)
-    if shutdown is not None:
-        with native_stderr():
-            shutdown()
-
-
-def _probe_labels(labels, images, encoded: bool, on_gpu: bool) -> tuple[torch.Tensor | None, bool]:
-    """TwoViewLoader's labels= checked: (array labels (N,) int64 or None, whether the files graph emits labels)."""
-    if labels is None or labels is False:
-        return None, False
-    if encoded:
-        if labels is not True or not getattr(images, "labelled", False) or not hasattr(images, "dali_read"):
-            raise FastByolError("labels= for encoded files is True, for a source whose files are all labelled "
-                                "(dali_read: its DALI reader emits each file's label)")
-        return None, True
-    if labels is True or len(labels) != len(images):
-        raise FastByolError("labels= for image arrays is one label per image: the batch's labels are gathered by "
-                            "the rows DALI's source names, so the draws stay the same")
-    return torch.as_tensor(np.asarray(labels, dtype=np.int64)), False
-
-
-def _pick_graph(images, batch_size: int, image_size: int, seed: int, on_gpu: bool, shard_id: int, num_shards: int,
-                views: tuple, options: AugmentConfig, labels: bool, rows: bool = False):
-    """(graph function and its arguments, images a shard, steps an epoch, the array source's tensor or None).
-    labels: the files graphs emit the reader's labels; rows: the CUDA arrays graph emits the source's rows."""
-    if hasattr(images, "dali_reader"):
-        per_shard = len(images) // num_shards
-        graph = (pipelines.gpu_files, (images, shard_id, num_shards, views, image_size, options.decode,
-                                       options.hw_decoder_load, options.preallocate_side, labels)) if on_gpu \
-            else (pipelines.cpu_files, (images, shard_id, num_shards, views, labels))
-        return graph, per_shard, per_shard // batch_size, None
-    array = _array_tensor(images)  # (N, H, W, 3) uint8, shared with the caller's array
-    source = pipelines.EpochSource(images, batch_size, seed, shard_id, num_shards, indices_only=not on_gpu,
-                                   with_rows=on_gpu and rows)
-    graph = (pipelines.gpu_arrays, (source, views, image_size, rows)) if on_gpu \
-        else (pipelines.cpu_arrays, (source, tuple(images.shape[1:3]), views))
-    return graph, source.per_shard, source.steps_per_epoch, array
-
-
-def _first_pipeline(loader: TwoViewLoader, checkpoint):
-    """The loader's pipeline, at `checkpoint`. DALI restores a checkpoint only into the graph that saved it: one saved
-    without the files' labels output (before the labels reached the online probe) has no state for the label's
-    operators. The graph is then built without them (the same draws: the label is its last output) and the batches
-    carry no labels (loader.labels_note says why)."""
-    try:
-        return pipelines.build_pipeline(*loader._graph, checkpoint)
-    except RuntimeError as e:
-        if not (loader.reads_labels and checkpoint is not None and "no checkpoint for operator" in str(e)):
-            raise
-    graph, args, *rest = loader._graph
-    loader._graph = (graph, (*args[:-1], False), *rest)
-    loader.reads_labels = False
-    loader.labels_note = "the run's data checkpoint was saved by a DALI graph without the files' labels"
-    return pipelines.build_pipeline(*loader._graph, checkpoint)
-
-
-def _replace_or_raise(loader: TwoViewLoader, error_text: str, before, ahead) -> None:
-    """TwoViewLoader._run's decode error: the file named (batch_failure), with what native code printed folded in;
-    replaced and the pipeline rebuilt at `before` when the source skips bad files, else one FastByolError."""
-    from ..data.decode import batch_failure
-
-    printed = loader._native.take()
-    printed.text = "\n".join(t for t in (ahead.text, printed.text) if t)
-    src = loader.encoded_source
-    bad, why = batch_failure(src, error_text, before, *loader._shard, loader.batch_size, loader.num_threads)
-    reason = fold(why, printed)
-    if bad is not None and loader.skip_bad and src.replace_bad(bad):
-        loader.skipped.append((bad, reason))
-        if loader.on_skip is not None:
-            loader.on_skip(bad, reason)
-        loader._rebuild(before)
-        return
-    loader._native.close()
-    where = getattr(src, "where", None) or "the encoded source"
-    raise FastByolError(f"{bad}: {reason}" if bad else f"DALI failed on a batch of {where}: {reason}") from None
-
-
-def epoch_ahead(loader: TwoViewLoader):
-    """epoch() for CPU arrays with worker processes: DALI draws batch n + 1 and the workers start on it before
-    batch n is yielded, so they compute while the consumer uses n. While batches drawn are not yet yielded,
-    loader._ahead holds (this iterator, the checkpoint taken before DALI drew the oldest of them): state() returns
-    that checkpoint, and whatever ends the iterator early (the consumer stops, an error or Ctrl-C anywhere in it,
-    a later epoch() call on the same loader) gives them back: the workers drained, the pipeline rebuilt at that
-    checkpoint. So the batches, and resume, are exactly those of the synchronous path."""
-    if loader._ahead is not None:  # an earlier epoch() iterator, suspended with a batch drawn ahead, ends here
-        _give_back_ahead(loader)
-    token = loader._owner = object()
-    queue: collections.deque = collections.deque()  # (slot, checkpoint before it): drawn, not yielded
-
-    def mark() -> None:  # what state() and a give-back need: the checkpoint before the oldest not yielded
-        loader._ahead = (token, queue[0][1]) if queue else None
-
-    slot, retried = 0, False
-    try:
-        while True:
-            before = loader._pipe.checkpoint()  # after every batch drawn so far
-            try:
-                outputs = loader._run()
-            except StopIteration:  # the external source ended the epoch
-                loader._pipe.reset()
-                if not queue and not retried:  # restored exactly at an epoch's end: start the next
-                    retried = True
-                    continue
-                outputs = None
-            if outputs is not None:
-                loader.maker.submit(outputs, slot)
-                queue.append((slot, before, loader.batch_labels(outputs)))
-                slot = 1 - slot
-                mark()
-            if len(queue) == 2 or (outputs is None and queue):  # the next one is with the workers
-                slot_done, _, labels = queue.popleft()
-                views = loader.maker.collect(slot_done)
-                mark()
-                yield loader._labelled(views, labels)
-                if loader._owner is not token:
-                    raise FastByolError("this epoch() iterator was ended by a later epoch() call on the same "
-                                        "loader (one iterator at a time)")
-            if outputs is None:
-                break
-    finally:
-        if loader._ahead is not None and loader._ahead[0] is token:
-            _give_back_ahead(loader)
-
-
-def _give_back_ahead(loader: TwoViewLoader) -> None:
-    """The batch drawn ahead (loader._ahead) back: the workers drained, DALI rebuilt at the checkpoint taken before
-    it was drawn."""
-    before = loader._ahead[1]
-    loader._ahead = None
-    try:
-        loader._procs.drain()
-    except FastByolError:
-        pass  # the workers failed or were closed; their next use raises
-    loader._rebuild(before)
+def _view_maker(settings: LoaderSettings, chains: tuple[dict, dict], array: torch.Tensor | None, cpu_parallel: str,
+                backend: str):
+    """The path's view maker (CPU arrays with processes: forked here, before DALI starts threads)."""
+    channels = 1 if settings.gray_input else 3
+    if settings.device.startswith("cuda"):
+        return GpuViews(chains, backend)
+    if cpu_parallel == "processes":
+        return ProcessViews(array, settings.image_size, channels, chains, settings.num_threads, settings.batch_size)
+    return CpuViews(array, settings.image_size, channels, chains, settings.num_threads)

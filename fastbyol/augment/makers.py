@@ -3,7 +3,8 @@
 - `GpuViews` (CUDA, arrays or files): the chain (AugmentConfig.cuda_photometric) reads DALI's crops in place
   (DLPack) on torch's stream; DALI's buffers are held until an event after the chain has passed.
 - `CpuViews` (CPU, arrays or files, threads): torch crops the images (array rows, or DALI's decoded files) with
-  DALI's windows (fastbyol.augment.crops), then runs the chain (fastbyol.augment.photometric), on `threads` worker threads.
+  DALI's windows (fastbyol.augment.crops), then runs the chain (fastbyol.augment.photometric), on `threads` worker
+  threads.
 - `ProcessViews` (CPU, arrays, processes): the same work in forked processes (fastbyol.augment.cpu_workers), one
   batch ahead of the consumer; the same views as CpuViews, bit for bit.
 Each maker's `crops(out)` returns what the chain reads (both views' uint8 crops and float32 parameters) and
@@ -18,7 +19,7 @@ import collections
 import torch
 
 from .photometric import ScratchBuffers, photometric_many
-from .photometric_backends import photometric_variant
+from .photometric_backends import photometric_backend
 from .crops import crop_resize_flip_many
 from .pipelines import CPU_OUTPUTS, GPU_OUTPUTS
 
@@ -33,14 +34,14 @@ def _params(out: dict) -> list[torch.Tensor]:
 
 
 class GpuViews:
-    """CUDA: DALI's planar uint8 crops through the chain `variant` (module docstring). chains: both views'
+    """CUDA: DALI's planar uint8 crops through the chain's `backend` (module docstring). chains: both views'
     photometric arguments (all but crops and params)."""
 
     outputs = GPU_OUTPUTS
 
-    def __init__(self, chains: tuple[dict, dict], variant: str):
+    def __init__(self, chains: tuple[dict, dict], backend: str):
         self.chains = chains
-        self.variant = variant
+        self.backend = backend
         self.buffers = ScratchBuffers()  # the Triton chain's scratch, reused batch after batch (grow-only)
         self._in_flight: collections.deque = collections.deque()  # (DALI outputs, event after their chain)
 
@@ -49,9 +50,9 @@ class GpuViews:
         return [_torch(out[f"crops{v}"]) for v in (1, 2)], _params(out)
 
     def chain(self, crops: list[torch.Tensor], params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        chain = photometric_variant(self.variant)
+        chain = photometric_backend(self.backend)
         # both views share the scratch: their kernels run one after the other on torch's stream
-        reuse = dict(buffers=self.buffers) if self.variant == "triton" else {}
+        reuse = dict(buffers=self.buffers) if self.backend == "triton" else {}
         return tuple(chain(crops[v], params[v], **self.chains[v], **reuse) for v in (0, 1))
 
     def __call__(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +114,8 @@ class CpuViews:
 
 class ProcessViews:
     """CPU arrays in `workers` forked processes (fastbyol.augment.cpu_workers.ChainProcesses), forked when this is
-    built, before the DALI pipeline starts its threads. submit(outputs, slot) hands a batch to the workers,
-    collect(slot) returns its views. As CpuViews, crops(out) and chain(crops, params) compute one batch in this
+    built, before the DALI pipeline starts its threads (`workers`). submit(outputs, slot) hands a batch to the
+    workers, collect(slot) returns its views. As CpuViews, crops(out) and chain(crops, params) compute one batch in this
     process (the workers' rows are computed exactly so: tests/test_cpu_workers.py)."""
 
     outputs = CPU_OUTPUTS
@@ -124,7 +125,7 @@ class ProcessViews:
         from .cpu_workers import ChainProcesses
 
         self.inline = CpuViews(images, size, channels, chains, None)
-        self.procs = ChainProcesses(images, workers, batch_size, size, channels, chains)
+        self.workers = ChainProcesses(images, workers, batch_size, size, channels, chains)
 
     def crops(self, out: dict):
         return self.inline.crops(out)
@@ -135,10 +136,14 @@ class ProcessViews:
     def submit(self, outputs, slot: int) -> None:
         out = dict(zip(self.outputs, outputs))
         windows = [_torch(out[f"window{v}"]) for v in (1, 2)]  # (B, 5) int32 each
-        self.procs.submit(slot, _torch(out["pixels"]).reshape(-1), windows, _params(out))
+        self.workers.submit(slot, _torch(out["pixels"]).reshape(-1), windows, _params(out))
 
     def collect(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.procs.collect(slot)
+        return self.workers.collect(slot)
+
+    def drain(self) -> None:
+        """Drop the batches submitted and not collected (the workers are then idle)."""
+        self.workers.drain()
 
     def release(self) -> None:
         pass

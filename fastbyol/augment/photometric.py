@@ -32,10 +32,9 @@ How the per-image random order is handled, and why (two formulations of the same
   .tolist() of the parameters) would be a graph break under torch.compile, and on a GPU its ~20 groups mean ~20x
   more, smaller launches.
 Written for the CPU: no torch.where and no remainder (each ~10-30x an arithmetic op there), in-place ops on fresh
-temporaries, index_select rather than advanced indexing. Measured on 2 shared cores (benchmarks/augment_vs_lightly.py),
-the whole CPU loader (DALI's draws, the crops, this chain) costs 0.87-0.96 ms of CPU per two-view sample at 96 px and
-4.1-4.4 ms at 224 px.
-- `photometric_by_slot` (what torch.compile gets, variant "compiled") selects per slot: in each of the 4 slots every
+temporaries, index_select rather than advanced indexing. What the whole CPU loader costs (DALI's draws, the crops,
+this chain) is measured by benchmarks/augment_vs_lightly.py; its figures are in benchmarks/results/.
+- `photometric_by_slot` (what torch.compile gets, backend "compiled") selects per slot: in each of the 4 slots every
   op is computed for every image and torch.where keeps the image's own: 4x the jitter arithmetic, no data-dependent
   shapes, so the compiler sees one static graph and fuses it (on a GPU the chain is memory-bound: the extra
   arithmetic is nearly free there, and the work on the CPU eager path would be 4x).
@@ -241,7 +240,7 @@ class ScratchBuffers:
         return sum(t.numel() * t.element_size() for t in self._flat.values())
 
 
-def _check(crops: torch.Tensor, params: torch.Tensor) -> None:
+def check_chain_inputs(crops: torch.Tensor, params: torch.Tensor) -> None:
     if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[1] != 3 or crops.shape[2] != crops.shape[3]:
         raise ValueError(f"crops must be uint8 (B, 3, S, S), got {crops.dtype} {tuple(crops.shape)}")
     if params.shape != (crops.shape[0], N_PARAMS):
@@ -386,7 +385,7 @@ def photometric_many(jobs: list[dict], threads: int | None = None) -> list[torch
     chunks share the workers, so no worker waits for the end of one batch before starting the next."""
     tasks, outs = [], []
     for job in jobs:
-        run, chunks, out = _prepare(threads=threads, **job)
+        run, chunks, out = prepare_photometric(threads=threads, **job)
         tasks += [(run, idx) for idx in chunks]
         outs.append(out)
     if threads is None:
@@ -398,12 +397,14 @@ def photometric_many(jobs: list[dict], threads: int | None = None) -> list[torch
     return outs
 
 
-def _prepare(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float, mean, std,
-             gray_input: bool = False, out_dtype: torch.dtype = torch.float32,
-             compute_dtype: torch.dtype = torch.float32, chunk_pixels: int = CHUNK_PIXELS, blur_tail: float = 0.0,
-             threads: int | None = None, out: torch.Tensor | None = None):
-    """(run(indices) for one chunk, the chunks, the output (B, 3, S, S) channels_last) of one batch."""
-    _check(crops, params)
+def prepare_photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
+                        mean, std, gray_input: bool = False, out_dtype: torch.dtype = torch.float32,
+                        compute_dtype: torch.dtype = torch.float32, chunk_pixels: int = CHUNK_PIXELS,
+                        blur_tail: float = 0.0, threads: int | None = None, out: torch.Tensor | None = None):
+    """(run(indices) for one chunk, the chunks, the output (B, 3, S, S) channels_last) of one batch: photometric's
+    work cut into independent chunks, for photometric_many's threads and the CPU worker processes
+    (fastbyol.augment.cpu_workers), which run them."""
+    check_chain_inputs(crops, params)
     B, S = crops.shape[0], crops.shape[2]
     device = crops.device
     channels = 1 if gray_input else 3
@@ -454,7 +455,7 @@ def photometric_by_slot(crops: torch.Tensor, params: torch.Tensor, *, blur_windo
     """`photometric` without data-dependent control flow, for torch.compile: every op on every image, torch.where
     keeps each image's own (see the module docstring). Same arguments and result; gray_input is accepted and
     ignored (the colour arithmetic leaves gray pixels exact)."""
-    _check(crops, params)
+    check_chain_inputs(crops, params)
     dtype = torch.float32
     p = params.to(dtype)
     x = crops.to(dtype) * (1.0 / 255.0)  # (B, 3, S, S) float

@@ -4,7 +4,8 @@ them is fastbyol.augment.loader.
 
 DALI draws every random number of both views: the crop windows (fn.random_crop_generator / the crop ops' own
 sampler: area and log-aspect drawn until the window fits, 10 attempts), the flips, and the chain's parameters
-(`draw_params`, packed per sample as one (N_PARAMS,) float32 output: columns in fastbyol.augment.photometric.PARAM_NAMES).
+(`draw_params`, packed per sample as one (N_PARAMS,) float32 output: columns in
+fastbyol.augment.photometric.PARAM_NAMES).
 Its checkpoint holds all their states and the read position, so DALI's checkpoint string is all a resume needs. The
 graphs have ~40 operators (the colour chain built from DALI arithmetic had ~1,600). Each graph creates its operators
 in one fixed order (reader or source, then view 1's draws and crop, then view 2's): keep it when editing a graph, so
@@ -27,9 +28,12 @@ bicubic is ~10x faster than DALI's CPU resize.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..config import DECODE_MODES
+from ..config import DECODE_MODES, AugmentConfig
 from ..errors import FastByolError
 from .photometric import ORDERS, PARAM_NAMES
 from .views import ViewSpec
@@ -144,7 +148,7 @@ def decode_views(encoded, views, size: int, decode: str = "roi", device: str = "
                               bytes_per_sample_hint=preallocate_side * preallocate_side * 3, **hints)
         return [crop_and_params(x, spec, size) for spec in views]
     out = []
-    for spec in views:  # decoder then chain per view: the order (and so the seeds) of the graph before the switch
+    for spec in views:  # decoder then chain per view: the operators' order fixes their seeds (and the checkpoints)
         x = fn.decoders.image_random_crop(encoded, device=device, output_type=types.RGB,
                                           random_area=list(spec.crop_area),
                                           random_aspect_ratio=list(spec.crop_aspect), **hints)
@@ -196,13 +200,14 @@ def array_source(source: "EpochSource", rows: bool):
     return pixels, index
 
 
-def gpu_files(source, shard_id: int, num_shards: int, views: tuple[ViewSpec, ViewSpec], size: int, decode: str,
-              hw_decoder_load: float, preallocate_side: int, labels: bool = False) -> tuple:
-    """CUDA, encoded files: this shard's files decoded by the "mixed" decoder as `decode` says (decode_views);
-    labels: the reader's labels as a last (CPU) output."""
+def gpu_files(source, shard_id: int, num_shards: int, views: tuple[ViewSpec, ViewSpec], size: int,
+              decoding: AugmentConfig, labels: bool = False) -> tuple:
+    """CUDA, encoded files: this shard's files decoded by the "mixed" decoder as decoding.decode says, with its
+    hardware-decoder hints (decode_views); labels: the reader's labels as a last (CPU) output."""
     encoded, raw = read_files(source, shard_id, num_shards, labels)
     outs = []
-    for crop, params in decode_views(encoded, views, size, decode, "mixed", hw_decoder_load, preallocate_side):
+    for crop, params in decode_views(encoded, views, size, decoding.decode, "mixed", decoding.hw_decoder_load,
+                                     decoding.preallocate_side):
         outs += [crop, params.gpu()]
     return tuple(outs) + ((source.dali_label(raw),) if labels else ())
 
@@ -242,17 +247,39 @@ def cpu_files(source, shard_id: int, num_shards: int, views: tuple[ViewSpec, Vie
     return tuple(outs) + ((source.dali_label(raw),) if labels else ())
 
 
-def build_pipeline(graph, args: tuple, batch_size: int, num_threads: int, device_id: int | None, seed: int,
-                   checkpoint: bytes | str | None):
-    """`graph(*args)` as a built DALI pipeline. exec_dynamic: outputs are reference-counted, so torch can read them
-    in place (DLPack, no copy) for as long as it holds them. Checkpointing: DALI serialises its RNG states (the
-    crops' and every photometric parameter's) and its reader/source positions."""
+@dataclass(frozen=True)
+class DaliGraph:
+    """One of the graphs above with its arguments, and the DALI pipeline settings it is built with."""
+
+    fn: Callable[..., tuple]  # gpu_arrays, gpu_files, cpu_arrays or cpu_files
+    args: tuple  # fn's arguments
+    batch_size: int
+    num_threads: int  # DALI's worker threads
+    device_id: int | None  # the CUDA device; None: DALI on the CPU
+    seed: int  # seed + shard_id: every shard draws its own augmentations
+
+
+def build_pipeline(graph: DaliGraph, checkpoint: bytes | str | None):
+    """`graph.fn(*graph.args)` as a built DALI pipeline, at `checkpoint` (None: from the seed). exec_dynamic: outputs
+    are reference-counted, so torch can read them in place (DLPack, no copy) for as long as it holds them.
+    Checkpointing: DALI serialises its RNG states (the crops' and every photometric parameter's) and its
+    reader/source positions."""
     from nvidia.dali import pipeline_def
 
-    pipe = pipeline_def(graph, enable_conditionals=False)(
-        *args, batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-        prefetch_queue_depth=2, exec_dynamic=True, enable_checkpointing=True, checkpoint=checkpoint)
-    pipe.build()
+    pipe = pipeline_def(graph.fn, enable_conditionals=False)(
+        *graph.args, batch_size=graph.batch_size, num_threads=graph.num_threads, device_id=graph.device_id,
+        seed=graph.seed, prefetch_queue_depth=2, exec_dynamic=True, enable_checkpointing=True, checkpoint=checkpoint)
+    return build_quietly(pipe)
+
+
+def build_quietly(pipe):
+    """pipe.build(), with what native libraries print meanwhile captured and dropped (nvImageCodec's notes about
+    optional extensions it could not load, e.g. under an address-space limit): a failed build raises DALI's error,
+    which says what failed, and stderr keeps to fastbyol's one line."""
+    from ..system.native import native_stderr
+
+    with native_stderr():
+        pipe.build()
     return pipe
 
 

@@ -20,9 +20,11 @@ import sys
 
 from ..config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,
                       allowed_values, config_from_file, config_yaml, field_kind, flag_name, get_preset)
+from .arguments import OneLineParser, integer, number
 from .help import DefaultsHelpFormatter
 from ..errors import FastByolError
 
+ARG_TYPES = {int: integer, float: number}  # a setting's type -> how its flag reads it (cli.arguments)
 EXIT_PREEMPTED_DOC = 75  # fastbyol.run.preemption.EXIT_PREEMPTED (not imported here: it loads torch)
 
 
@@ -50,10 +52,13 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", default=None, help=text,
                                 action=argparse.BooleanOptionalAction if value else "store_true")
             continue
-        parser.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", type=kind, default=None,
-                            metavar=f.name.upper(), help=f"{text} [{DEFAULT_PRESET}: {value!r}]")
-
-
+        if (section, f.name) == ("model", "arch"):  # repeatable: with --resume each allows a module:factory
+            parser.add_argument("--arch", dest="model.arch", action="append", default=None, metavar="ARCH",
+                                help=f"{text} [{DEFAULT_PRESET}: {value!r}]; with --resume: allows the run's encoder "
+                                     "of your own, module:factory, to be imported (repeatable)")
+            continue
+        parser.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", type=ARG_TYPES.get(kind, kind),
+                            default=None, metavar=f.name.upper(), help=f"{text} [{DEFAULT_PRESET}: {value!r}]")
 def _add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="BYOL pretraining",
                            description="BYOL pretraining; preset values are the defaults, then a --config file's, "
@@ -88,8 +93,8 @@ def _add_other_parsers(sub) -> None:
     gc.add_argument("--no-scratch", action="store_true", help="only the installed Triton, not the GPU machine's")
     aug = bench_sub.add_parser("augment", help="two-view samples/s of the augmentation pipeline",
                                formatter_class=DefaultsHelpFormatter)
-    aug.add_argument("--size", type=int, default=224, help="view side, px")
-    aug.add_argument("--batch", type=int, default=256, help="images per batch")
+    aug.add_argument("--size", type=integer, default=224, help="view side, px")
+    aug.add_argument("--batch", type=integer, default=256, help="images per batch")
     aug.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="where DALI runs")
     aug.add_argument("--source", default="arrays", choices=["arrays", "gray", "jpeg"],
                      help="uint8 colour arrays in memory, the same gray (R = G = B: the Fashion-MNIST fast path), or "
@@ -101,8 +106,8 @@ def _add_other_parsers(sub) -> None:
                           "(default: the preset's, fastbyol train --decode)")
     aug.add_argument("--blur-window", default=None, choices=list(BLUR_WINDOW_RULES),
                      help="blur window rule (default: the preset's, fastbyol train --blur-window)")
-    aug.add_argument("--steps", type=int, default=20, help="timed batches (after 3 warm-up batches)")
-    aug.add_argument("--threads", type=int, default=None,
+    aug.add_argument("--steps", type=integer, default=20, help="timed batches (after 3 warm-up batches)")
+    aug.add_argument("--threads", type=integer, default=None,
                      help="DALI threads and CPU pixel workers (default: min(8, cores))")
     aug.add_argument("--cpu-parallel", default=None, choices=list(CPU_PARALLEL_MODES),
                      help="CPU, arrays: the crops and chain in worker processes or threads (default: the preset's, "
@@ -117,6 +122,7 @@ def _add_other_parsers(sub) -> None:
     ex.add_argument("run_dir", help="a run directory written by fastbyol train")
     ex.add_argument("--out", required=True, help="FILE.pt, FILE.pth, or FILE.safetensors (needs safetensors)")
     ex.add_argument("--which", default="online", choices=["online", "target"], help="which encoder")
+    _add_own_arch(ex)
     ex.add_argument("--debug", action="store_true", help="show tracebacks")
 
     pl = sub.add_parser("plot", help="PNG curves of loss, lr, tau, kNN and img/s (needs matplotlib)")
@@ -160,6 +166,24 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+OWN_ARCH_HELP = ("allow the run's encoder of your own, module.path:factory, to be imported (repeatable: one flag per "
+                 "module); a run folder never imports code by itself, and registry encoders need no --arch")
+
+
+def _add_own_arch(parser) -> None:
+    parser.add_argument("--arch", action="append", default=[], metavar="MODULE:FACTORY", help=OWN_ARCH_HELP)
+
+
+def _own_encoders(names: list[str]):
+    """models.OwnEncoders of the --arch flags given (each must be module.path:factory); one line otherwise."""
+    from ..models import OwnEncoders
+
+    try:
+        return OwnEncoders(frozenset(names))
+    except ValueError as e:
+        raise FastByolError(str(e)) from None
+
+
 def _add_eval_parsers(sub) -> None:
     paper = ("paper: the BYOL paper's ImageNet linear protocol (appendix; official byol/configs/eval.py): frozen "
              "encoder in eval mode, a linear classifier on random resized crops + flips of the train split drawn per "
@@ -175,12 +199,13 @@ def _add_eval_parsers(sub) -> None:
     ev.add_argument("--data", default=None, help="dataset to evaluate on (default: the run's own)")
     ev.add_argument("--init", default="trained", choices=["trained", "random"],
                     help="the run's trained encoder, or a random-init one of the same architecture (the baseline)")
-    ev.add_argument("--probe-epochs", type=int, default=100, help="features: epochs of the linear probe")
-    ev.add_argument("--probe-lr", type=float, default=0.2, help="features: peak lr of the linear probe (cosine to 0)")
-    ev.add_argument("--epochs", type=int, default=80, help="paper: epochs of the linear classifier")
-    ev.add_argument("--batch-size", type=int, default=None,
+    ev.add_argument("--probe-epochs", type=integer, default=100, help="features: epochs of the linear probe")
+    ev.add_argument("--probe-lr", type=number, default=0.2, help="features: peak lr of the linear probe (cosine to 0)")
+    ev.add_argument("--epochs", type=integer, default=80, help="paper: epochs of the linear classifier")
+    ev.add_argument("--batch-size", type=integer, default=None,
                     help="paper: batch (default: 1024, at most an eighth of the train split, a power of two)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_own_arch(ev)
     ev.add_argument("--debug", action="store_true", help="show tracebacks")
 
     ft = sub.add_parser("finetune", help="fine-tune the encoder + a linear head on a labelled subset (semi-supervised)",
@@ -193,24 +218,25 @@ def _add_eval_parsers(sub) -> None:
                                     "the subset), random resized crops + flips. Writes RUN_DIR/finetune-FRACTION.json "
                                     "(-random for --init random).")
     ft.add_argument("run_dir", help="a run directory written by fastbyol train")
-    ft.add_argument("--fraction", type=float, default=None, help="share of the labels, in (0, 1]: 0.01, 0.1, 1.0")
+    ft.add_argument("--fraction", type=number, default=None, help="share of the labels, in (0, 1]: 0.01, 0.1, 1.0")
     ft.add_argument("--subset", default=None, metavar="FILE",
                     help="instead of --fraction: the images to train on, one a line: 0-based indices into the "
                          "labelled train split, or (image folders) file names, each a path relative to the train "
                          "folder or a bare name unique in it (the paper's ImageNet subset lists)")
     ft.add_argument("--init", default="trained", choices=["trained", "random"],
                     help="the run's trained encoder, or a random-init one (supervised from scratch: the baseline)")
-    ft.add_argument("--epochs", type=int, default=80, help="epochs over the subset")
-    ft.add_argument("--lr", type=float, default=0.2, help="base lr (lr = base x batch / 256, cosine to 0)")
-    ft.add_argument("--batch-size", type=int, default=None,
+    ft.add_argument("--epochs", type=integer, default=80, help="epochs over the subset")
+    ft.add_argument("--lr", type=number, default=0.2, help="base lr (lr = base x batch / 256, cosine to 0)")
+    ft.add_argument("--batch-size", type=integer, default=None,
                     help="batch (default: 1024, at most an eighth of the subset, a power of two)")
     ft.add_argument("--data", default=None, help="dataset (default: the run's own)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_own_arch(ft)
     ft.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastbyol", description="Fast, correct BYOL pretraining.")
+    parser = OneLineParser(prog="fastbyol", description="Fast, correct BYOL pretraining.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -220,9 +246,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _given_settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
-    """(section, field, value) of every train flag given on the command line."""
-    return [(s, f.name, getattr(args, f"{s}.{f.name}")) for s, f in _train_flags()
-            if getattr(args, f"{s}.{f.name}") is not None]
+    """(section, field, value) of every train flag given on the command line (--arch, which may be repeated: its
+    last value)."""
+    given = [(s, f.name, getattr(args, f"{s}.{f.name}")) for s, f in _train_flags()
+             if getattr(args, f"{s}.{f.name}") is not None]
+    return [(s, name, value[-1] if isinstance(value, list) else value) for s, name, value in given]
+
+
+def _train_own_encoders(args: argparse.Namespace, resume: bool):
+    """The encoders of the user's own that `train` may import from a run's config.json: the module:factory values
+    of --arch (with --resume every --arch must be one; on a new run its last --arch is the run's own choice)."""
+    from ..models import is_custom_arch
+
+    names = getattr(args, "model.arch") or []
+    if resume:
+        return _own_encoders(names)
+    return _own_encoders([n for n in names if is_custom_arch(n)])
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -313,16 +352,16 @@ def _run_train(args: argparse.Namespace) -> int:
 def _train_command(args: argparse.Namespace) -> int:
     from ..run.preemption import EXIT_PREEMPTED, AlreadyFinished, auto_resume_decision
     from ..errors import Preempted
-    from ..train import train
 
     from ..system.environment import check_environment
 
     rank = check_environment()[0]  # RANK, WORLD_SIZE, ...: one line naming a bad variable, before anything else
     rank0 = rank == 0  # under torchrun: rank 0 speaks
     resume, cfg = args.resume, Config()
+    own = _train_own_encoders(args, resume is not None)
     if resume is not None:
-        given = _given_settings(args) + [("", name, None) for name in ("preset", "config")
-                                         if getattr(args, name) is not None]
+        given = [g for g in _given_settings(args) if g[1] != "arch"] + [
+            ("", name, None) for name in ("preset", "config") if getattr(args, name) is not None]
         if given or args.auto_resume:
             flags = ", ".join([flag_name(name) for _, name, _ in given] + ["--auto-resume"] * args.auto_resume)
             raise FastByolError(f"--resume continues a run with its own config.json; it takes no settings (got "
@@ -341,12 +380,40 @@ def _train_command(args: argparse.Namespace) -> int:
                 return 0
         if resume is None and rank0:
             print("config: " + str(cfg.to_dict()))
+    prescan = _start_prescan(cfg) if resume is None and rank0 else None
     try:
-        train(cfg, progress=not args.no_progress, resume=resume)
+        from ..train import train  # torch, DALI, the kernels: seconds, while the prescan lists and checks
+
+        train(cfg, progress=not args.no_progress, resume=resume, own=own)
     except Preempted as e:
         print(f"fastbyol: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    finally:
+        if prescan is not None:
+            from ..data.manifest import end_prescan
+
+            end_prescan(prescan)
     return 0
+
+
+def _start_prescan(cfg: Config):
+    """When --data names an image folder, its manifest built (or checked) in a child while the trainer loads
+    (fastbyol.data.manifest.start_prescan); None for any other data, or one not recognised at a glance."""
+    from pathlib import Path
+
+    from ..data import detect_format
+    from ..data.manifest import start_prescan
+
+    spec, data_format = cfg.data.data, cfg.data.data_format
+    if spec in ("embedded", "fashion-mnist", "synthetic") or data_format not in ("auto", "folder"):
+        return None
+    path = Path(spec).expanduser()
+    try:
+        if not path.is_dir() or data_format == "auto" and detect_format(path) != "folder":
+            return None
+    except (OSError, FastByolError):
+        return None
+    return start_prescan(path)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -373,59 +440,89 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+PATH_ARGS = {"train": (("--data", "data.data"), ("--out", "run.out"), ("--resume", "resume")),
+             "eval": (("RUN_DIR", "run_dir"), ("--data", "data")),
+             "finetune": (("RUN_DIR", "run_dir"), ("--data", "data"), ("--subset", "subset")),
+             "export": (("RUN_DIR", "run_dir"), ("--out", "out")), "plot": (("RUN_DIR", "run_dir"), ("--out", "out")),
+             "shards": (("SRC", "src"), ("DST", "dst"))}
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every path the command line names, against the file system's limits (system.paths.check_path)."""
+    from ..system.paths import check_path
+
+    for flag, dest in PATH_ARGS.get(args.command, ()):
+        value = getattr(args, dest, None)
+        if value:
+            check_path(flag, value)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    _check_paths(args)
+    if args.command == "presets":
+        if args.markdown:
+            print(preset_table())
+        else:
+            _print_presets()
+        return 0
+    if args.command == "plan":
+        return _run_plan(args)
+    if args.command == "eval":
+        from ..evaluation.commands import EvalSettings, evaluate
+
+        settings = EvalSettings(probe_epochs=args.probe_epochs, probe_lr=args.probe_lr, epochs=args.epochs,
+                                batch_size=args.batch_size)
+        evaluate(args.run_dir, args.data, args.init, args.protocol, settings, progress=not args.no_progress,
+                 own=_own_encoders(args.arch))
+        return 0
+    if args.command == "finetune":
+        from ..evaluation.commands import EvalSettings, finetune_run
+
+        if (args.fraction is None) == (args.subset is None):
+            raise FastByolError("give one of --fraction (0.01 = 1% of the labels) or --subset FILE")
+        settings = EvalSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+        finetune_run(args.run_dir, args.fraction if args.subset is None else args.subset, args.init, args.data,
+                     settings, progress=not args.no_progress, own=_own_encoders(args.arch))
+        return 0
+    if args.command == "export":
+        from ..evaluation.export import export_encoder
+
+        lines = []
+        print(f"encoder: {export_encoder(args.run_dir, args.out, args.which, _own_encoders(args.arch), lines.append)}")
+        print("\n".join(lines))
+        return 0
+    if args.command == "plot":
+        from ..evaluation.export import plot_run
+
+        print(f"curves: {plot_run(args.run_dir, args.out)}")
+        return 0
+    if args.command == "bench":
+        return _run_bench(args)
+    if args.command == "shards":
+        from ..data.shards import run_shards
+
+        return run_shards(args)
+    if args.print_config:
+        if args.resume is not None:
+            raise FastByolError("--print-config prints the settings of a new run; a run's own are in "
+                                f"{args.resume}/config.json")
+        cfg = config_from_args(args)
+        cfg.validate()
+        print(config_yaml(cfg), end="")
+        return 0
+    return _run_train(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line: its result, or one line and exit status 2 for bad input or an OS limit met (a name too
+    long, too many open files, the file-size, process, memory or address-space limit), 130 for Ctrl-C."""
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name is printed back as the bytes it is
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", "") == "strict":
+            stream.reconfigure(errors="surrogateescape")
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "presets":
-            if args.markdown:
-                print(preset_table())
-            else:
-                _print_presets()
-            return 0
-        if args.command == "plan":
-            return _run_plan(args)
-        if args.command == "eval":
-            from ..evaluation.commands import evaluate
-
-            evaluate(args.run_dir, args.data, args.init, args.probe_epochs, args.probe_lr,
-                     progress=not args.no_progress, protocol=args.protocol, epochs=args.epochs,
-                     batch_size=args.batch_size)
-            return 0
-        if args.command == "finetune":
-            from ..evaluation.commands import finetune_run
-
-            finetune_run(args.run_dir, args.fraction, args.subset, args.init, args.data, args.epochs, args.lr,
-                         args.batch_size, progress=not args.no_progress)
-            return 0
-        if args.command == "export":
-            from ..evaluation.export import export_encoder
-
-            lines = []
-            print(f"encoder: {export_encoder(args.run_dir, args.out, args.which, log=lines.append)}")
-            print("\n".join(lines))
-            return 0
-        if args.command == "plot":
-            from ..evaluation.export import plot_run
-
-            print(f"curves: {plot_run(args.run_dir, args.out)}")
-            return 0
-        if args.command == "bench":
-            return _run_bench(args)
-        if args.command == "shards":
-            from ..data.shards import run_shards
-
-            return run_shards(args)
-        if args.command == "train" and args.print_config:
-            if args.resume is not None:
-                raise FastByolError("--print-config prints the settings of a new run; a run's own are in "
-                                    f"{args.resume}/config.json")
-            cfg = config_from_args(args)
-            cfg.validate()
-            print(config_yaml(cfg), end="")
-            return 0
-        if args.command == "train":
-            return _run_train(args)
+        return _dispatch(args)
     except FastByolError as e:
         if args.debug:
             raise
@@ -434,4 +531,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastbyol: interrupted", file=sys.stderr)
         return 130
-    return 0
+    except Exception as e:  # noqa: BLE001 (a lost torchrun peer or an OS limit met: one line; else as it is)
+        from ..system.paths import limit_error
+
+        distributed = sys.modules.get("fastbyol.system.distributed")  # loaded when a process group was made
+        mapped = None if args.debug else (distributed.explain(e) if distributed is not None else None) or \
+            (limit_error(e) if isinstance(e, (OSError, RuntimeError, MemoryError)) else None)
+        if mapped is None:
+            raise
+        print(f"fastbyol: error: {mapped}", file=sys.stderr)
+        return 2

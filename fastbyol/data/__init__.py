@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
-from .dataset import ImageDataset
-from .decode import failed_sample
+from .dataset import MAX_CLASSES, ImageDataset
 from .idx import read_idx
 
-__all__ = ["ImageDataset", "FORMATS", "absolute_data_spec", "detect_format", "failed_sample", "resolve_dataset",
-           "load_embedded", "load_idx_folder"]
+__all__ = ["ImageDataset", "FORMATS", "absolute_data_spec", "detect_format", "resolve_dataset", "load_embedded",
+           "load_idx_folder"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -60,8 +59,9 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, img_path: Path, lbl_path
         raise FastByolError(f"{lbl_path}: {labels.shape[0]} labels for {len(images)} images in {img_path}")
     if len(images) == 0:
         raise FastByolError(f"{img_path}: the file holds no images")
-    if labels.min() < 0 or labels.max() >= 65536:  # the kNN vote indexes classes by label
-        raise FastByolError(f"{lbl_path}: labels must lie in 0..65535, got {int(labels.min())}..{int(labels.max())}")
+    if labels.min() < 0 or labels.max() >= MAX_CLASSES:  # the kNN vote and the probe are sized by the classes
+        raise FastByolError(f"{lbl_path}: labels must lie in 0..{MAX_CLASSES - 1}, got "
+                            f"{int(labels.min())}..{int(labels.max())}")
 
 
 def load_embedded() -> ImageDataset:

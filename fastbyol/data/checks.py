@@ -54,21 +54,24 @@ _DECODABLE_SOF = frozenset({0xC0, 0xC1, 0xC2})
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 MAX_SIDE = 1 << 16  # wider or taller than any decoder here allocates for (libjpeg's own limit is 65500)
 MAX_PROVEN_PIXELS = 1 << 26  # 67 MP (201 MB decoded): larger images are decoded once before training (unproven)
+MAX_IMAGE_BYTES = 1 << 30  # an encoded image file (or tar member) of more than 1 GiB is refused before it is read
 
 Reader = Callable[[int, int], bytes]  # read(offset, n): up to n bytes of the object from offset
 
 
 def _jpeg_problem(read: Reader, size: int, head: bytes, info: dict | None = None) -> str | None:
-    # A window of the file: buf holds bytes [base, base + len(buf)); refilled from `read` when a segment leaves it.
-    buf, base = head, 0
+    # A window of the file: buf holds bytes [base, limit); refilled from `read` when a segment leaves it. This walk
+    # runs once per file of a dataset (1.28M for ImageNet): lengths are kept in locals, not recomputed.
+    buf, base, limit = head, 0, len(head)
     pos, sof = 2, False
     components: set[int] = set()  # component ids of the frame
     tables: set[int] = set()  # Huffman tables defined so far: (class << 4) | id
     sequential = False
     for _ in range(_MAX_SEGMENTS):
-        if pos + 10 > base + len(buf):  # the next marker, its length and a frame header's fields
+        if pos + 10 > limit:  # the next marker, its length and a frame header's fields
             buf, base = read(pos, _HEAD), pos
-            if len(buf) < 4:
+            limit = pos + len(buf)
+            if limit - pos < 4:
                 return "truncated JPEG (header runs past the end)"
         i = pos - base
         if buf[i] != 0xFF:
@@ -80,7 +83,7 @@ def _jpeg_problem(read: Reader, size: int, head: bytes, info: dict | None = None
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
             pos += 2
             continue
-        if marker in (0x00, 0xD8, 0xD9):
+        if marker == 0x00 or marker == 0xD8 or marker == 0xD9:
             return f"corrupt JPEG (marker FF {marker:02X} at byte {pos} before the image data)"
         length = (buf[i + 2] << 8) | buf[i + 3]
         end = pos + 2 + length
@@ -88,71 +91,105 @@ def _jpeg_problem(read: Reader, size: int, head: bytes, info: dict | None = None
             return f"corrupt JPEG (segment FF {marker:02X} at byte {pos} has length {length})"
         if end > size:
             return f"truncated JPEG (segment FF {marker:02X} at byte {pos} runs past the end)"
-        if marker in _PARSED and end > base + len(buf):  # the whole segment in the window
+        if marker not in _PARSED and marker != 0xDA:
+            pos = end  # APPn, COM, DRI, ...: skipped by their length
+            continue
+        if end > limit:  # the whole segment in the window
             buf, base = read(pos, max(_HEAD, end - pos)), pos
-            i = 0
-            if len(buf) < end - pos:
+            limit, i = pos + len(buf), 0
+            if limit < end:
                 return f"truncated JPEG (segment FF {marker:02X} at byte {pos} runs past the end)"
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return _jpeg_scan(read, size, head, (buf, i, pos, end, length), (sof, sequential, components, tables),
+                              info)
         if marker == 0xC4:  # DHT: tables of 1 + 16 + sum(counts) bytes that exactly fill the segment
-            j, stop = i + 4, i + 2 + length
-            while j < stop:
-                total = sum(buf[j + 1:j + 17])
-                if buf[j] & 0xEC or total > 256 or j + 17 + total > stop:
-                    return f"corrupt JPEG (Huffman table at byte {base + j})"
-                tables.add(buf[j])
-                j += 17 + total
+            body = buf[i + 4:i + 2 + length]
+            ids = _HUFFMAN_SEEN.get(body)  # most encoders write the same standard tables into every file
+            if ids is None:
+                ids = _huffman_tables(body)
+                if isinstance(ids, int):
+                    return f"corrupt JPEG (Huffman table at byte {pos + 4 + ids})"
+                if len(_HUFFMAN_SEEN) >= 4096:
+                    _HUFFMAN_SEEN.clear()
+                _HUFFMAN_SEEN[body] = ids
+            tables.update(ids)
         elif marker == 0xDB:  # DQT: tables of 65 (8-bit) or 129 (16-bit) bytes that exactly fill the segment
             j, stop = i + 4, i + 2 + length
             while j < stop:
-                if buf[j] >> 4 > 1 or buf[j] & 0x0C:  # precision 0 or 1, table id 0..3
+                t = buf[j]
+                if t > 0x1F or t & 0x0C:  # precision 0 or 1, table id 0..3
                     break
-                j += 129 if buf[j] >> 4 else 65
+                j += 129 if t >> 4 else 65
             if j != stop:
                 return f"corrupt JPEG (quantization table at byte {pos})"
-        elif marker in _SOF:
+        else:  # a frame header (SOF)
             if marker not in _DECODABLE_SOF:
                 return f"unsupported JPEG (frame type FF {marker:02X}: only baseline, extended and progressive " \
                        "Huffman-coded JPEGs are read)"
             if sof:
                 return "corrupt JPEG (a second frame header)"
+            if length < 8:  # its fields would be read past the segment (and past the file's end)
+                return f"corrupt JPEG (frame header at byte {pos} has length {length})"
             precision, height, width, ncomp = struct.unpack_from(">BHHB", buf, i + 4)
             if precision != 8 or ncomp not in (1, 3):
                 return f"unsupported JPEG (frame header: {ncomp} components, {precision} bits; only 8-bit grey " \
                        "or colour is read)"
-            if height > MAX_SIDE or height == 0 or width == 0 or not 1 <= ncomp <= 4 \
-                    or length != 8 + 3 * ncomp:
+            if height > MAX_SIDE or height == 0 or width == 0 or length != 8 + 3 * ncomp:
                 return f"corrupt JPEG (frame header: {width}x{height}, {ncomp} components, {precision} bits)"
-            for c in range(ncomp):  # sampling factors 1..4 each
-                hv = buf[i + 11 + 3 * c]
-                if not (1 <= hv >> 4 <= 4 and 1 <= hv & 15 <= 4):
+            for k in range(i + 10, i + 10 + 3 * ncomp, 3):  # sampling factors 1..4 each
+                hv = buf[k + 1]
+                if not (0x11 <= hv <= 0x44 and 1 <= hv & 15 <= 4):
                     return "corrupt JPEG (frame header: bad sampling factors)"
-                components.add(buf[i + 10 + 3 * c])
-            sof, sequential = True, marker in (0xC0, 0xC1)
+                components.add(buf[k])
+            sof, sequential = True, marker != 0xC2
             if info is not None:
                 info["gray"] = ncomp == 1  # decoded as RGB, one channel gives R = G = B
                 if width * height > MAX_PROVEN_PIXELS:
                     info["unproven"] = f"{width}x{height} pixels"
-        elif marker == 0xDA:  # start of scan: entropy-coded data follows
-            ns = buf[i + 4] if len(buf) > i + 4 else 0
-            if not sof:
-                return "corrupt JPEG (image data before any frame header)"
-            if not 1 <= ns <= 4 or length != 6 + 2 * ns:
-                return f"corrupt JPEG (scan header at byte {pos})"
-            for c in range(ns):  # each scan component is a frame component with defined tables
-                cid, sel = buf[i + 5 + 2 * c], buf[i + 6 + 2 * c]
-                if cid not in components:
-                    return f"corrupt JPEG (scan names component {cid}, which the frame does not have)"
-                if tables and ((sel >> 4) not in tables or sequential and (0x10 | sel & 15) not in tables):
-                    return f"corrupt JPEG (scan uses Huffman table {sel:02X}, which is not defined)"
-            if end >= size - 2:
-                return "truncated JPEG (no image data)"
-            if not tables and info is not None:
-                info.setdefault("unproven", "no Huffman tables (the decoder's defaults)")
-            start = max(end, size - _TAIL)
-            tail = head[start:] if size <= len(head) else read(start, size - start)
-            return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
         pos = end
     return "corrupt JPEG (too many header segments)"
+
+
+_HUFFMAN_SEEN: dict[bytes, tuple[int, ...]] = {}  # DHT bodies already parsed -> their table ids (at most 4,096)
+
+
+def _huffman_tables(body: bytes) -> tuple[int, ...] | int:
+    """The table ids ((class << 4) | id) of a DHT segment's body, tables of 1 + 16 + sum(counts) bytes that exactly
+    fill it; or the offset in the body of the first table that is not one."""
+    ids, j, stop = [], 0, len(body)
+    while j < stop:
+        total = sum(body[j + 1:j + 17])
+        if body[j] & 0xEC or total > 256 or j + 17 + total > stop:
+            return j
+        ids.append(body[j])
+        j += 17 + total
+    return tuple(ids)
+
+
+def _jpeg_scan(read: Reader, size: int, head: bytes, segment: tuple, frame: tuple, info: dict | None) -> str | None:
+    """The start-of-scan segment and what follows it: its components and Huffman tables must be the frame's, image
+    data must follow, and the end-of-image marker lie in the last KB. segment: (buf, i, pos, end, length), the
+    segment at buf[i], byte `pos` of the file; frame: (sof seen, sequential, component ids, Huffman table ids)."""
+    buf, i, pos, end, length = segment
+    sof, sequential, components, tables = frame
+    ns = buf[i + 4] if len(buf) > i + 4 else 0
+    if not sof:
+        return "corrupt JPEG (image data before any frame header)"
+    if not 1 <= ns <= 4 or length != 6 + 2 * ns:
+        return f"corrupt JPEG (scan header at byte {pos})"
+    for k in range(i + 5, i + 5 + 2 * ns, 2):  # each scan component is a frame component with defined tables
+        cid, sel = buf[k], buf[k + 1]
+        if cid not in components:
+            return f"corrupt JPEG (scan names component {cid}, which the frame does not have)"
+        if tables and ((sel >> 4) not in tables or sequential and (0x10 | sel & 15) not in tables):
+            return f"corrupt JPEG (scan uses Huffman table {sel:02X}, which is not defined)"
+    if end >= size - 2:
+        return "truncated JPEG (no image data)"
+    if not tables and info is not None:
+        info.setdefault("unproven", "no Huffman tables (the decoder's defaults)")
+    start = max(end, size - _TAIL)
+    tail = head[start:] if size <= len(head) else read(start, size - start)
+    return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
 
 
 def _png_problem(data: bytes, info: dict | None = None) -> str | None:
@@ -197,6 +234,8 @@ def check_encoded(read: Reader, size: int, suffix: str = "", info: dict | None =
     passes but that the headers cannot prove safe, "unproven" (why; see the module's docstring)."""
     if size < 16:
         return f"{size} bytes: too short to be an image"
+    if size > MAX_IMAGE_BYTES:  # read whole by the PNG check, the kNN decode and DALI
+        return f"{size} bytes: larger than any image fastbyol reads (at most {MAX_IMAGE_BYTES})"
     head = read(0, min(size, _HEAD))
     if head[:3] == b"\xff\xd8\xff":
         return _jpeg_problem(read, size, head, info)
@@ -221,14 +260,20 @@ def check_fd(fd: int, size: int, suffix: str = "", base: int = 0, info: dict | N
 def open_regular(path, dir_fd: int | None = None) -> int:
     """An fd of `path` opened for reading without blocking (a FIFO or a device never stalls the checks), after
     which fstat says it is a regular file; NotRegularFile (an OSError, strerror "not a regular file") otherwise."""
+    return open_regular_stat(path, dir_fd)[0]
+
+
+def open_regular_stat(path, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+    """open_regular's fd and the fstat it took (its size, times and inode: the file's identity when opened)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0), dir_fd=dir_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(0, "not a regular file")
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st
 
 
 def range_reader(path: str, offset: int, size: int) -> Callable[[], bytes]:

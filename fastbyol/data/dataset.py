@@ -23,6 +23,11 @@ import numpy as np
 
 from ..errors import FastByolError
 
+# Class labels read from any file lie in 0..MAX_CLASSES - 1: the online probe's head and the kNN vote are sized by
+# the class count (a label of 10^12 in a shard once asked for a 512 TB head). 65,536 holds every public dataset's
+# classes but the largest landmark sets; each reader names the file (and member) of a label beyond it.
+MAX_CLASSES = 1 << 16
+
 
 @runtime_checkable
 class EncodedSource(Protocol):
@@ -72,7 +77,10 @@ class ImageDataset:
         self.name = name
         self._train_images, self._train_labels = train_images, train_labels
         self._test_images, self._test_labels = test_images, test_labels
-        self.num_classes = num_classes
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+                or not 0 <= num_classes <= MAX_CLASSES:  # each reader names the file first; this is the last guard
+            raise FastByolError(f"{origin}: {num_classes} classes, more than fastbyol takes (at most {MAX_CLASSES})")
+        self.num_classes = int(num_classes)
         self.origin = origin  # where it was read from, for the logs
         self.pretrain_images = pretrain_images  # when pretraining uses more than the labeled split (STL10)
         self.pretrain_files = pretrain_files  # an encoded source the training pipeline decodes
@@ -138,7 +146,7 @@ class ImageDataset:
     @property
     def skipped_files(self) -> int:
         extra = len(self._eval.result()[4]) if self._eval is not None and self._eval.ready() and \
-            self._eval._error is None else 0
+            not self._eval.failed else 0
         return self._skipped + extra
 
     @property

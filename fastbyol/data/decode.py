@@ -41,7 +41,8 @@ def _pipeline(size: int, batch_size: int, num_threads: int, feed):
 
     pipe = eval_pipe(batch_size=batch_size, num_threads=num_threads, device_id=None, seed=0,
                      prefetch_queue_depth=1, exec_pipelined=False, exec_async=False)
-    pipe.build()
+    with native_stderr():  # native notes while it builds (optional codec extensions that cannot load): dropped
+        pipe.build()
     return pipe
 
 
@@ -294,7 +295,8 @@ def batch_culprit(source, checkpoint: bytes, shard_id: int, num_shards: int, bat
     def build(cpt):
         pipe = pipeline_def(graph)(batch_size=batch_size, num_threads=1, device_id=None, seed=0,
                                    enable_checkpointing=True, exec_dynamic=True, checkpoint=cpt)
-        pipe.build()
+        with native_stderr():
+            pipe.build()
         return pipe
 
     try:

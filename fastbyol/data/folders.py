@@ -29,9 +29,9 @@ import numpy as np
 
 from ..errors import FastByolError
 from . import manifest as mf
-from .checks import IMAGE_SUFFIXES, check_image_file  # noqa: F401  (check_image_file: public here too)
-from .decode import BackgroundDecode, decode_encoded, decode_files, decode_splits, file_item  # noqa: F401
-from .synthetic import synthetic_folder, write_synthetic_jpegs  # noqa: F401  (their old home)
+from .cache import own_file
+from .checks import IMAGE_SUFFIXES
+from .decode import BackgroundDecode, decode_splits, file_item
 
 
 class FileList:
@@ -88,7 +88,7 @@ class FileList:
                                                               None if self.labels is None else self.labels.copy())
             if not set(new) <= set(original[0]):
                 return False
-            pick = _substitutes([f in bad for f in original[0]])
+            pick = stand_ins([f in bad for f in original[0]])
             if pick is None:
                 return False
             self._original = original
@@ -117,12 +117,12 @@ class FileList:
             present = {ln.rsplit(b" ", 1)[0] for ln in f} & {self._relative(n) for n in new}
         if len(present) != len(new):
             return False
-        pick = _substitutes(flags)
+        pick = stand_ins(flags)
         if pick is None:
             return False
         own = getattr(self, "_own_list", None)
         if own is None:
-            own = self._own_list = _own_file(self, ".list")
+            own = self._own_list = own_file(self, ".list")
         with open(self.source_list, "rb") as f:
             lines = f.readlines() if len(pick) <= 65536 else None
         if lines is None:  # large lists: the lines that stand in, then one streaming pass
@@ -167,13 +167,13 @@ class FileList:
         return fn.cast(raw, dtype=types.INT64)
 
 
-UNDECODABLE = "undecodable.json"  # beside the manifest: files DALI could not decode ([relpath, size, mtime_ns])
+UNDECODABLE = "undecodable.json"  # beside the manifest: files DALI could not decode ([relpath, *cache.identity])
 
 
 def _record_undecodable(location: Path, root: str, names: list[str]) -> None:
     """Add files that passed the checks but that DALI could not decode to location/undecodable.json (under its
     lock, whole or untouched), so the next run knows them before it starts (load_image_folder)."""
-    from .cache import atomic_write_bytes, file_lock
+    from .cache import atomic_write_bytes, file_lock, identity
 
     try:
         with file_lock(location / "undecodable.lock"):
@@ -183,8 +183,7 @@ def _record_undecodable(location: Path, root: str, names: list[str]) -> None:
                 rel = os.path.relpath(name, root)
                 if rel in known:
                     continue
-                st = os.stat(os.path.join(root, rel))
-                entries.append([rel, st.st_size, st.st_mtime_ns])
+                entries.append([rel, *identity(os.stat(os.path.join(root, rel)))])
             atomic_write_bytes(location / UNDECODABLE, json.dumps(entries).encode())
     except OSError:
         pass  # a read-only manifest folder: this run still replaces them; the next one finds them again
@@ -193,50 +192,31 @@ def _record_undecodable(location: Path, root: str, names: list[str]) -> None:
 def _read_undecodable(location: Path) -> list[list]:
     try:
         entries = json.loads((location / UNDECODABLE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return []
-    return [e for e in entries if isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)] \
-        if isinstance(entries, list) else []
+    return [e for e in entries if isinstance(e, list) and len(e) == 5 and isinstance(e[0], str)
+            and all(isinstance(x, int) for x in e[1:])] if isinstance(entries, list) else []
 
 
 def known_undecodable(location: Path, root: Path) -> list[str]:
-    """Relative paths recorded in undecodable.json whose file is unchanged since (size and mtime)."""
+    """Relative paths recorded in undecodable.json whose file is unchanged since (cache.identity), of files inside
+    `root` (a record naming another path is ignored)."""
+    from .cache import identity
+
     out = []
-    for rel, size, mtime in _read_undecodable(location):
+    for rel, *recorded in _read_undecodable(location):
+        if os.path.isabs(rel) or ".." in rel.split("/"):
+            continue
         try:
             st = os.stat(root / rel)
         except OSError:
             continue
-        if st.st_size == size and st.st_mtime_ns == mtime:
+        if list(identity(st)) == recorded:
             out.append(rel)
     return out
 
 
-def _own_file(owner, suffix: str) -> str:
-    """A new private file in CACHE/lists for `owner`'s own list or index, removed when the owner goes or the process
-    exits (a killed process's: by the next process that makes one)."""
-    import tempfile
-    import weakref
-
-    from .cache import TMP_MARK, cache_root, remove_stale_tmp
-
-    folder = cache_root() / "lists"
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(folder)  # files of processes that are gone
-    fd, own = tempfile.mkstemp(prefix="own-", suffix=f"{suffix}{TMP_MARK}{os.getpid()}", dir=folder)
-    os.close(fd)
-    weakref.finalize(owner, _unlink, own)
-    return own
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _substitutes(bad: list[bool]) -> list[int] | None:
+def stand_ins(bad: list[bool]) -> list[int] | None:
     """For each position, the position read there: itself when good, else the nearest earlier good one (the first
     good one for bad positions before it); None when none is good."""
     good = [i for i, b in enumerate(bad) if not b]
@@ -358,8 +338,9 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
         if test_idx is not None:
             test_idx = np.asarray([i for i in test_idx.tolist() if str(root / man.path(i)) not in undecodable_names],
                                   np.int64)
-    train_items = [file_item(str(root / man.path(int(i)))) for i in train_idx]
-    test_items = None if test_idx is None else [file_item(str(root / man.path(int(i)))) for i in test_idx]
+    root_s = str(root)  # os.path.join, not pathlib: 20,000 paths at every start
+    train_items = [file_item(os.path.join(root_s, man.path(i))) for i in train_idx.tolist()]
+    test_items = None if test_idx is None else [file_item(os.path.join(root_s, man.path(i))) for i in test_idx.tolist()]
     train_y = man.labels[train_idx].astype(np.int64) if labeled else None
     test_y = None if test_idx is None else man.labels[test_idx].astype(np.int64)
     if test_data:  # the test split from a folder of its own

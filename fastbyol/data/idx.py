@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,30 +19,40 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
            0x0E: np.dtype(">f8")}
 
 
+def _read_header(f, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    magic = f.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _DTYPES:
+        raise FastByolError(f"not an idx file (bad magic number): {path}")
+    ndim = magic[3]
+    dims = f.read(4 * ndim)
+    if ndim == 0 or len(dims) < 4 * ndim:
+        raise FastByolError(f"truncated idx header in {path}")
+    return np.dtype(_DTYPES[magic[2]]), struct.unpack(f">{ndim}I", dims)
+
+
 def read_idx(path: str | Path) -> np.ndarray:
-    """The array stored in one idx file; `.gz` files are decompressed."""
+    """The array stored in one idx file; `.gz` files are decompressed. What the header declares is bounded before it
+    is read: a plain file must hold exactly that many bytes, and a .gz (which may expand to any size) may declare no
+    more than half of the machine's memory and must then hold exactly that."""
+    from ..system.bounds import host_memory_bytes
+
     path = Path(path)
     if not path.is_file():
         raise FastByolError(f"idx file not found: {path}")
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (OSError, EOFError) as e:  # gzip raises BadGzipFile (an OSError) or EOFError when truncated
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            dtype, shape = _read_header(f, path)
+            expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            stored = None if path.suffix == ".gz" else path.stat().st_size - 4 - 4 * len(shape)
+            if stored is not None and stored != expected:
+                raise FastByolError(f"idx file {path} holds {stored} data bytes but its header {shape} says {expected}")
+            if expected > host_memory_bytes() // 2:
+                raise FastByolError(f"idx file {path}: its header {shape} declares {expected} bytes, more than half "
+                                    "of this machine's memory")
+            raw = f.read(expected + 1)  # one byte more: a file longer than its header says is refused
+    except (OSError, EOFError, zlib.error) as e:  # gzip: BadGzipFile (an OSError), EOFError when truncated
         raise FastByolError(f"cannot read idx file {path}: {e}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise FastByolError(f"not an idx file (bad magic number): {path}")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise FastByolError(f"truncated idx header in {path}")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_DTYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise FastByolError(
-            f"idx file {path} holds {len(raw) - header} data bytes but its header {shape} says {expected}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    if len(raw) != expected:
+        held = len(raw) if len(raw) <= expected else f"more than {expected}"
+        raise FastByolError(f"idx file {path} holds {held} data bytes but its header {shape} says {expected}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
+from .dataset import MAX_CLASSES
 
 STL10_SIDE = 96
 STL10_BYTES = 3 * STL10_SIDE * STL10_SIDE
@@ -50,8 +51,9 @@ def _check_labels(labels, n: int, where: str) -> np.ndarray:
         raise FastByolError(f"{where}: labels are not an array of integers ({e})") from None
     if labels.ndim != 1 or len(labels) != n or not np.issubdtype(labels.dtype, np.integer):
         raise FastByolError(f"{where}: expected {n} integer labels, got {labels.dtype} {labels.shape}")
-    if labels.min() < 0:
-        raise FastByolError(f"{where}: labels must be >= 0")
+    if len(labels) and (labels.min() < 0 or labels.max() >= MAX_CLASSES):
+        raise FastByolError(f"{where}: labels must lie in 0..{MAX_CLASSES - 1} (the classes fastbyol takes), got "
+                            f"{labels.min()}..{labels.max()}")
     return labels.astype(np.int64)
 
 
@@ -188,9 +190,31 @@ def load_cifar(folder: Path):
 
 
 # ------------------------------------------------------------------------------------------------------------ numpy
+def _npz_member_bytes(obj, key: str, path: Path) -> None:
+    """Bound a member before numpy reads it: numpy allocates what the member's header declares before it reads the
+    data, and a compressed member may expand to any size. The declared array must fit in the member's uncompressed
+    size (the zip's own record, which zipfile enforces), and that in the machine's memory."""
+    from ..system.bounds import host_memory_bytes
+
+    try:
+        size = obj.zip.getinfo(f"{key}.npy").file_size
+        with obj.zip.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = header(f)  # the header only (no pickle)
+    except Exception:  # noqa: BLE001 (a damaged member or header: numpy's reader names it just after)
+        return
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > size:
+        raise FastByolError(f"{path}: member {key!r} declares {shape} {dtype} ({declared} bytes) but holds {size}")
+    if size > host_memory_bytes() // 2:
+        raise FastByolError(f"{path}: member {key!r} expands to {size} bytes, more than half of this machine's memory")
+
+
 def _npz_member(obj, key: str, path: Path) -> np.ndarray:
     """One member of an .npz, read now (np.load reads members lazily: a broken or object-dtype member would raise
-    outside any check), as a numeric array."""
+    outside any check), as a numeric array, its size bounded first (_npz_member_bytes)."""
+    _npz_member_bytes(obj, key, path)
     try:
         arr = obj[key]
     except Exception as e:  # object dtype (pickles refused), a damaged zip member, a bad header

@@ -11,7 +11,7 @@ pretrains), or one .tar file. Shards named train-* get the kNN queries from the 
 Index, built once per shard (like the manifest of a folder; rank 0 under a lock, or before the barrier): the
 member headers are walked (tar header checksums verified), each sample's image checked structurally (checks.py:
 head and tail reads inside the tar, no decode) and its `cls` parsed; the result is DALI's index file (v1.2,
-listing only the good samples, so DALI never reads a bad one) plus `<shard>.meta.npz` (the shard's size and mtime,
+listing only the good samples, so DALI never reads a bad one) plus `<shard>.meta.npz` (the shard's identity,
 its bad samples with the reason, and per sample the label, whether the image has one grey channel, and the
 image's offset and size, which the kNN decode reads directly). An image the check passes but cannot prove safe
 (checks.py's "unproven": over checks.MAX_PROVEN_PIXELS, or a JPEG on the decoder's default Huffman tables) is
@@ -19,10 +19,11 @@ decoded once while the index is built, in a child process, its bytes read at its
 the image folders' manifest): one DALI refuses, that decodes with a native warning, or that crashes the decoder is a
 bad sample like any other, so the index (and its cache) holds the result and an unchanged shard is never decoded
 again; shards whose images are all proven start no child. Both files live in DIR/.fastbyol/shards/ when DIR is
-this user's and writable (cache.ours_to_write), else in the cache folder (cache.py), and are rebuilt when the
-shard's size or mtime changes or the meta file fails its CRC. Bad input (a missing shard, a brace pattern matching
-nothing, a truncated tar, a sample without an image, an image that fails the check) is one FastByolError naming the
-shard and sample; with --skip-bad-files a bad sample is left out of the index and counted (a truncated tar keeps its
+this user's, else in the cache folder (cache.py), and are rebuilt when the shard's identity (cache.identity: size,
+mtime, inode, ctime; a shard rewritten with its size and mtime kept changes its ctime) changes or the meta
+file fails its CRC. Bad input (a missing shard, a brace pattern matching nothing,
+a truncated tar, a sample without an image, an image that fails the check) is one FastByolError naming the shard
+and sample; with --skip-bad-files a bad sample is left out of the index and counted (a truncated tar keeps its
 whole samples).
 
 Reading (`ShardSource.dali_reader`): every rank opens the shards with the same indexes and reads its own
@@ -51,34 +52,66 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
-from .cache import (TMP_MARK, cache_root, file_lock, load_npz_checked, ours_to_write, path_key, remove_stale_tmp,
-                    save_npz_checked, tmp_name, writable_dir)
+from ..run.disk import FolderLock
+from ..run.outputs import refuse_inside_run
+from ..system.children import child_command, child_env, ctrl_c_interrupts, stopped_by_signal
+from ..system.paths import fit_name
+from .cache import (TMP_MARK, cache_root, file_lock, identity, load_npz_checked, own_cache_inside, path_key,
+                    remove_stale_tmp, save_npz_checked, tmp_name, writable_dir)
 from .checks import check_fd, open_regular, range_reader
 
-META_VERSION = 3  # 3: members the header check leaves unproven are decoded before they are indexed
+META_VERSION = 4  # 3: unproven members decoded before they are indexed; 4: the shard's identity (inode, ctime)
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 BAD_HINT = "(--skip-bad-files leaves such samples out and counts them)"
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
 # ------------------------------------------------------------------------------------------------ --data forms
-def expand_braces(pattern: str) -> list[str]:
-    """'a-{000..002}.tar' -> ['a-000.tar', 'a-001.tar', 'a-002.tar']; '{x,y}' lists; several braces multiply."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
-    if ".." in body:
-        lo, _, hi = body.partition("..")
-        if not (lo.isdigit() and hi.isdigit()):
-            raise FastByolError(f"--data {pattern}: {{{body}}} is not a numeric range like {{000000..000146}}")
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        items = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
-        if not items:
-            raise FastByolError(f"--data {pattern}: the range {{{body}}} is empty")
-    else:
-        items = body.split(",")
-    return [s for item in items for s in expand_braces(head + item + tail)]
+MAX_SHARDS = 100_000  # names a brace pattern may expand to (LAION-400M is 41,455 shards of 10,000 samples)
+MAX_BRACES = 16  # brace groups in one pattern
+_DIGITS = re.compile(r"[0-9]{1,18}")  # a range bound: ASCII digits (str.isdigit also takes '²'), below 2**63
+
+
+def _brace_items(pattern: str, body: str) -> list[str] | range:
+    """The items of one brace group: a zero-padded numeric range {a..b} (as a range of ints) or a list {x,y}."""
+    if ".." not in body:
+        return body.split(",")
+    lo, _, hi = body.partition("..")
+    if not (_DIGITS.fullmatch(lo) and _DIGITS.fullmatch(hi)):
+        raise FastByolError(f"--data {pattern}: {{{body[:40]}}} is not a numeric range like {{000000..000146}}")
+    if int(hi) < int(lo):
+        raise FastByolError(f"--data {pattern}: the range {{{body}}} is empty")
+    if int(hi) - int(lo) + 1 > MAX_SHARDS:
+        raise FastByolError(f"--data {pattern}: {{{body}}} names {int(hi) - int(lo) + 1} shards, more than "
+                            f"fastbyol reads (at most {MAX_SHARDS})")
+    return range(int(lo), int(hi) + 1)
+
+
+def expand_braces(pattern: str, limit: int = MAX_SHARDS) -> list[str]:
+    """'a-{000..002}.tar' -> ['a-000.tar', 'a-001.tar', 'a-002.tar']; '{x,y}' lists; several braces multiply. More than
+    `limit` names is one line (counted as they are made: a pattern that multiplies to 10^8 stops at limit + 1)."""
+    out: list[str] = []
+
+    def expand(text: str, depth: int = 0) -> None:
+        if depth > MAX_BRACES:
+            raise FastByolError(f"--data {pattern[:200]}: more than {MAX_BRACES} brace groups")
+        m = _BRACE.search(text)
+        if m is None:
+            out.append(text)
+            if len(out) > limit:
+                raise FastByolError(f"--data {pattern}: the pattern names more than {limit} shards (at most {limit})")
+            return
+        body, head, tail = m.group(1), text[:m.start()], text[m.end():]
+        items = _brace_items(pattern, body)
+        if isinstance(items, range):
+            lo, hi = body.partition("..")[::2]
+            width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+            items = (f"{i:0{width}d}" for i in items)
+        for item in items:
+            expand(head + item + tail, depth + 1)
+
+    expand(pattern)
+    return out
 
 
 def is_shard_spec(spec: str) -> bool:
@@ -116,10 +149,17 @@ def shard_paths(spec: str) -> tuple[list[Path], list[Path]]:
 
 
 # ------------------------------------------------------------------------------------------------ the tar index
-def _octal(field: bytes) -> int:
+MAX_NAME_RECORD = 1 << 16  # bytes of a GNU long-name (L) or pax (x) record: names are at most 4 KB on Linux
+
+
+def _octal(field: bytes) -> int | None:
+    """A tar header's number: octal digits (space or NUL padded), or GNU base-256; None when it is neither (a
+    damaged header: never an exception from int())."""
     if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     digits = field.strip(b"\0 ")
+    if digits and not re.fullmatch(rb"[0-7]+", digits):
+        return None
     return int(digits, 8) if digits else 0
 
 
@@ -141,7 +181,11 @@ def tar_members(fd: int, size: int, where: str) -> tuple[list[tuple[str, int, in
         if stored != sum(h[:148]) + 256 + sum(h[156:]):
             return out, f"corrupt tar (bad header checksum at byte {pos})"
         msize = _octal(h[124:136])
+        if msize is None:
+            return out, f"corrupt tar (the size field of the header at byte {pos} is not a number)"
         kind = h[156:157]
+        if kind in (b"L", b"x") and msize > MAX_NAME_RECORD:
+            return out, f"corrupt tar (a {msize}-byte name record at byte {pos}; names are at most {MAX_NAME_RECORD})"
         data = pos + 512
         if data + msize > size:
             name = (long_name or h[:100].split(b"\0", 1)[0]).decode("utf-8", "surrogateescape")
@@ -161,6 +205,26 @@ def tar_members(fd: int, size: int, where: str) -> tuple[list[tuple[str, int, in
         pos = data + (msize + 511) // 512 * 512
 
 
+CLS_BYTES = 32  # a `cls` member's size at most
+CLS_DIGITS = 12  # parse_cls (the DALI graph) reads the first 12 bytes
+_CLS = re.compile(rb"([0-9]{1,%d})[ \t\r\n]*" % CLS_DIGITS)  # what parse_cls and int() read alike
+
+
+def parse_cls_bytes(data: bytes, size: int) -> tuple[int, str | None]:
+    """(label, None) of a `cls` member's bytes, or (-1, why not): 1 to 12 ASCII digits, then only ASCII whitespace
+    (WebDataset writes "7" or "7\n"), at most CLS_BYTES in all: exactly the forms on which the DALI graph's parse_cls
+    and this index agree; and a label below dataset.MAX_CLASSES (the probe and the kNN vote are sized by it)."""
+    from .dataset import MAX_CLASSES
+
+    m = _CLS.fullmatch(data) if size <= CLS_BYTES else None
+    if m is None:
+        return -1, f"not a class index ({data[:16]!r}{'...' if size > 16 else ''}: 1 to {CLS_DIGITS} ASCII digits)"
+    label = int(m.group(1))
+    if label >= MAX_CLASSES:
+        return -1, f"class index {label} is out of range (fastbyol takes 0..{MAX_CLASSES - 1})"
+    return label, None
+
+
 def _split_name(name: str) -> tuple[str, str]:
     """(key, extension) as DALI's webdataset reader groups members: up to the first dot of the base name."""
     dot = name.find(".", name.rfind("/") + 1)
@@ -168,8 +232,8 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def index_shard(path: Path) -> dict:
-    """Walk and check one shard: {"size", "mtime_ns", "samples": [(key, ext, off, size, label, cls_off,
-    cls_size, name, cls_name, gray)], "bad": [[key, reason]], "problem": shard-level problem or None, "unproven":
+    """Walk and check one shard: {"identity" (cache.identity of the shard when it was opened), "samples": [(key, ext,
+    off, size, label, cls_off, cls_size, name, cls_name, gray)], "bad": [[key, reason]], "problem": shard-level problem or None, "unproven":
     [(index into samples, why the header check leaves the image unproven)]}."""
     fd = open_regular(path)
     try:
@@ -205,17 +269,17 @@ def index_shard(path: Path) -> dict:
             label, cls_off, cls_size = -1, -1, -1
             if "cls" in comps:
                 _, cls_off, cls_size, cls_name = comps["cls"]
-                text = os.pread(fd, min(cls_size, 32), cls_off).strip()
-                if not text.isdigit() or cls_size > 32 or any(c.isspace() for c in cls_name):
-                    bad.append([key, f"{cls_name}: not a class index ({text[:16]!r})"])
+                label, why = parse_cls_bytes(os.pread(fd, min(cls_size, CLS_BYTES + 1), cls_off), cls_size)
+                if why is None and any(c.isspace() for c in cls_name):
+                    why = "its member name holds whitespace (DALI's index cannot list it)"
+                if why is not None:
+                    bad.append([key, f"{cls_name}: {why}"])
                     continue
-                label = int(text)
             if "unproven" in info:
                 unproven.append((len(samples), info["unproven"]))
             samples.append((key, image[0], image[1], image[2], label, cls_off, cls_size, image[3],
                             comps["cls"][3] if "cls" in comps else "", info.get("gray", False)))
-        return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, samples=samples, bad=bad, problem=problem,
-                    unproven=unproven)
+        return dict(identity=list(identity(st)), samples=samples, bad=bad, problem=problem, unproven=unproven)
     finally:
         os.close(fd)
 
@@ -279,35 +343,59 @@ def build_shard_metas(shards: list[Path], folder: Path, threads: int = 1) -> Non
 def _write_meta(shard: Path, folder: Path, info: dict) -> None:
     samples = info["samples"]
     idx_bytes = _index_text(samples, with_cls=True)
-    _write_atomic(folder / f"{shard.name}.idx", idx_bytes)
-    header = dict(version=META_VERSION, shard=str(shard), size=info["size"], mtime_ns=info["mtime_ns"],
-                  n=len(samples), bad=info["bad"], problem=info["problem"], idx_size=len(idx_bytes))
-    save_npz_checked(folder / f"{shard.name}.meta.npz", dict(
+    _write_atomic(folder / index_name(shard, ".idx"), idx_bytes)
+    header = dict(version=META_VERSION, shard=str(shard), identity=info["identity"], n=len(samples), bad=info["bad"],
+                  problem=info["problem"], idx_size=len(idx_bytes))
+    save_npz_checked(folder / index_name(shard, ".meta.npz"), dict(
         header=np.frombuffer(json.dumps(header).encode(), np.uint8), labels=np.array([s[4] for s in samples], np.int64),
         img_off=np.array([s[2] for s in samples], np.int64), img_size=np.array([s[3] for s in samples], np.int64),
         gray=np.array([s[9] for s in samples], np.uint8)))
 
 
+def index_name(shard: Path, suffix: str) -> str:
+    """The name of a shard's index file (`suffix` .idx or .meta.npz) in the index folder: its name and a digest of
+    its resolved path (two shards of one name in two folders never share an index), within NAME_MAX."""
+    return fit_name(shard.name, f"-{path_key(shard.resolve())[:8]}{suffix}")
+
+
 def _load_meta(shard: Path, folder: Path) -> dict | None:
-    """The shard's cached index, or None when missing, damaged or stale (size, mtime, index file)."""
+    """The shard's cached index, or None when missing, damaged, stale (the shard's identity: size, mtime, inode,
+    ctime; the index file's size) or holding numbers the shard cannot (a label beyond MAX_CLASSES, a member past its
+    end): a cache is rebuilt, never trusted beyond what it can be checked against."""
+    from .dataset import MAX_CLASSES
+
     try:
-        z = load_npz_checked(folder / f"{shard.name}.meta.npz")
+        z = load_npz_checked(folder / index_name(shard, ".meta.npz"))
         header = json.loads(z["header"].tobytes())
         meta = dict(header, labels=z["labels"], img_off=z["img_off"], img_size=z["img_size"], gray=z["gray"])
         st = shard.stat()
-        if (header["version"] != META_VERSION or header["shard"] != str(shard) or header["size"] != st.st_size
-                or header["mtime_ns"] != st.st_mtime_ns or len(meta["labels"]) != header["n"]
-                or (folder / f"{shard.name}.idx").stat().st_size != header["idx_size"]):
+        n = header["n"]
+        if (header["version"] != META_VERSION or header["shard"] != str(shard)
+                or header["identity"] != list(identity(st))
+                or (folder / index_name(shard, ".idx")).stat().st_size != header["idx_size"]):
+            return None
+        arrays = [meta["labels"], meta["img_off"], meta["img_size"], meta["gray"]]
+        if not isinstance(n, int) or any(a.ndim != 1 or len(a) != n for a in arrays) or any(
+                a.dtype.kind not in "iu" for a in arrays):
+            return None
+        if n and not (meta["labels"].min() >= -1 and meta["labels"].max() < MAX_CLASSES
+                      and meta["img_off"].min() >= 0 and meta["img_size"].min() >= 0
+                      and (meta["img_off"] + meta["img_size"]).max() <= st.st_size and meta["gray"].max() <= 1):
+            return None
+        if not (isinstance(header["bad"], list) and all(isinstance(b, list) and len(b) == 2 and all(
+                isinstance(x, str) for x in b) for b in header["bad"])
+                and (header["problem"] is None or isinstance(header["problem"], str))):
             return None
         return meta
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 
 def index_dir(shards: list[Path], cache_dir=None) -> Path:
+    """DIR/.fastbyol/shards when this user owns it (or can make it), else the cache folder's shards/<hash of DIR>."""
     parent = shards[0].parent.resolve()
-    inside = parent / ".fastbyol" / "shards"
-    if inside.is_dir() and os.access(inside, os.W_OK | os.X_OK) or ours_to_write(parent) and writable_dir(inside):
+    inside = own_cache_inside(parent, "shards")
+    if inside is not None:
         return inside
     outside = cache_root(cache_dir) / "shards" / path_key(parent)
     if not writable_dir(outside):
@@ -316,19 +404,34 @@ def index_dir(shards: list[Path], cache_dir=None) -> Path:
     return outside
 
 
-def _build_missing(shards: list[Path], folder: Path, workers: int) -> None:
+def _build_missing(shards: list[Path], folder: Path, workers: int, lock_fd: int | None = None) -> None:
+    """Index `shards` into `folder`: here, or in `workers` shard-index children (many shards), which hold the
+    folder's lock with this process (they inherit `lock_fd`) and die with it."""
     if workers <= 1 or len(shards) < 4:
         build_shard_metas(shards, folder, threads=8)
         return
-    parts = [shards[i::workers] for i in range(workers)]
-    procs = [subprocess.Popen([sys.executable, "-m", "fastbyol.data.check_worker", "--shards", str(folder)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for part in parts if part]
-    for p, part in zip(procs, [q for q in parts if q]):
-        p.stdin.write("\n".join(str(s) for s in part).encode("utf-8", "surrogateescape"))
-        p.stdin.close()
-    outs = [p.stdout.read() for p in procs]  # nothing unless a worker fails: its one line
+    parts = [part for part in (shards[i::workers] for i in range(workers)) if part]
+    procs: list[subprocess.Popen] = []
+    with ctrl_c_interrupts():
+        try:
+            for part in parts:
+                procs.append(subprocess.Popen(child_command("--shards", str(folder)), stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, env=child_env(),
+                                              pass_fds=() if lock_fd is None else (lock_fd,)))
+            for p, part in zip(procs, parts):
+                p.stdin.write("\n".join(str(s) for s in part).encode("utf-8", "surrogateescape"))
+                p.stdin.close()
+            outs = [p.stdout.read() for p in procs]  # nothing unless a worker fails: its one line
+            for p in procs:
+                p.wait()
+        finally:  # an interrupt: no worker goes on indexing
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     for p, out in zip(procs, outs):
-        if p.wait() != 0:
+        stopped_by_signal(p.returncode, f"{folder}: a shard-index worker")
+        if p.returncode != 0:
             lines = out.decode("utf-8", "replace").strip().splitlines()
             raise FastByolError(lines[-1] if p.returncode == 2 and lines
                                 else f"{folder}: a shard-index worker failed (exit {p.returncode})")
@@ -343,12 +446,12 @@ def obtain_index(shards: list[Path], *, rank: int = 0, world_size: int = 1, barr
     workers = workers or min(8, len(os.sched_getaffinity(0)))
 
     def locked() -> list[dict]:
-        with file_lock(folder / "index.lock"):
+        with file_lock(folder / "index.lock") as lock_fd:
             metas = [_load_meta(s, folder) for s in shards]
             stale = [s for s, m in zip(shards, metas) if m is None]
             if stale:
                 remove_stale_tmp(folder)
-                _build_missing(stale, folder, workers)
+                _build_missing(stale, folder, workers, lock_fd)
                 metas = [m if m is not None else _load_meta(s, folder) for s, m in zip(shards, metas)]
             for s, m in zip(shards, metas):
                 if m is None:
@@ -409,7 +512,8 @@ class ShardSource:
         that shard's index: same sample count and order, so positions and DALI's checkpoint stay valid; the shared
         index is never written. False (nothing changed) if a name is not a sample of these shards, or a shard would
         have no good sample left."""
-        from .folders import _own_file, _substitutes
+        from .cache import own_file
+        from .folders import stand_ins
 
         new = [n for n in names if n not in self.bad]
         plan: dict[int, list[str]] = {}
@@ -424,12 +528,12 @@ class ShardSource:
             with open(self.source_index[k], "rb") as f:
                 header, *lines = f.read().decode("utf-8", "surrogateescape").splitlines()
             found = {ln.split()[1] for ln in lines} & set(plan[k])
-            pick = _substitutes([ln.split()[1] in offs for ln in lines])
+            pick = stand_ins([ln.split()[1] in offs for ln in lines])
             if len(found) != len(set(plan[k])) or pick is None:
                 return False
             writes[k] = "\n".join([header] + [lines[j] for j in pick]) + "\n"
         for k, text in writes.items():
-            own = self.index_paths[k] if self.index_paths[k] != self.source_index[k] else _own_file(self, ".idx")
+            own = self.index_paths[k] if self.index_paths[k] != self.source_index[k] else own_file(self, ".idx")
             with open(own, "wb") as f:
                 f.write(text.encode("utf-8", "surrogateescape"))
             self.index_paths[k] = own
@@ -507,8 +611,8 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
     train_labels = np.concatenate([m["labels"] for m in train_m])
     labeled = bool(len(train_labels)) and bool((train_labels >= 0).all())
     resolved = [s.resolve() for s in train]
-    source = ShardSource([str(s) for s in resolved], [str(folder / f"{s.name}.idx") for s in resolved], n_train,
-                         spec, labels=train_labels if (with_labels and labeled) else None)
+    source = ShardSource([str(s) for s in resolved], [str(folder / index_name(s, ".idx")) for s in resolved],
+                         n_train, spec, labels=train_labels if (with_labels and labeled) else None)
     source.labelled = labeled  # the reader can emit every sample's label (the online probe asks for it)
     source.skip_bad = skip_bad_files
     num_classes = 0
@@ -550,6 +654,7 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
 # ------------------------------------------------------------------------------------------------ fastbyol shards
 def add_shards_command(subparsers) -> argparse.ArgumentParser:
     """`fastbyol shards SRC DST`: the subcommand's parser."""
+    from ..cli.arguments import integer, number
     from ..cli.help import DefaultsHelpFormatter
 
     p = subparsers.add_parser("shards", help="write WebDataset tar shards from an image folder",
@@ -559,9 +664,9 @@ def add_shards_command(subparsers) -> argparse.ArgumentParser:
                                           "(and test-NNNNNN.tar): jpg/png + cls, samples in a seeded random order.")
     p.add_argument("src", help="image folder (read through its manifest)")
     p.add_argument("dst", help="output folder (created; must hold no .tar files)")
-    p.add_argument("--max-samples", type=int, default=10000, help="samples per shard at most")
-    p.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most (one sample may exceed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    p.add_argument("--max-samples", type=integer, default=10000, help="samples per shard at most")
+    p.add_argument("--max-bytes", type=number, default=1e9, help="bytes per shard at most (one sample may exceed)")
+    p.add_argument("--seed", type=integer, default=0, help="seed of the sample order")
     p.add_argument("--skip-bad-files", action="store_true", help="leave bad images out (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -579,9 +684,8 @@ def write_shards(src: Path, dst: Path, max_samples: int = 10000, max_bytes: floa
     """Write the folder's images into tar shards; {"train": shards, "test": shards, "samples", "bytes", "skipped"}.
 
     All shards are written into a temporary folder inside dst and moved into place at the end: a failure or an
-    interrupt leaves dst as it was."""
-    from . import manifest as mf
-
+    interrupt leaves dst as it was. dst is locked meanwhile (fastbyol.run.disk.FolderLock): a second command
+    writing there is refused in one line, and dst is never a run's folder."""
     if max_samples < 1 or not max_bytes > 0:
         raise FastByolError("--max-samples and --max-bytes must be positive")
     if not src.is_dir():
@@ -590,9 +694,23 @@ def write_shards(src: Path, dst: Path, max_samples: int = 10000, max_bytes: floa
     if real_dst == real_src or real_src in real_dst.parents:
         raise FastByolError(f"{dst}: inside the source folder {src} (the shards would be written into the dataset); "
                             "choose a folder outside it")
-    dst.mkdir(parents=True, exist_ok=True)
-    if any(dst.glob("*.tar")):
-        raise FastByolError(f"{dst}: already holds .tar files; choose an empty folder")
+    refuse_inside_run(dst)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastByolError(f"{dst}: cannot create it ({e.strerror})") from None
+    with FolderLock(dst, "in use by another fastbyol shards command (pid {pid}); wait for it, or choose another "
+                         "folder"):
+        if any(dst.glob("*.tar")):  # looked at under the lock: a command that just finished is seen
+            raise FastByolError(f"{dst}: already holds .tar files; choose an empty folder")
+        return _write_locked(src, dst, max_samples, max_bytes, seed, skip_bad_files, progress)
+
+
+def _write_locked(src: Path, dst: Path, max_samples: int, max_bytes: float, seed: int, skip_bad_files: bool,
+                  progress: bool) -> dict:
+    """write_shards' work, dst's lock held."""
+    from . import manifest as mf
+
     man, _, _ = mf.obtain(src)
     if man.bad and not skip_bad_files:
         rel, why = man.bad[0][0], man.bad[0][1]

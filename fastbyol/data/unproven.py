@@ -7,15 +7,19 @@ shard's member read at its offset), in batches small enough that DALI parses the
 calling thread (decode.py). A file DALI refuses, or that decodes with a native warning, is a bad file with DALI's
 reason. When the child dies by a signal (a decoder crash, or the kernel's out-of-memory killer), the files of the batch
 it was decoding are decoded again one by one, each in a fresh child, and the one that kills its child is a bad file:
-"crashed the image decoder (SIGSEGV)". Bad files are then named in one line, or left out under --skip-bad-files, as
-every bad file of the manifest (manifest.scan); the results are kept in the manifest, and, by size and mtime, in
-`decoded.json` beside it, so neither a later run nor a rescan decodes an unchanged file again. Tar shards
-(shards.py) decode their unproven members the same way while their index is built; a failing member is a bad
-sample of the shard, and the index is the cache.
+"crashed the image decoder (SIGSEGV)". A child stopped rather than crashed (Ctrl-C: SIGINT reaches the whole process
+group; SIGTERM, SIGHUP) decides nothing: Ctrl-C ends the command with exit 130, the others in one line
+(fastbyol.system.children), and the child dies with its parent (a SIGKILLed trainer leaves no decoder running).
+Bad files are then named in one line, or left out under --skip-bad-files, as every bad file of the manifest
+(manifest.scan); the results are kept in the manifest, and, by each file's identity (cache.identity: size, mtime,
+inode, ctime), in `decoded.json` beside it, so neither a later run nor a rescan decodes an unchanged file again, and
+a file rewritten with its size and mtime kept is decoded again. Tar shards (shards.py) decode their unproven members
+the same way while their index is built; a failing member is a bad sample of the shard, and the index is the cache.
 
 FASTBYOL_TEST_DECODE_CRASH (tests only): a file name; the child SIGSEGVs itself when a batch it is about to decode
 holds a file, or a tar member, of that base name (a stand-in for a decoder crash; a value with a "/" or empty is
-ignored).
+ignored). FASTBYOL_TEST_DECODE_HANG (tests only), the same for a decode that takes an hour (the child sleeps: a
+stand-in for a huge image, the window for a kill or a Ctrl-C).
 """
 
 from __future__ import annotations
@@ -25,20 +29,24 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ..errors import FastByolError
+from ..system.children import child_command, child_env, ctrl_c_interrupts, stopped_by_signal
 
-DECODED = "decoded.json"  # beside the manifest: [[relpath, size, mtime_ns, reason or null], ...]
+DECODED = "decoded.json"  # beside the manifest: [[relpath, size, mtime_ns, inode, ctime_ns, reason or null], ...]
 THREADS = 2
 BATCH = 4 * (THREADS + 1)  # DALI parses a batch's headers in the calling thread up to this many (decode.py)
 CRASH_ENV = "FASTBYOL_TEST_DECODE_CRASH"
+HANG_ENV = "FASTBYOL_TEST_DECODE_HANG"
 Item = tuple[str, int, int, str]  # (path, offset, size, name): offset -1 is the whole file; a tar member otherwise
 
 
-def crash_name() -> str | None:
-    """FASTBYOL_TEST_DECODE_CRASH, when it is a plain file name; None otherwise (unset, empty, or holding a "/")."""
-    name = os.environ.get("FASTBYOL_TEST_DECODE_CRASH", "")
+def crash_name(variable: str = CRASH_ENV) -> str | None:
+    """FASTBYOL_TEST_DECODE_CRASH (or `variable`), when it is a plain file name; None otherwise (unset, empty, or
+    holding a "/")."""
+    name = os.environ.get(variable, "")
     return name if name and "/" not in name and name not in (".", "..") else None
 
 
@@ -61,12 +69,14 @@ def child_main(items: list[Item]) -> int:
     flushed (so a parent whose child dies knows how far it got)."""
     from .decode import decode_encoded
 
-    crash = crash_name()
+    crash, hang = crash_name(), crash_name(HANG_ENV)
     out = sys.stdout
     for lo in range(0, len(items), BATCH):
         chunk = [tuple(it) for it in items[lo:lo + BATCH]]
         if crash is not None and any(os.path.basename(it[3]) == crash for it in chunk):
             os.kill(os.getpid(), signal.SIGSEGV)
+        if hang is not None and any(os.path.basename(it[3]) == hang for it in chunk):
+            time.sleep(3600)
         readers = [_reader(it) for it in chunk]
         _, _, skipped = decode_encoded(readers, 16, THREADS, skip_bad=True)
         why = dict(skipped)
@@ -78,8 +88,10 @@ def child_main(items: list[Item]) -> int:
 
 def _child(where: str, items: list[Item]) -> tuple[list[str | None], int]:
     """(reasons (None: decoded) of the first items the child finished, in order; its exit status)."""
-    proc = subprocess.run([sys.executable, "-m", "fastbyol.data.check_worker", "--decode"],
-                          input=json.dumps([list(it) for it in items]).encode(), capture_output=True, check=False)
+    with ctrl_c_interrupts():  # Ctrl-C kills this child too: an interrupt (exit 130), never a decoder crash
+        proc = subprocess.run(child_command("--decode"), input=json.dumps([list(it) for it in items]).encode(),
+                              capture_output=True, check=False, env=child_env())
+    stopped_by_signal(proc.returncode, f"{where}: the pre-flight decode")
     done: list[str | None] = []
     for line in proc.stdout.decode("utf-8", "surrogateescape").splitlines():
         try:
@@ -121,17 +133,20 @@ def decode_check(where: str, items: list[Item]) -> list[str | None]:
 def _read_cache(location: Path | None) -> dict:
     try:
         entries = json.loads((location / DECODED).read_text()) if location is not None else []
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
-    return {(e[0], e[1], e[2]): e[3] for e in entries if isinstance(e, list) and len(e) == 4} \
-        if isinstance(entries, list) else {}
+    if not isinstance(entries, list):
+        return {}
+    return {tuple(e[:5]): e[5] for e in entries if isinstance(e, list) and len(e) == 6 and isinstance(e[0], str)
+            and all(isinstance(x, int) for x in e[1:5]) and (e[5] is None or isinstance(e[5], str))}
 
 
-def prove(root: str, rels: list[str], sizes: list[int], mtimes: list[int], location: Path | None = None) -> list:
-    """decode_check of the files not already in location/decoded.json at their size and mtime; the cache updated
-    (whole or untouched; a folder that cannot be written only loses the cache)."""
+def prove(root: str, rels: list[str], ids, location: Path | None = None) -> list:
+    """decode_check of the files not already in location/decoded.json at their identity (ids: (N, 4) size, mtime,
+    inode, ctime, as check_files took them); the cache updated (whole or untouched; a folder that cannot be written
+    only loses the cache)."""
     cache = _read_cache(location)
-    keys = [(r, int(s), int(m)) for r, s, m in zip(rels, sizes, mtimes)]
+    keys = [(r, *(int(x) for x in i)) for r, i in zip(rels, ids)]
     todo = [k for k in keys if k not in cache]
     if todo:
         for k, why in zip(todo, decode_check(root, file_items(root, [k[0] for k in todo]))):

@@ -7,6 +7,8 @@ Features come from the encoder in eval mode on the un-augmented images, normaliz
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,8 +20,16 @@ from ..augment import IMAGENET_MEAN, IMAGENET_STD
 def extract_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: int = 512,
                      device: str | torch.device = "cpu", progress: bool = False,
                      normalize: bool = True) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, D) float32 features (L2-normalized unless normalize=False), on `device`."""
+    """(N, H, W, 3) uint8 -> (N, D) float32 features (L2-normalized unless normalize=False), on `device`. Images of
+    another type, dtype or layout, and an encoder that does not return (batch, features) floating features on the
+    images' device, are one ValueError line."""
     from tqdm import tqdm
+
+    from ..models.byol import check_features
+
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        what = (f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__)
+        raise ValueError(f"extract_features: images must be a (N, H, W, 3) uint8 numpy array, got {what}")
 
     was_training = encoder.training
     encoder.eval()
@@ -29,7 +39,10 @@ def extract_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: i
     for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
         x = torch.from_numpy(images[start:start + batch_size]).to(device)
         x = x.permute(0, 3, 1, 2).float()  # (b, 3, H, W), channels_last view of NHWC
-        y = encoder((x - mean) / std).float()
+        x = (x - mean) / std
+        y = encoder(x)
+        check_features(y, x)
+        y = y.float()
         feats.append(F.normalize(y, dim=1) if normalize else y)
     encoder.train(was_training)
     return torch.cat(feats)
@@ -55,10 +68,38 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels, query_feats: torch.Tensor, query_labels, num_classes: int,
                  k: int = 200, temperature: float = 0.1) -> float:
-    """kNN top-1 accuracy in percent of L2-normalized query features against a labeled bank."""
+    """kNN top-1 accuracy in percent of L2-normalized query features against a labeled bank. Mismatched lengths, a
+    k below 1, a temperature that is not a finite positive number, or labels outside [0, num_classes) are one
+    ValueError line."""
+    check_knn_args(train_feats, train_labels, query_feats, query_labels, num_classes, k, temperature)
     bank_labels = torch.as_tensor(train_labels, device=train_feats.device)
     pred = knn_predict(train_feats, bank_labels, query_feats, num_classes, k, temperature)
     return 100.0 * (pred.cpu() == torch.as_tensor(query_labels).cpu()).float().mean().item()
+
+
+def check_knn_args(train_feats, train_labels, query_feats, query_labels, num_classes: int, k: int,
+                   temperature: float) -> None:
+    """The kNN evaluation's arguments, checked (ValueError naming the first bad one)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"kNN: k must be an integer >= 1, got {k!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"kNN: the temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"kNN: num_classes must be an integer >= 1, got {num_classes!r}")
+    for name, feats, labels in (("bank", train_feats, train_labels), ("query", query_feats, query_labels)):
+        if not torch.is_tensor(feats) or feats.ndim != 2 or not feats.is_floating_point():
+            raise ValueError(f"kNN: the {name} features must be a (N, D) floating tensor")
+        labels = torch.as_tensor(labels)
+        if labels.shape != (len(feats),):
+            raise ValueError(f"kNN: {len(feats)} {name} features but labels of shape {tuple(labels.shape)}")
+        if len(labels) and (labels.is_floating_point() or int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"kNN: the {name} labels must be integers in [0, {num_classes})")
+    if train_feats.shape[1] != query_feats.shape[1]:
+        raise ValueError(f"kNN: bank features of width {train_feats.shape[1]}, queries of width "
+                         f"{query_feats.shape[1]}")
+    if not len(train_feats):
+        raise ValueError("kNN: the bank is empty")
 
 
 def knn_top1(encoder: torch.nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,

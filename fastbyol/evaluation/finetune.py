@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import FastByolError
 from ..models import feature_dim_of
-from .paper import _heads, _top1, scaled_batch
+from .paper import linear_heads, top1, scaled_batch
 from .runs import EvalRun
 from .views import TrainViews, centre_crop, normalise
 
@@ -48,36 +49,50 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return np.sort(np.concatenate(picked))
 
 
-def read_subset(path: str | Path) -> tuple[str, list[tuple[int, str]]]:
-    """The entries of a subset file, one a line (blank lines and # comments skipped), with their line numbers:
-    ("indices", ...) when every entry is a 0-based index into the labelled train split, ("names", ...) when none is
-    (file names: image_picker). A mixture, or a file naming nothing, is one line."""
+MAX_SUBSET_BYTES = 1 << 28  # a subset file of more than 256 MB is no list of image names
+INDEX = re.compile(r"[0-9]+")  # an index line: ASCII digits only (str.isdigit also takes '²' and other digits)
+
+
+def read_subset(path: str | Path) -> tuple[str, list[tuple[int, str]], bytes]:
+    """The entries of a subset file, one a line (blank lines and # comments skipped), with their line numbers, and
+    the file's bytes (its digest names the result): ("indices", ...) when every entry is a 0-based index into the
+    labelled train split (ASCII digits), ("names", ...) when none is (file names: image_picker). A mixture, a file
+    naming nothing, one that is not UTF-8 text or not a regular file is one line."""
     path = Path(path)
-    if not path.is_file():
-        raise FastByolError(f"--subset {path}: no such file")
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FastByolError(f"--subset {path}: unreadable ({type(e).__name__})") from None
+        if not path.is_file():
+            raise FastByolError(f"--subset {path}: no such file")
+        if path.stat().st_size > MAX_SUBSET_BYTES:
+            raise FastByolError(f"--subset {path}: {path.stat().st_size} bytes, more than a list of images holds "
+                                f"(at most {MAX_SUBSET_BYTES})")
+        contents = path.read_bytes()
+        lines = contents.decode("utf-8").splitlines()
+    except OSError as e:
+        raise FastByolError(f"--subset {path}: unreadable ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise FastByolError(f"--subset {path}: not UTF-8 text (byte {e.start})") from None
     entries = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(lines, 1)]
     entries = [(n, e) for n, e in entries if e]
     if not entries:
         raise FastByolError(f"--subset {path}: names no image (one 0-based index or file name a line)")
-    numbers = [(n, e) for n, e in entries if e.isdigit()]
+    numbers = [(n, e) for n, e in entries if INDEX.fullmatch(e)]
     if numbers and len(numbers) < len(entries):
-        n_name, name = next((n, e) for n, e in entries if not e.isdigit())
+        n_name, name = next((n, e) for n, e in entries if not INDEX.fullmatch(e))
         raise FastByolError(f"--subset {path}: mixes indices (line {numbers[0][0]}: {numbers[0][1]!r}) and file "
                             f"names (line {n_name}: {name!r}); use one form")
-    return ("indices" if numbers else "names"), entries
+    return ("indices" if numbers else "names"), entries, contents
 
 
 def subset_indices(path: str | Path, entries: list[tuple[int, str]], n_train: int) -> np.ndarray:
     """Sorted unique indices of an "indices" subset file; one line naming an entry outside the split."""
+    values = []
     for n, entry in entries:
-        if int(entry) >= n_train:
-            raise FastByolError(f"--subset {path}, line {n}: {entry!r} is not an image of the labelled train split "
-                                f"({n_train} images, indices 0..{n_train - 1})")
-    return np.unique(np.asarray([int(e) for _, e in entries], dtype=np.int64))
+        digits = entry.lstrip("0") or "0"
+        if len(digits) > 18 or int(digits) >= n_train:  # 18 digits: below 2**63, and int() never meets a huge text
+            raise FastByolError(f"--subset {path}, line {n}: {entry[:40]!r} is not an image of the labelled train "
+                                f"split ({n_train} images, indices 0..{n_train - 1})")
+        values.append(int(digits))
+    return np.unique(np.asarray(values, dtype=np.int64))
 
 
 def image_picker(path: str | Path, entries: list[tuple[int, str]]):
@@ -125,7 +140,7 @@ def finetune(run: EvalRun, subset: np.ndarray, epochs: int = FINETUNE_EPOCHS, ba
     if batch < 2 or batch > len(subset):
         raise FastByolError(f"--batch-size must be in 2..{len(subset)} (the subset's images), got {batch}")
     encoder = copy.deepcopy(run.encoder).train()
-    head = _heads(feature_dim_of(encoder, cfg.data.image_size), run.num_classes, 1, cfg.run.seed, device)[0]
+    head = linear_heads(feature_dim_of(encoder, cfg.data.image_size), run.num_classes, 1, cfg.run.seed, device)[0]
     lr = base_lr * batch / 256
     opt = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=lr, momentum=0.9, nesterov=True,
                           weight_decay=0.0)
@@ -147,6 +162,6 @@ def finetune(run: EvalRun, subset: np.ndarray, epochs: int = FINETUNE_EPOCHS, ba
     with torch.no_grad():
         feats = torch.cat([encoder(normalise(test[i:i + 512], device)).float() for i in range(0, len(test), 512)])
     per_class = np.bincount(run.train_labels[subset], minlength=run.num_classes)
-    return dict(top1=_top1(head, feats, run.test_labels), subset_images=len(subset),
+    return dict(top1=top1(head, feats, run.test_labels), subset_images=len(subset),
                 subset_per_class=per_class.tolist(), epochs=epochs, batch_size=batch, base_lr=base_lr, lr=lr,
                 optimizer="SGD, Nesterov momentum 0.9, no weight decay, cosine lr to 0, no warm-up")

@@ -59,7 +59,7 @@ def check_args(epochs: int, batch_size: int | None, lrs) -> None:
         raise FastByolError(f"--lrs must be finite numbers > 0, got {lrs}")
 
 
-def _heads(dim: int, classes: int, count: int, seed: int, device) -> torch.nn.ModuleList:
+def linear_heads(dim: int, classes: int, count: int, seed: int, device) -> torch.nn.ModuleList:
     """`count` linear classifiers, nn.Linear's init drawn from their own generator (the same for every one)."""
     gen = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(dim)
@@ -81,7 +81,8 @@ def centre_features(run: EvalRun, images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _top1(head: torch.nn.Module, feats: torch.Tensor, labels: np.ndarray) -> float:
+def top1(head: torch.nn.Module, feats: torch.Tensor, labels: np.ndarray) -> float:
+    """Top-1 accuracy (%) of a linear head on features (N, D) against labels (N,)."""
     return 100.0 * (head(feats).argmax(1).cpu() == torch.as_tensor(labels)).float().mean().item()
 
 
@@ -98,7 +99,7 @@ def paper_protocol(run: EvalRun, epochs: int = PAPER_EPOCHS, batch_size: int | N
                        num_threads=cfg.data.num_threads)
     fit_labels = torch.as_tensor(run.train_labels[fit])
     encoder.eval()
-    heads = _heads(feature_dim_of(encoder, cfg.data.image_size), run.num_classes, len(lrs), cfg.run.seed, device)
+    heads = linear_heads(feature_dim_of(encoder, cfg.data.image_size), run.num_classes, len(lrs), cfg.run.seed, device)
     peak = [base * batch / 256 for base in lrs]
     opt = torch.optim.SGD([{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, peak)], lr=peak[0],
                           momentum=0.9, nesterov=True, weight_decay=0.0)
@@ -117,8 +118,8 @@ def paper_protocol(run: EvalRun, epochs: int = PAPER_EPOCHS, batch_size: int | N
             opt.step()
             step += 1
     val_f, test_f = centre_features(run, run.train_images[val]), centre_features(run, run.test_images)
-    val_top1 = [_top1(h, val_f, run.train_labels[val]) for h in heads]
-    test_top1 = [_top1(h, test_f, run.test_labels) for h in heads]
+    val_top1 = [top1(h, val_f, run.train_labels[val]) for h in heads]
+    test_top1 = [top1(h, test_f, run.test_labels) for h in heads]
     best = int(np.argmax(val_top1))
     log(f"paper protocol: base lr {lrs[best]:g} chosen on {len(val)} held-out images "
         f"(held-out top-1 {', '.join(f'{lr:g}: {v:.1f}%' for lr, v in zip(lrs, val_top1))})")

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.dataset import EncodedSource
+
 PROBE_LR = 0.1  # constant; see the module docstring
 STATS_MOMENTUM = 0.01  # of the features' running mean and variance, after the first 100 steps
 PROBE_SEED_OFFSET = 0x9E3779B9  # the probe's own generator: seed + this, never BYOL's stream
@@ -131,16 +133,17 @@ class OnlineProbe:
         self._handle.remove()
 
 
-def probe_labels(dataset) -> np.ndarray | bool | None:
-    """What the loader needs to hand each batch's labels to the probe (TwoViewLoader's labels=), where the pretraining
-    images are the labelled train split: an array source's labels; True for labelled encoded files (an image folder
-    with class folders and no unlabeled/, shards whose every sample has a `cls`: their DALI reader emits the labels).
-    None where there are none: STL10's unlabelled+train pretraining set, unlabelled folders and shards, a folder's
-    unlabeled/ images, synthetic data."""
-    if not dataset.has_knn:
-        return None
-    if dataset.pretrain_files is not None:
-        return True if getattr(dataset.pretrain_files, "labelled", False) else None
-    if dataset.pretrain_images is not None:
+def probe_labels(dataset) -> np.ndarray | None:
+    """The labels an array source hands the probe (TwoViewLoader's labels=), where the pretraining images are the
+    labelled train split; None for encoded files (probe_reads_labels) and where there are none: STL10's
+    unlabelled+train pretraining set, synthetic data."""
+    if not dataset.has_knn or dataset.pretrain_files is not None or dataset.pretrain_images is not None:
         return None
     return dataset.train_labels
+
+
+def probe_reads_labels(dataset) -> bool:
+    """Whether the loader reads the probe's labels from the files (TwoViewLoader's reader_labels=): labelled encoded
+    files (an image folder with class folders and no unlabeled/, shards whose every sample has a `cls`: their DALI
+    reader emits the labels); False for unlabelled folders and shards, a folder's unlabeled/ images, arrays."""
+    return dataset.has_knn and isinstance(dataset.pretrain_files, EncodedSource) and dataset.pretrain_files.labelled

@@ -34,18 +34,38 @@ def encoder_state(ckpt: dict, which: str = "online") -> dict:
     return state
 
 
-def build_run_encoder(cfg: Config, state: dict | None) -> torch.nn.Module:
-    """The run's encoder architecture, with `state` loaded, or random-init from the run's seed when state is None."""
-    from ..models import build_encoder
+def build_run_encoder(cfg: Config, state: dict | None, own=None, where: str = "config.json") -> torch.nn.Module:
+    """The run's encoder architecture, with `state` loaded, or random-init from the run's seed when state is None.
+    own: models.OwnEncoders (the encoders of the user's own this command may build; nothing else is imported)."""
+    from ..models import OwnEncoders
 
     torch.manual_seed(cfg.run.seed)  # the random-init encoder is the one the run started from
     try:
-        encoder = build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
-    except ValueError as e:  # a module:factory arch that cannot be imported here (one line, exit 2)
+        encoder = (own or OwnEncoders()).build(cfg.model.arch, cfg.model.stem, cfg.data.image_size, where)
+    except ValueError as e:  # not allowed, or a module:factory that cannot be imported here (one line, exit 2)
         raise FastByolError(str(e).splitlines()[0]) from None
     if state is not None:
-        encoder.load_state_dict(state)
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as e:  # an encoder given in Python that is not the run's (its checkpoint was not
+            raise FastByolError(f"the checkpoint's encoder does not fit the encoder given: "  # checked against it)
+                                f"{str(e).strip().splitlines()[0][:200]}") from None
     return encoder
+
+
+def data_key(cfg: Config, data: str | None) -> str:
+    """"" when `data` is the run's own dataset (None, the same name, or the same path), else what it names: the
+    resolved path, or the name (embedded, fashion-mnist, synthetic); part of a result's name (results.ResultKey)."""
+    if data is None or data == cfg.data.data:
+        return ""
+    def resolved(spec: str) -> str:
+        path = Path(spec).expanduser()
+        try:
+            return str(path.resolve()) if path.exists() else spec
+        except OSError:  # a name too long, a loop: as given
+            return spec
+    mine, theirs = resolved(cfg.data.data), resolved(data)
+    return "" if mine == theirs else theirs
 
 
 @dataclass
@@ -65,24 +85,21 @@ class EvalRun:
     test_labels: np.ndarray
     num_classes: int
     gray: bool  # R = G = B (Fashion-MNIST)
-    finished: bool = True  # the checkpoint is the run's last (False: the run stopped, or is training now)
-    in_progress: bool = False  # a process holds the run's lock: it is training now
-
-    def result_path(self, stem: str) -> Path:
-        """RUN_DIR/STEM.json, or STEM-random.json for the random-init baseline."""
-        return self.run_dir / (f"{stem}.json" if self.init == "trained" else f"{stem}-random.json")
+    finished: bool = True  # the checkpoint is the run's last (False: the run stopped before its end)
+    data_key: str = ""  # data_key(): "" for the run's own dataset
+    run_id: str = ""  # the run's id (config.json), recorded in its results
 
 
 def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trained", train_pick=None,
-                 pick_what: str = "train_pick") -> EvalRun:
+                 pick_what: str = "train_pick", own=None) -> EvalRun:
     """A run's encoder and labelled splits; `data` overrides the run's dataset (same image size). train_pick: the
     train split is then the images it picks by file (image folders only: fastbyol.data.resolve_dataset); pick_what
-    names what picked them in the error for other datasets."""
+    names what picked them in the error for other datasets. own: models.OwnEncoders (`--arch`, `encoder=`)."""
     from ..data import resolve_dataset
 
     if init not in INITS:
         raise FastByolError(f"--init must be trained or random, got {init!r}")
-    cfg, state, ckpt = load_run(run_dir)
+    cfg, state, ckpt = load_run(run_dir, own)
     spec = data or cfg.data.data
     try:
         dataset = resolve_dataset(spec, "auto" if data else cfg.data.data_format, cfg.data.image_size,
@@ -93,45 +110,23 @@ def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trai
                             f"{spec}'s labelled train split is picked by 0-based index") from None
     if dataset.train_labels is None or dataset.test_images is None or dataset.test_labels is None:
         raise FastByolError(f"{dataset.name}: evaluation needs labeled train and test splits")
-    encoder = build_run_encoder(cfg, encoder_state(ckpt) if init == "trained" else None)
+    encoder = build_run_encoder(cfg, encoder_state(ckpt) if init == "trained" else None, own,
+                                where=str(Path(run_dir) / "config.json"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = encoder.to(device=device, memory_format=torch.channels_last)
     return EvalRun(Path(run_dir), cfg, state.step, init, encoder, device, dataset.describe(), dataset.train_images,
                    np.asarray(dataset.train_labels, dtype=np.int64), dataset.test_images,
                    np.asarray(dataset.test_labels, dtype=np.int64), dataset.num_classes, dataset.gray,
-                   finished=state.finished, in_progress=run_in_progress(Path(run_dir)))
-
-
-def run_in_progress(run_dir: Path) -> bool:
-    """Whether a process holds the run's lock now (RunLock: a run training, or another command writing it); the
-    lock is only tested, never taken, and a missing lock file means no."""
-    import fcntl
-    import os
-
-    from ..run.names import LOCK
-
-    try:
-        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing releases a lock this test took
-    return False
+                   state.finished, data_key(cfg, data), state.run_id)
 
 
 def unfinished_note(run: EvalRun, total_steps) -> str | None:
-    """The note an evaluation of a run that has not finished prints: which checkpoint it reads."""
+    """The note an evaluation of a run that stopped before its end prints: which checkpoint it reads (a run training
+    now holds its folder's lock, so no evaluation reads it meanwhile)."""
     if run.finished or run.init != "trained":
         return None
-    what = "is training now" if run.in_progress else "stopped before its end"
-    return (f"note: {run.run_dir} {what}: this evaluates its last checkpoint, step {run.step} of {total_steps}, not "
-            "the finished encoder")
+    return (f"note: {run.run_dir} stopped before its end: this evaluates its last checkpoint, step {run.step} of "
+            f"{total_steps}, not the finished encoder")
 
 
 def tiny_batch_note(batch: int, images: int, given: bool) -> str | None:

@@ -9,7 +9,7 @@ import importlib
 
 _HOMES = {
     "BYOL": "byol", "feature_dim_of": "byol", "mlp": "byol", "params_sha256": "byol",
-    "ARCHS": "registry", "Arch": "registry", "build_encoder": "registry", "call_factory": "registry",
+    "ARCHS": "registry", "Arch": "registry", "OwnEncoders": "registry", "build_encoder": "registry", "call_factory": "registry",
     "load_factory": "registry",
     "is_custom_arch": "names", "ARCH_NAMES": "names", "STEMS": "names",
     "BasicBlock": "resnet", "Bottleneck": "resnet", "ResNet": "resnet", "resnet": "resnet", "resnet_tiny": "resnet",

@@ -13,6 +13,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..errors import FastByolError
+
 
 def feature_dim_of(encoder: nn.Module, image_size: int = 32) -> int:
     """The encoder's feature width: its `num_features` / `feature_dim` attribute, else the width of its output for a
@@ -24,23 +26,46 @@ def feature_dim_of(encoder: nn.Module, image_size: int = 32) -> int:
             return value
     try:
         probe = copy.deepcopy(encoder).to("meta")
+        x = torch.empty(2, 3, image_size, image_size, device="meta")
         with torch.no_grad():
-            out = probe(torch.empty(2, 3, image_size, image_size, device="meta"))
+            out = probe(x)
     except Exception:  # noqa: BLE001 (an op without a meta kernel: one real forward instead)
         param = next(iter(encoder.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
+        x = torch.zeros(2, 3, image_size, image_size, device=param.device if param is not None else "cpu")
         was_training = encoder.training
         encoder.eval()
         try:
             with torch.no_grad():
-                out = encoder(torch.zeros(2, 3, image_size, image_size, device=device))
+                out = encoder(x)
         finally:
             encoder.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"the encoder must return (batch, features); it returned {shape} for a "
-                         f"(2, 3, {image_size}, {image_size}) input")
+    check_features(out, x)
     return int(out.shape[1])
+
+
+class EncoderOutputError(FastByolError, ValueError):
+    """An encoder's output is not (batch, features) floating features on its input's device."""
+
+
+def check_features(out, x: torch.Tensor) -> None:
+    """The encoder's output `out` for the input `x` (B, C, H, W) is a (B, D) floating tensor on x's device; else
+    EncoderOutputError, one line naming what is wrong. Shapes, dtypes and devices only: no host sync (and static
+    under torch.compile)."""
+    given = f"a {tuple(x.shape)} input"
+    if not isinstance(out, torch.Tensor):
+        why = f"a {type(out).__name__}, not a tensor"
+    elif out.ndim != 2:
+        why = f"shape {tuple(out.shape)} for {given}"
+    elif out.shape[0] != x.shape[0]:
+        why = f"{out.shape[0]} rows for {given} (a batch of {x.shape[0]})"
+    elif not out.is_floating_point():
+        why = f"{out.dtype} features"
+    elif out.device != x.device:
+        why = f"features on {out.device} for an input on {x.device}"
+    else:
+        return
+    raise EncoderOutputError(f"the encoder must return (batch, features) floating features on its input's device; "
+                             f"it returned {why}")
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, first_bias: bool = True) -> nn.Sequential:
@@ -66,6 +91,12 @@ class BYOL(nn.Module):
     def __init__(self, encoder: nn.Module, proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096,
                  head_first_bias: bool = True, image_size: int = 32):
         super().__init__()
+        if not isinstance(encoder, nn.Module):
+            raise ValueError(f"BYOL: the encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+        for name, width in (("proj_hidden", proj_hidden), ("proj_dim", proj_dim), ("pred_hidden", pred_hidden),
+                            ("image_size", image_size)):
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(f"BYOL: {name} must be an integer >= 1, got {width!r}")
         self.online_encoder = encoder
         self.feature_dim = feature_dim_of(encoder, image_size)
         self.online_projector = mlp(self.feature_dim, proj_hidden, proj_dim, head_first_bias)
@@ -89,9 +120,13 @@ class BYOL(nn.Module):
         return self.ema_pairs()[0]
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor):
-        """(B, C, H, W) views -> predictions p1, p2 and target projections z1, z2, each (B, proj_dim)."""
-        p1 = self.predictor(self.online_projector(self.online_encoder(v1)))
-        p2 = self.predictor(self.online_projector(self.online_encoder(v2)))
+        """(B, C, H, W) views -> predictions p1, p2 and target projections z1, z2, each (B, proj_dim). An encoder
+        output that is not (B, D) floating features on the views' device is one line (check_features)."""
+        f1, f2 = self.online_encoder(v1), self.online_encoder(v2)
+        check_features(f1, v1)
+        check_features(f2, v2)
+        p1 = self.predictor(self.online_projector(f1))
+        p2 = self.predictor(self.online_projector(f2))
         with torch.no_grad():  # target stays in train mode: batch statistics, its own running stats
             z1 = self.target_projector(self.target_encoder(v1))
             z2 = self.target_projector(self.target_encoder(v2))

@@ -3,13 +3,19 @@
 
 `--arch module.path:factory` names an encoder of the user's own: a callable (no arguments, or the keyword arguments
 `image_size` and/or `stem` where it takes them) returning an `nn.Module` that maps (B, 3, H, W) to (B, D).
+
+Importing such a module runs its code, so only the user may ask for it: `build_encoder` imports what its caller names
+(a new run's `--arch`, a Python caller), and an architecture read from a file (a run folder's config.json, for
+`train --resume`, `eval`, `finetune`, `export`) is built through `OwnEncoders`, which imports a module:factory only
+when this command's user named it too (`--arch module:factory`, repeatable, or `encoder=` in Python).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
@@ -112,3 +118,40 @@ def build_encoder(arch: str, stem: str = "auto", image_size: int = 224) -> nn.Mo
     if is_custom_arch(arch):
         return call_factory(load_factory(arch), stem, image_size, where=f"--arch {arch}")
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}, or module.path:factory")
+
+
+@dataclass(frozen=True)
+class OwnEncoders:
+    """The encoders of the user's own that one command may build from a saved config: the module:factory names its
+    user gave (`--arch`, repeatable) and an encoder given in Python (`encoder=`: an nn.Module or a callable returning
+    one), which stands in for whatever module:factory the config names. Registry names need neither."""
+
+    names: frozenset[str] = field(default_factory=frozenset)
+    encoder: object = None
+
+    def __post_init__(self):
+        bad = sorted(n for n in self.names if not is_custom_arch(n))
+        if bad:
+            raise ValueError(f"--arch {bad[0]}: here --arch names an encoder of your own (module.path:factory) that "
+                             "a run may import; registry encoders need no --arch")
+        if self.encoder is not None and not (isinstance(self.encoder, nn.Module) or callable(self.encoder)):
+            raise ValueError(f"encoder=: expected a torch.nn.Module or a callable returning one, got "
+                             f"{type(self.encoder).__name__}")
+
+    def check(self, arch: str, where: str) -> None:
+        """ValueError (one line: what `where` names and the flag that allows it) unless `arch` may be built."""
+        if arch in ARCHS or not is_custom_arch(arch) or self.encoder is not None or arch in self.names:
+            return
+        also = f" (this command allows only {', '.join(sorted(self.names))})" if self.names else ""
+        raise ValueError(f"{where} names the encoder {arch}, a module of your own, and a run folder never imports "
+                         f"code by itself{also}: add --arch {arch} to the command to import it (Python: encoder=)")
+
+    def build(self, arch: str, stem: str, image_size: int, where: str) -> nn.Module:
+        """The encoder `arch` names, after `check`: the given encoder (an nn.Module is returned as it is), or the
+        registry's or an allowed module:factory; ValueError (one line) otherwise."""
+        self.check(arch, where)
+        if self.encoder is None or arch in ARCHS:
+            return build_encoder(arch, stem, image_size)
+        if isinstance(self.encoder, nn.Module):
+            return copy.deepcopy(self.encoder)  # the caller's module is left as it was
+        return call_factory(self.encoder, stem, image_size, where="encoder=")

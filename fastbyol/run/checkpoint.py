@@ -1,8 +1,12 @@
 """The checkpoint, written and read in one place each, and checked before anything is restored from it.
 
-- Safe to load: checkpoints hold plain types and tensors only and are read with `torch.load(weights_only=True)`, so a
-  run directory from someone else cannot run code; its tensors are checked against the architecture of the run's
-  config (names, shapes, dtypes, the optimizer's structure) before they are loaded.
+- Safe to load: checkpoints hold plain types and tensors only and are read with `torch.load(weights_only=True)`, and an
+  encoder of the user's own that config.json names (module:factory) is imported only when this command's user names
+  it too (`models.OwnEncoders`), so a run directory from someone else cannot run code; its tensors are checked against
+  the architecture of the run's config (names, shapes, dtypes, the optimizer's structure) before they are loaded.
+- Whose it is: config.json holds the run's id (`RUN_ID_KEY`, drawn at random when the run is created) and every
+  checkpoint carries it in its training state; `load_run` refuses a checkpoint whose id is not its config.json's (a
+  checkpoint copied from another run), and bounds config.json's numbers as `train` bounds its flags.
 - Written atomically (fastbyol.run.disk) after a free-space check; the tests' fault injection kills the process
   inside the N-th write, with the temporary file written in full but not yet renamed.
 """
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import signal
 from pathlib import Path
 
@@ -37,6 +43,8 @@ _KILL_SIGNALS = [getattr(signal, f"SIG{name.strip()}") for name in
                  os.environ.get("FASTBYOL_TEST_KILL_SIGNAL", "KILL").split(",")
                  if isinstance(getattr(signal, f"SIG{name.strip()}", None), signal.Signals)]
 _checkpoint_writes = 0
+RUN_ID_KEY = "run_id"  # config.json's top-level key of the run's id; TrainState.run_id in every checkpoint
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # new_run_id()'s form
 
 
 def last_good(run_dir: Path) -> str:
@@ -89,10 +97,35 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
                             f"{type(e).__name__}: {first[:200]})") from None
 
 
-def load_run(run_dir: str | Path):
-    """(config, training state, checkpoint dict) of a run directory, or FastByolError naming what is missing."""
-    from ..config import Config
+def new_run_id() -> str:
+    """A new run's id: 128 random bits as 32 hex digits (config.json's RUN_ID_KEY, and every checkpoint's state)."""
+    return secrets.token_hex(16)
 
+
+def check_run_identity(raw_config: dict, state: TrainState, where: str) -> None:
+    """The checkpoint's run id (its training state's) is config.json's, else a FastByolError naming both; a run made
+    before run ids existed has none in either, and passes."""
+    saved = raw_config.get(RUN_ID_KEY, "")
+    if not isinstance(saved, str) or saved and not RUN_ID.fullmatch(saved):
+        raise FastByolError(f"{where}/{CONFIG}: its {RUN_ID_KEY} is not a run id (32 hex digits)")
+    if saved != state.run_id:
+        theirs = f"run {state.run_id}" if state.run_id else "a run without an id"
+        raise FastByolError(f"{where}/{CHECKPOINT} belongs to {theirs}, not to this folder's {CONFIG} (run "
+                            f"{saved or 'without an id'}): a checkpoint copied from another run is never resumed, "
+                            "evaluated or exported with this config")
+
+
+def load_run(run_dir: str | Path, own=None):
+    """(config, training state, checkpoint dict) of a run directory, or FastByolError naming what is missing.
+
+    own: the encoders of the user's own this command may build (models.OwnEncoders: `--arch module:factory` given
+    on its command line, or `encoder=` in Python); a config.json naming any other module:factory is refused in one
+    line before anything is imported."""
+    from ..config import Config
+    from ..models import OwnEncoders
+    from ..system.bounds import check_plain_bounds
+
+    own = own if own is not None else OwnEncoders()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FastByolError(f"run directory not found: {run_dir}")
@@ -101,32 +134,41 @@ def load_run(run_dir: str | Path):
         raise FastByolError(f"{run_dir}: no config.json (not a fastbyol run directory)")
     try:
         raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FastByolError(f"{cfg_path}: unreadable config ({type(e).__name__}: {e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise FastByolError(f"{cfg_path}: unreadable config ({type(e).__name__}: {str(e)[:200]})") from None
     cfg = Config.from_dict(raw, where=str(cfg_path))
     try:
         cfg.validate()
+        check_plain_bounds(cfg)
     except FastByolError as e:
         raise FastByolError(f"{cfg_path}: {e}") from None
     ckpt_path = run_dir / CHECKPOINT
     if not ckpt_path.is_file():
         raise FastByolError(f"{run_dir}: no {CHECKPOINT} (the run stopped before its first checkpoint; start it again "
                             "with a new --out)")
+    try:  # before anything could build the encoder
+        own.check(cfg.model.arch, str(cfg_path))
+    except ValueError as e:
+        raise FastByolError(str(e)) from None
     ckpt = load_checkpoint(ckpt_path)
     state = TrainState.from_checkpoint(ckpt, where=str(ckpt_path))
-    check_checkpoint_tensors(ckpt, cfg, where=str(ckpt_path))
+    check_run_identity(raw, state, str(run_dir))
+    check_checkpoint_tensors(ckpt, cfg, where=str(ckpt_path), own=own)
     return cfg, state, ckpt
 
 
-def expected_model_state(cfg) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def expected_model_state(cfg, own=None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype) of every tensor of the BYOL state_dict that `cfg` builds, from the model built on the
-    meta device (shapes only: no memory, no random numbers drawn)."""
-    from ..models import BYOL, build_encoder
+    meta device (shapes only: no memory, no random numbers drawn). own: models.OwnEncoders (load_run's); an encoder
+    of the user's own that it does not allow is a ValueError, nothing imported."""
+    from ..models import BYOL, OwnEncoders
     from ..optim import build_optimizer
 
+    own = own if own is not None else OwnEncoders()
     with torch.device("meta"):
-        model = BYOL(build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size), cfg.model.proj_hidden,
-                     cfg.model.proj_dim, cfg.model.pred_hidden, image_size=cfg.data.image_size)
+        encoder = own.build(cfg.model.arch, cfg.model.stem, cfg.data.image_size, where=CONFIG)
+        model = BYOL(encoder, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden,
+                     image_size=cfg.data.image_size)
         opt = build_optimizer(cfg.optim, model)
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     # the optimizer's parameters in its state_dict's numbering: group after group (the weight-decay and the excluded
@@ -135,7 +177,7 @@ def expected_model_state(cfg) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return shapes
 
 
-def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None:
+def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint", own=None) -> None:
     """The checkpoint's `model` (names, shapes, dtypes) and `optimizer` (structure, one momentum buffer of its
     parameter's shape) match the architecture of the run's config, before anything is restored from it; else a
     FastByolError naming the first difference. Every consumer (train --resume, eval, export) loads through here."""
@@ -143,11 +185,15 @@ def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None
         raise FastByolError(f"{where}: does not fit its config.json ({cfg.model.arch}, {cfg.model.stem} stem, "
                             f"{cfg.data.image_size} px): {why}")
 
+    from ..models import is_custom_arch
+
     model = ckpt.get("model")
     if not isinstance(model, dict):
         bad(f"its 'model' is a {type(model).__name__}, not a state_dict")
+    if is_custom_arch(cfg.model.arch) and own is not None and own.encoder is not None:
+        return  # the encoder given in Python is checked when its consumer loads the tensors into it (strict)
     try:
-        expected = expected_model_state(cfg)
+        expected = expected_model_state(cfg, own)
     except ValueError:  # an encoder of the user's own (module:factory) that cannot be built here: the consumer that
         return  # builds it (train's encoder=, eval's import) checks the tensors when it loads them
     online = expected.pop("#online")
@@ -158,7 +204,8 @@ def check_checkpoint_tensors(ckpt: dict, cfg, where: str = "checkpoint") -> None
             bad(f"model[{short_repr(name)}] is a {type(value).__name__}, not a tensor")
         shape, dtype = expected[name]
         if tuple(value.shape) != shape or value.dtype != dtype:
-            bad(f"model[{short_repr(name)}] is {value.dtype} {tuple(value.shape)}, the architecture has {dtype} {shape}")
+            bad(f"model[{short_repr(name)}] is {value.dtype} {tuple(value.shape)}, the architecture has {dtype} "
+                f"{shape}")
     missing = [k for k in expected if k not in model]
     if missing:
         bad(f"'model' lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))

@@ -4,8 +4,9 @@ lock, the free-space check, and one line for a failed write.
 - Atomic: a temporary file in the same folder, fsync, rename, fsync of the folder. A reader sees the previous file or
   the new one, never half of one; a temporary file left by a kill is removed by the next writer that takes the lock.
   Files are created mode 0600 (owner only).
-- One writer: `RunLock` holds an OS lock (flock) on FOLDER/.lock for the writer's lifetime; a second writer into the
-  same folder is refused with one line, and a crashed writer leaves no lock behind (the OS drops it with the process).
+- One writer: `FolderLock` (a run's: `RunLock`) holds an OS lock (flock) on FOLDER/.lock for the writer's lifetime; a
+  second writer into the same folder is refused with one line naming the first one's pid, and a crashed writer
+  leaves no lock behind (the OS drops it with the process).
 - Disk full: `check_free_space` before a large write; ENOSPC during a write keeps the previous file and becomes one
   error line naming the path and the bytes needed (`describe_write_error` maps the errors a write can meet).
 """
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import FastByolError
+from ..system.paths import NAME_MAX, fit_name
 from .names import LOCK
 
 FILE_MODE = 0o600  # run files: owner read/write only (mkstemp's mode; config, metrics and summary the same)
@@ -36,7 +38,8 @@ def _fsync_dir(folder: Path) -> None:
 
 WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
                 errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted"}
+                errno.EPERM: "operation not permitted", errno.EFBIG: "the file size limit is reached (ulimit -f)",
+                errno.ENAMETOOLONG: "a name in the path is longer than the file system allows"}
 
 
 def describe_write_error(e: BaseException, path: Path) -> FastByolError | None:
@@ -67,7 +70,8 @@ def atomic_write_bytes(path: Path, write, need: int | None = None, before_rename
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
+        # created 0600; its name within NAME_MAX (mkstemp adds 8 characters and the suffix to the prefix)
+        fd, tmp = tempfile.mkstemp(prefix=fit_name(path.name, ".", ".", NAME_MAX - 12), suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -107,26 +111,29 @@ def check_free_space(folder: Path, need: int) -> None:
                             "another --out")
 
 
-class RunLock:
-    """An exclusive OS lock on RUN_DIR/.lock, held while the run lives (released by close() or the process's end)."""
+class FolderLock:
+    """An exclusive OS lock on FOLDER/.lock, taken without waiting (a held one is one line naming its pid), held
+    until close() or the process's end. `busy` completes the refusal: what the holder is and what to do. Every
+    command that writes a folder takes it (fastbyol.run.outputs says which)."""
 
     NAME = LOCK
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / self.NAME
+    def __init__(self, folder: Path, busy: str = "in use by another fastbyol command (pid {pid}); wait for it to "
+                                                 "finish"):
+        self.path = Path(folder) / self.NAME
         try:  # never through a symbolic link: the PID written below would overwrite its target
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise FastByolError(f"{self.path} is a symbolic link: not followed; remove it") from None
-            raise FastByolError(f"{run_dir}: cannot write there ({e.strerror})") from None
+            raise FastByolError(f"{folder}: cannot write there ({e.strerror})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(self.fd)
-            raise FastByolError(f"{run_dir} is in use by another fastbyol run (pid {holder}); wait for it, or choose "
-                                "another --out") from None
+            self.fd = None
+            raise FastByolError(f"{folder} is {busy.format(pid=holder)}") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -134,3 +141,16 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RunLock(FolderLock):
+    """The run folder's lock, held while the run lives (released by close() or the process's end)."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(run_dir, "in use by another fastbyol run (pid {pid}); wait for it, or choose another --out")

@@ -18,7 +18,7 @@ from ..config import Config, Resolved
 from ..data.dataset import EncodedSource
 from ..errors import FastByolError
 from ..system.distributed import broadcast_object, gather_objects
-from .checkpoint import save_checkpoint
+from .checkpoint import RUN_ID_KEY, save_checkpoint
 from .disk import (FILE_MODE, RunLock, atomic_write_bytes, atomic_write_json, check_free_space, describe_write_error,
                    remove_stale_temporaries)
 from .names import BAD_FILES, CHECKPOINT, CONFIG, LOCK, METRICS, SUMMARY
@@ -63,7 +63,7 @@ def read_bad_files(run_dir: Path) -> list[str]:
     """The names in run_dir/bad_files.json ([] when absent or unreadable: the pipeline then finds them again)."""
     try:
         names = json.loads((run_dir / BAD_FILES).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return []
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
@@ -108,21 +108,23 @@ class RunFiles:
         self.created = False  # this run made the folder
         self.owned = False  # the folder is this run's (new and empty, or resumed): it may clean up after itself
 
-    def open(self, cfg: Config, plan: Resolved, resume_step: int | None, checkpoint_bytes: int, rank: int) -> None:
-        """Take the lock, check the folder and its free space for a checkpoint, write config.json (new run) or cut
-        metrics.jsonl back to the checkpoint's step (resume). Collective: every rank raises the FastByolError of
-        rank 0 when the folder is not usable."""
+    def open(self, cfg: Config, plan: Resolved, resume_step: int | None, checkpoint_bytes: int, rank: int,
+             run_id: str = "") -> None:
+        """Take the lock, check the folder and its free space for a checkpoint, write config.json with the run's id
+        (new run) or cut metrics.jsonl back to the checkpoint's step (resume). Collective: every rank raises the
+        FastByolError of rank 0 when the folder is not usable."""
         error = None
         if self.writes:
             try:
-                self._open(cfg, plan, resume_step, checkpoint_bytes)
+                self._open(cfg, plan, resume_step, checkpoint_bytes, run_id)
             except FastByolError as e:
                 error = str(e)
         error = broadcast_object(error, rank, plan.world_size)
         if error:
             raise FastByolError(error)
 
-    def _open(self, cfg: Config, plan: Resolved, resume_step: int | None, checkpoint_bytes: int) -> None:
+    def _open(self, cfg: Config, plan: Resolved, resume_step: int | None, checkpoint_bytes: int,
+              run_id: str) -> None:
         if self.dir.exists() and not self.dir.is_dir():
             raise FastByolError(f"--out {self.dir} is a file, not a folder")
         self.created = not self.dir.exists()
@@ -139,7 +141,8 @@ class RunFiles:
                 raise FastByolError(f"--out {self.dir} exists and is not empty: choose another folder")
             self.owned = True
             path = self.dir / CONFIG
-            write_or_say(path, lambda: atomic_write_json(path, {**cfg.to_dict(), "resolved": plan.to_dict()}))
+            write_or_say(path, lambda: atomic_write_json(path, {RUN_ID_KEY: run_id, **cfg.to_dict(),
+                                                                "resolved": plan.to_dict()}))
         else:
             remove_stale_temporaries(self.dir)
             self._truncate_metrics(resume_step)
@@ -165,8 +168,8 @@ class RunFiles:
         for line in path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None  # a line cut by the kill
+            except (json.JSONDecodeError, RecursionError):
+                record = None  # a line cut by the kill (or too deeply nested to be a record)
             if not isinstance(record, dict) or not isinstance(record.get("step", 0), (int, float)):
                 dropped += bool(line.strip())
                 continue

@@ -28,13 +28,16 @@ from .scalars import scalar_tags
 
 class TensorBoardSink:
     """The numbers of each metrics record as TensorBoard scalars (train/NAME, knn/..., probe/...), when tensorboard
-    is installed; otherwise nothing."""
+    is installed and the folder's path is UTF-8 (TensorBoard encodes it so; metrics.jsonl holds the same numbers);
+    otherwise nothing."""
 
     def __init__(self, folder: Path):
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
+
+            str(folder).encode("utf-8")  # a non-UTF-8 run folder name: no events rather than a traceback
+        except (ImportError, UnicodeEncodeError):
             self.writer = None
             return
         self.writer = SummaryWriter(log_dir=str(folder))

@@ -8,6 +8,7 @@ or none, is refused in one line, as any foreign file is.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -15,6 +16,8 @@ import torch
 from ..errors import FastByolError
 
 CHECKPOINT_FORMAT = 2
+# bounds of the counts a checkpoint holds (a checkpoint is a file: its numbers are bounded before anything uses them)
+MAX_STEPS, MAX_WORLD_SIZE, MAX_IMAGES = 1 << 48, 1 << 20, 1 << 40
 
 
 @dataclass
@@ -29,6 +32,7 @@ class TrainState:
     peak_device_bytes: float = 0.0  # GPU memory in use by every allocator (torch, DALI), highest seen at a log point
     finished: bool = False  # the final checkpoint: nothing left to resume
     probe: dict = field(default_factory=dict)  # OnlineProbe.state_dict() ({} where there is no probe)
+    run_id: str = ""  # the run's id, as its config.json holds it (checkpoint.new_run_id); "" for runs made before ids
 
     def to_checkpoint(self, model_state: dict, optimizer_state: dict, config: dict, version: str) -> dict:
         """The checkpoint dict: weights, optimizer, this state, the config it ran with."""
@@ -72,13 +76,13 @@ class TrainState:
         def bad(name: str, why: str):
             raise FastByolError(f"{where}: its training state is damaged ({name} {why})")
 
-        def count(name: str, value, low: int) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                bad(name, f"is {short_repr(value)}, not an integer >= {low}")
+        def count(name: str, value, low: int, high: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                bad(name, f"is {short_repr(value)}, not an integer in {low}..{high}")
 
-        count("step", self.step, 0)
-        count("world_size", self.world_size, 1)
-        count("num_images", self.num_images, 0)
+        count("step", self.step, 0, MAX_STEPS)
+        count("world_size", self.world_size, 1, MAX_WORLD_SIZE)
+        count("num_images", self.num_images, 0, MAX_IMAGES)
         if self.knn_top1_random_init is not None and not (isinstance(self.knn_top1_random_init, (int, float))
                                                           and 0.0 <= self.knn_top1_random_init <= 100.0):
             bad("knn_top1_random_init", f"is {short_repr(self.knn_top1_random_init)}, not a percentage")
@@ -102,6 +106,8 @@ class TrainState:
             bad("finished", f"is {short_repr(self.finished)}, not true or false")
         if not isinstance(self.probe, dict):
             bad("probe", f"is {short_repr(self.probe)}, not the online probe's state")
+        if not isinstance(self.run_id, str) or self.run_id and not re.fullmatch(r"[0-9a-f]{32}", self.run_id):
+            bad("run_id", f"is {short_repr(self.run_id)}, not a run id (32 hex digits)")
         return self
 
 

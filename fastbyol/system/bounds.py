@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from ..errors import FastByolError
 
 MAX_WIDTH = 1 << 20  # projector / predictor widths: 256x the official 4096
@@ -33,14 +31,22 @@ def max_threads() -> int:
     return max(64, 8 * cores)
 
 
-def machine_memory_bytes(device: torch.device) -> int:
-    """The memory a run on `device` can have at most: the GPU's total, or the host's RAM (or its cgroup limit)."""
+def machine_memory_bytes(device) -> int:
+    """The memory a run on `device` (a torch.device) can have at most: the GPU's total, or host_memory_bytes()."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.mem_get_info(device)[1]
+    return host_memory_bytes()
+
+
+def host_memory_bytes() -> int:
+    """The host's RAM, or its cgroup limit where lower (no torch import: the data readers bound sizes with it)."""
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = open(limit_file).read().strip()
+            with open(limit_file) as f:
+                text = f.read().strip()
         except OSError:
             continue
         if text.isdigit():
@@ -48,7 +54,31 @@ def machine_memory_bytes(device: torch.device) -> int:
     return total
 
 
-def _plain_bounds(cfg) -> None:
+def check_address_space(num_threads: int, batch_size: int, image_size: int) -> None:
+    """Under an address-space limit (ulimit -v), a FastByolError when what is left of it cannot hold a training
+    pipeline: DALI's worker threads abort the process (SIGABRT, no message) when a thread's stack or its malloc arena
+    cannot be mapped, so the room is checked before DALI starts. Measured on a 2-core CPU: building and running the
+    pipeline grew the address space by 0.8 GB (2 threads, 16 px) to 1.8 GB (4 threads, 96 px); the estimate is 0.5 GB
+    + 0.35 GB a thread + the views (float32, both, 4 copies)."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return
+    try:
+        with open("/proc/self/status") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    need = int(0.5e9 + 0.35e9 * max(1, num_threads) + 4 * 2 * batch_size * image_size * image_size * 3 * 4)
+    if limit - used < need:
+        left = max(0, limit - used) / GB
+        raise FastByolError(f"the address-space limit (ulimit -v) is {limit / GB:.1f} GB, {left:.1f} GB of it left; "
+                            f"the training pipeline ({num_threads} threads, batch {batch_size} at {image_size} px) "
+                            f"needs about {need / GB:.1f} GB of it: raise the limit")
+
+
+def check_plain_bounds(cfg) -> None:
     limits = [("num_threads", cfg.data.num_threads, max_threads(), "8 per CPU core, at least 64"),
               ("image_size", cfg.data.image_size, MAX_IMAGE_SIZE, "px"),
               ("batch_size", cfg.data.batch_size, MAX_BATCH, "images"),
@@ -65,6 +95,8 @@ def training_bytes(cfg, local_batch: int, activation_bytes: int = 4) -> dict[str
     """Lower-bound bytes of one process's training, by part: 'encoder' and 'heads' (fp32 weights, gradients and
     LARS momentum of the online network, weights of the target), 'activations' (the online forward's layer
     outputs kept for the backward, both views, at `activation_bytes` per element)."""
+    import torch
+
     from ..models import BYOL, build_encoder
 
     with torch.device("meta"):
@@ -102,10 +134,10 @@ def fitting_accumulate(parts: dict[str, int], micro_batch: int, local_batch: int
     return None
 
 
-def check_machine_bounds(cfg, device: torch.device, world_size: int) -> None:
+def check_machine_bounds(cfg, device, world_size: int) -> None:
     """FastByolError naming the setting when the run cannot fit this machine (see the module docstring); when the
     activations are what does not fit, it names the --accumulate that would."""
-    _plain_bounds(cfg)
+    check_plain_bounds(cfg)
     from ..models import is_custom_arch
 
     if is_custom_arch(cfg.model.arch):  # a module:factory of the user's own: theirs to size (and to build: a

@@ -2,6 +2,13 @@
 bookkeeping uses (broadcast, gather, barrier, global mean: identities with one process), and batch norm over all
 ranks.
 
+Every wait on another rank is bounded by --dist-timeout (`init_distributed(device_type, timeout_s)`): the rendezvous
+(at most twice the timeout, one line for a peer that never starts, a port in use or held by another program), every
+process group's collectives, and `barrier`, which waits for a live rank however long it works and for a silent one at
+most the timeout (fastbyol.system.peers). The bookkeeping's objects (broadcast, gather, the stop check) go over one
+gloo group (`control_group`: the default group on the CPU, a gloo group beside NCCL on CUDA). `explain(e)` turns what
+torch raises for a lost peer into one line.
+
 The official recipe's BN is cross-replica. `nn.SyncBatchNorm` needs CUDA and breaks a torch.compile graph at every
 BN layer (c10d calls Dynamo cannot trace), so `GlobalBatchNorm` does
 it for CUDA (NCCL) and the CPU (gloo) alike: each rank's per-channel mean, sum of squared deviations and count
@@ -14,10 +21,20 @@ backward of the whole global batch.
 from __future__ import annotations
 
 import os
+import re
+import sys
+import threading
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from ..errors import FastByolError
+from .native import native_stderr
+from .peers import Peers, lost_peer
+from .peers import first_line
 
 
 def world() -> tuple[int, int, int]:
@@ -28,18 +45,26 @@ def world() -> tuple[int, int, int]:
     return torchrun_world()
 
 
+DEFAULT_TIMEOUT_S = 600.0  # --dist-timeout's default (fastbyol.config.RunConfig.dist_timeout), torch's NCCL default
+RENDEZVOUS_FACTOR = 2.0  # the rendezvous ends within this many timeouts (c10d's store client retries past one)
 _BN_GROUP = None
+_PEERS: Peers | None = None  # the other ranks, while this process's group lives (fastbyol.system.peers)
+_LAST = {"rank": 0, "timeout_s": DEFAULT_TIMEOUT_S, "peers": None}  # the last group made here, for `explain`
+
+
+def _timeout() -> timedelta:
+    return timedelta(seconds=_LAST["timeout_s"])
 
 
 def _cpu_bn_group():
     """A gloo process group of its own for the BN statistics on the CPU (see `_bn_group`)."""
     global _BN_GROUP
     if _BN_GROUP is None:
-        _BN_GROUP = dist.new_group(backend="gloo")
+        _BN_GROUP = dist.new_group(backend="gloo", timeout=_timeout())
     return _BN_GROUP
 
 
-def _attempt_store(rank: int, world_size: int):
+def _attempt_store(rank: int, world_size: int, timeout: timedelta):
     """The key-value store of this start of the worker group, under torchrun's shared agent store; None elsewhere
     (the plain env:// rendezvous).
 
@@ -53,22 +78,20 @@ def _attempt_store(rank: int, world_size: int):
     counts its own restarts, and a node restarted for another node's failure does not count it."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    from torch.distributed.constants import default_pg_timeout
-
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
-                          timeout=default_pg_timeout)  # a client of the agent's server, as env:// makes it
-    return dist.PrefixStore(f"fastbyol/attempt/{_agree_on_attempt(store, rank, world_size)}", store)
+                          timeout=timeout)  # a client of the agent's server, as env:// makes it
+    name = _agree_on_attempt(store, rank, world_size, timeout_s=timeout.total_seconds())
+    return dist.PrefixStore(f"fastbyol/attempt/{name}", store)
 
 
-def _agree_on_attempt(store, rank: int, world_size: int, poll_s: float = 0.05) -> str:
+def _agree_on_attempt(store, rank: int, world_size: int, poll_s: float = 0.05,
+                      timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
     """A name for this start of the group, the same on every rank, unused by any earlier start (collective, over the
     store). Rank 0 draws it; rank r draws a nonce, posts it under `hello/r` (an earlier start's nonce may still be
     there: rank 0 answers whatever it finds) and waits for the answer under `ack/<its nonce>`, a key only this start
-    writes; rank 0 goes on until every rank has confirmed under `joined/<name>/r`."""
-    import time
+    writes; rank 0 goes on until every rank has confirmed under `joined/<name>/r`. Each side waits at most
+    `timeout_s` (the store's own timeout bounds the other ranks' wait)."""
     import uuid
-
-    from torch.distributed.constants import default_pg_timeout
 
     nonce = uuid.uuid4().hex
     if rank != 0:
@@ -78,7 +101,7 @@ def _agree_on_attempt(store, rank: int, world_size: int, poll_s: float = 0.05) -
         store.set(f"fastbyol/joined/{name}/{rank}", "1")
         return name
     waiting, answered = set(range(1, world_size)), {}
-    deadline = time.monotonic() + default_pg_timeout.total_seconds()
+    deadline = time.monotonic() + timeout_s
     while waiting:
         for r in sorted(waiting):
             if store.check([f"fastbyol/hello/{r}"]):
@@ -89,18 +112,22 @@ def _agree_on_attempt(store, rank: int, world_size: int, poll_s: float = 0.05) -
             if store.check([f"fastbyol/joined/{nonce}/{r}"]):
                 waiting.discard(r)
         if waiting and time.monotonic() > deadline:
-            raise RuntimeError(f"ranks {sorted(waiting)} did not join this start of the worker group in "
-                               f"{default_pg_timeout}")
+            raise FastByolError(f"rank 0: ranks {sorted(waiting)} did not join this start of the worker group within "
+                                f"--dist-timeout {timeout_s:g} s")
         if waiting:
             time.sleep(poll_s)
     return nonce
 
 
-def init_distributed(device_type: str) -> tuple[int, int, bool]:
-    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU).
+def init_distributed(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, bool]:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU), every wait bounded by `timeout_s`
+    (--dist-timeout): the rendezvous, each collective, and a barrier's wait for a rank that shows no sign of life
+    (fastbyol.system.peers). A rendezvous that cannot complete (a peer that never starts, a port in use, an
+    unreachable host) is one FastByolError line.
 
     Returns (rank, world_size, created): created is True when this call made the group (the caller then destroys
     it), False when there is one process or the caller's code had already joined a group."""
+    global _PEERS
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
     rank, local_rank, world_size = world()
@@ -109,14 +136,85 @@ def init_distributed(device_type: str) -> tuple[int, int, bool]:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
-    store = _attempt_store(rank, world_size)
-    if store is None:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
-    if device_type != "cuda":
-        _cpu_bn_group()  # made now, by every rank together, not lazily in the first forward
+    _LAST.update(rank=rank, timeout_s=float(timeout_s), peers=None)
+    def join():
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)  # the current device is per thread
+        store = _attempt_store(rank, world_size, _timeout())
+        if store is None:
+            dist.init_process_group(backend, timeout=_timeout())
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=_timeout())
+        # the bookkeeping's collectives (objects, barriers' fallback, the stop check) on gloo: host memory only
+        control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=_timeout())
+        if device_type != "cuda":
+            _cpu_bn_group()  # made now, by every rank together, not lazily in the first forward
+        return control
+
+    try:
+        with native_stderr():  # c10d's own retry and timeout lines (with C++ frames): the error below says it
+            control = _bounded(join, RENDEZVOUS_FACTOR * timeout_s, rank)
+    except Exception as e:  # noqa: BLE001 (what torch raises for a rendezvous that cannot complete: one line)
+        close_distributed()
+        mapped = e if isinstance(e, FastByolError) else rendezvous_error(e, rank, world_size, timeout_s)
+        if mapped is None:
+            raise
+        raise mapped from None
+    _PEERS = _LAST["peers"] = Peers(dist.distributed_c10d._get_default_store(), rank, world_size, timeout_s,
+                                    control).start()
     return rank, world_size, True
+
+
+def _bounded(join, limit_s: float, rank: int):
+    """join() in a thread of its own, waited for at most `limit_s`: c10d's store client can wait without end for
+    a listener on MASTER_PORT that is no store (another program's port); that thread is then left behind (a
+    daemon, blocked in a socket read) and the rendezvous is one line."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = join()
+        except BaseException as e:  # noqa: BLE001 (raised again in the caller's thread)
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="fastbyol-rendezvous", daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    if thread.is_alive():
+        addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+        raise FastByolError(f"rank {rank}: the rendezvous at {addr}:{port} did not complete within {limit_s:g} s "
+                            f"({RENDEZVOUS_FACTOR:g} x --dist-timeout): is a rendezvous store listening there (rank 0, "
+                            "or torchrun's agent), and not another program?")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def rendezvous_error(e: BaseException, rank: int, world_size: int, timeout_s: float) -> FastByolError | None:
+    """One line for a rendezvous that could not complete, naming what to check; None when `e` is something else."""
+    addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    text = str(e)
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return FastByolError(f"rank {rank}: MASTER_PORT {port} is in use on {addr} (another job, or a run that is "
+                             "still going, listens there): choose another port (torchrun --master-port)")
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if joined:
+        return FastByolError(f"rank {rank}: {joined.group(1)} of the {world_size} processes joined at {addr}:{port} "
+                             f"within --dist-timeout {timeout_s:g} s: start every rank (same MASTER_ADDR, "
+                             "MASTER_PORT and WORLD_SIZE)")
+    if isinstance(e, (dist.DistError, RuntimeError)) and re.search(r"[Tt]imed? ?out|timeout|[Cc]onnect", text):
+        return FastByolError(f"rank {rank}: the rendezvous at {addr}:{port} did not complete within --dist-timeout "
+                             f"{timeout_s:g} s (rank 0 not started, another host or port, or a peer that stopped: "
+                             f"{first_line(e)})")
+    return None
+
+
+def explain(e: BaseException) -> FastByolError | None:
+    """One line for an exception that says a rank of the last group made here was lost (a peer stopped, a
+    collective timed out, the processes built different models); None otherwise, or when no group was made."""
+    if _LAST["peers"] is None:
+        return None
+    return lost_peer(e, _LAST["rank"], _LAST["timeout_s"], _LAST["peers"])
 
 
 def data_parallel(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
@@ -139,10 +237,21 @@ def data_parallel(model: nn.Module, device: torch.device, world_size: int) -> nn
 
 
 def close_distributed() -> None:
-    global _BN_GROUP
+    """Leave the group (idempotent). Called while an exception propagates (the caller's `finally`), it first posts
+    that exception's line for the ranks that wait on this one (fastbyol.system.peers)."""
+    global _BN_GROUP, _PEERS
+    if _PEERS is not None:
+        _PEERS.stop(sys.exc_info()[1])
+        _PEERS = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _BN_GROUP = None
+
+
+def control_group():
+    """The gloo group of the bookkeeping's collectives (the default group on the CPU); None without a group made by
+    init_distributed (the default group then)."""
+    return None if _PEERS is None else _PEERS.group
 
 
 def broadcast_object(obj, rank: int, world_size: int):
@@ -150,7 +259,7 @@ def broadcast_object(obj, rank: int, world_size: int):
     if world_size == 1:
         return obj
     box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]
 
 
@@ -159,14 +268,19 @@ def gather_objects(obj, world_size: int) -> list:
     if world_size == 1:
         return [obj]
     out = [None] * world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=control_group())
     return out
 
 
 def barrier(world_size: int) -> None:
-    """Wait until every rank gets here (collective); nothing with one process."""
-    if world_size > 1:
+    """Wait until every rank gets here (collective); nothing with one process. Under init_distributed's group a
+    live rank is waited for however long it works, a dead one at most --dist-timeout (fastbyol.system.peers)."""
+    if world_size == 1:
+        return
+    if _PEERS is None:
         dist.barrier()
+    else:
+        _PEERS.barrier()
 
 
 def global_mean(t: torch.Tensor, world_size: int) -> float:

@@ -1,13 +1,14 @@
 """The environment is input: every variable fastbyol reads, checked in one place into one line naming it.
 
 torchrun's RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, and the FASTBYOL_* switches
-(FASTBYOL_CACHE, FASTBYOL_KERNELS, FASTBYOL_OP_STYLE; the test-only FASTBYOL_TEST_* fault injections). `fastbyol
+(FASTBYOL_CACHE, FASTBYOL_KERNELS, FASTBYOL_OP_FORM; the test-only FASTBYOL_TEST_* fault injections). `fastbyol
 train` calls `check_environment()` before anything is created, so a bad value ends in one line and no run folder.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from ..errors import FastByolError
 
@@ -20,7 +21,7 @@ def _count(name: str, default: int, low: int) -> int:
     if raw is None:
         return default
     text = raw.strip()
-    if not text.isdigit() or not text.isascii():  # no sign, no spaces inside, no '1e3', no Unicode digits
+    if not re.fullmatch(r"[0-9]{1,18}", text):  # no sign, no spaces inside, no '1e3', no Unicode digits, no 10^5000
         raise FastByolError(f"environment variable {name}={raw!r} must be an integer >= {low}")
     value = int(text)
     if value < low:
@@ -74,11 +75,11 @@ def _cache_folder() -> None:
 def fault_injection_count(name: str) -> int:
     """A test-only fault-injection count (FASTBYOL_TEST_*): 0 when unset or not a number (never a crash on import)."""
     raw = os.environ.get(name, "0").strip()
-    return int(raw) if raw.isdigit() and raw.isascii() else 0
+    return int(raw) if re.fullmatch(r"[0-9]{1,18}", raw) else 0
 
 
 def check_environment() -> tuple[int, int, int]:
-    """Every variable fastbyol reads, checked; returns torchrun_world(). FASTBYOL_KERNELS and FASTBYOL_OP_STYLE are
+    """Every variable fastbyol reads, checked; returns torchrun_world(). FASTBYOL_KERNELS and FASTBYOL_OP_FORM are
     checked against the device by `fastbyol.kernels.check_backend`."""
     _cache_folder()
     return torchrun_world()

@@ -1,5 +1,5 @@
 """`fastbyol bench augment`: two-view samples/s of the whole augmentation pipeline (DALI crops + the photometric
-chain), and `bench_photometric`: the photometric chain alone, per variant (reference, compiled, triton).
+chain), and `bench_photometric`: the photometric chain alone, per backend (reference, compiled, triton).
 
     fastbyol bench augment --size 224 --batch 256 --device gpu --source jpeg --json
     python -c "from fastbyol.tools.bench_augment import bench_photometric as b; print(b(224, 256, 'cuda', 'triton'))"
@@ -13,8 +13,8 @@ How the clock runs (the honest steady state): DALI prefetches (2 batches ahead),
 warm-up would count batches produced before it started. Every batch's arrival time is recorded (on CUDA after a
 synchronize), and samples_per_s is the batch size over the median time between consecutive arrivals: a batch that
 was already waiting shows up as one near-zero interval and does not move the median, and the median is the period
-of the slower of producer and consumer. samples_per_s_mean (timed batches over their total time, the old figure)
-is reported beside it.
+of the slower of producer and consumer. samples_per_s_mean (timed batches over their total time, which counts the
+prefetched batches' head start) is reported beside it.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import time
 import numpy as np
 import torch
 
-from ..augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, TwoViewLoader, sample_params, views_from_config
+from ..augment import (IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, LoaderSettings, TwoViewLoader, sample_params,
+                       views_from_config)
 from ..config import DEFAULT_PRESET, get_preset
 from ..errors import FastByolError
-from ..augment.photometric_backends import VARIANTS, photometric_variant
+from ..augment.photometric_backends import BACKENDS, photometric_backend
 
 
 def synthetic_source(size: int, n_images: int, source: str = "jpeg", seed: int = 0):
@@ -41,7 +42,8 @@ def synthetic_source(size: int, n_images: int, source: str = "jpeg", seed: int =
         coarse = rng.integers(0, 256, (n_images, 8, 8, 1 if source == "gray" else 3)).astype(np.uint8)
         img = np.repeat(np.repeat(coarse, side // 8 + 1, 1), side // 8 + 1, 2)[:, :side, :side]
         return np.ascontiguousarray(np.broadcast_to(img, (n_images, side, side, 3)))
-    from ..data.folders import FileList, synthetic_folder
+    from ..data.folders import FileList
+    from ..data.synthetic import synthetic_folder
 
     root = synthetic_folder(n_train=n_images, n_test=0, size=side)
     return FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)
@@ -83,9 +85,9 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
     if data is None:
         data = synthetic_source(size, batch * 4, source, seed)
     view1, view2 = views_from_config(cfg)
-    loader = TwoViewLoader(data, batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu",
-                           num_threads=threads, gray_input=source == "gray", view1=view1, view2=view2,
-                           augment=cfg.augment)
+    settings = LoaderSettings(batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu", num_threads=threads,
+                              gray_input=source == "gray", views=(view1, view2))
+    loader = TwoViewLoader(data, settings, cfg.augment)
     arrivals: list[float] = []
     done = 0
     while done < warmup + steps:
@@ -101,34 +103,34 @@ def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arr
     return {"samples_per_s": rate, "samples_per_s_mean": mean_rate, "size": size, "batch": batch,
             "device": device, "source": source, "threads": threads, "steps": steps,
             "seconds": arrivals[-1] - arrivals[0], "operators": loader.operators,
-            "photometric": loader.photometric_variant, "blur_window": view1.blur_window_rule,
+            "photometric": loader.photometric_backend, "blur_window": view1.blur_window_rule,
             "blur_taps": view1.blur_window(size), "decode": loader.decode, "decoders": loader.decoders,
             "cpu_parallel": loader.cpu_parallel, "preset": preset, "crop_area": list(view1.crop_area)}
 
 
-def bench_photometric(size: int, batch: int, device: str, variant: str, steps: int = 20, threads: int | None = None,
+def bench_photometric(size: int, batch: int, device: str, backend: str, steps: int = 20, threads: int | None = None,
                       seed: int = 0) -> dict:
     """The photometric chain alone on random crops: both views (VIEW1's and VIEW2's parameters) of `batch` images
     per step. ms_per_batch is the median step; images_per_s = batch / that (two-view samples per second).
 
-    variant: "reference" (eager torch, grouped by jitter order), "compiled" (torch.compile of the per-slot form;
+    backend: "reference" (eager torch, grouped by jitter order), "compiled" (torch.compile of the per-slot form;
     compile_s is its first call, not timed) or "triton" (on the CPU only under TRITON_INTERPRET=1, tiny sizes).
     device: "cpu" or "cuda" (or "gpu"). threads: the reference's CPU worker threads (None: the calling thread)."""
-    if variant not in VARIANTS:
-        raise FastByolError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if backend not in BACKENDS:
+        raise FastByolError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = "cuda" if device in ("cuda", "gpu") else device
     if device == "cuda" and not torch.cuda.is_available():
         raise FastByolError("device cuda, but torch sees no CUDA GPU")
-    if variant == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise FastByolError("variant triton on the CPU needs TRITON_INTERPRET=1 in the environment before start")
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise FastByolError("backend triton on the CPU needs TRITON_INTERPRET=1 in the environment before start")
     if size < 8 or batch < 1 or steps < 1:
         raise FastByolError("size must be >= 8, batch and steps >= 1")
     g = torch.Generator().manual_seed(seed)
     crops = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)  # as DALI's
     params = [sample_params(spec, batch, g, device) for spec in (VIEW1, VIEW2)]
-    fn = photometric_variant(variant)
+    fn = photometric_backend(backend)
     out_dtype = torch.float16 if device == "cuda" else torch.float32
-    extra = {"threads": threads} if variant == "reference" and device == "cpu" else {}
+    extra = {"threads": threads} if backend == "reference" and device == "cpu" else {}
 
     def step():
         for spec, p in zip((VIEW1, VIEW2), params):
@@ -146,6 +148,6 @@ def bench_photometric(size: int, batch: int, device: str, variant: str, steps: i
         step()
         times.append(time.perf_counter() - t0)
     ms = 1000.0 * statistics.median(times)
-    return {"variant": variant, "size": size, "batch": batch, "device": device, "ms_per_batch": ms,
+    return {"backend": backend, "size": size, "batch": batch, "device": device, "ms_per_batch": ms,
             "images_per_s": batch / (ms / 1000.0), "views": 2, "steps": steps, "first_call_s": compile_s,
             "ms_min": 1000.0 * min(times)}

@@ -70,7 +70,7 @@ def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", step
 def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup: int, dev: torch.device,
              proj_hidden: int, stem: str, compile: str, source: str, compile_backend: str,
              cudnn_benchmark: bool) -> dict:
-    from ..augment import TwoViewLoader
+    from ..augment import LoaderSettings, TwoViewLoader
     from ..models import BYOL, build_encoder
     from ..optim import LARS
     from ..run.perf import flops_per_image, mfu, peak_flops
@@ -97,9 +97,9 @@ def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup:
             while True:
                 yield views
     else:
-        loader = TwoViewLoader(synthetic_source(size, batch * 4, "jpeg"), batch, size,
-                               device="cuda" if dev.type == "cuda" else "cpu",
-                               num_threads=min(8, os.cpu_count() or 1))
+        loader = TwoViewLoader(synthetic_source(size, batch * 4, "jpeg"),
+                               LoaderSettings(batch, size, device="cuda" if dev.type == "cuda" else "cpu",
+                                              num_threads=min(8, os.cpu_count() or 1)))
 
         def batches():
             while True:

@@ -158,12 +158,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON report to write")
     ap.add_argument("--no-scratch", action="store_true", help=f"only the installed Triton, not {SCRATCH_TRITON}")
     args = ap.parse_args(argv)
+    from pathlib import Path
+
+    from ..data.cache import atomic_write_bytes
+    from ..errors import FastByolError
+    from ..run.outputs import check_output
+
+    out = Path(args.out)
+    check_output(out)  # never over a run's files; before the minutes of compiling
+    if not out.parent.is_dir():
+        raise FastByolError(f"--out {out}: the folder {out.parent} does not exist")
     launches = headline_launches()
     rows = worker(launches)
     if not args.no_scratch:
         rows += run_in(scratch_python(), launches)
-    with open(args.out, "w") as f:
-        json.dump({"rows": rows}, f, indent=1)
+    atomic_write_bytes(out, json.dumps({"rows": rows}, indent=1).encode())  # whole or not at all
     print(table(rows))
     return 0 if all(r["ok"] for r in rows) else 1
 
