@@ -520,7 +520,7 @@ def config_from_file(path: str | Path, preset: str | None = None) -> Config:
     cfg = get_preset(name)
     template = "resolved" in raw  # a run's config.json
     for key, value in raw.items():
-        if key in ("preset", "resolved"):
+        if key in ("preset", "resolved") or template and key == "run_id":  # a new run gets its own id
             continue
         if key in SECTIONS:
             if not isinstance(value, dict):

@@ -47,7 +47,7 @@ def test_print_config_reads_back_to_the_same_settings(tmp_path, capsys):
 def test_a_runs_config_json_is_a_template(tmp_path):
     cfg = get_preset("cifar10-resnet18")
     cfg.run.out, cfg.run.name, cfg.optim.epochs = str(tmp_path / "old"), "old", 5
-    saved = {**cfg.to_dict(), "resolved": {"local_batch": 512}}
+    saved = {"run_id": "0123456789abcdef0123456789abcdef", **cfg.to_dict(), "resolved": {"local_batch": 512}}
     (tmp_path / "config.json").write_text(json.dumps(saved))
     loaded = config_from_file(tmp_path / "config.json")
     assert loaded.optim.epochs == 5 and loaded.run.out == "" and loaded.run.name == ""  # a new run, a new folder
@@ -101,4 +101,5 @@ def test_a_run_from_a_yaml_file_equals_the_run_from_flags(small_idx_data, tmp_pa
     assert a["params_sha256"] == b["params_sha256"] and a["steps"] == 3
     ca, cb = (json.loads((tmp_path / r / "config.json").read_text()) for r in ("flags", "yaml"))
     ca["run"]["out"] = cb["run"]["out"] = ""
+    assert ca.pop("run_id") != cb.pop("run_id")  # every run its own id
     assert ca == cb

@@ -104,12 +104,12 @@ def test_a_folder_that_is_not_ours_gets_its_manifest_in_the_cache(tmp_path, monk
     assert (mine / ".fastbyol" / mf.MANIFEST_NAME).is_file()  # this user's folder: beside the data, as before
 
 
-def test_a_layout_manifest_of_version_2_is_rebuilt(tmp_path):
+def test_a_layout_manifest_records_its_layout(tmp_path):
     root = image_folder(tmp_path / "photos", n=20)
     man, _, status = mf.obtain(root)
     assert status == "built" and man.layout == "classes" and man.held_out_every == 10
     header = json.loads(np.load(root / ".fastbyol" / mf.MANIFEST_NAME)["header"].tobytes())
-    assert header["version"] == mf.VERSION == 3 and header["test_dir"] == ""
+    assert header["version"] == mf.VERSION and header["test_dir"] == "" and header["held_out_every"] == 10
 
 
 def test_train_with_a_test_folder(tmp_path):

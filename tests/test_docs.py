@@ -380,14 +380,14 @@ def test_the_operator_counts_are_the_graphs(tmp_path):
 
     pytest.importorskip("nvidia.dali")
     pytest.importorskip("PIL")
-    from fastbyol.augment import TwoViewLoader
+    from fastbyol.augment import LoaderSettings, TwoViewLoader
     from fastbyol.data.folders import FileList
     from fastbyol.data.synthetic import write_synthetic_jpegs
 
     arrays = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     root = write_synthetic_jpegs(tmp_path / "j", n_train=16, n_test=0, size=32, classes=1)
     files = FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)
-    counts = [TwoViewLoader(src, 8, 16, device="cpu", num_threads=1).operators for src in (arrays, files)]
+    counts = [TwoViewLoader(src, LoaderSettings(8, 16, num_threads=1)).operators for src in (arrays, files)]
     text = " ".join((ROOT / "docs" / "recipe.md").read_text().split())
     assert f"{counts[0]} operators on the CPU from arrays and {counts[1]} from encoded files" in text, counts
 

@@ -95,7 +95,8 @@ def test_eval_notes_an_unfinished_run_and_a_tiny_batch(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "stopped before its end" in out and "note: batch" not in out  # a batch given is the user's choice
-    assert os.path.exists(run / "finetune-0.01.json")
+    names = sorted(p.name for p in run.glob("finetune-0.01*.json"))  # each named by the settings it changed
+    assert len(names) == 2 and "batch_size8" in names[0] + names[1] and "epochs1" in names[0], names
 
 
 def test_an_encoder_module_beside_the_command_needs_no_pythonpath(small_idx_data, tmp_path):
