@@ -16,8 +16,8 @@ is run by that interpreter instead: its `torch.compile(model)` is the four-pass 
 One step is forward, the fused loss and backward; compile time = the first step's time - the median of the next
 steps' (it also contains the first step's one-time allocations), in CPU seconds of the process and of the compiler
 processes it ran (Inductor compiles in this process, `TORCHINDUCTOR_COMPILE_THREADS=1`: on a machine shared with
-other work, wall time measures the neighbours; CPU time does not) and in wall seconds. After the first step nothing may compile again:
-`recompiles_after_first` counts Dynamo's unique graphs made by later steps (0 expected). The aten node counts of the
+other work, wall time measures the neighbours; CPU time does not) and in wall seconds. After the first step nothing
+may compile again: `recompiles_after_first` counts Dynamo's unique graphs made by later steps (0 expected). The aten node counts of the
 forward and backward graphs come from a second, code-free trace (AOTAutograd with counting compilers).
 Image size and batch change the run time of a step, not the graph: small ones keep the CPU's part small.
 

@@ -17,6 +17,7 @@ import copy
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable
 
 from .errors import FastByolError
@@ -54,11 +55,15 @@ def _nonnegative(v) -> bool:
     return _finite(v) and v >= 0
 
 
+def _folder_name(v) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[\w.+-]+", v) is not None and not v.startswith(".")
+
+
 def _custom_arch(f, value) -> bool:
     """An --arch of the form module.path:factory (an encoder of the user's own)."""
     if f.metadata.get("choices_from") != "archs" or not isinstance(value, str):
         return False
-    from .models import is_custom_arch
+    from .models.names import is_custom_arch
 
     return is_custom_arch(value)
 
@@ -73,11 +78,11 @@ def allowed_values(f) -> tuple | None:
     if source is None:
         return None
     if source == "archs":
-        from .models import ARCHS
+        from .models.names import ARCH_NAMES
 
-        return tuple(ARCHS)
+        return ARCH_NAMES
     if source == "stems":
-        from .models import STEMS
+        from .models.names import STEMS
 
         return STEMS
     from .data import FORMATS
@@ -87,10 +92,17 @@ def allowed_values(f) -> tuple | None:
 
 @dataclass
 class DataConfig:
-    data: str = setting("embedded", "dataset: 'embedded', 'fashion-mnist', 'synthetic', a dataset folder (ImageFolder "
-                        "layout, CIFAR/STL10/MNIST files), a .npy/.npz file, or tar shards (a folder of .tar files, "
-                        "or a pattern such as 'shards/train-{000000..000099}.tar'; made by `fastbyol shards`)", "must not be empty", lambda v: bool(str(v).strip()))
+    data: str = setting("embedded", "dataset: 'embedded', 'fashion-mnist', 'synthetic', a dataset folder (image "
+                        "folders: train/<class>/ with test/ or val/, class folders ROOT/<class>/ as torchvision's "
+                        "ImageFolder reads them, or any folder of images; CIFAR/STL10/MNIST files), a .npy/.npz file, "
+                        "or tar shards (a folder of .tar files, or a pattern such as "
+                        "'shards/train-{000000..000099}.tar'; made by `fastbyol shards`); recorded as an absolute path",
+                        "must not be empty",
+                        lambda v: bool(str(v).strip()))
     data_format: str = setting("auto", "dataset format (auto: recognised from the files)", choices_from="formats")
+    test_data: str = setting("", "kNN test split of an image folder: a folder of class folders (ROOT/<class>/), "
+                             "instead of its test/ or val/ folder or (class folders ROOT/<class>/) every 10th image "
+                             "held out")
     image_size: int = setting(28, "side of each augmented view, px", "must be >= 8", lambda v: v >= 8)
     batch_size: int = setting(128, "images per step over all processes (two views each)", "must be >= 2 (BatchNorm "
                               "needs two samples)", lambda v: v >= 2)
@@ -148,7 +160,11 @@ class OptimConfig:
 class RunConfig:
     seed: int = setting(0, "random seed (weights, shuffling, augmentation)", "must be in [0, 2**32)",
                         lambda v: 0 <= v < 2**32)
-    out: str = setting("", "run directory (default: runs/<preset>-<UTC time>)")
+    out: str = setting("", "run directory (default: runs/NAME, --name's)")
+    name: str = setting("", "the run's name: its folder is runs/NAME unless --out names one (default: the data, the "
+                        "preset and the UTC time, e.g. embedded-fmnist-tiny-20261204-093015); also the W&B run name",
+                        "must be a folder name (letters, digits, '.', '_', '+', '-'; not starting with '.')",
+                        lambda v: v == "" or _folder_name(v))
     device: str = setting("auto", "where to train (auto: cuda when torch sees a GPU)", choices=DEVICES)
     compile: str = setting("auto", "torch.compile of the online/target forward (auto: default on CUDA, off on the "
                            "CPU; reduce-overhead = CUDA graphs)", choices=COMPILE_MODES)
@@ -166,6 +182,10 @@ class RunConfig:
                                  "at each kNN check; needs labelled pretraining images, off otherwise "
                                  "(--no-online-probe: off)")
     knn_temperature: float = setting(0.1, "kNN vote temperature", "must be a finite number > 0", _positive)
+    wandb: str = setting("", "Weights & Biases project: the scalars TensorBoard gets go there too (needs pip install "
+                         "'fastbyol[wandb]'; WANDB_MODE=offline writes them under RUN_DIR/wandb/ without a network)",
+                         "must be a W&B project name (letters, digits, '.', '_', '-')",
+                         lambda v: v == "" or re.fullmatch(r"[\w.-]+", v) is not None)
     profile: str = setting("", "START:STOP: record steps START..STOP-1 with torch.profiler into RUN_DIR/profile/",
                            "must be START:STOP with 0 <= START < STOP", lambda v: v == "" or _profile_steps(v) is not None)
     dist_timeout: float = setting(600.0, "under torchrun, seconds any wait on another process may last: each "
@@ -387,7 +407,7 @@ PRESETS: dict[str, tuple[Config, str]] = dict(
     [
         ("fmnist-tiny", _preset("fmnist-tiny", dict(crop_min_area=0.2), {}, {},
                                 "default: embedded Fashion-MNIST, tiny ResNet, 28 px, batch 128, 16 epochs; "
-                                "~4 min on 2 CPU cores")),
+                                "about 3 min on 2 CPU cores (2 min 46 s measured)")),
         ("fmnist-vit-tiny", _preset(
             "fmnist-vit-tiny", dict(crop_min_area=0.2),
             dict(arch="vit-tiny-cpu", stem="auto"),
@@ -412,6 +432,21 @@ PRESETS: dict[str, tuple[Config, str]] = dict(
             dict(arch="resnet50", stem="imagenet", proj_hidden=4096, pred_hidden=4096),
             dict(epochs=1000, base_lr=0.2, warmup_epochs=10, weight_decay=1.5e-6, tau_base=0.996),
             "the official recipe: ImageNet, ResNet-50, 224 px, batch 4096, 1000 epochs, base lr 0.2, tau 0.996")),
+        *[(f"imagenet-resnet50-{epochs}ep", _preset(
+            f"imagenet-resnet50-{epochs}ep",
+            dict(data="imagenet", image_size=224, batch_size=4096, num_threads=8),
+            dict(arch="resnet50", stem="imagenet", proj_hidden=4096, pred_hidden=4096),
+            dict(epochs=epochs, base_lr=lr, warmup_epochs=10, weight_decay=1e-6, tau_base=0.99),
+            f"the official recipe at {epochs} epochs: ImageNet, ResNet-50, 224 px, batch 4096, base lr {lr}, tau "
+            "0.99, weight decay 1e-6 (the official code's values for that length)")) for epochs, lr in ((300, 0.3),
+                                                                                                      (100, 0.45))],
+        ("imagenet100-resnet18", _preset(
+            "imagenet100-resnet18",
+            dict(data="imagenet100", image_size=224, batch_size=256, num_threads=8),
+            dict(arch="resnet18", stem="imagenet", proj_hidden=4096, pred_hidden=4096),
+            dict(epochs=400, base_lr=0.3, warmup_epochs=10, weight_decay=1e-6, tau_base=0.99),
+            "ImageNet-100 (100 classes, 126,689 images), ResNet-18, 224 px, batch 256, 400 epochs (solo-learn's "
+            "benchmark); the official code's 300-epoch optimizer: base lr 0.3, tau 0.99, weight decay 1e-6")),
         *[(f"imagenet-{arch}", _preset(
             f"imagenet-{arch}",
             dict(data="imagenet", image_size=224, batch_size=4096, num_threads=8),
@@ -436,6 +471,102 @@ def get_preset(name: str) -> Config:
     if name not in PRESETS:
         raise FastByolError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name][0])  # a copy the caller may modify
+
+
+# ------------------------------------------------------------------------------------------------------ config files
+# field name -> its section: a config file may give a setting flat (batch_size: 256) or in its section (data: ...)
+FIELD_SECTIONS = {f.name: section for section, klass in SECTIONS.items() for f in fields(klass)}
+CONFIG_FILE_HEADER = "# fastbyol train settings: `fastbyol train --config FILE` starts from them, flags override them\n"
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping a YAML file holds (JSON is YAML too: a run's config.json reads as it is); FastByolError naming the
+    file, and the line for a syntax error, otherwise. yaml is imported here only: `fastbyol --help` does not load it."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise FastByolError(f"--config {path}: cannot read it ({why})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise FastByolError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__})") \
+            from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise FastByolError(f"{path}: expected settings as a mapping (key: value), got {type(raw).__name__}")
+    return raw
+
+
+def _unknown(where: str, key: str, known) -> FastByolError:
+    import difflib
+
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return FastByolError(f"{where}: unknown setting {key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def _set_from_file(cfg: Config, section: str, name, value, where: str) -> None:
+    """One setting of a config file, type-checked: a float may be written as YAML 1.1 reads '1e-6' (a string)."""
+    known = {f.name: f for f in fields(SECTIONS[section])}
+    if name not in known:
+        raise _unknown(where, f"{section}.{name}", [f"{section}.{n}" for n in known])
+    kind = field_kind(known[name])
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not _type_ok(value, kind):
+        raise FastByolError(f"{where}: {section}.{name} must be {kind.__name__}, got {value!r}")
+    setattr(getattr(cfg, section), name, float(value) if kind is float else value)
+
+
+def config_from_file(path: str | Path, preset: str | None = None) -> Config:
+    """The settings of a config file over its preset's (`preset` given on the command line wins over the file's):
+    sections as config.json has them (data: {batch_size: 256}) or flat keys (batch_size: 256). A run's config.json is
+    a template: its `resolved` values are recomputed and its folder (out, name) is not reused. Unknown keys, wrong
+    types and values outside a setting's rule are one FastByolError naming the file and the key."""
+    raw, where = read_config_file(path), str(path)
+    name = preset if preset is not None else raw.get("preset", DEFAULT_PRESET)
+    if not isinstance(name, str) or name not in PRESETS:
+        raise FastByolError(f"{where}: preset {name!r} is not one of {', '.join(PRESETS)}")
+    cfg = get_preset(name)
+    template = "resolved" in raw  # a run's config.json
+    for key, value in raw.items():
+        if key in ("preset", "resolved") or template and key == "run_id":  # a new run gets its own id
+            continue
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise FastByolError(f"{where}: '{key}' must be a mapping of its settings, got {value!r}")
+            for field_name, v in value.items():
+                _set_from_file(cfg, key, field_name, v, where)
+        elif key in FIELD_SECTIONS:
+            _set_from_file(cfg, FIELD_SECTIONS[key], key, value, where)
+        else:
+            raise _unknown(where, key, [*SECTIONS, *FIELD_SECTIONS, "preset"])
+    if template:
+        cfg.run.out = cfg.run.name = ""
+    for section in SECTIONS:
+        validate_section(getattr(cfg, section), name=lambda n, s=section: f"{where}: {s}.{n}")
+    return cfg
+
+
+def config_yaml(cfg: Config) -> str:
+    """The settings as a config file (`--print-config`): every setting in its section, so `--config` of it gives the
+    same Config."""
+    import yaml
+
+    raw = cfg.to_dict()
+    for section, klass in SECTIONS.items():  # a float setting given as an int (a preset's 10) prints as 10.0
+        for f in fields(klass):
+            if field_kind(f) is float:
+                raw[section][f.name] = float(raw[section][f.name])
+    return CONFIG_FILE_HEADER + yaml.safe_dump(raw, sort_keys=False, default_flow_style=False)
 
 
 def require_config(cfg, where: str = "train(cfg)") -> Config:

@@ -22,7 +22,6 @@ import copy
 import os
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +30,7 @@ import torch
 
 from .augment import LoaderSettings, TwoViewLoader, views_from_config
 from .config import Config, Resolved, require_config
-from .data import ImageDataset, resolve_dataset
+from .data import ImageDataset, absolute_data_spec, resolve_dataset
 from .errors import FastByolError, TrainingStopped
 from .evaluation.monitor import evaluate_knn, probe_top1, random_init_knn
 from .evaluation.probe import OnlineProbe, probe_labels, probe_reads_labels
@@ -44,12 +43,14 @@ from .run.checkpoint import Checkpoints, last_good, load_run, new_run_id, state_
 from .run.disk import describe_write_error
 from .run.files import BadFiles, RunFiles, check_out_outside_data
 from .run.meter import ThroughputMeter
+from .run.naming import run_dir_for
 from .run.names import CHECKPOINT, PROFILE, SUMMARY, TENSORBOARD
 from .run.outputs import refuse_inside_run
 from .run.perf import device_memory_in_use, flops_per_image, library_versions, peak_flops
 from .run.preemption import StopCheck
 from .run.profiling import StepProfiler
 from .run.reporting import LogPoints, Reporter, TensorBoardSink
+from .run.textlog import TextLog, text_lines_wanted
 from .run.state import TrainState
 from .system.agreement import agree, dataset_facts, settings_facts
 from .system.bounds import check_machine_bounds
@@ -310,17 +311,30 @@ class Run:
         self.files.open(self.cfg, resolved, None if self.launch.resume is None else state.step,
                         2 * state_bytes(self.model.state_dict()), self.rank, state.run_id)
         _log_start(self)
-        # CurrentStderr: the bar writes between batches, while an encoded source's loader holds fd 2 (native.py)
+        # CurrentStderr: the bar writes between batches, while an encoded source's loader holds fd 2 (native.py); where
+        # stderr is a file (a job's log) or the bar is off, one text line a log point instead (textlog.py)
+        text = text_lines_wanted(self.launch.progress)
         bar = tqdm(total=resolved.total_steps, initial=state.step, unit="step", dynamic_ncols=True, mininterval=1.0,
-                   disable=not (self.launch.progress and self.is_rank0), file=CurrentStderr())
-        sinks = [TensorBoardSink(self.run_dir / TENSORBOARD)] if self.is_rank0 else []
-        self.reporter = Reporter(self.files.write_metrics, bar, sinks)
+                   disable=text or not self.is_rank0, file=CurrentStderr())
+        self.reporter = Reporter(self.files.write_metrics, bar, self._sinks(text) if self.is_rank0 else [])
         self.log_points = LogPoints(self.device, self.world_size, self.cfg.run.log_every, self.reporter,
                                     lambda: last_good(self.run_dir))
         self.checkpoints = Checkpoints(self)
         self.stop = StopCheck(self.world_size)
         self.profiler = StepProfiler(resolved.profile_steps if self.is_rank0 else None, self.run_dir / PROFILE,
                                      self.device, self.log, self.meter)
+
+    def _sinks(self, text: bool) -> list:
+        """Where rank 0's records go besides metrics.jsonl: TensorBoard, the text lines, Weights & Biases (--wandb)."""
+        sinks = [TensorBoardSink(self.run_dir / TENSORBOARD)]
+        if text:
+            sinks.append(TextLog(self.resolved.total_steps, self.cfg.optim.epochs))
+        if self.cfg.run.wandb:
+            from .run.wandb_sink import WandbSink
+
+            sinks.append(WandbSink(self.cfg.run.wandb, self.run_dir, self.run_dir.name,
+                                   {**self.cfg.to_dict(), "resolved": self.resolved.to_dict()}))
+        return sinks
 
     def close(self) -> None:
         """Stop writing (metrics, TensorBoard, the lock) and stop the loader (DALI stopped, fd 2 given back)."""
@@ -362,9 +376,11 @@ def train(cfg: Config, progress: bool = True, log=print, resume: str | Path | No
         cfg, state, ckpt = load_run(resume, own)
         if state.finished:
             raise FastByolError(f"{resume}: the run already finished ({state.step} steps)")
-    elif encoder is not None:
+    else:  # a new run records its data as absolute paths: its evaluations and resume find them from any folder
         cfg = copy.deepcopy(cfg)
-        cfg.model.arch = encoder_name(encoder)  # what config.json says the encoder was
+        cfg.data.data, cfg.data.test_data = absolute_data_spec(cfg.data.data), absolute_data_spec(cfg.data.test_data)
+        if encoder is not None:
+            cfg.model.arch = encoder_name(encoder)  # what config.json says the encoder was
     cfg.validate()
     device = pick_device(cfg.run.device)
     check_backend(device)  # FASTBYOL_KERNELS: one line before anything is created
@@ -426,13 +442,14 @@ def _start(launch: Launch) -> Run:
     if device.type == "cuda":
         device = launch.device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's GPU
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the convolutions once
-    run_dir = launch.resume or Path(cfg.run.out or _default_run_dir(cfg))
+    run_dir = launch.resume or run_dir_for(cfg)  # --out, runs/NAME, or runs/DATA-PRESET-UTCTIME (naming.py)
     run_dir = broadcast_object(run_dir, rank, world_size)  # one name (its time stamp) for every rank
     check_out_outside_data(run_dir, cfg.data.data, cfg.data.data_format)
     if launch.resume is None:  # a new run never goes inside another run's folder (whose clean-up would take it)
         refuse_inside_run(run_dir, "--out", itself=False)
     dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
-                              cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size))
+                              cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size),
+                              test_data=cfg.data.test_data)
     resolved = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
     if world_size > 1:  # collective: the same data and plan on every rank (the fingerprint reads the file list)
         agree(dataset_facts(dataset, resolved), rank, world_size)
@@ -515,10 +532,6 @@ def _online_probe(launch: Launch, resolved: Resolved, dataset: ImageDataset, mod
         launch.log(f"online probe: off ({why}; --no-online-probe silences this)")
         return None
     return OnlineProbe(model.feature_dim, dataset.num_classes, launch.device, cfg.run.seed)
-
-
-def _default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.preset}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
 # -------------------------------------------------------------------------------------------------------- the loop

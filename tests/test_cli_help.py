@@ -47,3 +47,18 @@ def test_finetune_help_reads_as_written():
     helps = _option_helps(parser)
     assert helps["--batch-size"].count("(default:") == 1 and "(default: 1024" in helps["--batch-size"]
     assert helps["--epochs"].endswith("(default: 80)")  # an option without its own note still gets argparse's
+
+
+def test_help_and_presets_import_no_torch():
+    """`fastbyol --help`, `train --help` and `presets` answer without importing torch (the wait: under a second,
+    benchmarks/test_bench_cli.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fastbyol.cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['plan', '--help'], ['presets']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = sorted(m for m in ('torch', 'nvidia.dali', 'triton', 'yaml') if m in sys.modules)\n"
+            "print('HEAVY', heavy, file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stderr, out.stderr[-2000:]

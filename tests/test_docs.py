@@ -205,8 +205,12 @@ def bad_values(action: argparse.Action, value: str) -> list[str]:
         allowed = allowed_values(fields[name]) if name in fields else None
     if not allowed or not value or value.startswith("-"):
         return []
+    from fastbyol.models.names import is_custom_arch
+
     pieces = [v for v in re.split(r"[\[\]|]", value) if v]
-    return [v for v in pieces if not (v.isupper() or v[0] in "$<{" or v == "...") and v not in allowed]
+    own = action.dest == "model.arch"  # --arch module:factory: an encoder of the user's own
+    return [v for v in pieces if not (v.isupper() or v[0] in "$<{" or v == "..." or own and is_custom_arch(v))
+            and v not in allowed]
 
 
 def command_problems(text: str, parser: argparse.ArgumentParser | None = None) -> list[tuple[str, str]]:
@@ -334,3 +338,83 @@ def test_the_code_map_check_catches_a_planted_module(tmp_path):
         (tmp_path / name).write_text("")
     text = "train.py   the trainer\nrun/files.py   the run files\nkernels/ema.py  the EMA\nfiles.py\n"
     assert unmapped_modules(text, tmp_path) == ["run/new.py"]
+
+
+# ----------------------------------------------------------------------------------- figures the code knows
+
+def generated_block(text: str, name: str) -> str:
+    """The text between <!-- NAME:start --> and <!-- NAME:end --> (stripped)."""
+    m = re.search(rf"<!-- {name}:start -->\n(.*?)\n<!-- {name}:end -->", text, re.S)
+    assert m, f"no {name} block"
+    return m.group(1).strip()
+
+
+def test_the_preset_table_is_the_codes():
+    from fastbyol.cli import preset_table
+    from fastbyol.config import PRESETS
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    assert generated_block(text, "presets") == preset_table(), "docs/cli.md: run `fastbyol presets --markdown`"
+    assert all(f"`{name}`" in preset_table() for name in PRESETS)
+
+
+def test_the_plan_table_is_the_codes():
+    from fastbyol.tools.plan import plan_table
+
+    text = (ROOT / "docs" / "planning.md").read_text()
+    assert generated_block(text, "plan-table") == plan_table(), "docs/planning.md: run `fastbyol plan --table`"
+
+
+def test_a_drifted_table_is_caught():
+    text = "x\n<!-- presets:start -->\n| a |\n<!-- presets:end -->\n"
+    assert generated_block(text, "presets") == "| a |"
+    from fastbyol.cli import preset_table
+
+    assert generated_block(text, "presets") != preset_table()
+
+
+def test_the_operator_counts_are_the_graphs(tmp_path):
+    """docs/recipe.md's operator counts are the DALI graphs' (CPU: arrays, encoded files)."""
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("PIL")
+    from fastbyol.augment import LoaderSettings, TwoViewLoader
+    from fastbyol.data.folders import FileList
+    from fastbyol.data.synthetic import write_synthetic_jpegs
+
+    arrays = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    root = write_synthetic_jpegs(tmp_path / "j", n_train=16, n_test=0, size=32, classes=1)
+    files = FileList(sorted(str(p) for p in (root / "train").rglob("*.jpg")), None)
+    counts = [TwoViewLoader(src, LoaderSettings(8, 16, num_threads=1)).operators for src in (arrays, files)]
+    text = " ".join((ROOT / "docs" / "recipe.md").read_text().split())
+    assert f"{counts[0]} operators on the CPU from arrays and {counts[1]} from encoded files" in text, counts
+
+
+def test_the_image_counts_are_the_datas():
+    from fastbyol.data import load_embedded
+
+    ds = load_embedded()
+    n_train, n_test = len(ds.train_images), len(ds.test_images)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    data = " ".join((ROOT / "docs" / "data.md").read_text().split())
+    assert f"{n_train:,} Fashion-MNIST images" in readme
+    assert f"{n_train:,} images for pretraining and the kNN memory bank, {n_test:,} held out" in data
+
+
+def test_the_readmes_next_steps_use_the_run_directory_make_train_prints():
+    """The RUN= line names a folder of the form the default run gets (runs/DATA-PRESET-UTCTIME), and make train
+    is still the default preset on the default data."""
+    from datetime import datetime
+
+    from fastbyol.config import DEFAULT_PRESET, get_preset
+    from fastbyol.run.naming import default_run_name
+
+    block = (ROOT / "README.md").read_text().split("From `make train` to a backbone and a picture:", 1)[1]
+    run = re.search(r"^RUN=(\S+)", block, re.M).group(1)
+    stamp = datetime.strptime(run.rsplit("-", 2)[-2] + run.rsplit("-", 2)[-1], "%Y%m%d%H%M%S")
+    assert run == "runs/" + default_run_name(get_preset(DEFAULT_PRESET).data.data, DEFAULT_PRESET, stamp)
+    assert f"summary: {run}/summary.json" in block and "ls -d" not in block
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(VENV)/bin/fastbyol train\n" in makefile  # make train: the default preset and data

@@ -19,7 +19,7 @@ import dataclasses
 import sys
 
 from ..config import (BLUR_WINDOW_RULES, CPU_PARALLEL_MODES, DECODE_MODES, DEFAULT_PRESET, PRESETS, SECTIONS, Config,
-                     allowed_values, field_kind, flag_name, get_preset)
+                      allowed_values, config_from_file, config_yaml, field_kind, flag_name, get_preset)
 from .arguments import OneLineParser, integer, number
 from .help import DefaultsHelpFormatter
 from ..errors import FastByolError
@@ -36,29 +36,39 @@ def _train_flags() -> list[tuple[str, dataclasses.Field]]:
     return flags
 
 
-def _add_train_parser(sub) -> None:
-    train = sub.add_parser("train", help="BYOL pretraining",
-                           description="BYOL pretraining; preset values are the defaults, any flag overrides them.",
-                           epilog=f"exit status: 0 finished, 2 bad input or settings (one line), {EXIT_PREEMPTED_DOC} "
-                                  "stopped by SIGTERM, SIGUSR1 or SIGINT at a log point with a checkpoint written "
-                                  "(run the same command with --auto-resume, or --resume RUN_DIR, to continue)")
-    train.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """--preset, --config and one flag per setting (train's, and plan's: the same settings)."""
+    parser.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: {DEFAULT_PRESET}, or "
+                                                       "the config file's)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a YAML file of settings (as --print-config writes them, or a run's config.json as a "
+                             "template): its preset's values, then the file's, then the flags given here")
     defaults = get_preset(DEFAULT_PRESET)
     for section, f in _train_flags():
         value = getattr(getattr(defaults, section), f.name)
         kind, allowed = field_kind(f), allowed_values(f)
         text = f.metadata["help"] + (f" ({' | '.join(allowed)})" if allowed else "")
         if kind is bool:  # on by default: --name and --no-name; off by default: --name
-            train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", default=None, help=text,
-                               action=argparse.BooleanOptionalAction if value else "store_true")
+            parser.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", default=None, help=text,
+                                action=argparse.BooleanOptionalAction if value else "store_true")
             continue
         if (section, f.name) == ("model", "arch"):  # repeatable: with --resume each allows a module:factory
-            train.add_argument("--arch", dest="model.arch", action="append", default=None, metavar="ARCH",
-                               help=f"{text} [{DEFAULT_PRESET}: {value!r}]; with --resume: allows the run's encoder "
-                                    "of your own, module:factory, to be imported (repeatable)")
+            parser.add_argument("--arch", dest="model.arch", action="append", default=None, metavar="ARCH",
+                                help=f"{text} [{DEFAULT_PRESET}: {value!r}]; with --resume: allows the run's encoder "
+                                     "of your own, module:factory, to be imported (repeatable)")
             continue
-        train.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", type=ARG_TYPES.get(kind, kind),
-                           default=None, metavar=f.name.upper(), help=f"{text} [{DEFAULT_PRESET}: {value!r}]")
+        parser.add_argument(flag_name(f.name), dest=f"{section}.{f.name}", type=ARG_TYPES.get(kind, kind),
+                            default=None, metavar=f.name.upper(), help=f"{text} [{DEFAULT_PRESET}: {value!r}]")
+def _add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="BYOL pretraining",
+                           description="BYOL pretraining; preset values are the defaults, then a --config file's, "
+                                       "and any flag overrides them.",
+                           epilog=f"exit status: 0 finished, 2 bad input or settings (one line), {EXIT_PREEMPTED_DOC} "
+                                  "stopped by SIGTERM, SIGUSR1 or SIGINT at a log point with a checkpoint written "
+                                  "(the stop line says the command that continues it)")
+    add_settings(train)
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings as a config file (YAML) and exit without training")
     train.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue an interrupted run exactly from its last checkpoint (its own config is used: "
                             "no settings may be given with it)")
@@ -67,8 +77,10 @@ def _add_train_parser(sub) -> None:
                             "missing or empty --out starts the run, one holding a checkpoint of a run with the same "
                             "settings continues it exactly, other settings are refused (exit 2), a finished run is "
                             "left alone (exit 0). SIGTERM, SIGUSR1 and SIGINT stop every process at the next log "
-                            f"point with a checkpoint and exit {EXIT_PREEMPTED_DOC} (run the command again to continue)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+                            f"point with a checkpoint and exit {EXIT_PREEMPTED_DOC} (run the command again to "
+                            "continue); needs --out or --name")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: one text line a log point (also when stderr is not a terminal)")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -126,7 +138,32 @@ def _add_other_parsers(sub) -> None:
         add_shards_command(sub)
 
     presets = sub.add_parser("presets", help="list the presets with their key settings")
+    presets.add_argument("--markdown", action="store_true", help="as the markdown table of docs/cli.md")
     presets.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_plan_parser(sub)
+
+
+def _add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="per-GPU batch, --accumulate, memory and time of a run on a given machine",
+                          description="Plan a training run: for a preset (or train's settings) and a machine, the "
+                                      "batch per GPU, the --accumulate that fits, the memory estimate and the time per "
+                                      "epoch and to the end, from the trainer's FLOP count and memory bound; the time "
+                                      "is an estimate at an assumed MFU until --img-per-s gives a measured rate.")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs of the run (processes under torchrun) (default: 1)")
+    plan.add_argument("--gpu", default=None, metavar="KIND",
+                      help="H100, H200, A100, L40S or A10 (default: H100; or give --tflops and --memory-gb)")
+    plan.add_argument("--tflops", type=float, default=None, help="a GPU's dense bf16 TFLOP/s (with --memory-gb)")
+    plan.add_argument("--memory-gb", type=float, default=None, help="a GPU's memory, GB (with --tflops)")
+    plan.add_argument("--mfu", type=float, default=None,
+                      help="model FLOP utilisation the estimate assumes, in (0, 1] (default: 0.10)")
+    plan.add_argument("--img-per-s", type=float, default=None,
+                      help="a measured BYOL rate a GPU (summary.json's img_per_s / world_size) instead of the estimate")
+    plan.add_argument("--images", type=int, default=None,
+                      help="pretraining images (default: known for imagenet, imagenet100, stl10_binary, "
+                           "cifar-10-batches-py, embedded, fashion-mnist)")
+    plan.add_argument("--table", action="store_true", help="the docs' table: the main presets on 1, 8 and 64 GPUs")
+    add_settings(plan)
+    plan.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 OWN_ARCH_HELP = ("allow the run's encoder of your own, module.path:factory, to be imported (repeatable: one flag per "
@@ -228,9 +265,15 @@ def _train_own_encoders(args: argparse.Namespace, resume: bool):
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = get_preset(args.preset)
+    """The preset's settings, then the --config file's, then the flags given; --data recorded as an absolute path
+    (so eval, finetune and --resume find it from any folder)."""
+    from ..data import absolute_data_spec
+
+    cfg = config_from_file(args.config, args.preset) if args.config else get_preset(args.preset or DEFAULT_PRESET)
     for section, name, value in _given_settings(args):
         setattr(getattr(cfg, section), name, value)
+    cfg.data.data = absolute_data_spec(cfg.data.data)
+    cfg.data.test_data = absolute_data_spec(cfg.data.test_data)
     return cfg
 
 
@@ -240,6 +283,54 @@ def _print_presets() -> None:
         print(f"{name:18s} {summary}")
         print(f"{'':18s} data={d.data} size={d.image_size}px batch={d.batch_size} arch={m.arch} epochs={o.epochs} "
               f"base_lr={o.base_lr} tau_base={o.tau_base} wd={o.weight_decay}")
+
+
+def preset_table() -> str:
+    """The presets as the markdown table of docs/cli.md (`fastbyol presets --markdown`; tests/test_docs.py fails when
+    the page's copy drifts from it)."""
+    rows = ["| preset | data | arch | px | batch | epochs | base lr | tau | weight decay | what |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (cfg, summary) in PRESETS.items():
+        d, m, o = cfg.data, cfg.model, cfg.optim
+        rows.append(f"| `{name}`{' (default)' if name == DEFAULT_PRESET else ''} | `{d.data}` | `{m.arch}` | "
+                    f"{d.image_size} | {d.batch_size} | {o.epochs} | {o.base_lr:g} | {o.tau_base:g} | "
+                    f"{o.weight_decay:g} | {summary} |")
+    return "\n".join(rows)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from ..tools.plan import DEFAULT_MFU, launch_command, machine, plan_run, plan_table
+
+    if args.table:
+        print(plan_table())
+        return 0
+    cfg = config_from_args(args)
+    given = _given_settings(args)
+    p = plan_run(cfg, machine(args.gpus, args.gpu, args.tflops, args.memory_gb), args.images,
+                 DEFAULT_MFU if args.mfu is None else args.mfu, args.img_per_s,
+                 accumulate_given=any(name == "accumulate" for _, name, _ in given))
+    for line in p.lines():
+        print(line)
+    settings = (["--preset", args.preset] if args.preset else []) + (["--config", args.config] if args.config else [])
+    if not any(name == "data" for _, name, _ in given) and cfg.data.data not in ("embedded", "fashion-mnist"):
+        settings += ["--data", "PATH"]  # the preset's data is a name: where it is, the user knows
+    for _, name, value in given:
+        settings += ([flag_name(name) if value else "--no-" + flag_name(name)[2:]] if isinstance(value, bool) else
+                     [flag_name(name), str(value)])
+    print(f"  command  {launch_command(p, settings)}")
+    return 0
+
+
+def _find_own_encoder_here(arch: str) -> None:
+    """`--arch module:factory` named on the command line: its module is imported from sys.path, and the current
+    folder is searched too, last (the `fastbyol` script's sys.path starts at its own folder; `python -m fastbyol`
+    puts the current folder first), so a module beside the command needs no PYTHONPATH."""
+    import os
+
+    from ..models.names import is_custom_arch
+
+    if is_custom_arch(arch) and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -269,8 +360,8 @@ def _train_command(args: argparse.Namespace) -> int:
     resume, cfg = args.resume, Config()
     own = _train_own_encoders(args, resume is not None)
     if resume is not None:
-        given = [g for g in _given_settings(args) if g[1] != "arch"] + (
-            [("", "preset", args.preset)] if args.preset != DEFAULT_PRESET else [])
+        given = [g for g in _given_settings(args) if g[1] != "arch"] + [
+            ("", name, None) for name in ("preset", "config") if getattr(args, name) is not None]
         if given or args.auto_resume:
             flags = ", ".join([flag_name(name) for _, name, _ in given] + ["--auto-resume"] * args.auto_resume)
             raise FastByolError(f"--resume continues a run with its own config.json; it takes no settings (got "
@@ -278,6 +369,7 @@ def _train_command(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args)
         cfg.validate()
+        _find_own_encoder_here(cfg.model.arch)
         if args.auto_resume:
             try:
                 resume = auto_resume_decision(cfg, rank,
@@ -368,8 +460,13 @@ def _check_paths(args: argparse.Namespace) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     _check_paths(args)
     if args.command == "presets":
-        _print_presets()
+        if args.markdown:
+            print(preset_table())
+        else:
+            _print_presets()
         return 0
+    if args.command == "plan":
+        return _run_plan(args)
     if args.command == "eval":
         from ..evaluation.commands import EvalSettings, evaluate
 
@@ -390,7 +487,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from ..evaluation.export import export_encoder
 
-        print(f"encoder: {export_encoder(args.run_dir, args.out, args.which, _own_encoders(args.arch))}")
+        lines = []
+        print(f"encoder: {export_encoder(args.run_dir, args.out, args.which, _own_encoders(args.arch), lines.append)}")
+        print("\n".join(lines))
         return 0
     if args.command == "plot":
         from ..evaluation.export import plot_run
@@ -403,6 +502,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ..data.shards import run_shards
 
         return run_shards(args)
+    if args.print_config:
+        if args.resume is not None:
+            raise FastByolError("--print-config prints the settings of a new run; a run's own are in "
+                                f"{args.resume}/config.json")
+        cfg = config_from_args(args)
+        cfg.validate()
+        print(config_yaml(cfg), end="")
+        return 0
     return _run_train(args)
 
 

@@ -8,7 +8,8 @@ NHWC RGB arrays) and labeled train/test splits for the kNN monitor where the sou
   /usr/share/datasets/fashion-mnist, the embedded copy otherwise;
 - a folder holding the four Fashion-MNIST/MNIST idx files (train-/t10k-, images-idx3/labels-idx1, .gz or not);
 - STL10 binaries, CIFAR-10/100 pickles, .npy/.npz (readers.py);
-- a folder of JPEG/PNG images, labeled (train/<class>/, test/<class>/) or not (folders.py, with a manifest);
+- a folder of JPEG/PNG images, labeled (train/<class>/ with test/<class>/ or val/<class>/; or class folders
+  ROOT/<class>/, torchvision's ImageFolder, with a held-out share) or not (folders.py, with a manifest);
 - WebDataset tar shards: 'DIR/train-{000000..000146}.tar', a folder of .tar files, or one .tar (shards.py);
 - "synthetic": a cached folder of synthetic JPEGs (synthetic.py), for benchmarks and smoke runs.
 """
@@ -25,7 +26,7 @@ from ..errors import FastByolError
 from .dataset import MAX_CLASSES, ImageDataset
 from .idx import read_idx
 
-__all__ = ["ImageDataset", "FORMATS", "detect_format", "resolve_dataset", "load_embedded",
+__all__ = ["ImageDataset", "FORMATS", "absolute_data_spec", "detect_format", "resolve_dataset", "load_embedded",
            "load_idx_folder"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -128,6 +129,21 @@ def detect_format(path: Path) -> str:
                         ".npy/.npz, JPEG/PNG folders, .tar shards); --data-format names one")
 
 
+NAMED_DATASETS = ("embedded", "fashion-mnist", "synthetic")  # --data values that are names, not paths
+
+
+def absolute_data_spec(spec: str) -> str:
+    """--data as a run records it: a path (a file, a folder, a shard pattern such as 'shards/train-{000..009}.tar')
+    made absolute, so the run's evaluations and resume find it from any folder; a dataset name, and a relative path
+    that names nothing here (its error comes later, as typed), stay as they are."""
+    if spec in NAMED_DATASETS or not spec.strip() or os.path.isabs(spec):
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists() or ("{" in spec and path.parent.is_dir()):
+        return os.path.abspath(path)
+    return spec
+
+
 class NoFileNames(FastByolError):
     """resolve_dataset's train_pick on a dataset whose images have no file names (not an image folder)."""
 
@@ -135,7 +151,7 @@ class NoFileNames(FastByolError):
 def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, skip_bad_files: bool = False,
                     seed: int = 0, *, rank: int | None = None, world_size: int | None = None, barrier=None,
                     cache_dir: str | os.PathLike | None = None, eval_images: bool | None = None,
-                    train_pick=None) -> ImageDataset:
+                    train_pick=None, test_data: str = "") -> ImageDataset:
     """Turn `--data` (and `--data-format`) into a dataset, or raise FastByolError naming what is wrong.
 
     image_size is the side at which encoded images (folders, shards) are decoded for the kNN monitor.
@@ -145,7 +161,8 @@ def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, 
     is read-only (default $FASTBYOL_CACHE, ~/.cache/fastbyol). eval_images: decode the kNN images in this process
     (default: on rank 0 only), in the background. train_pick: for an image folder, pick(relpaths) -> positions of the
     train split's images to decode as its labelled train split, instead of a seeded sample (relpaths: the train
-    split's files relative to its root; fastbyol finetune --subset with file names); NoFileNames for other data."""
+    split's files relative to its root; fastbyol finetune --subset with file names); NoFileNames for other data.
+    test_data (--test-data): a folder of class folders, the kNN test split of an image folder."""
     from .folders import load_image_folder
     from .readers import load_cifar, load_numpy, load_stl10
     from .shards import load_shards
@@ -163,8 +180,11 @@ def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, 
         world_size = env_world if world_size is None else world_size
     eval_images = rank == 0 if eval_images is None else eval_images
     encoded = dict(rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir, eval_images=eval_images)
-    folder = dict(encoded, train_pick=train_pick)
+    folder = dict(encoded, train_pick=train_pick, test_data=test_data)
     fmt = _format_of(spec, data_format)
+    if test_data and fmt != "folder":
+        raise FastByolError(f"--test-data {test_data}: a test folder is for image folders; --data {spec} has its own "
+                            "test split or none")
     if train_pick is not None and fmt != "folder":
         raise NoFileNames(f"--data {spec}: not an image folder")
     if spec == "embedded":
@@ -172,7 +192,8 @@ def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, 
     if spec == "synthetic":  # a cached folder of synthetic JPEGs: benchmarks and smoke runs
         from .synthetic import synthetic_folder
 
-        return load_image_folder(synthetic_folder(cache_dir=cache_dir), image_size, seed=seed, **folder)
+        return load_image_folder(synthetic_folder(cache_dir=cache_dir), image_size, seed=seed,
+                                 **dict(folder, test_data=""))
     if spec == "fashion-mnist":
         if _find_idx(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte") is not None:
             return load_idx_folder(DEBIAN_FASHION_MNIST)

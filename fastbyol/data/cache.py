@@ -64,13 +64,16 @@ def own_folder(folder: Path) -> bool:
 
 
 def own_cache_inside(data_root: Path, *sub: str) -> Path | None:
-    """DATA_ROOT/.fastbyol[/SUB...] when this user owns every level of it (made here if missing: a new folder is
-    this user's), else None: a `.fastbyol` of someone else's, or a symbolic link, is never written into or trusted."""
+    """DATA_ROOT/.fastbyol[/SUB...] when this user owns every level of it (made here if missing, and only in a data
+    folder that is this user's: ours_to_write), else None: a `.fastbyol` of someone else's, or a symbolic link, is
+    never written into or trusted, and a folder shared by others (a cluster's /datasets) is never written."""
     folder = Path(data_root) / ".fastbyol"
     for level in (folder, *(folder.joinpath(*sub[:k + 1]) for k in range(len(sub)))):
         if os.path.lexists(level):
             if not own_folder(level):
                 return None
+        elif level == folder and not ours_to_write(Path(data_root)):
+            return None
         elif not (os.access(level.parent, os.W_OK | os.X_OK) and writable_dir(level) and own_folder(level)):
             return None
     return folder.joinpath(*sub)
@@ -158,6 +161,17 @@ def writable_dir(folder: Path) -> bool:
     except OSError:
         return False
     return os.access(folder, os.W_OK | os.X_OK)
+
+
+def ours_to_write(folder: Path) -> bool:
+    """Whether fastbyol may keep its derived files inside a data folder: the folder belongs to this user and is
+    writable. A folder shared by others (a cluster's /datasets, owned by another user even where it is
+    group-writable) gets them in the cache folder instead."""
+    try:
+        owner = os.stat(folder).st_uid
+    except OSError:
+        return False
+    return owner == os.geteuid() and os.access(folder, os.W_OK | os.X_OK)
 
 
 def _crc(arrays: dict) -> int:

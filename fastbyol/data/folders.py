@@ -1,9 +1,14 @@
 """Image folders (JPEG or PNG): listed and checked once into a manifest (manifest.py), read by DALI from a file list.
 
 Layouts:
-- labeled: ROOT/train/<class>/** and ROOT/test/<class>/** (labels from the sorted class-folder names of train/; a
-  test class without a train folder is refused, naming it); ROOT/unlabeled/** is added to the pretraining set;
-- unlabeled: any folder without a train/ folder: every image below it, recursively, pretrains (no kNN).
+- labeled: ROOT/train/<class>/** and ROOT/test/<class>/** or, without test/, ROOT/val/<class>/** (ImageNet's)
+  (labels from the sorted class-folder names of train/; a test class without a train folder is refused, naming it);
+  ROOT/unlabeled/** is added to the pretraining set;
+- classes (torchvision's ImageFolder): ROOT/<class>/** with at least two class folders and no image in ROOT itself:
+  labelled by folder; every 10th image of each class (sorted; fewer above 100,000 images, about 10,000 in all) is
+  held out of pretraining as the kNN test split, or `test_data` (--test-data) names a folder of class folders that
+  is the test split instead;
+- unlabeled: any other folder: every image below it, recursively, pretrains (no kNN).
 Hidden files and folders (a leading dot) are never data; ROOT/.fastbyol holds the manifest.
 
 Every file is checked structurally first (checks.py: JPEG header segments and end marker, PNG chunks and CRCs): a
@@ -243,24 +248,50 @@ def _eval_subset(man: mf.Manifest, split: int, max_images: int, rng: np.random.G
 
 
 def _picked(man: mf.Manifest, pick) -> np.ndarray:
-    """The train files `pick` chooses, given their paths relative to train/ ("/"-separated), in manifest order."""
+    """The train files `pick` chooses, given their paths relative to the train folder ("/"-separated: train/ of the
+    labelled layout, the root of the ImageFolder layout), in manifest order."""
     idx = man.indices(mf.TRAIN)
-    relpaths = [man.path(int(i)).replace(os.sep, "/").split("/", 1)[1] for i in idx]
+    relpaths = [man.path(int(i)).replace(os.sep, "/") for i in idx]
+    if man.layout == "labeled":
+        relpaths = [r.split("/", 1)[1] for r in relpaths]
     return idx[pick(relpaths)]
+
+
+def _test_folder(test_root: Path, classes: list[str], rank: int, world_size: int, barrier, cache_dir,
+                 max_images: int, rng: np.random.Generator) -> tuple[list, np.ndarray]:
+    """(file items, labels) of --test-data: a folder of class folders (ROOT/<class>/, all of it the test split), its
+    classes matched to the training classes by name (one it lacks refused), at most `max_images` (seeded)."""
+    man, _, _ = mf.obtain(Path(test_root), rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir,
+                          hold_out=False)
+    if man.layout != "classes":
+        raise FastByolError(f"--test-data {test_root}: expected class folders (ROOT/<class>/<image>)")
+    if man.bad:
+        raise FastByolError(f"{man.root / man.bad[0][0]}: {man.bad[0][1]} (in --test-data)")
+    index = {c: k for k, c in enumerate(classes)}
+    missing = [c for c in man.classes if c not in index]
+    if missing:
+        raise FastByolError(f"--test-data {test_root}: class folders {', '.join(missing[:5])} are not classes of "
+                            "the training data, so kNN could never predict them")
+    idx = _eval_subset(man, mf.TRAIN, max_images, rng)
+    labels = np.asarray([index[man.classes[k]] for k in man.labels[idx].tolist()], np.int64)
+    return [file_item(str(man.root / man.path(int(i)))) for i in idx], labels
 
 
 def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False, max_eval_images: int = 10000,
                       seed: int = 0, *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
-                      eval_images: bool = True, background: bool = True, num_threads: int = 2, train_pick=None):
+                      eval_images: bool = True, background: bool = True, num_threads: int = 2, train_pick=None,
+                      test_data: str = ""):
     """An ImageDataset whose pretraining set is a FileList of the folder's manifest (decoded by the training pipeline).
 
     rank/world_size/barrier: who builds the manifest (manifest.obtain); eval_images: decode the kNN splits here (rank
     0), in a background thread unless background=False. train_pick: the labelled train split is the images it picks
-    (resolve_dataset), not a seeded sample of max_eval_images."""
+    (resolve_dataset), not a seeded sample of max_eval_images. test_data: a folder of class folders whose images are
+    the test split (then an ImageFolder layout holds none out of pretraining)."""
     from .dataset import ImageDataset
 
     root = Path(root)
-    man, seconds, status = mf.obtain(root, rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir)
+    man, seconds, status = mf.obtain(root, rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir,
+                                     hold_out=not test_data)
     root = man.root
     if man.bad and not skip_bad_files:
         rel, why = man.bad[0][0], man.bad[0][1]
@@ -268,14 +299,14 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
         raise FastByolError(f"{root / rel}: {why} (--skip-bad-files leaves such files out and counts them{more})")
     if man.test_only_classes:
         names = ", ".join(man.test_only_classes[:5]) + (" ..." if len(man.test_only_classes) > 5 else "")
-        raise FastByolError(f"{root / 'test'}: class folders {names} have no train/ folder, so kNN could never "
+        raise FastByolError(f"{root / man.test_dir}: class folders {names} have no train/ folder, so kNN could never "
                             "predict them: remove them or add train/<class>")
     n_train, n_test = len(man.indices(mf.TRAIN)), len(man.indices(mf.TEST))
     if man.layout == "labeled":
         if n_train == 0:
             raise FastByolError(f"{root / 'train'}: no images in its class folders")
-        if (root / "test").is_dir() and n_test == 0:
-            raise FastByolError(f"{root / 'test'}: no images in its class folders")
+        if man.test_dir and n_test == 0:
+            raise FastByolError(f"{root / man.test_dir}: no images in its class folders")
     elif n_train == 0:
         raise FastByolError(f"{root}: no JPEG or PNG images")
     n_pretrain = int(man.pretrain_mask.sum())
@@ -285,14 +316,14 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
         raise FastByolError(f"{root / undecodable[0]}: does not decode (found by an earlier run; --skip-bad-files "
                             "replaces such files and counts them)")
     # the list's labels are real classes when no unlabeled/ file is among the pretraining files (online probe)
-    list_labelled = man.layout == "labeled" and not bool((man.split == mf.UNLABELED).any())
+    labeled = man.layout in ("labeled", "classes")  # train/<class>/, or torchvision's ROOT/<class>/
+    list_labelled = labeled and not bool((man.split == mf.UNLABELED).any())
     pretrain = FileList(None, None, str(root), root=str(root), list_file=str(man.location / mf.LIST_NAME),
                         count=n_pretrain, skip_bad=skip_bad_files, list_labelled=list_labelled)
     undecodable_names = {str(root / rel) for rel in undecodable}
     if undecodable and not pretrain.replace_bad(*undecodable_names):  # some of them are test files
         for name in undecodable_names:
             pretrain.replace_bad(name)
-    labeled = man.layout == "labeled"
     rng = np.random.default_rng(seed)
     if labeled:
         train_idx = _eval_subset(man, mf.TRAIN, max_eval_images, rng)  # drawn either way: the same test sample
@@ -312,6 +343,12 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     test_items = None if test_idx is None else [file_item(os.path.join(root_s, man.path(i))) for i in test_idx.tolist()]
     train_y = man.labels[train_idx].astype(np.int64) if labeled else None
     test_y = None if test_idx is None else man.labels[test_idx].astype(np.int64)
+    if test_data:  # the test split from a folder of its own
+        if not labeled:
+            raise FastByolError(f"--test-data {test_data}: --data {root} has no class folders to match its classes")
+        test_items, test_y = _test_folder(Path(test_data), man.classes, rank, world_size, barrier, cache_dir,
+                                          max_eval_images, rng)
+        n_test = len(test_items)
 
     location = man.location  # the job keeps this, not the manifest's arrays
 
@@ -325,11 +362,14 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
                                     "written; the next run rescans the folder)")
         return decoded
 
+    origin = str(root) + (f" (class folders; every {man.held_out_every}th image of a class held out as the kNN "
+                          "test split)" if man.held_out_every else f"; test images from {test_data}" if test_data
+                          else "")
     num_classes, gray = len(man.classes) if labeled else 0, bool(man.gray[man.pretrain_mask].all())
     n_bad = len(man.bad) + len(undecodable)
     del man  # ~60 bytes a file: not kept beyond start-up
     pending = BackgroundDecode(job, background) if eval_images else None
-    return ImageDataset(root.name, None, None, None, None, num_classes, str(root), pretrain_files=pretrain,
+    return ImageDataset(root.name, None, None, None, None, num_classes, origin, pretrain_files=pretrain,
                         skipped_files=n_bad, gray=gray, eval_decode=pending, image_size=image_size,
                         counts=(n_train, n_test), startup_seconds=seconds, manifest=status,
                         has_labels=labeled and n_test > 0)

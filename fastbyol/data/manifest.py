@@ -5,9 +5,11 @@ does it once, in parallel, and writes the result; every later reader checks only
 
 Contents (one `.npz`, uncompressed, written to a temporary name and renamed: whole or absent; a CRC-32 of every
 array makes a damaged file fail to load, and it is then rebuilt, never trusted):
-  header      JSON: format version, the resolved root, layout ("labeled"/"unlabeled"), class names, test-only class
-              names, the bad files with the reason and their size and mtime, the DALI file list's name and size,
-              and the seconds the scan took (listing, checks)
+  header      JSON: format version, the resolved root, layout ("labeled": train/ with test/ or val/; "classes":
+              torchvision's ImageFolder, ROOT/<class>/, with every k-th image of a class held out as the test
+              split; "unlabeled"), class names, test-only class names, the test folder, the held-out k, the bad
+              files with the reason and their size and mtime, the DALI file list's name and size, and the seconds
+              the scan took (listing, checks)
   paths       uint8 blob: the good files' paths relative to the root, "\\n"-separated, in sorted order
   split       (N,) uint8: 0 train, 1 test, 2 unlabeled (the unlabeled layout is all 0)
   labels      (N,) int32: class index, -1 where there is none
@@ -31,8 +33,9 @@ it in the background on rank 0 after the kNN images (a difference there marks th
 and re-checks the changed files; one that is now bad stops the run with one line). A manifest copied with the data
 (`cp -r`, `rsync`) has other inodes and ctimes than the copy: it is rebuilt, never trusted.
 
-Where it lives: `ROOT/.fastbyol/` when this user owns it or can make it (hidden, so never listed as data), else
-`CACHE/manifests/<hash of the resolved root>/` (cache.py: `--cache-dir`/`$FASTBYOL_CACHE`/`~/.cache/fastbyol`).
+Where it lives: `ROOT/.fastbyol/` when this user owns the folder or can make it (hidden, so never listed as data),
+else `CACHE/manifests/<hash of the resolved root>/` (cache.py: `--cache-dir`/`$FASTBYOL_CACHE`/`~/.cache/fastbyol`):
+a dataset folder shared by others is never written.
 For a read-only folder shared by several nodes, point `$FASTBYOL_CACHE` at a shared folder, or each node's first
 process builds its own copy.
 
@@ -66,10 +69,12 @@ from .cache import (TMP_MARK, cache_root, file_lock, identity, load_npz_checked,
                     remove_stale_tmp, save_npz_checked, tmp_name, writable_dir)
 from .checks import check_fd, open_regular_stat
 
-VERSION = 3  # 3: file and folder identities (inode, ctime) beside sizes and mtimes
+VERSION = 4  # the layouts (train/, ROOT/<class>/ with a held-out share, val/ as test/), file and folder identities
 MANIFEST_NAME = "manifest.npz"
 LIST_NAME = "pretrain.list"
 TRAIN, TEST, UNLABELED = 0, 1, 2
+TEST_FOLDERS = ("test", "val")  # the labelled layout's test split: test/, else val/ (ImageNet's)
+HELD_OUT_MAX = 10_000  # the ImageFolder layout holds out about this many images at most (held_out_every)
 SAMPLE_CHECK = 10_000  # files whose size and mtime are compared at every start
 PARALLEL_MIN_FILES = 20_000  # below this, checks run in this process (a subprocess costs ~0.3 s to start)
 
@@ -104,7 +109,7 @@ def blob_strings(blob: np.ndarray) -> list[str]:
 @dataclass
 class Manifest:
     root: Path  # resolved
-    layout: str  # "labeled" | "unlabeled"
+    layout: str  # "labeled" (train/), "classes" (ROOT/<class>/) or "unlabeled"
     classes: list[str]
     paths: np.ndarray  # uint8 blob of "\n"-separated relative paths
     split: np.ndarray  # (N,) uint8
@@ -121,6 +126,8 @@ class Manifest:
     seconds: dict = field(default_factory=dict)  # listing, checks (of the scan that wrote it)
     location: Path | None = None  # the folder it is stored in
     list_size: int = -1  # bytes of pretrain.list, to notice a damaged or foreign one
+    test_dir: str = ""  # the labelled layout's test folder: "test", "val" or "" (none)
+    held_out_every: int = 0  # the ImageFolder layout: every k-th image of each class is the test split (0: none)
     _offsets: tuple | None = None
 
     def __len__(self) -> int:
@@ -143,7 +150,8 @@ class Manifest:
     def header(self) -> dict:
         return dict(version=VERSION, root=str(self.root), layout=self.layout, classes=self.classes,
                     test_only_classes=self.test_only_classes, bad=self.bad, seconds=self.seconds,
-                    list_name=LIST_NAME, list_size=self.list_size, n=len(self))
+                    list_name=LIST_NAME, list_size=self.list_size, n=len(self), test_dir=self.test_dir,
+                    held_out_every=self.held_out_every)
 
     # ------------------------------------------------------------------------------------------------ save / load
     def write_pretrain_list(self, path: Path) -> int:
@@ -197,8 +205,10 @@ class Manifest:
                 raise ValueError(f"format version {header.get('version')}, not {VERSION}")
             m = cls(Path(header["root"]), header["layout"], list(header["classes"]), z["paths"], z["split"],
                     z["labels"], z["sizes"], z["mtimes"], z["inodes"], z["ctimes"], z["gray"],
-                    blob_strings(z["dirs"]), z["dir_ids"], bad=header["bad"], test_only_classes=header["test_only_classes"],
-                    seconds=header["seconds"], location=folder, list_size=int(header["list_size"]))
+                    blob_strings(z["dirs"]), z["dir_ids"], bad=header["bad"],
+                    test_only_classes=header["test_only_classes"], seconds=header["seconds"], location=folder,
+                    list_size=int(header["list_size"]), test_dir=str(header["test_dir"]),
+                    held_out_every=int(header["held_out_every"]))
             n = header["n"]
             problem = m._problem(n)
         except (OSError, ValueError, KeyError, TypeError, EOFError, AttributeError, RecursionError) as e:
@@ -216,7 +226,7 @@ class Manifest:
         if not isinstance(n, int) or isinstance(n, bool) or any(a.ndim != 1 or len(a) != n for a in arrays) \
                 or any(a.dtype.kind not in "iu" for a in arrays) or self.paths.dtype != np.uint8:
             return "inconsistent array lengths"
-        if self.dir_ids.shape != (len(self.dirs), 3) or self.layout not in ("labeled", "unlabeled") \
+        if self.dir_ids.shape != (len(self.dirs), 3) or self.layout not in ("labeled", "classes", "unlabeled") \
                 or not all(isinstance(c, str) for c in self.classes) or len(self.classes) > MAX_CLASSES:
             return "inconsistent folder records or classes"
         if n and (int(self.labels.min()) < -1 or int(self.labels.max()) >= len(self.classes)
@@ -449,47 +459,82 @@ def _check_parallel(root: str, rels: list[str], workers: int, threads: int) -> C
     return Checked(np.concatenate(ids), np.concatenate(grays), problems, unproven)
 
 
-def scan(root: Path, workers: int | None = None, threads: int = 8, location: Path | None = None) -> Manifest:
+def class_folders(root: Path) -> list[str]:
+    """The class folders of a torchvision ImageFolder layout (ROOT/<class>/**, no train/ folder): the sorted
+    non-hidden folders of the root, when there are at least two and no image lies in the root itself; else []."""
+    from .checks import IMAGE_SUFFIXES
+
+    with os.scandir(root) as it:
+        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith(".")]
+    if any(not d and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES for n, d in entries):
+        return []
+    folders = sorted(n for n, d in entries if d)
+    return folders if len(folders) >= 2 else []
+
+
+def held_out_every(n_files: int) -> int:
+    """ImageFolder layout: every k-th image of each class (in sorted order) is the kNN test split, held out of
+    pretraining: k = 10, or more above 100,000 images, so that about 10,000 are held out (HELD_OUT_MAX)."""
+    return max(10, -(-n_files // HELD_OUT_MAX))
+
+
+def _check_class_count(folder: Path, classes: list[str]) -> None:
+    if len(classes) > MAX_CLASSES:
+        raise FastByolError(f"{folder}: {len(classes)} class folders, more than fastbyol takes (at most "
+                            f"{MAX_CLASSES})")
+
+
+def _layout_units(root: Path, dirs: list) -> tuple[str, list[str], list[str], str, list]:
+    """(layout, classes, test-only classes, the test folder's name, [(split, label, folder)] to walk)."""
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        classes = class_folders(root)
+        if not classes:
+            return "unlabeled", [], [], "", [(TRAIN, -1, "")]
+        _check_class_count(root, classes)
+        dirs.append(("", _dir_id(os.stat(root))))
+        return "classes", classes, [], "", [(TRAIN, k, c) for k, c in enumerate(classes)]
+    dirs.append(("", _dir_id(os.stat(root))))
+    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise FastByolError(f"{train_dir}: no class folders (expected train/<class>/<image>)")
+    _check_class_count(train_dir, classes)
+    dirs.append(("train", _dir_id(os.stat(train_dir))))
+    units = [(TRAIN, k, f"train/{c}") for k, c in enumerate(classes)]
+    test_only, test_dir = [], next((n for n in TEST_FOLDERS if (root / n).is_dir()), "")
+    if test_dir:  # test/, or ImageNet's val/ where there is no test/
+        dirs.append((test_dir, _dir_id(os.stat(root / test_dir))))
+        test_classes = sorted(e.name for e in os.scandir(root / test_dir) if e.is_dir()
+                              and not e.name.startswith("."))
+        index = {c: k for k, c in enumerate(classes)}
+        test_only = [c for c in test_classes if c not in index]
+        units += [(TEST, index.get(c, -1), f"{test_dir}/{c}") for c in test_classes]
+    if (root / "unlabeled").is_dir():
+        units.append((UNLABELED, -1, "unlabeled"))
+    return "labeled", classes, test_only, test_dir, units
+
+
+def scan(root: Path, workers: int | None = None, threads: int = 8, location: Path | None = None,
+         hold_out: bool = True) -> Manifest:
     """List and check the folder: the manifest of it (not saved here). location: the manifest's folder (its
-    decoded.json: the pre-flight decodes of unproven files already done)."""
+    decoded.json: the pre-flight decodes of unproven files already done). hold_out: an ImageFolder layout's kNN
+    test split is held out of it (held_out_every); False when the test images come from elsewhere (--test-data)."""
     root_s = str(root)
     t0 = time.perf_counter()
     files: list[str] = []
     dirs: list[tuple[str, tuple]] = []
     bad: list[list] = []
     split_counts: list[tuple[int, int, int]] = []  # (split, label, number of files) runs, in file order
-    train_dir = root / "train"
-    classes: list[str] = []
-    test_only: list[str] = []
-    if train_dir.is_dir():
-        layout = "labeled"
-        dirs.append(("", _dir_id(os.stat(root))))
-        classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
-        if not classes:
-            raise FastByolError(f"{train_dir}: no class folders (expected train/<class>/<image>)")
-        if len(classes) > MAX_CLASSES:
-            raise FastByolError(f"{train_dir}: {len(classes)} class folders, more than fastbyol takes (at most "
-                                f"{MAX_CLASSES})")
-        dirs.append(("train", _dir_id(os.stat(train_dir))))
-        units = [(TRAIN, k, f"train/{c}") for k, c in enumerate(classes)]
-        if (root / "test").is_dir():
-            dirs.append(("test", _dir_id(os.stat(root / "test"))))
-            test_classes = sorted(e.name for e in os.scandir(root / "test") if e.is_dir()
-                                  and not e.name.startswith("."))
-            index = {c: k for k, c in enumerate(classes)}
-            test_only = [c for c in test_classes if c not in index]
-            units += [(TEST, index.get(c, -1), f"test/{c}") for c in test_classes]
-        if (root / "unlabeled").is_dir():
-            units.append((UNLABELED, -1, "unlabeled"))
-        for split, label, rel in units:
-            before = len(files)
-            _walk(root_s, rel, files, dirs, bad)
-            split_counts.append((split, label, len(files) - before))
-    else:
-        layout = "unlabeled"
-        _walk(root_s, "", files, dirs, bad)
-        split_counts.append((TRAIN, -1, len(files)))
-    split = np.concatenate([np.full(n, s, np.uint8) for s, _, n in split_counts] or [np.zeros(0, np.uint8)])
+    layout, classes, test_only, test_dir, units = _layout_units(root, dirs)
+    for split, label, rel in units:
+        before = len(files)
+        _walk(root_s, rel, files, dirs, bad)
+        split_counts.append((split, label, len(files) - before))
+    every = held_out_every(len(files)) if layout == "classes" and hold_out else 0
+    runs = [np.full(n, s, np.uint8) for s, _, n in split_counts]
+    for run in runs if every else []:
+        run[every - 1::every] = TEST  # each class's every k-th file, in sorted order
+    split = np.concatenate(runs or [np.zeros(0, np.uint8)])
     labels = np.concatenate([np.full(n, k, np.int32) for _, k, n in split_counts] or [np.zeros(0, np.int32)])
     t1 = time.perf_counter()
     workers = workers or min(8, len(os.sched_getaffinity(0)))
@@ -509,7 +554,8 @@ def scan(root: Path, workers: int | None = None, threads: int = 8, location: Pat
     return Manifest(root, layout, classes, paths, split[keep], labels[keep], ids[:, 0].copy(), ids[:, 1].copy(),
                     ids[:, 2].copy(), ids[:, 3].copy(), checked.gray[keep], [d for d, _ in dirs],
                     np.array([list(i) for _, i in dirs], np.int64).reshape(-1, 3), bad=bad,
-                    test_only_classes=test_only, seconds=dict(listing=t1 - t0, checks=t2 - t1))
+                    test_only_classes=test_only, seconds=dict(listing=t1 - t0, checks=t2 - t1), test_dir=test_dir,
+                    held_out_every=every)
 
 
 # ---------------------------------------------------------------------------------------------------- location
@@ -559,29 +605,32 @@ def start_prescan(root: Path) -> subprocess.Popen:
 
 
 def obtain(root: Path, *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
-           workers: int | None = None, built_for: str | None = None) -> tuple[Manifest, dict, str]:
+           workers: int | None = None, hold_out: bool = True, built_for: str | None = None
+           ) -> tuple[Manifest, dict, str]:
     """(manifest, startup seconds, status) for `root`: the manifest built, or read and checked fresh.
 
     seconds: listing (listing the tree, or reading and checking the manifest), checks (the per-file checks),
     index (writing the manifest and DALI's file list). status: "fresh", "built" or "rebuilt (why)".
     With a barrier and several ranks, rank 0 builds or checks it before the barrier and the others read it after;
     without one, every process takes the folder's lock in turn. A manifest that cannot be read is rebuilt; one
-    whose root is another folder is refused (FastByolError naming it). built_for: the token of the prescan building
-    it (start_prescan; recorded with its seconds or in a stamp: the process that started it reads the manifest as
-    built for it, or checked fresh, without checking it again)."""
+    whose root is another folder is refused (FastByolError naming it). hold_out: scan's (an ImageFolder layout's
+    manifest made with the other choice is rebuilt). built_for: the token of the prescan building it (start_prescan;
+    recorded with its seconds or in a stamp: the process that started it reads the manifest as built for it, or
+    checked fresh, without checking it again)."""
     root = root.resolve()
     folder = manifest_dir(root, cache_dir)
     if barrier is not None and world_size > 1:
         if rank == 0:
-            result = _obtain_locked(root, folder, workers)
+            result = _obtain_locked(root, folder, workers, hold_out)
         barrier()
         if rank != 0:
-            result = _obtain_locked(root, folder, workers)
+            result = _obtain_locked(root, folder, workers, hold_out)
         return result
-    return _obtain_locked(root, folder, workers, built_for)
+    return _obtain_locked(root, folder, workers, hold_out, built_for)
 
 
-def _obtain_locked(root: Path, folder: Path, workers, built_for: str | None = None) -> tuple[Manifest, dict, str]:
+def _obtain_locked(root: Path, folder: Path, workers, hold_out: bool = True,
+                   built_for: str | None = None) -> tuple[Manifest, dict, str]:
     asked = time.perf_counter()
     with file_lock(folder / "manifest.lock"):
         t0 = time.perf_counter()
@@ -599,6 +648,8 @@ def _obtain_locked(root: Path, folder: Path, workers, built_for: str | None = No
                 token = _PRESCANS.pop(str(root), None)  # the prescan this process started for this folder
                 mine = token is not None and man.seconds.get("for") == token  # it built the manifest for this run
                 why = None if mine or _verified_for(folder, token) else man.stale_reason(root)
+                if why is None and man.layout == "classes" and bool(man.held_out_every) != hold_out:
+                    why = "the kNN test split is " + ("held out now" if hold_out else "another folder now")
                 if why is None and mine:
                     seconds = {k: v for k, v in man.seconds.items() if k != "for"}
                     return man, dict(seconds, index=0.0, waited=waited), "built while fastbyol loaded"
@@ -607,7 +658,7 @@ def _obtain_locked(root: Path, folder: Path, workers, built_for: str | None = No
                         _stamp_verified(folder, built_for)
                     return man, dict(listing=time.perf_counter() - t0, checks=0.0, index=0.0), "fresh"
         remove_stale_tmp(folder)
-        man = scan(root, workers, location=folder)
+        man = scan(root, workers, location=folder, hold_out=hold_out)
         if built_for is not None:
             man.seconds["for"] = built_for
         t1 = time.perf_counter()

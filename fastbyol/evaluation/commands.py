@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import FastByolError
 from ..run.disk import FolderLock
 from .results import ResultKey, format_table, subset_tag, table_rows, write_result
-from .runs import load_encoder
+from .runs import load_encoder, tiny_batch_note, unfinished_note
 
 PROTOCOLS = ("features", "paper")
 
@@ -64,10 +64,12 @@ def evaluate(run_dir: str | Path, data: str | None = None, init: str = "trained"
         check_args(settings.epochs, settings.batch_size, (1.0,))
     with lock_run(run_dir):  # the result goes into the run's folder: one writer at a time
         run = load_encoder(run_dir, data, init, own=own)
+        _note(unfinished_note(run, _total_steps(run_dir)), log)
         if protocol == "features":
             result = features_protocol(run, settings.probe_epochs, settings.probe_lr, progress)
         else:
             result = paper_protocol(run, settings.epochs, settings.batch_size, progress=progress, log=log)
+            _note(tiny_batch_note(result["batch_size"], result["fit_images"], settings.batch_size is not None), log)
         key = ResultKey(protocol, data=run.data_key, settings=settings.differing(protocol), init=init)
         result = dict(run_dir=str(run_dir), run_id=run.run_id, init=init, dataset=run.dataset_name,
                       arch=run.cfg.model.arch, step=run.step, **result)
@@ -95,6 +97,7 @@ def finetune_run(run_dir: str | Path, subset: float | str | Path, init: str = "t
     pick = image_picker(subset_file, entries) if kind == "names" else None
     with lock_run(run_dir):  # the result goes into the run's folder: one writer at a time
         run = load_encoder(run_dir, data, init, train_pick=pick, pick_what=f"--subset {subset_file}", own=own)
+        _note(unfinished_note(run, _total_steps(run_dir)), log)
         if kind == "names":
             chosen = np.arange(len(run.train_labels))
         elif kind == "indices":
@@ -102,6 +105,7 @@ def finetune_run(run_dir: str | Path, subset: float | str | Path, init: str = "t
         else:
             chosen = balanced_subset(run.train_labels, fraction, run.cfg.run.seed)
         result = finetune(run, chosen, settings.epochs, settings.lr, settings.batch_size, progress)
+        _note(tiny_batch_note(result["batch_size"], len(chosen), settings.batch_size is not None), log)
         tag = f"{fraction:g}" if fraction is not None else subset_tag(subset_file, contents)
         key = ResultKey("finetune", tag, data=run.data_key, settings=settings.differing("finetune"), init=init)
         result = dict(run_dir=str(run_dir), run_id=run.run_id, init=init, dataset=run.dataset_name,
@@ -112,3 +116,20 @@ def finetune_run(run_dir: str | Path, subset: float | str | Path, init: str = "t
         log(line)
     log(f"finetune: {out}")
     return result
+
+
+def _note(text: str | None, log) -> None:
+    if text:
+        log(text)
+
+
+def _total_steps(run_dir: str | Path):
+    """The run's total steps from its config.json's resolved values ('?' where they cannot be read)."""
+    import json
+
+    from ..run.names import CONFIG
+
+    try:
+        return json.loads((Path(run_dir) / CONFIG).read_text())["resolved"]["total_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"

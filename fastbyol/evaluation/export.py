@@ -20,6 +20,7 @@ from ..run.disk import atomic_write_bytes
 from ..run.outputs import check_output, claim_output
 from ..config import Config
 from ..errors import FastByolError
+from .encoders import export_metadata, loading_hint
 from .runs import build_run_encoder, encoder_state
 from ..run import names
 
@@ -42,8 +43,9 @@ def _refuse_run_files(out: Path, run_dir: Path, cfg: Config | None = None) -> No
         raise FastByolError(f"--out {out} is inside the run's dataset {data}: write it elsewhere")
 
 
-def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online", own=None) -> Path:
-    """Write the encoder as a torchvision-compatible state_dict: .pt (torch.save) or .safetensors. own:
+def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online", own=None, log=None) -> Path:
+    """Write the encoder as a torchvision-compatible state_dict: .pt (torch.save) or .safetensors (which also records
+    the architecture for fastbyol.load_encoder); `log` gets the lines that say how to load it. own:
     models.OwnEncoders, the encoders of the user's own this command may import (`--arch`, `encoder=`) to check the
     checkpoint against; a run naming any other module:factory is refused."""
     out = Path(out)
@@ -66,11 +68,15 @@ def export_encoder(run_dir: str | Path, out: str | Path, which: str = "online", 
             from safetensors.torch import save as to_bytes
         except ImportError:
             raise FastByolError("--out *.safetensors needs the safetensors package: pip install safetensors") from None
-        write = lambda f: f.write(to_bytes(state))  # noqa: E731
+        meta = export_metadata(cfg.model.arch, cfg.model.stem, cfg.data.image_size)  # fastbyol.load_encoder reads it
+        write = lambda f: f.write(to_bytes(state, metadata=meta))  # noqa: E731
     else:  # .pt, .pth
         write = lambda f: torch.save(state, f)  # noqa: E731
     with claim_output(out, Path(run_dir)) or nullcontext():  # its run folder's lock, when it is written into one
         atomic_write_bytes(out, write)  # atomic, its write errors one line
+    if log is not None:
+        for line in loading_hint(out, cfg.model.arch, cfg.model.stem, cfg.data.image_size):
+            log(f"  load it: {line}")
     return out
 
 

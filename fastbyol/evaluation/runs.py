@@ -17,6 +17,7 @@ from ..errors import FastByolError
 from ..run.state import nonfinite_tensors
 
 INITS = ("trained", "random")
+TINY_BATCH = 16  # below this an evaluation batch gets a note
 
 
 def encoder_state(ckpt: dict, which: str = "online") -> dict:
@@ -84,6 +85,7 @@ class EvalRun:
     test_labels: np.ndarray
     num_classes: int
     gray: bool  # R = G = B (Fashion-MNIST)
+    finished: bool = True  # the checkpoint is the run's last (False: the run stopped before its end)
     data_key: str = ""  # data_key(): "" for the run's own dataset
     run_id: str = ""  # the run's id (config.json), recorded in its results
 
@@ -101,7 +103,8 @@ def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trai
     spec = data or cfg.data.data
     try:
         dataset = resolve_dataset(spec, "auto" if data else cfg.data.data_format, cfg.data.image_size,
-                                  seed=cfg.run.seed, train_pick=train_pick)
+                                  seed=cfg.run.seed, train_pick=train_pick,
+                                  test_data="" if data else cfg.data.test_data)
     except NoFileNames:
         raise FastByolError(f"{pick_what}: file names pick images of an image folder (class folders) only; "
                             f"{spec}'s labelled train split is picked by 0-based index") from None
@@ -114,4 +117,22 @@ def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trai
     return EvalRun(Path(run_dir), cfg, state.step, init, encoder, device, dataset.describe(), dataset.train_images,
                    np.asarray(dataset.train_labels, dtype=np.int64), dataset.test_images,
                    np.asarray(dataset.test_labels, dtype=np.int64), dataset.num_classes, dataset.gray,
-                   data_key(cfg, data), state.run_id)
+                   state.finished, data_key(cfg, data), state.run_id)
+
+
+def unfinished_note(run: EvalRun, total_steps) -> str | None:
+    """The note an evaluation of a run that stopped before its end prints: which checkpoint it reads (a run training
+    now holds its folder's lock, so no evaluation reads it meanwhile)."""
+    if run.finished or run.init != "trained":
+        return None
+    return (f"note: {run.run_dir} stopped before its end: this evaluates its last checkpoint, step {run.step} of "
+            f"{total_steps}, not the finished encoder")
+
+
+def tiny_batch_note(batch: int, images: int, given: bool) -> str | None:
+    """The note for an evaluation batch too small for BatchNorm's statistics and a steady gradient (picked from few
+    images: the paper's 1024, at most an eighth of them, a power of two)."""
+    if given or batch >= TINY_BATCH:
+        return None
+    return (f"note: batch {batch}, picked for {images} images (the paper's 1024, at most an eighth of them, a power "
+            f"of two): figures from batches this small are noisy; --batch-size sets it")

@@ -15,16 +15,15 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
 
-from .resnet import DEPTHS, STEMS, WIDTH_MULTIPLIERS, resnet, resnet_tiny
+from .names import (ARCH_NAMES, CUSTOM_ARCH, RESNET_DEPTHS, STEMS, VIT_VARIANTS, WIDE_RESNET_DEPTHS,  # noqa: F401
+                    WIDTH_MULTIPLIERS, is_custom_arch, resnet_name, vit_name)
+from .resnet import resnet, resnet_tiny
 from .vit import vit
-
-CUSTOM_ARCH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module.path:factory
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,12 @@ def _resnet_stem(stem: str, image_size: int) -> str:
 
 def _paper_resnets() -> dict[str, Arch]:
     archs = {}
-    for depth in DEPTHS:
+    for depth in RESNET_DEPTHS:
         for k in WIDTH_MULTIPLIERS:
-            name = f"resnet{depth}" if k == 1 else f"resnet{depth}x{k}"
+            name = resnet_name(depth, k)
             what = f"ResNet-{depth}" + ("" if k == 1 else f" ({k}x): every width, stem included, x{k} (BYOL paper)")
             archs[name] = Arch("resnet", lambda stem, size, d=depth, k=k: resnet(d, k, _resnet_stem(stem, size)), what)
-    for depth in (50, 101):
+    for depth in WIDE_RESNET_DEPTHS:
         archs[f"wide_resnet{depth}_2"] = Arch(
             "resnet", lambda stem, size, d=depth: resnet(d, 1, _resnet_stem(stem, size), inner_scale=2),
             f"torchvision's wide_resnet{depth}_2: bottleneck inner width x2, stem and block outputs as ResNet-{depth}")
@@ -54,8 +53,8 @@ def _paper_resnets() -> dict[str, Arch]:
 
 def _vits() -> dict[str, Arch]:
     archs = {}
-    for size, patch in (("tiny", 16), ("small", 16), ("base", 16), ("tiny", 4), ("small", 4)):
-        archs[f"vit_{size}_patch{patch}"] = Arch(
+    for size, patch in VIT_VARIANTS:
+        archs[vit_name(size, patch)] = Arch(
             "vit", lambda stem, image_size, s=size, p=patch: vit(s, p, image_size),
             f"ViT-{size[0].upper()}/{patch} (timm's vit_{size}_patch{patch} names)"
             + (", for 28-32 px images" if patch == 4 else ""))
@@ -75,11 +74,7 @@ def _families() -> dict[str, Arch]:
 
 
 ARCHS: dict[str, Arch] = _families()
-
-
-def is_custom_arch(name: str) -> bool:
-    """Whether `name` has the form module.path:factory (an encoder of the user's own)."""
-    return bool(CUSTOM_ARCH.match(name))
+assert tuple(ARCHS) == ARCH_NAMES, "names.ARCH_NAMES must list the registry's names in its order"
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:

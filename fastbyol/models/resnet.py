@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-STEMS = ("auto", "imagenet", "small", "small-s2")
+from .names import RESNET_DEPTHS, STEMS, WIDTH_MULTIPLIERS  # noqa: F401  (STEMS, WIDTH_MULTIPLIERS: public here too)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -139,7 +139,7 @@ DEPTHS: dict[int, tuple[type, tuple[int, ...]]] = {
     152: (Bottleneck, (3, 8, 36, 3)),
     200: (Bottleneck, (3, 24, 36, 3)),
 }
-WIDTH_MULTIPLIERS = (1, 2, 3, 4)
+assert tuple(DEPTHS) == RESNET_DEPTHS, "names.RESNET_DEPTHS must list DEPTHS's keys"
 
 
 def resnet(depth: int, width_multiplier: int = 1, stem: str = "imagenet", inner_scale: int = 1) -> ResNet:

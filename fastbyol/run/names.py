@@ -7,6 +7,7 @@
     RUN/bad_files.json   files replaced while training (--skip-bad-files)
     RUN/tensorboard/     TensorBoard events (when tensorboard is installed)
     RUN/profile/         --profile traces
+    RUN/wandb/           Weights & Biases files (--wandb)
     RUN/.lock            the writer's OS lock (flock), held while a command writes the folder
 """
 
@@ -17,10 +18,11 @@ SUMMARY = "summary.json"
 BAD_FILES = "bad_files.json"
 TENSORBOARD = "tensorboard"
 PROFILE = "profile"
+WANDB = "wandb"
 LOCK = ".lock"
 CURVES = "curves.png"
 
 # the files that make a folder a run: nothing may write over them but the run itself
 RUN_FILES = frozenset({CONFIG, METRICS, CHECKPOINT, SUMMARY, BAD_FILES, LOCK})
 # what a new run writes before its first checkpoint: removable when it is restarted (--auto-resume)
-BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG, METRICS, TENSORBOARD, PROFILE, BAD_FILES, LOCK})
+BEFORE_FIRST_CHECKPOINT = frozenset({CONFIG, METRICS, TENSORBOARD, PROFILE, WANDB, BAD_FILES, LOCK})

@@ -92,24 +92,37 @@ class StopCheck:
         return bool(self._flag.numpy()[0])  # a host tensor: no device sync
 
     def stopped(self, step: int, total_steps: int, run_dir: Path):
-        """The exception that ends the run after the stop checkpoint (`Preempted`)."""
+        """The exception that ends the run after the stop checkpoint (`Preempted`), naming the command that continues
+        this run (from its config.json: whether the command named its folder)."""
         from ..errors import Preempted
+        from .naming import continue_command
 
+        try:
+            run = json.loads((Path(run_dir) / CONFIG).read_text())["run"]
+            out, name = str(run.get("out") or ""), str(run.get("name") or "")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            out, name = "", ""
         return Preempted(f"stopped by {stop_signal() or 'a signal on another process'} at step {step} of "
-                         f"{total_steps}, checkpoint written to {Path(run_dir) / CHECKPOINT}; the same command with "
-                         f"--auto-resume (or `fastbyol train --resume {run_dir}`) continues it")
+                         f"{total_steps}, checkpoint written to {Path(run_dir) / CHECKPOINT}; "
+                         + continue_command(Path(run_dir), out, name))
 
 
 # ------------------------------------------------------------------------------------------------ the restart decision
 def _setting_differences(saved: Config, wanted: Config, run_dir: Path | None = None) -> list[str]:
     """'--flag X (the run: Y)' for each setting that differs, in every section (the augmentation's too: they change
-    the views, and a resume would silently keep the run's), the output folder left out (it is the same folder);
-    and the device 'auto' resolves to here, when the run resolved it to another (other views, other kernels)."""
+    the views, and a resume would silently keep the run's), the output folder and name left out (it is the same
+    folder), --data and --test-data compared as absolute paths (a run records them so); and the device 'auto'
+    resolves to here, when the run resolved it to another (other views, other kernels)."""
+    from ..data import absolute_data_spec
+
     diffs = [] if saved.preset == wanted.preset else [f"--preset {wanted.preset} (the run: {saved.preset})"]
     for section in SECTIONS:
-        a, b = getattr(saved, section).__dict__, getattr(wanted, section).__dict__
+        a, b = dict(getattr(saved, section).__dict__), dict(getattr(wanted, section).__dict__)
+        if section == "data":
+            for key in ("data", "test_data"):
+                a[key], b[key] = absolute_data_spec(a[key]), absolute_data_spec(b[key])
         diffs += [f"{flag_name(name)} {b[name]!r} (the run: {a[name]!r})" for name in a
-                  if name != "out" and a[name] != b[name]]
+                  if name not in ("out", "name") and a[name] != b[name]]
     if run_dir is not None and not diffs:
         ran_on, here = _resolved(run_dir).get("device"), _device_here(wanted.run.device)
         if isinstance(ran_on, str) and ran_on != here:
@@ -142,9 +155,11 @@ def auto_resume_decision(cfg: Config, rank: int = 0, log=print) -> Path | None:
     Rank 0 alone clears a new run's leftovers (or refuses the folder: the group then fails as one); the other ranks
     start a new run where there is no checkpoint, and otherwise take rank 0's decision from the same files (nothing
     writes a checkpoint before every rank has joined the process group)."""
-    if not cfg.run.out:
-        raise FastByolError("--auto-resume needs --out (the folder the same command finds again)")
-    run_dir = Path(cfg.run.out)
+    from .naming import chosen_run_dir
+
+    run_dir = chosen_run_dir(cfg.run.out, cfg.run.name)
+    if run_dir is None:
+        raise FastByolError("--auto-resume needs --out or --name (the folder the same command finds again)")
     if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
         return None  # missing or empty: a new run (RunFiles.open refuses a file in its place)
     if rank != 0 and not (run_dir / CHECKPOINT).is_file():

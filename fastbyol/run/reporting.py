@@ -1,5 +1,6 @@
 """Where a run's figures go: the deferred log point (`LogPoints`) and the places it reports to (`Reporter`: the
-progress bar, metrics.jsonl, TensorBoard).
+progress bar, metrics.jsonl, and the sinks: TensorBoard here, the text lines of textlog.py, Weights & Biases in
+wandb_sink.py; every sink has write(record) and close(), and shows a record's numbers by scalars.py's tags).
 
     log_points = LogPoints(device, world_size, every=10, total_steps=992, reporter=reporter)
     log_points.add(loss)                             # every step: device work only
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import TrainingStopped
 from ..system.distributed import DeferredMean
+from .scalars import scalar_tags
 
 
 class TensorBoardSink:
@@ -40,23 +42,11 @@ class TensorBoardSink:
             return
         self.writer = SummaryWriter(log_dir=str(folder))
 
-    @staticmethod
-    def tag(name: str, record: dict) -> str:
-        if name == "knn_top1":
-            return ("knn/top1_random_init" if record.get("init") == "random" else
-                    "knn/top1_subset" if "knn_subset" in record else "knn/top1")
-        if name == "online_probe_top1":
-            return "probe/top1" if record.get("final") else "probe/top1_subset"
-        return f"train/{name}"
-
     def write(self, record: dict) -> None:
         if self.writer is None:
             return
-        for name, value in record.items():
-            if name in ("step", "epoch", "knn_subset") or not isinstance(value, (int, float)) \
-                    or isinstance(value, bool):
-                continue
-            self.writer.add_scalar(self.tag(name, record), value, record["step"])
+        for tag, value in scalar_tags(record).items():  # the tags W&B gets too (scalars.py)
+            self.writer.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         if self.writer is not None:

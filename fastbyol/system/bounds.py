@@ -5,7 +5,9 @@ ask the allocator for more than the machine has: DALI threads far beyond the cor
 inside DALI), widths and sizes past any real model, and a run whose weights, optimizer state and saved activations
 (estimated from the architecture built on the meta device: shapes only, no memory, no random numbers) exceed the
 memory of the device it trains on. The estimate is a lower bound (no allocator slack, no workspace, no DALI
-buffers), so a refused run could never have trained there; one that passes may still be tight.
+buffers), so a refused run could never have trained there; one that passes may still be tight. The activations are
+those of one micro-batch (`--accumulate`); where they are what does not fit, the refusal names the `--accumulate`
+that would (`fitting_accumulate`, which `fastbyol plan` uses too).
 """
 
 from __future__ import annotations
@@ -121,26 +123,46 @@ def training_bytes(cfg, local_batch: int, activation_bytes: int = 4) -> dict[str
     return {"encoder": encoder, "heads": heads, "activations": activations}
 
 
+def fitting_accumulate(parts: dict[str, int], micro_batch: int, local_batch: int, have: float) -> int | None:
+    """The fewest micro-batches a step of `local_batch` images per process can be cut into (N divides it, at least 2
+    images each) so that the estimate fits `have` bytes, given `parts` (training_bytes) at `micro_batch` images:
+    the activations scale with the micro-batch, the weights do not. None when not even 2 images fit."""
+    fixed, per_image = parts["encoder"] + parts["heads"], parts["activations"] / max(1, micro_batch)
+    for n in range(1, local_batch // 2 + 1):
+        if local_batch % n == 0 and fixed + per_image * (local_batch // n) <= have:
+            return n
+    return None
+
+
 def check_machine_bounds(cfg, device, world_size: int) -> None:
-    """FastByolError naming the setting when the run cannot fit this machine (see the module docstring)."""
+    """FastByolError naming the setting when the run cannot fit this machine (see the module docstring); when the
+    activations are what does not fit, it names the --accumulate that would."""
     check_plain_bounds(cfg)
     from ..models import is_custom_arch
 
     if is_custom_arch(cfg.model.arch):  # a module:factory of the user's own: theirs to size (and to build: a
         return  # factory may not run on the meta device); the trainer names a factory that fails in one line
     local_batch = max(1, cfg.data.batch_size // max(1, world_size))
-    parts = training_bytes(cfg, local_batch, activation_bytes=2 if device.type == "cuda" else 4)
+    accumulate = max(1, cfg.optim.accumulate)
+    micro_batch = max(1, local_batch // accumulate)  # what one forward and backward holds (--accumulate)
+    parts = training_bytes(cfg, micro_batch, activation_bytes=2 if device.type == "cuda" else 4)
     need, have = sum(parts.values()), machine_memory_bytes(device)
     if need <= have:
         return
     biggest = max(parts, key=parts.get)
+    fix = "choose smaller settings"
     if biggest == "heads":
         name = max(("proj_hidden", "pred_hidden", "proj_dim"), key=lambda n: getattr(cfg.model, n))
         what = f"--{name.replace('_', '-')} {getattr(cfg.model, name)}"
     elif biggest == "encoder":
         what = f"--arch {cfg.model.arch}"
     else:
-        what = f"--batch-size {cfg.data.batch_size} at --image-size {cfg.data.image_size}"
+        what = f"--batch-size {cfg.data.batch_size} at --image-size {cfg.data.image_size}" + (
+            f" with --accumulate {accumulate}" if accumulate > 1 else "")
+        n = fitting_accumulate(parts, micro_batch, local_batch, have)
+        if n is not None:  # the documented way to a big batch on a small machine (docs/accumulation.md)
+            fix = (f"--accumulate {n} fits (micro-batches of {local_batch // n} images; `fastbyol plan` shows the "
+                   f"split), or choose smaller settings")
     where = "GPU" if device.type == "cuda" else "RAM"
     raise FastByolError(f"{what} needs at least {need / GB:.1f} GB for training ({biggest} {parts[biggest] / GB:.1f} "
-                        f"GB), more than the {have / GB:.1f} GB of {where} here: choose smaller settings")
+                        f"GB), more than the {have / GB:.1f} GB of {where} here: {fix}")

@@ -70,7 +70,8 @@ def wrap_online(model, device: torch.device, settings) -> nn.Module:
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
     ddp = DistributedDataParallel(OnlineNetwork(model), device_ids=[device.index] if device.type == "cuda" else None,
-                                  gradient_as_bucket_view=True, bucket_cap_mb=settings.bucket_mb or None, **no_buffer_sync)
+                                  gradient_as_bucket_view=True, bucket_cap_mb=settings.bucket_mb or None,
+                                  **no_buffer_sync)
     if settings.grad_reduce == "bf16":
         ddp.register_comm_hook(None, bf16_gradient_hook)
     return ddp
