@@ -122,5 +122,17 @@ def compile_networks(model: BYOL, mode: str = "off", backend: str = "inductor",
     # static shapes: each block shape its own graph (no dynamic-shape graph after the second shape); the compiled
     # forward is an instance attribute, so the state_dict and the module tree stay as they are
     for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=False, **options)
+        block.forward = _in_training(block, torch.compile(block.forward, dynamic=False, **options))
     return StepNetworks(model, online, target, mode)
+
+
+def _in_training(block: nn.Module, compiled):
+    """The block's forward: `compiled` in training mode (the step's networks), its own eager forward in evaluation
+    mode (the kNN checks and the online probe's accuracy read the online encoder in eval mode, at other batch sizes:
+    compiling those too would add graphs after the first step for no training speed)."""
+    plain = type(block).forward.__get__(block)
+
+    def forward(*args, **kwargs):
+        return (compiled if block.training else plain)(*args, **kwargs)
+
+    return forward
