@@ -2,14 +2,15 @@
 kernels' compilation), per design, each in a fresh process with empty compiler caches, on this machine's CPU.
 
     python benchmarks/compile_time.py [--arch resnet50] [--size 224] [--batch 2] [--designs four-pass per-network]
-        [--backend inductor] [--out FILE]
+        [--backend inductor] [--repeat N] [--out FILE]
 
 Designs:
-- four-pass: one graph of the whole step's forward, each network once per view (today's `torch.compile(model)` of
-  the four-pass BYOL module; here `torch.compile(model.forward_per_view)`, the same passes and layers).
+- four-pass: one graph of the whole step's forward, each network once per view (`torch.compile` of a BYOL module
+  that forwards each view on its own; here `torch.compile(model.forward_per_view)`, the same passes and layers).
 - whole: one graph of the whole one-pass forward (`torch.compile(model)`): online and target, both views stacked.
 - per-network: the trainer's (`fastbyol.models.networks.compile_networks`): the online network's training graph and
-  the target's no-grad graph, compiled on their own.
+  the target's no-grad graph, compiled on their own; a network that repeats blocks (ResNet-50) block by block, each
+  distinct block once per network.
 With `--python PY` (a pre-change checkout's environment, whose `fastbyol` has no `compile_networks`) each design
 is run by that interpreter instead: its `torch.compile(model)` is the four-pass graph itself (`--designs whole`).
 
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="images per view (the graph does not depend on it)")
     ap.add_argument("--designs", nargs="+", default=["four-pass", "per-network"], choices=DESIGNS)
     ap.add_argument("--backend", default="inductor")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of every design, interleaved (the rows say which)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter (and so the fastbyol) to measure")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one design, JSON on stdout
     ap.add_argument("--out", default=None, help="JSON file to write")
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.designs[0], args.arch, args.size, args.batch, args.backend)))
         return 0
     rows = []
-    for design in args.designs:
+    for run, design in ((r, d) for r in range(1, args.repeat + 1) for d in args.designs):
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=cache,
                        TORCHINDUCTOR_COMPILE_THREADS="1", OMP_NUM_THREADS="1")
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
         if done.returncode:
             raise SystemExit(f"{design}: {done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "run": run})
         row = rows[-1]
         print(f"{design}: compile {row['compile_cpu_s']:.1f} CPU s ({row['compile_wall_s']:.1f} s wall), graphs "
               f"{row['graphs']}, recompiles after the first step {row['recompiles_after_first']}, nodes "

@@ -4,16 +4,20 @@ processes, DDP around the online network alone.
     net = compile_networks(model, "default", online=wrap_online(model, device, settings))  # or online=None: 1 process
     p1, p2, z1, z2, h1 = net(v1, v2)                     # BYOL.forward's outputs
 
-Compiling per network instead of `torch.compile(model)` gives two graphs: the online network's training graph
-(forward and, through AOTAutograd, backward; the graph the benchmarks time is the graph the trainer trains, the
-online probe's features being one of its outputs) and the target network's no-grad graph, each one pass of the
-network over both views. One graph of the whole BYOL module inlined every pass of both networks (four ResNet-50 passes
-before the one-pass forward: 6,191 forward and 4,047 backward aten nodes), and compile time grows with the graph.
+Compiling per network instead of `torch.compile(model)`: the online network's training graph (forward and, through
+AOTAutograd, backward) and the target network's no-grad graph, each one pass over both views; the online probe's
+features are one of the online network's outputs, so the graph the benchmarks time is the graph the trainer trains.
+One graph of the whole BYOL module inlined every pass of both networks (four ResNet-50 passes before the one-pass
+forward), and compile time grows with the graph. A network that repeats blocks (ResNets, ViTs) goes further: each
+distinct block is compiled once (ResNet-50: 8 block shapes, each once for the online network and once for the
+target) and every block of that shape runs the same code, while the stem and the heads run eagerly; the block graphs
+are used in training mode only (evaluations run the blocks eagerly). benchmarks/compile_time.py measures it.
 
-DDP wraps only the online network (`OnlineNetwork`: BYOL's own online modules, shared, not copied), so compiling it
-compiles DDP: Dynamo's DDP optimizer splits the graph at the gradient buckets' boundaries and the buckets' all-reduces
-overlap the rest of the backward. The target has no gradients and no DDP. Under `torch.compile` the collectives of
-the cross-replica BN (fastbyol.system.batchnorm) are traced into the graphs.
+DDP wraps only the online network (`OnlineNetwork`: BYOL's own online modules, shared, not copied); the target has no
+gradients and no DDP. A network compiled whole compiles DDP with it (Dynamo's DDP optimizer splits the graph at the
+gradient buckets, so their all-reduces overlap the rest of the backward); a network compiled block by block keeps DDP
+eager around compiled blocks (its hooks fire as each block's backward ends, as in eager training). Under
+`torch.compile` the collectives of the cross-replica BN (fastbyol.system.batchnorm) are traced into the graphs.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@
     net = fastbyol.models.compile_networks(model, mode, online=online)
 
 What DDP is given, and why:
-- The online network only (`fastbyol.models.networks.OnlineNetwork`): the target has no gradients; compiling the
-  DDP module lets Dynamo split the online graph at bucket boundaries, so the buckets' all-reduces overlap the backward.
+- The online network only (`fastbyol.models.networks.OnlineNetwork`): the target has no gradients. A network
+  compiled whole compiles the DDP module with it, and Dynamo splits the online graph at bucket boundaries, so the
+  buckets' all-reduces overlap the backward; one compiled block by block (ResNets) keeps DDP eager around its compiled
+  blocks, whose gradients reach DDP's hooks as each block's backward ends.
 - `gradient_as_bucket_view=True`: the gradients are views into the all-reduce buckets (no copy into them, one copy
   of the gradients in memory). A view takes its parameter's strides, so every weight must have the strides its
   gradient is produced with. A 1x1 convolution's weight (Cout, Cin, 1, 1) is channels_last and contiguous at once;
