@@ -2,7 +2,7 @@
 efficiency, before (four passes a step, the BN table, BN on DDP's communicator) and after (one pass a step, a fixed BN
 payload, BN on its own communicator), for ResNet-50, ResNet-200 (2x) and ViT-B/16.
 
-    python benchmarks/scale_model.py [--json] [--measured FILE ...]
+    python benchmarks/scale_model.py [--json] [--measured FILE ...] [--out FILE]
 
 What it takes, and from where:
 - The collectives a step and their bytes, by a counting rule checked against the profiler: for each design, the BN
@@ -200,11 +200,18 @@ def main(argv=None) -> int:
     ap.add_argument("--measured", nargs="*", default=None,
                     help="step_collectives.py JSON files (labelled before / after) to check the counting rule "
                          "against (default: the newest in benchmarks/results/)")
+    ap.add_argument("--out", default=None, help="JSON file to write: every row's figures and the assumptions")
     args = ap.parse_args(argv)
     files = args.measured if args.measured is not None else _newest_measured()
     checks = check_rule([json.loads(Path(f).read_text()) for f in files])
     censuses = [census(arch, stem) for arch, stem in MODELS.items()]
     rows = table(censuses)
+    if args.out:
+        assumptions = {"global_batch": GLOBAL_BATCH, "peak_flops": PEAK_FLOPS, "anchor_mfu": ANCHOR_MFU,
+                       "kernel_floor_us": KERNEL_FLOOR_US, "nvlink_bus_gbps": NVLINK_BUS_GBPS,
+                       "ib_bus_gbps": IB_BUS_GBPS,
+                       "latency_us": [LATENCY_INTRA_US, LATENCY_INTER_US, LATENCY_PER_DOUBLING_US]}
+        Path(args.out).write_text(json.dumps({"rows": rows, "assumptions": assumptions}, indent=1) + "\n")
     if args.json:
         print(json.dumps({"rows": [{k: r[k] for k in ("model", "design", "gpus", "batch_per_gpu", "img_s_per_gpu",
                                                          "efficiency")} for r in rows]}))

@@ -116,11 +116,22 @@ def main(argv=None) -> int:
         per = rows[-1]["per_step"]
         print(f"{procs} processes: " + ", ".join(f"{k} {v['count']:g} ({v['bytes'] / 1e3:.1f} kB)"
                                                  for k, v in per.items()), flush=True)
-    result = {"label": args.label, "python": args.python, "rows": rows, "profiled_steps": list(PROFILE),
-              "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    result = {"label": args.label, "rows": rows, "profiled_steps": list(PROFILE),
+              "python": "this checkout's" if args.python == sys.executable else "another environment's (--python)",
+              "cpu": _cpu(), "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _cpu() -> str:
+    """The CPU's model name and core count (counts and bytes do not depend on it, nor on the load)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        return f"{names[0]} x {len(names)}" if names else "unknown"
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":
