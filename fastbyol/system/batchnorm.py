@@ -156,10 +156,12 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         mean, unbiased = mean.to(dtype), unbiased.to(dtype)  # (V, C)
         if self.momentum is not None:
             m = self.momentum
-            weights = torch.tensor([m * (1 - m) ** (v - 1 - i) for i in range(v)], dtype=dtype, device=mean.device)
+            # Python floats, not a tensor made from them: that would be a blocking host-to-device copy on CUDA in
+            # every eager step (a compiled graph folds it, an eager stem or head would not)
+            weights = [m * (1 - m) ** (v - 1 - i) for i in range(v)]
             keep = (1 - m) ** v
-            self.running_mean.mul_(keep).add_((weights[:, None] * mean).sum(0))
-            self.running_var.mul_(keep).add_((weights[:, None] * unbiased).sum(0))
+            self.running_mean.mul_(keep).add_(sum(w * mean[i] for i, w in enumerate(weights)))
+            self.running_var.mul_(keep).add_(sum(w * unbiased[i] for i, w in enumerate(weights)))
         else:
             n = self.num_batches_tracked.to(dtype)
             self.running_mean.mul_(n).add_(mean.sum(0)).div_(n + v)
