@@ -132,7 +132,13 @@ def measure(design: str, arch: str, size: int, batch: int, backend: str, steps: 
             "recompiles_after_first": counters["stats"]["unique_graphs"] - graphs_first,
             "graph_breaks": sum(counters["graph_break"].values()), "phases_s": phases,
             "nodes": _node_counts(design, arch, size, batch), "torch": torch.__version__,
-            "fastbyol": str(Path(sys.modules["fastbyol.models"].__file__).parents[2])}
+            "fastbyol": "this checkout" if _this_checkout() else "another checkout (--python)"}
+
+
+def _this_checkout() -> bool:
+    """Whether the fastbyol measured is the one beside this script (a path would name a folder outside the
+    repository in the committed results)."""
+    return Path(sys.modules["fastbyol.models"].__file__).resolve().parents[2] == Path(__file__).resolve().parents[1]
 
 
 def _phase_seconds(csv) -> dict:
