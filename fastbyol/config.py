@@ -367,7 +367,7 @@ class Config:
         if batch % world_size:
             raise FastByolError(f"--batch-size {batch} (the global batch) does not divide over {world_size} processes")
         local_batch, accumulate = batch // world_size, self.optim.accumulate
-        if world_size % (self.distributed.bn_group or world_size):
+        if world_size > 1 and world_size % (self.distributed.bn_group or world_size):  # one process: nothing to group
             raise FastByolError(f"--bn-group {self.distributed.bn_group} does not divide the {world_size} processes")
         if local_batch < 2:
             raise FastByolError(f"--batch-size {batch} over {world_size} processes leaves {local_batch} image per "

@@ -47,7 +47,9 @@ def _bad_values():
               ("run", "ckpt_every_steps", -1), ("run", "knn_k", 0), ("run", "knn_subset", 0),
               ("run", "profile", "5"), ("run", "profile", "5:5"), ("run", "profile", "a:b"), ("run", "profile", "-1:4"),
               ("model", "arch", "resnet99"), ("model", "stem", "weird"), ("augment", "hw_decoder_load", -0.1),
-              ("augment", "hw_decoder_load", 1.5), ("augment", "preallocate_side", 0), ("augment", "chunk_pixels", 0)]
+              ("augment", "hw_decoder_load", 1.5), ("augment", "preallocate_side", 0), ("augment", "chunk_pixels", 0),
+              ("distributed", "bn_group", -1), ("distributed", "bucket_mb", -1.0),
+              ("distributed", "bucket_mb", float("nan"))]
     return cases
 
 
@@ -144,6 +146,12 @@ def test_resolve_derives_the_run_values():
         cfg.resolve("cpu", 128, 80000)
     with pytest.raises(FastByolError, match="larger than the 100 training images"):
         cfg.resolve("cpu", 1, 100)
+    cfg.distributed.bn_group = 4  # BN statistics over blocks of 4 ranks: the processes must divide into them
+    assert cfg.resolve("cpu", 8, 8000).world_size == 8 and cfg.resolve("cpu", 1, 8000).world_size == 1
+    for group, world in ((4, 2), (3, 4)):
+        cfg.distributed.bn_group = group
+        with pytest.raises(FastByolError, match=f"--bn-group {group} does not divide the {world} processes"):
+            cfg.resolve("cpu", world, 8000)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -159,6 +167,9 @@ def test_resolve_derives_the_run_values():
     (["--decode", "twice"], "--decode must be one of roi, once"),
     (["--hw-decoder-load", "2"], "--hw-decoder-load must be in [0, 1]"),
     (["--cpu-parallel", "fibers"], "--cpu-parallel must be one of processes, threads"),
+    (["--bn-group", "-2"], "--bn-group must be >= 0"),
+    (["--grad-reduce", "fp16"], "--grad-reduce must be one of fp32, bf16"),
+    (["--bucket-mb", "-1"], "--bucket-mb must be a finite number >= 0"),
 ])
 def test_bad_settings_are_one_line_exit_2_and_leave_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"
