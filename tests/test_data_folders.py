@@ -138,14 +138,14 @@ def test_imagenet_like_synthetic_jpegs(tmp_path):
 def test_describe_and_counts_do_not_wait_for_the_knn_images(folder):
     import threading
 
-    from fastbyol.data.dataset import ImageDataset
+    from fastbyol.data.dataset import ImageDataset, PendingSplits, Startup
     from fastbyol.data.decode import BackgroundDecode
 
     release = threading.Event()
     x = np.zeros((3, 8, 8, 3), np.uint8)
     pending = BackgroundDecode(lambda cancel: (release.wait(30), (x, np.arange(3), x, np.arange(3), []))[1])
-    ds = ImageDataset("d", None, None, None, None, 3, "here", pretrain_files=None, eval_decode=pending,
-                      image_size=8, counts=(100, 20), has_labels=True, startup_seconds={"listing": 1.0})
+    ds = ImageDataset("d", PendingSplits(pending, 8, (100, 20), True), 3, "here",
+                      startup=Startup(seconds={"listing": 1.0}))
     assert "100 train / 20 test images, 8x8" in ds.describe() and ds.has_knn and not ds.eval_images_ready()
     assert "eval images" not in ds.startup_seconds
     release.set()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
-from .dataset import MAX_CLASSES, ImageDataset
+from .dataset import MAX_CLASSES, ImageDataset, Splits
 from .idx import read_idx
 
 __all__ = ["ImageDataset", "FORMATS", "absolute_data_spec", "detect_format", "resolve_dataset", "load_embedded",
@@ -72,8 +72,9 @@ def load_embedded() -> ImageDataset:
     labels = labels.astype(np.int64)
     test_mask = np.arange(len(images)) % 5 == 0  # every 5th image held out: 8,000 / 2,000, classes balanced
     rgb = _gray_to_rgb(images)
-    return ImageDataset("fashion-mnist-embedded", rgb[~test_mask], labels[~test_mask], rgb[test_mask],
-                        labels[test_mask], 10, f"{folder} (Fashion-MNIST test split, MIT licence)", gray=True)
+    return ImageDataset("fashion-mnist-embedded",
+                        Splits(rgb[~test_mask], labels[~test_mask], rgb[test_mask], labels[test_mask]), 10,
+                        f"{folder} (Fashion-MNIST test split, MIT licence)", gray=True)
 
 
 def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
@@ -93,8 +94,7 @@ def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
         labels = labels.astype(np.int64)
         out[split] = (_gray_to_rgb(images), labels)
     num_classes = int(max(out["train"][1].max(), out["t10k"][1].max())) + 1
-    return ImageDataset(name, out["train"][0], out["train"][1], out["t10k"][0], out["t10k"][1], num_classes,
-                        str(folder), gray=True)
+    return ImageDataset(name, Splits(*out["train"], *out["t10k"]), num_classes, str(folder), gray=True)
 
 
 FORMATS = ("auto", "idx", "stl10", "cifar", "numpy", "folder", "shards")

@@ -287,7 +287,7 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     0), in a background thread unless background=False. train_pick: the labelled train split is the images it picks
     (resolve_dataset), not a seeded sample of max_eval_images. test_data: a folder of class folders whose images are
     the test split (then an ImageFolder layout holds none out of pretraining)."""
-    from .dataset import ImageDataset
+    from .dataset import ImageDataset, PendingSplits, Startup
 
     root = Path(root)
     man, seconds, status = mf.obtain(root, rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir,
@@ -369,7 +369,6 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     n_bad = len(man.bad) + len(undecodable)
     del man  # ~60 bytes a file: not kept beyond start-up
     pending = BackgroundDecode(job, background) if eval_images else None
-    return ImageDataset(root.name, None, None, None, None, num_classes, origin, pretrain_files=pretrain,
-                        skipped_files=n_bad, gray=gray, eval_decode=pending, image_size=image_size,
-                        counts=(n_train, n_test), startup_seconds=seconds, manifest=status,
-                        has_labels=labeled and n_test > 0)
+    splits = PendingSplits(pending, image_size, (n_train, n_test), labeled and n_test > 0)
+    return ImageDataset(root.name, splits, num_classes, origin, pretraining=pretrain, gray=gray,
+                        startup=Startup(n_bad, seconds, status))

@@ -597,7 +597,7 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
                 seed: int = 0, *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
                 eval_images: bool = True, background: bool = True, num_threads: int = 2, with_labels: bool = False):
     """An ImageDataset whose pretraining source is a ShardSource; kNN from labeled train/test shards."""
-    from .dataset import ImageDataset
+    from .dataset import ImageDataset, PendingSplits, Startup
     from .decode import BackgroundDecode, decode_splits
 
     train, test = shard_paths(spec)
@@ -644,11 +644,10 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
 
     pending = BackgroundDecode(job, background) if eval_images else None
     name = train[0].parent.name or "shards"
-    return ImageDataset(name, None, None, None, None, num_classes, f"{len(train)} tar shards ({spec})",
-                        pretrain_files=source, skipped_files=bad_train + bad_test,
-                        gray=all(bool(m["gray"].all()) for m in train_m), eval_decode=pending,
-                        image_size=image_size, counts=(n_train, n_test),
-                        startup_seconds=dict(listing=0.0, checks=0.0, index=seconds), has_labels=has_knn)
+    return ImageDataset(name, PendingSplits(pending, image_size, (n_train, n_test), has_knn), num_classes,
+                        f"{len(train)} tar shards ({spec})", pretraining=source,
+                        gray=all(bool(m["gray"].all()) for m in train_m),
+                        startup=Startup(bad_train + bad_test, dict(listing=0.0, checks=0.0, index=seconds)))
 
 
 # ------------------------------------------------------------------------------------------------ fastbyol shards
