@@ -20,7 +20,7 @@ pytest.importorskip("nvidia.dali")
 
 from fastbyol.data import resolve_dataset  # noqa: E402
 from fastbyol.data.checks import check_image_file  # noqa: E402
-from fastbyol.data.folders import FileList  # noqa: E402
+from fastbyol.data.folders import FileList, ListFile  # noqa: E402
 
 from .support import good_jpegs  # noqa: E402
 from .test_data_decode import bad_scan_jpeg as _bad_scan_jpeg  # noqa: E402
@@ -80,7 +80,7 @@ def test_loader_replaces_the_file_and_yields_the_batches_of_the_substituted_list
     k = manifest_list.splitlines().index(f"all/{BAD} 0".encode())
     assert len(lines) == len(manifest_list.splitlines()) == 41 and lines[k] == lines[k - 1]  # its predecessor
 
-    ref_src = FileList(None, None, src.where, root=src.root, list_file=src.source_list, count=len(src), skip_bad=True)
+    ref_src = FileList(None, None, src.where, listed=ListFile(src.root, src.source_list, len(src)), skip_bad=True)
     assert ref_src.replace_bad(bad)
     ref = make_loader(ref_src, **KW)
     want = _views(ref, 2)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,30 +35,40 @@ from .checks import IMAGE_SUFFIXES
 from .decode import BackgroundDecode, decode_splits, file_item
 
 
+@dataclass(frozen=True)
+class ListFile:
+    """A DALI file list written from a manifest: `count` lines "relative/path label", the paths relative to `root`,
+    read by DALI itself (no per-process list of paths). labelled: every line's label is its file's class (a labelled
+    folder without unlabeled/: the reader's label output can feed the online probe); else a label is 0 where a file
+    has none."""
+
+    root: str
+    path: str
+    count: int
+    labelled: bool = False
+
+
 class FileList:
-    """Encoded images the training pipeline decodes, one file per sample: an explicit list of paths, or a DALI
-    file list written from a manifest (`list_file`, paths relative to `root`, read by DALI itself).
+    """Encoded images the training pipeline decodes, one file per sample: an explicit list of paths (`files`, with
+    `labels` or None), or a manifest's DALI file list (`listed`, a ListFile).
 
     The encoded-source contract (shared with the tar-shard source): `dali_reader(shard_id, num_shards)` inside a DALI
     pipeline definition, `len()`, `labels` (int64 or None), `labelled` and `where` (for error messages)."""
 
     def __init__(self, files: list[str] | None = None, labels: np.ndarray | None = None, where: str = "", *,
-                 root: str | None = None, list_file: str | None = None, count: int | None = None,
-                 skip_bad: bool = False, list_labelled: bool = False):
-        if files is None and (root is None or list_file is None or count is None):
-            raise ValueError("FileList needs files, or root + list_file + count")
+                 listed: ListFile | None = None, skip_bad: bool = False):
+        if (files is None) == (listed is None):
+            raise ValueError("FileList needs either files or listed (a ListFile)")
         self._files = files
         self.labels = labels  # (N,) int64, or None for unlabeled files
-        self.root, self.list_file = root, list_file
-        # the list file's labels are every file's class (a labelled folder without unlabeled/): the reader's label
-        # output can feed the online probe; else they are 0 where a file has none
-        self.labelled = labels is not None or (files is None and list_labelled)
-        self._count = len(files) if files is not None else int(count)
+        self.root, self.list_file = (None, None) if listed is None else (listed.root, listed.path)
+        self.labelled = labels is not None or (listed is not None and listed.labelled)
+        self._count = len(files) if files is not None else int(listed.count)
         if not where:
-            where = str(Path(files[0]).parent.parent) if files else (root or "(no files)")
+            where = str(Path(files[0]).parent.parent) if files else (self.root or "(no files)")
         self.where = where  # the folder the files came from, for error messages
         self.skip_bad = skip_bad  # the training pipeline may stand another file in for one it cannot decode
-        self.source_list = list_file  # the manifest's list; list_file becomes this process's own copy once one is bad
+        self.source_list = self.list_file  # the manifest's; list_file becomes this process's own copy once one is bad
         self.bad: list[str] = []  # files replaced so far (as failed_sample names them), in the order found
 
     def __len__(self) -> int:
@@ -318,8 +329,8 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     # the list's labels are real classes when no unlabeled/ file is among the pretraining files (online probe)
     labeled = man.layout in ("labeled", "classes")  # train/<class>/, or torchvision's ROOT/<class>/
     list_labelled = labeled and not bool((man.split == mf.UNLABELED).any())
-    pretrain = FileList(None, None, str(root), root=str(root), list_file=str(man.location / mf.LIST_NAME),
-                        count=n_pretrain, skip_bad=skip_bad_files, list_labelled=list_labelled)
+    listed = ListFile(str(root), str(man.location / mf.LIST_NAME), n_pretrain, list_labelled)
+    pretrain = FileList(None, None, str(root), listed=listed, skip_bad=skip_bad_files)
     undecodable_names = {str(root / rel) for rel in undecodable}
     if undecodable and not pretrain.replace_bad(*undecodable_names):  # some of them are test files
         for name in undecodable_names:
