@@ -153,12 +153,12 @@ def test_gpu_files_loader_hands_over_the_readers_labels(make_loader, tmp_path, m
     """The online probe's labels on the CUDA files path: the reader's labels as the graph's last output, on the
     GPU (int64), one epoch holding every file's class once; the views bit for bit those of the graph without them
     (the CPU path checks each batch's labels against its decoded files: tests/test_online_probe_files.py)."""
-    from fastbyol.data import resolve_dataset
+    from fastbyol.data import DataRequest, resolve_dataset
     from fastbyol.data.synthetic import write_synthetic_jpegs
 
     monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
     root = write_synthetic_jpegs(tmp_path / "j", n_train=48, n_test=12, size=48, classes=3)
-    source = resolve_dataset(str(root), image_size=32, eval_images=False).pretraining_source
+    source = resolve_dataset(str(root), DataRequest(image_size=32, eval_images=False)).pretraining_source
     kw = dict(batch_size=8, image_size=32, device="cuda", num_threads=2, seed=3)
     plain, labelled = make_loader(source, **kw), make_loader(source, reader_labels=True, **kw)
     seen = []

@@ -33,6 +33,7 @@ from . import manifest as mf
 from .cache import own_file
 from .checks import IMAGE_SUFFIXES
 from .decode import BackgroundDecode, decode_splits, file_item
+from .request import DataRequest, Ranks
 
 
 @dataclass(frozen=True)
@@ -268,12 +269,14 @@ def _picked(man: mf.Manifest, pick) -> np.ndarray:
     return idx[pick(relpaths)]
 
 
-def _test_folder(test_root: Path, classes: list[str], rank: int, world_size: int, barrier, cache_dir,
-                 max_images: int, rng: np.random.Generator) -> tuple[list, np.ndarray]:
-    """(file items, labels) of --test-data: a folder of class folders (ROOT/<class>/, all of it the test split), its
-    classes matched to the training classes by name (one it lacks refused), at most `max_images` (seeded)."""
-    man, _, _ = mf.obtain(Path(test_root), rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir,
-                          hold_out=False)
+def _test_folder(classes: list[str], request: DataRequest, ranks: Ranks,
+                 rng: np.random.Generator) -> tuple[list, np.ndarray]:
+    """(file items, labels) of --test-data (request.test_data): a folder of class folders (ROOT/<class>/, all of it
+    the test split), its classes matched to the training classes by name (one it lacks refused), at most the
+    request's max_eval_images (seeded)."""
+    test_root = Path(request.test_data)
+    man, _, _ = mf.obtain(test_root, rank=ranks.rank, world_size=ranks.world_size, barrier=ranks.barrier,
+                          cache_dir=request.cache_dir, hold_out=False)
     if man.layout != "classes":
         raise FastByolError(f"--test-data {test_root}: expected class folders (ROOT/<class>/<image>)")
     if man.bad:
@@ -283,26 +286,24 @@ def _test_folder(test_root: Path, classes: list[str], rank: int, world_size: int
     if missing:
         raise FastByolError(f"--test-data {test_root}: class folders {', '.join(missing[:5])} are not classes of "
                             "the training data, so kNN could never predict them")
-    idx = _eval_subset(man, mf.TRAIN, max_images, rng)
+    idx = _eval_subset(man, mf.TRAIN, request.max_eval_images, rng)
     labels = np.asarray([index[man.classes[k]] for k in man.labels[idx].tolist()], np.int64)
     return [file_item(str(man.root / man.path(int(i)))) for i in idx], labels
 
 
-def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False, max_eval_images: int = 10000,
-                      seed: int = 0, *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
-                      eval_images: bool = True, background: bool = True, num_threads: int = 2, train_pick=None,
-                      test_data: str = ""):
+def load_image_folder(root: Path, request: DataRequest, ranks: Ranks | None = None):
     """An ImageDataset whose pretraining set is a FileList of the folder's manifest (decoded by the training pipeline).
 
-    rank/world_size/barrier: who builds the manifest (manifest.obtain); eval_images: decode the kNN splits here (rank
-    0), in a background thread unless background=False. train_pick: the labelled train split is the images it picks
-    (resolve_dataset), not a seeded sample of max_eval_images. test_data: a folder of class folders whose images are
-    the test split (then an ImageFolder layout holds none out of pretraining)."""
+    ranks: who builds the manifest (manifest.obtain; default rank 0 of 1). From the request: the kNN splits are
+    decoded here when it decodes_eval_images(ranks), at its image_size, at most max_eval_images of each (a sample
+    seeded by its seed), or the train split its train_pick picks; its test_data is a folder of class folders whose
+    images are the test split (then an ImageFolder layout holds none out of pretraining)."""
     from .dataset import ImageDataset, PendingSplits, Startup
 
-    root = Path(root)
-    man, seconds, status = mf.obtain(root, rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir,
-                                     hold_out=not test_data)
+    root, ranks = Path(root), Ranks() if ranks is None else ranks
+    skip_bad_files, test_data = request.skip_bad_files, request.test_data
+    man, seconds, status = mf.obtain(root, rank=ranks.rank, world_size=ranks.world_size, barrier=ranks.barrier,
+                                     cache_dir=request.cache_dir, hold_out=request.hold_out)
     root = man.root
     if man.bad and not skip_bad_files:
         rel, why = man.bad[0][0], man.bad[0][1]
@@ -335,12 +336,13 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     if undecodable and not pretrain.replace_bad(*undecodable_names):  # some of them are test files
         for name in undecodable_names:
             pretrain.replace_bad(name)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(request.seed)
     if labeled:
-        train_idx = _eval_subset(man, mf.TRAIN, max_eval_images, rng)  # drawn either way: the same test sample
-        test_idx = _eval_subset(man, mf.TEST, max_eval_images, rng) if n_test else None
-        if train_pick is not None:
-            train_idx = _picked(man, train_pick)
+        max_images = request.max_eval_images
+        train_idx = _eval_subset(man, mf.TRAIN, max_images, rng)  # drawn either way: the same test sample
+        test_idx = _eval_subset(man, mf.TEST, max_images, rng) if n_test else None
+        if request.train_pick is not None:
+            train_idx = _picked(man, request.train_pick)
     else:  # unlabeled: a few decoded images stand in for shapes and logs
         train_idx, test_idx = np.arange(min(n_pretrain, 64)), None
     if undecodable_names:  # not decoded again (already counted)
@@ -357,15 +359,14 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     if test_data:  # the test split from a folder of its own
         if not labeled:
             raise FastByolError(f"--test-data {test_data}: --data {root} has no class folders to match its classes")
-        test_items, test_y = _test_folder(Path(test_data), man.classes, rank, world_size, barrier, cache_dir,
-                                          max_eval_images, rng)
+        test_items, test_y = _test_folder(man.classes, request, ranks, rng)
         n_test = len(test_items)
 
     location = man.location  # the job keeps this, not the manifest's arrays
 
     def job(cancel):
-        decoded = decode_splits(train_items, train_y, test_items, test_y, image_size, num_threads, skip_bad_files,
-                                cancel)
+        decoded = decode_splits(train_items, train_y, test_items, test_y, request.image_size, request.decode_threads,
+                                skip_bad_files, cancel)
         if status == "fresh":  # files rewritten in place since the manifest (start-up checked only a sample)
             now_bad = mf.verify_files(location, root)
             if now_bad:
@@ -379,7 +380,7 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     num_classes, gray = len(man.classes) if labeled else 0, bool(man.gray[man.pretrain_mask].all())
     n_bad = len(man.bad) + len(undecodable)
     del man  # ~60 bytes a file: not kept beyond start-up
-    pending = BackgroundDecode(job, background) if eval_images else None
-    splits = PendingSplits(pending, image_size, (n_train, n_test), labeled and n_test > 0)
+    pending = BackgroundDecode(job, request.background) if request.decodes_eval_images(ranks) else None
+    splits = PendingSplits(pending, request.image_size, (n_train, n_test), labeled and n_test > 0)
     return ImageDataset(root.name, splits, num_classes, origin, pretraining=pretrain, gray=gray,
                         startup=Startup(n_bad, seconds, status))
