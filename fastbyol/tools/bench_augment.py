@@ -30,6 +30,7 @@ from ..augment import (IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, LoaderSettings
                        views_from_config)
 from ..config import DEFAULT_PRESET, get_preset
 from ..errors import FastByolError
+from ..augment.photometric import ChainSpec
 from ..augment.photometric_backends import BACKENDS, photometric_backend
 
 
@@ -130,12 +131,13 @@ def bench_photometric(size: int, batch: int, device: str, backend: str, steps: i
     params = [sample_params(spec, batch, g, device) for spec in (VIEW1, VIEW2)]
     fn = photometric_backend(backend)
     out_dtype = torch.float16 if device == "cuda" else torch.float32
+    chains = [ChainSpec(blur_window=view.blur_window(size), solarize_threshold=view.solarize_threshold,
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=out_dtype) for view in (VIEW1, VIEW2)]
     extra = {"threads": threads} if backend == "reference" and device == "cpu" else {}
 
     def step():
-        for spec, p in zip((VIEW1, VIEW2), params):
-            fn(crops, p, blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold,
-               mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=out_dtype, **extra)
+        for chain, p in zip(chains, params):
+            fn(crops, p, chain, **extra)
         if device == "cuda":
             torch.cuda.synchronize()  # sync: the step's kernels have run
 
