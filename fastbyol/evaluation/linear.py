@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..errors import FastByolError
-from .features import extract_features, knn_accuracy
+from .features import KnnSettings, extract_features, knn_accuracy
 from .runs import EvalRun
 
 
@@ -58,7 +58,7 @@ def features_protocol(run: EvalRun, probe_epochs: int = 100, probe_lr: float = 0
     test_f = extract_features(run.encoder, run.test_images, device=device, progress=progress)
     train_y = torch.as_tensor(run.train_labels, device=device)
     test_y = torch.as_tensor(run.test_labels, device=device)
-    knn_top1 = knn_accuracy(train_f, train_y, test_f, test_y, run.num_classes, cfg.run.knn_k, cfg.run.knn_temperature)
+    knn_top1 = knn_accuracy(train_f, train_y, test_f, test_y, run.num_classes, KnnSettings.from_config(cfg))
     probe = linear_probe(train_f, train_y, test_f, test_y, run.num_classes, probe_epochs, probe_lr, seed=cfg.run.seed,
                          progress=progress)
     return dict(protocol="features", knn_top1=knn_top1, knn_k=cfg.run.knn_k, linear_top1=probe,
