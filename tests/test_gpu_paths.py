@@ -16,11 +16,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 dali = pytest.importorskip("nvidia.dali")
 
 
-def _kw(spec, size):
+def _chain(spec, size):
     from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD
+    from fastbyol.augment.photometric import ChainSpec
 
-    return dict(blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold, mean=IMAGENET_MEAN,
-                std=IMAGENET_STD)
+    return ChainSpec(blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold,
+                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def test_gpu_views_from_arrays(make_loader):
@@ -51,7 +52,7 @@ def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws(make_loader):
     t = [crops[0], params[0], crops[1], params[1]]
     assert all(x.is_cuda for x in t)  # crops and parameters both on the GPU
     for view, crops, params, spec in ((v1, t[0], t[1], VIEW1), (v2, t[2], t[3], VIEW2)):
-        want = photometric(crops.cpu(), params.cpu(), **_kw(spec, 64))
+        want = photometric(crops.cpu(), params.cpu(), _chain(spec, 64))
         torch.testing.assert_close(view.float().cpu(), want, atol=2e-3, rtol=0)
 
 
