@@ -330,14 +330,15 @@ def _augment_jpeg(plan: Plan, decode: str):
     GPU). The two items run back to back on the same files; the faster mode becomes the default of
     `fastbyol train --decode` (fastbyol.config.AugmentConfig.decode). On the CPU (the dry run) the mode changes
     nothing: both rows run the CPU path."""
-    from fastbyol.tools.bench_augment import bench_augment
+    from fastbyol.tools.bench_augment import AugmentBenchSettings, bench_augment
     from fastbyol.data.folders import FileList
 
     files = sorted(str(p) for p in (_jpeg_folder(plan) / "train").rglob("*.jpg"))
     gpu = plan.device.type == "cuda"
     try:
-        row = bench_augment(224 if gpu else 32, 256 if gpu else 8, "gpu" if gpu else "cpu", "jpeg",
-                            steps=15 if gpu else 3, data=FileList(files, None), decode=decode)
+        bench = AugmentBenchSettings(224 if gpu else 32, 256 if gpu else 8, "gpu" if gpu else "cpu", "jpeg",
+                                     steps=15 if gpu else 3, decode=decode)
+        row = bench_augment(bench, data=FileList(files, None))
     finally:
         _free(plan)
     # the report's table shows `images`, not `decode`: name the mode there, so the two rows read apart
@@ -354,10 +355,11 @@ item("augment-jpeg-224-once", 12, 6, needs_dali=True)(lambda plan: _augment_jpeg
 
 @item("augment-arrays-32", 8, 4, needs_dali=True)
 def augment_arrays(plan: Plan):
-    from fastbyol.tools.bench_augment import bench_augment
+    from fastbyol.tools.bench_augment import AugmentBenchSettings, bench_augment
 
     gpu = plan.device.type == "cuda"
-    return "augment", bench_augment(32, 512 if gpu else 8, "gpu" if gpu else "cpu", "arrays", steps=20 if gpu else 3)
+    return "augment", bench_augment(AugmentBenchSettings(32, 512 if gpu else 8, "gpu" if gpu else "cpu", "arrays",
+                                                         steps=20 if gpu else 3))
 
 
 @item("train-r50", 90, 25, needs_dali=True)

@@ -241,12 +241,12 @@ def dali_section(device, tiny: bool) -> dict | None:
     if not _dali_ok():
         print("dali: not importable, section skipped", flush=True)
         return None
-    from fastbyol.tools.bench_augment import bench_augment
+    from fastbyol.tools.bench_augment import AugmentBenchSettings, bench_augment
 
     if tiny:
-        r = bench_augment(28, 32, "cpu", "jpeg", steps=3)
+        r = bench_augment(AugmentBenchSettings(28, 32, "cpu", "jpeg", steps=3))
     else:
-        r = bench_augment(224, 256, "gpu", "jpeg", steps=20)
+        r = bench_augment(AugmentBenchSettings(224, 256, "gpu", "jpeg", steps=20))
     print("dali", r, flush=True)
     return r
 

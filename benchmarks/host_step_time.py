@@ -142,7 +142,11 @@ def photometric_host(median_us, repeats: int) -> dict:
         setattr(kp, name, _NoLaunch(name))
     crops = torch.zeros((256, 3, 224, 224), dtype=torch.uint8)
     params = torch.zeros((256, 10), dtype=torch.float32)
-    kw = dict(blur_window=23, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=torch.float16)
+    import fastbyol.augment.photometric as ph
+
+    chain = dict(blur_window=23, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=torch.float16)
+    # a tree whose chain takes its constants as one ChainSpec, or (older trees) as keywords
+    args, kw = ((ph.ChainSpec(**chain),), {}) if hasattr(ph, "ChainSpec") else ((), chain)
 
     class _Count(TorchDispatchMode):
         def __init__(self):
@@ -163,7 +167,7 @@ def photometric_host(median_us, repeats: int) -> dict:
 
         variants["kept"] = {"buffers": ScratchBuffers()}
     for label, extra in variants.items():
-        call = lambda: kp.photometric_triton(crops, params, **kw, **extra)  # noqa: E731
+        call = lambda: kp.photometric_triton(crops, params, *args, **kw, **extra)  # noqa: E731
         call()  # the kept buffers are made here
         with _Count() as count:
             call()

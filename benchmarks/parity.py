@@ -274,7 +274,7 @@ def heldout_knn(record: dict, images, labels, k: int = 200, temperature: float =
     import torch
 
     from fastbyol.evaluation.runs import encoder_state
-    from fastbyol.evaluation.features import extract_features, knn_accuracy
+    from fastbyol.evaluation.features import KnnSettings, extract_features, knn_accuracy
     from fastbyol.models import build_encoder
 
     state = torch.load(record["encoder"], map_location="cpu", weights_only=True)
@@ -283,7 +283,8 @@ def heldout_knn(record: dict, images, labels, k: int = 200, temperature: float =
     encoder = build_encoder("resnet-tiny", "small-s2", 28)
     encoder.load_state_dict(state)
     feats = extract_features(encoder, images)
-    return [knn_accuracy(feats[bank], labels[bank], feats[query], labels[query], 10, k, temperature)
+    knn = KnnSettings(k=k, temperature=temperature)
+    return [knn_accuracy(feats[bank], labels[bank], feats[query], labels[query], 10, knn)
             for bank, query in heldout_splits(len(images))]
 
 

@@ -78,8 +78,8 @@ def drop_manifest(root: Path) -> None:
 DATASET_PROBE = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from fastbyol.data import resolve_dataset
-ds = resolve_dataset(sys.argv[1], image_size=32)
+from fastbyol.data import DataRequest, resolve_dataset
+ds = resolve_dataset(sys.argv[1], DataRequest(image_size=32))
 t1 = time.perf_counter()
 ds.wait_eval_images()
 t2 = time.perf_counter()
@@ -138,7 +138,7 @@ def shards_vs_folder(root: Path, repeat: int, n: int = 2048, batch: int = 64, si
                      steps: int = 24) -> dict:
     """Two-view samples/s of TwoViewLoader on the same n images: a folder of hard links and its tar shards."""
     from fastbyol.augment import LoaderSettings, TwoViewLoader
-    from fastbyol.data import resolve_dataset
+    from fastbyol.data import DataRequest, resolve_dataset
     from fastbyol.data.shards import write_shards
 
     work = root.parent / f"{root.name}-throughput"
@@ -152,8 +152,8 @@ def shards_vs_folder(root: Path, repeat: int, n: int = 2048, batch: int = 64, si
             for i in range(per_class):
                 os.link(root / "train" / f"n{c:08d}" / f"n{c:08d}_{i}.JPEG", d / f"{i}.JPEG")
         write_shards(folder, tars, max_samples=512, progress=False)
-    sources = {"folder": resolve_dataset(str(folder), eval_images=False).pretraining_source,
-               "shards": resolve_dataset(str(tars), eval_images=False).pretraining_source}
+    sources = {"folder": resolve_dataset(str(folder), DataRequest(eval_images=False)).pretraining_source,
+               "shards": resolve_dataset(str(tars), DataRequest(eval_images=False)).pretraining_source}
     rates: dict[str, list[float]] = {"folder": [], "shards": []}
     for _ in range(repeat):
         for name, src in sources.items():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, LoaderSettings, TwoViewLoader, sample_params
+from fastbyol.augment.photometric import ChainSpec
 from fastbyol.augment.photometric_backends import photometric_backend
 
 from .conftest import DEVICE
@@ -61,9 +62,8 @@ def test_photometric_chain(timed, size, backend):
     crops = torch.randint(0, 256, (BATCH, 3, size, size), dtype=torch.uint8, generator=g).to(DEVICE)
     params = sample_params(VIEW1, BATCH, g, DEVICE)
     chain = photometric_backend(backend)
-    kwargs = dict(blur_window=VIEW1.blur_window(size), solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                  out_dtype=torch.float16 if DEVICE.type == "cuda" else torch.float32)
-    if DEVICE.type == "cpu":
-        kwargs["threads"] = 2
-    chain(crops, params, **kwargs)  # warm-up (compilation)
-    timed(lambda: chain(crops, params, **kwargs), size=size, backend=backend, batch=BATCH)
+    spec = ChainSpec(blur_window=VIEW1.blur_window(size), solarize_threshold=0.5, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD, out_dtype=torch.float16 if DEVICE.type == "cuda" else torch.float32)
+    kwargs = dict(threads=2) if DEVICE.type == "cpu" else {}
+    chain(crops, params, spec, **kwargs)  # warm-up (compilation)
+    timed(lambda: chain(crops, params, spec, **kwargs), size=size, backend=backend, batch=BATCH)

@@ -30,7 +30,7 @@ import torch
 
 from .augment import LoaderSettings, TwoViewLoader, views_from_config
 from .config import Config, Resolved, require_config
-from .data import ImageDataset, absolute_data_spec, resolve_dataset
+from .data import DataRequest, ImageDataset, Ranks, absolute_data_spec, resolve_dataset
 from .errors import FastByolError, TrainingStopped
 from .evaluation.monitor import evaluate_knn, probe_top1, random_init_knn
 from .evaluation.probe import OnlineProbe, probe_labels, probe_reads_labels
@@ -447,9 +447,10 @@ def _start(launch: Launch) -> Run:
     check_out_outside_data(run_dir, cfg.data.data, cfg.data.data_format)
     if launch.resume is None:  # a new run never goes inside another run's folder (whose clean-up would take it)
         refuse_inside_run(run_dir, "--out", itself=False)
-    dataset = resolve_dataset(cfg.data.data, cfg.data.data_format, cfg.data.image_size, cfg.data.skip_bad_files,
-                              cfg.run.seed, rank=rank, world_size=world_size, barrier=lambda: barrier(world_size),
-                              test_data=cfg.data.test_data)
+    request = DataRequest(image_size=cfg.data.image_size, skip_bad_files=cfg.data.skip_bad_files, seed=cfg.run.seed,
+                          test_data=cfg.data.test_data)
+    dataset = resolve_dataset(cfg.data.data, request, Ranks(rank, world_size, lambda: barrier(world_size)),
+                              data_format=cfg.data.data_format)
     resolved = cfg.resolve(device.type, world_size, dataset.num_pretraining, dataset.name)
     if world_size > 1:  # collective: the same data and plan on every rank (the fingerprint reads the file list)
         agree(dataset_facts(dataset, resolved), rank, world_size)

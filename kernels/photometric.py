@@ -1,12 +1,12 @@
 """BYOL's photometric chain in four Triton launches per view: jitter in each image's random order, grayscale, blur,
 solarize, clip, normalize, written as channels_last fp16 (or fp32).
 
-    out = photometric_triton(crops, params, blur_window=23, solarize_threshold=0.5, mean=..., std=...)
+    out = photometric_triton(crops, params, ChainSpec(blur_window=23, solarize_threshold=0.5, mean=..., std=...))
 
 Same arguments and result as the torch reference `fastbyol.augment.photometric.photometric` (its module docstring has
 the math of every op; tests/test_photometric.py checks this kernel against it in float64): crops (B, 3, S, S) uint8 (any
-strides: DALI's planar output, or an NHWC batch seen as NCHW), params (B, N_PARAMS) float32, both on the device;
-out (B, 3, S, S) channels_last.
+strides: DALI's planar output, or an NHWC batch seen as NCHW), params (B, N_PARAMS) float32, both on the device, spec
+the view's ChainSpec; out (B, 3, S, S) channels_last, spec.out_dtype.
 
 The launches, per view (B images of S x S):
   1. _stats:   grid (B, NB): each program runs the jitter ops that precede contrast in its image's order over a block
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from fastbyol.augment.photometric import (BLUR, BRIGHTNESS, CONTRAST, GRAY, HUE, JITTER, N_PARAMS, ORDER, ORDERS,
-                                          SATURATION, SIGMA, SOLARIZE, ScratchBuffers, check_chain_inputs)
+                                          SATURATION, SIGMA, SOLARIZE, ChainSpec, ScratchBuffers, check_chain_inputs)
 
 from ._dispatch import interpreter_on, triton_available
 
@@ -340,14 +340,13 @@ def set_blur_launch(rows: int | None = None, warps: int = 4) -> None:
 _TRITON_DTYPES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
-                       mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
-                       out_dtype: torch.dtype = torch.float16, buffers: ScratchBuffers | None = None) -> torch.Tensor:
-    """The chain in four Triton launches (see the module docstring); arguments as
-    fastbyol.augment.photometric.photometric. gray_input is accepted and ignored (the colour arithmetic leaves gray
-    pixels exact). buffers: where the partial sums, scratch and tmp live (reused call after call on one stream; None:
-    fresh ones each call). The output is always fresh: the caller keeps it. CPU tensors need TRITON_INTERPRET=1
-    (tests)."""
+def photometric_triton(crops: torch.Tensor, params: torch.Tensor, spec: ChainSpec, *,
+                       buffers: ScratchBuffers | None = None) -> torch.Tensor:
+    """The chain in four Triton launches (see the module docstring); crops, params and spec as
+    fastbyol.augment.photometric.photometric. Of the spec, gray_input, blur_tail and chunk_pixels are the reference's
+    (the colour arithmetic leaves gray pixels exact, every tap is kept, there are no chunks). buffers: where the
+    partial sums, scratch and tmp live (reused call after call on one stream; None: fresh ones each call). The output
+    is always fresh: the caller keeps it. CPU tensors need TRITON_INTERPRET=1 (tests)."""
     if not triton_available():
         raise RuntimeError("the Triton photometric chain needs triton")
     if crops.device.type != "cuda" and not interpreter_on():
@@ -355,6 +354,7 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     check_chain_inputs(crops, params)
     if params.dtype != torch.float32 or not params.is_contiguous():
         raise ValueError("photometric_triton needs contiguous float32 params")
+    blur_window, out_dtype = spec.blur_window, spec.out_dtype
     if blur_window % 2 != 1:
         raise ValueError(f"blur_window must be odd, got {blur_window}")
     B, S = crops.shape[0], crops.shape[2]
@@ -371,8 +371,8 @@ def photometric_triton(crops: torch.Tensor, params: torch.Tensor, *, blur_window
     tmp = buf.get("tmp", (B, 3, S, S), torch.float32, device)
     out = torch.empty((B, S, S, 3), dtype=out_dtype, device=device)  # NHWC memory
     orders = _orders(device)
-    m, s = [float(v) for v in mean], [float(v) for v in std]
-    thr = float(solarize_threshold)
+    m, s = [float(v) for v in spec.mean], [float(v) for v in spec.std]
+    thr = float(spec.solarize_threshold)
     strides = (S, *crops.stride())
 
     def launch(kernel, *args):

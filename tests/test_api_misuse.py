@@ -24,7 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from fastbyol.config import Config, require_config  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
-from fastbyol.evaluation.features import extract_features, knn_accuracy  # noqa: E402
+from fastbyol.evaluation.features import KnnSettings, extract_features, knn_accuracy  # noqa: E402
 from fastbyol.kernels import byol_loss, byol_loss_symmetric, ema_update_, set_backend  # noqa: E402
 from fastbyol.models import BYOL  # noqa: E402
 from fastbyol.models.byol import EncoderOutputError  # noqa: E402
@@ -164,15 +164,18 @@ def _feats(n, d=8):
 
 
 @pytest.mark.parametrize("change, needle", [
-    (dict(k=0), "k must be an integer >= 1"), (dict(k=2.5), "k must be an integer >= 1"),
-    (dict(temperature=0.0), "temperature"), (dict(temperature=math.nan), "temperature"),
+    (dict(knn=KnnSettings(k=0)), "k must be an integer >= 1"),
+    (dict(knn=KnnSettings(k=2.5)), "k must be an integer >= 1"),
+    (dict(knn=KnnSettings(temperature=0.0)), "temperature"),
+    (dict(knn=KnnSettings(temperature=math.nan)), "temperature"),
+    (dict(knn=KnnSettings(chunk=0)), "chunk must be an integer >= 1"),
     (dict(num_classes=0), "num_classes"), (dict(train_labels=np.array([0, 1, 5, 1, 0, 1])), r"in \[0, 3\)"),
     (dict(train_labels=np.array([0, 1, 2])), "6 bank features but labels of shape"),
     (dict(query_labels=np.array([-1, 0])), r"in \[0, 3\)"),
 ])
 def test_the_knn_helpers_refuse_bad_arguments(change, needle):
     args = dict(train_feats=_feats(6), train_labels=np.array([0, 1, 2, 1, 0, 1]), query_feats=_feats(2),
-                query_labels=np.array([0, 2]), num_classes=3, k=3, temperature=0.1)
+                query_labels=np.array([0, 2]), num_classes=3, knn=KnnSettings(k=3, temperature=0.1))
     args.update(change)
     with pytest.raises(ValueError, match=needle):
         knn_accuracy(**args)

@@ -238,7 +238,7 @@ def test_augment_settings_reach_the_loader_and_are_checked(make_loader):
     a = make_loader(_images(32), seed=4, cpu_parallel="threads")
     b = make_loader(_images(32), seed=4, cpu_parallel="threads", chunk_pixels=16 * 16 * 3)
     assert a.cpu_parallel == b.cpu_parallel == "threads" and isinstance(a.maker, CpuViews)
-    assert b.maker.chains[0]["chunk_pixels"] == 768 and a.maker.chains[0]["chunk_pixels"] == 1 << 17
+    assert b.maker.chains[0].chunk_pixels == 768 and a.maker.chains[0].chunk_pixels == 1 << 17
     for x, y in zip(next(iter(a.epoch())), next(iter(b.epoch()))):
         assert torch.equal(x, y)
     with pytest.raises(FastByolError, match="chunk_pixels must be >= 1, got 0"):

@@ -174,10 +174,10 @@ def test_a_bad_decode_mode_is_one_clear_error(jpegs):
         TwoViewLoader(images, LoaderSettings(4, 16), AugmentConfig(decode="twice"))
     with pytest.raises(FastByolError, match="decode must be one of"):
         _pipe(jpegs, "ROI", 24, 6)
-    from fastbyol.tools.bench_augment import bench_augment
+    from fastbyol.tools.bench_augment import AugmentBenchSettings, bench_augment
 
     with pytest.raises(FastByolError, match="decode must be one of"):
-        bench_augment(16, 4, "cpu", "arrays", decode="")
+        bench_augment(AugmentBenchSettings(16, 4, "cpu", "arrays", decode=""))
 
 
 def test_the_cpu_loader_takes_either_mode_and_the_default_is_roi(make_loader, jpegs):

@@ -23,9 +23,9 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from fastbyol.augment import (IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2,  # noqa: E402
                               draw_params, op_random_resized_crop, sample_params)
-from fastbyol.augment.photometric import (GRAY_WEIGHTS, ORDERS, PARAM_NAMES, adjust_brightness,  # noqa: E402
-                                  adjust_contrast, adjust_hue, adjust_saturation, blur_taps, gaussian_blur,
-                                  grayscale, photometric, solarize)
+from fastbyol.augment.photometric import (GRAY_WEIGHTS, ORDERS, PARAM_NAMES, ChainSpec,  # noqa: E402
+                                  adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, blur_taps,
+                                  gaussian_blur, grayscale, photometric, solarize)
 
 N = 4000
 
@@ -361,8 +361,8 @@ def test_chain_matches_the_official_ops_composed(spec):
     crops = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     p = _covering_params(spec, n, g)
     window = spec.blur_window(size)
-    got = photometric(crops, p, blur_window=window, solarize_threshold=spec.solarize_threshold, mean=IMAGENET_MEAN,
-                      std=IMAGENET_STD)
+    got = photometric(crops, p, ChainSpec(blur_window=window, solarize_threshold=spec.solarize_threshold,
+                                          mean=IMAGENET_MEAN, std=IMAGENET_STD))
     for i in range(n):
         want = np_chain(crops[i].numpy(), p[i].numpy(), window, spec.solarize_threshold)
         np.testing.assert_allclose(got[i].permute(1, 2, 0).numpy(), want, atol=2e-5, rtol=0, err_msg=f"image {i}")

@@ -1,6 +1,7 @@
 """`fastbyol bench augment` prints samples/s (and one JSON object with --json, with the DALI graph's operator count);
 bad options exit 2. `bench_photometric` times each backend of the photometric chain (CPU sizes here)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -22,11 +23,12 @@ def test_bench_augment_json(capsys, source):
 
 
 def test_bench_augment_gray_source():
-    from fastbyol.tools.bench_augment import bench_augment, synthetic_source
+    from fastbyol.tools.bench_augment import AugmentBenchSettings, bench_augment, synthetic_source
 
     images = synthetic_source(28, 16, "gray")
     assert (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
-    r = bench_augment(28, 8, source="gray", steps=2, warmup=1, num_threads=1)
+    gray = AugmentBenchSettings(28, 8, source="gray", steps=2, warmup=1, num_threads=1)
+    r = bench_augment(gray)
     assert r["samples_per_s"] > 0 and r["source"] == "gray"
     from fastbyol.augment import views_from_config
     from fastbyol.config import DEFAULT_PRESET, get_preset
@@ -34,7 +36,7 @@ def test_bench_augment_gray_source():
     view1, _ = views_from_config(get_preset(DEFAULT_PRESET))  # what the trainer uses by default is what is measured
     assert r["blur_window"] == view1.blur_window_rule and r["blur_taps"] == view1.blur_window(28)
     assert r["crop_area"] == list(view1.crop_area) == [0.2, 1.0]  # the preset's crop_min_area, not ViewSpec's 0.08
-    r = bench_augment(28, 8, source="gray", steps=2, warmup=1, num_threads=1, blur_window="official")
+    r = bench_augment(dataclasses.replace(gray, blur_window="official"))
     assert r["blur_window"] == "official" and r["blur_taps"] == 3
 
 

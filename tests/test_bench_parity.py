@@ -63,11 +63,11 @@ def test_peer_knn_votes_equal_fastbyols(n_bank, n_query, k):
     bank = torch.nn.functional.normalize(torch.randn(n_bank, 16), dim=1)
     queries = torch.nn.functional.normalize(torch.randn(n_query, 16), dim=1)
     labels = torch.randint(0, 10, (n_bank,))
-    ours = fb_knn.knn_predict(bank, labels, queries, 10, k, 0.1)
+    ours = fb_knn.knn_predict(bank, labels, queries, 10, fb_knn.KnnSettings(k, 0.1))
     peer = W.knn_predict(bank, labels, queries, 10, k, 0.1)
     torch.testing.assert_close(peer, ours, rtol=0, atol=0)
     query_labels = torch.randint(0, 10, (n_query,))
-    assert fb_knn.knn_accuracy(bank, labels, queries, query_labels, 10, k, 0.1) == pytest.approx(
+    assert fb_knn.knn_accuracy(bank, labels, queries, query_labels, 10, fb_knn.KnnSettings(k, 0.1)) == pytest.approx(
         100.0 * (peer == query_labels).float().mean().item(), abs=0)
 
 
@@ -84,7 +84,7 @@ def test_peer_features_and_top1_equal_fastbyols():
                                rtol=0, atol=0)
     assert encoder.training  # both put the mode back
     assert W.knn_top1(encoder, bank, bank_y, queries, query_y, 10, 200, 0.1) == \
-        fb_knn.knn_top1(encoder, bank, bank_y, queries, query_y, 10, 200, 0.1)
+        fb_knn.knn_top1(encoder, bank, bank_y, queries, query_y, 10, fb_knn.KnnSettings(200, 0.1))
 
 
 def test_step_clock_sets_the_first_step_apart(monkeypatch):

@@ -12,7 +12,7 @@ pytest.importorskip("nvidia.dali")
 
 from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW2, sample_params  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
-from fastbyol.augment.photometric import TAP_TAIL, photometric  # noqa: E402
+from fastbyol.augment.photometric import TAP_TAIL, ChainSpec, photometric  # noqa: E402
 
 from .support import PassThroughPipeline  # noqa: E402
 
@@ -189,7 +189,7 @@ def test_a_workers_exception_comes_back_named():
     from fastbyol.augment.cpu_workers import ChainProcesses
 
     images = torch.from_numpy(_images(8))
-    chain = dict(blur_window=5, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_tail=TAP_TAIL)
+    chain = ChainSpec(blur_window=5, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_tail=TAP_TAIL)
     workers = ChainProcesses(images, 2, 4, 16, 3, (chain, chain))
     g = torch.Generator().manual_seed(0)
     params = [sample_params(VIEW2, 4, g) for _ in (0, 1)]
@@ -217,9 +217,9 @@ def test_photometric_writes_into_a_given_buffer():
     g = torch.Generator().manual_seed(2)
     crops = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8, generator=g)
     p = sample_params(VIEW2, 6, g)
-    kw = dict(blur_window=5, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    chain = ChainSpec(blur_window=5, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     buf = torch.full((6, 12, 12, 3), float("nan"))
-    got = photometric(crops, p, out=buf, **kw)
-    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, photometric(crops, p, **kw))
+    got = photometric(crops, p, chain, out=buf)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, photometric(crops, p, chain))
     with pytest.raises(ValueError, match="out must be"):
-        photometric(crops, p, out=torch.empty(6, 3, 12, 12), **kw)
+        photometric(crops, p, chain, out=torch.empty(6, 3, 12, 12))

@@ -21,7 +21,7 @@ pytest.importorskip("PIL")
 pytest.importorskip("nvidia.dali")
 
 from fastbyol.cli import main  # noqa: E402
-from fastbyol.data import resolve_dataset  # noqa: E402
+from fastbyol.data import DataRequest, resolve_dataset  # noqa: E402
 from fastbyol.data import manifest as mf  # noqa: E402
 from fastbyol.data.cache import load_npz_checked, save_npz_checked  # noqa: E402
 from fastbyol.data.dataset import MAX_CLASSES  # noqa: E402
@@ -76,10 +76,10 @@ def _shard(tmp_path, jpegs, cls_of_third: bytes, name="train-000000.tar"):
 def test_a_cls_member_out_of_form_or_range_is_one_line_naming_shard_and_member(tmp_path, jpegs, cls, why):
     shard = _shard(tmp_path, jpegs, cls)
     with pytest.raises(FastByolError) as e:
-        load_shards(str(shard), 32, eval_images=False)
+        load_shards(str(shard), DataRequest(image_size=32, eval_images=False))
     line = str(e.value)
     assert "\n" not in line and str(shard) in line and "s003.cls" in line and why in line, line
-    ds = load_shards(str(shard), 32, skip_bad_files=True, eval_images=False)  # left out and counted
+    ds = load_shards(str(shard), DataRequest(image_size=32, skip_bad_files=True, eval_images=False))  # left out
     assert len(ds.pretraining_source) == 7 and ds.skipped_files == 1
 
 
@@ -183,12 +183,12 @@ def test_an_image_file_larger_than_any_image_is_refused_unread(tmp_path, jpegs):
         f.write(jpegs[0][:64])
         f.truncate((1 << 30) + 1)
     with pytest.raises(FastByolError, match="huge.jpg: 1073741825 bytes: larger than any image"):
-        resolve_dataset(str(tmp_path / "data"), eval_images=False)
+        resolve_dataset(str(tmp_path / "data"), DataRequest(eval_images=False))
 
 
 def test_a_shard_meta_holding_numbers_its_shard_cannot_is_rebuilt(tmp_path, jpegs):
     shard = _shard(tmp_path, jpegs, b"3")
-    load_shards(str(shard), 32, eval_images=False)
+    load_shards(str(shard), DataRequest(image_size=32, eval_images=False))
     folder = index_dir([shard])
     meta = folder / index_name(shard, ".meta.npz")
     original = load_npz_checked(meta)
@@ -197,7 +197,7 @@ def test_a_shard_meta_holding_numbers_its_shard_cannot_is_rebuilt(tmp_path, jpeg
         arrays[field] = arrays[field].copy()
         arrays[field][3] = value
         save_npz_checked(meta, arrays)  # a consistent CRC: only the numbers say it is wrong
-        ds = load_shards(str(shard), 32, eval_images=False, with_labels=True)
+        ds = load_shards(str(shard), DataRequest(image_size=32, eval_images=False), with_labels=True)
         assert ds.pretraining_source.labels.tolist() == [0, 1, 0, 3, 0, 1, 0, 1]
         assert np.array_equal(load_npz_checked(meta)[field], original[field])  # rebuilt
 

@@ -111,9 +111,9 @@ def test_fifo_in_image_folder_does_not_block(tmp_path):
     root.mkdir()
     (root / "a.png").write_bytes(png())
     os.mkfifo(root / "pipe.png")
-    out = _run(f"from fastbyol.data.folders import load_image_folder\n"
+    out = _run(f"from fastbyol.data import DataRequest\nfrom fastbyol.data.folders import load_image_folder\n"
                f"from fastbyol.errors import FastByolError\n"
-               f"try:\n    load_image_folder({str(root)!r}, 8, eval_images=False)\n"
+               f"try:\n    load_image_folder({str(root)!r}, DataRequest(image_size=8, eval_images=False))\n"
                f"except FastByolError as e:\n    print('ERR', e)\n", timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pipe.png" in out.stdout and "not a regular file" in out.stdout
@@ -129,7 +129,7 @@ def test_data_device_refused(spec):
 def test_data_fifo_refused_under_numpy_format(tmp_path):
     os.mkfifo(tmp_path / "x.npz")
     out = _run(f"from fastbyol.data import resolve_dataset\nfrom fastbyol.errors import FastByolError\n"
-               f"try:\n    resolve_dataset({str(tmp_path / 'x.npz')!r}, 'numpy')\n"
+               f"try:\n    resolve_dataset({str(tmp_path / 'x.npz')!r}, data_format='numpy')\n"
                f"except FastByolError as e:\n    print('ERR', e)\n", timeout=60)
     assert "ERR" in out.stdout and "not a regular file" in out.stdout, out.stderr
 
@@ -168,7 +168,7 @@ def test_idx_bad_labels(tmp_path, labels, code):
         _idx(tmp_path / f"{split}-images-idx3-ubyte", np.zeros((2, 4, 4), np.uint8), 0x08)
         _idx(tmp_path / f"{split}-labels-idx1-ubyte", labels, code)
     with pytest.raises(FastByolError, match="labels-idx1"):
-        resolve_dataset(str(tmp_path), "idx")
+        resolve_dataset(str(tmp_path), data_format="idx")
 
 
 @pytest.mark.parametrize("members,what", [

@@ -29,10 +29,10 @@ from fastbyol.errors import FastByolError  # noqa: E402
 # The data layer's part of `fastbyol train`, in a fresh process, with the CLI's error handling: one line, exit 2.
 PROBE = """
 import sys
-from fastbyol.data import resolve_dataset
+from fastbyol.data import DataRequest, resolve_dataset
 from fastbyol.errors import FastByolError
 try:
-    ds = resolve_dataset(sys.argv[1], image_size=16, skip_bad_files=sys.argv[2] == "skip")
+    ds = resolve_dataset(sys.argv[1], DataRequest(image_size=16, skip_bad_files=sys.argv[2] == "skip"))
     ds.wait_eval_images()
     print("skipped", ds.skipped_files, "train", len(ds.train_images))
 except FastByolError as e:

@@ -13,7 +13,7 @@ pytest.importorskip("nvidia.dali")
 from PIL import Image  # noqa: E402
 
 from fastbyol.cli import main  # noqa: E402
-from fastbyol.data import resolve_dataset  # noqa: E402
+from fastbyol.data import DataRequest, Ranks, resolve_dataset  # noqa: E402
 from fastbyol.data.checks import check_image_file  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
@@ -28,7 +28,7 @@ def folder(tmp_path):
 
 
 def test_labeled_folder(folder):
-    ds = resolve_dataset(str(folder), image_size=24)
+    ds = resolve_dataset(str(folder), DataRequest(image_size=24))
     assert ds.num_classes == 2 and ds.train_images.shape == (25, 24, 24, 3)
     assert ds.test_images.shape == (8, 24, 24, 3) and sorted(set(ds.train_labels.tolist())) == [0, 1]
     assert len(ds.pretrain_files.files) == 25
@@ -37,12 +37,29 @@ def test_labeled_folder(folder):
     assert np.abs(ds.train_images[png_index].astype(int) - 200).max() <= 2
 
 
+def test_the_request_and_the_rank_decide_who_decodes_the_knn_images(folder, monkeypatch):
+    """eval_images=None decodes on rank 0 only; True decodes anywhere; without ranks, $RANK and $WORLD_SIZE decide.
+    The format is a keyword: a string where the request goes is refused, not read as settings."""
+    request = DataRequest(image_size=24)
+    other = resolve_dataset(str(folder), request, Ranks(1, 2))  # no barrier: the folder's lock in turn
+    assert other.has_knn and other.eval_images_ready() and other.train_images is None
+    assert "25 train (25 encoded images for pretraining) / 8 test images, 24x24" in other.describe()
+    forced = resolve_dataset(str(folder), DataRequest(image_size=24, eval_images=True), Ranks(1, 2))
+    assert forced.train_images.shape == (25, 24, 24, 3)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)  # what torchrun sets (nothing connects here)
+    assert Ranks.from_environment() == Ranks(1, 2)
+    assert resolve_dataset(str(folder), request).train_images is None  # rank 1 of $WORLD_SIZE
+    with pytest.raises(TypeError, match="data_format"):
+        resolve_dataset(str(folder), "folder")
+
+
 def test_unlabeled_folder_and_views(make_loader, tmp_path, folder):
     unl = tmp_path / "flat"
     unl.mkdir()
     for i, p in enumerate(sorted((folder / "train").rglob("*.jpg"))[:20]):
         (unl / f"{i}.jpg").write_bytes(p.read_bytes())
-    ds = resolve_dataset(str(unl), image_size=24)
+    ds = resolve_dataset(str(unl), DataRequest(image_size=24))
     assert ds.train_labels is None and len(ds.pretrain_files.files) == 20
     loader = make_loader(ds.pretrain_files, batch_size=8, seed=1)
     batches = list(loader.epoch())
@@ -56,9 +73,9 @@ def test_bad_files_named_or_skipped(tmp_path, folder):
     good = next((folder / "train" / "class1").glob("*.jpg"))
     (folder / "train" / "class1" / "cut.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(FastByolError, match="cut.jpg: truncated JPEG"):
-        resolve_dataset(str(folder), image_size=24)
+        resolve_dataset(str(folder), DataRequest(image_size=24))
     (folder / "train" / "class1" / "notes.txt").write_text("not a picture")
-    ds = resolve_dataset(str(folder), image_size=24, skip_bad_files=True)
+    ds = resolve_dataset(str(folder), DataRequest(image_size=24, skip_bad_files=True))
     assert ds.skipped_files == 2 and len(ds.pretrain_files.files) == 25
     (folder / "train" / "class1" / "fake.png").write_bytes(b"GIF89a" + bytes(100))
     assert "bad signature" in check_image_file(folder / "train" / "class1" / "fake.png")
@@ -94,7 +111,7 @@ def test_test_classes_missing_from_train_are_refused(folder):
     (folder / "test" / "zebra").mkdir()
     (folder / "test" / "zebra" / "z.jpg").write_bytes(next((folder / "test" / "class0").glob("*.jpg")).read_bytes())
     with pytest.raises(FastByolError, match=r"test: class folders zebra have no train/ folder"):
-        resolve_dataset(str(folder), image_size=24)
+        resolve_dataset(str(folder), DataRequest(image_size=24))
 
 
 @pytest.mark.parametrize("spec", ["", "  "])
@@ -117,7 +134,7 @@ def test_synthetic_folder_is_cached_and_killed_writes_are_cleaned(tmp_path):
     stamp = (root / "train" / "class0" / "000000.jpg").stat().st_mtime_ns
     assert synthetic_folder(16, 4, 32, cache_dir=tmp_path) == root  # reused, not rewritten
     assert (root / "train" / "class0" / "000000.jpg").stat().st_mtime_ns == stamp
-    ds = resolve_dataset("synthetic", image_size=16, cache_dir=tmp_path, eval_images=False)
+    ds = resolve_dataset("synthetic", DataRequest(image_size=16, cache_dir=tmp_path, eval_images=False))
     assert ds.num_pretraining == 512 and "fast-512-128-256-v1" in ds.origin
 
 
@@ -138,14 +155,14 @@ def test_imagenet_like_synthetic_jpegs(tmp_path):
 def test_describe_and_counts_do_not_wait_for_the_knn_images(folder):
     import threading
 
-    from fastbyol.data.dataset import ImageDataset
+    from fastbyol.data.dataset import ImageDataset, PendingSplits, Startup
     from fastbyol.data.decode import BackgroundDecode
 
     release = threading.Event()
     x = np.zeros((3, 8, 8, 3), np.uint8)
     pending = BackgroundDecode(lambda cancel: (release.wait(30), (x, np.arange(3), x, np.arange(3), []))[1])
-    ds = ImageDataset("d", None, None, None, None, 3, "here", pretrain_files=None, eval_decode=pending,
-                      image_size=8, counts=(100, 20), has_labels=True, startup_seconds={"listing": 1.0})
+    ds = ImageDataset("d", PendingSplits(pending, 8, (100, 20), True), 3, "here",
+                      startup=Startup(seconds={"listing": 1.0}))
     assert "100 train / 20 test images, 8x8" in ds.describe() and ds.has_knn and not ds.eval_images_ready()
     assert "eval images" not in ds.startup_seconds
     release.set()
@@ -157,7 +174,7 @@ def test_eval_images_equal_the_one_by_one_reference(folder):
     """The batched background decode gives each file the pixels it gets decoded alone."""
     from fastbyol.data.decode import decode_files
 
-    ds = resolve_dataset(str(folder), image_size=24)
+    ds = resolve_dataset(str(folder), DataRequest(image_size=24))
     files = sorted(str(p) for p in (folder / "test").rglob("*.jpg"))
     alone = np.stack([decode_files([f], 24)[0] for f in files])
     np.testing.assert_array_equal(ds.test_images, alone)

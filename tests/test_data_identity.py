@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("PIL")
 pytest.importorskip("nvidia.dali")
 
+from fastbyol.data import DataRequest  # noqa: E402
 from fastbyol.data import manifest as mf  # noqa: E402
 from fastbyol.data.cache import cache_root, identity, own_cache_inside  # noqa: E402
 from fastbyol.data.shards import index_dir, load_shards  # noqa: E402
@@ -60,7 +61,7 @@ def test_a_test_shard_whose_cls_members_are_rewritten_in_place_is_indexed_again(
     """The hostile round's example: every `cls` of the test shard rewritten with size and mtime kept; the index served
     the old labels and the evaluation reported a wrong figure."""
     d = _shards(tmp_path, jpegs, [0, 1, 2, 0])
-    before = load_shards(str(d), 32, background=False)
+    before = load_shards(str(d), DataRequest(image_size=32, background=False))
     assert before.test_labels.tolist() == [0, 1, 2, 0]
     shard = d / "test-000000.tar"
     with tarfile.open(shard) as t:
@@ -73,7 +74,7 @@ def test_a_test_shard_whose_cls_members_are_rewritten_in_place_is_indexed_again(
         return bytes(out)
 
     _rewrite_keeping_size_and_mtime(shard, relabel)
-    after = load_shards(str(d), 32, background=False)
+    after = load_shards(str(d), DataRequest(image_size=32, background=False))
     assert after.test_labels.tolist() == [2, 0, 0, 2]
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("nvidia.dali")
 
 from fastbyol.cli import main  # noqa: E402
 from fastbyol.data import manifest as mf  # noqa: E402
-from fastbyol.data import resolve_dataset  # noqa: E402
+from fastbyol.data import DataRequest, resolve_dataset  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
@@ -34,7 +34,7 @@ def _own_cache(tmp_path, monkeypatch):
 
 def test_class_folders_are_labelled_with_a_held_out_share(tmp_path):
     root = image_folder(tmp_path / "photos")
-    ds = resolve_dataset(str(root), image_size=24)
+    ds = resolve_dataset(str(root), DataRequest(image_size=24))
     assert ds.num_classes == 3 and ds.has_knn
     # 20 images a class, sorted: the 10th and the 20th of each are the test split, the other 54 pretrain
     assert ds.test_images.shape[0] == 6 and ds.train_images.shape[0] == 54 and len(ds.pretrain_files) == 54
@@ -49,32 +49,33 @@ def test_class_folders_are_labelled_with_a_held_out_share(tmp_path):
 def test_a_test_folder_replaces_the_held_out_share(tmp_path):
     root = image_folder(tmp_path / "photos")
     test = image_folder(tmp_path / "photos-test", n=12, classes=2)
-    ds = resolve_dataset(str(root), image_size=24)  # a manifest with the share held out, then without
-    ds = resolve_dataset(str(root), image_size=24, test_data=str(test))
+    ds = resolve_dataset(str(root), DataRequest(image_size=24))  # a manifest with the share held out, then without
+    ds = resolve_dataset(str(root), DataRequest(image_size=24, test_data=str(test)))
     assert len(ds.pretrain_files) == 60 and ds.test_images.shape[0] == 12
     assert sorted(set(ds.test_labels.tolist())) == [0, 1]
     (test / "zebra").mkdir()
     shutil.copy(next((test / "class0").iterdir()), test / "zebra" / "z.jpg")
     with pytest.raises(FastByolError, match="class folders zebra are not classes of the training data"):
-        resolve_dataset(str(root), image_size=24, test_data=str(test))
+        resolve_dataset(str(root), DataRequest(image_size=24, test_data=str(test)))
     with pytest.raises(FastByolError, match="a test folder is for image folders"):
-        resolve_dataset("embedded", test_data=str(test))
+        resolve_dataset("embedded", DataRequest(test_data=str(test)))
 
 
 def test_train_and_val_is_recognised(tmp_path):
     root = write_synthetic_jpegs(tmp_path / "imagenet", n_train=24, n_test=8, size=32, classes=2)
     (root / "test").rename(root / "val")
-    ds = resolve_dataset(str(root), image_size=24)
+    ds = resolve_dataset(str(root), DataRequest(image_size=24))
     assert ds.train_images.shape[0] == 24 and ds.test_images.shape[0] == 8 and ds.has_knn
 
 
 def test_one_folder_or_loose_images_stay_unlabelled(tmp_path):
     root = image_folder(tmp_path / "one", n=20, classes=1)
-    assert resolve_dataset(str(root), image_size=24).train_labels is None  # one folder: not classes
+    assert resolve_dataset(str(root), DataRequest(image_size=24)).train_labels is None  # one folder: not classes
     shutil.copy(next((root / "class0").iterdir()), root / "loose.jpg")
     (root / "class1").mkdir()
     shutil.copy(next((root / "class0").iterdir()), root / "class1" / "a.jpg")
-    assert resolve_dataset(str(root), image_size=24).train_labels is None  # an image in the root: a plain folder
+    # an image in the root: a plain folder
+    assert resolve_dataset(str(root), DataRequest(image_size=24)).train_labels is None
 
 
 def test_class_folders_train_with_labels_and_the_knn_monitor(tmp_path):
@@ -93,14 +94,14 @@ def test_class_folders_train_with_labels_and_the_knn_monitor(tmp_path):
 def test_a_folder_that_is_not_ours_gets_its_manifest_in_the_cache(tmp_path, monkeypatch):
     root = image_folder(tmp_path / "shared", n=20, classes=2)
     monkeypatch.setattr("fastbyol.data.cache.os.geteuid", lambda: os.stat(root).st_uid + 1)  # another user's
-    ds = resolve_dataset(str(root), image_size=24)
+    ds = resolve_dataset(str(root), DataRequest(image_size=24))
     assert len(ds.pretrain_files) == 18
     assert not (root / ".fastbyol").exists()
     assert (tmp_path / "cache" / "manifests").is_dir()
     monkeypatch.undo()
     monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
     mine = image_folder(tmp_path / "mine", n=20)
-    resolve_dataset(str(mine), image_size=24)
+    resolve_dataset(str(mine), DataRequest(image_size=24))
     assert (mine / ".fastbyol" / mf.MANIFEST_NAME).is_file()  # this user's folder: beside the data, as before
 
 

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("PIL")
 
 from fastbyol.data import manifest as mf  # noqa: E402
-from fastbyol.data import resolve_dataset  # noqa: E402
+from fastbyol.data import DataRequest, resolve_dataset  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
 
@@ -83,7 +83,7 @@ def test_in_place_change_outside_the_sample_is_found_in_the_background(tree, mon
     monkeypatch.setattr(mf, "SAMPLE_CHECK", 0)  # start-up samples no file: only the background check can see it
     victim = tree / "unlabeled" / "deep" / "u 1.jpg"  # pretrains, not among the kNN images
     victim.write_bytes(victim.read_bytes()[:200])  # now truncated, same folder mtime
-    ds = resolve_dataset(str(tree), image_size=16)
+    ds = resolve_dataset(str(tree), DataRequest(image_size=16))
     assert ds.manifest == "fresh"
     with pytest.raises(FastByolError, match="u 1.jpg: truncated JPEG .*changed since the manifest"):
         ds.wait_eval_images()
@@ -115,7 +115,7 @@ def test_manifest_of_another_tree_is_refused(tree, tmp_path):
     mf.obtain(tree)
     shutil.copy(other / ".fastbyol" / "manifest.npz", tree / ".fastbyol" / "manifest.npz")
     with pytest.raises(FastByolError, match=r"manifest.npz: a manifest of .*other, not of .*data"):
-        resolve_dataset(str(tree), image_size=16)
+        resolve_dataset(str(tree), DataRequest(image_size=16))
 
 
 def test_read_only_folder_uses_the_cache(tree, tmp_path, monkeypatch):
@@ -166,7 +166,7 @@ def test_file_list_feeds_each_rank_its_part(tree):
     pytest.importorskip("nvidia.dali")
     from nvidia.dali import pipeline_def
 
-    ds = resolve_dataset(str(tree), image_size=16, eval_images=False)
+    ds = resolve_dataset(str(tree), DataRequest(image_size=16, eval_images=False))
     src = ds.pretraining_source
     assert len(src) == 31 and src.labels is None and src.where == str(tree)
     seen = []

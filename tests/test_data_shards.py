@@ -17,7 +17,7 @@ pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 from fastbyol.cli import main  # noqa: E402
-from fastbyol.data import resolve_dataset  # noqa: E402
+from fastbyol.data import DataRequest, resolve_dataset  # noqa: E402
 from fastbyol.data.shards import (ShardSource, expand_braces, index_name, load_shards, parse_cls,  # noqa: E402
                                   run_shards, shard_paths, write_shards)
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
@@ -68,8 +68,8 @@ def test_forms_and_missing_shards(shards):
 
 def test_shards_equal_the_folder(folder, shards):
     """Same samples, labels and decoded kNN images as the folder they were written from."""
-    a = resolve_dataset(str(shards), image_size=16)
-    b = resolve_dataset(str(folder), image_size=16)
+    a = resolve_dataset(str(shards), DataRequest(image_size=16))
+    b = resolve_dataset(str(folder), DataRequest(image_size=16))
     assert a.num_pretraining == b.num_pretraining == 40 and a.num_classes == b.num_classes == 4 and a.has_knn
     for split in ("train", "test"):
         xa, ya = getattr(a, f"{split}_images"), getattr(a, f"{split}_labels")
@@ -96,7 +96,7 @@ def read_epoch(src, shard_id, num_shards, n):
 
 
 def test_each_rank_reads_its_part_with_labels(folder, shards):
-    ds = load_shards(str(shards), 16, with_labels=True, eval_images=False)
+    ds = load_shards(str(shards), DataRequest(image_size=16, eval_images=False), with_labels=True)
     src = ds.pretraining_source
     src.initial_fill = 1  # no shuffle buffer: each rank's part in order
     got = read_epoch(src, 0, 2, 20) + read_epoch(src, 1, 2, 20)
@@ -105,7 +105,7 @@ def test_each_rank_reads_its_part_with_labels(folder, shards):
 
 
 def test_exact_resume_through_dali_checkpointing(shards):
-    src = load_shards(str(shards), 16, with_labels=True, eval_images=False).pretraining_source
+    src = load_shards(str(shards), DataRequest(image_size=16, eval_images=False), with_labels=True).pretraining_source
 
     @pipeline_def(enable_checkpointing=True)
     def pipe():
@@ -158,7 +158,7 @@ def test_bad_samples_named_or_skipped(folder, tmp_path):
     write_tar(d / "a.tar", good[:8] + [("t900.cls", b"1")] + good[8:])  # a sample without an image
     with pytest.raises(FastByolError, match=r"a.tar: sample t900: the sample has no image"):
         resolve_dataset(str(d / "a.tar"))
-    ds = resolve_dataset(str(d / "a.tar"), skip_bad_files=True, eval_images=False)
+    ds = resolve_dataset(str(d / "a.tar"), DataRequest(skip_bad_files=True, eval_images=False))
     assert ds.skipped_files == 1 and ds.num_pretraining == 8
     # an image that fails the check inside the tar
     write_tar(d / "b.tar", good + [("zz.jpg", b"\xff\xd8\xff\xe0" + bytes(300) + b"\xff\xd9")])
@@ -170,11 +170,11 @@ def test_bad_samples_named_or_skipped(folder, tmp_path):
     (d / "c.tar").write_bytes(data[:cut])
     with pytest.raises(FastByolError, match=r"c.tar: truncated tar \(member"):
         resolve_dataset(str(d / "c.tar"))
-    ds = resolve_dataset(str(d / "c.tar"), skip_bad_files=True, eval_images=False)
+    ds = resolve_dataset(str(d / "c.tar"), DataRequest(skip_bad_files=True, eval_images=False))
     assert ds.num_pretraining == 5 and ds.skipped_files == 1
     # a shard rewritten later: its index is rebuilt
     write_tar(d / "c.tar", good)
-    assert resolve_dataset(str(d / "c.tar"), eval_images=False).num_pretraining == 8
+    assert resolve_dataset(str(d / "c.tar"), DataRequest(eval_images=False)).num_pretraining == 8
 
 
 def test_shards_command(folder, tmp_path, capsys):
@@ -212,7 +212,7 @@ def test_training_from_shards(shards, tmp_path):
 
 
 def test_source_contract(shards):
-    src = load_shards(str(shards), 16, eval_images=False).pretraining_source
+    src = load_shards(str(shards), DataRequest(image_size=16, eval_images=False)).pretraining_source
     assert isinstance(src, ShardSource) and len(src) == 40 and src.labels is None
     assert "wds" in src.where
 
@@ -225,28 +225,28 @@ def test_damaged_or_stale_index_is_rebuilt_and_gray_is_detected(folder, tmp_path
     for i, p in enumerate(sorted((folder / "train").rglob("*.jpg"))[:6]):
         Image.open(p).convert("L").save(d / "train" / "a" / f"{i}.png")  # one grey channel
     write_shards(d, tmp_path / "gw", progress=False)
-    ds = resolve_dataset(str(tmp_path / "gw"), eval_images=False)
+    ds = resolve_dataset(str(tmp_path / "gw"), DataRequest(eval_images=False))
     assert ds.gray and ds.num_pretraining == 6
     meta = tmp_path / "gw" / ".fastbyol" / "shards" / index_name(tmp_path / "gw" / "train-000000.tar",
                                                                   ".meta.npz")
     data = bytearray(meta.read_bytes())
     data[len(data) // 2] ^= 0xFF
     meta.write_bytes(bytes(data))
-    assert resolve_dataset(str(tmp_path / "gw"), eval_images=False).num_pretraining == 6
+    assert resolve_dataset(str(tmp_path / "gw"), DataRequest(eval_images=False)).num_pretraining == 6
     assert meta.read_bytes() != bytes(data)  # rewritten
-    assert not resolve_dataset(str(folder), eval_images=False).gray  # colour JPEGs
+    assert not resolve_dataset(str(folder), DataRequest(eval_images=False)).gray  # colour JPEGs
 
 
 def test_index_is_built_once(shards, monkeypatch):
     import fastbyol.data.shards as sh
 
-    resolve_dataset(str(shards), eval_images=False)
+    resolve_dataset(str(shards), DataRequest(eval_images=False))
 
     def no_rebuild(*a, **k):
         raise AssertionError("a fresh index must not be rebuilt")
 
     monkeypatch.setattr(sh, "build_shard_metas", no_rebuild)
-    ds = resolve_dataset(str(shards), eval_images=False)
+    ds = resolve_dataset(str(shards), DataRequest(eval_images=False))
     assert ds.num_pretraining == 40 and ds.startup_seconds["index"] >= 0
 
 
@@ -266,7 +266,7 @@ def test_failed_sample_names_the_file():
 def test_loader_names_the_file_dali_cannot_decode(make_loader, folder):
     """A file that passes the header checks but fails in DALI's decoder: the loader's error names it, completed with
     the dataset's root (the decoder's own message gives the path relative to it)."""
-    src = resolve_dataset(str(folder), eval_images=False).pretraining_source
+    src = resolve_dataset(str(folder), DataRequest(eval_images=False)).pretraining_source
     rel = "train/1/broken file.jpg"
 
     class Broken(PassThroughPipeline):  # the checkpoint before the batch is real (a vague error's batch is read again)

@@ -21,7 +21,7 @@ pytest.importorskip("nvidia.dali")
 
 from PIL import Image  # noqa: E402
 
-from fastbyol.data import resolve_dataset  # noqa: E402
+from fastbyol.data import DataRequest, resolve_dataset  # noqa: E402
 from fastbyol.data import unproven  # noqa: E402
 from fastbyol.data.checks import check_bytes  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
@@ -94,7 +94,7 @@ def _jpeg_bytes() -> bytes:
 def test_a_folder_of_proven_files_starts_no_child(good_files, tmp_path, monkeypatch):
     _no_child(monkeypatch)
     folder = _folder(good_files, tmp_path / "imgs", {})
-    ds = resolve_dataset(str(folder), image_size=16, eval_images=False)
+    ds = resolve_dataset(str(folder), DataRequest(image_size=16, eval_images=False))
     assert ds.skipped_files == 0 and not (folder / ".fastbyol" / unproven.DECODED).exists()
 
 
@@ -104,12 +104,12 @@ def test_an_unproven_file_that_decodes_is_kept_and_never_decoded_again(good_file
     real = unproven._child
     monkeypatch.setattr(unproven, "_child", lambda where, items: calls.append([it[3] for it in items])
                         or real(where, items))
-    ds = resolve_dataset(str(folder), image_size=16, eval_images=False)
+    ds = resolve_dataset(str(folder), DataRequest(image_size=16, eval_images=False))
     assert ds.skipped_files == 0 and len(ds.pretraining_source) == 25 and calls == [["all/zz-default-tables.jpg"]]
     _no_child(monkeypatch)
-    resolve_dataset(str(folder), image_size=16, eval_images=False)  # the manifest is fresh
+    resolve_dataset(str(folder), DataRequest(image_size=16, eval_images=False))  # the manifest is fresh
     (folder / "all" / "new.jpg").write_bytes(good_files[0].read_bytes())  # a rescan: decoded.json answers
-    assert len(resolve_dataset(str(folder), image_size=16, eval_images=False).pretraining_source) == 26
+    assert len(resolve_dataset(str(folder), DataRequest(image_size=16, eval_images=False)).pretraining_source) == 26
 
 
 def test_an_unproven_file_the_decoder_refuses_is_a_bad_file(good_files, tmp_path):
@@ -118,8 +118,8 @@ def test_an_unproven_file_the_decoder_refuses_is_a_bad_file(good_files, tmp_path
     folder = _folder(good_files, tmp_path / "imgs", {"zz-garbled.jpg": bad})
     with pytest.raises(FastByolError, match=r"zz-garbled\.jpg: DALI cannot decode it .*Corrupt JPEG data.*"
                                             r"\[pre-flight decode: no Huffman tables"):
-        resolve_dataset(str(folder), image_size=16, eval_images=False)
-    ds = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False)
+        resolve_dataset(str(folder), DataRequest(image_size=16, eval_images=False))
+    ds = resolve_dataset(str(folder), DataRequest(image_size=16, skip_bad_files=True, eval_images=False))
     assert ds.skipped_files == 1 and len(ds.pretraining_source) == 24
 
 
@@ -143,7 +143,7 @@ def test_a_decoder_crash_names_the_file_and_is_skipped_as_a_bad_file(good_files,
         "no Huffman tables")
     monkeypatch.setenv(unproven.CRASH_ENV, "u12.jpg")
     _no_child(monkeypatch)  # the manifest holds the result: nothing decoded again
-    ds = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False)
+    ds = resolve_dataset(str(folder), DataRequest(image_size=16, skip_bad_files=True, eval_images=False))
     assert ds.skipped_files == 1 and len(ds.pretraining_source) == 24 + 13
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("PIL")
 pytest.importorskip("nvidia.dali")
 
 from fastbyol.cli import main  # noqa: E402
-from fastbyol.data import resolve_dataset  # noqa: E402
+from fastbyol.data import DataRequest, resolve_dataset  # noqa: E402
 from fastbyol.data import unproven  # noqa: E402
 from fastbyol.data.shards import index_name  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
@@ -62,7 +62,7 @@ def _no_child(monkeypatch):
 def test_shards_of_proven_images_start_no_child(good_jpegs, tmp_path, monkeypatch):
     _no_child(monkeypatch)
     shard = _shard(tmp_path / "wds" / "a.tar", good_jpegs, {})
-    ds = resolve_dataset(str(shard), image_size=16, eval_images=False)
+    ds = resolve_dataset(str(shard), DataRequest(image_size=16, eval_images=False))
     assert ds.skipped_files == 0 and ds.num_pretraining == 24
 
 
@@ -74,21 +74,21 @@ def test_unproven_members_that_decode_are_kept_in_one_child_and_never_decoded_ag
     calls = []
     real = unproven._child
     monkeypatch.setattr(unproven, "_child", lambda where, items: calls.append(items) or real(where, items))
-    ds = resolve_dataset(str(folder), image_size=16, eval_images=False)
+    ds = resolve_dataset(str(folder), DataRequest(image_size=16, eval_images=False))
     assert ds.skipped_files == 0 and ds.num_pretraining == 26
     assert [[(os.path.basename(p), name) for p, _, _, name in items] for items in calls] == \
         [[("a.tar", "ua.jpg"), ("b.tar", "ub.jpg")]]  # both shards' members in one child, read from the shards
     _no_child(monkeypatch)  # the index holds the result
-    assert resolve_dataset(str(folder), image_size=16, eval_images=False).num_pretraining == 26
+    assert resolve_dataset(str(folder), DataRequest(image_size=16, eval_images=False)).num_pretraining == 26
 
 
 def test_an_unproven_member_the_decoder_refuses_is_a_bad_sample(good_jpegs, tmp_path, monkeypatch):
     shard = _shard(tmp_path / "wds" / "a.tar", good_jpegs, {"zz.jpg": without_huffman_tables(True)})
     with pytest.raises(FastByolError, match=rf"{shard}: sample zz: zz\.jpg: DALI cannot decode it .*Corrupt JPEG "
                                             r"data.*\[pre-flight decode: no Huffman tables.*--skip-bad-files"):
-        resolve_dataset(str(shard), image_size=16, eval_images=False)
+        resolve_dataset(str(shard), DataRequest(image_size=16, eval_images=False))
     _no_child(monkeypatch)  # decoded once: the index keeps the bad sample
-    ds = resolve_dataset(str(shard), image_size=16, skip_bad_files=True, eval_images=False)
+    ds = resolve_dataset(str(shard), DataRequest(image_size=16, skip_bad_files=True, eval_images=False))
     assert ds.skipped_files == 1 and ds.num_pretraining == 24
     index = (tmp_path / "wds" / ".fastbyol" / "shards" / index_name(shard, ".idx")).read_text()
     assert " zz.jpg" not in index and " g00.jpg" in index  # DALI never reads it
@@ -114,7 +114,7 @@ def test_a_decoder_crash_names_the_member_in_one_line(good_jpegs, tmp_path, monk
         "no Huffman tables")
     monkeypatch.setenv(unproven.CRASH_ENV, "u12.jpg")
     _no_child(monkeypatch)  # the index holds the result: nothing decoded again
-    ds = resolve_dataset(str(shard), image_size=16, skip_bad_files=True, eval_images=False)
+    ds = resolve_dataset(str(shard), DataRequest(image_size=16, skip_bad_files=True, eval_images=False))
     assert ds.skipped_files == 1 and ds.num_pretraining == 24 + 13
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastbyol.cli import main
-from fastbyol.evaluation.linear import linear_probe
+from fastbyol.evaluation.linear import ProbeSettings, linear_probe
 
 from .support import small_idx_dataset as _small_idx_dataset
 
@@ -26,8 +26,9 @@ def test_linear_probe_separates_separable_features():
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(300) % 3
     x = torch.randn(300, 16, generator=gen) + 4.0 * torch.nn.functional.one_hot(y, 16).float()
-    assert linear_probe(x[:200], y[:200], x[200:], y[200:], 3, epochs=20) == 100.0
-    shuffled = linear_probe(x[:200], y[:200][torch.randperm(200, generator=gen)], x[200:], y[200:], 3, epochs=20)
+    short = ProbeSettings(epochs=20)
+    assert linear_probe(x[:200], y[:200], x[200:], y[200:], 3, short) == 100.0
+    shuffled = linear_probe(x[:200], y[:200][torch.randperm(200, generator=gen)], x[200:], y[200:], 3, short)
     assert shuffled < 80.0
 
 

@@ -16,11 +16,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 dali = pytest.importorskip("nvidia.dali")
 
 
-def _kw(spec, size):
+def _chain(spec, size):
     from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD
+    from fastbyol.augment.photometric import ChainSpec
 
-    return dict(blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold, mean=IMAGENET_MEAN,
-                std=IMAGENET_STD)
+    return ChainSpec(blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold,
+                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def test_gpu_views_from_arrays(make_loader):
@@ -51,7 +52,7 @@ def test_gpu_loader_views_are_the_reference_chain_on_its_own_draws(make_loader):
     t = [crops[0], params[0], crops[1], params[1]]
     assert all(x.is_cuda for x in t)  # crops and parameters both on the GPU
     for view, crops, params, spec in ((v1, t[0], t[1], VIEW1), (v2, t[2], t[3], VIEW2)):
-        want = photometric(crops.cpu(), params.cpu(), **_kw(spec, 64))
+        want = photometric(crops.cpu(), params.cpu(), _chain(spec, 64))
         torch.testing.assert_close(view.float().cpu(), want, atol=2e-3, rtol=0)
 
 
@@ -153,12 +154,12 @@ def test_gpu_files_loader_hands_over_the_readers_labels(make_loader, tmp_path, m
     """The online probe's labels on the CUDA files path: the reader's labels as the graph's last output, on the
     GPU (int64), one epoch holding every file's class once; the views bit for bit those of the graph without them
     (the CPU path checks each batch's labels against its decoded files: tests/test_online_probe_files.py)."""
-    from fastbyol.data import resolve_dataset
+    from fastbyol.data import DataRequest, resolve_dataset
     from fastbyol.data.synthetic import write_synthetic_jpegs
 
     monkeypatch.setenv("FASTBYOL_CACHE", str(tmp_path / "cache"))
     root = write_synthetic_jpegs(tmp_path / "j", n_train=48, n_test=12, size=48, classes=3)
-    source = resolve_dataset(str(root), image_size=32, eval_images=False).pretraining_source
+    source = resolve_dataset(str(root), DataRequest(image_size=32, eval_images=False)).pretraining_source
     kw = dict(batch_size=8, image_size=32, device="cuda", num_threads=2, seed=3)
     plain, labelled = make_loader(source, **kw), make_loader(source, reader_labels=True, **kw)
     seen = []

@@ -14,7 +14,7 @@ pytest.importorskip("nvidia.dali")
 from PIL import Image  # noqa: E402
 
 from fastbyol.cli import main  # noqa: E402
-from fastbyol.data import resolve_dataset  # noqa: E402
+from fastbyol.data import DataRequest, resolve_dataset  # noqa: E402
 from fastbyol.data.shards import load_shards, write_shards  # noqa: E402
 from fastbyol.data.synthetic import write_synthetic_jpegs  # noqa: E402
 from fastbyol.errors import FastByolError  # noqa: E402
@@ -46,8 +46,9 @@ def _cache(tmp_path, monkeypatch):
 def _sources(png_folder, tmp_path):
     root, _ = png_folder
     write_shards(root, tmp_path / "wds", max_samples=16, progress=False)
-    return {"folder": resolve_dataset(str(root), image_size=16, eval_images=False).pretraining_source,
-            "shards": load_shards(str(tmp_path / "wds"), 16, eval_images=False).pretraining_source}
+    request = DataRequest(image_size=16, eval_images=False)
+    return {"folder": resolve_dataset(str(root), request).pretraining_source,
+            "shards": load_shards(str(tmp_path / "wds"), request).pretraining_source}
 
 
 KW = dict(batch_size=8, seed=5)  # the loaders' settings here, beside make_loader's defaults
@@ -104,7 +105,7 @@ def test_unlabelled_files_give_no_probe_labels(make_loader, tmp_path):
     root = write_synthetic_jpegs(tmp_path / "f", n_train=8, n_test=4, size=16, classes=2)
     (root / "unlabeled").mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "unlabeled" / "u.png")
-    ds = resolve_dataset(str(root), image_size=16, eval_images=False)
+    ds = resolve_dataset(str(root), DataRequest(image_size=16, eval_images=False))
     assert ds.has_knn and not ds.pretrain_files.labelled  # unlabeled/ among them
     assert probe_labels(ds) is None and not probe_reads_labels(ds)
     with pytest.raises(FastByolError, match="all labelled"):
@@ -113,7 +114,7 @@ def test_unlabelled_files_give_no_probe_labels(make_loader, tmp_path):
         make_loader(ds.pretraining_source, labels=np.zeros(8, np.int64), **KW)
     (root / "unlabeled" / "u.png").unlink()
     (root / "unlabeled").rmdir()
-    labelled = resolve_dataset(str(root), image_size=16, eval_images=False)
+    labelled = resolve_dataset(str(root), DataRequest(image_size=16, eval_images=False))
     assert probe_reads_labels(labelled) and probe_labels(labelled) is None  # the reader's, not an array's
 
 

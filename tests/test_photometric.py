@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from fastbyol.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, sample_params
-from fastbyol.augment.photometric import N_PARAMS, ORDERS, PARAM_NAMES, photometric, photometric_by_slot
+from fastbyol.augment.photometric import (N_PARAMS, ORDERS, PARAM_NAMES, ChainSpec, photometric,
+                                          photometric_by_slot)
 from fastbyol.augment.photometric_backends import photometric_backend
 
-KW = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+F64 = dict(compute_dtype=torch.float64)  # the reference as the oracle (with a spec of out_dtype float64)
 SHAPES = [(1, 8), (7, 31), (30, 16)]  # one image; a prime batch and an odd side; every order in one batch
 
 
@@ -41,12 +42,21 @@ def _window(size):
     return max(3, official.blur_window(size))  # 3 taps at least, so the blur does something at tiny sizes
 
 
+def _spec(blur_window, solarize_threshold=0.5, **changes):
+    """A view's chain constants, ImageNet's normalization."""
+    return ChainSpec(blur_window=blur_window, solarize_threshold=solarize_threshold, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD, **changes)
+
+
+def _f64(spec):
+    return dataclasses.replace(spec, out_dtype=torch.float64)
+
+
 @pytest.mark.parametrize("batch, size", SHAPES)
 def test_reference_float32_against_float64(batch, size):
     crops, p = _inputs(batch, size)
-    got = photometric(crops, p, blur_window=_window(size), solarize_threshold=0.5, **KW)
-    want = photometric(crops, p, blur_window=_window(size), solarize_threshold=0.5, compute_dtype=torch.float64,
-                       out_dtype=torch.float64, **KW)
+    got = photometric(crops, p, _spec(_window(size)))
+    want = photometric(crops, p, _f64(_spec(_window(size))), **F64)
     assert got.shape == (batch, 3, size, size) and got.dtype == torch.float32
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=0)
@@ -54,9 +64,10 @@ def test_reference_float32_against_float64(batch, size):
 
 def test_chunks_and_worker_threads_do_not_change_a_bit():
     crops, p = _inputs(40, 24)
-    base = photometric(crops, p, blur_window=5, solarize_threshold=0.5, **KW)
-    for kwargs in (dict(chunk_pixels=1), dict(chunk_pixels=1 << 30), dict(threads=2), dict(threads=3, chunk_pixels=1)):
-        assert torch.equal(photometric(crops, p, blur_window=5, solarize_threshold=0.5, **kwargs, **KW), base), kwargs
+    base = photometric(crops, p, _spec(5))
+    for chunk_pixels, threads in ((1, None), (1 << 30, None), (_spec(5).chunk_pixels, 2), (1, 3)):
+        got = photometric(crops, p, _spec(5, chunk_pixels=chunk_pixels), threads=threads)
+        assert torch.equal(got, base), (chunk_pixels, threads)
 
 
 def test_several_batches_at_once_equal_one_at_a_time():
@@ -65,34 +76,33 @@ def test_several_batches_at_once_equal_one_at_a_time():
     jobs = []
     for seed, spec in ((1, VIEW1), (2, VIEW2)):
         crops, p = _inputs(20, 18, spec, seed=seed)
-        jobs.append(dict(crops=crops, params=p, blur_window=5, solarize_threshold=0.5, **KW))
+        jobs.append((crops, p, _spec(5, spec.solarize_threshold)))
     together = photometric_many(jobs, threads=2)
     for job, got in zip(jobs, together):
-        assert torch.equal(got, photometric(**job))
+        assert torch.equal(got, photometric(*job))
 
 
 def test_each_image_is_processed_independently_of_its_batch():
     crops, p = _inputs(12, 20)
-    whole = photometric(crops, p, blur_window=5, solarize_threshold=0.5, **KW)
+    whole = photometric(crops, p, _spec(5))
     for i in (0, 5, 11):
-        alone = photometric(crops[i:i + 1], p[i:i + 1], blur_window=5, solarize_threshold=0.5, **KW)
+        alone = photometric(crops[i:i + 1], p[i:i + 1], _spec(5))
         torch.testing.assert_close(alone[0], whole[i], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("spec", [VIEW1, VIEW2], ids=["view1", "view2"])
 def test_gray_input_path_equals_the_colour_path_on_gray_crops(spec):
     crops, p = _inputs(30, 20, spec, gray=True)
-    colour = photometric(crops, p, blur_window=5, solarize_threshold=0.5, **KW)
-    gray = photometric(crops, p, blur_window=5, solarize_threshold=0.5, gray_input=True, **KW)
+    colour = photometric(crops, p, _spec(5))
+    gray = photometric(crops, p, _spec(5, gray_input=True))
     torch.testing.assert_close(gray, colour, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("batch, size", SHAPES)
 def test_per_slot_form_matches_the_reference(batch, size):
     crops, p = _inputs(batch, size, seed=3)
-    want = photometric(crops, p, blur_window=_window(size), solarize_threshold=0.5, compute_dtype=torch.float64,
-                       out_dtype=torch.float64, **KW)
-    got = photometric_by_slot(crops, p, blur_window=_window(size), solarize_threshold=0.5, **KW)
+    want = photometric(crops, p, _f64(_spec(_window(size))), **F64)
+    got = photometric_by_slot(crops, p, _spec(_window(size)))
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=0)
 
@@ -105,11 +115,9 @@ def test_triton_kernel_matches_the_reference(batch, size, out_dtype, atol):
 
     crops, p = _inputs(batch, size, seed=5)
     for spec in (VIEW1, VIEW2):
-        thr = spec.solarize_threshold
-        want = photometric(crops, p, blur_window=_window(size), solarize_threshold=thr, compute_dtype=torch.float64,
-                           out_dtype=torch.float64, **KW)
-        got = photometric_triton(crops, p, blur_window=_window(size), solarize_threshold=thr, out_dtype=out_dtype,
-                                 **KW)
+        chain = _spec(_window(size), spec.solarize_threshold)
+        want = photometric(crops, p, _f64(chain), **F64)
+        got = photometric_triton(crops, p, dataclasses.replace(chain, out_dtype=out_dtype))
         assert got.dtype == out_dtype and got.shape == (batch, 3, size, size)
         assert got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got.double(), want, atol=atol, rtol=0)
@@ -128,12 +136,12 @@ def test_triton_kernel_reused_buffers_change_nothing():
     for (batch, size), seed in (((7, 13), 1), ((3, 9), 2), ((7, 13), 3), ((9, 13), 4)):
         crops, p = _inputs(batch, size, seed=seed)
         p[0, PARAM_NAMES.index("blur")] = 1.0
-        kw = dict(blur_window=_window(size), solarize_threshold=0.5, out_dtype=torch.float32, **KW)
+        chain = _spec(_window(size))
         for t in buf._flat.values():
             t.fill_(float("nan"))
-        got = photometric_triton(crops, p, buffers=buf, **kw)
-        assert torch.equal(got, photometric_triton(crops, p, **kw))
-        want = photometric(crops, p, compute_dtype=torch.float64, **{**kw, "out_dtype": torch.float64})
+        got = photometric_triton(crops, p, chain, buffers=buf)
+        assert torch.equal(got, photometric_triton(crops, p, chain))
+        want = photometric(crops, p, _f64(chain), **F64)
         torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=0)
         allocations.append(buf.allocations)
     assert allocations == [3, 3, 3, 6]  # sums, scratch, tmp; regrown only for the larger batch
@@ -147,8 +155,8 @@ def test_triton_kernel_other_threshold_and_no_blur_anywhere():
     crops, p = _inputs(9, 12, seed=6)
     p[:, PARAM_NAMES.index("blur")] = 0.0
     p[:, PARAM_NAMES.index("solarize")] = 1.0
-    want = photometric(crops, p, blur_window=3, solarize_threshold=0.3, compute_dtype=torch.float64, **KW)
-    got = photometric_triton(crops, p, blur_window=3, solarize_threshold=0.3, out_dtype=torch.float32, **KW)
+    want = photometric(crops, p, _spec(3, 0.3), **F64)
+    got = photometric_triton(crops, p, _spec(3, 0.3))
     torch.testing.assert_close(got.double(), want.double(), atol=3e-5, rtol=0)
 
 
@@ -192,19 +200,19 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu(tmp_path):
 def test_compiled_backend_matches_the_reference():
     """torch.compile of the per-slot form (what the GPU's "compiled" backend runs), here by Inductor's CPU backend."""
     crops, p = _inputs(6, 16, seed=8)
-    want = photometric(crops, p, blur_window=3, solarize_threshold=0.5, compute_dtype=torch.float64, **KW)
-    got = photometric_backend("compiled")(crops, p, blur_window=3, solarize_threshold=0.5, **KW)
+    want = photometric(crops, p, _spec(3), **F64)
+    got = photometric_backend("compiled")(crops, p, _spec(3))
     torch.testing.assert_close(got.double(), want.double(), atol=3e-5, rtol=0)
 
 
 def test_bad_inputs_raise_one_clear_error():
     crops, p = _inputs(4, 8)
     with pytest.raises(ValueError, match="crops must be uint8"):
-        photometric(crops.float(), p, blur_window=3, solarize_threshold=0.5, **KW)
+        photometric(crops.float(), p, _spec(3))
     with pytest.raises(ValueError, match=r"crops must be uint8 \(B, 3, S, S\)"):
-        photometric(crops.permute(0, 2, 3, 1), p, blur_window=3, solarize_threshold=0.5, **KW)
+        photometric(crops.permute(0, 2, 3, 1), p, _spec(3))
     with pytest.raises(ValueError, match=f"params must be \\(4, {N_PARAMS}\\)"):
-        photometric(crops, p[:, :5], blur_window=3, solarize_threshold=0.5, **KW)
+        photometric(crops, p[:, :5], _spec(3))
     with pytest.raises(ValueError, match="not one of"):
         photometric_backend("fast")
 
@@ -213,14 +221,13 @@ def test_any_crop_layout_gives_the_same_views():
     """Planar crops (DALI's) and an NHWC batch seen as (B, 3, S, S) give the same result, in every form."""
     crops, p = _inputs(6, 20, seed=9)
     nhwc = crops.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # same values, channels_last strides
-    base = photometric(crops, p, blur_window=5, solarize_threshold=0.5, **KW)
-    assert torch.equal(photometric(nhwc, p, blur_window=5, solarize_threshold=0.5, **KW), base)
-    torch.testing.assert_close(photometric_by_slot(nhwc, p, blur_window=5, solarize_threshold=0.5, **KW), base,
-                               atol=3e-5, rtol=0)
+    base = photometric(crops, p, _spec(5))
+    assert torch.equal(photometric(nhwc, p, _spec(5)), base)
+    torch.testing.assert_close(photometric_by_slot(nhwc, p, _spec(5)), base, atol=3e-5, rtol=0)
     pytest.importorskip("triton")
     from fastbyol.kernels.photometric import photometric_triton
 
-    got = photometric_triton(nhwc, p, blur_window=5, solarize_threshold=0.5, out_dtype=torch.float32, **KW)
+    got = photometric_triton(nhwc, p, _spec(5))
     torch.testing.assert_close(got, base, atol=3e-5, rtol=0)
 
 
@@ -234,13 +241,14 @@ def test_cuda_backends_match_the_reference(batch, size):
 
     crops, p = _inputs(batch, size, seed=11)
     for spec in (VIEW1, VIEW2):
-        kw = dict(blur_window=_window(size), solarize_threshold=spec.solarize_threshold, **KW)
-        want = photometric(crops, p, compute_dtype=torch.float64, out_dtype=torch.float64, **kw)
+        chain = _spec(_window(size), spec.solarize_threshold)
+        want = photometric(crops, p, _f64(chain), **F64)
         for backend in ("reference", "triton", "compiled"):
             for out_dtype, atol in ((torch.float32, 5e-5), (torch.float16, 2e-3)):
-                got = photometric_backend(backend)(crops.cuda(), p.cuda(), out_dtype=out_dtype, **kw)
+                got = photometric_backend(backend)(crops.cuda(), p.cuda(),
+                                                   dataclasses.replace(chain, out_dtype=out_dtype))
                 assert got.is_cuda and got.dtype == out_dtype and got.is_contiguous(memory_format=torch.channels_last)
                 torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=0, msg=backend)
         nhwc = crops.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).cuda()
-        got = photometric_triton(nhwc, p.cuda(), out_dtype=torch.float32, **kw)
+        got = photometric_triton(nhwc, p.cuda(), chain)
         torch.testing.assert_close(got.double().cpu(), want, atol=5e-5, rtol=0)

@@ -18,14 +18,16 @@ import torch
 pytest.importorskip("PIL")
 pytest.importorskip("nvidia.dali")
 
-from fastbyol.data import resolve_dataset  # noqa: E402
+from fastbyol.data import DataRequest, resolve_dataset  # noqa: E402
 from fastbyol.data.checks import check_image_file  # noqa: E402
-from fastbyol.data.folders import FileList  # noqa: E402
+from fastbyol.data.folders import FileList, ListFile  # noqa: E402
 
 from .support import good_jpegs  # noqa: E402
 from .test_data_decode import bad_scan_jpeg as _bad_scan_jpeg  # noqa: E402
 
 BAD = "000020x.jpg"  # sorts among the good files (000000.jpg ...)
+QUIET = DataRequest(image_size=16, eval_images=False)  # no kNN images: these tests read the pretraining source
+SKIPPING = DataRequest(image_size=16, skip_bad_files=True, eval_images=False)
 
 
 def bad_scan_jpeg(seed: int = 1) -> bytes:
@@ -69,7 +71,7 @@ def test_loader_replaces_the_file_and_yields_the_batches_of_the_substituted_list
     equals, batch for batch, the stream of a loader built from the start over the substituted list (the reference);
     the manifest's list is left as it was."""
 
-    src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
+    src = resolve_dataset(str(folder), SKIPPING).pretraining_source
     manifest_list = open(src.source_list, "rb").read()
     loader = make_loader(src, **KW)
     got = _views(loader, 2)
@@ -80,7 +82,7 @@ def test_loader_replaces_the_file_and_yields_the_batches_of_the_substituted_list
     k = manifest_list.splitlines().index(f"all/{BAD} 0".encode())
     assert len(lines) == len(manifest_list.splitlines()) == 41 and lines[k] == lines[k - 1]  # its predecessor
 
-    ref_src = FileList(None, None, src.where, root=src.root, list_file=src.source_list, count=len(src), skip_bad=True)
+    ref_src = FileList(None, None, src.where, listed=ListFile(src.root, src.source_list, len(src)), skip_bad=True)
     assert ref_src.replace_bad(bad)
     ref = make_loader(ref_src, **KW)
     want = _views(ref, 2)
@@ -168,9 +170,9 @@ def test_the_next_run_knows_the_file(make_loader, folder, tmp_path):
     next run replaces it before the pipeline starts (counted once, no rebuild) or, without the flag, names it at
     start; rewritten, it is checked again."""
 
-    src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
+    src = resolve_dataset(str(folder), SKIPPING).pretraining_source
     first = _views(make_loader(src, **KW), 1)
-    ds = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False)
+    ds = resolve_dataset(str(folder), SKIPPING)
     bad = str(folder / "all" / BAD)
     assert ds.skipped_files == 1 and ds.pretraining_source.bad == [bad]
     loader = make_loader(ds.pretraining_source, **KW)
@@ -180,10 +182,10 @@ def test_the_next_run_knows_the_file(make_loader, folder, tmp_path):
     from fastbyol.errors import FastByolError
 
     with pytest.raises(FastByolError, match=f"{BAD}: does not decode \\(found by an earlier run"):
-        resolve_dataset(str(folder), image_size=16, eval_images=False)
+        resolve_dataset(str(folder), QUIET)
     (folder / "all" / BAD).write_bytes(bad_scan_jpeg(2))  # rewritten: no longer the file that was recorded
     os.utime(folder / "all" / BAD, ns=(1, 1))
-    assert resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).skipped_files == 0
+    assert resolve_dataset(str(folder), SKIPPING).skipped_files == 0
 
 
 def test_tar_shards_replace_the_sample_in_their_own_index(make_loader, good_files, tmp_path):
@@ -197,8 +199,7 @@ def test_tar_shards_replace_the_sample_in_their_own_index(make_loader, good_file
         os.link(p, src_dir / "train" / "c" / p.name)
     (src_dir / "train" / "c" / BAD).write_bytes(bad_scan_jpeg())
     write_shards(src_dir, tmp_path / "sh", max_samples=20, progress=False)
-    src = resolve_dataset(str(tmp_path / "sh"), image_size=16, skip_bad_files=True,
-                          eval_images=False).pretraining_source
+    src = resolve_dataset(str(tmp_path / "sh"), SKIPPING).pretraining_source
     shared = [open(p, "rb").read() for p in src.source_index]
     loader = make_loader(src, **KW)
     got = _views(loader, 2)
@@ -234,7 +235,7 @@ def test_a_file_overwritten_with_its_size_and_mtime_kept_is_named_at_startup(goo
     """The manifest knows each file by its identity (size, mtime, inode, ctime): a file rewritten in place since the
     manifest was written, its size and mtime set back, makes the next run check it again, and name it."""
     folder, victim = _with_victim(good_files, tmp_path / "imgs")
-    resolve_dataset(str(folder), image_size=16, eval_images=False)  # the manifest: every file passes
+    resolve_dataset(str(folder), QUIET)  # the manifest: every file passes
     _overwrite_keeping_size_and_mtime(victim)
     res = _train(folder, tmp_path / "strict")
     assert res.returncode == 2, res.stderr[-3000:]
@@ -249,7 +250,7 @@ def test_a_batch_failure_that_names_no_file_is_traced_to_the_file(make_loader, g
     from fastbyol.errors import FastByolError
 
     folder, victim = _with_victim(good_files, tmp_path / "imgs")
-    src = resolve_dataset(str(folder), image_size=16, eval_images=False).pretraining_source
+    src = resolve_dataset(str(folder), QUIET).pretraining_source
     _overwrite_keeping_size_and_mtime(victim)
     with pytest.raises(FastByolError) as e:
         _views(make_loader(src, **KW), 2)
@@ -261,7 +262,7 @@ def test_a_batch_failure_that_names_no_file_is_traced_to_the_file(make_loader, g
 def test_a_batch_failure_that_names_no_file_is_skipped_as_that_file(make_loader, good_files, tmp_path, capfd):
 
     folder, victim = _with_victim(good_files, tmp_path / "imgs")
-    src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
+    src = resolve_dataset(str(folder), SKIPPING).pretraining_source
     _overwrite_keeping_size_and_mtime(victim)  # after the checks, while the run holds its file list
     loader = make_loader(src, **KW)
     assert len(_views(loader, 2)) == 10
@@ -274,7 +275,7 @@ def test_the_capture_spans_epochs_until_the_loader_closes(make_loader, folder, c
     between epochs (what a bad file prints then is folded into its error, not printed), and close() stops DALI and
     gives fd 2 back."""
 
-    src = resolve_dataset(str(folder), image_size=16, skip_bad_files=True, eval_images=False).pretraining_source
+    src = resolve_dataset(str(folder), SKIPPING).pretraining_source
     loader = make_loader(src, **KW)
     assert len(_views(loader, 1)) == 5
     os.write(2, b"native, between epochs\n")
@@ -292,7 +293,7 @@ def test_a_file_gone_since_the_manifest_is_named(make_loader, good_files, tmp_pa
 
     folder = _make_folder(good_files, tmp_path / "imgs")
     (folder / "all" / BAD).write_bytes((folder / "all" / good_files[0].name).read_bytes())
-    src = resolve_dataset(str(folder), image_size=16, eval_images=False).pretraining_source
+    src = resolve_dataset(str(folder), QUIET).pretraining_source
     (folder / "all" / BAD).unlink()  # after the checks, before training reads it
     with pytest.raises(FastByolError, match=f"^{folder / 'all' / BAD}: cannot be read"):
         _views(make_loader(src, **KW), 2)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import FastByolError
+from .photometric import ChainSpec, prepare_photometric
 
 SLOTS = 2  # output buffers: one batch computed while the one before is copied out and consumed
 
@@ -52,14 +53,14 @@ def assign(tasks: list[tuple[int, list[int]]], workers: int) -> list[list[tuple[
 @dataclass(frozen=True)
 class Work:
     """What every worker computes with: the loader's (N, H, W, 3) uint8 images (inherited at fork), the two slots of
-    both views' shared output buffers, the view side, 1 or 3 channels, both views' chain arguments, the worker
-    count (each computes its share of every batch: assign)."""
+    both views' shared output buffers, the view side, 1 or 3 channels, both views' ChainSpec, the worker count
+    (each computes its share of every batch: assign)."""
 
     images: torch.Tensor
     outs: tuple
     size: int
     channels: int
-    chains: tuple[dict, dict]
+    chains: tuple[ChainSpec, ChainSpec]
     workers: int
 
 
@@ -73,7 +74,6 @@ def _serve(conn, me: int, work: Work, parent_pid: int, inherited: list) -> None:
     those workers from seeing their parent go)."""
     from ..system.children import watch_parent
     from .crops import crop_resize_flip_many
-    from .photometric import prepare_photometric
 
     watch_parent(parent_pid)  # busy or idle, the worker goes within a tenth of a second of its parent
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # the parent's stop signals (a scheduler may send
@@ -99,7 +99,7 @@ def _serve(conn, me: int, work: Work, parent_pid: int, inherited: list) -> None:
             for v in (0, 1):
                 crops.append(torch.empty((B, work.channels, work.size, work.size), dtype=torch.uint8))  # gray: 1 plane
                 run, chunks, _ = prepare_photometric(crops[v].expand(-1, 3, -1, -1), torch.from_numpy(params[v]),
-                                                     out=work.outs[slot][v], **work.chains[v])
+                                                     work.chains[v], out=work.outs[slot][v])
                 runs.append(run)
                 tasks += [(v, list(idx)) for idx in chunks]
             mine = assign(tasks, work.workers)[me]
@@ -150,11 +150,11 @@ def _stop(conns: list, procs: list) -> None:
 class ChainProcesses:
     """`workers` forked processes that crop and run the chain for a CPU loader's array source (module docstring).
 
-    images: the loader's (N, H, W, 3) uint8 tensor; chains: both views' photometric arguments (all but crops and
-    params); channels: 1 for gray input (one plane resized), else 3."""
+    images: the loader's (N, H, W, 3) uint8 tensor; chains: both views' ChainSpec; channels: 1 for gray input (one
+    plane resized), else 3."""
 
     def __init__(self, images: torch.Tensor, workers: int, batch_size: int, size: int, channels: int,
-                 chains: tuple[dict, dict]):
+                 chains: tuple[ChainSpec, ChainSpec]):
         if workers < 1:
             raise FastByolError(f"CPU augmentation workers must be >= 1, got {workers}")
         self.batch_size = batch_size

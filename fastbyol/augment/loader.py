@@ -47,7 +47,7 @@ from ..errors import FastByolError
 from ..system.bounds import check_address_space
 from . import pipelines
 from .makers import CpuViews, GpuViews, ProcessViews
-from .photometric import TAP_TAIL
+from .photometric import TAP_TAIL, ChainSpec
 from .runner import Checkpoint, DaliPipeline, DecodeFailures, GraphRunner, PipelineFactory
 from .views import IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, ViewSpec
 
@@ -134,14 +134,15 @@ class TwoViewLoader:
         self._runner = GraphRunner(graph, checkpoint, make_pipeline, failures, self.maker.release)
         self._ahead = LookAhead(self._runner, self.maker, self._labels) if self.cpu_parallel == "processes" else None
 
-    def _chain(self, spec: ViewSpec, chunk_pixels: int) -> dict:
-        """The photometric chain's arguments for one view (all but crops and params)."""
-        kwargs = dict(blur_window=spec.blur_window(self.settings.image_size),
-                      solarize_threshold=spec.solarize_threshold, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                      gray_input=self.settings.gray_input, out_dtype=torch.float16 if self.on_gpu else torch.float32)
-        if not self.on_gpu:  # blur taps below float32 resolution skipped (photometric's docstring)
-            kwargs.update(blur_tail=TAP_TAIL, chunk_pixels=chunk_pixels)
-        return kwargs
+    def _chain(self, spec: ViewSpec, chunk_pixels: int) -> ChainSpec:
+        """The photometric chain's constants for one view (what every batch's chain takes besides crops and
+        params)."""
+        # the CPU path: blur taps below float32 resolution skipped (ChainSpec.blur_tail), the run's chunk size
+        cpu = {} if self.on_gpu else dict(blur_tail=TAP_TAIL, chunk_pixels=chunk_pixels)
+        return ChainSpec(blur_window=spec.blur_window(self.settings.image_size),
+                         solarize_threshold=spec.solarize_threshold, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                         gray_input=self.settings.gray_input,
+                         out_dtype=torch.float16 if self.on_gpu else torch.float32, **cpu)
 
     @property
     def operators(self) -> int:
@@ -365,8 +366,8 @@ def _pick_graph(source, settings: LoaderSettings, augment: AugmentConfig, reader
     return graph, per_shard, steps, array
 
 
-def _view_maker(settings: LoaderSettings, chains: tuple[dict, dict], array: torch.Tensor | None, cpu_parallel: str,
-                backend: str):
+def _view_maker(settings: LoaderSettings, chains: tuple[ChainSpec, ChainSpec], array: torch.Tensor | None,
+                cpu_parallel: str, backend: str):
     """The path's view maker (CPU arrays with processes: forked here, before DALI starts threads)."""
     channels = 1 if settings.gray_input else 3
     if settings.device.startswith("cuda"):

@@ -18,7 +18,7 @@ import collections
 
 import torch
 
-from .photometric import ScratchBuffers, photometric_many
+from .photometric import ChainSpec, ScratchBuffers, photometric_many
 from .photometric_backends import photometric_backend
 from .crops import crop_resize_flip_many
 from .pipelines import CPU_OUTPUTS, GPU_OUTPUTS
@@ -35,11 +35,11 @@ def _params(out: dict) -> list[torch.Tensor]:
 
 class GpuViews:
     """CUDA: DALI's planar uint8 crops through the chain's `backend` (module docstring). chains: both views'
-    photometric arguments (all but crops and params)."""
+    ChainSpec."""
 
     outputs = GPU_OUTPUTS
 
-    def __init__(self, chains: tuple[dict, dict], backend: str):
+    def __init__(self, chains: tuple[ChainSpec, ChainSpec], backend: str):
         self.chains = chains
         self.backend = backend
         self.buffers = ScratchBuffers()  # the Triton chain's scratch, reused batch after batch (grow-only)
@@ -53,7 +53,7 @@ class GpuViews:
         chain = photometric_backend(self.backend)
         # both views share the scratch: their kernels run one after the other on torch's stream
         reuse = dict(buffers=self.buffers) if self.backend == "triton" else {}
-        return tuple(chain(crops[v], params[v], **self.chains[v], **reuse) for v in (0, 1))
+        return tuple(chain(crops[v], params[v], self.chains[v], **reuse) for v in (0, 1))
 
     def __call__(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         views = self.chain(*self.crops(dict(zip(self.outputs, outputs))))
@@ -75,11 +75,12 @@ class GpuViews:
 
 class CpuViews:
     """CPU, on `threads` worker threads (module docstring). images: the array source's (N, H, W, 3) uint8 tensor, or
-    None for encoded files (DALI decodes them); channels 1 for gray input (one plane resized), else 3."""
+    None for encoded files (DALI decodes them); channels 1 for gray input (one plane resized), else 3; chains: both
+    views' ChainSpec."""
 
     outputs = CPU_OUTPUTS
 
-    def __init__(self, images: torch.Tensor | None, size: int, channels: int, chains: tuple[dict, dict],
+    def __init__(self, images: torch.Tensor | None, size: int, channels: int, chains: tuple[ChainSpec, ChainSpec],
                  threads: int):
         self.images, self.size, self.channels, self.chains, self.threads = images, size, channels, chains, threads
 
@@ -102,8 +103,7 @@ class CpuViews:
     def chain(self, crops: list[torch.Tensor], params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # both views' chunks share the workers (measured the same or better than one view after the other; making
         # each chunk's crops inside the chunk measured worse)
-        return tuple(photometric_many([dict(crops=crops[v], params=params[v], **self.chains[v]) for v in (0, 1)],
-                                      self.threads))
+        return tuple(photometric_many([(crops[v], params[v], self.chains[v]) for v in (0, 1)], self.threads))
 
     def __call__(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         return self.chain(*self.crops(dict(zip(self.outputs, outputs))))
@@ -120,8 +120,8 @@ class ProcessViews:
 
     outputs = CPU_OUTPUTS
 
-    def __init__(self, images: torch.Tensor, size: int, channels: int, chains: tuple[dict, dict], workers: int,
-                 batch_size: int):
+    def __init__(self, images: torch.Tensor, size: int, channels: int, chains: tuple[ChainSpec, ChainSpec],
+                 workers: int, batch_size: int):
         from .cpu_workers import ChainProcesses
 
         self.inline = CpuViews(images, size, channels, chains, None)

@@ -1,18 +1,21 @@
 """BYOL's photometric chain over a batch, in plain PyTorch: the CPU path, the test oracle and the benchmark baseline.
 
-    out = photometric(crops, params, blur_window=23, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    spec = ChainSpec(blur_window=23, solarize_threshold=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    out = photometric(crops, params, spec)
 
 crops (B, 3, S, S) uint8: the random resized crops, already flipped (planar, NCHW contiguous: DALI's output on
 CUDA, fastbyol.augment.crops' on the CPU; any strides work, planar is the fast case on the CPU).
 params (B, N_PARAMS) float32: each image's random parameters, one column per name in PARAM_NAMES (DALI draws them:
 fastbyol.augment.pipelines.draw_params; tests and benchmarks: fastbyol.augment.views.sample_params).
-out (B, 3, S, S) channels_last (NHWC memory), normalized, `out_dtype`.
+spec: the chain's constants for one view (ChainSpec: blur window, solarize threshold, mean and std, gray input, out
+dtype, and the CPU path's blur tail and chunk size); every backend takes (crops, params, spec).
+out (B, 3, S, S) channels_last (NHWC memory), normalized, spec.out_dtype.
 
 The chain, per image, as the official `byol/utils/augmentations.py`, on [0, 1] floats:
   with p jitter: brightness, contrast, saturation, hue in the image's own random order (one of the 24 in ORDERS),
                  each followed by a clip to [0, 1]
   with p gray:   grayscale (0.2989 R + 0.5870 G + 0.1140 B in all three channels)
-  with p blur:   separable Gaussian blur, `blur_window` taps, zero padding (tf depthwise_conv2d 'SAME'), sigma
+  with p blur:   separable Gaussian blur, spec.blur_window taps, zero padding (tf depthwise_conv2d 'SAME'), sigma
   with p solarize: x < threshold ? x : 1 - x
   clip to [0, 1]; normalize (x - mean) / std.
 The ops, exactly (tests/test_augment_fidelity.py checks each against a numpy port of the official JAX ops):
@@ -40,7 +43,7 @@ this chain) is measured by benchmarks/augment_vs_lightly.py; its figures are in 
   arithmetic is nearly free there, and the work on the CPU eager path would be 4x).
 The Triton kernel (fastbyol.kernels.photometric) handles the order inside the kernel (per image, per slot).
 
-Grayscale input (`gray_input=True`, every crop has R = G = B): saturation and hue are exact identities (c = 0), the
+Grayscale input (spec.gray_input, every crop has R = G = B): saturation and hue are exact identities (c = 0), the
 other ops act on each channel alike, so the chain runs on one plane and the normalization writes three: the same
 result at a third of the work (tested against the colour path).
 """
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +68,30 @@ ORDERS = tuple(itertools.permutations(range(4)))  # the 24 jitter orders: ORDERS
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # the official rgb_to_grayscale weights
 # images per CPU chunk = max(1, CHUNK_PIXELS // S^2): 2 at 224 px, 14 at 96, 167 at 28 (a run sets it: --chunk-pixels)
 CHUNK_PIXELS = AugmentConfig().chunk_pixels
+TAP_TAIL = 1e-7  # the loader's CPU path skips blur taps that carry less than this weight on each side
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """The chain's constants for one view: everything a call needs besides the batch (crops, params). The loader
+    builds one per view (TwoViewLoader._chain) and hands it to every batch's chain, whichever backend runs it.
+
+    blur_tail and chunk_pixels are the eager reference's (`photometric`): the per-slot form and the Triton kernel
+    keep every tap and have no chunks, so they ignore them. gray_input: every crop has R = G = B; the reference then
+    runs on one plane (the module docstring), the others compute the colour arithmetic, exact on gray pixels."""
+
+    blur_window: int  # taps of the Gaussian blur, odd (ViewSpec.blur_window of the view side)
+    solarize_threshold: float  # x < threshold ? x : 1 - x
+    mean: tuple[float, float, float]  # the normalization, per channel: (x - mean) / std
+    std: tuple[float, float, float]
+    gray_input: bool = False
+    out_dtype: torch.dtype = torch.float32  # the views' dtype (the loader: float16 on CUDA, float32 on the CPU)
+    # skip the outer blur taps carrying less than this weight on each side (per chunk, the widest blur of the chunk
+    # decides; the weights kept are unchanged): the result moves by at most blur_tail per pass. 0 keeps every tap.
+    # The loader's CPU path uses TAP_TAIL (1e-7: below float32's resolution of a pixel near 1); a narrow blur (sigma
+    # 0.5) then costs 7 taps instead of 23 at 224 px.
+    blur_tail: float = 0.0
+    chunk_pixels: int = CHUNK_PIXELS  # images per chunk: max(1, chunk_pixels // S^2)
 
 
 def _col(v: torch.Tensor) -> torch.Tensor:
@@ -164,9 +192,6 @@ def blur_taps(sigma: torch.Tensor, window: int, dtype: torch.dtype = torch.float
     t = torch.arange(-r, r + 1, device=sigma.device, dtype=dtype)
     k = torch.exp(-(t * t) / (2.0 * sigma.to(dtype).reshape(-1, 1) ** 2))
     return k / k.sum(dim=1, keepdim=True)
-
-
-TAP_TAIL = 1e-7  # the loader's CPU path skips blur taps that carry less than this weight on each side
 
 
 def gaussian_blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
@@ -275,17 +300,17 @@ class _Batch:
     """What every chunk of one call reads, computed once per batch: parameters by column, each image's jitter steps,
     the coins as Python lists, the blur taps and the radius each image's taps need."""
 
-    def __init__(self, params: torch.Tensor, blur_window: int, blur_tail: float, gray_input: bool):
+    def __init__(self, params: torch.Tensor, spec: ChainSpec):
         self.params = params  # (B, N_PARAMS)
         self.by_column = params.t().contiguous()  # (N_PARAMS, B): each parameter a contiguous row
         rows = params[:, [JITTER, ORDER]].tolist()  # host-side: one transfer of (B, 2)
-        self.steps = [_steps(ORDERS[int(order)] if jitter > 0.5 else None, gray_input) for jitter, order in rows]
+        self.steps = [_steps(ORDERS[int(order)] if jitter > 0.5 else None, spec.gray_input) for jitter, order in rows]
         self.gray, self.blur, self.solarize = ((params[:, [GRAY, BLUR, SOLARIZE]] > 0.5).t().tolist())
-        self.taps = blur_taps(params[:, SIGMA], blur_window, params.dtype)  # (B, K)
+        self.taps = blur_taps(params[:, SIGMA], spec.blur_window, params.dtype)  # (B, K)
         K = self.taps.shape[1]
-        if blur_tail > 0:  # per image: taps left of the radius carry <= blur_tail of the weight (each side)
+        if spec.blur_tail > 0:  # per image: taps left of the radius carry <= blur_tail of the weight (each side)
             outer = torch.cumsum(self.taps[:, :K // 2].double(), dim=1)
-            self.radius = (K // 2 - (outer <= blur_tail).sum(dim=1)).tolist()
+            self.radius = (K // 2 - (outer <= spec.blur_tail).sum(dim=1)).tolist()
         else:
             self.radius = [K // 2] * params.shape[0]
 
@@ -352,15 +377,14 @@ def _apply_to(x: torch.Tensor, chosen: list[bool], fn, with_index: bool = False)
     return x.index_copy_(0, sub, y)
 
 
-def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
-                mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
-                out_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
-                chunk_pixels: int = CHUNK_PIXELS, threads: int | None = None, blur_tail: float = 0.0,
+def photometric(crops: torch.Tensor, params: torch.Tensor, spec: ChainSpec, *,
+                compute_dtype: torch.dtype = torch.float32, threads: int | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """The chain over a batch: crops (B, 3, S, S) uint8, params (B, N_PARAMS) -> (B, 3, S, S) channels_last.
+    """The chain over a batch: crops (B, 3, S, S) uint8, params (B, N_PARAMS), spec (one view's ChainSpec) ->
+    (B, 3, S, S) spec.out_dtype, channels_last.
 
-    Works on chunks of at most chunk_pixels // S^2 images of one jitter order: every op is a whole-tensor torch op
-    over the chunk, and the chunk stays in cache from the uint8 load to the normalized store. compute_dtype float64
+    Works on chunks of at most spec.chunk_pixels // S^2 images of one jitter order: every op is a whole-tensor torch
+    op over the chunk, and the chunk stays in cache from the uint8 load to the normalized store. compute_dtype float64
     makes it the tests' oracle.
 
     threads: None runs the chunks in the calling thread (with its torch intra-op threads); n runs them on n worker
@@ -368,53 +392,47 @@ def photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, 
     that is how the chain uses several cores: per-op OpenMP parallelism on cache-sized tensors spends more in its
     barriers than it gains, and collapses when the cores are shared (measured on 2 busy cores: an in-cache add
     took 10 ms with 2 OpenMP threads against 20 us with 1).
-    blur_tail: skip the outer blur taps carrying less than this weight on each side (per chunk, the widest blur of
-    the chunk decides; the weights kept are unchanged): the result moves by at most blur_tail per pass. 0 keeps
-    every tap. The loader's CPU path uses TAP_TAIL (1e-7: below float32's resolution of a pixel near 1); a narrow
-    blur (sigma 0.5) then costs 7 taps instead of 23 at 224 px.
-    out: where to write, a contiguous (B, S, S, 3) `out_dtype` tensor (NHWC; e.g. shared memory); the result is its
+    out: where to write, a contiguous (B, S, S, 3) spec.out_dtype tensor (NHWC; e.g. shared memory); the result is its
     channels_last view. None: a new one."""
-    job = dict(crops=crops, params=params, blur_window=blur_window, solarize_threshold=solarize_threshold, mean=mean,
-               std=std, gray_input=gray_input, out_dtype=out_dtype, compute_dtype=compute_dtype,
-               chunk_pixels=chunk_pixels, blur_tail=blur_tail, out=out)
-    return photometric_many([job], threads)[0]
+    return _run([prepare_photometric(crops, params, spec, compute_dtype=compute_dtype, out=out)], threads)[0]
 
 
-def photometric_many(jobs: list[dict], threads: int | None = None) -> list[torch.Tensor]:
-    """photometric for several batches at once (a dict of photometric's arguments each, e.g. both views): their
-    chunks share the workers, so no worker waits for the end of one batch before starting the next."""
-    tasks, outs = [], []
-    for job in jobs:
-        run, chunks, out = prepare_photometric(threads=threads, **job)
-        tasks += [(run, idx) for idx in chunks]
-        outs.append(out)
+def photometric_many(jobs: list[tuple[torch.Tensor, torch.Tensor, ChainSpec]],
+                     threads: int | None = None) -> list[torch.Tensor]:
+    """photometric for several batches at once, (crops, params, spec) each (e.g. both views): their chunks share the
+    workers, so no worker waits for the end of one batch before starting the next."""
+    return _run([prepare_photometric(crops, params, spec) for crops, params, spec in jobs], threads)
+
+
+def _run(prepared: list[tuple], threads: int | None) -> list[torch.Tensor]:
+    """Every chunk of the prepared batches (prepare_photometric's), in this thread or on `threads` workers; their
+    outputs."""
+    tasks = [(run, idx) for run, chunks, _ in prepared for idx in chunks]
     if threads is None:
         for run, idx in tasks:
             run(idx)
     else:
         for done in [worker_pool(threads).submit(run, idx) for run, idx in tasks]:
             done.result()  # re-raises a worker's exception here
-    return outs
+    return [out for _, _, out in prepared]
 
 
-def prepare_photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
-                        mean, std, gray_input: bool = False, out_dtype: torch.dtype = torch.float32,
-                        compute_dtype: torch.dtype = torch.float32, chunk_pixels: int = CHUNK_PIXELS,
-                        blur_tail: float = 0.0, threads: int | None = None, out: torch.Tensor | None = None):
+def prepare_photometric(crops: torch.Tensor, params: torch.Tensor, spec: ChainSpec, *,
+                        compute_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None):
     """(run(indices) for one chunk, the chunks, the output (B, 3, S, S) channels_last) of one batch: photometric's
     work cut into independent chunks, for photometric_many's threads and the CPU worker processes
     (fastbyol.augment.cpu_workers), which run them."""
     check_chain_inputs(crops, params)
     B, S = crops.shape[0], crops.shape[2]
-    device = crops.device
-    channels = 1 if gray_input else 3
+    device, out_dtype = crops.device, spec.out_dtype
+    channels = 1 if spec.gray_input else 3
     if out is None:
         out = torch.empty((B, S, S, 3), dtype=out_dtype, device=device)  # NHWC memory: channels_last views
     elif out.shape != (B, S, S, 3) or out.dtype != out_dtype or out.device != device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {out_dtype} ({B}, {S}, {S}, 3) tensor on {device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    scale, shift = _normalize_constants(mean, std, compute_dtype, device)
-    batch = _Batch(params.to(compute_dtype), blur_window, blur_tail, gray_input)
+    scale, shift = _normalize_constants(spec.mean, spec.std, compute_dtype, device)
+    batch = _Batch(params.to(compute_dtype), spec)
     # NHWC rows written by numpy on the CPU: its strided copy (one channel at a time, contiguous reads) takes half
     # the time of torch's permuted copy, and releases the GIL like torch does
     out_np = out.numpy() if out.device.type == "cpu" and out_dtype == compute_dtype else None
@@ -422,7 +440,7 @@ def prepare_photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_windo
     def run(idx: list[int]) -> None:
         sel = torch.tensor(idx, device=device)
         y = _chain(_to_planar(crops.index_select(0, sel), channels, compute_dtype), batch, idx, sel,
-                   solarize_threshold, scale, shift)
+                   spec.solarize_threshold, scale, shift)
         if out_np is not None:
             y_np = y.numpy()
             for j, i in enumerate(idx):  # interleave into out's rows (NHWC)
@@ -432,7 +450,7 @@ def prepare_photometric(crops: torch.Tensor, params: torch.Tensor, *, blur_windo
             for j, i in enumerate(idx):
                 out[i].copy_(y[j].permute(1, 2, 0))
 
-    return run, batch.chunks(max(1, chunk_pixels // (S * S))), out.permute(0, 3, 1, 2)
+    return run, batch.chunks(max(1, spec.chunk_pixels // (S * S))), out.permute(0, 3, 1, 2)
 
 
 _pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
@@ -449,12 +467,10 @@ def worker_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 
 
 # --------------------------------------------------------------------- the same chain, selected per slot (compile)
-def photometric_by_slot(crops: torch.Tensor, params: torch.Tensor, *, blur_window: int, solarize_threshold: float,
-                        mean: tuple[float, float, float], std: tuple[float, float, float], gray_input: bool = False,
-                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def photometric_by_slot(crops: torch.Tensor, params: torch.Tensor, spec: ChainSpec) -> torch.Tensor:
     """`photometric` without data-dependent control flow, for torch.compile: every op on every image, torch.where
-    keeps each image's own (see the module docstring). Same arguments and result; gray_input is accepted and
-    ignored (the colour arithmetic leaves gray pixels exact)."""
+    keeps each image's own (see the module docstring). Same arguments and result; of the spec, gray_input, blur_tail
+    and chunk_pixels are the reference's (the colour arithmetic leaves gray pixels exact, every tap is kept)."""
     check_chain_inputs(crops, params)
     dtype = torch.float32
     p = params.to(dtype)
@@ -469,7 +485,7 @@ def photometric_by_slot(crops: torch.Tensor, params: torch.Tensor, *, blur_windo
             y = torch.where(_col(op_here == op), fn(x, p[:, JITTER_COLUMNS[op]]), y)
         x = y
     x = torch.where(_col(p[:, GRAY] > 0.5), grayscale(x), x)
-    x = torch.where(_col(p[:, BLUR] > 0.5), gaussian_blur(x, blur_taps(p[:, SIGMA], blur_window, dtype)), x)
-    x = torch.where(_col(p[:, SOLARIZE] > 0.5), solarize(x, solarize_threshold), x).clamp_(0.0, 1.0)
-    scale, shift = _normalize_constants(mean, std, dtype, crops.device)
-    return (x * scale + shift).to(out_dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.where(_col(p[:, BLUR] > 0.5), gaussian_blur(x, blur_taps(p[:, SIGMA], spec.blur_window, dtype)), x)
+    x = torch.where(_col(p[:, SOLARIZE] > 0.5), solarize(x, spec.solarize_threshold), x).clamp_(0.0, 1.0)
+    scale, shift = _normalize_constants(spec.mean, spec.std, dtype, crops.device)
+    return (x * scale + shift).to(spec.out_dtype).contiguous(memory_format=torch.channels_last)

@@ -16,7 +16,8 @@ _compiled = None
 def photometric_backend(name: str):
     """The chain as `name`: "reference" (photometric, eager), "compiled" (torch.compile of photometric_by_slot,
     compiled once per process and per shape) or "triton" (fastbyol.kernels.photometric; CPU tensors need
-    TRITON_INTERPRET=1). All take photometric's arguments."""
+    TRITON_INTERPRET=1). All take (crops, params, spec), spec a ChainSpec; the reference also compute_dtype, threads
+    and out, the Triton chain buffers."""
     global _compiled
     if name == "reference":
         return photometric

@@ -423,13 +423,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         from ..tools.gpu_compile import main as gpu_compile
 
         return gpu_compile(["--out", args.out, *(["--no-scratch"] if args.no_scratch else [])])
-    from ..tools.bench_augment import bench_augment
+    from ..tools.bench_augment import AugmentBenchSettings, bench_augment
 
     if args.threads is not None and args.threads < 1:
         raise FastByolError(f"--threads must be >= 1, got {args.threads}")
-    r = bench_augment(args.size, args.batch, args.device, args.source, args.steps, num_threads=args.threads,
-                      blur_window=args.blur_window, cpu_parallel=args.cpu_parallel, decode=args.decode,
-                      preset=args.preset)
+    r = bench_augment(AugmentBenchSettings(args.size, args.batch, args.device, args.source, args.steps,
+                                           num_threads=args.threads, blur_window=args.blur_window,
+                                           cpu_parallel=args.cpu_parallel, decode=args.decode, preset=args.preset))
     if args.json:
         print(json.dumps(r))
     else:

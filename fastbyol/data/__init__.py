@@ -1,7 +1,8 @@
 """Data sources: each gives an ImageDataset (dataset.py): a pretraining source (encoded images DALI decodes, or uint8
 NHWC RGB arrays) and labeled train/test splits for the kNN monitor where the source has them.
 
-`resolve_dataset(spec)` understands:
+`resolve_dataset(spec, DataRequest(...), Ranks(...))` (request.py: the settings it is read with, and this process
+in its job; both optional) understands:
 - "embedded": the Fashion-MNIST test split shipped inside the package (10,000 images), split deterministically
   into 8,000 images for pretraining and the kNN memory bank and 2,000 held out for the kNN test;
 - "fashion-mnist": the full 60,000/10,000 split from Debian's `dataset-fashion-mnist` when its files are in
@@ -17,17 +18,19 @@ NHWC RGB arrays) and labeled train/test splits for the kNN monitor where the sou
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FastByolError
-from .dataset import MAX_CLASSES, ImageDataset
+from .dataset import MAX_CLASSES, ImageDataset, Splits
 from .idx import read_idx
+from .request import DataRequest, Ranks
 
-__all__ = ["ImageDataset", "FORMATS", "absolute_data_spec", "detect_format", "resolve_dataset", "load_embedded",
-           "load_idx_folder"]
+__all__ = ["ImageDataset", "DataRequest", "Ranks", "FORMATS", "absolute_data_spec", "detect_format",
+           "resolve_dataset", "load_embedded", "load_idx_folder"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -72,8 +75,9 @@ def load_embedded() -> ImageDataset:
     labels = labels.astype(np.int64)
     test_mask = np.arange(len(images)) % 5 == 0  # every 5th image held out: 8,000 / 2,000, classes balanced
     rgb = _gray_to_rgb(images)
-    return ImageDataset("fashion-mnist-embedded", rgb[~test_mask], labels[~test_mask], rgb[test_mask],
-                        labels[test_mask], 10, f"{folder} (Fashion-MNIST test split, MIT licence)", gray=True)
+    return ImageDataset("fashion-mnist-embedded",
+                        Splits(rgb[~test_mask], labels[~test_mask], rgb[test_mask], labels[test_mask]), 10,
+                        f"{folder} (Fashion-MNIST test split, MIT licence)", gray=True)
 
 
 def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
@@ -93,8 +97,7 @@ def load_idx_folder(folder: Path, name: str = "fashion-mnist") -> ImageDataset:
         labels = labels.astype(np.int64)
         out[split] = (_gray_to_rgb(images), labels)
     num_classes = int(max(out["train"][1].max(), out["t10k"][1].max())) + 1
-    return ImageDataset(name, out["train"][0], out["train"][1], out["t10k"][0], out["t10k"][1], num_classes,
-                        str(folder), gray=True)
+    return ImageDataset(name, Splits(*out["train"], *out["t10k"]), num_classes, str(folder), gray=True)
 
 
 FORMATS = ("auto", "idx", "stl10", "cifar", "numpy", "folder", "shards")
@@ -148,62 +151,51 @@ class NoFileNames(FastByolError):
     """resolve_dataset's train_pick on a dataset whose images have no file names (not an image folder)."""
 
 
-def resolve_dataset(spec: str, data_format: str = "auto", image_size: int = 32, skip_bad_files: bool = False,
-                    seed: int = 0, *, rank: int | None = None, world_size: int | None = None, barrier=None,
-                    cache_dir: str | os.PathLike | None = None, eval_images: bool | None = None,
-                    train_pick=None, test_data: str = "") -> ImageDataset:
+def resolve_dataset(spec: str, request: DataRequest | None = None, ranks: Ranks | None = None,
+                    data_format: str = "auto") -> ImageDataset:
     """Turn `--data` (and `--data-format`) into a dataset, or raise FastByolError naming what is wrong.
 
-    image_size is the side at which encoded images (folders, shards) are decoded for the kNN monitor.
-    rank, world_size: this process in a torchrun job (default: $RANK, $WORLD_SIZE, else 0 and 1); barrier: a
-    callable all ranks enter (the manifest or shard index is then built by rank 0 before it, read by the others
-    after; without one, processes take a file lock in turn). cache_dir: where derived files go when the data folder
-    is read-only (default $FASTBYOL_CACHE, ~/.cache/fastbyol). eval_images: decode the kNN images in this process
-    (default: on rank 0 only), in the background. train_pick: for an image folder, pick(relpaths) -> positions of the
-    train split's images to decode as its labelled train split, instead of a seeded sample (relpaths: the train
-    split's files relative to its root; fastbyol finetune --subset with file names); NoFileNames for other data.
-    test_data (--test-data): a folder of class folders, the kNN test split of an image folder."""
+    request: the settings it is read with (DataRequest(): 32 px kNN images, bad files refused, seed 0, ...).
+    ranks: this process in a torchrun job (default: Ranks.from_environment(), $RANK and $WORLD_SIZE, else 0 of 1,
+    without a barrier). A request's train_pick on data other than an image folder raises NoFileNames; its test_data
+    there is refused."""
     from .folders import load_image_folder
     from .readers import load_cifar, load_numpy, load_stl10
     from .shards import load_shards
 
+    request = DataRequest() if request is None else request
+    if not isinstance(request, DataRequest):
+        raise TypeError(f"resolve_dataset: request must be a DataRequest, got {type(request).__name__} "
+                        "(the format is the keyword data_format)")
     if data_format not in FORMATS:
         raise FastByolError(f"--data-format {data_format!r} is not one of {FORMATS}")
     if not spec or not spec.strip():
         raise FastByolError("--data is empty: name a dataset folder or file, 'embedded', 'fashion-mnist' or "
                             "'synthetic'")
-    if rank is None or world_size is None:
-        from ..system.environment import torchrun_world
-
-        env_rank, _, env_world = torchrun_world()
-        rank = env_rank if rank is None else rank
-        world_size = env_world if world_size is None else world_size
-    eval_images = rank == 0 if eval_images is None else eval_images
-    encoded = dict(rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir, eval_images=eval_images)
-    folder = dict(encoded, train_pick=train_pick, test_data=test_data)
+    ranks = Ranks.from_environment() if ranks is None else ranks
     fmt = _format_of(spec, data_format)
-    if test_data and fmt != "folder":
-        raise FastByolError(f"--test-data {test_data}: a test folder is for image folders; --data {spec} has its own "
-                            "test split or none")
-    if train_pick is not None and fmt != "folder":
+    if request.test_data and fmt != "folder":
+        raise FastByolError(f"--test-data {request.test_data}: a test folder is for image folders; --data {spec} has "
+                            "its own test split or none")
+    if request.train_pick is not None and fmt != "folder":
         raise NoFileNames(f"--data {spec}: not an image folder")
     if spec == "embedded":
         return load_embedded()
-    if spec == "synthetic":  # a cached folder of synthetic JPEGs: benchmarks and smoke runs
+    if spec == "synthetic":  # a cached folder of synthetic JPEGs: benchmarks and smoke runs (every file is good)
         from .synthetic import synthetic_folder
 
-        return load_image_folder(synthetic_folder(cache_dir=cache_dir), image_size, seed=seed,
-                                 **dict(folder, test_data=""))
+        return load_image_folder(synthetic_folder(cache_dir=request.cache_dir),
+                                 replace(request, skip_bad_files=False, test_data=""), ranks)
     if spec == "fashion-mnist":
         if _find_idx(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte") is not None:
             return load_idx_folder(DEBIAN_FASHION_MNIST)
         return load_embedded()
     if fmt == "shards":
-        return load_shards(spec, image_size, skip_bad_files, seed=seed, **encoded)
+        return load_shards(spec, request, ranks)
     path = Path(spec).expanduser()
     loaders = {"idx": lambda: load_idx_folder(path, name=path.name or "idx"), "stl10": lambda: load_stl10(path),
                "cifar": lambda: load_cifar(path), "numpy": lambda: load_numpy(path),
-               "folder": lambda: load_image_folder(path, image_size, skip_bad_files, seed=seed, **folder)}
+               "folder": lambda: load_image_folder(path, request, ranks)}
     return loaders[fmt]()
 
 

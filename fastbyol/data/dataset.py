@@ -1,4 +1,6 @@
-"""ImageDataset: what a data source gives the trainer, built in one call.
+"""ImageDataset: what a data source gives the trainer, built in one call from a few grouped parts: its kNN splits
+(`Splits`, arrays in memory, from the array readers; or `PendingSplits`, the background decode of an encoded source
+and what is known without it), the pretraining set where it is more than the train split, and a `Startup` report.
 
 - the pretraining source: `pretraining_source` is an `EncodedSource` (FileList of a folder, ShardSource of tar
   shards: `dali_reader(shard_id, num_shards)`, `len()`, `labels`, `labelled`, `where`, `bad`, `replace_bad`) or a uint8
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -62,41 +65,72 @@ class EncodedSource(Protocol):
         ...
 
 
-class ImageDataset:
-    """A dataset, every field given to the constructor (arrays, or a pending decode for the kNN splits)."""
+@dataclass(frozen=True)
+class Splits:
+    """The kNN monitor's labelled splits in memory: uint8 (N, H, W, 3) images and int64 labels (the array readers).
+    Labels and the test split are None where the source has none."""
 
-    def __init__(self, name: str, train_images, train_labels: np.ndarray | None, test_images,
-                 test_labels: np.ndarray | None, num_classes: int, origin: str,
-                 pretrain_images: np.ndarray | None = None, pretrain_files=None, skipped_files: int = 0,
-                 gray: bool = False, *, eval_decode=None, image_size: int | None = None,
-                 counts: tuple[int, int] | None = None, startup_seconds: dict | None = None,
-                 manifest: str | None = None, has_labels: bool | None = None):
-        """train_images/test_images: uint8 (N, H, W, 3) arrays, or None when eval_decode (a BackgroundDecode whose
-        result is (train_images, train_labels, test_images, test_labels, skipped)) will provide them.
-        counts: (labeled train, test) sizes of the whole splits, for describe() (default: the arrays' lengths)."""
+    train_images: np.ndarray
+    train_labels: np.ndarray | None = None
+    test_images: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PendingSplits:
+    """The kNN splits of an encoded source (folder, shards), decoded in the background.
+
+    decode: a decode.BackgroundDecode whose result is (train_images, train_labels, test_images, test_labels,
+    skipped), or None where this process decodes none (not rank 0). Known without decoding: image_size, the side
+    they decode at; counts, the (labelled train, test) sizes of the whole splits (describe()); has_labels, whether
+    both splits are labelled (has_knn)."""
+
+    decode: object | None
+    image_size: int
+    counts: tuple[int, int]
+    has_labels: bool
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What building a dataset found and cost: skipped_files, the bad files left out under --skip-bad-files;
+    seconds, {"listing", "checks", "index"}; manifest, "fresh", "built" or "rebuilt (...)" for manifest-backed
+    folders, else None."""
+
+    skipped_files: int = 0
+    seconds: dict = field(default_factory=dict)
+    manifest: str | None = None
+
+
+class ImageDataset:
+    """A dataset, every field given to the constructor: its kNN splits (arrays, or a pending decode), and what
+    pretrains where that is more than the labelled train split."""
+
+    def __init__(self, name: str, splits: Splits | PendingSplits, num_classes: int, origin: str, *,
+                 pretraining: np.ndarray | EncodedSource | None = None, gray: bool = False,
+                 startup: Startup | None = None):
+        """pretraining: a uint8 (N, H, W, 3) array when pretraining uses more than the labelled train split (STL10's
+        unlabeled images), or the encoded source the training pipeline decodes (FileList, ShardSource); None: the
+        train split's images. gray: every image has R = G = B (Fashion-MNIST, MNIST)."""
         self.name = name
-        self._train_images, self._train_labels = train_images, train_labels
-        self._test_images, self._test_labels = test_images, test_labels
         if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
                 or not 0 <= num_classes <= MAX_CLASSES:  # each reader names the file first; this is the last guard
             raise FastByolError(f"{origin}: {num_classes} classes, more than fastbyol takes (at most {MAX_CLASSES})")
         self.num_classes = int(num_classes)
         self.origin = origin  # where it was read from, for the logs
-        self.pretrain_images = pretrain_images  # when pretraining uses more than the labeled split (STL10)
-        self.pretrain_files = pretrain_files  # an encoded source the training pipeline decodes
-        self._skipped = skipped_files  # bad files left out at startup under --skip-bad-files
-        self.gray = gray  # every image has R = G = B (Fashion-MNIST, MNIST)
-        self._eval = eval_decode
-        self._image_size = image_size
-        self._counts = counts
-        self._startup = dict(startup_seconds or {})
-        self.manifest = manifest  # "fresh", "built", "rebuilt (...)" for manifest-backed folders, else None
-        self._has_labels = has_labels
+        self._later = splits if isinstance(splits, PendingSplits) else None  # known without decoding
+        self._eval = None if self._later is None else self._later.decode
+        self._arrays = Splits(None) if self._later is not None else splits
+        self.pretrain_images = pretraining if isinstance(pretraining, np.ndarray) else None
+        self.pretrain_files = None if pretraining is None or isinstance(pretraining, np.ndarray) else pretraining
+        self.gray = gray
+        startup = Startup() if startup is None else startup
+        self._skipped = startup.skipped_files  # bad files left out at startup under --skip-bad-files
+        self._startup = dict(startup.seconds)
+        self.manifest = startup.manifest  # "fresh", "built", "rebuilt (...)" for manifest-backed folders, else None
 
     # -------------------------------------------------------------------------------- the kNN splits (may wait)
     def _pending(self) -> tuple:
-        if self._eval is None:
-            raise FastByolError(f"{self.name}: no kNN images here (they are decoded on rank 0 only)")
         return self._eval.result()
 
     @property
@@ -109,20 +143,20 @@ class ImageDataset:
         return list(pending.result()[4])
 
     @property
-    def train_images(self) -> np.ndarray:
-        return self._pending()[0] if self._train_images is None and self._eval is not None else self._train_images
+    def train_images(self) -> np.ndarray | None:
+        return self._pending()[0] if self._eval is not None else self._arrays.train_images
 
     @property
     def train_labels(self) -> np.ndarray | None:
-        return self._pending()[1] if self._eval is not None else self._train_labels
+        return self._pending()[1] if self._eval is not None else self._arrays.train_labels
 
     @property
     def test_images(self) -> np.ndarray | None:
-        return self._pending()[2] if self._eval is not None else self._test_images
+        return self._pending()[2] if self._eval is not None else self._arrays.test_images
 
     @property
     def test_labels(self) -> np.ndarray | None:
-        return self._pending()[3] if self._eval is not None else self._test_labels
+        return self._pending()[3] if self._eval is not None else self._arrays.test_labels
 
     def eval_images_ready(self) -> bool:
         """True when the kNN images can be read without waiting."""
@@ -139,9 +173,10 @@ class ImageDataset:
     @property
     def has_knn(self) -> bool:
         """Whether the kNN monitor can run: labeled train and test splits (known without decoding)."""
-        if self._has_labels is not None:
-            return self._has_labels
-        return self._train_labels is not None and self._test_images is not None and self._test_labels is not None
+        if self._later is not None:
+            return self._later.has_labels
+        arrays = self._arrays
+        return arrays.train_labels is not None and arrays.test_images is not None and arrays.test_labels is not None
 
     @property
     def skipped_files(self) -> int:
@@ -168,21 +203,22 @@ class ImageDataset:
 
     @property
     def pretraining_set(self) -> np.ndarray:
-        return self._train_images if self.pretrain_images is None else self.pretrain_images
+        return self._arrays.train_images if self.pretrain_images is None else self.pretrain_images
 
     @property
     def image_size(self) -> int:
         """Side of the decoded kNN images."""
-        return int(self._image_size if self._image_size is not None else self._train_images.shape[1])
+        return int(self._later.image_size if self._later is not None else self._arrays.train_images.shape[1])
 
     def describe(self) -> str:
-        if self._counts is not None:
-            n_train, n_test = self._counts
+        arrays = self._arrays
+        if self._later is not None:
+            n_train, n_test = self._later.counts
         else:
-            n_train = len(self._train_images)
-            n_test = 0 if self._test_images is None else len(self._test_images)
-        if self._train_images is not None:
-            h, w = self._train_images.shape[1:3]
+            n_train = len(arrays.train_images)
+            n_test = 0 if arrays.test_images is None else len(arrays.test_images)
+        if arrays.train_images is not None:
+            h, w = arrays.train_images.shape[1:3]
         else:
             h = w = self.image_size
         if self.pretrain_files is not None:

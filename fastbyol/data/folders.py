@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,32 +33,43 @@ from . import manifest as mf
 from .cache import own_file
 from .checks import IMAGE_SUFFIXES
 from .decode import BackgroundDecode, decode_splits, file_item
+from .request import DataRequest, Ranks
+
+
+@dataclass(frozen=True)
+class ListFile:
+    """A DALI file list written from a manifest: `count` lines "relative/path label", the paths relative to `root`,
+    read by DALI itself (no per-process list of paths). labelled: every line's label is its file's class (a labelled
+    folder without unlabeled/: the reader's label output can feed the online probe); else a label is 0 where a file
+    has none."""
+
+    root: str
+    path: str
+    count: int
+    labelled: bool = False
 
 
 class FileList:
-    """Encoded images the training pipeline decodes, one file per sample: an explicit list of paths, or a DALI
-    file list written from a manifest (`list_file`, paths relative to `root`, read by DALI itself).
+    """Encoded images the training pipeline decodes, one file per sample: an explicit list of paths (`files`, with
+    `labels` or None), or a manifest's DALI file list (`listed`, a ListFile).
 
     The encoded-source contract (shared with the tar-shard source): `dali_reader(shard_id, num_shards)` inside a DALI
     pipeline definition, `len()`, `labels` (int64 or None), `labelled` and `where` (for error messages)."""
 
     def __init__(self, files: list[str] | None = None, labels: np.ndarray | None = None, where: str = "", *,
-                 root: str | None = None, list_file: str | None = None, count: int | None = None,
-                 skip_bad: bool = False, list_labelled: bool = False):
-        if files is None and (root is None or list_file is None or count is None):
-            raise ValueError("FileList needs files, or root + list_file + count")
+                 listed: ListFile | None = None, skip_bad: bool = False):
+        if (files is None) == (listed is None):
+            raise ValueError("FileList needs either files or listed (a ListFile)")
         self._files = files
         self.labels = labels  # (N,) int64, or None for unlabeled files
-        self.root, self.list_file = root, list_file
-        # the list file's labels are every file's class (a labelled folder without unlabeled/): the reader's label
-        # output can feed the online probe; else they are 0 where a file has none
-        self.labelled = labels is not None or (files is None and list_labelled)
-        self._count = len(files) if files is not None else int(count)
+        self.root, self.list_file = (None, None) if listed is None else (listed.root, listed.path)
+        self.labelled = labels is not None or (listed is not None and listed.labelled)
+        self._count = len(files) if files is not None else int(listed.count)
         if not where:
-            where = str(Path(files[0]).parent.parent) if files else (root or "(no files)")
+            where = str(Path(files[0]).parent.parent) if files else (self.root or "(no files)")
         self.where = where  # the folder the files came from, for error messages
         self.skip_bad = skip_bad  # the training pipeline may stand another file in for one it cannot decode
-        self.source_list = list_file  # the manifest's list; list_file becomes this process's own copy once one is bad
+        self.source_list = self.list_file  # the manifest's; list_file becomes this process's own copy once one is bad
         self.bad: list[str] = []  # files replaced so far (as failed_sample names them), in the order found
 
     def __len__(self) -> int:
@@ -257,12 +269,14 @@ def _picked(man: mf.Manifest, pick) -> np.ndarray:
     return idx[pick(relpaths)]
 
 
-def _test_folder(test_root: Path, classes: list[str], rank: int, world_size: int, barrier, cache_dir,
-                 max_images: int, rng: np.random.Generator) -> tuple[list, np.ndarray]:
-    """(file items, labels) of --test-data: a folder of class folders (ROOT/<class>/, all of it the test split), its
-    classes matched to the training classes by name (one it lacks refused), at most `max_images` (seeded)."""
-    man, _, _ = mf.obtain(Path(test_root), rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir,
-                          hold_out=False)
+def _test_folder(classes: list[str], request: DataRequest, ranks: Ranks,
+                 rng: np.random.Generator) -> tuple[list, np.ndarray]:
+    """(file items, labels) of --test-data (request.test_data): a folder of class folders (ROOT/<class>/, all of it
+    the test split), its classes matched to the training classes by name (one it lacks refused), at most the
+    request's max_eval_images (seeded)."""
+    test_root = Path(request.test_data)
+    man, _, _ = mf.obtain(test_root, rank=ranks.rank, world_size=ranks.world_size, barrier=ranks.barrier,
+                          cache_dir=request.cache_dir, hold_out=False)
     if man.layout != "classes":
         raise FastByolError(f"--test-data {test_root}: expected class folders (ROOT/<class>/<image>)")
     if man.bad:
@@ -272,26 +286,24 @@ def _test_folder(test_root: Path, classes: list[str], rank: int, world_size: int
     if missing:
         raise FastByolError(f"--test-data {test_root}: class folders {', '.join(missing[:5])} are not classes of "
                             "the training data, so kNN could never predict them")
-    idx = _eval_subset(man, mf.TRAIN, max_images, rng)
+    idx = _eval_subset(man, mf.TRAIN, request.max_eval_images, rng)
     labels = np.asarray([index[man.classes[k]] for k in man.labels[idx].tolist()], np.int64)
     return [file_item(str(man.root / man.path(int(i)))) for i in idx], labels
 
 
-def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False, max_eval_images: int = 10000,
-                      seed: int = 0, *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
-                      eval_images: bool = True, background: bool = True, num_threads: int = 2, train_pick=None,
-                      test_data: str = ""):
+def load_image_folder(root: Path, request: DataRequest, ranks: Ranks | None = None):
     """An ImageDataset whose pretraining set is a FileList of the folder's manifest (decoded by the training pipeline).
 
-    rank/world_size/barrier: who builds the manifest (manifest.obtain); eval_images: decode the kNN splits here (rank
-    0), in a background thread unless background=False. train_pick: the labelled train split is the images it picks
-    (resolve_dataset), not a seeded sample of max_eval_images. test_data: a folder of class folders whose images are
-    the test split (then an ImageFolder layout holds none out of pretraining)."""
-    from .dataset import ImageDataset
+    ranks: who builds the manifest (manifest.obtain; default rank 0 of 1). From the request: the kNN splits are
+    decoded here when it decodes_eval_images(ranks), at its image_size, at most max_eval_images of each (a sample
+    seeded by its seed), or the train split its train_pick picks; its test_data is a folder of class folders whose
+    images are the test split (then an ImageFolder layout holds none out of pretraining)."""
+    from .dataset import ImageDataset, PendingSplits, Startup
 
-    root = Path(root)
-    man, seconds, status = mf.obtain(root, rank=rank, world_size=world_size, barrier=barrier, cache_dir=cache_dir,
-                                     hold_out=not test_data)
+    root, ranks = Path(root), Ranks() if ranks is None else ranks
+    skip_bad_files, test_data = request.skip_bad_files, request.test_data
+    man, seconds, status = mf.obtain(root, rank=ranks.rank, world_size=ranks.world_size, barrier=ranks.barrier,
+                                     cache_dir=request.cache_dir, hold_out=request.hold_out)
     root = man.root
     if man.bad and not skip_bad_files:
         rel, why = man.bad[0][0], man.bad[0][1]
@@ -318,18 +330,19 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     # the list's labels are real classes when no unlabeled/ file is among the pretraining files (online probe)
     labeled = man.layout in ("labeled", "classes")  # train/<class>/, or torchvision's ROOT/<class>/
     list_labelled = labeled and not bool((man.split == mf.UNLABELED).any())
-    pretrain = FileList(None, None, str(root), root=str(root), list_file=str(man.location / mf.LIST_NAME),
-                        count=n_pretrain, skip_bad=skip_bad_files, list_labelled=list_labelled)
+    listed = ListFile(str(root), str(man.location / mf.LIST_NAME), n_pretrain, list_labelled)
+    pretrain = FileList(None, None, str(root), listed=listed, skip_bad=skip_bad_files)
     undecodable_names = {str(root / rel) for rel in undecodable}
     if undecodable and not pretrain.replace_bad(*undecodable_names):  # some of them are test files
         for name in undecodable_names:
             pretrain.replace_bad(name)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(request.seed)
     if labeled:
-        train_idx = _eval_subset(man, mf.TRAIN, max_eval_images, rng)  # drawn either way: the same test sample
-        test_idx = _eval_subset(man, mf.TEST, max_eval_images, rng) if n_test else None
-        if train_pick is not None:
-            train_idx = _picked(man, train_pick)
+        max_images = request.max_eval_images
+        train_idx = _eval_subset(man, mf.TRAIN, max_images, rng)  # drawn either way: the same test sample
+        test_idx = _eval_subset(man, mf.TEST, max_images, rng) if n_test else None
+        if request.train_pick is not None:
+            train_idx = _picked(man, request.train_pick)
     else:  # unlabeled: a few decoded images stand in for shapes and logs
         train_idx, test_idx = np.arange(min(n_pretrain, 64)), None
     if undecodable_names:  # not decoded again (already counted)
@@ -346,15 +359,14 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     if test_data:  # the test split from a folder of its own
         if not labeled:
             raise FastByolError(f"--test-data {test_data}: --data {root} has no class folders to match its classes")
-        test_items, test_y = _test_folder(Path(test_data), man.classes, rank, world_size, barrier, cache_dir,
-                                          max_eval_images, rng)
+        test_items, test_y = _test_folder(man.classes, request, ranks, rng)
         n_test = len(test_items)
 
     location = man.location  # the job keeps this, not the manifest's arrays
 
     def job(cancel):
-        decoded = decode_splits(train_items, train_y, test_items, test_y, image_size, num_threads, skip_bad_files,
-                                cancel)
+        decoded = decode_splits(train_items, train_y, test_items, test_y, request.image_size, request.decode_threads,
+                                skip_bad_files, cancel)
         if status == "fresh":  # files rewritten in place since the manifest (start-up checked only a sample)
             now_bad = mf.verify_files(location, root)
             if now_bad:
@@ -368,8 +380,7 @@ def load_image_folder(root: Path, image_size: int, skip_bad_files: bool = False,
     num_classes, gray = len(man.classes) if labeled else 0, bool(man.gray[man.pretrain_mask].all())
     n_bad = len(man.bad) + len(undecodable)
     del man  # ~60 bytes a file: not kept beyond start-up
-    pending = BackgroundDecode(job, background) if eval_images else None
-    return ImageDataset(root.name, None, None, None, None, num_classes, origin, pretrain_files=pretrain,
-                        skipped_files=n_bad, gray=gray, eval_decode=pending, image_size=image_size,
-                        counts=(n_train, n_test), startup_seconds=seconds, manifest=status,
-                        has_labels=labeled and n_test > 0)
+    pending = BackgroundDecode(job, request.background) if request.decodes_eval_images(ranks) else None
+    splits = PendingSplits(pending, request.image_size, (n_train, n_test), labeled and n_test > 0)
+    return ImageDataset(root.name, splits, num_classes, origin, pretraining=pretrain, gray=gray,
+                        startup=Startup(n_bad, seconds, status))

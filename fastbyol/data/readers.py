@@ -18,16 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastByolError
-from .dataset import MAX_CLASSES
+from .dataset import MAX_CLASSES, ImageDataset, Splits
 
 STL10_SIDE = 96
 STL10_BYTES = 3 * STL10_SIDE * STL10_SIDE
-
-
-def _dataset(*args, **kwargs):
-    from .dataset import ImageDataset
-
-    return ImageDataset(*args, **kwargs)
 
 
 def _check_images(images: np.ndarray, where: str) -> np.ndarray:
@@ -74,7 +68,7 @@ def dataset_from_arrays(train_images: np.ndarray, train_labels=None, test_images
         test_labels = _check_labels(test_labels, len(test_images), f"{origin}: test labels")
     labeled = train_labels is not None and test_labels is not None
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if labeled else 0
-    return _dataset(name, train_images, train_labels, test_images, test_labels, num_classes, origin)
+    return ImageDataset(name, Splits(train_images, train_labels, test_images, test_labels), num_classes, origin)
 
 
 # ------------------------------------------------------------------------------------------------------------ STL10
@@ -108,7 +102,7 @@ def load_stl10(folder: Path):
     pretrain = train_x
     if (folder / "unlabeled_X.bin").is_file():
         pretrain = np.concatenate([_stl10_images(folder / "unlabeled_X.bin"), train_x])
-    return _dataset("stl10", train_x, train_y, test_x, test_y, 10, str(folder), pretrain_images=pretrain)
+    return ImageDataset("stl10", Splits(train_x, train_y, test_x, test_y), 10, str(folder), pretraining=pretrain)
 
 
 # ------------------------------------------------------------------------------------------------------------ CIFAR
@@ -179,13 +173,13 @@ def load_cifar(folder: Path):
         for p, (_, y) in zip(batches, parts):
             _check_classes(y, 10, str(p))
         _check_classes(test_y, 10, str(folder / "test_batch"))
-        return _dataset("cifar10", train_x, train_y, test_x, test_y, 10, str(folder))
+        return ImageDataset("cifar10", Splits(train_x, train_y, test_x, test_y), 10, str(folder))
     if (folder / "train").is_file() and (folder / "test").is_file():
         train_x, train_y = _cifar_arrays(folder / "train", b"fine_labels")
         test_x, test_y = _cifar_arrays(folder / "test", b"fine_labels")
         _check_classes(train_y, 100, str(folder / "train"))
         _check_classes(test_y, 100, str(folder / "test"))
-        return _dataset("cifar100", train_x, train_y, test_x, test_y, 100, str(folder))
+        return ImageDataset("cifar100", Splits(train_x, train_y, test_x, test_y), 100, str(folder))
     raise FastByolError(f"{folder}: no CIFAR-10 (data_batch_1, test_batch) or CIFAR-100 (train, test) files")
 
 

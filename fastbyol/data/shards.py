@@ -59,6 +59,7 @@ from ..system.paths import fit_name
 from .cache import (TMP_MARK, cache_root, file_lock, identity, load_npz_checked, own_cache_inside, path_key,
                     remove_stale_tmp, save_npz_checked, tmp_name, writable_dir)
 from .checks import check_fd, open_regular, range_reader
+from .request import DataRequest, Ranks
 
 META_VERSION = 4  # 3: unproven members decoded before they are indexed; 4: the shard's identity (inode, ctime)
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -593,16 +594,21 @@ def _collect(shards: list[Path], metas: list[dict], skip_bad: bool) -> tuple[int
     return sum(m["n"] for m in metas), n_bad
 
 
-def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_eval_images: int = 10000,
-                seed: int = 0, *, rank: int = 0, world_size: int = 1, barrier=None, cache_dir=None,
-                eval_images: bool = True, background: bool = True, num_threads: int = 2, with_labels: bool = False):
-    """An ImageDataset whose pretraining source is a ShardSource; kNN from labeled train/test shards."""
-    from .dataset import ImageDataset
+def load_shards(spec: str, request: DataRequest, ranks: Ranks | None = None, *, with_labels: bool = False):
+    """An ImageDataset whose pretraining source is a ShardSource; kNN from labeled train/test shards.
+
+    ranks: who builds the index (obtain_index; default rank 0 of 1). From the request: skip_bad_files, and the kNN
+    images (decoded here when it decodes_eval_images(ranks), at its image_size, at most max_eval_images of each
+    split, a sample seeded by its seed). with_labels: the source's `labels` are the train shards' classes (where
+    every sample has one)."""
+    from .dataset import ImageDataset, PendingSplits, Startup
     from .decode import BackgroundDecode, decode_splits
 
+    ranks = Ranks() if ranks is None else ranks
+    skip_bad_files, max_eval_images = request.skip_bad_files, request.max_eval_images
     train, test = shard_paths(spec)
-    metas, folder, seconds = obtain_index(train + test, rank=rank, world_size=world_size, barrier=barrier,
-                                          cache_dir=cache_dir)
+    metas, folder, seconds = obtain_index(train + test, rank=ranks.rank, world_size=ranks.world_size,
+                                          barrier=ranks.barrier, cache_dir=request.cache_dir)
     train_m, test_m = metas[:len(train)], metas[len(train):]
     n_train, bad_train = _collect(train, train_m, skip_bad_files)
     n_test, bad_test = _collect(test, test_m, skip_bad_files) if test else (0, 0)
@@ -616,7 +622,7 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
     source.labelled = labeled  # the reader can emit every sample's label (the online probe asks for it)
     source.skip_bad = skip_bad_files
     num_classes = 0
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(request.seed)
 
     def pick(shards: list[Path], ms: list[dict], limit: int, labeled_only: bool):
         labels = np.concatenate([m["labels"] for m in ms])
@@ -640,15 +646,15 @@ def load_shards(spec: str, image_size: int, skip_bad_files: bool = False, max_ev
         test_items, test_y, train_y = None, None, None
 
     def job(cancel):
-        return decode_splits(train_items, train_y, test_items, test_y, image_size, num_threads, skip_bad_files, cancel)
+        return decode_splits(train_items, train_y, test_items, test_y, request.image_size, request.decode_threads,
+                             skip_bad_files, cancel)
 
-    pending = BackgroundDecode(job, background) if eval_images else None
+    pending = BackgroundDecode(job, request.background) if request.decodes_eval_images(ranks) else None
     name = train[0].parent.name or "shards"
-    return ImageDataset(name, None, None, None, None, num_classes, f"{len(train)} tar shards ({spec})",
-                        pretrain_files=source, skipped_files=bad_train + bad_test,
-                        gray=all(bool(m["gray"].all()) for m in train_m), eval_decode=pending,
-                        image_size=image_size, counts=(n_train, n_test),
-                        startup_seconds=dict(listing=0.0, checks=0.0, index=seconds), has_labels=has_knn)
+    return ImageDataset(name, PendingSplits(pending, request.image_size, (n_train, n_test), has_knn), num_classes,
+                        f"{len(train)} tar shards ({spec})", pretraining=source,
+                        gray=all(bool(m["gray"].all()) for m in train_m),
+                        startup=Startup(bad_train + bad_test, dict(listing=0.0, checks=0.0, index=seconds)))
 
 
 # ------------------------------------------------------------------------------------------------ fastbyol shards

@@ -1,6 +1,7 @@
 """Features of a frozen encoder and the kNN evaluation on them (InstDisc / Wu et al. 2018): cosine similarity,
 k = 200, and a temperature-0.1 weighted vote, each neighbour voting exp(sim / T) for its label (computed as
-exp((sim - max) / T), the same vote without overflow at any temperature).
+exp((sim - max) / T), the same vote without overflow at any temperature). k, T and the queries per similarity chunk
+travel together as one KnnSettings (a run's: KnnSettings.from_config(cfg)).
 
 Features come from the encoder in eval mode on the un-augmented images, normalized like the training views.
 """
@@ -8,6 +9,7 @@ Features come from the encoder in eval mode on the un-augmented images, normaliz
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,11 +50,26 @@ def extract_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: i
     return torch.cat(feats)
 
 
+@dataclass(frozen=True)
+class KnnSettings:
+    """How the kNN votes: the k nearest bank features, each weighing exp(sim / temperature); queries go `chunk` at a
+    time (a (chunk, N) similarity matrix: what bounds the memory)."""
+
+    k: int = 200
+    temperature: float = 0.1
+    chunk: int = 1024
+
+    @classmethod
+    def from_config(cls, cfg) -> KnnSettings:
+        """A run's: its config's --knn-k and --knn-temperature."""
+        return cls(k=cfg.run.knn_k, temperature=cfg.run.knn_temperature)
+
+
 @torch.no_grad()
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
-                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+                num_classes: int, knn: KnnSettings = KnnSettings()) -> torch.Tensor:
     """Predicted class of each query; features L2-normalized, so a dot product is the cosine similarity."""
-    k = min(k, len(train_feats))
+    k, temperature, chunk = min(knn.k, len(train_feats)), knn.temperature, knn.chunk
     preds = []
     for start in range(0, len(query_feats), chunk):
         sim = query_feats[start:start + chunk] @ train_feats.T  # (q, N)
@@ -67,21 +84,24 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fea
 
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels, query_feats: torch.Tensor, query_labels, num_classes: int,
-                 k: int = 200, temperature: float = 0.1) -> float:
+                 knn: KnnSettings = KnnSettings()) -> float:
     """kNN top-1 accuracy in percent of L2-normalized query features against a labeled bank. Mismatched lengths, a
-    k below 1, a temperature that is not a finite positive number, or labels outside [0, num_classes) are one
-    ValueError line."""
-    check_knn_args(train_feats, train_labels, query_feats, query_labels, num_classes, k, temperature)
+    k or chunk below 1, a temperature that is not a finite positive number, or labels outside [0, num_classes) are
+    one ValueError line."""
+    check_knn_args(train_feats, train_labels, query_feats, query_labels, num_classes, knn)
     bank_labels = torch.as_tensor(train_labels, device=train_feats.device)
-    pred = knn_predict(train_feats, bank_labels, query_feats, num_classes, k, temperature)
+    pred = knn_predict(train_feats, bank_labels, query_feats, num_classes, knn)
     return 100.0 * (pred.cpu() == torch.as_tensor(query_labels).cpu()).float().mean().item()
 
 
-def check_knn_args(train_feats, train_labels, query_feats, query_labels, num_classes: int, k: int,
-                   temperature: float) -> None:
+def check_knn_args(train_feats, train_labels, query_feats, query_labels, num_classes: int,
+                   knn: KnnSettings) -> None:
     """The kNN evaluation's arguments, checked (ValueError naming the first bad one)."""
+    k, temperature = knn.k, knn.temperature
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"kNN: k must be an integer >= 1, got {k!r}")
+    if isinstance(knn.chunk, bool) or not isinstance(knn.chunk, int) or knn.chunk < 1:
+        raise ValueError(f"kNN: chunk must be an integer >= 1, got {knn.chunk!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"kNN: the temperature must be a finite number > 0, got {temperature!r}")
@@ -103,9 +123,9 @@ def check_knn_args(train_feats, train_labels, query_feats, query_labels, num_cla
 
 
 def knn_top1(encoder: torch.nn.Module, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-             test_labels: np.ndarray, num_classes: int, k: int = 200, temperature: float = 0.1,
+             test_labels: np.ndarray, num_classes: int, knn: KnnSettings = KnnSettings(),
              device: str | torch.device = "cpu") -> float:
     """kNN top-1 accuracy in percent on the test split, with the train split as the memory bank."""
     train_feats = extract_features(encoder, train_images, device=device)
     test_feats = extract_features(encoder, test_images, device=device)
-    return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature)
+    return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, knn)

@@ -3,30 +3,43 @@ extracted once from the un-augmented images (the paper's transfer protocol; its 
 views, is fastbyol.evaluation.paper).
 
 The probe: SGD with Nesterov momentum 0.9, a cosine schedule, no weight decay; features standardised with the train
-split's mean and std.
+split's mean and std. What it optimises for how long (epochs, lr, batch size, seed) is one ProbeSettings.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import FastByolError
-from .features import extract_features, knn_accuracy
+from .features import KnnSettings, extract_features, knn_accuracy
 from .runs import EvalRun
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The probe's optimisation: `epochs` passes over the train features in `batch_size` batches, peak lr `lr`
+    (cosine to 0 over every step), `seed` for the batches' order."""
+
+    epochs: int = 100
+    lr: float = 0.2
+    batch_size: int = 256
+    seed: int = 0
 
 
 @torch.enable_grad()
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, epochs: int = 100, lr: float = 0.2, batch_size: int = 256, seed: int = 0,
-                 progress: bool = False) -> float:
+                 num_classes: int, probe: ProbeSettings = ProbeSettings(), progress: bool = False) -> float:
     """Top-1 (%) of a linear classifier on frozen features: SGD, Nesterov momentum 0.9, cosine lr, no weight decay."""
     from tqdm import tqdm
 
+    epochs, lr, batch_size = probe.epochs, probe.lr, probe.batch_size
+
     mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(probe.seed)
     head = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
@@ -58,8 +71,8 @@ def features_protocol(run: EvalRun, probe_epochs: int = 100, probe_lr: float = 0
     test_f = extract_features(run.encoder, run.test_images, device=device, progress=progress)
     train_y = torch.as_tensor(run.train_labels, device=device)
     test_y = torch.as_tensor(run.test_labels, device=device)
-    knn_top1 = knn_accuracy(train_f, train_y, test_f, test_y, run.num_classes, cfg.run.knn_k, cfg.run.knn_temperature)
-    probe = linear_probe(train_f, train_y, test_f, test_y, run.num_classes, probe_epochs, probe_lr, seed=cfg.run.seed,
-                         progress=progress)
+    knn_top1 = knn_accuracy(train_f, train_y, test_f, test_y, run.num_classes, KnnSettings.from_config(cfg))
+    probe = linear_probe(train_f, train_y, test_f, test_y, run.num_classes,
+                         ProbeSettings(epochs=probe_epochs, lr=probe_lr, seed=cfg.run.seed), progress=progress)
     return dict(protocol="features", knn_top1=knn_top1, knn_k=cfg.run.knn_k, linear_top1=probe,
                 probe_epochs=probe_epochs, probe_lr=probe_lr)

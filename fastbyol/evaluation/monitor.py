@@ -12,7 +12,7 @@ import torch
 
 from ..config import Config
 from ..models import BYOL
-from .features import knn_top1
+from .features import KnnSettings, knn_top1
 
 
 def evenly_spaced(n: int, k: int) -> np.ndarray:
@@ -34,7 +34,7 @@ def evaluate_knn(model: BYOL | torch.nn.Module, dataset, cfg: Config, device: to
         queries = evenly_spaced(len(dataset.test_images), max(1, subset // 4))
     encoder = model.online_encoder if isinstance(model, BYOL) else model
     return knn_top1(encoder, dataset.train_images[bank], dataset.train_labels[bank], dataset.test_images[queries],
-                    dataset.test_labels[queries], dataset.num_classes, cfg.run.knn_k, cfg.run.knn_temperature, device)
+                    dataset.test_labels[queries], dataset.num_classes, KnnSettings.from_config(cfg), device)
 
 
 def random_init_knn(make_encoder, dataset, cfg: Config, device: torch.device) -> float | None:

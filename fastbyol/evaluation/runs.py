@@ -95,16 +95,16 @@ def load_encoder(run_dir: str | Path, data: str | None = None, init: str = "trai
     """A run's encoder and labelled splits; `data` overrides the run's dataset (same image size). train_pick: the
     train split is then the images it picks by file (image folders only: fastbyol.data.resolve_dataset); pick_what
     names what picked them in the error for other datasets. own: models.OwnEncoders (`--arch`, `encoder=`)."""
-    from ..data import resolve_dataset
+    from ..data import DataRequest, resolve_dataset
 
     if init not in INITS:
         raise FastByolError(f"--init must be trained or random, got {init!r}")
     cfg, state, ckpt = load_run(run_dir, own)
     spec = data or cfg.data.data
     try:
-        dataset = resolve_dataset(spec, "auto" if data else cfg.data.data_format, cfg.data.image_size,
-                                  seed=cfg.run.seed, train_pick=train_pick,
-                                  test_data="" if data else cfg.data.test_data)
+        request = DataRequest(image_size=cfg.data.image_size, seed=cfg.run.seed, train_pick=train_pick,
+                              test_data="" if data else cfg.data.test_data)
+        dataset = resolve_dataset(spec, request, data_format="auto" if data else cfg.data.data_format)
     except NoFileNames:
         raise FastByolError(f"{pick_what}: file names pick images of an image folder (class folders) only; "
                             f"{spec}'s labelled train split is picked by 0-based index") from None

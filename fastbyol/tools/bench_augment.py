@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from ..augment import (IMAGENET_MEAN, IMAGENET_STD, VIEW1, VIEW2, LoaderSettings
                        views_from_config)
 from ..config import DEFAULT_PRESET, get_preset
 from ..errors import FastByolError
+from ..augment.photometric import ChainSpec
 from ..augment.photometric_backends import BACKENDS, photometric_backend
 
 
@@ -55,57 +57,81 @@ def _steady_rate(arrivals: list[float], batch: int) -> tuple[float, float]:
     return batch / float(np.median(gaps)), batch * len(gaps) / float(arrivals[-1] - arrivals[0])
 
 
-def bench_augment(size: int, batch: int, device: str = "cpu", source: str = "arrays", steps: int = 20,
-                  warmup: int = 3, num_threads: int | None = None, seed: int = 0, data=None,
-                  blur_window: str | None = None, decode: str | None = None, cpu_parallel: str | None = None,
-                  preset: str = DEFAULT_PRESET) -> dict:
-    """Two-view samples/s of TwoViewLoader (see the module docstring for the clock). `data` replaces the synthetic
-    images (a uint8 (N, H, W, 3) array or an encoded source), so a benchmark can feed the same images to a peer.
-    The views and the augmentation switches are the preset's, as `fastbyol train --preset PRESET` runs them
-    (views_from_config, the preset's AugmentConfig); blur_window, decode and cpu_parallel override them:
+@dataclass(frozen=True)
+class AugmentBenchSettings:
+    """What `fastbyol bench augment` measures: the loader at `size` px, `batch` images a step, on `device` ("cpu" or
+    "gpu"), from `source` ("arrays", "gray" or "jpeg": the module docstring), `steps` timed batches after `warmup`
+    ones, with `num_threads` DALI and chain threads (None: the CPU count, at most 8), `seed` for the images and the
+    draws. The views and the augmentation switches are the preset's, as `fastbyol train --preset PRESET` runs them
+    (views_from_config, the preset's AugmentConfig); blur_window, decode and cpu_parallel override them (None: the
+    preset's):
     blur_window: the blur window rule (ViewSpec.blur_window, `--blur-window`).
     decode: the GPU JPEG path's decode mode ("roi", one ROI decode per view, or "once", one decode and two GPU crops);
     it changes nothing for arrays or on the CPU. The row reports it and the graph's decoder count.
     cpu_parallel: the CPU array path's workers, "processes" or "threads" (the row reports what ran: JPEG sources and
     the GPU always use threads)."""
-    if device not in ("cpu", "gpu"):
-        raise FastByolError(f"--device must be cpu or gpu, got {device!r}")
-    if source not in ("arrays", "gray", "jpeg"):
-        raise FastByolError(f"--source must be arrays, gray or jpeg, got {source!r}")
-    if size < 8 or batch < 1 or steps < 2:
-        raise FastByolError("--size must be >= 8, --batch >= 1 and --steps >= 2")
-    if device == "gpu" and not torch.cuda.is_available():
-        raise FastByolError("--device gpu, but torch sees no CUDA GPU")
-    cfg = get_preset(preset)
-    for name, value in (("blur_window", blur_window), ("decode", decode), ("cpu_parallel", cpu_parallel)):
-        if value is not None:
-            setattr(cfg.data if name == "blur_window" else cfg.augment, name, value)
+
+    size: int
+    batch: int
+    device: str = "cpu"
+    source: str = "arrays"
+    steps: int = 20
+    warmup: int = 3
+    num_threads: int | None = None
+    seed: int = 0
+    blur_window: str | None = None
+    decode: str | None = None
+    cpu_parallel: str | None = None
+    preset: str = DEFAULT_PRESET
+
+    def validate(self) -> None:
+        """Each bad setting: one FastByolError line naming it."""
+        if self.device not in ("cpu", "gpu"):
+            raise FastByolError(f"--device must be cpu or gpu, got {self.device!r}")
+        if self.source not in ("arrays", "gray", "jpeg"):
+            raise FastByolError(f"--source must be arrays, gray or jpeg, got {self.source!r}")
+        if self.size < 8 or self.batch < 1 or self.steps < 2:
+            raise FastByolError("--size must be >= 8, --batch >= 1 and --steps >= 2")
+        if self.device == "gpu" and not torch.cuda.is_available():
+            raise FastByolError("--device gpu, but torch sees no CUDA GPU")
+
+
+def bench_augment(bench: AugmentBenchSettings, data=None) -> dict:
+    """Two-view samples/s of TwoViewLoader as `bench` says (see the module docstring for the clock). `data` replaces
+    the synthetic images (a uint8 (N, H, W, 3) array or an encoded source), so a benchmark can feed the same images to
+    a peer."""
+    bench.validate()
+    cfg = get_preset(bench.preset)
+    for name in ("blur_window", "decode", "cpu_parallel"):
+        if getattr(bench, name) is not None:
+            setattr(cfg.data if name == "blur_window" else cfg.augment, name, getattr(bench, name))
     cfg.validate()
-    threads = num_threads or min(8, os.cpu_count() or 1)
+    size, batch, gpu = bench.size, bench.batch, bench.device == "gpu"
+    threads = bench.num_threads or min(8, os.cpu_count() or 1)
     if data is None:
-        data = synthetic_source(size, batch * 4, source, seed)
+        data = synthetic_source(size, batch * 4, bench.source, bench.seed)
     view1, view2 = views_from_config(cfg)
-    settings = LoaderSettings(batch, size, seed=seed, device="cuda" if device == "gpu" else "cpu", num_threads=threads,
-                              gray_input=source == "gray", views=(view1, view2))
+    settings = LoaderSettings(batch, size, seed=bench.seed, device="cuda" if gpu else "cpu", num_threads=threads,
+                              gray_input=bench.source == "gray", views=(view1, view2))
     loader = TwoViewLoader(data, settings, cfg.augment)
     arrivals: list[float] = []
-    done = 0
-    while done < warmup + steps:
+    done, last = 0, bench.warmup + bench.steps
+    while done < last:
         for _ in loader.epoch():
             done += 1
-            if device == "gpu":
+            if gpu:
                 torch.cuda.synchronize()  # sync: the batch's chain has run, for its arrival time
-            if done >= warmup:  # the last warm-up batch's arrival starts the first timed interval
+            if done >= bench.warmup:  # the last warm-up batch's arrival starts the first timed interval
                 arrivals.append(time.perf_counter())
-            if done == warmup + steps:
+            if done == last:
                 break
     rate, mean_rate = _steady_rate(arrivals, batch)
     return {"samples_per_s": rate, "samples_per_s_mean": mean_rate, "size": size, "batch": batch,
-            "device": device, "source": source, "threads": threads, "steps": steps,
+            "device": bench.device, "source": bench.source, "threads": threads, "steps": bench.steps,
             "seconds": arrivals[-1] - arrivals[0], "operators": loader.operators,
             "photometric": loader.photometric_backend, "blur_window": view1.blur_window_rule,
             "blur_taps": view1.blur_window(size), "decode": loader.decode, "decoders": loader.decoders,
-            "cpu_parallel": loader.cpu_parallel, "preset": preset, "crop_area": list(view1.crop_area)}
+            "cpu_parallel": loader.cpu_parallel, "preset": bench.preset, "crop_area": list(view1.crop_area)}
 
 
 def bench_photometric(size: int, batch: int, device: str, backend: str, steps: int = 20, threads: int | None = None,
@@ -130,12 +156,13 @@ def bench_photometric(size: int, batch: int, device: str, backend: str, steps: i
     params = [sample_params(spec, batch, g, device) for spec in (VIEW1, VIEW2)]
     fn = photometric_backend(backend)
     out_dtype = torch.float16 if device == "cuda" else torch.float32
+    chains = [ChainSpec(blur_window=view.blur_window(size), solarize_threshold=view.solarize_threshold,
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=out_dtype) for view in (VIEW1, VIEW2)]
     extra = {"threads": threads} if backend == "reference" and device == "cpu" else {}
 
     def step():
-        for spec, p in zip((VIEW1, VIEW2), params):
-            fn(crops, p, blur_window=spec.blur_window(size), solarize_threshold=spec.solarize_threshold,
-               mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=out_dtype, **extra)
+        for chain, p in zip(chains, params):
+            fn(crops, p, chain, **extra)
         if device == "cuda":
             torch.cuda.synchronize()  # sync: the step's kernels have run
 
