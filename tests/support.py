@@ -109,6 +109,16 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below `pid`: its children, theirs, and so on (read from /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        below = child_pids(todo.pop())
+        found += below
+        todo += below
+    return found
+
+
 def train_with(data: Path, out: Path, encoder=None, **settings):
     """`fastbyol.train` on `data` into `out`, quietly, with `encoder` (e.g. a tests/faults.py encoder) and any setting
     by its field name (epochs=1, batch_size=32, ckpt_every_steps=3, ...); knn_every 0 unless given. Returns what
