@@ -3,6 +3,7 @@ and the one-line error check. Plain functions (imported by test modules); `conft
 fixtures."""
 
 import gzip
+import re
 import socket
 import struct
 import sys
@@ -54,6 +55,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LOG_LINE = re.compile(r"step \d+/\d+ \(\d+%\) epoch ")  # the trainer's text line of a log point (run/textlog.py)
+
+
+def without_log_lines(err: str) -> str:
+    """stderr without the trainer's text log lines: it writes one a log point where stderr is not a terminal (a
+    job's log), so a command that trained some steps before it stopped has them before its one line."""
+    return "".join(ln for ln in err.splitlines(keepends=True) if not LOG_LINE.match(ln))
 
 
 def one_line(capsys, *needles: str) -> str:
