@@ -87,49 +87,50 @@ VARIANTS: dict[str, Variant] = {
 
 
 # ------------------------------------------------------------------------------------------ the driver's patches
+# the names of fastbyol.train the patches below replace (tests/test_bench_parity.py saves and restores them)
+TRAINER_NAMES = ("byol_step", "BYOL", "build_optimizer")
+
+
 def _patch_target_before() -> None:
     """byol_step with the EMA of the target moved before the forward, at the step's own tau (lightly's example:
-    update_momentum(...) then the forwards, backward, step). The rest of the trainer is unchanged."""
-    import torch
-
+    update_momentum(...) then the forwards, backward, step). The rest of the step is the trainer's own, called with
+    tau 1, at which its EMA after the optimizer step leaves the target as it is."""
     from fastbyol import train as T
 
-    def byol_step_target_first(model, optimizer, target_params, online_params, v1, v2, lr, tau, bf16=False):
-        T.ema_update_(target_params, online_params, tau)  # lightly: the target moves first
-        optimizer.set_lr(lr)
-        with torch.autocast(device_type=v1.device.type, dtype=torch.bfloat16, enabled=bf16):
-            p1, p2, z1, z2 = model(v1, v2)
-            loss = T.byol_loss_symmetric(p1, p2, z1, z2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+    step = T.byol_step
+
+    def byol_step_target_first(net, optimizer, ema_pairs, views, lr, tau, n=1, bf16=False):
+        T.ema_update_(*ema_pairs, tau)  # lightly: the target moves first
+        return step(net, optimizer, ema_pairs, views, lr, 1.0, n, bf16)
 
     T.byol_step = byol_step_target_first  # TrainStep.__call__ looks byol_step up in fastbyol.train at each call
 
 
 def _patch_head_no_bias() -> None:
-    """The trainer's build_model with BYOL(..., head_first_bias=False)."""
-    import torch
-
+    """The trainer's BYOL made with head_first_bias=False (its build_model reads BYOL from fastbyol.train)."""
     from fastbyol import train as T
 
-    def build_model(cfg, device):
-        encoder = T.build_encoder(cfg.model.arch, cfg.model.stem, cfg.data.image_size)
-        model = T.BYOL(encoder, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden,
-                       head_first_bias=False)
-        return model.to(device=device, memory_format=torch.channels_last)
+    class BYOLNoHeadBias(T.BYOL):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "head_first_bias": False})
 
-    T.build_model = build_model  # _build_training looks it up at each call
+    T.BYOL = BYOLNoHeadBias
 
 
 def _patch_lars_lightly() -> None:
-    """The trainer's LARS with trust_ratio="lightly"."""
-    import functools
-
+    """The trainer's optimizer, its LARS with trust_ratio="lightly"."""
     from fastbyol import train as T
+    from fastbyol.optim import LARS
 
-    T.LARS = functools.partial(T.LARS, trust_ratio="lightly")
+    build = T.build_optimizer
+
+    def build_optimizer(optim_cfg, model):
+        optimizer = build(optim_cfg, model)
+        if isinstance(optimizer, LARS):
+            optimizer.trust_ratio = "lightly"  # read at every step
+        return optimizer
+
+    T.build_optimizer = build_optimizer  # _start looks it up at each call
 
 
 def _patch_brightness_mul() -> None:

@@ -146,8 +146,10 @@ def test_every_variant_names_known_patches_and_flags():
 
 
 def test_target_before_patch_moves_the_ema_before_the_forward(restore_trainer):
-    """The patched step equals: EMA of the target at tau, then fastbyol's own step without its EMA (float64)."""
+    """The patched step equals, written out here: the EMA of the target at tau, then the forward, the loss, backward
+    and the optimizer step, and no EMA after it (float64)."""
     from fastbyol import train as T
+    from fastbyol.kernels import byol_loss_symmetric
     from fastbyol.optim import LARS
 
     def model_and_opt():
@@ -167,9 +169,15 @@ def test_target_before_patch_moves_the_ema_before_the_forward(restore_trainer):
 
     m2, o2 = model_and_opt()
     ema_update_reference_(*m2.ema_pairs(), 0.9)
-    original(m2, o2, *m2.ema_pairs(), v1, v2, 0.5, 1.0)  # tau 1: fastbyol's EMA after the step leaves the target
+    o2.set_lr(0.5)
+    p1, p2, z1, z2 = m2(v1, v2)[:4]
+    byol_loss_symmetric(p1, p2, z1, z2).backward()
+    o2.step()
     for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    m3, o3 = model_and_opt()  # the trainer's own order gives another target: the comparison can fail
+    original(m3, o3, m3.ema_pairs(), (v1, v2), 0.5, 0.9)
+    assert not torch.equal(m3.target_parameters()[0], m1.target_parameters()[0])
 
 
 def test_driver_refuses_an_unknown_patch():
@@ -212,7 +220,7 @@ def test_parity_runs_in_a_fresh_interpreter():
 def restore_trainer():
     from fastbyol import train as T
 
-    saved = {name: getattr(T, name) for name in ("byol_step", "build_model", "LARS")}
+    saved = {name: getattr(T, name) for name in parity.TRAINER_NAMES}  # what the driver's patches replace
     yield
     for name, value in saved.items():
         setattr(T, name, value)
@@ -240,15 +248,20 @@ def test_head_first_bias_is_inert_under_batch_norm():
 
 
 def test_driver_patches_reach_the_trainer(restore_trainer):
-    """head-no-bias and lars-lightly change what the trainer builds (its own build_model / LARS names)."""
+    """head-no-bias and lars-lightly change what the trainer builds (its build_model and build_optimizer, the calls
+    fastbyol train makes)."""
     from fastbyol import train as T
     from fastbyol.config import Config
 
+    cfg = Config()
+    model = T.build_model(cfg, torch.device("cpu"))
+    assert model.online_projector[0].bias is not None and T.build_optimizer(cfg.optim, model).trust_ratio == "official"
     parity.PATCHES["head-no-bias"]()
     parity.PATCHES["lars-lightly"]()
-    model = T.build_model(Config(), torch.device("cpu"))
-    assert model.online_projector[0].bias is None and model.predictor[0].bias is None
-    assert T.LARS(model.online_parameters(), lr=0.1).trust_ratio == "lightly"
+    model = T.build_model(cfg, torch.device("cpu"))
+    assert isinstance(model, BYOL) and model.online_projector[0].bias is None and model.predictor[0].bias is None
+    assert model.target_projector[0].bias is None
+    assert T.build_optimizer(cfg.optim, model).trust_ratio == "lightly"
 
 
 def test_augmentation_patches(restore_trainer, monkeypatch):
