@@ -22,6 +22,7 @@ import json
 import platform
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,16 @@ def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _fastbyol_file(stem: str):
-    """fastbyol/<stem>.py imported by path under a private module name (for files that import only torch/stdlib)."""
-    name = f"_fastbyol_{stem.replace('/', '_')}_by_path"
+    """fastbyol/<stem>.py imported by path (for files that import only torch, the standard library and their
+    neighbours): as a member of a private package whose path is the file's folder, so a relative import of a
+    neighbour (models/resnet.py's `from .names import ...`) finds that file, and no package __init__ runs."""
+    folder, _, leaf = stem.rpartition("/")
+    package = f"_fastbyol_{folder.replace('/', '_') or 'root'}_by_path"
+    if package not in sys.modules:
+        module = types.ModuleType(package)
+        module.__path__ = [str(REPO / "fastbyol" / folder)]
+        sys.modules[package] = module
+    name = f"{package}.{leaf}"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "fastbyol" / f"{stem}.py")
         module = importlib.util.module_from_spec(spec)
