@@ -115,7 +115,7 @@ STEP_CASES = {  # the GPU rows: bf16 autocast, channels_last, BYOL heads 4096 wi
 
 
 def _step(plan: Plan, arch: str, variant: str, compile: str = "off"):
-    from fastbyol.tools.bench_step import bench_step
+    from fastbyol.tools.bench_step import StepCase, bench_step
 
     if plan.tiny:  # the ViT row keeps a (tiny) ViT, so the dry run goes through the transformer path
         tiny_arch = "vit-tiny-cpu" if arch.startswith("vit") else "resnet-tiny"
@@ -123,9 +123,9 @@ def _step(plan: Plan, arch: str, variant: str, compile: str = "off"):
     else:
         case = STEP_CASES[arch]
     try:
-        row = bench_step(case["arch"], case["size"], case["batch"], variant, steps=case["steps"],
-                         warmup=case["warmup"], device=str(plan.device), proj_hidden=case["proj_hidden"],
-                         stem=case["stem"], compile=compile, compile_backend=plan.compile_backend)
+        row = bench_step(StepCase(case["arch"], case["size"], case["batch"], variant, proj_hidden=case["proj_hidden"],
+                                  stem=case["stem"], compile=compile, compile_backend=plan.compile_backend),
+                         steps=case["steps"], warmup=case["warmup"], device=str(plan.device))
     finally:
         _free(plan)
     return "step", row

@@ -261,7 +261,7 @@ STEP_RUNS_TINY = [("plain", "off", "synthetic"), ("fastbyol", "off", "synthetic"
 def step_section(device, tiny: bool) -> list[dict]:
     """BYOL img/s and MFU of our training step (eager, compiled, fed by DALI) against the plain PyTorch step, same
     model and batch. A row that fails records its error and the report goes on."""
-    from fastbyol.tools.bench_step import bench_step
+    from fastbyol.tools.bench_step import StepCase, bench_step
 
     if tiny:
         cases = [(dict(arch="resnet-tiny", size=28, batch=32, proj_hidden=256, stem="small-s2", steps=3),
@@ -276,9 +276,9 @@ def step_section(device, tiny: bool) -> list[dict]:
             if source == "dali" and not _dali_ok():
                 continue
             try:
-                row = bench_step(case["arch"], case["size"], case["batch"], variant, steps=case["steps"],
-                                 proj_hidden=case["proj_hidden"], stem=case["stem"], device=str(device),
-                                 compile=mode, source=source)
+                row = bench_step(StepCase(case["arch"], case["size"], case["batch"], variant,
+                                          proj_hidden=case["proj_hidden"], stem=case["stem"], compile=mode,
+                                          source=source), steps=case["steps"], device=str(device))
             except Exception as e:  # noqa: BLE001 (one failed row must not lose the rest of the report)
                 row = dict(arch=case["arch"], size=case["size"], batch=case["batch"], variant=variant, compile=mode,
                            source=source, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")

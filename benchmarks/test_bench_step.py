@@ -4,7 +4,7 @@ CPU here: the tiny ResNet at 28 px, batch 64; on CUDA: ResNet-50 at 224 px, batc
 import pytest
 import torch
 
-from fastbyol.tools.bench_step import bench_step
+from fastbyol.tools.bench_step import StepCase, bench_step
 
 from .conftest import DEVICE
 
@@ -17,8 +17,8 @@ def test_byol_step(benchmark, variant):
     result = {}
 
     def run():
-        result.update(bench_step(CASE["arch"], CASE["size"], CASE["batch"], variant, steps=3, warmup=1,
-                                 proj_hidden=CASE["proj_hidden"], stem=CASE["stem"]))
+        result.update(bench_step(StepCase(CASE["arch"], CASE["size"], CASE["batch"], variant,
+                                          proj_hidden=CASE["proj_hidden"], stem=CASE["stem"]), steps=3, warmup=1))
 
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info.update(result)

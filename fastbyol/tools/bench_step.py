@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -34,42 +35,56 @@ def plain_byol_step(model, optimizer, v1: torch.Tensor, v2: torch.Tensor, tau: f
     return loss.detach()
 
 
-def bench_step(arch: str, size: int, batch: int, variant: str = "fastbyol", steps: int = 10, warmup: int = 3,
-               device: str | None = None, proj_hidden: int = 4096, stem: str = "auto", compile: str = "off",
-               source: str = "synthetic", compile_backend: str = "inductor") -> dict:
-    """BYOL img/s (and MFU on a GPU) of the training step.
+@dataclass(frozen=True)
+class StepCase:
+    """What one row of the step benchmark measures: the model and batch, and how the step runs and is fed.
 
-    fastbyol: channels_last model and views, bf16 autocast on CUDA, cuDNN autotuning for the fixed shapes, the fused
-    loss and single-launch EMA, LARS, and torch.compile of the forward in mode `compile` ('off' or a torch.compile
-    mode), as the trainer runs it. compile_backend: torch.compile's backend ('inductor'; 'eager' traces the graph
-    without generating code: the GPU plan's CPU dry run).
-    plain: NCHW, fp32, eager F.normalize + MSE loss, per-parameter EMA loop, the same LARS, cuDNN's default
-    (no autotuning), as a plain script runs it.
-    source: 'synthetic' (views already on the device: the step alone) or 'dali' (the trainer's DALI pipeline over
-    synthetic JPEGs, decoded and augmented on the GPU: the step fed as in training).
-    The warm-up steps (compilation included) are timed apart: warmup_seconds. On CUDA, peak_memory_gb is the peak
-    allocated by torch during warm-up and timed steps (the model, optimizer state and activations; DALI's own
-    buffers are not torch's)."""
-    if variant not in ("fastbyol", "plain"):
-        raise FastByolError(f"variant must be fastbyol or plain, got {variant!r}")
-    if source not in ("synthetic", "dali"):
-        raise FastByolError(f"source must be synthetic or dali, got {source!r}")
-    if variant == "plain" and compile != "off":
-        raise FastByolError("the plain step is never compiled")
+    variant: 'fastbyol' (channels_last model and views, bf16 autocast on CUDA, cuDNN autotuning for the fixed
+    shapes, the fused loss and single-launch EMA, LARS, and torch.compile of the forward in mode `compile` ('off' or
+    a torch.compile mode), as the trainer runs it) or 'plain' (NCHW, fp32, eager F.normalize + MSE loss,
+    per-parameter EMA loop, the same LARS, cuDNN's default (no autotuning), as a plain script runs it).
+    compile_backend: torch.compile's backend ('inductor'; 'eager' traces the graph without generating code: the GPU
+    plan's CPU dry run). source: 'synthetic' (views already on the device: the step alone) or 'dali' (the trainer's
+    DALI pipeline over synthetic JPEGs, decoded and augmented on the GPU: the step fed as in training)."""
+
+    arch: str
+    size: int
+    batch: int
+    variant: str = "fastbyol"
+    proj_hidden: int = 4096
+    stem: str = "auto"
+    compile: str = "off"
+    compile_backend: str = "inductor"
+    source: str = "synthetic"
+
+    def check(self) -> None:
+        """One line for a case the benchmark cannot run."""
+        if self.variant not in ("fastbyol", "plain"):
+            raise FastByolError(f"variant must be fastbyol or plain, got {self.variant!r}")
+        if self.source not in ("synthetic", "dali"):
+            raise FastByolError(f"source must be synthetic or dali, got {self.source!r}")
+        if self.variant == "plain" and self.compile != "off":
+            raise FastByolError("the plain step is never compiled")
+
+
+def bench_step(case: StepCase, steps: int = 10, warmup: int = 3, device: str | None = None) -> dict:
+    """BYOL img/s (and MFU on a GPU) of the training step `case` describes: `warmup` steps (compilation included)
+    timed apart as warmup_seconds, then `steps` timed steps. On CUDA, peak_memory_gb is the peak allocated by torch
+    during warm-up and timed steps (the model, optimizer state and activations; DALI's own buffers are not torch's)."""
+    case.check()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cudnn_benchmark = variant == "fastbyol" and dev.type == "cuda"
+    cudnn_benchmark = case.variant == "fastbyol" and dev.type == "cuda"
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark  # for this row only (restored below)
     try:
-        return _measure(arch, size, batch, variant, steps, warmup, dev, proj_hidden, stem, compile, source,
-                        compile_backend, cudnn_benchmark)
+        return _measure(case, steps, warmup, dev)
     finally:
         torch.backends.cudnn.benchmark = previous
 
 
-def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup: int, dev: torch.device,
-             proj_hidden: int, stem: str, compile: str, source: str, compile_backend: str,
-             cudnn_benchmark: bool) -> dict:
+def _measure(case: StepCase, steps: int, warmup: int, dev: torch.device) -> dict:
+    arch, size, batch, variant, compile = case.arch, case.size, case.batch, case.variant, case.compile
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     from ..augment import LoaderSettings, TwoViewLoader
     from ..models import BYOL, build_encoder
     from ..optim import LARS
@@ -79,7 +94,7 @@ def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
-    model = BYOL(build_encoder(arch, stem, size), proj_hidden, 256, proj_hidden).to(dev)
+    model = BYOL(build_encoder(arch, case.stem, size), case.proj_hidden, 256, case.proj_hidden).to(dev)
     fmt = torch.channels_last if variant == "fastbyol" else torch.contiguous_format
     model = model.to(memory_format=fmt)
     flops = flops_per_image(model, size, dev)
@@ -88,7 +103,7 @@ def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup:
     bf16 = variant == "fastbyol" and dev.type == "cuda"
     # the trainer's views: fp16 on CUDA (bf16 autocast takes them as they are), fp32 on CPU
     view_dtype = torch.float16 if bf16 else torch.float32
-    if source == "synthetic":
+    if case.source == "synthetic":
         gen = torch.Generator(device=dev).manual_seed(0)
         views = [torch.randn(batch, 3, size, size, device=dev, generator=gen).to(view_dtype).contiguous(
             memory_format=fmt) for _ in range(2)]
@@ -107,7 +122,7 @@ def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup:
                     yield (v1.to(view_dtype).contiguous(memory_format=fmt),
                            v2.to(view_dtype).contiguous(memory_format=fmt))
     net = model if compile == "off" else torch.compile(model, mode=None if compile == "default" else compile,
-                                                       backend=compile_backend)
+                                                       backend=case.compile_backend)
 
     def one_step(v1, v2):
         if variant == "fastbyol":
@@ -127,8 +142,8 @@ def _measure(arch: str, size: int, batch: int, variant: str, steps: int, warmup:
     seconds = time.perf_counter() - t0
     img_s = steps * batch / seconds
     peak = peak_flops(dev)
-    return {"arch": arch, "size": size, "batch": batch, "variant": variant, "compile": compile, "source": source,
+    return {"arch": arch, "size": size, "batch": batch, "variant": variant, "compile": compile, "source": case.source,
             "device": str(dev), "img_per_s": img_s, "step_ms": 1000 * seconds / steps, "flops_per_image": flops,
             "mfu": mfu(img_s, flops, peak), "warmup_seconds": warmup_seconds, "steps": steps,
-            "compile_backend": compile_backend if compile != "off" else None, "cudnn_benchmark": cudnn_benchmark,
+            "compile_backend": case.compile_backend if compile != "off" else None, "cudnn_benchmark": cudnn_benchmark,
             "peak_memory_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None}
