@@ -3,6 +3,7 @@ and the one-line error check. Plain functions (imported by test modules); `conft
 fixtures."""
 
 import gzip
+import re
 import socket
 import struct
 import sys
@@ -56,6 +57,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOG_LINE = re.compile(r"step \d+/\d+ \(\d+%\) epoch ")  # the trainer's text line of a log point (run/textlog.py)
+
+
+def without_log_lines(err: str) -> str:
+    """stderr without the trainer's text log lines: it writes one a log point where stderr is not a terminal (a
+    job's log), so a command that trained some steps before it stopped has them before its one line."""
+    return "".join(ln for ln in err.splitlines(keepends=True) if not LOG_LINE.match(ln))
+
+
 def one_line(capsys, *needles: str) -> str:
     """stderr so far is exactly one line, no traceback, and holds every needle; returns it."""
     err = capsys.readouterr().err
@@ -106,6 +116,16 @@ def child_pids(pid: int) -> list[int]:
             continue
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
+    return found
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below `pid`: its children, theirs, and so on (read from /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        below = child_pids(todo.pop())
+        found += below
+        todo += below
     return found
 
 

@@ -25,6 +25,7 @@ import torch
 
 from fastbyol.run.state import CHECKPOINT_FORMAT
 from fastbyol.run import preemption
+from fastbyol.system import signals
 from fastbyol.run.checkpoint import load_checkpoint
 from fastbyol.config import get_preset
 from fastbyol.errors import FastByolError
@@ -131,21 +132,21 @@ def test_resume_and_finished(tmp_path):
         auto_resume_decision(cfg)
 
 
-@pytest.mark.parametrize("sig", preemption.STOP_SIGNALS, ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", signals.STOP_SIGNALS, ids=lambda s: s.name)
 def test_each_stop_signal_requests_a_stop(sig):
     before = signal.getsignal(sig)
-    preemption.install_stop_handlers()
+    signals.install_stop_handlers()
     try:
-        assert preemption.stop_signal() is None and not preemption.StopCheck(1).now()
+        assert signals.stop_signal() is None and not preemption.StopCheck(1).now()
         os.kill(os.getpid(), sig)
         os.kill(os.getpid(), signal.SIGTERM)  # a second one changes nothing
         deadline = time.time() + 5
-        while preemption.stop_signal() is None and time.time() < deadline:
+        while signals.stop_signal() is None and time.time() < deadline:
             time.sleep(0.01)
-        assert preemption.stop_signal() == sig.name and preemption.StopCheck(1).now()
+        assert signals.stop_signal() == sig.name and preemption.StopCheck(1).now()
     finally:
-        preemption.restore_signal_handlers()
-        preemption._received.clear()
+        signals.restore_signal_handlers()
+        signals.clear_stop_signals()
     assert signal.getsignal(sig) is before
 
 

@@ -61,8 +61,10 @@ def test_readme_encoder_example_trains_its_own_encoder(tmp_path, monkeypatch, ca
     assert "steps, final loss" in capsys.readouterr().out
     run = tmp_path / "runs" / "my-encoder"
     assert json.loads((run / "config.json").read_text())["model"]["arch"] == "__main__:SmallConvNet"
-    # the export is the module's own state_dict
-    assert main(["export", str(run), "--out", str(tmp_path / "enc.pt")]) == 0
-    state = torch.load(tmp_path / "enc.pt")
+    # the export is the module's own state_dict; the command line, which cannot import __main__:SmallConvNet, says
+    # in one line how it could
+    state = torch.load(tmp_path / "my-encoder.pt")
+    assert main(["export", str(run), "--out", str(tmp_path / "enc.pt")]) == 2
+    assert "add --arch __main__:SmallConvNet" in capsys.readouterr().err
     assert set(state) == set(namespace["SmallConvNet"]().state_dict())
     namespace["SmallConvNet"]().load_state_dict(state)

@@ -336,7 +336,7 @@ def _find_own_encoder_here(arch: str) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import signal
 
-    from ..run.preemption import STOP_SIGNALS, install_stop_handlers, restore_signal_handlers, stop_signal
+    from ..system.signals import STOP_SIGNALS, install_stop_handlers, restore_signal_handlers, stop_signal
 
     install_stop_handlers()  # before torch loads: a stop signal from here on ends with a checkpoint, or nothing
     try:

@@ -56,6 +56,7 @@ import secrets
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -632,7 +633,9 @@ def obtain(root: Path, *, rank: int = 0, world_size: int = 1, barrier=None, cach
 def _obtain_locked(root: Path, folder: Path, workers, hold_out: bool = True,
                    built_for: str | None = None) -> tuple[Manifest, dict, str]:
     asked = time.perf_counter()
-    with file_lock(folder / "manifest.lock"):
+    with ExitStack() as held:
+        with ctrl_c_interrupts():  # the wait may be for this process's prescan child: Ctrl-C ends the command
+            held.enter_context(file_lock(folder / "manifest.lock"))
         t0 = time.perf_counter()
         waited = t0 - asked  # another process (the prescan) held the lock meanwhile
         man, why = None, None

@@ -21,48 +21,16 @@ and the decision `--auto-resume` takes about an `--out` folder.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 from ..config import SECTIONS, Config, flag_name
 from ..errors import FastByolError
+from ..system.signals import stop_signal
 from .names import BEFORE_FIRST_CHECKPOINT, CHECKPOINT, CONFIG, LOCK, SUMMARY
 
 # torch (and the modules that load it) is imported where it is used: the CLI installs the handlers before torch loads
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: stopped on a signal with a checkpoint written; run the command again
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-# what a new run writes before its first checkpoint (RunFiles): removable when it is restarted
-
-_received: list[str] = []  # names of the stop signals this process got, in order
-_previous: dict[int, object] = {}
-
-
-def _on_signal(signum, frame) -> None:
-    name = signal.Signals(signum).name
-    if not _received and os.environ.get("RANK", "0") == "0":  # os.write: print is not reentrant in a handler
-        os.write(2, f"fastbyol: {name}: stopping at the next log point with a checkpoint\n".encode())
-    _received.append(name)  # later ones change nothing: the stop is under way, its checkpoint is atomic
-
-
-def install_stop_handlers() -> None:
-    """Turn SIGTERM, SIGUSR1 and SIGINT into a stop request (main thread only; call once per process)."""
-    _received.clear()
-    for sig in STOP_SIGNALS:
-        _previous.setdefault(sig, signal.getsignal(sig))
-        signal.signal(sig, _on_signal)
-
-
-def restore_signal_handlers() -> None:
-    for sig, handler in _previous.items():
-        signal.signal(sig, handler)
-    _previous.clear()
-
-
-def stop_signal() -> str | None:
-    """The first stop signal this process got, or None."""
-    return _received[0] if _received else None
 
 
 class StopCheck:

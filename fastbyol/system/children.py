@@ -79,16 +79,29 @@ def watch_parent(parent: int) -> threading.Thread:
 @contextmanager
 def ctrl_c_interrupts():
     """While the block waits for a child in the main thread: SIGINT raises KeyboardInterrupt here (Python's default),
-    not a stop request at the next log point; the previous handler comes back after. Elsewhere: nothing."""
+    not a stop request at the next log point; the previous handler comes back after. Elsewhere: nothing.
+
+    A stop signal `fastbyol train` already received before the block (a Ctrl-C or a scheduler's SIGTERM while it
+    loaded, which also stopped the manifest's prescan child) ends the command here, before the child starts, as the
+    same signal during the wait would: the pre-flight work is never done after the user asked to stop."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _stop_if_asked()
     previous = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _stop_if_asked() -> None:
+    from .signals import stop_signal
+
+    received = stop_signal()
+    if received is not None:
+        stopped_by_signal(-int(signal.Signals[received]), "the start of this command")
 
 
 def stopped_by_signal(status: int, what: str) -> None:
