@@ -238,6 +238,9 @@ class DistributedConfig:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig,
             "augment": AugmentConfig, "distributed": DistributedConfig}
+# sections added after runs were already written: a config.json without one is a run from an earlier fastbyol, whose
+# behaviour is the section's defaults (all off), so it resumes, evaluates and exports as it trained
+LATER_SECTIONS = ("distributed",)
 
 
 def _profile_steps(text: str) -> tuple[int, int] | None:
@@ -333,6 +336,8 @@ class Config:
             raise FastByolError(f"{where}: not a fastbyol config (expected an object with a string 'preset')")
         cfg = cls(preset=raw.get("preset", cls.preset))
         for section, klass in SECTIONS.items():
+            if section not in raw and section in LATER_SECTIONS:
+                continue
             if section not in raw:
                 raise FastByolError(f"{where}: no '{section}' section (not a config written by fastbyol train)")
             values = raw[section]

@@ -91,6 +91,25 @@ def test_from_dict_round_trip_and_refusals():
     del raw["data"]["blur_window"]  # every setting is written: one missing is not a config of this fastbyol
     with pytest.raises(FastByolError, match="no setting data.blur_window"):
         Config.from_dict(raw)
+    raw = cfg.to_dict()
+    del raw["augment"]  # a section every run has written: its absence is refused
+    with pytest.raises(FastByolError, match="no 'augment' section"):
+        Config.from_dict(raw)
+
+
+def test_a_config_from_before_the_distributed_section_reads_with_its_defaults():
+    """Runs written before the distributed section existed resume, evaluate and export: the section's defaults are
+    what those runs trained with (all off); a distributed section that is there is read as written."""
+    cfg = get_preset("fmnist-tiny")
+    raw = cfg.to_dict()
+    del raw["distributed"]
+    assert Config.from_dict(raw) == cfg
+    raw = cfg.to_dict()
+    raw["distributed"]["bn_group"] = 8
+    assert Config.from_dict(raw).distributed.bn_group == 8
+    raw["distributed"]["bucket"] = 1
+    with pytest.raises(FastByolError, match="unknown setting distributed.bucket"):
+        Config.from_dict(raw)
 
 
 def test_the_augment_section_is_saved_and_required():
