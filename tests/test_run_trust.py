@@ -44,7 +44,7 @@ def _own_encoder_run(out: Path) -> Path:
     model = BYOL(tiny_encoder(), cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden, image_size=28)
     optimizer = LARS(model.online_parameters(), lr=0.1)
     x = torch.randn(4, 3, 28, 28)
-    p1, p2, z1, z2 = model(x, x)
+    p1, p2, z1, z2 = model(x, x)[:4]
     (p1 - z2).square().sum().add((p2 - z1).square().sum()).backward()
     optimizer.step()
     state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()], run_id=new_run_id())
