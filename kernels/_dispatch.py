@@ -40,12 +40,24 @@ def op_form() -> str:
     return _op_form
 
 
+_op_form_hooks = []  # called with the form whenever it is set: the loss registers its triton_op form on demand
+
+
+def on_op_form(hook) -> None:
+    """Call hook(form) now and on every later set_op_form (the loss registers its triton_op form only when that form
+    is chosen: registering it imports torch's compiler stack, about a second of every start-up otherwise)."""
+    _op_form_hooks.append(hook)
+    hook(_op_form)
+
+
 def set_op_form(form: str) -> None:
     """custom_op or triton_op for graphs compiled from now on (compiled functions recompile on the change)."""
     global _op_form
     if form not in OP_FORMS:
         raise ValueError(f"op form {form!r} is not one of {OP_FORMS}")
     _op_form = form
+    for hook in _op_form_hooks:
+        hook(form)
 
 
 @functools.cache

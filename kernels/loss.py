@@ -24,7 +24,7 @@ import torch
 
 from fastbyol.reference import NORM_EPS, byol_loss_and_grad_reference
 
-from ._dispatch import kernel_backend, op_form, profiled, triton_available
+from ._dispatch import kernel_backend, on_op_form, op_form, profiled, triton_available
 
 if triton_available():
     import triton
@@ -190,7 +190,11 @@ def _triton_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]],
     out = torch.empty((), dtype=torch.float32, device=device)
     (p1, z1), (p2, z2) = pairs[0], pairs[-1]
     g1, g2 = grads[0], grads[-1]
-    kernel = wrap_triton(_byol_loss_fwd_kernel) if traceable else _byol_loss_fwd_kernel
+    kernel = _byol_loss_fwd_kernel
+    if traceable:
+        from torch.library import wrap_triton
+
+        kernel = wrap_triton(_byol_loss_fwd_kernel)
     counter = torch.zeros(1, dtype=torch.int32, device=device) if traceable else _counter(device)
     kernel[launch["grid"]](
         p1, z1, g1, p2, z2, g2,
@@ -271,10 +275,21 @@ def _backward_sym(ctx, grad_loss, _g1, _g2):
 _byol_loss_fwd.register_autograd(_backward_one, setup_context=_setup_one)
 _byol_loss_symmetric_fwd.register_autograd(_backward_sym, setup_context=_setup_sym)
 
-# the triton_op form (FASTBYOL_OP_FORM=triton_op): the same kernel, visible to Inductor; Triton path only
+# the triton_op form (FASTBYOL_OP_FORM=triton_op): the same kernel, visible to Inductor; Triton path only. Registered
+# when that form is chosen (at import from FASTBYOL_OP_FORM, or by set_op_form), never before: torch.library.triton_op
+# imports torch._dynamo and torch._inductor, a second of every start-up that runs the custom_op form or no compile.
 HAS_TRITON_OP = triton_available() and hasattr(torch.library, "triton_op")
-if HAS_TRITON_OP:
-    from torch.library import triton_op, wrap_triton
+_traceable_registered = []  # the registered ops, once
+
+
+def register_traceable_ops() -> bool:
+    """Register torch.ops.fastbyol.byol_loss_fwd_traceable and byol_loss_symmetric_fwd_traceable (once); False when
+    this torch or machine has no triton_op."""
+    if not HAS_TRITON_OP:
+        return False
+    if _traceable_registered:
+        return True
+    from torch.library import triton_op
 
     @triton_op("fastbyol::byol_loss_fwd_traceable", mutates_args=())
     def _byol_loss_fwd_tt(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,6 +305,11 @@ if HAS_TRITON_OP:
 
     _byol_loss_fwd_tt.register_autograd(_backward_one, setup_context=_setup_one)
     _byol_loss_symmetric_fwd_tt.register_autograd(_backward_sym, setup_context=_setup_sym)
+    _traceable_registered.extend((_byol_loss_fwd_tt, _byol_loss_symmetric_fwd_tt))
+    return True
+
+
+on_op_form(lambda form: form == "triton_op" and register_traceable_ops())
 
 
 def _traceable(p: torch.Tensor) -> bool:
