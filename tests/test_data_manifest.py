@@ -222,3 +222,25 @@ def test_the_prescan_builds_the_manifest_while_the_trainer_loads(tree, tmp_path,
     before = set(child_pids(os.getpid()))  # what other tests left running in this process (a resource tracker)
     assert main([*args, "--out", str(tree / "inside")]) == 2  # refused after the child started: it is stopped
     assert set(child_pids(os.getpid())) <= before
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_checks_keep_one_thread_unless_the_files_block(blocks):
+    """Files in the page cache are checked in the calling thread (threads only fight for the interpreter's lock, at
+    several times the CPU a file); a first chunk that blocked on I/O (here: a sleep per item, a voluntary context
+    switch like a cold disk's read) sends the rest over the thread pool. Same results, in order, either way."""
+    ran_in = []
+
+    def run(lo, hi):
+        ran_in.append(threading.get_ident())
+        if blocks:
+            for _ in range(lo, hi):
+                time.sleep(0.0005)
+        return list(range(lo, hi))
+
+    bounds = list(range(0, 64, 8)) + [64]
+    parts = mf.over_threads(run, bounds, threads=4)
+    assert [i for part in parts for i in part] == list(range(64))
+    others = {t for t in ran_in if t != threading.get_ident()}
+    assert bool(others) == blocks
+    assert mf.over_threads(run, [0], threads=4) == []
