@@ -253,15 +253,20 @@ def _given_settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
     return [(s, name, value[-1] if isinstance(value, list) else value) for s, name, value in given]
 
 
-def _train_own_encoders(args: argparse.Namespace, resume: bool):
+def _train_own_arch_names(args: argparse.Namespace, resume: bool) -> list[str]:
     """The encoders of the user's own that `train` may import from a run's config.json: the module:factory values
-    of --arch (with --resume every --arch must be one; on a new run its last --arch is the run's own choice)."""
-    from ..models import is_custom_arch
+    of --arch (with --resume every --arch must be one: one line otherwise; on a new run its last --arch is the run's
+    own choice). Checked without torch, so that a bad one is said before anything starts."""
+    from ..models.names import check_own_arch_names, is_custom_arch
 
     names = getattr(args, "model.arch") or []
     if resume:
-        return _own_encoders(names)
-    return _own_encoders([n for n in names if is_custom_arch(n)])
+        try:
+            check_own_arch_names(names)
+        except ValueError as e:
+            raise FastByolError(str(e)) from None
+        return names
+    return [n for n in names if is_custom_arch(n)]
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -358,7 +363,7 @@ def _train_command(args: argparse.Namespace) -> int:
     rank = check_environment()[0]  # RANK, WORLD_SIZE, ...: one line naming a bad variable, before anything else
     rank0 = rank == 0  # under torchrun: rank 0 speaks
     resume, cfg = args.resume, Config()
-    own = _train_own_encoders(args, resume is not None)
+    own_names = _train_own_arch_names(args, resume is not None)
     if resume is not None:
         given = [g for g in _given_settings(args) if g[1] != "arch"] + [
             ("", name, None) for name in ("preset", "config") if getattr(args, name) is not None]
@@ -380,8 +385,9 @@ def _train_command(args: argparse.Namespace) -> int:
                 return 0
         if resume is None and rank0:
             print("config: " + str(cfg.to_dict()))
-    prescan = _start_prescan(cfg) if resume is None and rank0 else None
+    prescan = _start_prescan(cfg) if resume is None and rank0 else None  # before anything imports torch
     try:
+        own = _own_encoders(own_names)
         from ..train import train  # torch, DALI, the kernels: seconds, while the prescan lists and checks
 
         train(cfg, progress=not args.no_progress, resume=resume, own=own)

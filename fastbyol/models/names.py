@@ -40,3 +40,12 @@ ARCH_NAMES: tuple[str, ...] = (
 def is_custom_arch(name: str) -> bool:
     """Whether `name` has the form module.path:factory (an encoder of the user's own)."""
     return bool(CUSTOM_ARCH.match(name))
+
+
+def check_own_arch_names(names) -> None:
+    """ValueError (one line) unless every name has the form module.path:factory: what `--arch` names on commands that
+    may import an encoder of the user's own (eval, finetune, export, train --resume)."""
+    bad = sorted(n for n in names if not is_custom_arch(n))
+    if bad:
+        raise ValueError(f"--arch {bad[0]}: here --arch names an encoder of your own (module.path:factory) that a run "
+                         "may import; registry encoders need no --arch")

@@ -21,7 +21,7 @@ from typing import Callable
 import torch.nn as nn
 
 from .names import (ARCH_NAMES, CUSTOM_ARCH, RESNET_DEPTHS, STEMS, VIT_VARIANTS, WIDE_RESNET_DEPTHS,  # noqa: F401
-                    WIDTH_MULTIPLIERS, is_custom_arch, resnet_name, vit_name)
+                    WIDTH_MULTIPLIERS, check_own_arch_names, is_custom_arch, resnet_name, vit_name)
 from .resnet import resnet, resnet_tiny
 from .vit import vit
 
@@ -130,10 +130,7 @@ class OwnEncoders:
     encoder: object = None
 
     def __post_init__(self):
-        bad = sorted(n for n in self.names if not is_custom_arch(n))
-        if bad:
-            raise ValueError(f"--arch {bad[0]}: here --arch names an encoder of your own (module.path:factory) that "
-                             "a run may import; registry encoders need no --arch")
+        check_own_arch_names(self.names)
         if self.encoder is not None and not (isinstance(self.encoder, nn.Module) or callable(self.encoder)):
             raise ValueError(f"encoder=: expected a torch.nn.Module or a callable returning one, got "
                              f"{type(self.encoder).__name__}")
