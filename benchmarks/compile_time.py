@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fastbyol.system.machine import cpu_description
+
 DESIGNS = ("four-pass", "whole", "per-network")
 
 
@@ -180,20 +182,12 @@ def main(argv=None) -> int:
         print(f"{design}: compile {row['compile_cpu_s']:.1f} CPU s ({row['compile_wall_s']:.1f} s wall), graphs "
               f"{row['graphs']}, recompiles after the first step {row['recompiles_after_first']}, nodes "
               f"{row['nodes']}", flush=True)
-    result = {"rows": rows, "cpu": _cpu(), "load_avg": os.getloadavg(),
+    result = {"rows": rows, "cpu": cpu_description(), "load_avg": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
-
-def _cpu() -> str:
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        return f"{names[0]} x {len(names)}" if names else "unknown"
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

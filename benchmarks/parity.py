@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fastbyol.system.machine import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 PEER_PYTHON = os.environ.get("FASTBYOL_PEER_PYTHON", "")  # the peers' venv python, unless --peer-python
 PEER_SCRIPTS = {"lightly": ("lightly_byol.py", []), "lightly-blur-off": ("lightly_byol.py", ["--blur-off"]),
@@ -348,12 +350,7 @@ def markdown(rows: list[dict], seeds: list[int]) -> str:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
+    return {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
             "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")}
 
 

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastbyol.system.machine import cpu_model, usable_cores
+
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, SOURCES = 1000, 1281, 50, 48
 
 
@@ -98,9 +100,7 @@ FIRST_STEP = re.compile(r"first step \(")  # the trainer's log line after its fi
 
 def machine() -> dict:
     """The CPU model, its cores and the load average now (the figures' context)."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
-    return dict(cpu=model, cores=len(os.sched_getaffinity(0)), load=[round(x, 2) for x in os.getloadavg()])
+    return dict(cpu=cpu_model(), cores=usable_cores(), load=[round(x, 2) for x in os.getloadavg()])
 
 
 def time_first_step(cmd: list[str], out: Path, timeout: float = 300) -> float:

@@ -31,6 +31,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from fastbyol.system.machine import cpu_description
+
 DTYPE_BYTES = {"float": 4, "double": 8, "int": 4, "long int": 8, "c10::BFloat16": 2, "c10::Half": 2,
                "float32": 4, "float64": 8, "bfloat16": 2}
 PROFILE = (3, 6)
@@ -118,20 +120,11 @@ def main(argv=None) -> int:
                                                  for k, v in per.items()), flush=True)
     result = {"label": args.label, "rows": rows, "profiled_steps": list(PROFILE),
               "python": "this checkout's" if args.python == sys.executable else "another environment's (--python)",
-              "cpu": _cpu(), "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
+              "cpu": cpu_description(), "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
-
-def _cpu() -> str:
-    """The CPU's model name and core count (counts and bytes do not depend on it, nor on the load)."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        return f"{names[0]} x {len(names)}" if names else "unknown"
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":
