@@ -57,6 +57,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(worker, world: int, out, *args) -> list:
+    """Run worker(rank, world, port, out, *args) in `world` processes (their gloo rendezvous on a free port) and return
+    what each rank saved to f"{out}.{rank}" (torch.save), in rank order."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(world, free_port(), str(out), *args), nprocs=world, join=True)
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(world)]
+
+
 LOG_LINE = re.compile(r"step \d+/\d+ \(\d+%\) epoch ")  # the trainer's text line of a log point (run/textlog.py)
 
 

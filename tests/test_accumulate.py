@@ -20,7 +20,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from fastbyol.run.checkpoint import load_checkpoint
@@ -32,7 +31,7 @@ from fastbyol.models import BYOL, build_encoder
 from fastbyol.optim import LARS
 from fastbyol.train import byol_step, micro_batches
 
-from .support import free_port as _free_port
+from .support import spawn_ranks
 from .support import small_idx_dataset as _small_idx_dataset
 
 BATCH, SIZE, STEPS = 12, 16, 3  # 12 = 4 micro-batches of 3, or 2 processes x 2 micro-batches of 3
@@ -153,11 +152,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_accumulating_equal_one_process_with_the_whole_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "rank")), nprocs=2, join=True)
+    ranks = spawn_ranks(_ddp_worker, 2, tmp_path / "rank")
     model = _model()
     expected = _run(model, model, _views(), accumulate=1)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank.{rank}", weights_only=False)
+    for got in ranks:
         _assert_same(got["record"], expected)
         # the all-reduces ran in the backward of the 2nd micro-batch of each optimizer step (forwards 2, 4, 6)
         # and never in that of the 1st (forwards 1, 3, 5)

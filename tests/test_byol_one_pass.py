@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 from fastbyol.kernels import byol_loss_symmetric
 
@@ -23,7 +22,7 @@ from fastbyol.system.batchnorm import convert_batchnorm
 from fastbyol.system.data_parallel import one_layout_for_pointwise_convs, wrap_online
 from fastbyol.system.distributed import close_distributed, init_distributed
 
-from .support import free_port as _free_port
+from .support import spawn_ranks
 
 B, STEPS = 3, 2  # images per view per process (prime), steps
 
@@ -193,9 +192,7 @@ def test_one_pass_over_ranks_equals_one_pass_per_view(tmp_path, world, backend, 
     """resnet-tiny compiles whole (DDP compiled with the online network); resnet18 block by block inside an eager
     DDP module, as ResNet-50 on GPUs."""
     out = tmp_path / "dist"
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(out), backend, arch), nprocs=world, join=True)
-    for rank in range(world):
-        saved = torch.load(f"{out}.{rank}", weights_only=False)
+    for saved in spawn_ranks(_dist_worker, world, out, backend, arch):
         got, ref = saved["got"], saved["ref"]
         tol = dict(rtol=1e-10, atol=1e-12) if backend is None else dict(rtol=1e-8, atol=1e-10)  # see above
         _assert_same(got, ref, **tol)

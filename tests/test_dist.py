@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from fastbyol.optim import LARS
 from fastbyol.train import byol_step
 
 from .support import free_port as _free_port
+from .support import spawn_ranks
 
 STEPS, BATCH = 3, 16
 
@@ -108,9 +108,7 @@ def test_dist_helpers_with_one_process_are_identities():
 @pytest.mark.slow
 def test_dist_helpers_with_two_processes(tmp_path):
     out = tmp_path / "helpers"
-    mp.spawn(_helpers_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(f"{out}.{rank}", weights_only=False)
+    for rank, got in enumerate(spawn_ranks(_helpers_worker, 2, out)):
         assert got["broadcast"] == {"rank": 0, "name": "run-0"}  # rank 0's value everywhere
         assert got["gathered"] == [(0, []), (1, [1])]  # rank order, on every rank
         assert got["mean"] == 2.5  # (1 + 4) / 2

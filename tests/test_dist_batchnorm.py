@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from fastbyol.models import BYOL, build_encoder
@@ -23,7 +22,7 @@ from fastbyol.system.batchnorm import (
 )
 from fastbyol.system.distributed import close_distributed, init_distributed
 
-from .support import free_port as _free_port
+from .support import spawn_ranks
 
 LOCAL, STEPS, VIEWS = 3, 3, 2  # rows of each view per rank (prime), steps, views
 OFFSETS = (1000.0, -25.0, 7.0)  # per input channel: |mean| >> std (std 1)
@@ -120,8 +119,7 @@ def _close(actual, expected, what, rtol=1e-8, atol=1e-8):
 def test_per_view_bn_over_ranks_equals_one_process_bn_of_each_view(tmp_path, world):
     out = tmp_path / "bn"
     compiled = world == 2
-    mp.spawn(_worker, args=(world, _free_port(), str(out), compiled), nprocs=world, join=True)
-    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+    ranks = spawn_ranks(_worker, world, out, compiled)
     ref = _run(_net(), slice(None), world, per_view=True)  # nn.BatchNorm, one process, one pass per view
     n = world * LOCAL
 
@@ -176,8 +174,7 @@ def _groups_worker(rank: int, world: int, port: int, out_path: str) -> None:
 @pytest.mark.slow
 def test_a_bn_group_of_two_ranks_takes_the_statistics_of_its_own_block(tmp_path):
     out = tmp_path / "groups"
-    mp.spawn(_groups_worker, args=(4, _free_port(), str(out)), nprocs=4, join=True)
-    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(4)]
+    ranks = spawn_ranks(_groups_worker, 4, out)
     xs = [torch.randn(6, 4, generator=torch.Generator().manual_seed(r)) + 10 * r for r in range(4)]
     for block in ((0, 1), (2, 3)):
         ref = nn.BatchNorm1d(4)(torch.cat([xs[r] for r in block])).detach()

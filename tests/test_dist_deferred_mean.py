@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from fastbyol.system.distributed import DeferredMean, close_distributed, gather_objects, global_mean, init_distributed
 
-from .support import free_port
+from .support import spawn_ranks
 from .test_train_host_syncs import SyncCounter
 
 POINTS, STEPS = 5, 3  # log points, steps between them
@@ -45,8 +44,7 @@ def _worker(rank, world, port, out_path):
 @pytest.mark.slow
 def test_deferred_mean_with_two_processes(tmp_path):
     out = tmp_path / "deferred"
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    got = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    got = spawn_ranks(_worker, 2, out)
     sums = got[0]["sent"]  # [rank][point], every rank's loss sums
     assert got[1]["sent"] == sums and sums[0] != sums[1]  # the ranks' values differ: a mean to take
     want = [((torch.tensor(a) + torch.tensor(b)) / 2).item() for a, b in zip(*sums)]  # float32, as gloo sums
