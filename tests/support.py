@@ -85,10 +85,11 @@ def one_line(capsys, *needles: str) -> str:
     return err
 
 
-def one_step_run(out: Path, n_metrics: int = 3) -> Path:
+def one_step_run(out: Path, n_metrics: int = 3, encoder=None, arch: str | None = None) -> Path:
     """A run folder as `fastbyol train` leaves it after one step of the default preset (config.json, checkpoint.pt
-    with a LARS momentum for every online parameter, `n_metrics` metrics.jsonl records), made directly: no DALI,
-    no data, a second or two."""
+    with a LARS momentum for every online parameter, `n_metrics` metrics.jsonl records, none: no file), made
+    directly: no DALI, no data, a second or two. encoder: an nn.Module of the user's own instead of the preset's, its
+    config.json naming it as `arch` (as `train --arch ARCH` writes it)."""
     import json
 
     import torch
@@ -100,8 +101,14 @@ def one_step_run(out: Path, n_metrics: int = 3) -> Path:
     from fastbyol.train import build_model
 
     out.mkdir(parents=True)
+    from fastbyol.models import BYOL
+
     cfg = get_preset("fmnist-tiny")
-    model = build_model(cfg, torch.device("cpu"))
+    if encoder is None:
+        model = build_model(cfg, torch.device("cpu"))
+    else:
+        cfg.model.arch = arch
+        model = BYOL(encoder, cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden, image_size=28)
     optimizer = LARS(model.online_parameters(), lr=0.1)
     x = torch.randn(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
     p1, p2, z1, z2 = model(x, x)[:4]
@@ -112,7 +119,8 @@ def one_step_run(out: Path, n_metrics: int = 3) -> Path:
                                                           "test"))
     (out / "config.json").write_text(json.dumps({RUN_ID_KEY: state.run_id, **cfg.to_dict()}))
     records = [dict(step=s, epoch=0, loss=1.0 / s, lr=0.1, tau=0.99, img_per_s=100.0) for s in range(1, n_metrics + 1)]
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if records:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
 
 

@@ -16,10 +16,8 @@ import torch.nn as nn
 from fastbyol.cli import main
 from fastbyol.errors import FastByolError
 from fastbyol.evaluation.export import export_encoder
-from fastbyol.models import BYOL, OwnEncoders
-from fastbyol.optim import LARS
-from fastbyol.run.checkpoint import CHECKPOINT, RUN_ID_KEY, load_run, new_run_id, save_checkpoint
-from fastbyol.run.state import TrainState
+from fastbyol.models import OwnEncoders
+from fastbyol.run.checkpoint import CHECKPOINT, RUN_ID_KEY, load_run, save_checkpoint
 
 from .support import one_line, one_step_run
 
@@ -36,22 +34,7 @@ def tiny_encoder(image_size: int = 28) -> nn.Module:
 
 def _own_encoder_run(out: Path) -> Path:
     """A one-step run of tiny_encoder, its config.json naming it as ARCH (as train --arch ARCH writes it)."""
-    from fastbyol.config import get_preset
-
-    out.mkdir(parents=True)
-    cfg = get_preset("fmnist-tiny")
-    cfg.model.arch = ARCH
-    model = BYOL(tiny_encoder(), cfg.model.proj_hidden, cfg.model.proj_dim, cfg.model.pred_hidden, image_size=28)
-    optimizer = LARS(model.online_parameters(), lr=0.1)
-    x = torch.randn(4, 3, 28, 28)
-    p1, p2, z1, z2 = model(x, x)[:4]
-    (p1 - z2).square().sum().add((p2 - z1).square().sum()).backward()
-    optimizer.step()
-    state = TrainState(step=1, num_images=300, torch_rngs=[torch.get_rng_state()], run_id=new_run_id())
-    save_checkpoint(out / CHECKPOINT, state.to_checkpoint(model.state_dict(), optimizer.state_dict(), cfg.to_dict(),
-                                                          "test"))
-    (out / "config.json").write_text(json.dumps({RUN_ID_KEY: state.run_id, **cfg.to_dict()}))
-    return out
+    return one_step_run(out, n_metrics=0, encoder=tiny_encoder(), arch=ARCH)
 
 
 def _set_arch(run: Path, arch: str) -> None:
