@@ -117,15 +117,21 @@ def pick_device(name: str) -> torch.device:
 
 
 # -------------------------------------------------------------------------------------------------------- the step
-def _no_sync(net):
-    """DDP's no_sync for the step's networks (DDP around the online network), or a network that is DDP (or
-    torch.compile of DDP); nothing to hold back otherwise."""
+def _ddp_of(net):
+    """The DDP module of the step's networks (DDP around the online network), or a network that is DDP (or
+    torch.compile of DDP); None without one."""
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(net, StepNetworks):
-        return net.no_sync()
+        return net.ddp()
     inner = getattr(net, "_orig_mod", net)  # torch.compile's wrapper keeps the module it compiled here
-    return inner.no_sync() if isinstance(inner, DistributedDataParallel) else contextlib.nullcontext()
+    return inner if isinstance(inner, DistributedDataParallel) else None
+
+
+def _no_sync(net):
+    """DDP's no_sync around all but the last micro-batch's backward; nothing to hold back without DDP."""
+    ddp = _ddp_of(net)
+    return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
 
 
 def micro_batches(v1: torch.Tensor, v2: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -155,7 +161,8 @@ def byol_step(net, optimizer, ema_pairs: tuple[list, list], views: tuple[torch.T
     The returned loss is the mean of the slices' losses. Then one optimizer step and one EMA update: schedules, log
     points and checkpoints count optimizer steps."""
     optimizer.set_lr(lr)
-    optimizer.zero_grad(set_to_none=True)
+    # under DDP the gradients are its buckets' views (wrap_online): zeroed in place, the backward adds into them
+    optimizer.zero_grad(set_to_none=_ddp_of(net) is None)
     v1, v2 = views
     parts = micro_batches(v1, v2, n)
     loss_sum = None

@@ -8,13 +8,13 @@ What DDP is given, and why:
   compiled whole compiles the DDP module with it, and Dynamo splits the online graph at bucket boundaries, so the
   buckets' all-reduces overlap the backward; one compiled block by block (ResNets) keeps DDP eager around its compiled
   blocks, whose gradients reach DDP's hooks as each block's backward ends.
-- `gradient_as_bucket_view=True`: the gradients are views into the all-reduce buckets (no copy into them, one copy
-  of the gradients in memory). A view takes its parameter's strides, so every weight must have the strides its
-  gradient is produced with. A 1x1 convolution's weight (Cout, Cin, 1, 1) is channels_last and contiguous at once;
-  `.to(memory_format=torch.channels_last)` gives it strides (Cin, 1, Cin, Cin) while a compiled backward may return
-  its gradient as (Cin, 1, 1, 1): the same memory order, other strides, and DDP then copies the gradient into the
-  bucket instead of writing it there. `one_layout_for_pointwise_convs` gives those weights (online and target, for
-  the EMA) the (Cin, 1, 1, 1) strides: the same bytes, no copy, nothing else changes.
+- `gradient_as_bucket_view=True`, and every online gradient made a zero tensor before DDP is built, so that DDP makes
+  each one a view of its all-reduce bucket from the start; `byol_step` then zeroes them in place
+  (`zero_grad(set_to_none=False)`) instead of freeing them, and the backward accumulates into the buckets: nothing is
+  copied into them, one copy of the gradients in memory, and whatever strides a backward (eager or compiled, CPU or
+  GPU) gives a gradient never matter. With gradients freed every step, each new gradient was copied into its bucket,
+  and a 1x1 convolution's (channels_last and contiguous at once: the same bytes under two sets of strides) drew DDP's
+  "grad strides do not match bucket view strides" warning whenever the backward chose the other set.
 - The BN buffers are equal on every rank by construction (identical updates from the all-reduced statistics), so DDP
   does not broadcast them (`broadcast_buffers=False`).
 - `bucket_cap_mb` (`--bucket-mb`; 0, the default, leaves DDP's own: 25 MB buckets after a first one of 1 MB, which
@@ -43,21 +43,8 @@ from .distributed import group_timeout
 GRAD_REDUCE = ("fp32", "bf16")
 
 
-def one_layout_for_pointwise_convs(module: nn.Module) -> int:
-    """Give every 4-D parameter with a 1x1 kernel the strides (Cin, 1, 1, 1), contiguous and channels_last at once
-    (same memory order, no copy); returns how many were changed."""
-    changed = 0
-    for param in module.parameters():
-        if param.ndim == 4 and param.shape[2:] == (1, 1):
-            flat = param.data.view(-1).view(param.shape)  # (Cin, 1, 1, 1) strides over the same memory
-            if flat.stride() != param.stride():
-                param.data = flat
-                changed += 1
-    return changed
-
-
 def wrap_online(model, device: torch.device, settings) -> nn.Module:
-    """Cross-replica BN over `settings.bn_group` ranks (0: all), the 1x1 weights' layout, and DDP around the online
+    """Cross-replica BN over `settings.bn_group` ranks (0: all), the gradients as DDP's bucket views, and DDP around the online
     network with `settings.bucket_mb` and `settings.grad_reduce` (see the module docstring). Collective: every rank
     calls it, after `init_distributed`, before the first step."""
     from torch.nn.parallel import DistributedDataParallel
@@ -67,11 +54,14 @@ def wrap_online(model, device: torch.device, settings) -> nn.Module:
     if settings.grad_reduce not in GRAD_REDUCE:
         raise ValueError(f"grad_reduce must be one of {GRAD_REDUCE}, got {settings.grad_reduce!r}")
     convert_batchnorm(model, device.type, settings.bn_group, group_timeout())  # its waits: --dist-timeout
-    one_layout_for_pointwise_convs(model)
+    online = OnlineNetwork(model)
+    for param in online.parameters():  # DDP takes these over as its buckets' views (see the module docstring)
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)  # the parameter's own strides
     no_buffer_sync = ({"forward_sync_buffers": False}  # newer torch's name for the same switch
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
-    ddp = DistributedDataParallel(OnlineNetwork(model), device_ids=[device.index] if device.type == "cuda" else None,
+    ddp = DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda" else None,
                                   gradient_as_bucket_view=True, bucket_cap_mb=settings.bucket_mb or None,
                                   **no_buffer_sync)
     if settings.grad_reduce == "bf16":
