@@ -44,9 +44,9 @@ GRAD_REDUCE = ("fp32", "bf16")
 
 
 def wrap_online(model, device: torch.device, settings) -> nn.Module:
-    """Cross-replica BN over `settings.bn_group` ranks (0: all), the gradients as DDP's bucket views, and DDP around the online
-    network with `settings.bucket_mb` and `settings.grad_reduce` (see the module docstring). Collective: every rank
-    calls it, after `init_distributed`, before the first step."""
+    """Cross-replica BN over `settings.bn_group` ranks (0: all), the gradients as DDP's bucket views, and DDP around
+    the online network with `settings.bucket_mb` and `settings.grad_reduce` (see the module docstring). Collective:
+    every rank calls it, after `init_distributed`, before the first step."""
     from torch.nn.parallel import DistributedDataParallel
 
     from ..models.networks import OnlineNetwork
